@@ -1,0 +1,535 @@
+"""The one config model: every training key with its type, default, range, section, label and
+tooltip. The page, the presets, the CLI and the metadata saved with each output all read and
+write this model, so a field is declared here once and nowhere else.
+
+Key names follow OneTrainer's JSON config (so its presets import), enum values are its
+upper-case names. A field that the engine cannot honour yet is refused by `check_supported`
+with a clear message; nothing here is silently ignored.
+"""
+from __future__ import annotations
+
+import json
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trainer.errors import ConfigError
+
+
+def setting(default: Any, *, section: str, label: str, tooltip: str,
+            applies_to: dict[str, list[str]] | None = None, **range_: Any) -> Any:
+    """A field with the metadata the page needs to draw it.
+
+    `applies_to` limits where the page shows it, e.g. {"training_method": ["LORA"]}.
+    `range_` takes pydantic's ge/gt/le/lt; they are enforced on load and drawn as slider limits.
+    """
+    extra: dict[str, Any] = {"section": section}
+    if applies_to:
+        extra["applies_to"] = applies_to
+    return Field(default, title=label, description=tooltip, json_schema_extra=extra, **range_)
+
+
+# --- Enums (OneTrainer's upper-case names) ------------------------------------------------
+
+class ModelType(str, Enum):
+    STABLE_DIFFUSION_15 = "STABLE_DIFFUSION_15"
+    STABLE_DIFFUSION_XL_10_BASE = "STABLE_DIFFUSION_XL_10_BASE"
+
+
+class TrainingMethod(str, Enum):
+    LORA = "LORA"
+    FINE_TUNE = "FINE_TUNE"
+
+
+class ModelFormat(str, Enum):
+    SAFETENSORS = "SAFETENSORS"
+    DIFFUSERS = "DIFFUSERS"
+
+
+class DataType(str, Enum):
+    FLOAT_32 = "FLOAT_32"
+    FLOAT_16 = "FLOAT_16"
+    BFLOAT_16 = "BFLOAT_16"
+    TFLOAT_32 = "TFLOAT_32"
+
+
+class Optimizer(str, Enum):
+    ADAMW = "ADAMW"
+    ADAMW_8BIT = "ADAMW_8BIT"
+    PRODIGY = "PRODIGY"
+    ADAFACTOR = "ADAFACTOR"
+    LION = "LION"
+    SGD = "SGD"
+
+
+class LearningRateScheduler(str, Enum):
+    CONSTANT = "CONSTANT"
+    LINEAR = "LINEAR"
+    COSINE = "COSINE"
+    COSINE_WITH_RESTARTS = "COSINE_WITH_RESTARTS"
+    COSINE_WITH_HARD_RESTARTS = "COSINE_WITH_HARD_RESTARTS"
+    REX = "REX"
+    ADAFACTOR = "ADAFACTOR"
+    CUSTOM = "CUSTOM"
+
+
+class TimeUnit(str, Enum):
+    EPOCH = "EPOCH"
+    STEP = "STEP"
+    NEVER = "NEVER"
+
+
+class EMAMode(str, Enum):
+    OFF = "OFF"
+    GPU = "GPU"
+    CPU = "CPU"
+
+
+class PromptSource(str, Enum):
+    SAMPLE = "sample"      # a .txt file beside each image
+    FILENAME = "filename"  # the image's file name
+    CONCEPT = "concept"    # one prompt for the whole concept
+
+
+class LoraLayerPreset(str, Enum):
+    ATTN_ONLY = "attn-only"
+    ATTN_MLP = "attn-mlp"
+    FULL = "full"
+
+
+# --- Nested sections ----------------------------------------------------------------------
+
+class Strict(BaseModel):
+    # Unknown keys are collected and reported by `unknown_keys` before validation, then dropped.
+    model_config = ConfigDict(extra="ignore", use_enum_values=False, validate_assignment=True)
+
+
+class OptimizerConfig(Strict):
+    optimizer: Optimizer = setting(
+        Optimizer.ADAMW, section="Optimizer", label="Optimizer",
+        tooltip="The algorithm that updates the weights. AdamW is the safe default.")
+    beta1: float = setting(0.9, section="Optimizer", label="Beta 1", ge=0, lt=1,
+                           tooltip="Momentum of the first moment (AdamW).")
+    beta2: float = setting(0.999, section="Optimizer", label="Beta 2", ge=0, lt=1,
+                           tooltip="Momentum of the second moment (AdamW).")
+    eps: float = setting(1e-8, section="Optimizer", label="Epsilon", gt=0,
+                         tooltip="Added to the denominator for numerical stability.")
+    weight_decay: float = setting(0.01, section="Optimizer", label="Weight decay", ge=0,
+                                  tooltip="Decoupled weight decay; pulls weights towards zero.")
+
+
+def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
+          text_encoder: bool) -> type[Strict]:
+    """One model part's settings (TE1, TE2, UNet share a shape, differ in defaults)."""
+    section = name
+    fields: dict[str, Any] = {
+        "train": (bool, setting(train, section=section, label="Train",
+                                tooltip=f"Train the {name}. Off = keep it frozen.")),
+        "learning_rate": (Optional[float], setting(
+            None, section=section, label="Learning rate", gt=0,
+            tooltip=f"Learning rate of the {name}. Empty = use the base learning rate.")),
+        "stop_training_after": (int, setting(
+            stop_after, section=section, label="Stop training after", ge=0,
+            tooltip=f"Freeze the {name} after this many units (see the unit).")),
+        "stop_training_after_unit": (TimeUnit, setting(
+            stop_unit, section=section, label="Stop training unit",
+            tooltip="EPOCH or STEP counts for 'Stop training after'; NEVER trains to the end.")),
+        "gradient_checkpointing": (bool, setting(
+            True, section=section, label="Gradient checkpointing",
+            tooltip=f"Recompute the {name}'s activations in the backward pass when the main "
+                    "gradient checkpointing switch is on.")),
+    }
+    if text_encoder:
+        fields["caption_dropout_probability"] = (float, setting(
+            0.0, section=section, label="Caption dropout", ge=0, le=1,
+            tooltip="Probability of training a sample with an empty caption (helps CFG)."))
+        fields["clip_skip"] = (int, setting(
+            0, section=section, label="Clip skip", ge=0, le=10,
+            tooltip="Use the hidden states this many layers before the last (0 = last)."))
+    from pydantic import create_model
+    return create_model(f"{name.replace(' ', '')}Config", __base__=Strict, **fields)
+
+
+TextEncoderConfig = _part("Text encoder", train=True, stop_after=30, stop_unit=TimeUnit.EPOCH,
+                          text_encoder=True)
+TextEncoder2Config = _part("Text encoder 2", train=False, stop_after=30,
+                           stop_unit=TimeUnit.EPOCH, text_encoder=True)
+UNetConfig = _part("UNet", train=True, stop_after=0, stop_unit=TimeUnit.NEVER,
+                   text_encoder=False)
+
+
+class ConceptConfig(Strict):
+    path: str = setting("", section="Data", label="Folder", tooltip="Folder of training images.")
+    enabled: bool = setting(True, section="Data", label="Enabled",
+                            tooltip="Train on this concept.")
+    repeats: float = setting(1.0, section="Data", label="Repeats", ge=0,
+                             tooltip="How many times each image is seen per epoch "
+                                     "(fractions take that share of the images).")
+    prompt_source: PromptSource = setting(
+        PromptSource.SAMPLE, section="Data", label="Caption source",
+        tooltip="sample = a .txt beside each image; filename = the file name; "
+                "concept = the prompt below for every image.")
+    prompt: str = setting("", section="Data", label="Prompt",
+                          tooltip="The caption used when the caption source is 'concept'.")
+    loss_weight: float = setting(1.0, section="Data", label="Loss weight", ge=0,
+                                 tooltip="Multiplies this concept's loss.")
+
+
+class SampleConfig(Strict):
+    prompt: str = setting("", section="Sampling", label="Prompt", tooltip="What to draw.")
+    negative_prompt: str = setting("", section="Sampling", label="Negative prompt",
+                                   tooltip="What to steer away from.")
+    seed: int = setting(42, section="Sampling", label="Seed", ge=0,
+                        tooltip="Same seed = same starting noise, so samples are comparable.")
+    width: int = setting(512, section="Sampling", label="Width", ge=8, multiple_of=8,
+                         tooltip="Sample width in pixels.")
+    height: int = setting(512, section="Sampling", label="Height", ge=8, multiple_of=8,
+                          tooltip="Sample height in pixels.")
+    diffusion_steps: int = setting(20, section="Sampling", label="Steps", ge=1, le=200,
+                                   tooltip="Denoising steps.")
+    cfg_scale: float = setting(7.0, section="Sampling", label="CFG scale", ge=0,
+                               tooltip="Classifier-free guidance strength.")
+
+
+# --- The whole config ---------------------------------------------------------------------
+
+class TrainConfig(Strict):
+    # Top bar / model
+    model_type: ModelType = setting(
+        ModelType.STABLE_DIFFUSION_15, section="Model", label="Model type",
+        tooltip="Stable Diffusion 1.5 or SDXL 1.0.")
+    training_method: TrainingMethod = setting(
+        TrainingMethod.LORA, section="Model", label="Training method",
+        tooltip="LoRA trains small adapter matrices; Fine-tune trains the weights themselves.")
+    base_model_name: str = setting(
+        "", section="Model", label="Base model",
+        tooltip="A hub id, a diffusers folder or a single .safetensors checkpoint.")
+    vae_model_name: str = setting(
+        "", section="Model", label="VAE override",
+        tooltip="Optional: a diffusers VAE folder or .safetensors file. Empty = the model's VAE.")
+    output_model_destination: str = setting(
+        "", section="Model", label="Output file",
+        tooltip="Where the trained model is written. Empty = <workspace>/output/<name>.")
+    output_model_format: ModelFormat = setting(
+        ModelFormat.SAFETENSORS, section="Model", label="Output format",
+        tooltip="SAFETENSORS: one file that ComfyUI, A1111/Forge and diffusers load.")
+    output_dtype: DataType = setting(
+        DataType.FLOAT_32, section="Model", label="Output data type",
+        tooltip="Precision of the saved weights. FLOAT_16 halves the file size.")
+    workspace_dir: str = setting(
+        "workspace/run", section="Model", label="Workspace folder",
+        tooltip="Samples, logs (metrics.jsonl, TensorBoard) and backups of this run go here.")
+    seed: int = setting(42, section="Main settings", label="Seed", ge=0,
+                        tooltip="Same seed and data = the same run.")
+
+    # Data
+    concepts: list[ConceptConfig] = setting(
+        [], section="Data", label="Concepts", tooltip="Folders of training images.")
+
+    # Optimizer and scheduler
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    learning_rate_scheduler: LearningRateScheduler = setting(
+        LearningRateScheduler.CONSTANT, section="Learning-rate scheduler", label="Scheduler",
+        tooltip="How the learning rate changes over the run.")
+    learning_rate_warmup_steps: float = setting(
+        200, section="Learning-rate scheduler", label="Warmup steps", ge=0,
+        tooltip="Ramp the learning rate up from 0. A value > 1 is a number of steps, "
+                "a value <= 1 a fraction of all steps.")
+    learning_rate_min_factor: float = setting(
+        0.0, section="Learning-rate scheduler", label="Min factor", ge=0, le=1,
+        tooltip="The schedule never goes below this factor times the learning rate.")
+    learning_rate_cycles: float = setting(
+        1.0, section="Learning-rate scheduler", label="Cycles", gt=0,
+        tooltip="Number of cycles of the restart schedules.")
+
+    # Main settings
+    learning_rate: float = setting(
+        3e-6, section="Main settings", label="Learning rate", gt=0,
+        tooltip="Base learning rate of every trained part (LoRA presets use 3e-4).")
+    resolution: str = setting(
+        "512", section="Main settings", label="Resolution",
+        tooltip="Training size in pixels: one size (512) or WIDTHxHEIGHT (768x512).")
+    gradient_checkpointing: bool = setting(
+        True, section="Main settings", label="Gradient checkpointing",
+        tooltip="Saves memory by recomputing activations in the backward pass; slower.")
+
+    # Model parts
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)  # type: ignore
+    text_encoder_2: TextEncoder2Config = Field(default_factory=TextEncoder2Config)  # type: ignore
+    unet: UNetConfig = Field(default_factory=UNetConfig)  # type: ignore
+
+    # Masked training
+    masked_training: bool = setting(
+        False, section="Masked training", label="Masked training",
+        tooltip="Weight the loss by each image's <name>-masklabel.png (white = focus).")
+    unmasked_probability: float = setting(
+        0.1, section="Masked training", label="Unmasked probability", ge=0, le=1,
+        tooltip="Share of samples trained without their mask.")
+    unmasked_weight: float = setting(
+        0.1, section="Masked training", label="Unmasked weight", ge=0, le=1,
+        tooltip="Loss weight of the area outside the mask.")
+    normalize_masked_area_loss: bool = setting(
+        False, section="Masked training", label="Normalize masked area loss",
+        tooltip="Divide each sample's loss by its mean mask weight (for large masked areas).")
+
+    # Train data type
+    train_dtype: DataType = setting(
+        DataType.FLOAT_16, section="Train data type", label="Train data type",
+        tooltip="Autocast type of the forward pass. FLOAT_16 is fast on GPUs (with gradient "
+                "scaling); FLOAT_32 the most precise; BFLOAT_16 works on CPUs and recent GPUs.")
+    weight_dtype: DataType = setting(
+        DataType.FLOAT_32, section="Train data type", label="Weight data type",
+        tooltip="Storage type of the frozen base weights. LoRA weights stay FLOAT_32.")
+
+    # Epochs, batch, accumulation
+    epochs: int = setting(100, section="Epochs / batch size", label="Epochs", ge=1,
+                          tooltip="How many times the whole dataset is visited.")
+    batch_size: int = setting(1, section="Epochs / batch size", label="Batch size", ge=1,
+                              tooltip="Images per step.")
+    gradient_accumulation_steps: int = setting(
+        1, section="Epochs / batch size", label="Accumulation steps", ge=1,
+        tooltip="Steps whose gradients add up before one update: effective batch = "
+                "batch size x accumulation steps.")
+    clip_grad_norm: Optional[float] = setting(
+        1.0, section="Epochs / batch size", label="Clip grad norm", gt=0,
+        tooltip="Largest gradient norm allowed; empty = no clipping.")
+
+    # EMA
+    ema: EMAMode = setting(EMAMode.OFF, section="EMA", label="EMA",
+                           tooltip="Keep an exponential moving average of the weights.")
+    ema_decay: float = setting(0.999, section="EMA", label="EMA decay", gt=0, lt=1,
+                               tooltip="0.9999 for large datasets, 0.999 or 0.998 for small.")
+    ema_update_step_interval: int = setting(5, section="EMA", label="EMA update interval",
+                                            ge=1, tooltip="Update the EMA every N steps.")
+
+    # Noise and loss
+    offset_noise_weight: float = setting(
+        0.0, section="Noise and loss", label="Offset noise weight", ge=0, le=1,
+        tooltip="Adds per-channel constant noise: helps very dark/bright images.")
+    min_snr_gamma: float = setting(
+        0.0, section="Noise and loss", label="Min-SNR gamma", ge=0,
+        tooltip="Min-SNR loss weighting (5 is typical); 0 = off.")
+    min_noising_strength: float = setting(
+        0.0, section="Noise and loss", label="Min noising strength", ge=0, le=1,
+        tooltip="Lowest timestep trained, as a fraction of all timesteps.")
+    max_noising_strength: float = setting(
+        1.0, section="Noise and loss", label="Max noising strength", gt=0, le=1,
+        tooltip="Highest timestep trained, as a fraction of all timesteps.")
+    mse_strength: float = setting(1.0, section="Noise and loss", label="MSE strength", ge=0,
+                                  tooltip="Weight of the mean squared error.")
+    mae_strength: float = setting(0.0, section="Noise and loss", label="MAE strength", ge=0,
+                                  tooltip="Weight of the mean absolute error.")
+
+    # LoRA
+    lora_rank: int = setting(16, section="LoRA", label="Rank", ge=1, le=1024,
+                             applies_to={"training_method": ["LORA"]},
+                             tooltip="Size of the LoRA matrices: more = more capacity, "
+                                     "bigger file.")
+    lora_alpha: float = setting(1.0, section="LoRA", label="Alpha", gt=0,
+                                applies_to={"training_method": ["LORA"]},
+                                tooltip="Scales the LoRA's effect by alpha / rank.")
+    lora_dropout: float = setting(0.0, section="LoRA", label="Dropout", ge=0, lt=1,
+                                  applies_to={"training_method": ["LORA"]},
+                                  tooltip="Dropout inside the LoRA layers.")
+    lora_layer_preset: LoraLayerPreset = setting(
+        LoraLayerPreset.ATTN_ONLY, section="LoRA", label="Layers",
+        applies_to={"training_method": ["LORA"]},
+        tooltip="attn-only: attention projections; attn-mlp: + feed-forward; "
+                "full: + convolutions.")
+
+    # Sampling
+    samples: list[SampleConfig] = setting(
+        [], section="Sampling", label="Sample prompts", tooltip="Prompts drawn during training.")
+    sample_after: int = setting(10, section="Sampling", label="Sample every", ge=1,
+                                tooltip="Draw the samples every N units.")
+    sample_after_unit: TimeUnit = setting(
+        TimeUnit.NEVER, section="Sampling", label="Sample unit",
+        tooltip="EPOCH or STEP for 'Sample every'; NEVER = only on request.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_parses(cls, value: str) -> str:
+        parse_resolution(value)  # raises with the bad item named
+        return value
+
+    # -- derived values ----------------------------------------------------------------------
+
+    def part_learning_rate(self, part: str) -> float:
+        """The override rule: a part's own LR when set, else the base LR."""
+        own = getattr(self, part).learning_rate
+        return own if own is not None else self.learning_rate
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
+# --- Resolution ---------------------------------------------------------------------------
+
+def parse_resolution(value: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '768x512' -> (width 768, height 512). Names the bad item."""
+    text = str(value).strip().lower()
+    if not text:
+        raise ValueError("resolution is empty; give a size like 512 or 768x512")
+    if "," in text:
+        raise ValueError(f"resolution '{value}': resolution lists (multi-resolution) are "
+                         "not supported yet; give one size like 512")
+    parts = text.split("x")
+    if len(parts) > 2:
+        raise ValueError(f"resolution '{value}' is malformed; use 512 or 768x512")
+    sizes = []
+    for item in parts:
+        item = item.strip()
+        if not item.isdigit():
+            raise ValueError(f"resolution item '{item}' in '{value}' is not a whole number")
+        size = int(item)
+        if size < 8 or size % 8:
+            raise ValueError(f"resolution item '{item}' must be a multiple of 8 and at least 8")
+        sizes.append(size)
+    return (sizes[0], sizes[-1])
+
+
+# --- Loading, layering, overrides ---------------------------------------------------------
+
+def unknown_keys(data: Any, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Keys in `data` that `model` does not declare, as dotted paths (reported, then dropped)."""
+    found: list[str] = []
+    if not isinstance(data, dict):
+        return found
+    for key, value in data.items():
+        if str(key).startswith("__"):  # "__comment" and the like: notes for people
+            continue
+        path = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            found.append(path)
+            continue
+        sub = _submodel(field.annotation)
+        if sub is None:
+            continue
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                found += unknown_keys(item, sub, f"{path}[{i}].")
+        else:
+            found += unknown_keys(value, sub, f"{path}.")
+    return found
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        sub = _submodel(arg)
+        if sub is not None:
+            return sub
+    return None
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message} (got {item.get('input')!r})")
+    return "Invalid config — " + "; ".join(lines)
+
+
+def config_from_dict(data: dict, warn: Callable[[str], None] = print) -> TrainConfig:
+    """Validate a (possibly partial) dict into a TrainConfig; unknown keys warned, not fatal."""
+    if not isinstance(data, dict):
+        raise ConfigError("The config must be a JSON object of keys and values.")
+    for key in unknown_keys(data, TrainConfig):
+        warn(f"Unknown config key '{key}' ignored.")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` layered on `base`: nested dicts merge key by key, everything else replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Config file '{path}' does not exist.") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"Config file '{path}' is not valid JSON: {error}") from None
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """`a.b=value` (from --set) into a nested dict. The value is read as JSON when it parses
+    (numbers, true/false, null, lists), else taken as a string."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set '{assignment}': expected key=value")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set '{assignment}': the key is empty")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    data = json.loads(json.dumps(data))  # a copy
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set '{assignment}': '{part}' is not a section")
+    node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                presets: list[dict] = (), warn: Callable[[str], None] = print) -> TrainConfig:
+    """Defaults <- presets (partial dicts, in order) <- the file <- --set overrides."""
+    data: dict = {}
+    for preset in presets:
+        data = deep_merge(data, preset)
+    if path is not None:
+        data = deep_merge(data, read_json(path))
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return config_from_dict(data, warn=warn)
+
+
+# --- What the engine can run today ----------------------------------------------------------
+
+def check_supported(config: TrainConfig) -> None:
+    """Refuse settings the engine does not implement yet, naming the key, so that nothing a
+    user sets is silently ignored."""
+    def refuse(key: str, value: Any, hint: str = "") -> None:
+        shown = value.value if isinstance(value, Enum) else value
+        raise ConfigError(f"{key} = {shown} is not supported yet.{(' ' + hint) if hint else ''}")
+
+    if config.model_type != ModelType.STABLE_DIFFUSION_15:
+        refuse("model_type", config.model_type, "Use STABLE_DIFFUSION_15.")
+    if config.training_method != TrainingMethod.LORA:
+        refuse("training_method", config.training_method, "Use LORA.")
+    if config.output_model_format != ModelFormat.SAFETENSORS:
+        refuse("output_model_format", config.output_model_format, "Use SAFETENSORS.")
+    if config.optimizer.optimizer != Optimizer.ADAMW:
+        refuse("optimizer.optimizer", config.optimizer.optimizer, "Use ADAMW.")
+    if config.learning_rate_scheduler in (LearningRateScheduler.ADAFACTOR,
+                                          LearningRateScheduler.CUSTOM):
+        refuse("learning_rate_scheduler", config.learning_rate_scheduler)
+    if config.ema != EMAMode.OFF:
+        refuse("ema", config.ema, "Use OFF.")
+    if config.text_encoder_2.train:
+        raise ConfigError("text_encoder_2.train: SD 1.5 has one text encoder; switch it off.")
+    for name in ("learning_rate", "lora_alpha"):
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number (got {value}).")

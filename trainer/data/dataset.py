@@ -1,0 +1,424 @@
+"""Concept folders -> checked image items -> training samples (image, mask, caption).
+
+Two steps, kept apart so the page can show the dataset without building tensors:
+
+1. `collect_items(concepts)` lists every usable image of every enabled concept once, with its
+   caption, mask and loss weight. Each image is decoded once here, so a corrupt or truncated
+   file is reported (and skipped) before training starts, not in the middle of epoch 3.
+2. `TrainDataset(items, resolution)` expands the concepts' repeats into one epoch's list and
+   turns an index into a resized, cropped, maybe flipped image tensor with the identical
+   transform applied to its mask.
+
+Repeats are expanded by the dataset, per epoch, not by `collect_items`: a fractional repeat
+(0.5 = half of the concept's images per epoch) then takes a *different* share of the images each
+epoch, so over the epochs every image is trained, not one fixed half forever.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer.data.images import (
+    IMAGE_EXTENSIONS,
+    UnreadableImageError,
+    is_image_file,
+    load_image_rgb,
+    load_mask,
+    mask_path_for,
+    open_image,
+    oriented_size,
+    to_mask_l,
+)
+from trainer.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+PROMPT_SOURCES = ("sample", "filename", "concept")
+
+
+@dataclass
+class ImageItem:
+    """One usable training image, listed once (repeats are applied by TrainDataset)."""
+
+    image_path: Path
+    caption: str
+    mask_path: Path | None
+    loss_weight: float
+    concept_index: int
+    # The concept's repeats (may be fractional, >= 0), kept here so the dataset can expand an
+    # epoch from the items alone.
+    repeats: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Captions
+
+
+def read_caption_file(path: Path) -> str:
+    """Read a caption .txt whatever editor wrote it; stripped.
+
+    Order: a byte-order mark decides (UTF-8/16/32, as Windows Notepad writes them); else UTF-8;
+    else Windows-1252 (what older Windows tools write); else Latin-1, which never fails.
+    """
+    data = path.read_bytes()
+    boms = (
+        (b"\xff\xfe\x00\x00", "utf-32"),  # before UTF-16 LE: it starts with the same 2 bytes
+        (b"\x00\x00\xfe\xff", "utf-32"),
+        (b"\xef\xbb\xbf", "utf-8-sig"),
+        (b"\xff\xfe", "utf-16"),
+        (b"\xfe\xff", "utf-16"),
+    )
+    for bom, encoding in boms:
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding).strip()
+            except UnicodeDecodeError:
+                break
+    for encoding in ("utf-8", "cp1252", "latin-1"):
+        try:
+            return data.decode(encoding).strip()
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("unreachable: latin-1 decodes any bytes")
+
+
+def caption_from_filename(image_path: Path) -> str:
+    """`a_red-car.jpg` -> "a red car"."""
+    text = image_path.stem.replace("_", " ").replace("-", " ")
+    return " ".join(text.split())
+
+
+def _caption_for(image_path: Path, concept: Any, warn: Callable[[str], None]) -> str:
+    source = str(getattr(concept, "prompt_source", "sample")).lower()
+    if source == "filename":
+        return caption_from_filename(image_path)
+    if source == "concept":
+        return str(getattr(concept, "prompt", "") or "").strip()
+    caption_path = image_path.with_suffix(".txt")
+    if not caption_path.is_file():
+        warn(f"No caption file '{caption_path.name}' for '{image_path}'; training it with an empty caption")
+        return ""
+    try:
+        return read_caption_file(caption_path)
+    except OSError as error:
+        warn(f"Cannot read caption '{caption_path}' ({error}); training '{image_path.name}' with an empty caption")
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Collecting
+
+
+def _list_image_files(folder: Path, recursive: bool) -> list[Path]:
+    """Candidate image files, sorted so every run sees the same order."""
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = [
+        path
+        for path in candidates
+        if path.is_file()
+        and is_image_file(path)
+        # Skip hidden folders (.git, .cache ...) when recursing.
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts[:-1])
+    ]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _check_image(path: Path) -> tuple[int, int]:
+    """Decode the whole file once (JPEGs at reduced scale: fast, and still catches truncation).
+
+    Returns the displayed (width, height); raises UnreadableImageError.
+    """
+    open_image(path, draft=True)
+    return oriented_size(path)
+
+
+def _check_mask(mask_path: Path, image_path: Path, image_size: tuple[int, int], warn) -> Path | None:
+    """The mask to use for an image, or None (unmasked). Problems are warned about once here."""
+    if not mask_path.is_file():
+        return None
+    try:
+        mask = to_mask_l(open_image(mask_path, kind="mask"))
+    except UnreadableImageError as error:
+        warn(f"Ignoring mask '{mask_path}': {error.reason}; '{image_path.name}' is trained unmasked")
+        return None
+    if mask.size != image_size:
+        warn(
+            f"Mask '{mask_path}' is {mask.width}x{mask.height} but its image is "
+            f"{image_size[0]}x{image_size[1]}; the mask is resized to fit"
+        )
+    return mask_path
+
+
+def _concept_folder(concept: Any, number: int) -> Path:
+    raw = str(getattr(concept, "path", "") or "").strip()
+    field = f"concepts[{number - 1}].path"
+    if not raw:
+        raise DatasetError(f"Concept {number}: no folder given ({field})")
+    folder = Path(raw).expanduser()
+    if not folder.exists():
+        raise DatasetError(f"Concept {number}: folder '{raw}' does not exist ({field})")
+    if not folder.is_dir():
+        raise DatasetError(f"Concept {number}: '{raw}' is a file, not a folder ({field})")
+    return folder
+
+
+def _collect_concept(concept: Any, index: int, warn: Callable[[str], None]) -> list[ImageItem]:
+    number = index + 1
+    folder = _concept_folder(concept, number)
+    source = str(getattr(concept, "prompt_source", "sample")).lower()
+    if source not in PROMPT_SOURCES:
+        raise DatasetError(
+            f"Concept {number}: unknown caption source '{source}' "
+            f"(concepts[{index}].prompt_source; one of {', '.join(PROMPT_SOURCES)})"
+        )
+    files = _list_image_files(folder, bool(getattr(concept, "include_subdirectories", False)))
+    if not files:
+        raise DatasetError(
+            f"Concept {number}: folder '{folder}' holds no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}) (concepts[{index}].path)"
+        )
+    items = []
+    for path in files:
+        try:
+            size = _check_image(path)
+        except UnreadableImageError as error:
+            warn(f"Skipping '{path}': {error.reason}")
+            continue
+        items.append(
+            ImageItem(
+                image_path=path,
+                caption=_caption_for(path, concept, warn),
+                mask_path=_check_mask(mask_path_for(path), path, size, warn),
+                loss_weight=float(getattr(concept, "loss_weight", 1.0)),
+                concept_index=index,
+                repeats=float(getattr(concept, "repeats", 1.0)),
+            )
+        )
+    if not items:
+        raise DatasetError(
+            f"Concept {number}: no usable image in folder '{folder}' "
+            f"({len(files)} file(s) skipped as unreadable) (concepts[{index}].path)"
+        )
+    return items
+
+
+def collect_items(concepts: Sequence[Any], warn: Callable[[str], None] | None = None) -> list[ImageItem]:
+    """Every usable image of every enabled concept, listed once, in a stable order.
+
+    `concepts`: objects with path, enabled, repeats, prompt_source, prompt, loss_weight and
+    optionally include_subdirectories. Concepts that are disabled or have repeats 0 are not
+    read at all. Unreadable images and masks are skipped with `warn(message)`; a missing
+    folder, a folder without usable images, or nothing to train raises DatasetError.
+    """
+    warn = warn or log.warning
+    items: list[ImageItem] = []
+    for index, concept in enumerate(concepts):
+        if not getattr(concept, "enabled", True):
+            continue
+        repeats = float(getattr(concept, "repeats", 1.0))
+        if not math.isfinite(repeats) or repeats < 0:
+            raise DatasetError(
+                f"Concept {index + 1}: repeats must be a number >= 0, got {repeats} (concepts[{index}].repeats)"
+            )
+        if repeats == 0:
+            continue
+        items.extend(_collect_concept(concept, index, warn))
+    if not items:
+        raise DatasetError("No images to train on: every concept is disabled or has repeats 0 (concepts)")
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch expansion (repeats)
+
+
+def _entropy(value: int) -> int:
+    """numpy seeds must be >= 0; fold any int (a negative seed too) into 64 bits."""
+    return int(value) % (1 << 64)
+
+
+def _concept_epoch_indices(indices: list[int], repeats: float, seed: int, epoch: int, concept: int) -> list[int]:
+    """Item indices one concept contributes to an epoch.
+
+    Every image `floor(repeats)` times, plus round(fraction * n) images taken in turn from a
+    fixed shuffled order, so consecutive epochs take consecutive slices and every image comes
+    round before any comes twice. A concept with repeats > 0 contributes at least one image.
+    """
+    n = len(indices)
+    whole = int(math.floor(repeats))
+    extra = int(math.floor((repeats - whole) * n + 0.5))
+    if whole == 0 and extra == 0 and repeats > 0:
+        extra = 1
+    chosen = indices * whole
+    if extra:
+        order = np.random.default_rng([_entropy(seed), concept, 0x5EED]).permutation(n)
+        start = epoch * extra
+        chosen += [indices[order[(start + k) % n]] for k in range(extra)]
+    return chosen
+
+
+def epoch_indices(items: Sequence[ImageItem], seed: int, epoch: int) -> list[int]:
+    """Item indices for one epoch (length is the same every epoch; the fractional share varies)."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.concept_index, []).append(i)
+    result: list[int] = []
+    for concept, indices in groups.items():
+        result += _concept_epoch_indices(indices, items[indices[0]].repeats, seed, epoch, concept)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: the one transform the image and its mask share
+
+
+def cover_size(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
+    """The smallest size with the image's aspect ratio that covers the target (never stretch)."""
+    scale = max(target_w / width, target_h / height)
+    return max(target_w, round(width * scale)), max(target_h, round(height * scale))
+
+
+def _pick_line(caption: str, rng: np.random.Generator) -> str:
+    """A caption file with several lines holds alternatives (OneTrainer's convention): one per sample."""
+    lines = [line.strip() for line in caption.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return lines[int(rng.integers(len(lines)))]
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """HxWxC uint8 (or HxW) -> CxHxW float32 in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def prepare_sample(
+    item: ImageItem,
+    resolution: tuple[int, int],
+    *,
+    crop: Literal["center", "random"] = "center",
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> dict:
+    """Load one item at `resolution` = (width, height). `flip` is the decision, not a chance.
+
+    Usable on its own for bucketed or multi-resolution batches.
+    `crop_top_left` is (top, left) of the crop in the resized image as the model sees it, i.e.
+    mirrored when flipped: SDXL's crop conditioning then describes the picture trained on.
+    """
+    target_w, target_h = int(resolution[0]), int(resolution[1])
+    rng = rng if rng is not None else np.random.default_rng(0)
+    image = load_image_rgb(item.image_path)
+    width, height = image.size
+    mask = load_mask(item.mask_path, image.size, warn=None) if item.mask_path is not None else None
+
+    new_w, new_h = cover_size(width, height, target_w, target_h)
+    if crop == "random":
+        top = int(rng.integers(new_h - target_h + 1))
+        left = int(rng.integers(new_w - target_w + 1))
+    else:
+        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
+    box = (left, top, left + target_w, top + target_h)
+
+    # Lanczos keeps photos sharp; the mask is a weight map, bilinear keeps grey edges honest.
+    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS).crop(box)
+    if mask is not None:
+        mask = mask.resize((new_w, new_h), Image.Resampling.BILINEAR).crop(box)
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if mask is not None:
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = new_w - target_w - left
+
+    pixel_values = _to_tensor(image) * 2.0 - 1.0
+    mask_tensor = _to_tensor(mask) if mask is not None else torch.ones(1, target_h, target_w)
+    return {
+        "pixel_values": pixel_values,
+        "mask": mask_tensor,
+        "has_mask": mask is not None,
+        "caption": _pick_line(item.caption, rng),
+        "loss_weight": float(item.loss_weight),
+        "image_path": str(item.image_path),
+        "original_size": (height, width),
+        "crop_top_left": (top, left),
+        "concept_index": item.concept_index,
+    }
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """One epoch of samples: items expanded by their concept's repeats.
+
+    Deterministic: sample i of epoch e depends only on (seed, e, i). Call `set_epoch(e)` before
+    each epoch so random crops/flips and fractional repeats differ between epochs yet replay
+    the same on resume. With crop="center" and random_flip=False an item's pixels never change
+    between epochs (safe to cache latents).
+    """
+
+    def __init__(
+        self,
+        items: Sequence[ImageItem],
+        resolution: tuple[int, int] | int,
+        random_flip: bool = False,
+        crop: Literal["center", "random"] = "center",
+        seed: int = 0,
+    ):
+        if not items:
+            raise DatasetError("No images to train on (the dataset is empty)")
+        if isinstance(resolution, int):
+            resolution = (resolution, resolution)
+        if len(resolution) != 2 or min(resolution) <= 0:
+            raise ValueError(f"resolution must be (width, height) > 0, got {resolution!r}")
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.items = list(items)
+        self.resolution = (int(resolution[0]), int(resolution[1]))
+        self.random_flip = bool(random_flip)
+        self.crop = crop
+        self.seed = int(seed)
+        self.epoch = 0
+        self._indices = epoch_indices(self.items, self.seed, self.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._indices = epoch_indices(self.items, self.seed, self.epoch)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def item_at(self, index: int) -> ImageItem:
+        """The ImageItem behind sample `index` of the current epoch."""
+        return self.items[self._indices[index]]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = np.random.default_rng([_entropy(self.seed), _entropy(self.epoch), index])
+        # Draw the flip first so it does not depend on whether the crop consumed randomness.
+        flip = self.random_flip and bool(rng.random() < 0.5)
+        return prepare_sample(self.item_at(index), self.resolution, crop=self.crop, flip=flip, rng=rng)
+
+
+def collate(batch: Iterable[dict]) -> dict:
+    """Stack a list of samples: tensors stacked, numbers as tensors, the rest as lists."""
+    batch = list(batch)
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in batch]),
+        "mask": torch.stack([s["mask"] for s in batch]),
+        "has_mask": torch.tensor([s["has_mask"] for s in batch], dtype=torch.bool),
+        "loss_weight": torch.tensor([s["loss_weight"] for s in batch], dtype=torch.float32),
+        "caption": [s["caption"] for s in batch],
+        "image_path": [s["image_path"] for s in batch],
+        "original_size": [s["original_size"] for s in batch],
+        "crop_top_left": [s["crop_top_left"] for s in batch],
+        "concept_index": [s["concept_index"] for s in batch],
+    }

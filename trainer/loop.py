@@ -1,0 +1,366 @@
+"""The training loop, readable top to bottom: set up, train, sample, save.
+
+`train(config, control)` is the whole engine. It runs in the session's background thread, in
+the CLI's main thread, and once per process under `accelerate launch`. It reports through
+`control.emit(...)` and reads stop/sample/save requests from `control`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from trainer import lora
+from trainer.config import (DataType, TimeUnit, TrainConfig, check_supported, parse_resolution)
+from trainer.control import Control
+from trainer.data.dataset import TrainDataset, collate, collect_items
+from trainer.errors import ConfigError, DatasetError, TrainingError
+from trainer.io import atomic_write_text
+from trainer.loss import masked_sample_loss, min_snr_weight, pixel_loss
+from trainer.metrics import MetricsLog, SmoothedValue
+from trainer.models.sd15 import load_sd15
+from trainer.optim.schedules import lr_multiplier
+from trainer.sampling import render_samples
+
+TORCH_DTYPES = {DataType.FLOAT_32: torch.float32, DataType.FLOAT_16: torch.float16,
+                DataType.BFLOAT_16: torch.bfloat16, DataType.TFLOAT_32: torch.float32}
+
+
+@dataclass
+class TrainResult:
+    output_path: str
+    global_step: int
+    epoch: int
+    stopped_early: bool
+
+
+# --- Setup ----------------------------------------------------------------------------------
+
+def mixed_precision(config: TrainConfig, device_type: str, warn) -> str:
+    """accelerate's mixed-precision mode for `train_dtype`; refuses what the device can't run."""
+    dtype = config.train_dtype
+    if dtype == DataType.FLOAT_16:
+        if device_type != "cuda":
+            raise TrainingError(
+                "train_dtype FLOAT_16 needs a CUDA GPU: float16 autocast with gradient scaling "
+                "does not run on the CPU. Choose BFLOAT_16 or FLOAT_32 for CPU training.")
+        return "fp16"
+    if dtype == DataType.BFLOAT_16:
+        if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TrainingError("train_dtype BFLOAT_16 is not supported by this GPU; "
+                                "choose FLOAT_16 or FLOAT_32.")
+        return "bf16"
+    if dtype == DataType.TFLOAT_32:
+        if device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            warn("train_dtype TFLOAT_32 is a CUDA feature; training in FLOAT_32 on the CPU.")
+    return "no"
+
+
+def check_weight_dtype(config: TrainConfig, device_type: str) -> torch.dtype:
+    dtype = TORCH_DTYPES[config.weight_dtype]
+    if dtype == torch.float16 and device_type != "cuda":
+        raise TrainingError("weight_dtype FLOAT_16 needs a CUDA GPU; on the CPU use FLOAT_32 "
+                            "or BFLOAT_16.")
+    return dtype
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def output_path(config: TrainConfig) -> Path:
+    if config.output_model_destination:
+        path = Path(config.output_model_destination)
+        return path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+    return Path(config.workspace_dir) / "output" / "lora.safetensors"
+
+
+def part_is_active(config: TrainConfig, part: str, epoch: int, step: int) -> bool:
+    """A part trains while its switch is on and its 'stop training after' is not reached."""
+    settings = getattr(config, part)
+    if not settings.train:
+        return False
+    unit = settings.stop_training_after_unit
+    if unit == TimeUnit.EPOCH:
+        return epoch < settings.stop_training_after
+    if unit == TimeUnit.STEP:
+        return step < settings.stop_training_after
+    return True
+
+
+def is_due(every: int, unit: TimeUnit, *, step: int, epoch_ended: bool, epoch: int) -> bool:
+    if unit == TimeUnit.STEP:
+        return not epoch_ended and step > 0 and step % every == 0
+    if unit == TimeUnit.EPOCH:
+        return epoch_ended and epoch > 0 and epoch % every == 0
+    return False
+
+
+# --- The loop -------------------------------------------------------------------------------
+
+def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
+    control = control or Control()
+
+    def warn(message: str) -> None:
+        control.emit("warning", message=message)
+
+    def status(message: str) -> None:
+        control.emit("status", message=message)
+
+    check_supported(config)
+    width, height = parse_resolution(config.resolution)
+    parts = [p for p in ("text_encoder", "unet") if getattr(config, p).train]
+    if not parts:
+        raise ConfigError("Nothing to train: switch on text_encoder.train or unet.train.")
+    stops_early = any(getattr(config, p).stop_training_after_unit != TimeUnit.NEVER for p in parts)
+
+    # Device, precision, seed. find_unused_parameters lets DDP cope with a part that stops
+    # training part-way (its adapter then gets no gradient).
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = mixed_precision(config, device_type, warn)
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=stops_early)])
+    weight_dtype = check_weight_dtype(config, accelerator.device.type)
+    seed_everything(config.seed)
+    is_main = accelerator.is_main_process
+
+    # Data first: a bad folder should fail before minutes of model loading.
+    status("Reading the dataset")
+    items = collect_items(config.concepts, warn=warn)
+    dataset = TrainDataset(items, (width, height), seed=config.seed)
+    if config.batch_size > len(dataset):
+        raise DatasetError(f"batch_size {config.batch_size} is larger than the dataset "
+                           f"({len(dataset)} images with repeats); lower batch_size.")
+
+    status(f"Loading {config.base_model_name}")
+    model = load_sd15(config.base_model_name, config.vae_model_name or None,
+                      workspace_dir=config.workspace_dir)
+    tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
+    noise_scheduler = model.noise_scheduler
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+    vae.to(accelerator.device, torch.float32)  # the VAE only encodes; float32 never overflows
+    unet.to(accelerator.device, weight_dtype)
+    text_encoder.to(accelerator.device, weight_dtype)
+
+    # LoRA adapters on every part (an untrained part's adapter stays zero, so saving both is
+    # harmless and keeps the kohya file complete for the parts that train).
+    trainable = {"unet": unet, "text_encoder": text_encoder}
+    param_groups = []
+    for part in parts:
+        params = lora.add_lora(trainable[part], config, part)
+        param_groups.append({"params": params, "lr": config.part_learning_rate(part),
+                             "name": part})
+    if config.gradient_checkpointing:
+        if config.unet.train and config.unet.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.text_encoder.train and config.text_encoder.gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(param_groups, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                                  weight_decay=opt.weight_decay)
+    base_lrs = [group["lr"] for group in param_groups]
+
+    loader_generator = torch.Generator().manual_seed(config.seed)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
+        generator=loader_generator, num_workers=0, drop_last=False)
+
+    prepared = accelerator.prepare(*[trainable[p] for p in parts], optimizer, dataloader)
+    optimizer, dataloader = prepared[-2], prepared[-1]
+    for part, wrapped in zip(parts, prepared[:-2]):
+        trainable[part] = wrapped
+    unet_model = trainable["unet"]
+    te_model = trainable["text_encoder"]
+
+    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * config.epochs
+
+    def set_learning_rates(step: int) -> float:
+        factor = lr_multiplier(step, total_steps, config.learning_rate_scheduler,
+                               warmup=config.learning_rate_warmup_steps,
+                               min_factor=config.learning_rate_min_factor,
+                               cycles=config.learning_rate_cycles)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        return factor
+
+    workspace = Path(config.workspace_dir)
+    metrics = MetricsLog(workspace, enabled=is_main)
+    if is_main:
+        atomic_write_text(workspace / "config.json", config.to_json())
+    destination = output_path(config)
+    timesteps_low = int(config.min_noising_strength * noise_scheduler.config.num_train_timesteps)
+    timesteps_high = max(int(config.max_noising_strength
+                             * noise_scheduler.config.num_train_timesteps), timesteps_low + 1)
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    noise_generator = torch.Generator(accelerator.device).manual_seed(
+        config.seed + accelerator.process_index)
+
+    def encode_text(captions: list[str], with_grad: bool) -> torch.Tensor:
+        ids = tokenizer(captions, padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = ids.to(accelerator.device)
+        with torch.set_grad_enabled(with_grad):
+            skip = config.text_encoder.clip_skip
+            out = te_model(ids, output_hidden_states=skip > 0)
+            if skip == 0:
+                return out[0]
+            # Clip skip: an earlier layer's states, through the final layer norm as A1111 does.
+            encoder = accelerator.unwrap_model(te_model)
+            final_norm = (getattr(encoder, "final_layer_norm", None)
+                          or encoder.text_model.final_layer_norm)
+            return final_norm(out.hidden_states[-1 - skip])
+
+    def training_loss(batch: dict, epoch: int, step: int) -> torch.Tensor:
+        pixels = batch["pixel_values"].to(accelerator.device, torch.float32)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample(generator=noise_generator)
+            latents = latents * vae.config.scaling_factor
+        captions = [
+            "" if random.random() < config.text_encoder.caption_dropout_probability else c
+            for c in batch["caption"]]
+        te_trains = "text_encoder" in parts and part_is_active(config, "text_encoder", epoch, step)
+        hidden = encode_text(captions, with_grad=te_trains)
+
+        noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device)
+        if config.offset_noise_weight > 0:
+            noise = noise + config.offset_noise_weight * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=noise_generator, device=latents.device)
+        timesteps = torch.randint(timesteps_low, timesteps_high, (latents.shape[0],),
+                                  generator=noise_generator, device=latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        prediction = unet_model(noisy.to(weight_dtype), timesteps, hidden).sample
+
+        per_pixel = pixel_loss(prediction, target, mse_strength=config.mse_strength,
+                               mae_strength=config.mae_strength)
+        mask = None
+        if config.masked_training:
+            mask = batch["mask"].to(accelerator.device, torch.float32)
+            # Per sample: trained without its mask with probability unmasked_probability.
+            unmasked = torch.rand(mask.shape[0]) < config.unmasked_probability
+            mask[unmasked.to(mask.device)] = 1.0
+            mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="area")
+        loss = masked_sample_loss(per_pixel, mask, unmasked_weight=config.unmasked_weight,
+                                  normalize=config.normalize_masked_area_loss)
+        if config.min_snr_gamma > 0:
+            loss = loss * min_snr_weight(timesteps, noise_scheduler.alphas_cumprod,
+                                         config.min_snr_gamma, v_prediction)
+        loss = loss * torch.as_tensor(batch["loss_weight"], device=loss.device, dtype=loss.dtype)
+        return loss.mean()
+
+    def sample(step: int, epoch: int) -> None:
+        if not config.samples or not is_main:
+            return
+        status(f"Sampling at step {step}")
+        try:
+            for record in render_samples(model, config.samples, workspace / "samples",
+                                         step=step, device=accelerator.device):
+                metrics.log_image(f"sample/{record['index']}", record["image"], step)
+                control.emit("sample", step=step, epoch=epoch, path=record["path"],
+                             prompt=record["prompt"])
+        except Exception as error:  # a failed sample must not end the run
+            warn(f"Sampling at step {step} failed: {error}")
+
+    def save(step: int, epoch: int) -> None:
+        accelerator.wait_for_everyone()
+        if is_main:
+            status(f"Saving to {destination}")
+            unwrapped = {p: accelerator.unwrap_model(trainable[p]) for p in parts}
+            lora.save_kohya_lora(str(destination), unwrapped, config,
+                                 dtype=TORCH_DTYPES[config.output_dtype], steps=step,
+                                 epochs=epoch, title=destination.stem)
+            atomic_write_text(destination.with_suffix(".json"), config.to_json())
+            control.emit("saved", path=str(destination), step=step)
+        accelerator.wait_for_everyone()
+
+    # --- train ---
+    control.emit("started", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                 epochs=config.epochs, images=len(dataset))
+    status("Training")
+    smooth = SmoothedValue()
+    step, epoch, stopped = 0, 0, False
+    started = time.monotonic()
+    for module in trainable.values():
+        module.train()
+    try:
+        for epoch in range(config.epochs):
+            dataset.set_epoch(epoch)
+            accumulated, micro = 0.0, 0
+            for batch in dataloader:
+                for part in parts:  # "stop training after": freeze the part from here on
+                    if not part_is_active(config, part, epoch, step):
+                        for p in lora.lora_parameters_of(trainable[part]):
+                            p.requires_grad_(False)
+                factor = set_learning_rates(step)
+                with accelerator.accumulate(*[trainable[p] for p in parts]):
+                    with accelerator.autocast():
+                        loss = training_loss(batch, epoch, step)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"The loss became {loss.item()} at step {step + 1}. Usual causes: "
+                            "a learning rate too high, or float16 overflow (try BFLOAT_16).")
+                    accelerator.backward(loss)
+                    accumulated += loss.detach().item()
+                    micro += 1
+                    if accelerator.sync_gradients and config.clip_grad_norm:
+                        accelerator.clip_grad_norm_(
+                            [p for g in optimizer.param_groups for p in g["params"]],
+                            config.clip_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                step_loss = accumulated / micro
+                accumulated, micro = 0.0, 0
+                smoothed = smooth.update(step_loss)
+                elapsed = time.monotonic() - started
+                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+                metrics.log_step({"step": step, "epoch": epoch, "loss": step_loss,
+                                  "smooth_loss": smoothed, "lr": lrs})
+                control.emit("progress", step=step, total_steps=total_steps, epoch=epoch,
+                             epochs=config.epochs,
+                             epoch_step=(step - 1) % steps_per_epoch + 1,
+                             steps_per_epoch=steps_per_epoch, loss=step_loss,
+                             smooth_loss=smoothed, lr=lrs, lr_factor=factor,
+                             eta_seconds=elapsed / step * (total_steps - step))
+                if control.take_request("sample") or is_due(
+                        config.sample_after, config.sample_after_unit, step=step,
+                        epoch_ended=False, epoch=epoch):
+                    sample(step, epoch)
+                if control.take_request("save"):
+                    save(step, epoch)
+                if control.stop_requested:
+                    stopped = True
+                    break
+            if stopped:
+                break
+            if is_due(config.sample_after, config.sample_after_unit, step=step,
+                      epoch_ended=True, epoch=epoch + 1):
+                sample(step, epoch + 1)
+        save(step, epoch + (0 if stopped else 1))
+    finally:
+        metrics.close()
+    if stopped:
+        status(f"Stopped at step {step}; saved to {destination}")
+    else:
+        status(f"Finished {step} steps; saved to {destination}")
+    return TrainResult(str(destination), step, epoch + (0 if stopped else 1), stopped)
