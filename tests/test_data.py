@@ -277,12 +277,36 @@ def test_missing_caption_file_gives_empty_caption_and_a_warning(tmp_path):
     assert any("lonely.png" in w for w in warnings)
 
 
+def test_many_missing_captions_give_one_warning(tmp_path):
+    for i in range(5):
+        save_rgb(tmp_path / f"p{i}.png")
+    items, warnings = collect(concept(tmp_path))
+    assert len(items) == 5 and len(warnings) == 1 and "5 images" in warnings[0]
+
+
 def test_caption_from_filename_and_from_concept(tmp_path):
     save_rgb(tmp_path / "a_red-car__2.png")
     by_name, _ = collect(concept(tmp_path, prompt_source="filename"))
     by_concept, _ = collect(concept(tmp_path, prompt_source="concept", prompt=" photo of sks dog "))
     assert by_name[0].caption == "a red car 2" == caption_from_filename(Path("a_red-car__2.png"))
     assert by_concept[0].caption == "photo of sks dog"
+
+
+def test_prompt_source_may_be_an_enum(tmp_path):
+    import enum
+
+    class Source(str, enum.Enum):  # like trainer.config.PromptSource
+        FILENAME = "filename"
+
+    save_rgb(tmp_path / "a_b.png")
+    items, _ = collect(concept(tmp_path, prompt_source=Source.FILENAME))
+    assert items[0].caption == "a b"
+
+
+def test_unknown_prompt_source_is_an_error_naming_the_field(tmp_path):
+    save_rgb(tmp_path / "a.png")
+    with pytest.raises(DatasetError, match=r"concepts\[0\]\.prompt_source"):
+        collect(concept(tmp_path, prompt_source="telepathy"))
 
 
 def test_multi_line_caption_gives_one_line_per_sample(tmp_path):

@@ -96,16 +96,25 @@ def caption_from_filename(image_path: Path) -> str:
     return " ".join(text.split())
 
 
-def _caption_for(image_path: Path, concept: Any, warn: Callable[[str], None]) -> str:
-    source = str(getattr(concept, "prompt_source", "sample")).lower()
+def _prompt_source(concept: Any) -> str:
+    """"sample", "filename" or "concept", from a plain string or an Enum such as PromptSource.
+
+    str() of a (str, Enum) member is "PromptSource.SAMPLE" on Python 3.11, hence `.value`.
+    """
+    source = getattr(concept, "prompt_source", "sample")
+    return str(getattr(source, "value", source)).strip().lower()
+
+
+def _caption_for(image_path: Path, concept: Any, warn: Callable[[str], None]) -> str | None:
+    """The caption per the concept's prompt source; None when the .txt file is missing."""
+    source = _prompt_source(concept)
     if source == "filename":
         return caption_from_filename(image_path)
     if source == "concept":
         return str(getattr(concept, "prompt", "") or "").strip()
     caption_path = image_path.with_suffix(".txt")
     if not caption_path.is_file():
-        warn(f"No caption file '{caption_path.name}' for '{image_path}'; training it with an empty caption")
-        return ""
+        return None
     try:
         return read_caption_file(caption_path)
     except OSError as error:
@@ -157,6 +166,18 @@ def _check_mask(mask_path: Path, image_path: Path, image_size: tuple[int, int], 
     return mask_path
 
 
+def _warn_uncaptioned(paths: list[Path], folder: Path, warn: Callable[[str], None]) -> None:
+    """One warning for all images without a .txt caption, not one per image."""
+    if len(paths) == 1:
+        warn(f"No caption file '{paths[0].with_suffix('.txt').name}' for '{paths[0]}'; it is trained with an empty caption")
+    elif paths:
+        examples = ", ".join(f"'{p.name}'" for p in paths[:3])
+        warn(
+            f"{len(paths)} images in '{folder}' have no caption .txt (e.g. {examples}); "
+            "they are trained with empty captions"
+        )
+
+
 def _concept_folder(concept: Any, number: int) -> Path:
     raw = str(getattr(concept, "path", "") or "").strip()
     field = f"concepts[{number - 1}].path"
@@ -173,7 +194,7 @@ def _concept_folder(concept: Any, number: int) -> Path:
 def _collect_concept(concept: Any, index: int, warn: Callable[[str], None]) -> list[ImageItem]:
     number = index + 1
     folder = _concept_folder(concept, number)
-    source = str(getattr(concept, "prompt_source", "sample")).lower()
+    source = _prompt_source(concept)
     if source not in PROMPT_SOURCES:
         raise DatasetError(
             f"Concept {number}: unknown caption source '{source}' "
@@ -186,22 +207,27 @@ def _collect_concept(concept: Any, index: int, warn: Callable[[str], None]) -> l
             f"({', '.join(IMAGE_EXTENSIONS)}) (concepts[{index}].path)"
         )
     items = []
+    uncaptioned: list[Path] = []
     for path in files:
         try:
             size = _check_image(path)
         except UnreadableImageError as error:
             warn(f"Skipping '{path}': {error.reason}")
             continue
+        caption = _caption_for(path, concept, warn)
+        if caption is None:
+            uncaptioned.append(path)
         items.append(
             ImageItem(
                 image_path=path,
-                caption=_caption_for(path, concept, warn),
+                caption=caption or "",
                 mask_path=_check_mask(mask_path_for(path), path, size, warn),
                 loss_weight=float(getattr(concept, "loss_weight", 1.0)),
                 concept_index=index,
                 repeats=float(getattr(concept, "repeats", 1.0)),
             )
         )
+    _warn_uncaptioned(uncaptioned, folder, warn)
     if not items:
         raise DatasetError(
             f"Concept {number}: no usable image in folder '{folder}' "
