@@ -7,3 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402  (after the environment is set, before anything imports the hub)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    """The tiny SD 1.5 model as a diffusers folder, built once per test session (~1 s)."""
+    from trainer.models.tiny import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer import lora
@@ -130,6 +131,10 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
     # training part-way (its adapter then gets no gradient).
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = mixed_precision(config, device_type, warn)
+    # accelerate keeps its settings in a process-wide singleton; a server runs many jobs with
+    # different precisions one after another, so start each from a clean one (the process
+    # group, PartialState, is kept for `accelerate launch`).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,

@@ -70,7 +70,7 @@ def kohya_state_dict(models: dict[str, torch.nn.Module], alpha: float,
     """peft adapters of each part -> {'lora_unet_..._to_q.lora_down.weight': ..., '.alpha': ...}."""
     out: dict[str, torch.Tensor] = {}
     for part, model in models.items():
-        for key, tensor in get_peft_model_state_dict(model).items():
+        for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items():
             module, suffix = _module_path(key, part)
             name = KOHYA_PREFIX[part] + module.replace(".", "_")
             out[f"{name}.{suffix}"] = tensor.detach().to("cpu", dtype).contiguous()

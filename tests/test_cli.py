@@ -1,0 +1,59 @@
+"""The command line: the same engine headless; bad input is one line and exit status 2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.demo import DEMO_DATASET_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_config(tmp_path, model_dir, **extra):
+    data = {"base_model_name": str(model_dir), "workspace_dir": str(tmp_path / "ws"),
+            "concepts": [{"path": str(DEMO_DATASET_DIR)}], "resolution": "64",
+            "train_dtype": "FLOAT_32", "gradient_checkpointing": False, "lora_rank": 4,
+            "learning_rate": 1e-3, "learning_rate_warmup_steps": 0, "batch_size": 5,
+            "epochs": 1}
+    data.update(extra)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_make_tiny_model_and_train_from_the_command_line(tmp_path):
+    model = tmp_path / "tiny"
+    made = run("make-tiny-model", "sd15", str(model))
+    assert made.returncode == 0, made.stderr
+    assert (model / "model_index.json").is_file()
+
+    config = write_config(tmp_path, model)
+    out = tmp_path / "out" / "mine.safetensors"
+    done = run("train", "--config", str(config), "--set", "epochs=2",
+               "--set", f"output_model_destination={out}")
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert json.loads(out.with_suffix(".json").read_text())["epochs"] == 2
+    assert "2/2" in done.stderr and "loss" in done.stderr     # the tqdm bar
+    records = (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 2
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    config = write_config(tmp_path, tmp_path / "missing-model")
+    done = run("train", "--config", str(config))
+    assert done.returncode == 2
+    assert "missing-model" in done.stderr and "Traceback" not in done.stderr
+
+    done = run("train", "--config", str(config), "--set", "learning_rate=-1")
+    assert done.returncode == 2 and "learning_rate" in done.stderr
+
+    done = run("train", "--config", str(tmp_path / "nope.json"))
+    assert done.returncode == 2 and "nope.json" in done.stderr

@@ -1,0 +1,174 @@
+"""The footer: Start / Stop / Sample now / Save now, the epoch and step bars, status, ETA, loss,
+and (just above it) the loss and learning-rate plots and the download of the finished model.
+
+Everything shown is rendered from the session's `JobState`, polled by a `gr.Timer`, so a
+reloaded page or a second browser shows the running job as it is.
+"""
+from __future__ import annotations
+
+import html
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from trainer.session import JobState
+
+MAX_PLOT_POINTS = 1000
+STATUS_WORDS = {"idle": "Idle", "running": "Training", "stopping": "Stopping",
+                "finished": "Finished", "stopped": "Stopped", "failed": "Failed"}
+
+
+def progress_bar(label: str, value: int, total: int, fraction: float, elem: str) -> str:
+    """An HTML bar reading 'label x / y', filled to `fraction`."""
+    fraction = max(0.0, min(1.0, fraction))
+    text = f"{label} {value} / {total}" if total else f"{label} – / –"
+    return (f'<div class="atelier-bar" id="{elem}" data-value="{value}" data-total="{total}">'
+            f'<div class="atelier-bar-fill" style="width:{fraction * 100:.1f}%"></div>'
+            f'<span class="atelier-bar-text">{html.escape(text)}</span></div>')
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def bars(state: JobState) -> tuple[str, str]:
+    """(epoch bar, step bar). The epoch bar reads the epoch being trained (1-based) and fills
+    with the share really done, the current epoch's steps included."""
+    epochs, total = state.epochs, state.total_steps
+    if state.status == "finished":
+        epoch, done = epochs, 1.0
+    else:
+        epoch = min(state.epoch + 1, epochs) if state.step else 0
+        partial = state.epoch_step / state.steps_per_epoch if state.steps_per_epoch else 0.0
+        if state.steps_per_epoch and state.epoch_step == state.steps_per_epoch:
+            partial = 1.0
+        done = (state.epoch + partial) / epochs if epochs else 0.0
+    epoch_html = progress_bar("Epoch", epoch, epochs, done, "epoch-bar")
+    step_html = progress_bar("Step", state.step, total, state.step / total if total else 0.0,
+                             "step-bar")
+    return epoch_html, step_html
+
+
+def status_html(state: JobState) -> str:
+    word = STATUS_WORDS.get(state.status, state.status)
+    loss = "–" if state.loss is None else f"{state.loss:.4f}"
+    smooth = "–" if state.smooth_loss is None else f"{state.smooth_loss:.4f}"
+    lr = max(state.lr.values()) if state.lr else None
+    eta = format_seconds(state.eta_seconds) if state.running else "–"
+    facts = [("ETA", eta), ("Elapsed", format_seconds(state.elapsed_seconds)
+                            if state.status != "idle" else "–"),
+             ("Loss", loss), ("Smoothed loss", smooth),
+             ("LR", "–" if lr is None else f"{lr:.2e}")]
+    cells = "".join(f'<span class="atelier-fact"><b>{k}</b> <span data-fact="{k}">'
+                    f'{html.escape(v)}</span></span>' for k, v in facts)
+    return (f'<div class="atelier-status atelier-{state.status}" id="job-status" '
+            f'data-status="{state.status}">'
+            f'<span class="atelier-badge">{word}</span> '
+            f'<span class="atelier-message" id="job-message">{html.escape(state.message)}</span>'
+            f'<div class="atelier-facts">{cells}</div></div>')
+
+
+def warnings_markdown(state: JobState) -> str:
+    if not state.warnings:
+        return ""
+    shown = state.warnings[-8:]
+    more = len(state.warnings) - len(shown)
+    lines = [f"- ⚠ {w}" for w in shown]
+    if more:
+        lines.insert(0, f"- … {more} earlier warnings")
+    return "**Warnings**\n" + "\n".join(lines)
+
+
+def _thin(rows: list, limit: int = MAX_PLOT_POINTS) -> list:
+    if len(rows) <= limit:
+        return rows
+    stride = math.ceil(len(rows) / limit)
+    return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+
+
+def loss_frame(state: JobState) -> pd.DataFrame:
+    rows = _thin(state.loss_history)
+    data = {"step": [], "loss": [], "series": []}
+    for step, loss, smooth in rows:
+        data["step"] += [step, step]
+        data["loss"] += [loss, smooth]
+        data["series"] += ["loss", "smoothed"]
+    return pd.DataFrame(data)
+
+
+def lr_frame(state: JobState) -> pd.DataFrame:
+    rows = _thin(state.lr_history)
+    return pd.DataFrame({"step": [r[0] for r in rows], "learning rate": [r[1] for r in rows]})
+
+
+# --- Files the browser may fetch ----------------------------------------------------------------
+
+ALLOWED_ROOTS: list[Path] = []  # set by the page: folders Gradio serves (launch allowed_paths)
+_SERVE_DIR = Path(tempfile.gettempdir()) / "atelier-serve"
+
+
+def servable(path: str | os.PathLike) -> str:
+    """A path Gradio will serve: as is inside an allowed folder, else a copy in a temp folder
+    (a run whose workspace the user put elsewhere still shows its samples and download)."""
+    source = Path(path).resolve()
+    roots = ALLOWED_ROOTS + [Path(tempfile.gettempdir()).resolve(), Path.cwd().resolve()]
+    if any(source == r or r in source.parents for r in roots):
+        return str(source)
+    target = _SERVE_DIR / f"{abs(hash(str(source.parent))):x}" / source.name
+    if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    return str(target)
+
+
+def gallery_items(state: JobState) -> list[tuple[str, str]]:
+    items = []
+    for sample in reversed(state.samples):  # newest first
+        if os.path.isfile(sample["path"]):
+            caption = f"step {sample['step']} · {sample['prompt']}"
+            items.append((servable(sample["path"]), caption))
+    return items
+
+
+def download_files(state: JobState) -> list[str] | None:
+    """The finished (or stopped) model and the config beside it, when they exist."""
+    if state.status not in ("finished", "stopped") or not state.output_path:
+        return None
+    files = []
+    model = Path(state.output_path)
+    for candidate in (model, model.with_suffix(".json")):
+        if candidate.is_file():
+            files.append(servable(candidate))
+    return files or None
+
+
+@dataclass
+class Snapshot:
+    """What a page last showed, to skip re-sending unchanged plots and images each second."""
+    status: str = ""
+    step: int = -1
+    samples: int = -1
+    message: str = ""
+    warnings: int = -1
+    output: str | None = None
+    eta: str = ""
+
+    @classmethod
+    def of(cls, state: JobState) -> "Snapshot":
+        return cls(state.status, state.step, len(state.samples), state.message,
+                   len(state.warnings), state.output_path,
+                   format_seconds(state.elapsed_seconds) if state.running else "")

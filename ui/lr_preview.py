@@ -1,0 +1,69 @@
+"""The learning-rate curve of the current settings, drawn before training starts.
+
+Total steps are estimated as the loop counts them: images of the enabled concepts x repeats per
+epoch, divided into batches, then into accumulation groups, times the epochs. Images are counted,
+not decoded (a corrupt file the loop would skip makes the estimate a little long).
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from trainer.config import TrainConfig
+from trainer.optim.schedules import lr_curve
+from ui.tables import count_images
+
+MAX_POINTS = 400
+
+
+def epoch_images(concepts) -> int:
+    """Images one epoch visits, with repeats (as the dataset expands them)."""
+    total = 0
+    for concept in concepts:
+        if not concept.enabled or concept.repeats <= 0:
+            continue
+        n = count_images(concept.path) or 0
+        whole = int(math.floor(concept.repeats))
+        extra = int(math.floor((concept.repeats - whole) * n + 0.5))
+        if n and whole == 0 and extra == 0:
+            extra = 1
+        total += n * whole + extra
+    return total
+
+
+def estimate_total_steps(config: TrainConfig) -> tuple[int, int]:
+    """(total optimizer steps, images per epoch)."""
+    images = epoch_images(config.concepts)
+    batches = math.ceil(images / config.batch_size) if images else 0
+    steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps) if batches else 0
+    return steps_per_epoch * config.epochs, images
+
+
+def curve_frame(config: TrainConfig) -> tuple[pd.DataFrame, str]:
+    """(a DataFrame of step / learning rate, a one-line caption)."""
+    total, images = estimate_total_steps(config)
+    if total == 0:
+        return empty_frame(), ("No images found in the enabled concepts yet; the curve needs "
+                               "the step count.")
+    try:
+        values = lr_curve(config, total)
+    except ValueError as error:  # ADAFACTOR / CUSTOM have no formula to draw
+        return empty_frame(), f"No preview: {error}."
+    stride = max(1, math.ceil(total / MAX_POINTS))
+    steps = list(range(0, total, stride))
+    if steps[-1] != total - 1:
+        steps.append(total - 1)
+    frame = pd.DataFrame({"step": steps, "learning rate": [values[s] for s in steps]})
+    caption = (f"{images} images per epoch → {total} optimizer steps "
+               f"({config.epochs} epochs, batch {config.batch_size}, "
+               f"accumulation {config.gradient_accumulation_steps}).")
+    scheduler = config.learning_rate_scheduler.value
+    if scheduler == "REX" and config.learning_rate_warmup_steps > 0:
+        caption += " Warmup is not recommended with REX."
+    return frame, caption
+
+
+def empty_frame() -> pd.DataFrame:
+    return pd.DataFrame({"step": pd.Series([], dtype="int64"),
+                         "learning rate": pd.Series([], dtype="float64")})

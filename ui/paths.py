@@ -1,0 +1,66 @@
+"""Where the app keeps its files: one workspace folder.
+
+`python app.py` uses `<repo>/workspace`; on a Hugging Face Space with persistent storage, `/data`
+exists and the workspace is `/data/workspace`, so outputs survive restarts. `ATELIER_WORKSPACE`
+(or `app.py --workspace`) overrides both. Built-in presets name paths as `workspace/...`
+(relative to the repo root); they are read as paths inside this folder.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "presets"
+WORKSPACE_PREFIX = "workspace/"
+# Config keys holding paths that a preset may write as "workspace/...".
+PATH_KEYS = ("base_model_name", "vae_model_name", "output_model_destination", "workspace_dir")
+
+
+def workspace_root() -> Path:
+    override = os.environ.get("ATELIER_WORKSPACE")
+    if override:
+        return Path(override).resolve()
+    data = Path("/data")
+    if data.is_dir() and os.access(data, os.W_OK):
+        return data / "workspace"
+    return REPO_ROOT / "workspace"
+
+
+def user_presets_dir() -> Path:
+    return workspace_root() / "presets"
+
+
+def demo_model_dir() -> Path:
+    return workspace_root() / "tiny-sd15"
+
+
+def localize(value: str) -> str:
+    """'workspace/x' -> '<workspace root>/x'; other values unchanged."""
+    if isinstance(value, str) and value.replace("\\", "/").startswith(WORKSPACE_PREFIX):
+        return str(workspace_root() / value[len(WORKSPACE_PREFIX):])
+    return value
+
+
+def localize_config(data: dict) -> dict:
+    """Preset paths written relative to the repo ("workspace/...", "trainer/demo/...") made
+    absolute, so they mean the same whatever the server's working directory is."""
+    data = dict(data)
+    for key in PATH_KEYS:
+        if key in data:
+            data[key] = localize(data[key])
+    if isinstance(data.get("concepts"), list):
+        concepts = []
+        for concept in data["concepts"]:
+            if isinstance(concept, dict) and isinstance(concept.get("path"), str):
+                concept = dict(concept, path=_repo_relative(localize(concept["path"])))
+            concepts.append(concept)
+        data["concepts"] = concepts
+    return data
+
+
+def _repo_relative(path: str) -> str:
+    """A relative path that exists under the repo (e.g. the bundled demo dataset) -> absolute."""
+    if path and not os.path.isabs(path) and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
+    return path

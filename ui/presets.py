@@ -1,0 +1,296 @@
+"""Presets, export and import: the page's settings as JSON files.
+
+- Built-in presets are the partial configs in `presets/*.json`, layered over the defaults.
+- A user's presets are full configs saved under `<workspace>/presets/`.
+- Export writes the full config (plus `optimizer_defaults`) as a file that
+  `python -m trainer train --config FILE` accepts.
+- Import reads an Atelier or a OneTrainer JSON config. OneTrainer's keys are Atelier's keys;
+  where its shape differs (concept captions under `text`, samples with `enabled`, unset
+  optimizer parameters as null) it is adapted. Unknown keys and values Atelier cannot use are
+  reported and dropped, never fatal: the rest of the file still loads.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from trainer.config import TrainConfig, unknown_keys
+from trainer.errors import ConfigError
+from trainer.io import atomic_write_text
+from ui import paths
+from ui.optimizers import parameter_specs
+
+BUILTIN = "builtin:"
+USER = "user:"
+DEFAULT_PRESET = BUILTIN + "demo"
+# Lists that describe the user's data, not the training recipe: a preset that does not set
+# them leaves the page's own.
+DATA_KEYS = ("concepts", "samples")
+OPTIMIZER_DEFAULTS = "optimizer_defaults"
+
+
+# --- Listing and reading ----------------------------------------------------------------------
+
+def _title(path: Path) -> str:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("__name"), str):
+            return data["__name"]
+    except (OSError, ValueError):
+        pass
+    return path.stem
+
+
+def builtin_presets() -> dict[str, Path]:
+    found = {p.stem: p for p in sorted(paths.PRESETS_DIR.glob("*.json"))}
+    ordered = {"demo": found.pop("demo")} if "demo" in found else {}
+    ordered.update(found)
+    return ordered
+
+
+def user_presets() -> dict[str, Path]:
+    folder = paths.user_presets_dir()
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.json"))}
+
+
+def choices() -> list[tuple[str, str]]:
+    """Dropdown choices: (label, value) with value 'builtin:NAME' or 'user:NAME'."""
+    items = [(_title(path), BUILTIN + name) for name, path in builtin_presets().items()]
+    items += [(f"{name} (saved)", USER + name) for name in user_presets()]
+    return items
+
+
+def preset_path(value: str) -> Path:
+    if value.startswith(BUILTIN):
+        table, name = builtin_presets(), value[len(BUILTIN):]
+    elif value.startswith(USER):
+        table, name = user_presets(), value[len(USER):]
+    else:
+        raise ConfigError(f"Unknown preset '{value}'.")
+    if name not in table:
+        raise ConfigError(f"Preset '{name}' does not exist (any more).")
+    return table[name]
+
+
+def read_json_file(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"File '{path}' does not exist.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"File '{Path(path).name}' is not a text (JSON) file.") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"File '{Path(path).name}' is not valid JSON: {error}") from None
+
+
+def read_preset(value: str) -> dict:
+    data = read_json_file(preset_path(value))
+    if not isinstance(data, dict):
+        raise ConfigError(f"Preset '{value}' is not a JSON object of keys and values.")
+    return paths.localize_config(data)
+
+
+# --- From a (partial) dict to the page --------------------------------------------------------
+
+def _drop_path(data: dict, loc: tuple) -> bool:
+    """Remove the value at a pydantic error location; True if something was removed."""
+    node: Any = data
+    for part in loc[:-1]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return False
+    last = loc[-1] if loc else None
+    if isinstance(node, dict) and last in node:
+        del node[last]
+        return True
+    if isinstance(node, list) and isinstance(last, int) and last < len(node):
+        del node[last]
+        return True
+    return False
+
+
+def lenient_config(data: dict) -> tuple[TrainConfig, list[str]]:
+    """Validate what can be validated: each bad value is reported and dropped (its default
+    kept), so one bad key does not lose the rest of an imported file."""
+    data = json.loads(json.dumps(data))  # a copy
+    messages = [f"Unknown key '{key}' ignored." for key in unknown_keys(data, TrainConfig)]
+    for _ in range(200):
+        try:
+            config = TrainConfig.model_validate(data)
+            return config.model_copy(update={
+                key: paths.localize(getattr(config, key)) for key in paths.PATH_KEYS}), messages
+        except ValidationError as error:
+            removed = False
+            for item in error.errors():
+                loc = tuple(item["loc"])
+                key = ".".join(str(p) for p in loc)
+                message = item["msg"].removeprefix("Value error, ")
+                if _drop_path(data, loc):
+                    removed = True
+                    messages.append(f"{key}: {message} (got {item.get('input')!r}); "
+                                    "the default is kept.")
+            if not removed:
+                raise ConfigError("Invalid config — " + "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                    for e in error.errors())) from None
+    raise ConfigError("The config could not be read.")
+
+
+def optimizer_defaults_of(data: dict) -> dict[str, dict]:
+    """`optimizer_defaults` of a config file: {OPTIMIZER: {param: value}}, known params only."""
+    raw = data.get(OPTIMIZER_DEFAULTS)
+    if not isinstance(raw, dict):
+        return {}
+    names = {spec.name for spec in parameter_specs()}
+    out = {}
+    for optimizer, params in raw.items():
+        if isinstance(params, dict):
+            kept = {k: v for k, v in params.items() if k in names and v is not None}
+            if kept:
+                out[str(optimizer)] = kept
+    return out
+
+
+def layered(preset: dict, page_data: dict | None = None) -> dict:
+    """A partial preset over the defaults; the page's concepts/samples kept when it has none."""
+    data = {key: value for key, value in preset.items() if not str(key).startswith("__")}
+    if page_data:
+        for key in DATA_KEYS:
+            if key not in data and key in page_data:
+                data[key] = page_data[key]
+    return data
+
+
+# --- OneTrainer -------------------------------------------------------------------------------
+
+def looks_like_onetrainer(data: dict) -> bool:
+    markers = ("__version", "concept_file_name", "sample_definition_file_name", "train_device",
+               "cache_dir", "debug_mode")
+    return any(key in data for key in markers)
+
+
+def adapt_onetrainer(data: dict) -> tuple[dict, list[str]]:
+    """OneTrainer's shapes -> Atelier's (same key names; a few nestings differ)."""
+    data = json.loads(json.dumps(data))
+    notes: list[str] = []
+    for key in DATA_KEYS:
+        if data.get(key) is None:
+            data.pop(key, None)
+    if isinstance(data.get("optimizer"), dict):  # null = "unset" in OneTrainer
+        data["optimizer"] = {k: v for k, v in data["optimizer"].items() if v is not None}
+    concepts = []
+    for i, concept in enumerate(data.get("concepts") or []):
+        if not isinstance(concept, dict):
+            continue
+        concept = dict(concept)
+        text = concept.pop("text", None)
+        if isinstance(text, dict) and "prompt_source" in text:
+            concept.setdefault("prompt_source", text["prompt_source"])
+            if text.get("prompt_source") == "concept" and text.get("prompt_path"):
+                prompt_file = Path(text["prompt_path"])
+                if prompt_file.is_file():
+                    lines = prompt_file.read_text(encoding="utf-8", errors="replace").split("\n")
+                    concept.setdefault("prompt", next((l.strip() for l in lines if l.strip()), ""))
+                else:
+                    notes.append(f"concepts[{i}]: its prompt file '{prompt_file}' was not "
+                                 "found; set the prompt in the concepts table.")
+        if isinstance(concept.pop("image", None), dict):
+            notes.append(f"concepts[{i}].image (OneTrainer's augmentation settings) ignored.")
+        concepts.append(concept)
+    if "concepts" in data:
+        data["concepts"] = concepts
+    samples = []
+    for sample in data.get("samples") or []:
+        if isinstance(sample, dict):
+            if sample.get("enabled", True) is False:
+                continue
+            sample = {k: v for k, v in sample.items() if k != "enabled"}
+            samples.append(sample)
+    if "samples" in data:
+        data["samples"] = samples
+    return data, notes
+
+
+# --- Import and export ------------------------------------------------------------------------
+
+MAX_LISTED = 12
+
+
+def summarize(messages: list[str]) -> list[str]:
+    """Long lists of unknown keys (a OneTrainer file has dozens) folded into one line."""
+    unknown = [m for m in messages if m.startswith("Unknown key")]
+    other = [m for m in messages if not m.startswith("Unknown key")]
+    if len(unknown) > MAX_LISTED:
+        names = [m.split("'")[1] for m in unknown]
+        unknown = [f"{len(names)} unknown keys ignored: " + ", ".join(names[:MAX_LISTED])
+                   + f", … and {len(names) - MAX_LISTED} more."]
+    return other + unknown
+
+
+def import_config(raw: Any, page_data: dict | None = None
+                  ) -> tuple[TrainConfig, dict[str, dict], list[str], str]:
+    """An imported file's contents -> (config, optimizer_defaults, messages, kind)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("The imported file must hold a JSON object of config keys.")
+    kind = "OneTrainer" if looks_like_onetrainer(raw) else "Atelier"
+    notes: list[str] = []
+    data = raw
+    if kind == "OneTrainer":
+        data, notes = adapt_onetrainer(raw)
+    opt_defaults = optimizer_defaults_of(data)
+    data = {k: v for k, v in data.items() if k != OPTIMIZER_DEFAULTS}
+    config, messages = lenient_config(layered(data, page_data))
+    return config, opt_defaults, notes + messages, kind
+
+
+def export_dict(config: TrainConfig, optimizer_defaults: dict[str, dict]) -> dict:
+    data = config.model_dump(mode="json")
+    data[OPTIMIZER_DEFAULTS] = optimizer_defaults
+    return data
+
+
+def write_export(config: TrainConfig, optimizer_defaults: dict[str, dict]) -> Path:
+    """The exported config as a file in a fresh temp folder (the browser downloads it)."""
+    folder = Path(tempfile.mkdtemp(prefix="atelier-export-"))
+    path = folder / f"atelier-config-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(export_dict(config, optimizer_defaults), indent=2),
+                    encoding="utf-8")
+    return path
+
+
+def safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9 ._-]+", "", (name or "").strip()).strip(" .")
+    if not cleaned:
+        raise ConfigError("Give the preset a name (letters, digits, space, . _ -).")
+    return cleaned[:80]
+
+
+def save_user_preset(name: str, config: TrainConfig,
+                     optimizer_defaults: dict[str, dict]) -> tuple[str, Path]:
+    """Save the page's full config as a user preset; returns (dropdown value, path)."""
+    name = safe_name(name)
+    path = paths.user_presets_dir() / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(export_dict(config, optimizer_defaults), indent=2))
+    return USER + name, path
+
+
+def merge_preset(preset: dict, page_data: dict | None) -> tuple[TrainConfig, dict, list[str]]:
+    """Load a preset (built-in partial or saved full) into (config, optimizer_defaults, notes)."""
+    opt_defaults = optimizer_defaults_of(preset)
+    data = {k: v for k, v in preset.items() if k != OPTIMIZER_DEFAULTS}
+    config, messages = lenient_config(layered(data, page_data))
+    return config, opt_defaults, messages
+
+

@@ -1,0 +1,65 @@
+"""Server-wide state: the one training session and how the server was started.
+
+A run belongs to the server, not to a browser tab: every page (a reload, a second device) polls
+the same `SESSION`, so it shows the running job as it is.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import TrainConfig
+from trainer.demo import DEMO_DATASET_DIR
+from trainer.errors import ConfigError
+from trainer.session import TrainingSession
+from ui import paths
+
+SESSION = TrainingSession()
+
+
+@dataclass
+class ServerOptions:
+    # On a shared or public server (--listen, --share, a Hugging Face Space) file paths are
+    # confined to the workspace folder (SPEC §7); `--allow-any-path` lifts that.
+    confine_paths: bool = False
+
+
+OPTIONS = ServerOptions()
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    resolved = path.expanduser().resolve()
+    return any(resolved == root or root in resolved.parents for root in roots)
+
+
+def check_paths(config: TrainConfig) -> None:
+    """On a shared server, refuse paths outside the workspace (naming the key)."""
+    if not OPTIONS.confine_paths:
+        return
+    workspace = paths.workspace_root().resolve()
+    readable = [workspace, DEMO_DATASET_DIR.resolve()]
+    where = f"the workspace folder {workspace}"
+
+    def model_source(key: str, value: str) -> None:
+        if not value:
+            return
+        looks_local = (os.path.isabs(value) or value.startswith((".", "~"))
+                       or Path(value).exists() or not _HUB_ID.match(value))
+        if looks_local and not _inside(Path(value), readable):
+            raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
+                              "models are read from the workspace or the Hugging Face hub.")
+
+    model_source("base_model_name", config.base_model_name)
+    model_source("vae_model_name", config.vae_model_name)
+    for key in ("output_model_destination", "workspace_dir"):
+        value = getattr(config, key)
+        if value and not _inside(Path(value), [workspace]):
+            raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
+                              "outputs are written there only.")
+    for i, concept in enumerate(config.concepts):
+        if not _inside(Path(concept.path), readable):
+            raise ConfigError(f"concepts[{i}].path: '{concept.path}' is outside {where}.")
