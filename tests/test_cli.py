@@ -57,3 +57,21 @@ def test_bad_input_is_one_clear_line(tmp_path):
 
     done = run("train", "--config", str(tmp_path / "nope.json"))
     assert done.returncode == 2 and "nope.json" in done.stderr
+
+
+def test_two_processes_under_accelerate_launch(tmp_path):
+    """DDP on 2 CPU processes (gloo): the data is split, so an epoch of 5 images at batch 1
+    takes 3 steps instead of 5; one process writes the log and the LoRA."""
+    model = tmp_path / "tiny"
+    assert run("make-tiny-model", "sd15", str(model)).returncode == 0
+    config = write_config(tmp_path, model, batch_size=1, epochs=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", "29561", "-m", "trainer", "train", "--config", str(config)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 6
+    assert (tmp_path / "ws" / "output" / "lora.safetensors").is_file()

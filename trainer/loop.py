@@ -136,6 +136,7 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
     # group, PartialState, is kept for `accelerate launch`).
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
+        cpu=device_type == "cpu",  # on a CPU-only machine, `accelerate launch` DDP uses gloo
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=stops_early)])
@@ -323,7 +324,8 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
                             f"The loss became {loss.item()} at step {step + 1}. Usual causes: "
                             "a learning rate too high, or float16 overflow (try BFLOAT_16).")
                     accelerator.backward(loss)
-                    accumulated += loss.detach().item()
+                    # the mean over all processes, so the log shows the whole batch's loss
+                    accumulated += accelerator.reduce(loss.detach(), "mean").item()
                     micro += 1
                     if accelerator.sync_gradients and config.clip_grad_norm:
                         accelerator.clip_grad_norm_(

@@ -127,9 +127,11 @@ def _step(spec: F.FieldSpec) -> float:
     return 1
 
 
-def make_component(spec: F.FieldSpec, value: Any, visible: bool = True) -> gr.Component:
+def make_component(spec: F.FieldSpec, value: Any, visible: bool = True,
+                   **layout: Any) -> gr.Component:
     common = dict(label=spec.label, info=tooltip(spec), elem_id=field_elem_id(spec.key),
                   interactive=True, visible=visible, min_width=200)
+    common.update(layout)
     if spec.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if spec.kind == "enum":
@@ -235,8 +237,7 @@ def build_page() -> gr.Blocks:
                                          elem_id="import", scale=0, min_width=90)
             for key in TOP_BAR_KEYS:
                 spec = F.SPECS[key]
-                fields[key] = make_component(spec, values[key])
-                fields[key].scale = 2
+                fields[key] = make_component(spec, values[key], scale=2, min_width=170)
         report = gr.Markdown(elem_id="topbar-report")
         export_file = gr.File(label="Exported config (for python -m trainer train --config)",
                               visible=False, elem_id="export-file", interactive=False)

@@ -1,0 +1,105 @@
+"""Atelier: train Stable Diffusion LoRAs in the browser.
+
+    python app.py                      # http://127.0.0.1:7860
+    python app.py --port 8000 --listen # on every interface (0.0.0.0)
+    python app.py --auth user:secret   # ask for a username and password
+
+Also the Hugging Face Space's app_file: outputs go to /data/workspace when /data exists.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Offline by default (DESIGN.md): without these gradio looks up remote hosts at start and the
+# hub may be contacted. Set before gradio, transformers or diffusers are imported.
+for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+                     "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+REPO_ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("atelier")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Atelier: a browser trainer for Stable "
+                                                 "Diffusion LoRAs.")
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                        help="port of the page (default 7860)")
+    parser.add_argument("--listen", action="store_true",
+                        help="serve on every interface (0.0.0.0), not only 127.0.0.1")
+    parser.add_argument("--auth", default=os.environ.get("ATELIER_AUTH"),
+                        metavar="USER:PASSWORD", help="ask for this username and password")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public gradio.live link (off by default)")
+    parser.add_argument("--workspace", default=None,
+                        help="folder for models, runs, samples and presets (default: "
+                             "/data/workspace when /data exists, else ./workspace)")
+    parser.add_argument("--allow-any-path", action="store_true",
+                        help="with --listen/--share: let users name paths outside the "
+                             "workspace (only on a server you alone use)")
+    args = parser.parse_args(argv)
+    if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[0]):
+        parser.error("--auth takes USER:PASSWORD")
+    return args
+
+
+def warm_up() -> None:
+    """Import the heavy libraries now, not in the first click (that job ran 4x slower)."""
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+    try:
+        import trainer.loop  # noqa: F401
+    except ImportError as error:  # an engine part missing: the page still opens and says so
+        log.warning("The training engine did not import (%s); Start will report it.", error)
+
+
+def ensure_demo_model() -> Path:
+    """Build the tiny offline demo model (a few seconds) if the workspace lacks it."""
+    from ui import paths
+    folder = paths.demo_model_dir()
+    if not (folder / "model_index.json").is_file():
+        from trainer.models.tiny import build_tiny_sd15
+        print(f"Building the tiny demo model in {folder} ...", flush=True)
+        build_tiny_sd15(str(folder), seed=0)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    os.chdir(REPO_ROOT)  # presets name repo-relative paths (trainer/demo/dataset)
+    if args.workspace:
+        os.environ["ATELIER_WORKSPACE"] = str(Path(args.workspace).resolve())
+
+    from ui import paths
+    from ui.state import OPTIONS
+    on_space = bool(os.environ.get("SPACE_ID"))
+    OPTIONS.confine_paths = (args.listen or args.share or on_space) and not args.allow_any_path
+    workspace = paths.workspace_root()
+    workspace.mkdir(parents=True, exist_ok=True)
+
+    warm_up()
+    ensure_demo_model()
+
+    from ui import footer
+    import gradio as gr
+
+    from ui.page import CSS, build_page
+    footer.ALLOWED_ROOTS[:] = [workspace.resolve(), REPO_ROOT]
+    demo = build_page()
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    server_name = "0.0.0.0" if args.listen else os.environ.get("GRADIO_SERVER_NAME",
+                                                               "127.0.0.1")
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=server_name, server_port=args.port, share=args.share, auth=auth,
+                allowed_paths=[str(workspace)], css=CSS, theme=gr.themes.Soft(),
+                footer_links=["api", "settings"], show_error=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
