@@ -26,7 +26,7 @@ from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
 from trainer.loss import masked_sample_loss, min_snr_weight, pixel_loss
 from trainer.metrics import MetricsLog, SmoothedValue
-from trainer.models.sd15 import load_sd15
+from trainer.models.family import load_family
 from trainer.optim.schedules import lr_multiplier
 from trainer.sampling import render_samples
 
@@ -73,6 +73,13 @@ def check_weight_dtype(config: TrainConfig, device_type: str) -> torch.dtype:
         raise TrainingError("weight_dtype FLOAT_16 needs a CUDA GPU; on the CPU use FLOAT_32 "
                             "or BFLOAT_16.")
     return dtype
+
+
+def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+        module.enable_gradient_checkpointing()
+    else:  # transformers; non-reentrant works with frozen inputs (LoRA)
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def seed_everything(seed: int) -> None:
@@ -153,30 +160,22 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
                            f"({len(dataset)} images with repeats); lower batch_size.")
 
     status(f"Loading {config.base_model_name}")
-    model = load_sd15(config.base_model_name, config.vae_model_name or None,
-                      workspace_dir=config.workspace_dir)
-    tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
-    noise_scheduler = model.noise_scheduler
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
+    family = load_family(config)
+    vae, noise_scheduler = family.vae, family.noise_scheduler
+    vae.requires_grad_(False)
     vae.to(accelerator.device, torch.float32)  # the VAE only encodes; float32 never overflows
-    unet.to(accelerator.device, weight_dtype)
-    text_encoder.to(accelerator.device, weight_dtype)
+    for module in family.parts.values():
+        module.requires_grad_(False)
+        module.to(accelerator.device, weight_dtype)
 
-    # LoRA adapters on every part (an untrained part's adapter stays zero, so saving both is
-    # harmless and keeps the kohya file complete for the parts that train).
-    trainable = {"unet": unet, "text_encoder": text_encoder}
+    # LoRA adapters on the trained parts, one parameter group (own LR) per part.
     param_groups = []
     for part in parts:
-        params = lora.add_lora(trainable[part], config, part)
+        params = lora.add_lora(family.parts[part], config, part)
         param_groups.append({"params": params, "lr": config.part_learning_rate(part),
                              "name": part})
-    if config.gradient_checkpointing:
-        if config.unet.train and config.unet.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if config.text_encoder.train and config.text_encoder.gradient_checkpointing:
-            text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.gradient_checkpointing and getattr(config, part).gradient_checkpointing:
+            enable_gradient_checkpointing(family.parts[part])
 
     opt = config.optimizer
     optimizer = torch.optim.AdamW(param_groups, betas=(opt.beta1, opt.beta2), eps=opt.eps,
@@ -188,12 +187,9 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
         dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
         generator=loader_generator, num_workers=0, drop_last=False)
 
-    prepared = accelerator.prepare(*[trainable[p] for p in parts], optimizer, dataloader)
+    prepared = accelerator.prepare(*[family.parts[p] for p in parts], optimizer, dataloader)
     optimizer, dataloader = prepared[-2], prepared[-1]
-    for part, wrapped in zip(parts, prepared[:-2]):
-        trainable[part] = wrapped
-    unet_model = trainable["unet"]
-    te_model = trainable["text_encoder"]
+    family.wrapped = dict(zip(parts, prepared[:-2]))
 
     steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
@@ -219,21 +215,6 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
     noise_generator = torch.Generator(accelerator.device).manual_seed(
         config.seed + accelerator.process_index)
 
-    def encode_text(captions: list[str], with_grad: bool) -> torch.Tensor:
-        ids = tokenizer(captions, padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        ids = ids.to(accelerator.device)
-        with torch.set_grad_enabled(with_grad):
-            skip = config.text_encoder.clip_skip
-            out = te_model(ids, output_hidden_states=skip > 0)
-            if skip == 0:
-                return out[0]
-            # Clip skip: an earlier layer's states, through the final layer norm as A1111 does.
-            encoder = accelerator.unwrap_model(te_model)
-            final_norm = (getattr(encoder, "final_layer_norm", None)
-                          or encoder.text_model.final_layer_norm)
-            return final_norm(out.hidden_states[-1 - skip])
-
     def training_loss(batch: dict, epoch: int, step: int) -> torch.Tensor:
         pixels = batch["pixel_values"].to(accelerator.device, torch.float32)
         with torch.no_grad():
@@ -242,8 +223,9 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
         captions = [
             "" if random.random() < config.text_encoder.caption_dropout_probability else c
             for c in batch["caption"]]
-        te_trains = "text_encoder" in parts and part_is_active(config, "text_encoder", epoch, step)
-        hidden = encode_text(captions, with_grad=te_trains)
+        grad = {p: part_is_active(config, p, epoch, step) for p in parts}
+        conditioning = family.encode_text(captions, batch, clip_skip=config.text_encoder.clip_skip,
+                                          device=accelerator.device, grad=grad)
 
         noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device)
         if config.offset_noise_weight > 0:
@@ -253,7 +235,7 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
                                   generator=noise_generator, device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-        prediction = unet_model(noisy.to(weight_dtype), timesteps, hidden).sample
+        prediction = family.predict(noisy, timesteps, conditioning)
 
         per_pixel = pixel_loss(prediction, target, mse_strength=config.mse_strength,
                                mae_strength=config.mae_strength)
@@ -277,7 +259,7 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
             return
         status(f"Sampling at step {step}")
         try:
-            for record in render_samples(model, config.samples, workspace / "samples",
+            for record in render_samples(family, config.samples, workspace / "samples",
                                          step=step, device=accelerator.device):
                 metrics.log_image(f"sample/{record['index']}", record["image"], step)
                 control.emit("sample", step=step, epoch=epoch, path=record["path"],
@@ -289,8 +271,7 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
         accelerator.wait_for_everyone()
         if is_main:
             status(f"Saving to {destination}")
-            unwrapped = {p: accelerator.unwrap_model(trainable[p]) for p in parts}
-            lora.save_kohya_lora(str(destination), unwrapped, config,
+            lora.save_kohya_lora(str(destination), family, parts, config,
                                  dtype=TORCH_DTYPES[config.output_dtype], steps=step,
                                  epochs=epoch, title=destination.stem)
             atomic_write_text(destination.with_suffix(".json"), config.to_json())
@@ -304,8 +285,8 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
     smooth = SmoothedValue()
     step, epoch, stopped = 0, 0, False
     started = time.monotonic()
-    for module in trainable.values():
-        module.train()
+    for part in parts:
+        family.parts[part].train()
     try:
         for epoch in range(config.epochs):
             dataset.set_epoch(epoch)
@@ -313,10 +294,10 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
             for batch in dataloader:
                 for part in parts:  # "stop training after": freeze the part from here on
                     if not part_is_active(config, part, epoch, step):
-                        for p in lora.lora_parameters_of(trainable[part]):
+                        for p in lora.lora_parameters_of(family.parts[part]):
                             p.requires_grad_(False)
                 factor = set_learning_rates(step)
-                with accelerator.accumulate(*[trainable[p] for p in parts]):
+                with accelerator.accumulate(*family.wrapped.values()):
                     with accelerator.autocast():
                         loss = training_loss(batch, epoch, step)
                     if not torch.isfinite(loss):

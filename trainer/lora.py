@@ -30,10 +30,6 @@ TEXT_ENCODER_TARGETS = {
     LoraLayerPreset.FULL: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 
-# kohya file prefixes per model part (SD 1.5 has one text encoder, named "te").
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-
-
 def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
     # Gaussian A / zero B: the adapter starts with exactly zero effect (the base model).
     return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
@@ -65,20 +61,21 @@ def _module_path(peft_key: str, part: str) -> tuple[str, str]:
     return module, suffix
 
 
-def kohya_state_dict(models: dict[str, torch.nn.Module], alpha: float,
+def kohya_state_dict(models: dict[str, torch.nn.Module], prefixes: dict[str, str], alpha: float,
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """peft adapters of each part -> {'lora_unet_..._to_q.lora_down.weight': ..., '.alpha': ...}."""
     out: dict[str, torch.Tensor] = {}
     for part, model in models.items():
         for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items():
             module, suffix = _module_path(key, part)
-            name = KOHYA_PREFIX[part] + module.replace(".", "_")
+            name = prefixes[part] + module.replace(".", "_")
             out[f"{name}.{suffix}"] = tensor.detach().to("cpu", dtype).contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return out
 
 
-def kohya_metadata(config: TrainConfig, *, steps: int, epochs: int, title: str) -> dict[str, str]:
+def kohya_metadata(config: TrainConfig, family, *, steps: int, epochs: int,
+                   title: str) -> dict[str, str]:
     """`ss_*` (kohya) and `modelspec.*` (Stability's model spec) header fields, plus the exact
     config that produced the file."""
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -87,7 +84,7 @@ def kohya_metadata(config: TrainConfig, *, steps: int, epochs: int, title: str) 
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.base_model_version,
         "ss_sd_model_name": config.base_model_name,
         "ss_learning_rate": str(config.learning_rate),
         "ss_unet_lr": str(config.part_learning_rate("unet")),
@@ -99,7 +96,7 @@ def kohya_metadata(config: TrainConfig, *, steps: int, epochs: int, title: str) 
         "ss_output_name": title,
         "ss_training_comment": "trained with Atelier",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": family.lora_architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -108,12 +105,13 @@ def kohya_metadata(config: TrainConfig, *, steps: int, epochs: int, title: str) 
     }
 
 
-def save_kohya_lora(path: str, models: dict[str, torch.nn.Module], config: TrainConfig,
-                    *, dtype: torch.dtype, steps: int, epochs: int, title: str) -> None:
-    """Write the LoRA file and its config JSON beside it, each atomically."""
-    tensors = kohya_state_dict(models, config.lora_alpha, dtype)
-    atomic_save_safetensors(tensors, path, kohya_metadata(config, steps=steps, epochs=epochs,
-                                                          title=title))
+def save_kohya_lora(path: str, family, parts: list[str], config: TrainConfig, *,
+                    dtype: torch.dtype, steps: int, epochs: int, title: str) -> None:
+    """Write the LoRA file of the trained `parts` atomically."""
+    models = {p: family.parts[p] for p in parts}
+    tensors = kohya_state_dict(models, family.kohya_prefixes, config.lora_alpha, dtype)
+    atomic_save_safetensors(tensors, path, kohya_metadata(config, family, steps=steps,
+                                                          epochs=epochs, title=title))
 
 
 def lora_parameters_of(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -6,20 +6,18 @@ from typing import Iterator
 
 import torch
 
-from trainer.models.sd15 import make_sd15_pipeline
-
 
 @torch.no_grad()
-def render_samples(components, samples, folder: Path, *, step: int,
+def render_samples(family, samples, folder: Path, *, step: int,
                    device: torch.device) -> Iterator[dict]:
     """Draw each sample prompt; yield {'index', 'prompt', 'path', 'image'} as each is saved.
 
     The models are put in eval mode for sampling (no LoRA dropout) and back in train mode
     after, whatever happens."""
     folder.mkdir(parents=True, exist_ok=True)
-    pipeline = make_sd15_pipeline(components)
+    pipeline = family.pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    models = (components.unet, components.text_encoder)
+    models = tuple(family.parts.values())
     modes = [m.training for m in models]
     for m in models:
         m.eval()

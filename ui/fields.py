@@ -54,6 +54,15 @@ SECTION_APPLIES_TO: dict[str, dict[str, list[str]]] = {
 }
 
 
+# Friendlier names for a few enum values in dropdowns (the value stays the config's).
+CHOICE_LABELS = {
+    "STABLE_DIFFUSION_15": "SD 1.5",
+    "STABLE_DIFFUSION_XL_10_BASE": "SDXL 1.0",
+    "LORA": "LoRA",
+    "FINE_TUNE": "Fine-tune",
+}
+
+
 @dataclass
 class FieldSpec:
     key: str                      # dotted config key: "learning_rate", "optimizer.beta1"
@@ -74,6 +83,10 @@ class FieldSpec:
     def name(self) -> str:
         """The last part of the key ("beta1" for "optimizer.beta1")."""
         return self.key.rsplit(".", 1)[-1]
+
+    def choice_pairs(self) -> list[tuple[str, str]]:
+        """Dropdown choices as (label, value)."""
+        return [(CHOICE_LABELS.get(c, c), c) for c in self.choices]
 
     def range_text(self) -> str:
         if self.minimum is None and self.maximum is None:

@@ -40,7 +40,8 @@ CSS = """
 .gradio-container { padding-bottom: 210px !important; }
 #atelier-title h1 { margin: 0; font-size: 1.6em; }
 #atelier-title p { margin: 2px 0 0; opacity: .75; }
-#topbar { align-items: end; }
+#topbar-presets, #topbar-model { align-items: flex-end; }
+#topbar-presets button { white-space: nowrap; }
 #footer { position: fixed; left: 0; right: 0; bottom: 0; z-index: 60; margin: 0 !important;
   padding: 8px 16px 10px; background: var(--background-fill-primary);
   border-top: 1px solid var(--border-color-primary); box-shadow: 0 -4px 16px rgba(0,0,0,.08); }
@@ -91,10 +92,8 @@ class ConfigNumber(gr.Number):
     than minimum value 0')."""
 
     is_template = True  # drawn by the frontend's Number
-
-    def __init__(self, *args: Any, field_name: str = "", **kwargs: Any):
-        self.field_name = field_name
-        super().__init__(*args, **kwargs)
+    # No __init__ of its own: Gradio reads a component's properties from its __init__ signature.
+    field_name = ""
 
     def preprocess(self, payload: float | None) -> float | int | None:
         if payload is None:
@@ -135,11 +134,13 @@ def make_component(spec: F.FieldSpec, value: Any, visible: bool = True,
     if spec.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if spec.kind == "enum":
-        return gr.Dropdown(choices=spec.choices, value=value, **common)
+        return gr.Dropdown(choices=spec.choice_pairs(), value=value, **common)
     if spec.kind in ("int", "float"):
-        return ConfigNumber(value=value, minimum=spec.minimum, maximum=spec.maximum,
-                            precision=0 if spec.kind == "int" else None, step=_step(spec),
-                            field_name=f"{spec.label} ({spec.key})", **common)
+        number = ConfigNumber(value=value, minimum=spec.minimum, maximum=spec.maximum,
+                              precision=0 if spec.kind == "int" else None, step=_step(spec),
+                              **common)
+        number.field_name = f"{spec.label} ({spec.key})"
+        return number
     return gr.Textbox(value="" if value is None else str(value), max_lines=1, **common)
 
 
@@ -187,6 +188,20 @@ class Page:
         return config, memory
 
 
+def complete(updates: dict, outputs: list) -> dict:
+    """A handler's partial `{component: value}` with every other output left as it is."""
+    return {component: updates.get(component, gr.skip()) for component in outputs}
+
+
+def partial(fn, outputs: list):
+    """Wrap a handler returning a partial dict so that Gradio gets every output."""
+    def run(data):
+        return complete(fn(data) or {}, outputs)
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
 def error_html(message: str) -> str:
     return f"<div class='atelier-error'>{html.escape(message)}</div>"
 
@@ -224,20 +239,26 @@ def build_page() -> gr.Blocks:
 
         # 1. Top bar
         with gr.Row(elem_id="topbar", equal_height=False):
-            preset_dd = gr.Dropdown(choices=presets.choices(), value=presets.DEFAULT_PRESET,
-                                    label="Preset", info="Built-in presets and your saved ones.",
-                                    elem_id="preset", scale=3, min_width=180)
-            load_btn = gr.Button("Load", elem_id="preset-load", scale=0, min_width=70)
-            preset_name = gr.Textbox(label="Save as", placeholder="name of your preset",
-                                     info="Saved under the workspace's presets folder.",
-                                     elem_id="preset-name", scale=2, min_width=160, max_lines=1)
-            save_btn = gr.Button("Save as…", elem_id="preset-save", scale=0, min_width=90)
-            export_btn = gr.Button("Export config", elem_id="export", scale=0, min_width=120)
-            import_btn = gr.UploadButton("Import", file_types=[".json"], file_count="single",
-                                         elem_id="import", scale=0, min_width=90)
-            for key in TOP_BAR_KEYS:
-                spec = F.SPECS[key]
-                fields[key] = make_component(spec, values[key], scale=2, min_width=170)
+            with gr.Column(scale=3, min_width=600):
+                with gr.Row(elem_id="topbar-presets"):
+                    preset_dd = gr.Dropdown(choices=presets.choices(),
+                                            value=presets.DEFAULT_PRESET, label="Preset",
+                                            elem_id="preset", scale=3, min_width=140)
+                    load_btn = gr.Button("Load", elem_id="preset-load", scale=0, min_width=70)
+                    preset_name = gr.Textbox(label="Preset name", placeholder="my preset",
+                                             elem_id="preset-name", scale=2, min_width=120,
+                                             max_lines=1)
+                    save_btn = gr.Button("Save as…", elem_id="preset-save", scale=0,
+                                         min_width=90)
+                    export_btn = gr.Button("Export config", elem_id="export", scale=0,
+                                           min_width=120)
+                    import_btn = gr.UploadButton("Import", file_types=[".json"],
+                                                 file_count="single", elem_id="import",
+                                                 scale=0, min_width=90)
+            with gr.Column(scale=2, min_width=340):
+                with gr.Row(elem_id="topbar-model"):
+                    for key in TOP_BAR_KEYS:
+                        fields[key] = make_component(F.SPECS[key], values[key], min_width=160)
         report = gr.Markdown(elem_id="topbar-report")
         export_file = gr.File(label="Exported config (for python -m trainer train --config)",
                               visible=False, elem_id="export-file", interactive=False)
@@ -309,9 +330,9 @@ def build_page() -> gr.Blocks:
                                            scale=0, min_width=120)
                 sample_now_2 = gr.Button("Sample now", size="sm", elem_id="sample-now-2",
                                          scale=0, min_width=120)
+            draw_fields(F.keys_in_section("Sampling"), values, choices, fields)
             with gr.Accordion("Sample columns", open=False):
                 gr.Markdown(tables.column_help(SampleConfig))
-            draw_fields(F.keys_in_section("Sampling"), values, choices, fields)
             gallery = gr.Gallery(label="Samples (newest first)", elem_id="gallery", columns=6,
                                  height=260, object_fit="contain", interactive=False)
 
@@ -331,6 +352,7 @@ def build_page() -> gr.Blocks:
             with gr.Row():
                 loss_plot = gr.LinePlot(footer.loss_frame(SESSION.state()), x="step", y="loss",
                                         color="series", title="Loss", height=220,
+                                        color_map={"loss": "#94a3b8", "smoothed": "#4f46e5"},
                                         elem_id="loss-plot")
                 lr_live = gr.LinePlot(footer.lr_frame(SESSION.state()), x="step",
                                       y="learning rate", title="Learning rate", height=220,
@@ -441,11 +463,12 @@ def build_page() -> gr.Blocks:
                         opt_parts["hint"]: optimizers.HINTS.get(new, "")})
             return out
 
+        switch_outputs = params + [page.opt_memory, page.opt_current, dialog_title,
+                                   opt_parts["summary"], opt_parts["hint"]]
         fields[optimizer_key].input(
-            switch_optimizer, inputs={fields[optimizer_key], page.opt_current, page.opt_memory,
-                                      *params},
-            outputs=params + [page.opt_memory, page.opt_current, dialog_title,
-                              opt_parts["summary"], opt_parts["hint"]],
+            partial(switch_optimizer, switch_outputs),
+            inputs={fields[optimizer_key], page.opt_current, page.opt_memory, *params},
+            outputs=switch_outputs,
             api_name="switch_optimizer", show_progress="hidden")
 
         opt_parts["more"].click(lambda: gr.update(visible=True), None, dialog,
@@ -513,7 +536,7 @@ def build_page() -> gr.Blocks:
                 text += "\n" + "\n".join(f"- {m}" for m in presets.summarize(messages))
             return fill(config, memory, text)
 
-        load_btn.click(load_preset, inputs=page.config_inputs() | {preset_dd},
+        load_btn.click(partial(load_preset, fill_outputs), inputs=page.config_inputs() | {preset_dd},
                        outputs=fill_outputs, api_name="load_preset")
 
         def import_file(data: dict) -> dict:
@@ -535,7 +558,7 @@ def build_page() -> gr.Blocks:
                            "under the top bar.")
             return fill(config, memory, text)
 
-        import_btn.upload(import_file, inputs=page.config_inputs() | {import_btn},
+        import_btn.upload(partial(import_file, fill_outputs), inputs=page.config_inputs() | {import_btn},
                           outputs=fill_outputs, api_name="import_config")
 
         def save_preset(data: dict) -> dict:
@@ -548,7 +571,8 @@ def build_page() -> gr.Blocks:
             return {preset_dd: gr.update(choices=presets.choices(), value=value),
                     report: f"Saved preset **{value.split(':', 1)[1]}** to `{path}`."}
 
-        save_btn.click(save_preset, inputs=page.config_inputs() | {preset_name},
+        save_btn.click(partial(save_preset, [preset_dd, report]),
+                       inputs=page.config_inputs() | {preset_name},
                        outputs=[preset_dd, report], api_name="save_preset")
 
         def export_config(data: dict) -> dict:
@@ -562,7 +586,7 @@ def build_page() -> gr.Blocks:
                     report: f"Exported the config. Run it headless with "
                             f"`python -m trainer train --config {path.name}`."}
 
-        export_btn.click(export_config, inputs=page.config_inputs(),
+        export_btn.click(partial(export_config, [export_file, report]), inputs=page.config_inputs(),
                          outputs=[export_file, report], api_name="export_config")
 
         # Start / Stop / Sample now / Save now
@@ -636,9 +660,9 @@ def build_page() -> gr.Blocks:
                 out[download] = footer.download_files(state)
             return out
 
-        timer.tick(poll, seen, poll_outputs, api_name="poll", show_progress="hidden",
+        timer.tick(partial(poll, poll_outputs), seen, poll_outputs, api_name="poll", show_progress="hidden",
                    concurrency_limit=None)
-        demo.load(poll, seen, poll_outputs, api_name="attach", show_progress="hidden")
+        demo.load(partial(poll, poll_outputs), seen, poll_outputs, api_name="attach", show_progress="hidden")
         demo.load(lambda: gr.update(choices=presets.choices()), None, preset_dd,
                   api_name="refresh_presets", show_progress="hidden")
 
@@ -690,6 +714,9 @@ def api_state() -> dict:
     """The training job's state: status, message, epoch/step of totals, loss, ETA, samples,
     warnings, output path, error."""
     state = SESSION.state().as_dict()
+    # "file", not "path": gradio_client would take {"path": ...} dicts for files to download.
+    state["samples"] = [{("file" if k == "path" else k): v for k, v in sample.items()}
+                        for sample in state["samples"]]
     state["loss_history"] = state["loss_history"][-200:]
     state["lr_history"] = state["lr_history"][-200:]
     return json.loads(json.dumps(state, default=str))

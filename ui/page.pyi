@@ -92,10 +92,8 @@ class ConfigNumber(gr.Number):
     than minimum value 0')."""
 
     is_template = True  # drawn by the frontend's Number
-
-    def __init__(self, *args: Any, field_name: str = "", **kwargs: Any):
-        self.field_name = field_name
-        super().__init__(*args, **kwargs)
+    # No __init__ of its own: Gradio reads a component's properties from its __init__ signature.
+    field_name = ""
 
     def preprocess(self, payload: float | None) -> float | int | None:
         if payload is None:
