@@ -31,6 +31,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     tmp = _temporary(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; outputs are meant to be shared
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -73,8 +73,7 @@ class SD15Family(ModelFamily):
 def load_family(config: TrainConfig) -> ModelFamily:
     if config.model_type == ModelType.STABLE_DIFFUSION_15:
         from trainer.models.sd15 import load_sd15
-        c = load_sd15(config.base_model_name, config.vae_model_name or None,
-                      workspace_dir=config.workspace_dir)
+        c = load_sd15(config.base_model_name, config.vae_model_name or None)
         return SD15Family(
             components=c, vae=c.vae, noise_scheduler=c.noise_scheduler,
             parts={"text_encoder": c.text_encoder, "unet": c.unet},
