@@ -7,31 +7,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from trainer.config import config_from_dict
 from trainer.control import Control
-from trainer.demo import DEMO_DATASET_DIR
 from trainer.errors import ConfigError, DatasetError, ModelLoadError, TrainingError
 from trainer.loop import train
 
-
-def tiny_config(model_dir, tmp_path, **overrides):
-    """A run that takes seconds: 64 px, rank 4, fp32, no warmup, no checkpointing."""
-    data = {
-        "base_model_name": str(model_dir),
-        "workspace_dir": str(tmp_path / "ws"),
-        "concepts": [{"path": str(DEMO_DATASET_DIR)}],
-        "resolution": "64", "train_dtype": "FLOAT_32", "gradient_checkpointing": False,
-        "learning_rate": 1e-2, "learning_rate_warmup_steps": 0,
-        "lora_rank": 4, "lora_alpha": 2.0, "batch_size": 2, "epochs": 2,
-        "text_encoder": {"train": True, "stop_training_after_unit": "NEVER"},
-    }
-    data.update(overrides)
-    return config_from_dict(data)
-
-
-def read_metrics(config):
-    with open(f"{config.workspace_dir}/metrics.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+from helpers import read_metrics, tiny_config
 
 
 def test_tiny_lora_loss_falls(tiny_sd15_dir, tmp_path):

@@ -86,7 +86,7 @@ def run_train(args) -> int:
 
     signal.signal(signal.SIGINT, on_interrupt)
     try:
-        result = train(config, control)
+        result = train(config, control, allow_custom_code=True)  # the owner's own machine
     finally:
         bar.close()
     if is_main:

@@ -12,7 +12,7 @@ import json
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -107,18 +107,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", use_enum_values=False, validate_assignment=True)
 
 
-class OptimizerConfig(Strict):
-    optimizer: Optimizer = setting(
+# Every optimizer's parameter names (their defaults, ranges and tooltips live in the schemas of
+# trainer/optim/registry.py, which the "⋯" dialog draws). Empty = the chosen optimizer's default.
+OPTIMIZER_PARAMETER_TYPES: dict[str, Any] = {
+    "beta1": float, "beta2": float, "beta3": float, "eps": float, "eps2": float,
+    "weight_decay": float, "min_8bit_size": int,
+    "decouple": bool, "use_bias_correction": bool, "safeguard_warmup": bool, "d0": float,
+    "d_coef": float, "growth_rate": float, "clip_threshold": float, "decay_rate": float,
+    "scale_parameter": bool, "relative_step": bool, "warmup_init": bool, "momentum": float,
+    "nesterov": bool,
+}
+
+
+def _optimizer_config() -> type[Strict]:
+    from pydantic import create_model
+    fields: dict[str, Any] = {"optimizer": (Optimizer, setting(
         Optimizer.ADAMW, section="Optimizer", label="Optimizer",
-        tooltip="The algorithm that updates the weights. AdamW is the safe default.")
-    beta1: float = setting(0.9, section="Optimizer", label="Beta 1", ge=0, lt=1,
-                           tooltip="Momentum of the first moment (AdamW).")
-    beta2: float = setting(0.999, section="Optimizer", label="Beta 2", ge=0, lt=1,
-                           tooltip="Momentum of the second moment (AdamW).")
-    eps: float = setting(1e-8, section="Optimizer", label="Epsilon", gt=0,
-                         tooltip="Added to the denominator for numerical stability.")
-    weight_decay: float = setting(0.01, section="Optimizer", label="Weight decay", ge=0,
-                                  tooltip="Decoupled weight decay; pulls weights towards zero.")
+        tooltip="The algorithm that updates the weights. AdamW is the safe default; Prodigy "
+                "finds its own step size (set learning rates to 1); the ⋯ button edits the "
+                "chosen optimizer's parameters."))}
+    for name, kind in OPTIMIZER_PARAMETER_TYPES.items():
+        fields[name] = (Optional[kind], setting(
+            None, section="Optimizer", label=name,
+            tooltip="A parameter of the chosen optimizer (see its ⋯ dialog); "
+                    "empty = the optimizer's default."))
+    return create_model("OptimizerConfig", __base__=Strict, **fields)
+
+
+OptimizerConfig = _optimizer_config()
 
 
 def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
@@ -176,6 +192,32 @@ class ConceptConfig(Strict):
                           tooltip="The caption used when the caption source is 'concept'.")
     loss_weight: float = setting(1.0, section="Data", label="Loss weight", ge=0,
                                  tooltip="Multiplies this concept's loss.")
+    resolution: str = setting(
+        "", section="Data", label="Resolution override",
+        tooltip="This concept's training size(s), written like the main resolution "
+                "(512, 384,512,640 or 768x512). Empty = the run's resolution.")
+    crop_jitter: bool = setting(
+        False, section="Data", label="Crop jitter",
+        tooltip="Crop each image at a random position (off = centred). Each new crop is a new "
+                "latent-cache entry, so the cache is reused less.")
+    random_flip: bool = setting(
+        False, section="Data", label="Random flip",
+        tooltip="Mirror each image left-right half of the time (masks follow). Not for "
+                "subjects whose sides differ (text, asymmetric faces).")
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_parses(cls, value: str) -> str:
+        if value.strip():
+            parse_resolution(value)  # raises with the bad item named
+        return value.strip()
+
+
+class SchedulerArgument(Strict):
+    key: str = setting("", section="Learning-rate scheduler", label="Argument",
+                       tooltip="Keyword argument of the custom scheduler class.")
+    value: str = setting("", section="Learning-rate scheduler", label="Value",
+                         tooltip="Its value: a number, true/false, or text.")
 
 
 class SampleConfig(Strict):
@@ -228,9 +270,22 @@ class TrainConfig(Strict):
     # Data
     concepts: list[ConceptConfig] = setting(
         [], section="Data", label="Concepts", tooltip="Folders of training images.")
+    aspect_ratio_bucketing: bool = setting(
+        True, section="Data", label="Aspect-ratio bucketing",
+        tooltip="Train each image at the bucket of its own aspect ratio (same pixel area as the "
+                "resolution; sides multiples of 8, 64 for SDXL), scaled to cover and cropped, "
+                "never stretched; a batch holds one bucket. Off = every image cropped square.")
+    latent_caching: bool = setting(
+        True, section="Data", label="Latent caching",
+        tooltip="Keep each image's VAE latents (and the captions' text-encoder outputs when no "
+                "text encoder is trained) on disk under <workspace>/cache: encoded once in the "
+                "first epoch, reused after and by later runs on the same data.")
 
     # Optimizer and scheduler
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)  # type: ignore
+    optimizer_defaults: dict[str, dict[str, Any]] = setting(
+        {}, section="Optimizer", label="Remembered optimizer settings",
+        tooltip="Edited parameters of each optimizer, restored when switching back to it.")
     learning_rate_scheduler: LearningRateScheduler = setting(
         LearningRateScheduler.CONSTANT, section="Learning-rate scheduler", label="Scheduler",
         tooltip="How the learning rate changes over the run.")
@@ -244,6 +299,16 @@ class TrainConfig(Strict):
     learning_rate_cycles: float = setting(
         1.0, section="Learning-rate scheduler", label="Cycles", gt=0,
         tooltip="Number of cycles of the restart schedules.")
+    custom_learning_rate_scheduler: str = setting(
+        "", section="Learning-rate scheduler", label="Custom scheduler class",
+        applies_to={"learning_rate_scheduler": ["CUSTOM"]},
+        tooltip="For CUSTOM: a torch LR scheduler class as module.Class, built with the "
+                "optimizer and the arguments below (runs only on a local server).")
+    scheduler_params: list[SchedulerArgument] = setting(
+        [], section="Learning-rate scheduler", label="Custom scheduler arguments",
+        applies_to={"learning_rate_scheduler": ["CUSTOM"]},
+        tooltip="key/value arguments; %LR%, %EPOCHS%, %STEPS_PER_EPOCH% and %TOTAL_STEPS% "
+                "are replaced by their values.")
 
     # Main settings
     learning_rate: float = setting(
@@ -251,7 +316,9 @@ class TrainConfig(Strict):
         tooltip="Base learning rate of every trained part (LoRA presets use 3e-4).")
     resolution: str = setting(
         "512", section="Main settings", label="Resolution",
-        tooltip="Training size in pixels: one size (512) or WIDTHxHEIGHT (768x512).")
+        tooltip="Training size in pixels: one size (512); a comma list (384,448,512,576,640: "
+                "each step trains at a randomly chosen one of them); or one exact "
+                "WIDTHxHEIGHT (768x512, not bucketed).")
     gradient_checkpointing: bool = setting(
         True, section="Main settings", label="Gradient checkpointing",
         tooltip="Saves memory by recomputing activations in the backward pass; slower.")
@@ -322,6 +389,13 @@ class TrainConfig(Strict):
                                   tooltip="Weight of the mean squared error.")
     mae_strength: float = setting(0.0, section="Noise and loss", label="MAE strength", ge=0,
                                   tooltip="Weight of the mean absolute error.")
+    huber_strength: float = setting(
+        0.0, section="Noise and loss", label="Huber strength", ge=0,
+        tooltip="Weight of the Huber loss: squared for small errors, linear beyond the delta "
+                "(less pulled by outliers than MSE).")
+    huber_delta: float = setting(
+        1.0, section="Noise and loss", label="Huber delta", gt=0,
+        tooltip="Where the Huber loss turns from squared to linear.")
 
     # LoRA
     lora_rank: int = setting(16, section="LoRA", label="Rank", ge=1, le=1024,
@@ -368,27 +442,52 @@ class TrainConfig(Strict):
 
 # --- Resolution ---------------------------------------------------------------------------
 
-def parse_resolution(value: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768x512' -> (width 768, height 512). Names the bad item."""
-    text = str(value).strip().lower()
+class TargetSize(NamedTuple):
+    """One entry of the resolution setting. `exact` = written as WIDTHxHEIGHT: trained at that
+    very size. A plain size (512) is a square whose pixel area the aspect buckets share."""
+    width: int
+    height: int
+    exact: bool = False
+
+
+MAX_RESOLUTION = 8192
+
+
+def parse_resolution(value: str) -> list[TargetSize]:
+    """'512' -> [512x512]; '384,512,640' -> three sizes (each step trains at a random one of
+    them); '768x512' -> [width 768, height 512, exact]. A malformed value raises ValueError
+    naming the bad item."""
+    text = str(value).strip()
     if not text:
-        raise ValueError("resolution is empty; give a size like 512 or 768x512")
-    if "," in text:
-        raise ValueError(f"resolution '{value}': resolution lists (multi-resolution) are "
-                         "not supported yet; give one size like 512")
-    parts = text.split("x")
-    if len(parts) > 2:
-        raise ValueError(f"resolution '{value}' is malformed; use 512 or 768x512")
-    sizes = []
-    for item in parts:
-        item = item.strip()
-        if not item.isdigit():
-            raise ValueError(f"resolution item '{item}' in '{value}' is not a whole number")
-        size = int(item)
-        if size < 8 or size % 8:
-            raise ValueError(f"resolution item '{item}' must be a multiple of 8 and at least 8")
-        sizes.append(size)
-    return (sizes[0], sizes[-1])
+        raise ValueError("resolution is empty; give a size like 512, a list like 384,512,640 "
+                         "or an exact size like 768x512")
+    items = text.split(",")
+    sizes: list[TargetSize] = []
+    for position, raw in enumerate(items, 1):
+        item = raw.strip()
+        where = f" (item {position} of '{text}')" if len(items) > 1 else ""
+        if not item:
+            raise ValueError(f"resolution item {position} of '{text}' is empty; remove the "
+                             "extra comma")
+        sides = [side.strip() for side in item.lower().split("x")]
+        if len(sides) > 2:
+            raise ValueError(f"resolution item '{item}'{where} is malformed; use 512 or 768x512")
+        numbers = []
+        for side in sides:
+            if not side.isdigit():
+                kind = ("a positive whole number" if side.lstrip("-").isdigit()
+                        else "a whole number")
+                raise ValueError(f"resolution item '{item}'{where}: '{side}' is not {kind}")
+            number = int(side)
+            if number < 8 or number % 8:
+                raise ValueError(f"resolution item '{item}'{where}: sizes must be multiples of 8 "
+                                 "and at least 8")
+            if number > MAX_RESOLUTION:
+                raise ValueError(f"resolution item '{item}'{where}: larger than "
+                                 f"{MAX_RESOLUTION} pixels")
+            numbers.append(number)
+        sizes.append(TargetSize(numbers[0], numbers[-1], exact=len(numbers) == 2))
+    return sizes
 
 
 # --- Loading, layering, overrides ---------------------------------------------------------
@@ -520,16 +619,28 @@ def check_supported(config: TrainConfig) -> None:
         refuse("training_method", config.training_method, "Use LORA.")
     if config.output_model_format != ModelFormat.SAFETENSORS:
         refuse("output_model_format", config.output_model_format, "Use SAFETENSORS.")
-    if config.optimizer.optimizer != Optimizer.ADAMW:
-        refuse("optimizer.optimizer", config.optimizer.optimizer, "Use ADAMW.")
-    if config.learning_rate_scheduler in (LearningRateScheduler.ADAFACTOR,
-                                          LearningRateScheduler.CUSTOM):
-        refuse("learning_rate_scheduler", config.learning_rate_scheduler)
-    if config.ema != EMAMode.OFF:
-        refuse("ema", config.ema, "Use OFF.")
+    check_optimizer_and_scheduler(config)
     if config.text_encoder_2.train:
         raise ConfigError("text_encoder_2.train: SD 1.5 has one text encoder; switch it off.")
     for name in ("learning_rate", "lora_alpha"):
         value = getattr(config, name)
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number (got {value}).")
+
+
+def check_optimizer_and_scheduler(config: TrainConfig) -> None:
+    """The optimizer's parameters are valid, and the optimizer and the schedule agree."""
+    from trainer.optim.registry import resolve_parameters
+    values = config.optimizer.model_dump(exclude={"optimizer"})
+    params = resolve_parameters(config.optimizer.optimizer, values)
+    relative = config.optimizer.optimizer == Optimizer.ADAFACTOR and params["relative_step"]
+    scheduler = config.learning_rate_scheduler
+    if relative and scheduler != LearningRateScheduler.ADAFACTOR:
+        raise ConfigError("learning_rate_scheduler must be ADAFACTOR when optimizer.relative_step "
+                          "is on: Adafactor then sets the learning rate itself.")
+    if scheduler == LearningRateScheduler.ADAFACTOR and not relative:
+        raise ConfigError("learning_rate_scheduler ADAFACTOR needs optimizer ADAFACTOR with "
+                          "optimizer.relative_step on; choose another schedule otherwise.")
+    if scheduler == LearningRateScheduler.CUSTOM and "." not in config.custom_learning_rate_scheduler:
+        raise ConfigError("custom_learning_rate_scheduler: give the class as module.Class "
+                          "(e.g. torch.optim.lr_scheduler.StepLR).")

@@ -6,6 +6,7 @@ the CLI's main thread, and once per process under `accelerate launch`. It report
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -19,7 +20,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer import lora
-from trainer.config import (DataType, TimeUnit, TrainConfig, check_supported, parse_resolution)
+from trainer.config import (DataType, EMAMode, TimeUnit, TrainConfig, check_supported,
+                            parse_resolution)
 from trainer.control import Control
 from trainer.data.dataset import TrainDataset, collate, collect_items
 from trainer.errors import ConfigError, DatasetError, TrainingError
@@ -27,7 +29,9 @@ from trainer.io import atomic_write_text
 from trainer.loss import masked_sample_loss, min_snr_weight, pixel_loss
 from trainer.metrics import MetricsLog, SmoothedValue
 from trainer.models.family import load_family
-from trainer.optim.schedules import lr_multiplier
+from trainer.ema import WeightEMA
+from trainer.optim.registry import ADAPTIVE, build_optimizer, effective_learning_rates
+from trainer.optim.schedules import Schedule
 from trainer.sampling import render_samples
 
 TORCH_DTYPES = {DataType.FLOAT_32: torch.float32, DataType.FLOAT_16: torch.float16,
@@ -118,7 +122,10 @@ def is_due(every: int, unit: TimeUnit, *, step: int, epoch_ended: bool, epoch: i
 
 # --- The loop -------------------------------------------------------------------------------
 
-def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
+def train(config: TrainConfig, control: Control | None = None, *,
+          allow_custom_code: bool = False) -> TrainResult:
+    """Run one training job. `allow_custom_code` (the CLI, a local app) permits the CUSTOM
+    schedule, which imports a class named in the config."""
     control = control or Control()
 
     def warn(message: str) -> None:
@@ -128,7 +135,7 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
         control.emit("status", message=message)
 
     check_supported(config)
-    width, height = parse_resolution(config.resolution)
+    width, height = parse_resolution(config.resolution)[0][:2]
     parts = [p for p in ("text_encoder", "unet") if getattr(config, p).train]
     if not parts:
         raise ConfigError("Nothing to train: switch on text_encoder.train or unet.train.")
@@ -177,10 +184,12 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
         if config.gradient_checkpointing and getattr(config, part).gradient_checkpointing:
             enable_gradient_checkpointing(family.parts[part])
 
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW(param_groups, betas=(opt.beta1, opt.beta2), eps=opt.eps,
-                                  weight_decay=opt.weight_decay)
-    base_lrs = [group["lr"] for group in param_groups]
+    optimizer = build_optimizer(config.optimizer.optimizer,
+                                config.optimizer.model_dump(exclude={"optimizer"}), param_groups)
+    if config.optimizer.optimizer in ADAPTIVE and not 0.1 <= config.learning_rate <= 10:
+        warn(f"{config.optimizer.optimizer.value} finds its own step size: set every learning "
+             f"rate to 1 (learning_rate is {config.learning_rate:g}), use a CONSTANT or COSINE "
+             "schedule and a small batch (~4).")
 
     loader_generator = torch.Generator().manual_seed(config.seed)
     dataloader = torch.utils.data.DataLoader(
@@ -194,14 +203,12 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
     steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
 
-    def set_learning_rates(step: int) -> float:
-        factor = lr_multiplier(step, total_steps, config.learning_rate_scheduler,
-                               warmup=config.learning_rate_warmup_steps,
-                               min_factor=config.learning_rate_min_factor,
-                               cycles=config.learning_rate_cycles)
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * factor
-        return factor
+    schedule = Schedule(config, optimizer, steps_per_epoch=steps_per_epoch,
+                        total_steps=total_steps, allow_custom_code=allow_custom_code)
+    ema = None
+    if config.ema != EMAMode.OFF:
+        ema = WeightEMA([p for g in param_groups for p in g["params"]], config.ema_decay,
+                        device="cpu" if config.ema == EMAMode.CPU else accelerator.device)
 
     workspace = Path(config.workspace_dir)
     metrics = MetricsLog(workspace, enabled=is_main)
@@ -254,16 +261,21 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
         loss = loss * torch.as_tensor(batch["loss_weight"], device=loss.device, dtype=loss.dtype)
         return loss.mean()
 
+    def ema_weights():
+        """Samples and saved models use the EMA weights when EMA is on."""
+        return ema.applied() if ema is not None else contextlib.nullcontext()
+
     def sample(step: int, epoch: int) -> None:
         if not config.samples or not is_main:
             return
         status(f"Sampling at step {step}")
         try:
-            for record in render_samples(family, config.samples, workspace / "samples",
-                                         step=step, device=accelerator.device):
-                metrics.log_image(f"sample/{record['index']}", record["image"], step)
-                control.emit("sample", step=step, epoch=epoch, path=record["path"],
-                             prompt=record["prompt"])
+            with ema_weights():
+                for record in render_samples(family, config.samples, workspace / "samples",
+                                             step=step, device=accelerator.device):
+                    metrics.log_image(f"sample/{record['index']}", record["image"], step)
+                    control.emit("sample", step=step, epoch=epoch, path=record["path"],
+                                 prompt=record["prompt"])
         except Exception as error:  # a failed sample must not end the run
             warn(f"Sampling at step {step} failed: {error}")
 
@@ -271,9 +283,10 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
         accelerator.wait_for_everyone()
         if is_main:
             status(f"Saving to {destination}")
-            lora.save_kohya_lora(str(destination), family, parts, config,
-                                 dtype=TORCH_DTYPES[config.output_dtype], steps=step,
-                                 epochs=epoch, title=destination.stem)
+            with ema_weights():
+                lora.save_kohya_lora(str(destination), family, parts, config,
+                                     dtype=TORCH_DTYPES[config.output_dtype], steps=step,
+                                     epochs=epoch, title=destination.stem)
             atomic_write_text(destination.with_suffix(".json"), config.to_json())
             control.emit("saved", path=str(destination), step=step)
         accelerator.wait_for_everyone()
@@ -296,7 +309,7 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
                     if not part_is_active(config, part, epoch, step):
                         for p in lora.lora_parameters_of(family.parts[part]):
                             p.requires_grad_(False)
-                factor = set_learning_rates(step)
+                factor = schedule.before_step(step)
                 with accelerator.accumulate(*family.wrapped.values()):
                     with accelerator.autocast():
                         loss = training_loss(batch, epoch, step)
@@ -317,11 +330,14 @@ def train(config: TrainConfig, control: Control | None = None) -> TrainResult:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                lrs = effective_learning_rates(optimizer)  # the rates this update used
+                schedule.after_step()
+                if ema is not None and step % config.ema_update_step_interval == 0:
+                    ema.update(step)
                 step_loss = accumulated / micro
                 accumulated, micro = 0.0, 0
                 smoothed = smooth.update(step_loss)
                 elapsed = time.monotonic() - started
-                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
                 metrics.log_step({"step": step, "epoch": epoch, "loss": step_loss,
                                   "smooth_loss": smoothed, "lr": lrs})
                 control.emit("progress", step=step, total_steps=total_steps, epoch=epoch,

@@ -54,7 +54,9 @@ class JobState:
 
 
 class TrainingSession:
-    def __init__(self) -> None:
+    def __init__(self, allow_custom_code: bool = False) -> None:
+        # Custom schedules import code named in a config: only for a server run by its user.
+        self.allow_custom_code = allow_custom_code
         self._lock = threading.Lock()
         self._state = JobState()
         self._thread: threading.Thread | None = None
@@ -119,7 +121,7 @@ class TrainingSession:
     def _run(self, config: TrainConfig, control: Control) -> None:
         from trainer.loop import train  # heavy imports stay out of module import
         try:
-            result = train(config, control)
+            result = train(config, control, allow_custom_code=self.allow_custom_code)
             with self._lock:
                 self._state.status = "stopped" if result.stopped_early else "finished"
                 self._state.output_path = result.output_path
