@@ -79,6 +79,9 @@ class LearningRateScheduler(str, Enum):
 class TimeUnit(str, Enum):
     EPOCH = "EPOCH"
     STEP = "STEP"
+    SECOND = "SECOND"
+    MINUTE = "MINUTE"
+    HOUR = "HOUR"
     NEVER = "NEVER"
 
 
@@ -164,7 +167,8 @@ def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
             tooltip="Probability of training a sample with an empty caption (helps CFG)."))
         fields["clip_skip"] = (int, setting(
             0, section=section, label="Clip skip", ge=0, le=10,
-            tooltip="Use the hidden states this many layers before the last (0 = last)."))
+            tooltip="Use the hidden states this many layers earlier (0 = the model's usual "
+                    "layer: the last for SD 1.5, the penultimate for SDXL)."))
     from pydantic import create_model
     return create_model(f"{name.replace(' ', '')}Config", __base__=Strict, **fields)
 
@@ -423,6 +427,34 @@ class TrainConfig(Strict):
         TimeUnit.NEVER, section="Sampling", label="Sample unit",
         tooltip="EPOCH or STEP for 'Sample every'; NEVER = only on request.")
 
+    # Backup and save
+    backup_after: float = setting(
+        30, section="Backup and save", label="Backup every", ge=0,
+        tooltip="Write a backup (weights, optimizer, schedule, EMA, RNG, progress) every N "
+                "units; training can continue from it at the same step.")
+    backup_after_unit: TimeUnit = setting(
+        TimeUnit.MINUTE, section="Backup and save", label="Backup unit",
+        tooltip="STEP, EPOCH, SECOND, MINUTE, HOUR, or NEVER.")
+    rolling_backup: bool = setting(
+        False, section="Backup and save", label="Rolling backups",
+        tooltip="Keep only the newest backups (see the count).")
+    rolling_backup_count: int = setting(
+        3, section="Backup and save", label="Rolling backup count", ge=1,
+        tooltip="How many backups rolling backups keep.")
+    backup_before_save: bool = setting(
+        True, section="Backup and save", label="Backup before save",
+        tooltip="Write a backup before the final model is saved.")
+    continue_last_backup: bool = setting(
+        False, section="Backup and save", label="Continue from last backup",
+        tooltip="Resume from the newest backup in the workspace at the same step, with the "
+                "same data order, LR, optimizer and EMA state.")
+    save_every: float = setting(
+        0, section="Backup and save", label="Save every", ge=0,
+        tooltip="Also save the model every N units (named with the step); 0 = only at the end.")
+    save_every_unit: TimeUnit = setting(
+        TimeUnit.NEVER, section="Backup and save", label="Save unit",
+        tooltip="STEP, EPOCH, SECOND, MINUTE, HOUR, or NEVER.")
+
     @field_validator("resolution")
     @classmethod
     def _resolution_parses(cls, value: str) -> str:
@@ -613,14 +645,21 @@ def check_supported(config: TrainConfig) -> None:
         shown = value.value if isinstance(value, Enum) else value
         raise ConfigError(f"{key} = {shown} is not supported yet.{(' ' + hint) if hint else ''}")
 
-    if config.model_type != ModelType.STABLE_DIFFUSION_15:
-        refuse("model_type", config.model_type, "Use STABLE_DIFFUSION_15.")
-    if config.training_method != TrainingMethod.LORA:
-        refuse("training_method", config.training_method, "Use LORA.")
-    if config.output_model_format != ModelFormat.SAFETENSORS:
-        refuse("output_model_format", config.output_model_format, "Use SAFETENSORS.")
+    if (config.output_model_format == ModelFormat.DIFFUSERS
+            and config.training_method == TrainingMethod.LORA):
+        raise ConfigError("output_model_format DIFFUSERS is for fine-tunes; a LoRA is written "
+                          "as one kohya-layout .safetensors (use SAFETENSORS).")
     check_optimizer_and_scheduler(config)
-    if config.text_encoder_2.train:
+    counted = (TimeUnit.EPOCH, TimeUnit.STEP, TimeUnit.NEVER)
+    for key in ("text_encoder", "text_encoder_2", "unet"):
+        unit = getattr(config, key).stop_training_after_unit
+        if unit not in counted:
+            raise ConfigError(f"{key}.stop_training_after_unit: {unit.value} is not a count; "
+                              "use EPOCH, STEP or NEVER.")
+    if config.sample_after_unit not in counted:
+        raise ConfigError(f"sample_after_unit: {config.sample_after_unit.value} is not "
+                          "supported; use EPOCH, STEP or NEVER.")
+    if config.text_encoder_2.train and config.model_type == ModelType.STABLE_DIFFUSION_15:
         raise ConfigError("text_encoder_2.train: SD 1.5 has one text encoder; switch it off.")
     for name in ("learning_rate", "lora_alpha"):
         value = getattr(config, name)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 Event = dict[str, Any]
 
-COMMANDS = ("sample", "save")
+COMMANDS = ("sample", "save", "backup")
 
 
 class Control:

@@ -19,14 +19,17 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
-from trainer import lora
-from trainer.config import (DataType, EMAMode, TimeUnit, TrainConfig, check_supported,
-                            parse_resolution)
+from trainer import finetune
+from trainer.config import DataType, EMAMode, TimeUnit, TrainConfig, check_supported
+from trainer.backup import (Cadence, backup_root, capture_rng, list_backups, read_backup,
+                            restore_rng, write_backup)
 from trainer.control import Control
-from trainer.data.dataset import TrainDataset, collate, collect_items
+from trainer.data.dataset import collect_items
+from trainer.data.loader import DataPipeline
 from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
-from trainer.loss import masked_sample_loss, min_snr_weight, pixel_loss
+from trainer.loss import (masked_sample_loss, min_snr_weight, pixel_loss, sample_noise,
+                          timestep_range, training_target)
 from trainer.metrics import MetricsLog, SmoothedValue
 from trainer.models.family import load_family
 from trainer.ema import WeightEMA
@@ -93,10 +96,7 @@ def seed_everything(seed: int) -> None:
 
 
 def output_path(config: TrainConfig) -> Path:
-    if config.output_model_destination:
-        path = Path(config.output_model_destination)
-        return path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
-    return Path(config.workspace_dir) / "output" / "lora.safetensors"
+    return finetune.output_path(config)  # a LoRA / checkpoint file, or a diffusers folder
 
 
 def part_is_active(config: TrainConfig, part: str, epoch: int, step: int) -> bool:
@@ -135,8 +135,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
         control.emit("status", message=message)
 
     check_supported(config)
-    width, height = parse_resolution(config.resolution)[0][:2]
-    parts = [p for p in ("text_encoder", "unet") if getattr(config, p).train]
+    parts = [p for p in ("text_encoder", "text_encoder_2", "unet") if getattr(config, p).train]
     if not parts:
         raise ConfigError("Nothing to train: switch on text_encoder.train or unet.train.")
     stops_early = any(getattr(config, p).stop_training_after_unit != TimeUnit.NEVER for p in parts)
@@ -161,7 +160,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     # Data first: a bad folder should fail before minutes of model loading.
     status("Reading the dataset")
     items = collect_items(config.concepts, warn=warn)
-    dataset = TrainDataset(items, (width, height), seed=config.seed)
+    data = DataPipeline(config, items, warn=warn, status=status, is_main=is_main)
+    dataset = data.dataset  # buckets and their counts are reported above
     if config.batch_size > len(dataset):
         raise DatasetError(f"batch_size {config.batch_size} is larger than the dataset "
                            f"({len(dataset)} images with repeats); lower batch_size.")
@@ -175,10 +175,11 @@ def train(config: TrainConfig, control: Control | None = None, *,
         module.requires_grad_(False)
         module.to(accelerator.device, weight_dtype)
 
-    # LoRA adapters on the trained parts, one parameter group (own LR) per part.
+    # LoRA adapters on the trained parts (FINE_TUNE: their own weights, in float32), one
+    # parameter group (own LR) per part.
     param_groups = []
     for part in parts:
-        params = lora.add_lora(family.parts[part], config, part)
+        params = finetune.trainable_parameters(family.parts[part], config, part)
         param_groups.append({"params": params, "lr": config.part_learning_rate(part),
                              "name": part})
         if config.gradient_checkpointing and getattr(config, part).gradient_checkpointing:
@@ -192,16 +193,15 @@ def train(config: TrainConfig, control: Control | None = None, *,
              "schedule and a small batch (~4).")
 
     loader_generator = torch.Generator().manual_seed(config.seed)
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
-        generator=loader_generator, num_workers=0, drop_last=False)
+    dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
 
     prepared = accelerator.prepare(*[family.parts[p] for p in parts], optimizer, dataloader)
     optimizer, dataloader = prepared[-2], prepared[-1]
     family.wrapped = dict(zip(parts, prepared[:-2]))
 
-    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * config.epochs
+    epoch_steps = data.epoch_steps(config.epochs, accelerator.num_processes,
+                                   config.gradient_accumulation_steps)
+    steps_per_epoch, total_steps = epoch_steps[0], sum(epoch_steps)
 
     schedule = Schedule(config, optimizer, steps_per_epoch=steps_per_epoch,
                         total_steps=total_steps, allow_custom_code=allow_custom_code)
@@ -215,40 +215,38 @@ def train(config: TrainConfig, control: Control | None = None, *,
     if is_main:
         atomic_write_text(workspace / "config.json", config.to_json())
     destination = output_path(config)
-    timesteps_low = int(config.min_noising_strength * noise_scheduler.config.num_train_timesteps)
-    timesteps_high = max(int(config.max_noising_strength
-                             * noise_scheduler.config.num_train_timesteps), timesteps_low + 1)
+    timesteps_low, timesteps_high = timestep_range(noise_scheduler.config.num_train_timesteps,
+                                                   config.min_noising_strength,
+                                                   config.max_noising_strength)
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     noise_generator = torch.Generator(accelerator.device).manual_seed(
         config.seed + accelerator.process_index)
 
     def training_loss(batch: dict, epoch: int, step: int) -> torch.Tensor:
-        pixels = batch["pixel_values"].to(accelerator.device, torch.float32)
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(generator=noise_generator)
-            latents = latents * vae.config.scaling_factor
-        captions = [
-            "" if random.random() < config.text_encoder.caption_dropout_probability else c
-            for c in batch["caption"]]
+        latents = data.latents(batch, vae, noise_generator, accelerator.device)  # or cached
         grad = {p: part_is_active(config, p, epoch, step) for p in parts}
-        conditioning = family.encode_text(captions, batch, clip_skip=config.text_encoder.clip_skip,
-                                          device=accelerator.device, grad=grad)
+        # Caption dropout as the family was trained: SD 1.5 encodes an empty caption, SDXL
+        # zeroes each text encoder's output with that encoder's probability.
+        conditioning = family.caption_dropout(batch["caption"], lambda captions: data.conditioning(
+            family, captions, batch, clip_skip=config.text_encoder.clip_skip,  # cached when
+            device=accelerator.device, grad=grad))                             # TEs are frozen
 
-        noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device)
-        if config.offset_noise_weight > 0:
-            noise = noise + config.offset_noise_weight * torch.randn(
-                (*latents.shape[:2], 1, 1), generator=noise_generator, device=latents.device)
+        noise = sample_noise(latents.shape, noise_generator, latents.device,
+                             config.offset_noise_weight)
         timesteps = torch.randint(timesteps_low, timesteps_high, (latents.shape[0],),
                                   generator=noise_generator, device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        target = training_target(noise_scheduler, latents, noise, timesteps)
         prediction = family.predict(noisy, timesteps, conditioning)
 
         per_pixel = pixel_loss(prediction, target, mse_strength=config.mse_strength,
-                               mae_strength=config.mae_strength)
+                               mae_strength=config.mae_strength,
+                               huber_strength=config.huber_strength,
+                               huber_delta=config.huber_delta)
         mask = None
         if config.masked_training:
-            mask = batch["mask"].to(accelerator.device, torch.float32)
+            # a copy: the batch's tensor may be shared with a cache, never write into it
+            mask = batch["mask"].to(accelerator.device, torch.float32, copy=True)
             # Per sample: trained without its mask with probability unmasked_probability.
             unmasked = torch.rand(mask.shape[0]) < config.unmasked_probability
             mask[unmasked.to(mask.device)] = 1.0
@@ -279,35 +277,98 @@ def train(config: TrainConfig, control: Control | None = None, *,
         except Exception as error:  # a failed sample must not end the run
             warn(f"Sampling at step {step} failed: {error}")
 
-    def save(step: int, epoch: int) -> None:
+    def save(step: int, epoch: int, *, final: bool) -> None:
+        """The model file: the final one at `destination`, intermediate ones beside it with
+        the step in the name. Atomic: a failed write leaves no partial file."""
         accelerator.wait_for_everyone()
         if is_main:
-            status(f"Saving to {destination}")
-            with ema_weights():
-                lora.save_kohya_lora(str(destination), family, parts, config,
-                                     dtype=TORCH_DTYPES[config.output_dtype], steps=step,
-                                     epochs=epoch, title=destination.stem)
-            atomic_write_text(destination.with_suffix(".json"), config.to_json())
-            control.emit("saved", path=str(destination), step=step)
+            path = destination if final else destination.with_name(
+                f"{destination.stem}-step{step:06d}{destination.suffix}")
+            status(f"Saving to {path}")
+            try:
+                with ema_weights():
+                    finetune.save_output(path, family, parts, config,  # + its config JSON
+                                         dtype=TORCH_DTYPES[config.output_dtype], steps=step,
+                                         epochs=epoch, title=path.stem)
+            except OSError as error:
+                raise TrainingError(f"Could not write {path}: {error}. Nothing was left "
+                                    "half-written; free some space or choose another output "
+                                    "folder.") from None
+            control.emit("saved", path=str(path), step=step)
         accelerator.wait_for_everyone()
+
+    # --- backups and resume ---
+    named_params = {f"{part}/{name}": param for part in parts
+                    for name, param in family.parts[part].named_parameters()
+                    if any(param is p for g in param_groups for p in g["params"])}
+    generators = {"loader": loader_generator, "noise": noise_generator}
+    backup_cadence = Cadence(config.backup_after, config.backup_after_unit)
+    save_cadence = Cadence(config.save_every, config.save_every_unit)
+    smooth = SmoothedValue()
+    progress = {"step": 0, "epoch": 0, "batches_done": 0,
+                "epoch_loader_state": loader_generator.get_state()}
+
+    def backup(step: int, epoch: int, batches_done: int, loader_state) -> None:
+        accelerator.wait_for_everyone()
+        if is_main:
+            status(f"Writing a backup at step {step}")
+            folder = write_backup(
+                config, step=step, epoch=epoch, batches_done=batches_done,
+                weights=named_params, optimizer_state=optimizer.state_dict(),
+                extra_state={"schedule": schedule.state_dict(),
+                             "ema": ema.state_dict() if ema else None,
+                             "rng": capture_rng(generators),
+                             "epoch_loader_state": loader_state,
+                             "smooth": [smooth._avg, smooth._n]},
+                keep=config.rolling_backup_count if config.rolling_backup else None)
+            control.emit("backup", path=str(folder), step=step)
+        accelerator.wait_for_everyone()
+
+    if config.continue_last_backup:
+        found = list_backups(backup_root(config))
+        if not found:
+            warn(f"continue_last_backup: no backup in {backup_root(config)}; starting at step 0.")
+        else:
+            saved = read_backup(found[-1], config)
+            with torch.no_grad():
+                for key, param in named_params.items():
+                    param.copy_(saved["weights"][key].to(param.device, param.dtype))
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["extra"]["schedule"])
+            if ema is not None and saved["extra"]["ema"] is not None:
+                ema.load_state_dict(saved["extra"]["ema"])
+            restore_rng(saved["extra"]["rng"], generators)
+            smooth._avg, smooth._n = saved["extra"]["smooth"]
+            progress.update(saved["progress"])
+            progress["epoch_loader_state"] = saved["extra"]["epoch_loader_state"]
+            status(f"Continuing from {found[-1]} at step {progress['step']}")
 
     # --- train ---
     control.emit("started", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                  epochs=config.epochs, images=len(dataset))
     status("Training")
-    smooth = SmoothedValue()
-    step, epoch, stopped = 0, 0, False
-    started = time.monotonic()
+    step, stopped = progress["step"], False
+    first_step, started = step, time.monotonic()
+    epoch = progress["epoch"]
     for part in parts:
         family.parts[part].train()
     try:
-        for epoch in range(config.epochs):
-            dataset.set_epoch(epoch)
-            accumulated, micro = 0.0, 0
-            for batch in dataloader:
+        for epoch in range(progress["epoch"], config.epochs):
+            data.set_epoch(dataloader, epoch)
+            # The shuffle of this epoch comes from the loader generator's state at its start;
+            # a resumed run sets that state back and skips the batches already trained.
+            resuming = epoch == progress["epoch"] and progress["batches_done"] > 0
+            if epoch == progress["epoch"]:
+                loader_generator.set_state(progress["epoch_loader_state"])
+            epoch_loader_state = loader_generator.get_state()
+            skip = progress["batches_done"] if resuming else 0
+            batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+            accumulated, micro, batches_done, batches_at_step = 0.0, 0, skip, skip
+            for batch in batches:
+                batches_done += 1
                 for part in parts:  # "stop training after": freeze the part from here on
                     if not part_is_active(config, part, epoch, step):
-                        for p in lora.lora_parameters_of(family.parts[part]):
+                        for p in finetune.parameters_of(family.parts[part], config):
                             p.requires_grad_(False)
                 factor = schedule.before_step(step)
                 with accelerator.accumulate(*family.wrapped.values()):
@@ -316,7 +377,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
                     if not torch.isfinite(loss):
                         raise TrainingError(
                             f"The loss became {loss.item()} at step {step + 1}. Usual causes: "
-                            "a learning rate too high, or float16 overflow (try BFLOAT_16).")
+                            "a learning rate too high, or float16 overflow (try BFLOAT_16). "
+                            f"The last backup (if any) in {backup_root(config)} is kept.")
                     accelerator.backward(loss)
                     # the mean over all processes, so the log shows the whole batch's loss
                     accumulated += accelerator.reduce(loss.detach(), "mean").item()
@@ -328,8 +390,12 @@ def train(config: TrainConfig, control: Control | None = None, *,
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
+                    if control.stop_requested:  # drop the unfinished accumulation window
+                        stopped = True
+                        break
                     continue
                 step += 1
+                batches_at_step = batches_done
                 lrs = effective_learning_rates(optimizer)  # the rates this update used
                 schedule.after_step()
                 if ema is not None and step % config.ema_update_step_interval == 0:
@@ -342,29 +408,44 @@ def train(config: TrainConfig, control: Control | None = None, *,
                                   "smooth_loss": smoothed, "lr": lrs})
                 control.emit("progress", step=step, total_steps=total_steps, epoch=epoch,
                              epochs=config.epochs,
-                             epoch_step=(step - 1) % steps_per_epoch + 1,
-                             steps_per_epoch=steps_per_epoch, loss=step_loss,
+                             epoch_step=step - sum(epoch_steps[:epoch]),
+                             steps_per_epoch=epoch_steps[epoch], loss=step_loss,
                              smooth_loss=smoothed, lr=lrs, lr_factor=factor,
-                             eta_seconds=elapsed / step * (total_steps - step))
+                             eta_seconds=elapsed / (step - first_step) * (total_steps - step))
                 if control.take_request("sample") or is_due(
                         config.sample_after, config.sample_after_unit, step=step,
                         epoch_ended=False, epoch=epoch):
                     sample(step, epoch)
-                if control.take_request("save"):
-                    save(step, epoch)
+                if control.take_request("backup") or backup_cadence.due_after_step(step):
+                    backup(step, epoch, batches_at_step, epoch_loader_state)
+                if control.take_request("save") or save_cadence.due_after_step(step):
+                    save(step, epoch, final=False)
                 if control.stop_requested:
                     stopped = True
                     break
+            data.epoch_done(epoch)  # what the latent cache saved
             if stopped:
                 break
             if is_due(config.sample_after, config.sample_after_unit, step=step,
                       epoch_ended=True, epoch=epoch + 1):
                 sample(step, epoch + 1)
-        save(step, epoch + (0 if stopped else 1))
+            if backup_cadence.due_after_epoch(epoch + 1):
+                backup(step, epoch + 1, 0, loader_generator.get_state())
+            if save_cadence.due_after_epoch(epoch + 1) and epoch + 1 < config.epochs:
+                save(step, epoch + 1, final=False)
+        epochs_done = epoch + (0 if stopped else 1)
+        if stopped or config.backup_before_save:
+            if stopped:
+                backup(step, epoch, batches_at_step, epoch_loader_state)
+            else:
+                backup(step, epochs_done, 0, loader_generator.get_state())
+        save(step, epochs_done, final=True)
     finally:
         metrics.close()
+    where = f"saved to {destination}"
     if stopped:
-        status(f"Stopped at step {step}; saved to {destination}")
+        status(f"Stopped at step {step}; {where}; a backup to continue from is in "
+               f"{backup_root(config)}")
     else:
-        status(f"Finished {step} steps; saved to {destination}")
-    return TrainResult(str(destination), step, epoch + (0 if stopped else 1), stopped)
+        status(f"Finished {step} steps; {where}")
+    return TrainResult(str(destination), step, epochs_done, stopped)

@@ -89,7 +89,7 @@ class TrainingSession:
             self._control.request_stop()
 
     def request(self, command: str) -> None:
-        """'sample' or 'save' while running (taken after the current step)."""
+        """'sample', 'save' or 'backup' while running (taken after the current step)."""
         with self._lock:
             if self._control is None or not self._state.running:
                 raise AtelierError("No training job is running.")

@@ -107,5 +107,6 @@ def lr_curve(config, total_steps: int, *, steps_per_epoch: int | None = None,
     for step in range(total_steps):
         schedule.before_step(step)
         curve.append(probe.param_groups[0]["lr"])
+        probe.step()  # no gradient, so nothing moves; torch expects a step before the schedule's
         schedule.after_step()
     return curve
