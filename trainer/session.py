@@ -10,11 +10,13 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig
 from trainer.control import Control, Event
 from trainer.errors import AtelierError
+from trainer.security import confine_config
 
 HISTORY_LIMIT = 5000  # points kept for the loss/LR plots
 
@@ -54,9 +56,13 @@ class JobState:
 
 
 class TrainingSession:
-    def __init__(self, allow_custom_code: bool = False) -> None:
+    def __init__(self, allow_custom_code: bool = False,
+                 workspace_root: str | Path | None = None) -> None:
+        """`workspace_root` set = shared/public server: every path in a config is confined to
+        it, and custom code is off whatever `allow_custom_code` says."""
+        self.workspace_root = Path(workspace_root) if workspace_root else None
         # Custom schedules import code named in a config: only for a server run by its user.
-        self.allow_custom_code = allow_custom_code
+        self.allow_custom_code = allow_custom_code and self.workspace_root is None
         self._lock = threading.Lock()
         self._state = JobState()
         self._thread: threading.Thread | None = None
@@ -67,6 +73,8 @@ class TrainingSession:
 
     def start(self, config: TrainConfig) -> None:
         """Start a job in the background; refused while one runs."""
+        if self.workspace_root is not None:
+            config = confine_config(config, self.workspace_root)
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 raise JobAlreadyRunning(

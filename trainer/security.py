@@ -1,0 +1,44 @@
+"""Shared/public server mode (SPEC §7): every path a page visitor types is confined to one
+workspace root. Local mode (the default) leaves paths alone.
+
+Confinement resolves symlinks before checking, so a link inside the root that points outside
+is refused like `../` or an absolute path elsewhere.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from trainer.config import TrainConfig
+from trainer.errors import ConfigError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def confine_path(value: str, root: Path, field: str) -> str:
+    """`value` resolved inside `root` (relative paths are taken from the root)."""
+    root = root.resolve()
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    resolved = candidate.resolve()  # follows symlinks, removes '..'
+    if resolved != root and root not in resolved.parents:
+        raise ConfigError(f"{field}: '{value}' is outside the workspace folder {root}; on this "
+                          "shared server every path must lie inside it.")
+    return str(resolved)
+
+
+def confine_config(config: TrainConfig, root: Path) -> TrainConfig:
+    """A copy of `config` with every path confined to `root` (hub ids pass unchanged)."""
+    data = config.model_dump()
+    for field in ("base_model_name", "vae_model_name"):
+        value = data[field]
+        if value and not (_HUB_ID.match(value) and not (root / value).exists()):
+            data[field] = confine_path(value, root, field)
+    data["workspace_dir"] = confine_path(data["workspace_dir"] or ".", root, "workspace_dir")
+    if data["output_model_destination"]:
+        data["output_model_destination"] = confine_path(
+            data["output_model_destination"], root, "output_model_destination")
+    for i, concept in enumerate(data["concepts"]):
+        concept["path"] = confine_path(concept["path"], root, f"concepts[{i}].path")
+    return TrainConfig.model_validate(data)
