@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+# Tiny models: one thread per process is faster than two fighting over OpenMP spin-waits,
+# and the CLI/DDP tests run several processes at once on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 import pytest  # noqa: E402  (after the environment is set, before anything imports the hub)
@@ -18,3 +21,11 @@ def tiny_sd15_dir(tmp_path_factory):
     from trainer.models.tiny import build_tiny_sd15
 
     return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """The tiny SDXL model as a diffusers folder, built once per test session (~2 s)."""
+    from trainer.models.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")

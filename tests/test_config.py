@@ -137,10 +137,18 @@ def test_missing_or_broken_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("data, key", [
-    ({"model_type": "STABLE_DIFFUSION_XL_10_BASE"}, "model_type"),
-    ({"training_method": "FINE_TUNE"}, "training_method"),
+    ({"text_encoder_2": {"train": True}}, "text_encoder_2.train"),  # SD 1.5 has one
+    ({"output_model_format": "DIFFUSERS"}, "output_model_format"),  # a LoRA is one file
 ])
-def test_settings_not_implemented_yet_are_refused_not_ignored(data, key):
+def test_settings_that_cannot_apply_are_refused_not_ignored(data, key):
     with pytest.raises(ConfigError) as error:
         check_supported(config_from_dict(data))
-    assert key in str(error.value) and "not supported yet" in str(error.value)
+    assert key in str(error.value)
+
+
+@pytest.mark.parametrize("data", [
+    {"model_type": "STABLE_DIFFUSION_XL_10_BASE", "text_encoder_2": {"train": True}},
+    {"training_method": "FINE_TUNE", "output_model_format": "DIFFUSERS"},
+])
+def test_sdxl_and_fine_tuning_are_accepted(data):
+    check_supported(config_from_dict(data))

@@ -344,3 +344,226 @@ def test_shipped_sd15_pipeline_config_names_its_parts():
     index = StableDiffusionPipeline.load_config(SD15_CONFIG_DIR)
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     assert index["safety_checker"] == [None, None]
+
+
+# --- SDXL ---------------------------------------------------------------------------------------
+
+from trainer.models.sdxl import SDXL_CONFIG_DIR, expected_sgm_shapes, load_sdxl  # noqa: E402
+from trainer.models.single_file import save_sdxl_single_file  # noqa: E402
+from trainer.models.tiny import build_tiny_sdxl_pipeline, tiny_sdxl_configs  # noqa: E402
+
+
+def sdxl_outputs(components):
+    """Each SDXL part's output on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    ids = components.tokenizer("a photo of a cat", padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    ids2 = components.tokenizer_2("a photo of a cat", padding="max_length", max_length=77,
+                                  return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        te1 = components.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        te2 = components.text_encoder_2(ids2, output_hidden_states=True)
+        hidden = torch.cat([te1, te2.hidden_states[-2]], dim=-1)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+        noise_pred = components.unet(latents, 500, hidden, added_cond_kwargs={
+            "text_embeds": te2.text_embeds, "time_ids": time_ids}).sample
+        decoded = components.vae.decode(latents).sample
+    return {"hidden": hidden, "pooled": te2.text_embeds, "unet": noise_pred, "decoded": decoded}
+
+
+def assert_same_sdxl(a, b):
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys(), part
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), part
+    out_a, out_b = sdxl_outputs(a), sdxl_outputs(b)
+    for name in out_a:
+        # weights are bit-equal; outputs may differ in rounding (memory alignment of loaded
+        # tensors picks other vectorised kernels)
+        torch.testing.assert_close(out_a[name], out_b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_load_sdxl_from_diffusers_folder(tiny_sdxl_dir):
+    model = load_sdxl(str(tiny_sdxl_dir))
+    assert isinstance(model.noise_scheduler, DDPMScheduler)
+    config = model.noise_scheduler.config
+    assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert model.tokenizer_2.pad_token == "!"
+    assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    for part in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+        assert part.dtype == torch.float32 and not part.training
+    assert model.vae.config.scaling_factor == pytest.approx(0.13025) and model.vae.config.force_upcast
+
+
+def test_sdxl_single_file_round_trip_is_bit_exact(tiny_sdxl_dir, tmp_path):
+    model = load_sdxl(str(tiny_sdxl_dir))
+    path = save_sdxl_single_file(model, tmp_path / "tiny.safetensors", metadata={"ss_steps": 3})
+    assert os.listdir(tmp_path) == ["tiny.safetensors"]
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata() == {"ss_steps": "3"}
+    prefixes = ("model.diffusion_model.", "first_stage_model.",
+                "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")
+    assert all(k.startswith(prefixes) for k in keys)
+    assert all(any(k.startswith(p) for k in keys) for p in prefixes)
+    reloaded = load_sdxl(str(path), single_file_config=str(tiny_sdxl_dir))
+    assert_same_sdxl(model, reloaded)
+
+
+def test_sdxl_single_file_export_handles_other_block_layouts(tmp_path):
+    """Three blocks of two layers, 1/2/3 transformer layers, a four-layer TE2: the SGM
+    numbering follows the model."""
+    pipe = build_tiny_sdxl_pipeline(seed=4)
+    tok = pipe.tokenizer
+    configs = tiny_sdxl_configs(len(tok), tok.bos_token_id, tok.eos_token_id)
+    unet_config = dict(configs["unet"], block_out_channels=(16, 32, 32), layers_per_block=2,
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       transformer_layers_per_block=(1, 2, 3), attention_head_dim=(2, 2, 4))
+    torch.manual_seed(4)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    pipe.register_modules(
+        unet=UNet2DConditionModel(**unet_config).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(
+            **dict(configs["text_encoder_2"], num_hidden_layers=4))).eval())
+    folder = tmp_path / "deep"
+    pipe.save_pretrained(folder)
+    model = load_sdxl(str(folder))
+    path = save_sdxl_single_file(model, tmp_path / "deep.safetensors")
+    assert_same_sdxl(model, load_sdxl(str(path), single_file_config=str(folder)))
+
+
+def test_sdxl_export_names_match_real_sdxl_checkpoints():
+    """SDXL base's configs on the meta device, exported with our names: the key counts and
+    well-known keys of sd_xl_base_1.0.safetensors (less its position_ids and logit_scale
+    buffers), and diffusers' readers map them back onto every weight."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    shapes = expected_sgm_shapes(SDXL_CONFIG_DIR)
+    assert {k: len(v) for k, v in shapes.items()} == {
+        "unet": 1680, "vae": 248, "text_encoder": 196, "text_encoder_2": 389}
+    unet, te2 = shapes["unet"], shapes["text_encoder_2"]
+    assert unet["model.diffusion_model.label_emb.0.0.weight"] == (1280, 2816)
+    assert unet["model.diffusion_model.input_blocks.3.0.op.weight"] == (320, 320, 3, 3)
+    assert unet["model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"] == (1280, 2048)
+    assert unet["model.diffusion_model.output_blocks.2.2.conv.weight"] == (1280, 1280, 3, 3)
+    assert unet["model.diffusion_model.middle_block.1.proj_in.weight"] == (1280, 1280)
+    assert "model.diffusion_model.output_blocks.8.2.conv.weight" not in unet  # no upsampler at the top
+    prefix = "conditioner.embedders.1.model."
+    assert te2[prefix + "transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert te2[prefix + "text_projection"] == (1280, 1280)
+    assert te2[prefix + "positional_embedding"] == (77, 1280)
+    assert ("conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight"
+            in shapes["text_encoder"])
+
+    unet_config = UNet2DConditionModel.load_config(SDXL_CONFIG_DIR / "unet")
+    with torch.device("meta"):
+        expected_unet = UNet2DConditionModel.from_config(unet_config).state_dict().keys()
+    fake = {k: torch.empty(0) for k in unet}
+    assert convert_ldm_unet_checkpoint(fake, unet_config).keys() == expected_unet
+    with init_empty_weights():
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder_2"))
+    fake = {k: torch.empty(s, device="meta") for k, s in te2.items()}
+    converted = convert_open_clip_checkpoint(text_encoder_2, fake, prefix=prefix)
+    expected = {k for k in text_encoder_2.state_dict() if not k.endswith("position_ids")}
+    assert converted.keys() == expected
+    assert all(tuple(converted[k].shape) == tuple(text_encoder_2.state_dict()[k].shape) for k in expected)
+
+
+def test_shipped_sdxl_configs_and_tokenizers():
+    from diffusers import StableDiffusionXLPipeline
+    index = StableDiffusionXLPipeline.load_config(SDXL_CONFIG_DIR)
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+    one = CLIPTokenizer.from_pretrained(SDXL_CONFIG_DIR / "tokenizer")
+    two = CLIPTokenizer.from_pretrained(SDXL_CONFIG_DIR / "tokenizer_2")
+    expected = [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert one("a photo of a cat").input_ids == two("a photo of a cat").input_ids == expected
+    assert one("a", padding="max_length", max_length=77).input_ids[-1] == 49407
+    assert two("a", padding="max_length", max_length=77).input_ids[-1] == 0  # pads with "!"
+    vae = AutoencoderKL.load_config(SDXL_CONFIG_DIR / "vae")
+    assert vae["scaling_factor"] == 0.13025 and vae["force_upcast"] is True
+
+
+def test_tiny_sdxl_single_file_read_with_the_shipped_configs_is_refused(tiny_sdxl_dir, tmp_path):
+    path = save_sdxl_single_file(load_sdxl(str(tiny_sdxl_dir)), tmp_path / "tiny.safetensors")
+    with pytest.raises(ModelLoadError) as err:
+        load_sdxl(str(path))
+    message = str(err.value)
+    assert message.startswith("base_model_name:") and str(path) in message
+    assert "expected SDXL shapes" in message and "single_file_config" in message
+
+
+_SDXL_UNET = {"model.diffusion_model.out.2.bias": (4,)}
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({"cond_stage_model.transformer.text_model.final_layer_norm.weight": (4,), **_SDXL_UNET},
+     "Stable Diffusion 1.5 checkpoint; choose the STABLE_DIFFUSION_15"),
+    ({"cond_stage_model.model.ln_final.weight": (4,), **_SDXL_UNET}, "2.x"),
+    ({"conditioner.embedders.0.model.ln_final.weight": (4,), **_SDXL_UNET}, "refiner"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 4)}, "is a LoRA"),
+    ({"conditioner.embedders.0.transformer.text_model.x": (4,), **_SDXL_UNET}, "text encoder 2"),
+    ({"something.else": (4,)}, "not a Stable Diffusion checkpoint"),
+])
+def test_sdxl_single_files_of_other_kinds_are_named(tmp_path, keys, expected):
+    path = tmp_path / "other.safetensors"
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(path))
+    with pytest.raises(ModelLoadError, match=expected) as err:
+        load_sdxl(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_sd15_checkpoint_loaded_as_sdxl_is_named(tiny_sd15_dir, tmp_path):
+    path = save_sd15_single_file(load_sd15(str(tiny_sd15_dir)), tmp_path / "sd15.safetensors")
+    with pytest.raises(ModelLoadError, match="Stable Diffusion 1.5 checkpoint"):
+        load_sdxl(str(path))
+
+
+def test_models_of_the_other_family_are_named(tiny_sdxl_dir, tiny_sd15_dir, tmp_path):
+    path = save_sdxl_single_file(load_sdxl(str(tiny_sdxl_dir)), tmp_path / "xl.safetensors")
+    with pytest.raises(ModelLoadError, match="SDXL checkpoint; choose the SDXL"):
+        load_sd15(str(path))
+    with pytest.raises(ModelLoadError, match="is an SDXL model"):
+        load_sd15(str(tiny_sdxl_dir))
+    with pytest.raises(ModelLoadError, match="not an SDXL model"):
+        load_sdxl(str(tiny_sd15_dir))
+
+
+def test_truncated_sdxl_single_file_is_refused(tiny_sdxl_dir, tmp_path):
+    path = save_sdxl_single_file(load_sdxl(str(tiny_sdxl_dir)), tmp_path / "cut.safetensors")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ModelLoadError, match="not a readable .safetensors") as err:
+        load_sdxl(str(path), single_file_config=str(tiny_sdxl_dir))
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("missing", "does not exist"),
+    ("pickle", "pickle"),
+    ("folder_without_index", "model_index.json"),
+    ("other_file", "not a model format"),
+])
+def test_bad_sdxl_base_model_paths_are_named(kind, expected, tmp_path, tiny_sdxl_dir):
+    path = make_bad_path(kind, tmp_path, tiny_sdxl_dir)
+    with pytest.raises(ModelLoadError, match=expected) as err:
+        load_sdxl(str(path))
+    assert str(err.value).startswith("base_model_name:") and str(path) in str(err.value)
+
+
+def test_sdxl_hub_id_with_downloads_off_says_so():
+    with pytest.raises(ModelLoadError, match="not found locally"):
+        load_sdxl("atelier-tests/no-such-sdxl")
+
+
+def test_sdxl_vae_override_from_a_single_file(tiny_sdxl_dir, tmp_path):
+    other = build_tiny_sdxl_pipeline(seed=9).vae
+    path = tmp_path / "vae.safetensors"
+    save_file({k.removeprefix("first_stage_model."): v.contiguous()
+               for k, v in vae_to_ldm(other.state_dict()).items()}, str(path))
+    model = load_sdxl(str(tiny_sdxl_dir), vae_name=str(path))
+    assert_same_weights(model.vae, other)

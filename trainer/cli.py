@@ -1,7 +1,7 @@
 """Command line: the same engine as the page, headless, with a terminal progress bar.
 
     python -m trainer train --config my.json [--set key=value ...]
-    python -m trainer make-tiny-model sd15 OUT_DIR
+    python -m trainer make-tiny-model sd15 OUT_DIR        (or sdxl)
     accelerate launch -m trainer train --config my.json     # several GPUs (DDP)
 
 Bad input ends with a one-line message and exit status 2; Ctrl-C once stops after the current
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="a partial JSON config layered under --config (repeatable)")
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD model (offline demo)")
-    tiny.add_argument("family", choices=["sd15"])
+    tiny.add_argument("family", choices=["sd15", "sdxl"])
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
@@ -96,9 +96,10 @@ def run_train(args) -> int:
 
 
 def run_make_tiny_model(args) -> int:
-    from trainer.models.tiny import build_tiny_sd15
-    path = build_tiny_sd15(args.out_dir, seed=args.seed)
-    print(f"Wrote a tiny SD 1.5 model to {path}")
+    from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
+    build, name = {"sd15": (build_tiny_sd15, "SD 1.5"), "sdxl": (build_tiny_sdxl, "SDXL")}[args.family]
+    path = build(args.out_dir, seed=args.seed)
+    print(f"Wrote a tiny {name} model to {path}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Diffusers -> original LDM layout: the single-file SD 1.5 checkpoint ComfyUI and A1111 load.
+"""Diffusers -> original LDM/SGM layout: the single-file SD 1.5 and SDXL checkpoints ComfyUI
+and A1111 load.
 
 diffusers reads these files (`from_single_file`) but cannot write them. The mapping below is
 the inverse of diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` /
@@ -20,6 +21,10 @@ from safetensors.torch import save_file
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+# SDXL (Stability's SGM layout): TE1 is CLIP ViT-L as in SD 1.5, under another prefix; TE2 is
+# OpenCLIP ViT-bigG in OpenCLIP's own layout.
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_FIXED = {
     "conv_in.": "input_blocks.0.0.",
@@ -27,6 +32,9 @@ _UNET_FIXED = {
     "time_embedding.linear_2.": "time_embed.2.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    # SDXL's size/crop conditioning ("text_time" addition embedding); SD 1.5 has none.
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _UNET_RESNET_PARTS = {
     "norm1.": "in_layers.0.",
@@ -178,9 +186,11 @@ def _vae_key_to_ldm(key: str, n_up: int) -> str:
     raise UnmappedKeyError(f"no LDM name for VAE weight '{key}'")
 
 
-# --- Text encoder ----------------------------------------------------------------------------
+# --- Text encoders ---------------------------------------------------------------------------
 
-def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor],
+                        prefix: str = TEXT_ENCODER_PREFIX) -> dict[str, torch.Tensor]:
+    """CLIP ViT-L (SD 1.5's text encoder, SDXL's TE1): transformers' names under `prefix`."""
     # transformers >= 5.6 flattened CLIPTextModel (no "text_model." prefix); the LDM layout
     # keeps it: cond_stage_model.transformer.text_model.*
     out = {}
@@ -188,22 +198,61 @@ def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         if key.endswith("position_ids"):
             continue  # a buffer, not a weight; newer transformers no longer save it
         if key.startswith("text_projection."):
-            raise UnmappedKeyError(f"SD 1.5 text encoders have no projection ('{key}')")
+            raise UnmappedKeyError(f"CLIP ViT-L text encoders have no projection here ('{key}')")
         name = key if key.startswith("text_model.") else "text_model." + key
-        out[TEXT_ENCODER_PREFIX + name] = tensor
+        out[prefix + name] = tensor
+    return out
+
+
+_OPEN_CLIP_LAYER_PARTS = {
+    "self_attn.out_proj.": "attn.out_proj.",
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+
+
+def open_clip_to_sgm(state_dict: dict[str, torch.Tensor],
+                     prefix: str = SDXL_TEXT_ENCODER_2_PREFIX) -> dict[str, torch.Tensor]:
+    """SDXL's TE2 (transformers CLIPTextModelWithProjection) -> OpenCLIP's layout: one fused
+    `in_proj` for q/k/v per layer (q, k, v stacked in that order), `positional_embedding`
+    without `.weight`, and `text_projection` as a matrix applied from the right (transposed)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.t()
+            continue
+        rest = key.removeprefix("text_model.")
+        if rest == "embeddings.token_embedding.weight":
+            out[prefix + "token_embedding.weight"] = tensor
+        elif rest == "embeddings.position_embedding.weight":
+            out[prefix + "positional_embedding"] = tensor
+        elif rest.startswith("final_layer_norm."):
+            out[prefix + "ln_final." + rest[len("final_layer_norm."):]] = tensor
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.*)", rest):
+            block = f"{prefix}transformer.resblocks.{m.group(1)}."
+            inner = m.group(2)
+            if q := re.match(r"self_attn\.([qkv])_proj\.(weight|bias)$", inner):
+                qkv.setdefault((block, q.group(2)), {})[q.group(1)] = tensor
+            else:
+                out[block + _rename_part(inner, _OPEN_CLIP_LAYER_PARTS, key)] = tensor
+        else:
+            raise UnmappedKeyError(f"no OpenCLIP name for text encoder 2 weight '{key}'")
+    for (block, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise UnmappedKeyError(f"{block}: q/k/v projections incomplete ({sorted(parts)})")
+        out[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
 
 # --- Whole checkpoint ------------------------------------------------------------------------
 
-def sd15_ldm_state_dict(components, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors in LDM layout; `components` is anything with .unet, .vae and
-    .text_encoder (SD15Components or a StableDiffusionPipeline)."""
-    parts = (
-        (unet_to_ldm, components.unet),
-        (vae_to_ldm, components.vae),
-        (text_encoder_to_ldm, components.text_encoder),
-    )
+def _collect(parts, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """(converter, model) pairs -> one CPU state dict in `dtype` (floating tensors only)."""
     out: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
     for convert, model in parts:
@@ -221,6 +270,31 @@ def sd15_ldm_state_dict(components, dtype: torch.dtype = torch.float32) -> dict[
     return out
 
 
+def sd15_ldm_state_dict(components, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in LDM layout; `components` is anything with .unet, .vae and
+    .text_encoder (SD15Components or a StableDiffusionPipeline)."""
+    return _collect((
+        (unet_to_ldm, components.unet),
+        (vae_to_ldm, components.vae),
+        (text_encoder_to_ldm, components.text_encoder),
+    ), dtype)
+
+
+def _sdxl_text_encoder_to_sgm(state_dict):
+    return text_encoder_to_ldm(state_dict, SDXL_TEXT_ENCODER_PREFIX)
+
+
+def sdxl_sgm_state_dict(components, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in SGM layout (sd_xl_base_1.0.safetensors' names);
+    `components` is anything with .unet, .vae, .text_encoder and .text_encoder_2."""
+    return _collect((
+        (unet_to_ldm, components.unet),
+        (vae_to_ldm, components.vae),
+        (_sdxl_text_encoder_to_sgm, components.text_encoder),
+        (open_clip_to_sgm, components.text_encoder_2),
+    ), dtype)
+
+
 def _string_metadata(metadata: dict | None) -> dict[str, str]:
     # The safetensors header holds strings only; anything else is stored as JSON.
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
@@ -232,14 +306,25 @@ def save_sd15_single_file(
     dtype: torch.dtype = torch.float32,
     metadata: dict | None = None,
 ) -> pathlib.Path:
-    """Write an SD 1.5 single-file `.safetensors` in the original LDM layout.
+    """Write an SD 1.5 single-file `.safetensors` in the original LDM layout."""
+    return _save(sd15_ldm_state_dict(components_or_pipeline, dtype), path, metadata)
 
-    Written to `path + ".tmp"` and renamed into place, so a full disk or a crash never leaves
-    a truncated checkpoint under the real name.
-    """
+
+def save_sdxl_single_file(
+    components_or_pipeline,
+    path,
+    dtype: torch.dtype = torch.float32,
+    metadata: dict | None = None,
+) -> pathlib.Path:
+    """Write an SDXL single-file `.safetensors` in the original SGM layout."""
+    return _save(sdxl_sgm_state_dict(components_or_pipeline, dtype), path, metadata)
+
+
+def _save(tensors: dict[str, torch.Tensor], path, metadata: dict | None) -> pathlib.Path:
+    """Written to `path + ".tmp"` and renamed into place, so a full disk or a crash never
+    leaves a truncated checkpoint under the real name."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = sd15_ldm_state_dict(components_or_pipeline, dtype)
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(tensors, str(tmp), metadata=_string_metadata(metadata))

@@ -1,4 +1,5 @@
-"""A tiny Stable Diffusion 1.5 built offline: same architecture, random weights, ~2 MB.
+"""Tiny Stable Diffusion 1.5 and SDXL models built offline: same architectures, random
+weights, ~2 MB each.
 
 The tests and the built-in demo train this model end to end on a laptop CPU. It has every part
 of the real SD 1.5 (CLIP BPE tokenizer, CLIP text encoder, a UNet with cross-attention down/up
@@ -14,8 +15,15 @@ import shutil
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # Letter pairs merged into single tokens, so that the tiny tokenizer is a real BPE (words
 # become several tokens, some of them merged) rather than one token per character.
@@ -65,9 +73,10 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def build_tiny_tokenizer() -> CLIPTokenizer:
+def build_tiny_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+    """SD 1.5 and SDXL's first tokenizer pad with end-of-text; SDXL's second with "!"."""
     vocab, merges = tiny_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
 def tiny_sd15_configs(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, dict]:
@@ -151,14 +160,15 @@ def build_tiny_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def build_tiny_sd15(out_dir, seed: int = 0) -> pathlib.Path:
-    """Write the tiny model as a diffusers folder (safetensors weights) and return its path.
+    """Write the tiny model as a diffusers folder (safetensors weights) and return its path."""
+    return _write_pipeline(build_tiny_sd15_pipeline(seed), out_dir)
 
-    The folder is written next to its destination and renamed into place, so a crash never
-    leaves a half-written model that would later be loaded as if it were whole.
-    """
+
+def _write_pipeline(pipe, out_dir) -> pathlib.Path:
+    """The folder is written next to its destination and renamed into place, so a crash never
+    leaves a half-written model that would later be loaded as if it were whole."""
     out_dir = pathlib.Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_sd15_pipeline(seed)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
@@ -169,3 +179,75 @@ def build_tiny_sd15(out_dir, seed: int = 0) -> pathlib.Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+# --- Tiny SDXL ------------------------------------------------------------------------------
+
+def tiny_sdxl_configs(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, dict]:
+    """SDXL's layout, narrower and shallower: two text encoders (TE2 wider than TE1, as
+    OpenCLIP bigG is wider than CLIP ViT-L — diffusers' single-file reader tells them apart
+    by width), the size/crop "time ids" addition embedding, several transformer layers per
+    attention block, linear attention projections, the first block without attention."""
+    base = tiny_sd15_configs(vocab_size, bos_id, eos_id)
+    text_encoder = dict(base["text_encoder"], hidden_size=32, projection_dim=32)
+    # TE2 projects to a size different from its width, so that the single-file export's
+    # transposed text_projection is really checked.
+    text_encoder_2 = dict(base["text_encoder"], hidden_size=64, intermediate_size=128,
+                          projection_dim=32, hidden_act="gelu")
+    addition_time_embed_dim = 8
+    unet = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),  # SDXL's [5, 10, 20]: read by diffusers as head counts
+        use_linear_projection=True,
+        cross_attention_dim=text_encoder["hidden_size"] + text_encoder_2["hidden_size"],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        # six time ids (original size, crop top-left, target size) + TE2's pooled projection
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim
+        + text_encoder_2["projection_dim"],
+        norm_num_groups=8,
+    )
+    vae = dict(base["vae"], scaling_factor=0.13025, force_upcast=True)
+    # SDXL's own scheduler config (Euler, "leading" spacing); training builds DDPM from it.
+    scheduler = dict(base["scheduler"], interpolation_type="linear", timestep_spacing="leading",
+                     use_karras_sigmas=False, sample_max_value=1.0)
+    return {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "unet": unet,
+            "vae": vae, "scheduler": scheduler}
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """The tiny SDXL in memory; each part seeded on its own, as for SD 1.5."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer_2 = build_tiny_tokenizer(pad_token="!")
+    configs = tiny_sdxl_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**configs["unet"])
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**configs["vae"])
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def build_tiny_sdxl(out_dir, seed: int = 0) -> pathlib.Path:
+    """Write the tiny SDXL as a diffusers folder (safetensors weights) and return its path."""
+    return _write_pipeline(build_tiny_sdxl_pipeline(seed), out_dir)

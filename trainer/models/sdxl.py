@@ -1,0 +1,161 @@
+"""Stable Diffusion XL 1.0 (base): load the parts a trainer needs, from wherever the model is.
+
+Same sources as SD 1.5 (a diffusers folder, a single-file `.safetensors` checkpoint in
+Stability's SGM layout, a hub id), through the same shared loader (loading.py). What is SDXL
+about it: two tokenizers and two text encoders (TE1 = CLIP ViT-L, TE2 = OpenCLIP ViT-bigG
+with a projection whose pooled output conditions the UNet), a VAE that must not run in float16
+(`force_upcast`), and the SGM single-file layout (conditioner.embedders.0/1).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from trainer.errors import ModelLoadError
+from trainer.models import loading
+from trainer.models.loading import BASE_FIELD
+
+SDXL_CONFIG_DIR = pathlib.Path(__file__).parent / "configs" / "sdxl"
+
+
+@dataclass
+class SDXLComponents:
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler  # training schedule, from the model's scheduler config
+
+
+def _sgm_state_dicts(models: dict) -> dict[str, dict]:
+    from trainer.models.single_file import (
+        SDXL_TEXT_ENCODER_PREFIX,
+        open_clip_to_sgm,
+        text_encoder_to_ldm,
+        unet_to_ldm,
+        vae_to_ldm,
+    )
+
+    return {
+        "unet": unet_to_ldm(models["unet"].state_dict()),
+        "vae": vae_to_ldm(models["vae"].state_dict()),
+        "text_encoder": text_encoder_to_ldm(models["text_encoder"].state_dict(),
+                                            SDXL_TEXT_ENCODER_PREFIX),
+        "text_encoder_2": open_clip_to_sgm(models["text_encoder_2"].state_dict()),
+    }
+
+
+def _check_index(index: dict, where: str) -> None:
+    name = str(index.get("_class_name", ""))
+    if "text_encoder_2" not in index and "XL" not in name:
+        raise ModelLoadError(
+            f"{BASE_FIELD}: '{where}' is not an SDXL model ({name or 'unknown pipeline'}, one "
+            "text encoder); for a Stable Diffusion 1.5 model choose STABLE_DIFFUSION_15."
+        )
+    if (index.get("text_encoder") or [None])[0] is None:  # the refiner lists it as null
+        raise ModelLoadError(
+            f"{BASE_FIELD}: '{where}' has no first text encoder: it looks like the SDXL "
+            "refiner, which is not supported; use an SDXL base model."
+        )
+    missing = [part for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
+                                 "unet", "vae", "scheduler") if part not in index]
+    if missing:
+        raise ModelLoadError(
+            f"{BASE_FIELD}: '{where}' is not an SDXL base model ({name}, no {', '.join(missing)})."
+        )
+
+
+def _check_keys(keys: list[str], path: pathlib.Path) -> None:
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        raise ModelLoadError(
+            f"{BASE_FIELD}: '{path}' is a Stable Diffusion 1.5 checkpoint; choose the "
+            "STABLE_DIFFUSION_15 model type for it."
+        )
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise ModelLoadError(
+            f"{BASE_FIELD}: '{path}' is a Stable Diffusion 2.x checkpoint, not SDXL; SD 2.x "
+            "is not supported."
+        )
+    loading.check_common_keys(keys, path)
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise ModelLoadError(
+            f"{BASE_FIELD}: '{path}' is an SDXL refiner checkpoint (OpenCLIP only); the refiner "
+            "is not supported, use an SDXL base model."
+        )
+    for prefix, what in (("conditioner.embedders.0.transformer.", "text encoder 1 (CLIP ViT-L)"),
+                         ("conditioner.embedders.1.model.", "text encoder 2 (OpenCLIP bigG)")):
+        if not any(k.startswith(prefix) for k in keys):
+            raise ModelLoadError(
+                f"{BASE_FIELD}: '{path}' is not an SDXL checkpoint: it has no {what} weights "
+                f"'{prefix}*'."
+            )
+
+
+SDXL_SPEC = loading.FamilySpec(
+    name="SDXL",
+    pipeline_class=StableDiffusionXLPipeline,
+    config_dir=SDXL_CONFIG_DIR,
+    text_encoders={"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection},
+    tokenizers=("tokenizer", "tokenizer_2"),
+    ldm_state_dicts=_sgm_state_dicts,
+    check_index=_check_index,
+    check_keys=_check_keys,
+    other_architectures="SD 1.5, SD 2.x, the SDXL refiner",
+    # The invisible-watermark package is optional; samples for the trainer need no watermark.
+    single_file_kwargs={"add_watermarker": False},
+)
+
+
+def load_sdxl(
+    base_model_name: str,
+    vae_name: str | None = None,
+    workspace_dir=None,
+    *,
+    allowed_root: str | os.PathLike | None = None,
+    single_file_config: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SDXLComponents:
+    """Load both tokenizers and text encoders, the VAE, the UNet and the training noise
+    scheduler. The arguments are those of `load_sd15`; `single_file_config` defaults to the
+    shipped SDXL base configs."""
+    del workspace_dir
+    parts = loading.load_components(SDXL_SPEC, base_model_name, vae_name, allowed_root=allowed_root,
+                                    single_file_config=single_file_config, dtype=dtype)
+    return SDXLComponents(**parts)
+
+
+def expected_sgm_shapes(config_dir: pathlib.Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per part, the SGM tensor names and shapes a checkpoint of the model described by
+    `config_dir` has (meta device: no memory used)."""
+    return loading.expected_shapes(SDXL_SPEC, pathlib.Path(config_dir))
+
+
+def make_sdxl_pipeline(components: SDXLComponents) -> StableDiffusionXLPipeline:
+    """An inference pipeline over the training components (shared, not copied), for samples.
+    DDIM from the training schedule's config, deterministic for a seed; no watermark."""
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=components.unet,
+        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
