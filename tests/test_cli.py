@@ -21,7 +21,7 @@ def write_config(tmp_path, model_dir, **extra):
             "concepts": [{"path": str(DEMO_DATASET_DIR)}], "resolution": "64",
             "train_dtype": "FLOAT_32", "gradient_checkpointing": False, "lora_rank": 4,
             "learning_rate": 1e-3, "learning_rate_warmup_steps": 0, "batch_size": 5,
-            "epochs": 1}
+            "epochs": 1, "aspect_ratio_bucketing": False}  # one batch of all 5 images
     data.update(extra)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))

@@ -56,6 +56,13 @@ class ImageItem:
     # The concept's repeats (may be fractional, >= 0), kept here so the dataset can expand an
     # epoch from the items alone.
     repeats: float = 1.0
+    # (width, height) as displayed (after EXIF rotation), read at collect time: buckets and
+    # cache keys need it without decoding the image.
+    size: tuple[int, int] | None = None
+    # The concept's resolution override ("" = the run's), crop jitter and random flip.
+    resolution: str = ""
+    crop_jitter: bool = False
+    random_flip: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +232,10 @@ def _collect_concept(concept: Any, index: int, warn: Callable[[str], None]) -> l
                 loss_weight=float(getattr(concept, "loss_weight", 1.0)),
                 concept_index=index,
                 repeats=float(getattr(concept, "repeats", 1.0)),
+                size=size,
+                resolution=str(getattr(concept, "resolution", "") or "").strip(),
+                crop_jitter=bool(getattr(concept, "crop_jitter", False)),
+                random_flip=bool(getattr(concept, "random_flip", False)),
             )
         )
     _warn_uncaptioned(uncaptioned, folder, warn)
@@ -328,6 +339,80 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The one transform an image and its mask share: scale to `resized` (covering the target,
+    aspect kept), crop `box` = (left, top, right, bottom) in the resized image, then maybe
+    mirror. `crop_top_left` is (top, left) as the model sees it (mirrored when flipped)."""
+
+    target: tuple[int, int]          # (width, height)
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+    crop_top_left: tuple[int, int]
+
+
+def sample_geometry(
+    image_size: tuple[int, int],
+    target: tuple[int, int],
+    *,
+    crop: Literal["center", "random"] = "center",
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> Geometry:
+    """Where to crop an image of `image_size` for `target` (both (width, height)).
+
+    A random crop draws (top, left) from `rng`, in that order; a centre crop draws nothing.
+    """
+    target_w, target_h = int(target[0]), int(target[1])
+    width, height = int(image_size[0]), int(image_size[1])
+    new_w, new_h = cover_size(width, height, target_w, target_h)
+    if crop == "random":
+        rng = rng if rng is not None else np.random.default_rng(0)
+        top = int(rng.integers(new_h - target_h + 1))
+        left = int(rng.integers(new_w - target_w + 1))
+    else:
+        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
+    box = (left, top, left + target_w, top + target_h)
+    seen_left = new_w - target_w - left if flip else left
+    return Geometry((target_w, target_h), (new_w, new_h), box, bool(flip), (top, seen_left))
+
+
+def apply_geometry(image: Image.Image, mask: Image.Image | None,
+                   geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pixel_values in [-1, 1] as CxHxW, mask in [0, 1] as 1xHxW or None)."""
+    # Lanczos keeps photos sharp; the mask is a weight map, bilinear keeps grey edges honest.
+    image = image.resize(geometry.resized, Image.Resampling.LANCZOS).crop(geometry.box)
+    if mask is not None:
+        mask = mask.resize(geometry.resized, Image.Resampling.BILINEAR).crop(geometry.box)
+    if geometry.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if mask is not None:
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_tensor(image) * 2.0 - 1.0, (_to_tensor(mask) if mask is not None else None)
+
+
+def load_item(item: ImageItem) -> tuple[Image.Image, Image.Image | None]:
+    """The item's RGB image and its mask (resized to the image), or None without a mask."""
+    image = load_image_rgb(item.image_path)
+    mask = load_mask(item.mask_path, image.size, warn=None) if item.mask_path is not None else None
+    return image, mask
+
+
+def _sample_fields(item: ImageItem, geometry: Geometry, caption: str,
+                   image_size: tuple[int, int]) -> dict:
+    """What every sample carries besides its pixels or latents."""
+    return {
+        "caption": caption,
+        "loss_weight": float(item.loss_weight),
+        "image_path": str(item.image_path),
+        "original_size": (int(image_size[1]), int(image_size[0])),  # (height, width)
+        "crop_top_left": geometry.crop_top_left,
+        "target_size": (geometry.target[1], geometry.target[0]),   # (height, width)
+        "concept_index": item.concept_index,
+    }
+
+
 def prepare_sample(
     item: ImageItem,
     resolution: tuple[int, int],
@@ -341,44 +426,28 @@ def prepare_sample(
     Usable on its own for bucketed or multi-resolution batches.
     `crop_top_left` is (top, left) of the crop in the resized image as the model sees it, i.e.
     mirrored when flipped: SDXL's crop conditioning then describes the picture trained on.
+    `original_size` and `target_size` are (height, width), as SDXL's time ids want them.
     """
-    target_w, target_h = int(resolution[0]), int(resolution[1])
     rng = rng if rng is not None else np.random.default_rng(0)
-    image = load_image_rgb(item.image_path)
-    width, height = image.size
-    mask = load_mask(item.mask_path, image.size, warn=None) if item.mask_path is not None else None
-
-    new_w, new_h = cover_size(width, height, target_w, target_h)
-    if crop == "random":
-        top = int(rng.integers(new_h - target_h + 1))
-        left = int(rng.integers(new_w - target_w + 1))
-    else:
-        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
-    box = (left, top, left + target_w, top + target_h)
-
-    # Lanczos keeps photos sharp; the mask is a weight map, bilinear keeps grey edges honest.
-    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS).crop(box)
-    if mask is not None:
-        mask = mask.resize((new_w, new_h), Image.Resampling.BILINEAR).crop(box)
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if mask is not None:
-            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = new_w - target_w - left
-
-    pixel_values = _to_tensor(image) * 2.0 - 1.0
-    mask_tensor = _to_tensor(mask) if mask is not None else torch.ones(1, target_h, target_w)
+    image, mask = load_item(item)
+    geometry = sample_geometry(image.size, resolution, crop=crop, flip=flip, rng=rng)
+    pixel_values, mask_tensor = apply_geometry(image, mask, geometry)
+    target_w, target_h = geometry.target
     return {
         "pixel_values": pixel_values,
-        "mask": mask_tensor,
+        "mask": mask_tensor if mask_tensor is not None else torch.ones(1, target_h, target_w),
         "has_mask": mask is not None,
-        "caption": _pick_line(item.caption, rng),
-        "loss_weight": float(item.loss_weight),
-        "image_path": str(item.image_path),
-        "original_size": (height, width),
-        "crop_top_left": (top, left),
-        "concept_index": item.concept_index,
+        **_sample_fields(item, geometry, _pick_line(item.caption, rng), image.size),
     }
+
+
+def latent_mask(mask: torch.Tensor | None, target: tuple[int, int], scale: int) -> torch.Tensor:
+    """A 1xHxW pixel mask averaged down to latent size (ones without a mask): the same "area"
+    downscale the loss applies to pixel masks, done once here so the cache can keep it."""
+    height, width = target[1] // scale, target[0] // scale
+    if mask is None:
+        return torch.ones(1, height, width)
+    return torch.nn.functional.interpolate(mask[None], size=(height, width), mode="area")[0]
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -388,6 +457,12 @@ class TrainDataset(torch.utils.data.Dataset):
     each epoch so random crops/flips and fractional repeats differ between epochs yet replay
     the same on resume. With crop="center" and random_flip=False an item's pixels never change
     between epochs (safe to cache latents).
+
+    An index is a sample number (trained at `resolution`) or `(sample, width, height, epoch)`
+    as the bucket sampler yields it. Crop jitter and flips apply when the dataset or the item's
+    concept asks for them. With a `latent_cache` (see trainer/data/cache.py) a sample whose
+    latents are cached is returned without decoding its image: `latent_mean`/`latent_std`
+    instead of `pixel_values`, and the mask at latent size.
     """
 
     def __init__(
@@ -412,33 +487,93 @@ class TrainDataset(torch.utils.data.Dataset):
         self.crop = crop
         self.seed = int(seed)
         self.epoch = 0
+        self.latent_cache = None  # set by the data pipeline once the VAE is known
         self._indices = epoch_indices(self.items, self.seed, self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self._indices = epoch_indices(self.items, self.seed, self.epoch)
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self._indices = epoch_indices(self.items, self.seed, self.epoch)
 
     def __len__(self) -> int:
         return len(self._indices)
+
+    def item_index(self, index: int) -> int:
+        """The position in `items` of sample `index` of the current epoch."""
+        return self._indices[index]
 
     def item_at(self, index: int) -> ImageItem:
         """The ImageItem behind sample `index` of the current epoch."""
         return self.items[self._indices[index]]
 
-    def __getitem__(self, index: int) -> dict:
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([_entropy(self.seed), _entropy(self.epoch), index])
+
+    def __getitem__(self, index) -> dict:
+        if isinstance(index, (tuple, list)):
+            if len(index) > 3 and int(index[3]) != self.epoch:
+                # A DataLoader worker's copy of the dataset follows the sampler's epoch.
+                self.set_epoch(int(index[3]))
+            index, target = int(index[0]), (int(index[1]), int(index[2]))
+        else:
+            target = self.resolution
         if not 0 <= index < len(self):
             raise IndexError(index)
-        rng = np.random.default_rng([_entropy(self.seed), _entropy(self.epoch), index])
+        item = self.item_at(index)
+        rng = self._rng(index)
         # Draw the flip first so it does not depend on whether the crop consumed randomness.
-        flip = self.random_flip and bool(rng.random() < 0.5)
-        return prepare_sample(self.item_at(index), self.resolution, crop=self.crop, flip=flip, rng=rng)
+        flip = (self.random_flip or item.random_flip) and bool(rng.random() < 0.5)
+        crop = "random" if (self.crop == "random" or item.crop_jitter) else "center"
+        if self.latent_cache is None:
+            return prepare_sample(item, target, crop=crop, flip=flip, rng=rng)
+        return self._cached_sample(index, item, target, crop, flip, rng)
+
+    def _cached_sample(self, index, item, target, crop, flip, rng) -> dict:
+        cache = self.latent_cache
+        size = item.size or oriented_size(item.image_path)
+        geometry = sample_geometry(size, target, crop=crop, flip=flip, rng=rng)
+        caption = _pick_line(item.caption, rng)
+        key = cache.key(item, geometry)
+        entry = cache.load(key) if key is not None else None
+        if entry is not None:
+            return {
+                "latent_mean": entry["mean"],
+                "latent_std": entry["std"],
+                "mask": (entry["mask"] if "mask" in entry
+                         else latent_mask(None, target, cache.latent_scale)),
+                "has_mask": "mask" in entry,
+                "cache_key": key,
+                **_sample_fields(item, geometry, caption, size),
+            }
+        image, mask = load_item(item)
+        if image.size != tuple(size):  # the file changed since it was listed: no caching
+            key = None
+            rng = self._rng(index)
+            if self.random_flip or item.random_flip:
+                rng.random()
+            geometry = sample_geometry(image.size, target, crop=crop, flip=flip, rng=rng)
+            size = image.size
+        pixel_values, mask_tensor = apply_geometry(image, mask, geometry)
+        return {
+            "pixel_values": pixel_values,
+            "mask": latent_mask(mask_tensor, target, cache.latent_scale),
+            "has_mask": mask is not None,
+            "cache_key": key,
+            **_sample_fields(item, geometry, caption, size),
+        }
 
 
 def collate(batch: Iterable[dict]) -> dict:
-    """Stack a list of samples: tensors stacked, numbers as tensors, the rest as lists."""
+    """Stack a list of samples: tensors stacked, numbers as tensors, the rest as lists.
+
+    Samples may carry pixels (`pixel_values`) or cached latents (`latent_mean`, `latent_std`);
+    each kind is stacked on its own, and `pixel_index` / `latent_index` say which positions of
+    the batch they are.
+    """
     batch = list(batch)
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in batch]),
+    pixel_index = [i for i, s in enumerate(batch) if "pixel_values" in s]
+    latent_index = [i for i, s in enumerate(batch) if "latent_mean" in s]
+    out = {
         "mask": torch.stack([s["mask"] for s in batch]),
         "has_mask": torch.tensor([s["has_mask"] for s in batch], dtype=torch.bool),
         "loss_weight": torch.tensor([s["loss_weight"] for s in batch], dtype=torch.float32),
@@ -446,5 +581,15 @@ def collate(batch: Iterable[dict]) -> dict:
         "image_path": [s["image_path"] for s in batch],
         "original_size": [s["original_size"] for s in batch],
         "crop_top_left": [s["crop_top_left"] for s in batch],
+        "target_size": [s["target_size"] for s in batch],
         "concept_index": [s["concept_index"] for s in batch],
+        "cache_key": [s.get("cache_key") for s in batch],
+        "pixel_index": pixel_index,
+        "latent_index": latent_index,
     }
+    if pixel_index:
+        out["pixel_values"] = torch.stack([batch[i]["pixel_values"] for i in pixel_index])
+    if latent_index:
+        out["latent_mean"] = torch.stack([batch[i]["latent_mean"] for i in latent_index])
+        out["latent_std"] = torch.stack([batch[i]["latent_std"] for i in latent_index])
+    return out

@@ -1,0 +1,191 @@
+"""The data side of the training loop in one object: dataset, bucket sampler, DataLoader, caches
+and what the run is told about them. The loop calls it in five places:
+
+    data = DataPipeline(config, items, warn=warn, status=status, is_main=is_main)
+    dataloader = data.make_loader(family, device)          # after the model is loaded
+    epoch_steps = data.epoch_steps(epochs, processes, accumulation)
+    data.set_epoch(dataloader, epoch)                      # before each epoch
+    latents = data.latents(batch, vae, generator, device)  # in the step
+    conditioning = data.conditioning(family, captions, batch, ...)
+    data.epoch_done(epoch)                                 # after each epoch
+
+Messages also go to `<workspace>/data.log`, the run's record of its data (buckets, cache reuse).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import ModelType, TrainConfig, parse_resolution
+from trainer.data.buckets import BucketBatchSampler, plan_buckets, quantum_for
+from trainer.data.cache import (CacheStats, LatentCache, TextCache, batch_latents,
+                                source_fingerprint)
+from trainer.data.dataset import ImageItem, TrainDataset, collate
+from trainer.data.images import oriented_size
+
+
+def loader_workers(device: torch.device | str) -> int:
+    """DataLoader worker processes. On a GPU the step is fast and the CPU is free: decode in
+    workers. On a CPU-only machine the step itself uses every core, decoding is a small share
+    of it (bench/data_pipeline.py) and the latent cache removes it after the first epoch, so
+    the main process decodes. ATELIER_DATA_WORKERS overrides."""
+    override = os.environ.get("ATELIER_DATA_WORKERS", "").strip()
+    if override.isdigit():
+        return int(override)
+    if torch.device(device).type == "cpu":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 2) - 1))
+
+
+class DataPipeline:
+    def __init__(self, config: TrainConfig, items: list[ImageItem], *,
+                 warn: Callable[[str], None] = print, status: Callable[[str], None] = print,
+                 is_main: bool = True):
+        self.config = config
+        self.warn_, self.status_ = warn, status
+        self.is_main = is_main
+        self.log_path = Path(config.workspace_dir) / "data.log"
+        for item in items:
+            if item.size is None:
+                item.size = oriented_size(item.image_path)
+        self.dataset = TrainDataset(items, parse_resolution(config.resolution)[0][:2],
+                                    seed=config.seed)
+        self.plan = plan_buckets(items, config.resolution,
+                                 bucketing=config.aspect_ratio_bucketing,
+                                 quantum=quantum_for(config.model_type))
+        self.sampler = BucketBatchSampler(self.dataset, self.plan, config.batch_size,
+                                          config.seed)
+        self.latent_cache: LatentCache | None = None
+        self.text_cache: TextCache | None = None
+        self.latent_stats = CacheStats()
+        self._epoch_started = time.monotonic()
+        lines, warnings = self.sampler.report()
+        if not config.aspect_ratio_bucketing:
+            lines = [line + " (aspect-ratio bucketing is off: images are cropped to these sizes)"
+                     for line in lines]
+        for line in lines:
+            self.status(line)
+        for line in warnings:
+            self.warn(line)
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _log(self, kind: str, message: str) -> None:
+        if not self.is_main:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {kind}: {message}\n")
+
+    def status(self, message: str) -> None:
+        self._log("status", message)
+        if self.is_main:
+            self.status_(message)
+
+    def warn(self, message: str) -> None:
+        self._log("warning", message)
+        if self.is_main:
+            self.warn_(message)
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def make_loader(self, family, device: torch.device | str,
+                    workers: int | None = None) -> torch.utils.data.DataLoader:
+        """The DataLoader (over the bucket sampler), with the caches attached when switched on."""
+        config = self.config
+        if config.latent_caching:
+            vae = family.vae
+            scale = 2 ** (len(vae.config.block_out_channels) - 1)
+            vae_source = (source_fingerprint(config.vae_model_name) if config.vae_model_name
+                          else source_fingerprint(config.base_model_name, "vae"))
+            dtype = str(next(vae.parameters()).dtype)
+            self.latent_cache = LatentCache(Path(config.workspace_dir) / "cache" / "latents",
+                                            [config.model_type.value, vae_source], dtype, scale)
+            self.dataset.latent_cache = self.latent_cache
+            self.text_cache = self._text_cache(family)
+        workers = loader_workers(device) if workers is None else workers
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda")
+
+    def _text_cache(self, family) -> TextCache | None:
+        config = self.config
+        trained = [p for p in ("text_encoder", "text_encoder_2") if getattr(config, p).train]
+        if trained:
+            return None  # a trained encoder's outputs change every step
+        keys = getattr(family, "text_cache_keys", None)
+        if keys is None and config.model_type != ModelType.STABLE_DIFFUSION_15:
+            self.status("Text-encoder outputs are not cached: this model family does not say "
+                        "which of its conditioning depends on the caption alone.")
+            return None
+        identity = [config.model_type.value, source_fingerprint(config.base_model_name,
+                                                                "text_encoder"),
+                    source_fingerprint(config.base_model_name, "text_encoder_2"),
+                    config.text_encoder.clip_skip, config.text_encoder_2.clip_skip,
+                    config.weight_dtype.value, config.train_dtype.value]
+        return TextCache(Path(config.workspace_dir) / "cache" / "text", identity,
+                         keys=tuple(keys) if keys else None)
+
+    # -- epochs ---------------------------------------------------------------------------
+
+    def epoch_steps(self, epochs: int, num_processes: int = 1,
+                    accumulation: int = 1) -> list[int]:
+        """Optimizer steps of each epoch as the loop will count them: the batches of the
+        epoch, split over the processes (accelerate gives each the same count, repeating
+        batches to even them out), grouped by gradient accumulation. Epochs differ only when
+        fractional repeats pick images from other buckets."""
+        current = self.dataset.epoch
+        steps = []
+        for epoch in range(epochs):
+            self.dataset.set_epoch(epoch)
+            batches = math.ceil(len(self.sampler) / num_processes)
+            steps.append(math.ceil(batches / accumulation))
+        self.dataset.set_epoch(current)
+        if num_processes > 1 and len(self.sampler) % num_processes:
+            self.status(f"{len(self.sampler)} batches per epoch over {num_processes} processes: "
+                        f"{num_processes - len(self.sampler) % num_processes} batch(es) are "
+                        "repeated so every process trains the same number.")
+        return steps
+
+    def set_epoch(self, dataloader, epoch: int) -> None:
+        """Before each epoch: the dataset's samples, the sampler's order and accelerate's own
+        epoch counter (which it passes to the dataset again at iteration) all agree."""
+        self.dataset.set_epoch(epoch)
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        self._epoch_started = time.monotonic()
+
+    def epoch_done(self, epoch: int) -> None:
+        """After an epoch: tell how much the caches saved (after the first epoch, and every
+        epoch where something was still encoded)."""
+        stats = self.latent_stats
+        if self.latent_cache is None or (epoch > 0 and stats.encoded == 0):
+            self.latent_stats = CacheStats()
+            return
+        message = (f"Latent cache after epoch {epoch + 1}: {stats.reused} sample(s) reused, "
+                   f"{stats.encoded} encoded and stored ({self.latent_cache.folder})")
+        if self.text_cache is not None:
+            message += f"; text cache: {self.text_cache.stats}"
+            self.text_cache.stats = CacheStats()
+        self.status(message)
+        self.latent_stats = CacheStats()
+
+    # -- the step -------------------------------------------------------------------------
+
+    def latents(self, batch: dict, vae, generator, device) -> torch.Tensor:
+        return batch_latents(batch, vae, generator, device, self.latent_cache,
+                             self.latent_stats)
+
+    def conditioning(self, family, captions: list[str], batch: dict, *, clip_skip: int,
+                     device, grad: dict[str, bool]) -> dict[str, Any]:
+        if self.text_cache is None:
+            return family.encode_text(captions, batch, clip_skip=clip_skip, device=device,
+                                      grad=grad)
+        return self.text_cache.conditioning(family, captions, batch, clip_skip=clip_skip,
+                                            device=device, grad=grad)
