@@ -14,10 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-# Offline by default (DESIGN.md): without these gradio looks up remote hosts at start and the
-# hub may be contacted. Set before gradio, transformers or diffusers are imported.
-for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-                     "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+# Set before gradio, torch, transformers or diffusers are imported. Without the first two
+# gradio and the hub contact remote hosts at start (DESIGN.md); HF_HUB_OFFLINE is set in main()
+# (off only with --online or on a Hugging Face Space, where hub models must download).
+for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+                     # The server, the training thread and the watching browser share the
+                     # CPU cores: torch's OpenMP threads spinning while they wait starve the
+                     # others. Measured on 2 busy cores, the demo with a page open: 77-114 s
+                     # spinning (the default), 13-16 s passive. Set before torch is imported.
+                     "OMP_WAIT_POLICY": "PASSIVE"}.items():
     os.environ.setdefault(_key, _value)
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -39,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workspace", default=None,
                         help="folder for models, runs, samples and presets (default: "
                              "/data/workspace when /data exists, else ./workspace)")
+    parser.add_argument("--online", action="store_true",
+                        help="let base models download from the Hugging Face hub (offline by "
+                             "default, except on a Space)")
     parser.add_argument("--allow-any-path", action="store_true",
                         help="with --listen/--share: let users name paths outside the "
                              "workspace (only on a server you alone use)")
@@ -54,8 +62,9 @@ def warm_up() -> None:
     import torch  # noqa: F401
     try:
         import trainer.loop  # noqa: F401
-    except ImportError as error:  # an engine part missing: the page still opens and says so
-        log.warning("The training engine did not import (%s); Start will report it.", error)
+    except Exception as error:  # a broken engine install: the page still opens, Start says why
+        log.warning("The training engine did not import (%s: %s); Start will report it.",
+                    type(error).__name__, error)
 
 
 def ensure_demo_model() -> Path:
@@ -71,24 +80,29 @@ def ensure_demo_model() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup requests
     args = parse_args(argv)
+    on_space = bool(os.environ.get("SPACE_ID"))
+    if not (args.online or on_space):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(REPO_ROOT)  # presets name repo-relative paths (trainer/demo/dataset)
     if args.workspace:
         os.environ["ATELIER_WORKSPACE"] = str(Path(args.workspace).resolve())
 
-    from ui import paths
-    from ui.state import OPTIONS
-    on_space = bool(os.environ.get("SPACE_ID"))
-    OPTIONS.confine_paths = (args.listen or args.share or on_space) and not args.allow_any_path
+    from ui import paths, state
+    # Shared or public (reachable by others): paths confined to the workspace, custom
+    # scheduler code off (SPEC §7). A plain local start is the user's own machine.
+    shared = args.listen or args.share or on_space
+    state.configure(shared=shared, allow_any_path=args.allow_any_path)
     workspace = paths.workspace_root()
     workspace.mkdir(parents=True, exist_ok=True)
 
     warm_up()
     ensure_demo_model()
 
-    from ui import footer
     import gradio as gr
 
+    from ui import footer
     from ui.page import CSS, build_page
     footer.ALLOWED_ROOTS[:] = [workspace.resolve(), REPO_ROOT]
     demo = build_page()

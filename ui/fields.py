@@ -43,8 +43,10 @@ TRAINING_SECTIONS = [
     "Noise and loss",
     "LoRA",
 ]
-# Sections the page draws itself, outside the Training accordions.
-OWN_PLACE_SECTIONS = {MODEL_SECTION, "Data", "Sampling"}
+# Sections the page draws itself, outside the Training accordions (SPEC §1: Model, Data,
+# then Training, then Sampling, then Backup and save).
+BACKUP_SECTION = "Backup and save"
+OWN_PLACE_SECTIONS = {MODEL_SECTION, "Data", "Sampling", BACKUP_SECTION}
 
 SDXL = "STABLE_DIFFUSION_XL_10_BASE"
 # Where a whole nested section applies, when its config field does not say it itself.
@@ -89,11 +91,12 @@ class FieldSpec:
         return [(CHOICE_LABELS.get(c, c), c) for c in self.choices]
 
     def range_text(self) -> str:
-        if self.minimum is None and self.maximum is None:
-            return ""
-        low = "" if self.minimum is None else f"{'>' if self.exclusive_min else '≥'} {self.minimum:g}"
-        high = "" if self.maximum is None else f"{'<' if self.exclusive_max else '≤'} {self.maximum:g}"
-        return ", ".join(p for p in (low, high) if p)
+        parts = []
+        if self.minimum is not None:
+            parts.append(f"{'>' if self.exclusive_min else '≥'} {self.minimum:g}")
+        if self.maximum is not None:
+            parts.append(f"{'<' if self.exclusive_max else '≤'} {self.maximum:g}")
+        return ", ".join(parts)
 
 
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
@@ -129,6 +132,34 @@ def _merge_applies(outer: dict, inner: dict) -> dict:
     for key, values in inner.items():
         merged[key] = [v for v in merged[key] if v in values] if key in merged else list(values)
     return merged
+
+
+@dataclass
+class ListSpec:
+    """A list of sub-models (concepts, sample prompts, custom scheduler arguments): a table."""
+    key: str
+    label: str
+    info: str
+    section: str
+    item: type[BaseModel]
+    applies_to: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def required(self) -> str:
+        """The column that makes a row count (a row with it empty is the editor's blank row):
+        the item's first text field."""
+        for name, info in self.item.model_fields.items():
+            if info.annotation is str:
+                return name
+        return next(iter(self.item.model_fields))
+
+
+def _list_item(annotation: Any) -> type[BaseModel] | None:
+    if typing.get_origin(annotation) is list:
+        args = typing.get_args(annotation)
+        if args and _is_model(args[0]):
+            return args[0]
+    return None
 
 
 def _specs_of(model: type[BaseModel], prefix: str, applies: dict) -> Iterable[FieldSpec]:
@@ -169,13 +200,40 @@ def field_specs() -> list[FieldSpec]:
     return list(_specs_of(TrainConfig, "", {}))
 
 
+def list_specs() -> list[ListSpec]:
+    """The config's lists of sub-models, drawn as tables in their sections."""
+    specs = []
+    for name, info in TrainConfig.model_fields.items():
+        item = _list_item(info.annotation)
+        if item is None:
+            continue
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        specs.append(ListSpec(key=name, label=info.title or name, info=info.description or "",
+                              section=extra.get("section", "Other"), item=item,
+                              applies_to=dict(extra.get("applies_to") or {})))
+    return specs
+
+
 SPECS: dict[str, FieldSpec] = {spec.key: spec for spec in field_specs()}
+LISTS: dict[str, ListSpec] = {spec.key: spec for spec in list_specs()}
+
+
+def controlling_keys() -> list[str]:
+    """Fields whose value decides where other fields apply (model type, method, scheduler...)."""
+    keys: list[str] = []
+    rules = [s.applies_to for s in SPECS.values()] + [s.applies_to for s in LISTS.values()]
+    rules += list(SECTION_APPLIES_TO.values())
+    for rule in rules:
+        for key in rule:
+            if key not in keys and key in SPECS:
+                keys.append(key)
+    return keys
 
 
 def sections() -> list[str]:
     """Training sections in the documented order, then any section the config gained since."""
     present = []
-    for spec in SPECS.values():
+    for spec in [*SPECS.values(), *LISTS.values()]:
         if spec.section not in present:
             present.append(spec.section)
     known = [s for s in TRAINING_SECTIONS if s in present]
@@ -187,9 +245,10 @@ def keys_in_section(section: str) -> list[str]:
     return [key for key, spec in SPECS.items() if spec.section == section]
 
 
-def applies(spec: FieldSpec | str, choices: dict[str, Any]) -> bool:
+def applies(spec: FieldSpec | ListSpec | str, choices: dict[str, Any]) -> bool:
     """Whether a field applies to the chosen model type / training method (etc.)."""
-    spec = SPECS[spec] if isinstance(spec, str) else spec
+    if isinstance(spec, str):
+        spec = SPECS[spec] if spec in SPECS else LISTS[spec]
     for key, allowed in spec.applies_to.items():
         value = choices.get(key)
         value = value.value if isinstance(value, Enum) else value
@@ -200,7 +259,13 @@ def applies(spec: FieldSpec | str, choices: dict[str, Any]) -> bool:
 
 def section_applies(section: str, choices: dict[str, Any]) -> bool:
     """A section is shown when at least one of its fields applies."""
-    return any(applies(SPECS[key], choices) for key in keys_in_section(section))
+    rule = SECTION_APPLIES_TO.get(section)
+    if rule and not applies(FieldSpec("", "", "", section, "str", None, applies_to=rule),
+                            choices):
+        return False
+    specs = [SPECS[key] for key in keys_in_section(section)]
+    specs += [spec for spec in LISTS.values() if spec.section == section]
+    return any(applies(spec, choices) for spec in specs)
 
 
 def section_label(section: str, model_type: Any) -> str:
@@ -213,10 +278,25 @@ def section_label(section: str, model_type: Any) -> str:
 
 # --- Values <-> config ------------------------------------------------------------------------
 
+def parse_number(text: str, kind: str) -> Any:
+    """'1e-4' -> 0.0001, '8' -> 8 (int fields), 'inf' -> inf; text that is no number is
+    returned as it is, for the config model to refuse with the key named."""
+    text = text.strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if kind == "int" and number.is_integer():
+        return int(number)
+    return number
+
+
 def _number_out(spec: FieldSpec, value: Any) -> Any:
     """A page value -> what the config model expects (empty optional -> None)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None if spec.optional else value
+    if isinstance(value, str):
+        return parse_number(value, spec.kind)
     if isinstance(value, float) and math.isnan(value):
         return None if spec.optional else value
     if spec.kind == "int" and isinstance(value, float) and value.is_integer():
@@ -253,6 +333,15 @@ def config_to_values(config: TrainConfig | dict) -> dict[str, Any]:
             node = node.get(part) if isinstance(node, dict) else None
         values[key] = node
     return values
+
+
+def display_number(value: Any) -> str:
+    """An optional number as the text its box shows ('' when not set)."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value)) if abs(value) >= 1 else repr(value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def defaults() -> dict[str, Any]:

@@ -11,7 +11,8 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ import pandas as pd
 from trainer.session import JobState
 
 MAX_PLOT_POINTS = 1000
+PLOT_SECONDS = 3.0
 STATUS_WORDS = {"idle": "Idle", "running": "Training", "stopping": "Stopping",
                 "finished": "Finished", "stopped": "Stopped", "failed": "Failed"}
 
@@ -102,6 +104,11 @@ def _thin(rows: list, limit: int = MAX_PLOT_POINTS) -> list:
 
 def loss_frame(state: JobState) -> pd.DataFrame:
     rows = _thin(state.loss_history)
+    if not rows:
+        # One empty point per series: a LinePlot whose colour column starts with no rows
+        # never draws later data (gradio 6.31), so the series names are there from the start.
+        return pd.DataFrame({"step": [0, 0], "loss": [math.nan, math.nan],
+                             "series": ["loss", "smoothed"]})
     data = {"step": [], "loss": [], "series": []}
     for step, loss, smooth in rows:
         data["step"] += [step, step]
@@ -166,6 +173,21 @@ class Snapshot:
     warnings: int = -1
     output: str | None = None
     eta: str = ""
+    # When the plots were last sent (not part of the comparison): they are redrawn at most
+    # every PLOT_SECONDS while a job runs, so the browser spends its CPU on little else.
+    plotted_at: float = field(default=0.0, compare=False)
+    plotted_step: int = field(default=-1, compare=False)
+
+    def plots_due(self, last: "Snapshot | None") -> bool:
+        """Whether to send the plots now; records it when so."""
+        now = time.monotonic()
+        due = (last is None or last.status != self.status
+               or (self.step != last.plotted_step and now - last.plotted_at >= PLOT_SECONDS))
+        if due:
+            self.plotted_at, self.plotted_step = now, self.step
+        else:
+            self.plotted_at, self.plotted_step = last.plotted_at, last.plotted_step
+        return due
 
     @classmethod
     def of(cls, state: JobState) -> "Snapshot":

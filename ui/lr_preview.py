@@ -11,6 +11,7 @@ import math
 import pandas as pd
 
 from trainer.config import TrainConfig
+from trainer.errors import AtelierError
 from trainer.optim.schedules import lr_curve
 from ui.tables import count_images
 
@@ -32,24 +33,29 @@ def epoch_images(concepts) -> int:
     return total
 
 
-def estimate_total_steps(config: TrainConfig) -> tuple[int, int]:
-    """(total optimizer steps, images per epoch)."""
+def estimate_steps(config: TrainConfig) -> tuple[int, int, int]:
+    """(total optimizer steps, steps per epoch, images per epoch)."""
     images = epoch_images(config.concepts)
     batches = math.ceil(images / config.batch_size) if images else 0
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps) if batches else 0
-    return steps_per_epoch * config.epochs, images
+    return steps_per_epoch * config.epochs, steps_per_epoch, images
 
 
-def curve_frame(config: TrainConfig) -> tuple[pd.DataFrame, str]:
+def curve_frame(config: TrainConfig, allow_custom_code: bool = False
+                ) -> tuple[pd.DataFrame, str]:
     """(a DataFrame of step / learning rate, a one-line caption)."""
-    total, images = estimate_total_steps(config)
+    total, per_epoch, images = estimate_steps(config)
     if total == 0:
         return empty_frame(), ("No images found in the enabled concepts yet; the curve needs "
                                "the step count.")
     try:
-        values = lr_curve(config, total)
-    except ValueError as error:  # ADAFACTOR / CUSTOM have no formula to draw
-        return empty_frame(), f"No preview: {error}."
+        values = lr_curve(config, total, steps_per_epoch=per_epoch,
+                          allow_custom_code=allow_custom_code)
+    except (AtelierError, ValueError) as error:  # e.g. CUSTOM on a shared server
+        return empty_frame(), f"No preview: {error}"
+    if not values:
+        return empty_frame(), ("No preview: with the ADAFACTOR schedule Adafactor sets the "
+                               "learning rate itself, from the gradients.")
     stride = max(1, math.ceil(total / MAX_POINTS))
     steps = list(range(0, total, stride))
     if steps[-1] != total - 1:

@@ -36,10 +36,19 @@ def demo_model_dir() -> Path:
 
 
 def localize(value: str) -> str:
-    """'workspace/x' -> '<workspace root>/x'; other values unchanged."""
-    if isinstance(value, str) and value.replace("\\", "/").startswith(WORKSPACE_PREFIX):
+    """'workspace/x' -> '<workspace root>/x' when the workspace is not the repo's own
+    `workspace/` folder (on a Space, or with --workspace); other values unchanged."""
+    if (isinstance(value, str) and value.replace("\\", "/").startswith(WORKSPACE_PREFIX)
+            and not _is_default_workspace()):
         return str(workspace_root() / value[len(WORKSPACE_PREFIX):])
     return value
+
+
+def _is_default_workspace() -> bool:
+    """The workspace is `<repo>/workspace` and the server runs in the repo (app.py chdirs
+    there), so the presets' relative paths are right as they are."""
+    return (workspace_root() == REPO_ROOT / "workspace"
+            and Path.cwd().resolve() == REPO_ROOT)
 
 
 def localize_config(data: dict) -> dict:
@@ -60,7 +69,9 @@ def localize_config(data: dict) -> dict:
 
 
 def _repo_relative(path: str) -> str:
-    """A relative path that exists under the repo (e.g. the bundled demo dataset) -> absolute."""
-    if path and not os.path.isabs(path) and (REPO_ROOT / path).exists():
+    """A relative path under the repo (the bundled demo dataset) made absolute, unless the
+    server runs in the repo, where it reads as it is."""
+    if (path and not os.path.isabs(path) and Path.cwd().resolve() != REPO_ROOT
+            and (REPO_ROOT / path).exists()):
         return str(REPO_ROOT / path)
     return path

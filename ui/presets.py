@@ -24,7 +24,7 @@ from trainer.config import TrainConfig, unknown_keys
 from trainer.errors import ConfigError
 from trainer.io import atomic_write_text
 from ui import paths
-from ui.optimizers import parameter_specs
+from ui.optimizers import parameter_names
 
 BUILTIN = "builtin:"
 USER = "user:"
@@ -37,6 +37,10 @@ OPTIMIZER_DEFAULTS = "optimizer_defaults"
 
 # --- Listing and reading ----------------------------------------------------------------------
 
+# Titles of built-in presets that do not carry a "__name".
+BUILTIN_TITLES = {"demo": "Demo (tiny model, CPU, about a minute)"}
+
+
 def _title(path: Path) -> str:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -44,7 +48,7 @@ def _title(path: Path) -> str:
             return data["__name"]
     except (OSError, ValueError):
         pass
-    return path.stem
+    return BUILTIN_TITLES.get(path.stem, path.stem)
 
 
 def builtin_presets() -> dict[str, Path]:
@@ -152,7 +156,7 @@ def optimizer_defaults_of(data: dict) -> dict[str, dict]:
     raw = data.get(OPTIMIZER_DEFAULTS)
     if not isinstance(raw, dict):
         return {}
-    names = {spec.name for spec in parameter_specs()}
+    names = set(parameter_names())
     out = {}
     for optimizer, params in raw.items():
         if isinstance(params, dict):
@@ -255,9 +259,22 @@ def import_config(raw: Any, page_data: dict | None = None
 
 
 def export_dict(config: TrainConfig, optimizer_defaults: dict[str, dict]) -> dict:
+    """The full config as JSON data, with the page's remembered optimizer edits."""
     data = config.model_dump(mode="json")
-    data[OPTIMIZER_DEFAULTS] = optimizer_defaults
+    data[OPTIMIZER_DEFAULTS] = json_safe(optimizer_defaults)
     return data
+
+
+def json_safe(value: Any) -> Any:
+    """inf/nan (Prodigy's growth rate) as the strings the config reads back."""
+    import math
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def write_export(config: TrainConfig, optimizer_defaults: dict[str, dict]) -> Path:

@@ -16,17 +16,26 @@ from trainer.errors import ConfigError
 from trainer.session import TrainingSession
 from ui import paths
 
-SESSION = TrainingSession()
+# Custom scheduler code is off until app.py says the server is the user's own (local).
+SESSION = TrainingSession(allow_custom_code=False)
 
 
 @dataclass
 class ServerOptions:
-    # On a shared or public server (--listen, --share, a Hugging Face Space) file paths are
-    # confined to the workspace folder (SPEC §7); `--allow-any-path` lifts that.
+    # A shared or public server (--listen, --share, a Hugging Face Space): file paths are
+    # confined to the workspace folder and custom scheduler code is disabled (SPEC §7).
+    shared: bool = False
     confine_paths: bool = False
 
 
 OPTIONS = ServerOptions()
+
+
+def configure(shared: bool, allow_any_path: bool = False) -> None:
+    OPTIONS.shared = shared
+    OPTIONS.confine_paths = shared and not allow_any_path
+    SESSION.allow_custom_code = not shared
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

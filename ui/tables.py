@@ -33,6 +33,13 @@ def datatypes(model: type[BaseModel]) -> list[str]:
     return out
 
 
+def column_widths(model: type[BaseModel], wide: str) -> list[str]:
+    """The `wide` column (a folder, a prompt) gets a third of the table, the rest share."""
+    names = columns(model)
+    rest = f"{66 / max(len(names) - 1, 1):.1f}%"
+    return ["34%" if name == wide else rest for name in names]
+
+
 def column_help(model: type[BaseModel]) -> str:
     """A line per column: its label and tooltip (Dataframe headers have no tooltips)."""
     lines = []
@@ -48,7 +55,7 @@ def column_help(model: type[BaseModel]) -> str:
 def _cell(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
-    return value
+    return "" if value is None else value
 
 
 def to_frame(model: type[BaseModel], items: list[dict] | None) -> pd.DataFrame:

@@ -1,0 +1,125 @@
+"""A real Atelier server (`python app.py` in a subprocess) and a headless Chromium page.
+
+Chromium is Debian's package (`apt-get install -y chromium`), driven by the `playwright` Python
+package; `playwright install` is never run (it downloads a browser). Browser tests are skipped,
+with the reason, when either is missing; the gradio_client tests need only the server.
+
+Set ATELIER_SCREENSHOT_DIR=docs to (re)write the README screenshots while the tests run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SERVER_START_TIMEOUT = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n"
+                               + log.read_text(errors="replace")[-4000:])
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"app.py did not answer within {timeout} s:\n"
+                       + log.read_text(errors="replace")[-4000:])
+
+
+@pytest.fixture(scope="session")
+def atelier_server(tmp_path_factory):
+    """(url, workspace) of `python app.py` on a free port with a fresh workspace."""
+    # Screenshots for the README show the paths a user sees: the repo's own workspace/.
+    default_workspace = bool(os.environ.get("ATELIER_SCREENSHOT_DIR"))
+    workspace = (REPO_ROOT / "workspace" if default_workspace
+                 else tmp_path_factory.mktemp("atelier-workspace"))
+    workspace.mkdir(exist_ok=True)
+    log = tmp_path_factory.mktemp("atelier-log") / "server.log"
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    env.pop("ATELIER_WORKSPACE", None)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port),
+             *([] if default_workspace else ["--workspace", str(workspace)])],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_http(url, SERVER_START_TIMEOUT, process, log)
+        yield url, workspace
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright Python package is not installed (pip install playwright)")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(chromium, atelier_server):
+    """A fresh tab on the app, loaded, with console errors collected in `page.errors`."""
+    url, _ = atelier_server
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000},
+                                   accept_downloads=True)
+    tab = context.new_page()
+    tab.set_default_timeout(20_000)
+    tab.errors = []
+    tab.on("pageerror", lambda error: tab.errors.append(str(error)))
+    tab.goto(url)
+    tab.wait_for_selector("#start", timeout=60_000)
+    tab.wait_for_selector("#job-status", timeout=30_000)
+    yield tab
+    context.close()
+
+
+@pytest.fixture
+def screenshot_dir():
+    folder = os.environ.get("ATELIER_SCREENSHOT_DIR")
+    if not folder:
+        return None
+    path = Path(folder)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    path.mkdir(parents=True, exist_ok=True)
+    return path

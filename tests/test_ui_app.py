@@ -1,0 +1,91 @@
+"""app.py's options, the workspace, and what a shared server allows."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from trainer.config import config_from_dict
+from trainer.demo import DEMO_DATASET_DIR
+from trainer.errors import ConfigError
+from ui import paths, state
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    spec = importlib.util.spec_from_file_location("atelier_app", REPO_ROOT / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_line_options(app, monkeypatch):
+    monkeypatch.delenv("ATELIER_AUTH", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = app.parse_args([])
+    assert (args.port, args.listen, args.share, args.auth) == (7860, False, False, None)
+    args = app.parse_args(["--port", "8001", "--listen", "--auth", "ann:s3cret:x"])
+    assert args.port == 8001 and args.listen and args.auth == "ann:s3cret:x"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth", "no-password"])
+
+
+def test_workspace_is_data_on_a_space_else_the_repo(monkeypatch, tmp_path):
+    monkeypatch.delenv("ATELIER_WORKSPACE", raising=False)
+    expected = (Path("/data/workspace") if Path("/data").is_dir()
+                else paths.REPO_ROOT / "workspace")
+    assert paths.workspace_root() == expected
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path))
+    assert paths.workspace_root() == tmp_path
+    assert paths.localize("workspace/tiny-sd15") == str(tmp_path / "tiny-sd15")
+    assert paths.localize("/abs/path") == "/abs/path"
+
+
+def test_demo_model_is_built_once(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path))
+    folder = app.ensure_demo_model()
+    assert (folder / "model_index.json").is_file() and folder == tmp_path / "tiny-sd15"
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    app.ensure_demo_model()
+    assert (folder / "model_index.json").stat().st_mtime_ns == stamp
+
+
+@pytest.fixture
+def shared(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path))
+    state.configure(shared=True)
+    yield tmp_path
+    state.configure(shared=False)
+    state.SESSION.allow_custom_code = False
+
+
+def config(**data):
+    return config_from_dict(data, warn=lambda m: None)
+
+
+def test_a_shared_server_confines_paths_to_the_workspace(shared):
+    ok = config(base_model_name=str(shared / "tiny-sd15"), workspace_dir=str(shared / "run"),
+                concepts=[{"path": str(DEMO_DATASET_DIR)}, {"path": str(shared / "cats")}])
+    state.check_paths(ok)
+    state.check_paths(config(base_model_name="stabilityai/stable-diffusion-xl-base-1.0",
+                             workspace_dir=str(shared / "run")))
+    with pytest.raises(ConfigError, match="base_model_name"):
+        state.check_paths(config(base_model_name="/etc", workspace_dir=str(shared / "run")))
+    with pytest.raises(ConfigError, match="workspace_dir"):
+        state.check_paths(config(workspace_dir="/tmp/elsewhere-atelier"))
+    with pytest.raises(ConfigError, match=r"concepts\[0\].path"):
+        state.check_paths(config(workspace_dir=str(shared / "run"),
+                                 concepts=[{"path": str(shared / ".." / "outside")}]))
+    assert state.SESSION.allow_custom_code is False  # no custom scheduler code either
+
+
+def test_a_local_server_allows_any_path_and_custom_code(monkeypatch):
+    state.configure(shared=False)
+    try:
+        state.check_paths(config(base_model_name="/anywhere", workspace_dir="/tmp/x"))
+        assert state.SESSION.allow_custom_code is True
+    finally:
+        state.SESSION.allow_custom_code = False

@@ -1,0 +1,198 @@
+"""The page's fields come from the config model's metadata, keyed by config key."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+import pytest
+from pydantic import BaseModel
+
+from trainer.config import ConceptConfig, TrainConfig, config_from_dict
+from trainer.errors import ConfigError
+from ui import fields as F
+from ui import optimizers, tables
+from ui.components import ConfigNumber, page_value
+
+
+def scalar_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every scalar field of the config model, nested sections as dotted keys."""
+    keys = set()
+    for name, info in model.model_fields.items():
+        annotation, _ = F._unwrap_optional(info.annotation)
+        if F._is_model(annotation):
+            keys |= scalar_keys(annotation, f"{prefix}{name}.")
+        elif F._kind(annotation) is not None:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+@pytest.fixture(scope="module")
+def page():
+    from ui.page import build_page
+    return build_page().page
+
+
+def test_every_config_field_has_a_spec_with_label_and_tooltip():
+    assert set(F.SPECS) == scalar_keys(TrainConfig)
+    for key, spec in F.SPECS.items():
+        assert spec.label and spec.info, key
+        assert spec.section, key
+    # Lists of sub-models are tables; dicts (optimizer_defaults) live in the page's state.
+    assert {"concepts", "samples"} <= set(F.LISTS)
+
+
+def test_every_field_is_a_component_keyed_by_its_name(page):
+    from ui.page import DIALOG_KEYS
+    assert set(page.fields) | {f"optimizer.{n}" for n in page.params} == set(F.SPECS)
+    assert {f"optimizer.{n}" for n in page.params} == DIALOG_KEYS
+    assert set(page.tables) == set(F.LISTS)
+    for key, component in page.fields.items():
+        spec = F.SPECS[key]
+        assert component.label == spec.label, key
+        assert component.info.startswith(spec.info), key
+        assert component.elem_id == "field-" + key.replace(".", "-").replace("_", "-")
+
+
+def test_ranges_and_choices_reach_the_components(page):
+    rank = page.fields["lora_rank"]
+    assert isinstance(rank, ConfigNumber)
+    assert (rank.minimum, rank.maximum, rank.precision) == (1, 1024, 0)
+    assert page.fields["unmasked_weight"].maximum == 1
+    scheduler = page.fields["learning_rate_scheduler"]
+    assert [value for _, value in scheduler.choices] == F.SPECS[
+        "learning_rate_scheduler"].choices
+    assert "Range: ≥ 1, ≤ 1024." in rank.info
+    # Optional numbers are text boxes: empty means "not set".
+    assert isinstance(page.fields["text_encoder.learning_rate"], gr.Textbox)
+    assert isinstance(page.fields["clip_grad_norm"], gr.Textbox)
+
+
+def test_a_range_error_names_the_field(page):
+    with pytest.raises(gr.Error, match=r"Rank \(lora_rank\): 0 is below the minimum 1"):
+        page.fields["lora_rank"].preprocess(0)
+    assert page.fields["lora_rank"].preprocess(8) == 8
+
+
+def test_sections_in_the_documented_order():
+    order = F.sections()
+    documented = [s for s in F.TRAINING_SECTIONS if s in order]
+    assert order[:len(documented)] == documented
+    assert order.index("Optimizer") < order.index("Main settings") < order.index("LoRA")
+
+
+def test_lora_fields_apply_only_to_lora():
+    lora = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA"}
+    fine_tune = {**lora, "training_method": "FINE_TUNE"}
+    for key in F.keys_in_section("LoRA"):
+        assert F.applies(key, lora) and not F.applies(key, fine_tune)
+    assert F.section_applies("LoRA", lora) and not F.section_applies("LoRA", fine_tune)
+    assert F.applies("learning_rate", fine_tune)
+
+
+def test_text_encoders_follow_the_model_type():
+    sd15 = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA"}
+    sdxl = {**sd15, "model_type": "STABLE_DIFFUSION_XL_10_BASE"}
+    assert not F.section_applies("Text encoder 2", sd15)
+    assert F.section_applies("Text encoder 2", sdxl)
+    assert F.section_label("Text encoder", "STABLE_DIFFUSION_15") == "Text encoder"
+    assert F.section_label("Text encoder", "STABLE_DIFFUSION_XL_10_BASE") == "Text encoder 1"
+
+
+def test_custom_scheduler_fields_show_only_for_custom():
+    assert "learning_rate_scheduler" in F.controlling_keys()
+    assert not F.applies("custom_learning_rate_scheduler", {"learning_rate_scheduler": "COSINE"})
+    assert F.applies("scheduler_params", {"learning_rate_scheduler": "CUSTOM"})
+
+
+def page_values_of(config: TrainConfig) -> dict:
+    """A config as the page's components hold it."""
+    return {key: page_value(spec, value) for key, spec in F.SPECS.items()
+            for value in [F.config_to_values(config)[key]]}
+
+
+def test_values_round_trip_to_the_same_config():
+    config = config_from_dict({
+        "learning_rate": 2e-4, "resolution": "768x512", "epochs": 7, "lora_rank": 8,
+        "text_encoder": {"learning_rate": 5e-5, "train": False, "clip_skip": 2},
+        "clip_grad_norm": None, "unet": {"stop_training_after_unit": "STEP"},
+        "learning_rate_scheduler": "COSINE", "masked_training": True,
+        "optimizer": {"optimizer": "LION", "beta2": 0.98}}, warn=lambda m: None)
+    again = F.round_trip(page_values_of(config))
+    assert again == config
+
+
+def test_empty_optional_number_is_none_and_empty_required_number_is_refused():
+    values = page_values_of(TrainConfig())
+    values["text_encoder.learning_rate"] = ""
+    assert F.round_trip(values).text_encoder.learning_rate is None
+    values["text_encoder.learning_rate"] = "1e-4"
+    assert F.round_trip(values).text_encoder.learning_rate == pytest.approx(1e-4)
+    values["epochs"] = None
+    with pytest.raises(ConfigError, match=r"Epochs \(epochs\) is empty"):
+        F.round_trip(values)
+
+
+def test_bad_values_are_refused_naming_the_key():
+    values = page_values_of(TrainConfig())
+    values["resolution"] = "512x"
+    with pytest.raises(ConfigError, match="resolution"):
+        F.round_trip(values)
+    values["resolution"] = "512"
+    values["clip_grad_norm"] = "a lot"
+    with pytest.raises(ConfigError, match="clip_grad_norm"):
+        F.round_trip(values)
+
+
+def test_tables_round_trip_and_drop_blank_rows():
+    concepts = [{"path": "/data/cats", "repeats": 2.5, "prompt_source": "concept",
+                 "prompt": "a cat", "enabled": False, "loss_weight": 0.5}]
+    frame = tables.concepts_frame(concepts)
+    blank = tables.concepts_frame([{"path": ""}])  # the editor's empty last row
+    items = tables.concepts_from_frame(pd.concat([frame, blank], ignore_index=True))
+    assert [ConceptConfig.model_validate(i) for i in items] == [
+        ConceptConfig.model_validate(c) for c in concepts]
+    # The API form {"headers", "data"} reads the same.
+    api_form = {"headers": list(frame.columns), "data": frame.values.tolist()}
+    assert tables.concepts_from_frame(api_form) == items
+    samples = tables.samples_from_frame(tables.samples_frame([{"prompt": "p", "seed": 3}]))
+    assert samples[0]["seed"] == 3 and isinstance(samples[0]["width"], int)
+
+
+def test_page_config_reads_every_component_by_key(page):
+    """The Start handler's view: {component: value} -> the config, whatever the order."""
+    from ui.page import shown_optimizer_values
+    config = config_from_dict({"learning_rate": 1e-3, "epochs": 3, "lora_rank": 4,
+                               "optimizer": {"optimizer": "SGD", "momentum": 0.5},
+                               "concepts": [{"path": "/x", "repeats": 2}],
+                               "samples": [{"prompt": "a dog", "width": 64, "height": 64}]},
+                              warn=lambda m: None)
+    values = page_values_of(config)
+    data = {component: values[key] for key, component in page.fields.items()}
+    shown = shown_optimizer_values(config, {})
+    data.update({box: optimizers.display(shown.get(name)) if not isinstance(
+        shown.get(name), bool) else shown.get(name) for name, box in page.params.items()})
+    dump = config.model_dump(mode="json")
+    data.update({table: tables.to_frame(F.LISTS[key].item, dump[key])
+                 for key, table in page.tables.items()})
+    data[page.opt_memory] = {"ADAMW": {"weight_decay": 0.05}}
+    data[page.opt_current] = "SGD"
+    # Shuffle the dict: nothing may depend on the order of components.
+    data = dict(reversed(list(data.items())))
+    result, memory = page.config(data)
+    assert result.learning_rate == 1e-3 and result.epochs == 3 and result.lora_rank == 4
+    assert result.optimizer.optimizer.value == "SGD" and result.optimizer.momentum == 0.5
+    assert result.optimizer.beta1 is None  # AdamW's parameter is not SGD's
+    assert result.concepts[0].repeats == 2 and result.samples[0].prompt == "a dog"
+    assert memory["ADAMW"] == {"weight_decay": 0.05} and memory["SGD"]["momentum"] == 0.5
+    assert result.optimizer_defaults["SGD"]["momentum"] == 0.5
+
+
+def test_every_event_has_an_explicit_api_name():
+    from ui.page import build_page
+    functions = list(build_page().fns.values())
+    assert len(functions) > 20
+    names = [fn.api_name for fn in functions]
+    assert all(names), names
+    assert len(set(names)) == len(names)  # none renamed by Gradio to avoid a clash
+    for name in ("start", "start_from_page", "stop", "state", "poll", "sample_now",
+                 "save_now", "backup_now", "switch_optimizer", "load_preset"):
+        assert name in names
