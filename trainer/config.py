@@ -329,7 +329,9 @@ class TrainConfig(Strict):
 
     # Model parts
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)  # type: ignore
-    text_encoder_2: TextEncoder2Config = Field(default_factory=TextEncoder2Config)  # type: ignore
+    text_encoder_2: TextEncoder2Config = Field(  # type: ignore
+        default_factory=TextEncoder2Config,
+        json_schema_extra={"applies_to": {"model_type": ["STABLE_DIFFUSION_XL_10_BASE"]}})
     unet: UNetConfig = Field(default_factory=UNetConfig)  # type: ignore
 
     # Masked training

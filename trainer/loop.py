@@ -276,6 +276,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
                                  prompt=record["prompt"])
         except Exception as error:  # a failed sample must not end the run
             warn(f"Sampling at step {step} failed: {error}")
+        status("Training")
 
     def save(step: int, epoch: int, *, final: bool) -> None:
         """The model file: the final one at `destination`, intermediate ones beside it with
