@@ -1,7 +1,7 @@
 """Step time of the data pipeline on the tiny SD 1.5 model: latent caching off vs on, first vs
 later epochs, as ratios against the uncached run measured in the same process.
 
-    python bench/data_pipeline.py [--resolution 64] [--epochs 4] [--photos 8] [--rounds 3] [--workers]
+    python bench/data_pipeline.py [--resolution 64] [--epochs 4] [--photos 8] [--rounds 3] [--threads N] [--workers]
 
 Two datasets: the bundled demo photos (small JPEGs, cheap to decode) and `--photos` generated
 1024x768 JPEGs (what a phone gives: decoding and resizing them is real host work). The text
@@ -111,8 +111,14 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", action="store_true",
-                        help="also compare DataLoader workers 0 vs 1 (uncached)")
+                        help="also compare loading in the main process, prefetch threads and "
+                             "DataLoader worker processes (uncached)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
     try:
         model = build_tiny_sd15(root / "tiny-sd15")
@@ -126,17 +132,25 @@ def main() -> None:
         bench(model, photos, root, f"{args.photos} generated 1024x768 JPEGs", args.epochs,
               args.resolution, args.rounds)
         if args.workers:
-            print("\nDataLoader worker processes, uncached, generated JPEGs (median step):")
+            loading = {"main process, no prefetch": {"ATELIER_DATA_WORKERS": "0",
+                                                      "ATELIER_DATA_PREFETCH": "0"},
+                       "2 prefetch threads (CPU default)": {"ATELIER_DATA_WORKERS": "0"},
+                       "1 worker process": {"ATELIER_DATA_WORKERS": "1"},
+                       "2 worker processes": {"ATELIER_DATA_WORKERS": "2"}}
             steps: dict[str, list[float]] = {}
             for number in range(args.rounds):
-                for workers in ("0", "1", "2"):
-                    os.environ["ATELIER_DATA_WORKERS"] = workers
-                    times = run(model, photos, root / f"workers{workers}-{number}",
+                for label, env in loading.items():
+                    os.environ.update(env)
+                    times = run(model, photos, root / f"loading{number}-{len(steps)}",
                                 caching=False, epochs=args.epochs, resolution=args.resolution)
-                    steps.setdefault(workers, []).extend(sum(times, []))
-            os.environ.pop("ATELIER_DATA_WORKERS")
-            for workers, values in steps.items():
-                print(f"  {workers} worker(s): {median(values) * 1000:7.1f} ms")
+                    for key in env:
+                        os.environ.pop(key)
+                    steps.setdefault(label, []).extend(sum(times, []))
+            baseline = median(steps["main process, no prefetch"])
+            print("\nLoading the generated JPEGs, caching off: median step, ratio")
+            for label, values in steps.items():
+                print(f"  {label:40s} {median(values) * 1000:7.1f} ms  "
+                      f"{median(values) / baseline:5.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -42,6 +42,14 @@ def test_buckets_have_the_target_area_and_quantised_sides(size, quantum):
     assert 3.5 <= widest <= 4.5
 
 
+def test_coarse_sides_never_change_the_area_much():
+    """SDXL's 64 px steps at a small size: only the buckets near the asked area are kept."""
+    assert bucket_sizes(TargetSize(64, 64), 64) == [(64, 64)]
+    for target, quantum in ((512, 64), (48, 8), (1024, 64)):
+        for w, h in bucket_sizes(TargetSize(target, target), quantum):
+            assert 0.8 <= w * h / target**2 <= 1.25
+
+
 def test_exact_size_is_its_own_only_bucket():
     assert bucket_sizes(TargetSize(768, 512, exact=True)) == [(768, 512)]
 
@@ -253,6 +261,36 @@ def test_loader_workers_follow_the_epoch(tmp_path):
             assert batch["caption"] == expected["caption"]
 
 
+def test_prefetch_threads_give_the_same_batches(tmp_path):
+    """The sampler announces the batch after next; threads load it while the step runs. What
+    arrives is exactly what loading on demand gives, epoch after epoch."""
+    for i in range(6):
+        Image.effect_noise((60 + 8 * i, 40), 60 + i).convert("RGB").save(tmp_path / f"{i}.png")
+    items = [ImageItem(tmp_path / f"{i}.png", "one\ntwo", None, 1.0, 0, size=(60 + 8 * i, 40),
+                       crop_jitter=True, random_flip=True) for i in range(6)]
+
+    def batches(prefetch):
+        dataset = TrainDataset(items, (32, 32), seed=2)
+        sampler = BucketBatchSampler(dataset, plan_buckets(items, "32,40", bucketing=True,
+                                                           quantum=8), 2, 2)
+        if prefetch:
+            dataset.enable_prefetch()
+            sampler.prefetch = True
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        out = []
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            out += [(b["pixel_values"], b["caption"], b["crop_top_left"]) for b in loader]
+        return out, dataset
+
+    plain, _ = batches(False)
+    fetched, dataset = batches(True)
+    assert len(plain) == len(fetched) > 6
+    for (a, ca, ta), (b, cb, tb) in zip(plain, fetched):
+        assert torch.equal(a, b) and ca == cb and ta == tb
+    assert len(dataset._pending) <= 2  # only the last announcement is left unused
+
+
 # --------------------------------------------------------------------------------------------
 # Through the pipeline the loop uses
 
@@ -274,3 +312,43 @@ def test_pipeline_reports_buckets_and_counts_exact_epoch_steps(tmp_path):
     assert data.epoch_steps(1, num_processes=2) == [2]
     assert data.epoch_steps(1, accumulation=3) == [2]
     assert "Buckets at 64 px" in (tmp_path / "ws" / "data.log").read_text()
+
+
+def test_real_run_trains_at_every_listed_size_and_only_those(tiny_sd15_dir, tmp_path,
+                                                             monkeypatch):
+    """Through the loop: the latents of each step have the size of a bucket of one of the
+    listed resolutions; every listed resolution is used; the step count is exact."""
+    import trainer.data.loader
+    from trainer.control import Control
+    from trainer.data.dataset import collect_items
+    from trainer.demo import DEMO_DATASET_DIR
+    from trainer.loop import train
+
+    shapes = []
+    original = trainer.data.loader.batch_latents
+
+    def spy(batch, *args, **kwargs):
+        latents = original(batch, *args, **kwargs)
+        shapes.append(tuple(latents.shape[-2:]))
+        return latents
+
+    monkeypatch.setattr(trainer.data.loader, "batch_latents", spy)
+    config = config_from_dict({
+        "base_model_name": str(tiny_sd15_dir), "workspace_dir": str(tmp_path / "ws"),
+        "concepts": [{"path": str(DEMO_DATASET_DIR)}], "resolution": "48,64",
+        "train_dtype": "FLOAT_32", "gradient_checkpointing": False,
+        "learning_rate_warmup_steps": 0, "lora_rank": 4, "batch_size": 2, "epochs": 10})
+    events = []
+    result = train(config, Control(on_event=events.append))
+    expected = set()
+    for item in collect_items(config.concepts):
+        for size in (48, 64):
+            w, h = closest_bucket(item.size, bucket_sizes(TargetSize(size, size)))
+            expected.add((h // 8, w // 8))
+    assert expected == {(6, 6), (5, 8), (8, 8), (7, 10)}
+    assert set(shapes) == expected and len(shapes) == result.global_step == 30
+    statuses = [e["message"] for e in events if e["type"] == "status"]
+    assert "Buckets at 48 px (images per epoch): 64x40: 3, 48x48: 2" in statuses
+    assert "Buckets at 64 px (images per epoch): 80x56: 3, 64x64: 2" in statuses
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["total_steps"] == 30 and progress[-1]["epoch_step"] == 3

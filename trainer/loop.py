@@ -7,7 +7,6 @@ the CLI's main thread, and once per process under `accelerate launch`. It report
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from dataclasses import dataclass

@@ -30,6 +30,7 @@ from trainer.config import TargetSize, parse_resolution
 ASPECT_RATIOS = (1.0, 1.25, 4 / 3, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 SD15_QUANTUM = 8
+MIN_AREA_SHARE = 0.8  # a bucket's area stays within 80%..125% of the target's
 SDXL_QUANTUM = 64
 
 
@@ -52,11 +53,14 @@ def bucket_sizes(target: TargetSize | tuple[int, int], quantum: int = SD15_QUANT
     if target.exact:
         return [(target.width, target.height)]
     area = target.width * target.height
-    sizes = set()
+    sizes = {(_round_to(target.width, quantum), _round_to(target.height, quantum))}
     for ratio in ratios:
         for r in (ratio, 1 / ratio):
-            sizes.add((_round_to(math.sqrt(area * r), quantum),
-                       _round_to(math.sqrt(area / r), quantum)))
+            size = (_round_to(math.sqrt(area * r), quantum), _round_to(math.sqrt(area / r), quantum))
+            # Rounding to coarse steps (64 px at small sizes) can miss the area badly: such a
+            # bucket would train at another resolution than asked, so it is left out.
+            if MIN_AREA_SHARE <= size[0] * size[1] / area <= 1 / MIN_AREA_SHARE:
+                sizes.add(size)
     return sorted(sizes, key=lambda wh: (wh[0] / wh[1], wh[0]))
 
 
@@ -130,6 +134,9 @@ class BucketBatchSampler:
         self.plan = plan
         self.max_batch_size = int(batch_size)  # not `batch_size`: see the module docstring
         self.seed = int(seed)
+        # Announce the next batch to the dataset (single process, no worker processes: under
+        # DDP this process trains only every n-th batch).
+        self.prefetch = False
 
     def _by_group(self) -> dict[int, list[int]]:
         members: dict[int, list[int]] = {}
@@ -157,7 +164,12 @@ class BucketBatchSampler:
         return result
 
     def __iter__(self):
-        return iter(self.batches())
+        batches = self.batches()
+        for number, batch in enumerate(batches):
+            if self.prefetch and number + 1 < len(batches):
+                # The loader reads one batch ahead; announce the one after it.
+                self.dataset.prefetch(batches[number + 1])
+            yield batch
 
     def __len__(self) -> int:
         return sum(math.ceil(len(s) / self.max_batch_size) for s in self._by_group().values())

@@ -488,6 +488,8 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.latent_cache = None  # set by the data pipeline once the VAE is known
+        self._pool = None         # prefetch threads (see enable_prefetch)
+        self._pending: dict = {}
         self._indices = epoch_indices(self.items, self.seed, self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -509,7 +511,40 @@ class TrainDataset(torch.utils.data.Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([_entropy(self.seed), _entropy(self.epoch), index])
 
+    # -- prefetch: decode the next batch in threads while the current one trains -----------
+
+    def enable_prefetch(self, threads: int = 2) -> None:
+        """Load samples announced by `prefetch` in background threads (Pillow's decode and
+        resize release the GIL, so they overlap the training step). For a DataLoader without
+        worker processes; a sample is the same whichever thread loads it."""
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="atelier-prefetch")
+
+    def prefetch(self, refs: Sequence) -> None:
+        """Start loading these indices (the batch after the next one)."""
+        if self._pool is None:
+            return
+        if len(self._pending) > 4 * max(len(refs), 1):  # announced but never asked for
+            self._pending.clear()
+        for ref in refs:
+            key = tuple(ref) if isinstance(ref, (tuple, list)) else ref
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self._load, ref)
+
+    def __getstate__(self):  # DataLoader workers get the dataset without the thread pool
+        state = dict(self.__dict__)
+        state["_pool"], state["_pending"] = None, {}
+        return state
+
     def __getitem__(self, index) -> dict:
+        if self._pool is not None:
+            key = tuple(index) if isinstance(index, (tuple, list)) else index
+            future = self._pending.pop(key, None)
+            if future is not None:
+                return future.result()
+        return self._load(index)
+
+    def _load(self, index) -> dict:
         if isinstance(index, (tuple, list)):
             if len(index) > 3 and int(index[3]) != self.epoch:
                 # A DataLoader worker's copy of the dataset follows the sampler's epoch.

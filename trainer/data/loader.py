@@ -1,5 +1,5 @@
 """The data side of the training loop in one object: dataset, bucket sampler, DataLoader, caches
-and what the run is told about them. The loop calls it in five places:
+and what the run is told about them. The loop calls it here:
 
     data = DataPipeline(config, items, warn=warn, status=status, is_main=is_main)
     dataloader = data.make_loader(family, device)          # after the model is loaded
@@ -30,11 +30,19 @@ from trainer.data.dataset import ImageItem, TrainDataset, collate
 from trainer.data.images import oriented_size
 
 
+def _processes() -> int:
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size()
+    return 1
+
+
 def loader_workers(device: torch.device | str) -> int:
     """DataLoader worker processes. On a GPU the step is fast and the CPU is free: decode in
-    workers. On a CPU-only machine the step itself uses every core, decoding is a small share
-    of it (bench/data_pipeline.py) and the latent cache removes it after the first epoch, so
-    the main process decodes. ATELIER_DATA_WORKERS overrides."""
+    workers. On a CPU-only machine the step itself uses every core; there two prefetch threads
+    of the main process decode the next batch while the current one trains (Pillow releases
+    the GIL), and the latent cache removes the decoding after the first epoch.
+    ATELIER_DATA_WORKERS overrides (ATELIER_DATA_PREFETCH=0 turns the threads off)."""
     override = os.environ.get("ATELIER_DATA_WORKERS", "").strip()
     if override.isdigit():
         return int(override)
@@ -110,9 +118,17 @@ class DataPipeline:
             self.dataset.latent_cache = self.latent_cache
             self.text_cache = self._text_cache(family)
         workers = loader_workers(device) if workers is None else workers
+        if workers == 0 and _processes() == 1 and os.environ.get("ATELIER_DATA_PREFETCH") != "0":
+            self.dataset.enable_prefetch()
+            self.sampler.prefetch = True
+        # Its own generator: the DataLoader draws a seed for its workers at every epoch, and
+        # must not take it from the global RNG, which the step's draws (unmasked samples) use
+        # and a backup restores.
+        generator = torch.Generator().manual_seed(config.seed)
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda")
+            persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda",
+            generator=generator)
 
     def _text_cache(self, family) -> TextCache | None:
         config = self.config
