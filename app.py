@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=server_name, server_port=args.port, share=args.share, auth=auth,
                 allowed_paths=[str(workspace)], css=CSS, theme=gr.themes.Soft(),
+                # uploads (imported configs) are small; cap them where strangers can send
+                max_file_size="5mb" if shared else None,
                 footer_links=["api", "settings"], show_error=True)
 
 
