@@ -5,6 +5,7 @@ from safetensors import safe_open
 
 import trainer.loop as loop_module
 from trainer.backup import list_backups
+from trainer.config import TimeUnit
 from trainer.control import Control
 from trainer.errors import ConfigError, TrainingError
 from trainer.loop import train
@@ -96,7 +97,7 @@ def test_a_crash_mid_backup_leaves_the_previous_backup_usable(tiny_sd15_dir, tmp
     (root / ".tmp-step-5-123").mkdir()
     (root / ".tmp-step-5-123" / "progress.json").write_text("{}")
     resumed = train(config.model_copy(update={"continue_last_backup": True,
-                                                "backup_after_unit": "NEVER"}))
+                                                "backup_after_unit": TimeUnit.NEVER}))
     assert resumed.global_step == 6
     assert read_metrics(config)[2]["step"] == 3  # continued after step 2
 

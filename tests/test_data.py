@@ -500,3 +500,28 @@ def test_demo_dataset_has_five_captioned_masked_photos():
     assert 0.05 < sample["mask"].mean() < 0.95  # marks a subject, not the whole frame
     total = sum(p.stat().st_size for p in DEMO_DATASET_DIR.iterdir())
     assert total < 300_000
+
+
+def test_a_mask_that_is_not_png_is_ignored_with_a_warning_and_never_trained(tmp_path):
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(tmp_path / "leaf.png")
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "leaf-masklabel.jpg")
+    warnings = []
+    items = collect_items([SimpleNamespace(path=str(tmp_path), enabled=True, repeats=1,
+                                           prompt_source="filename", prompt="",
+                                           loss_weight=1.0)], warn=warnings.append)
+    assert [i.image_path.name for i in items] == ["leaf.png"]
+    assert items[0].mask_path is None
+    assert any("leaf-masklabel.jpg" in w and "must be PNG" in w for w in warnings)
+
+
+def test_a_huge_image_is_skipped_naming_it(tmp_path, monkeypatch):
+    Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
+    Image.new("RGB", (400, 400)).save(tmp_path / "huge.png")
+    # Pillow's decompression-bomb guard: past twice MAX_IMAGE_PIXELS it refuses to decode
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)
+    warnings = []
+    items = collect_items([SimpleNamespace(path=str(tmp_path), enabled=True, repeats=1,
+                                           prompt_source="filename", prompt="",
+                                           loss_weight=1.0)], warn=warnings.append)
+    assert [i.image_path.name for i in items] == ["ok.png"]
+    assert any("huge.png" in w and "too large" in w for w in warnings)

@@ -28,8 +28,10 @@ from PIL import Image
 
 from trainer.data.images import (
     IMAGE_EXTENSIONS,
+    MASK_SUFFIX,
     UnreadableImageError,
     is_image_file,
+    is_misnamed_mask,
     load_image_rgb,
     load_mask,
     mask_path_for,
@@ -208,6 +210,8 @@ def _collect_concept(concept: Any, index: int, warn: Callable[[str], None]) -> l
             f"(concepts[{index}].prompt_source; one of {', '.join(PROMPT_SOURCES)})"
         )
     files = _list_image_files(folder, bool(getattr(concept, "include_subdirectories", False)))
+    for odd in sorted(p for p in folder.iterdir() if p.is_file() and is_misnamed_mask(p)):
+        warn(f"Ignoring '{odd}': masks must be PNG files named <image name>{MASK_SUFFIX}.png")
     if not files:
         raise DatasetError(
             f"Concept {number}: folder '{folder}' holds no images "

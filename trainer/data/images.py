@@ -43,6 +43,12 @@ def is_mask_file(path: Path) -> bool:
     return path.suffix.lower() == MASK_EXTENSION and path.stem.lower().endswith(MASK_SUFFIX)
 
 
+def is_misnamed_mask(path: Path) -> bool:
+    """`<stem>-masklabel.jpg` and the like: meant as a mask, but masks are PNG (lossless, one
+    channel). Never a training image either; the dataset warns about it."""
+    return path.stem.lower().endswith(MASK_SUFFIX) and not is_mask_file(path)
+
+
 def is_image_file(path: Path) -> bool:
     """A file that may be a training image: a known extension, not a mask, not hidden.
 
@@ -53,6 +59,7 @@ def is_image_file(path: Path) -> bool:
         path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
         and not path.name.startswith(".")
         and not is_mask_file(path)
+        and not is_misnamed_mask(path)
     )
 
 
