@@ -15,6 +15,12 @@ from trainer.errors import ConfigError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_inside(path: Path, roots: list[Path]) -> bool:
+    """True if `path`, with symlinks and '..' resolved, lies in one of `roots`."""
+    resolved = path.expanduser().resolve()
+    return any(resolved == r or r in resolved.parents for r in (x.resolve() for x in roots))
+
+
 def confine_path(value: str, root: Path, field: str) -> str:
     """`value` resolved inside `root` (relative paths are taken from the root)."""
     root = root.resolve()
@@ -22,7 +28,7 @@ def confine_path(value: str, root: Path, field: str) -> str:
     if not candidate.is_absolute():
         candidate = root / candidate
     resolved = candidate.resolve()  # follows symlinks, removes '..'
-    if resolved != root and root not in resolved.parents:
+    if not is_inside(resolved, [root]):
         raise ConfigError(f"{field}: '{value}' is outside the workspace folder {root}; on this "
                           "shared server every path must lie inside it.")
     return str(resolved)

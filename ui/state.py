@@ -13,6 +13,7 @@ from pathlib import Path
 from trainer.config import TrainConfig
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.errors import ConfigError
+from trainer.security import is_inside
 from trainer.session import TrainingSession
 from ui import paths
 
@@ -40,11 +41,6 @@ def configure(shared: bool, allow_any_path: bool = False) -> None:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    resolved = path.expanduser().resolve()
-    return any(resolved == root or root in resolved.parents for root in roots)
-
-
 def check_paths(config: TrainConfig) -> None:
     """On a shared server, refuse paths outside the workspace (naming the key)."""
     if not OPTIONS.confine_paths:
@@ -58,7 +54,7 @@ def check_paths(config: TrainConfig) -> None:
             return
         looks_local = (os.path.isabs(value) or value.startswith((".", "~"))
                        or Path(value).exists() or not _HUB_ID.match(value))
-        if looks_local and not _inside(Path(value), readable):
+        if looks_local and not is_inside(Path(value), readable):
             raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
                               "models are read from the workspace or the Hugging Face hub.")
 
@@ -66,9 +62,9 @@ def check_paths(config: TrainConfig) -> None:
     model_source("vae_model_name", config.vae_model_name)
     for key in ("output_model_destination", "workspace_dir"):
         value = getattr(config, key)
-        if value and not _inside(Path(value), [workspace]):
+        if value and not is_inside(Path(value), [workspace]):
             raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
                               "outputs are written there only.")
     for i, concept in enumerate(config.concepts):
-        if not _inside(Path(concept.path), readable):
+        if not is_inside(Path(concept.path), readable):
             raise ConfigError(f"concepts[{i}].path: '{concept.path}' is outside {where}.")
