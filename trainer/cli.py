@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", action="append", default=[],
                        help="a partial JSON config layered under --config (repeatable)")
 
+    convert = sub.add_parser("convert-checkpoint",
+                             help="convert a trusted pickle .ckpt to .safetensors (local only)")
+    convert.add_argument("source")
+    convert.add_argument("destination")
+
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD model (offline demo)")
     tiny.add_argument("family", choices=["sd15", "sdxl"])
     tiny.add_argument("out_dir")
@@ -114,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "convert-checkpoint":
+            from trainer.models.convert import convert_pickle_checkpoint
+            print(f"Wrote {convert_pickle_checkpoint(args.source, args.destination)}")
+            return 0
         return run_make_tiny_model(args)
     except AtelierError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -153,7 +153,8 @@ def _local_source(path: pathlib.Path, name: str, field: str) -> _Source:
         raise ModelLoadError(
             f"{field}: '{path}' is a pickle file ({suffix}). Only .safetensors files and "
             "diffusers folders are loaded, because pickle files can run arbitrary code when "
-            "opened. Convert it to .safetensors first."
+            "opened. If you trust it, convert it on your own machine first: "
+            f"python -m trainer convert-checkpoint '{path}' '{path.with_suffix('.safetensors')}'"
         )
     if suffix != ".safetensors":
         raise ModelLoadError(
