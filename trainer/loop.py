@@ -191,7 +191,6 @@ def train(config: TrainConfig, control: Control | None = None, *,
              f"rate to 1 (learning_rate is {config.learning_rate:g}), use a CONSTANT or COSINE "
              "schedule and a small batch (~4).")
 
-    loader_generator = torch.Generator().manual_seed(config.seed)
     dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
 
     prepared = accelerator.prepare(*[family.parts[p] for p in parts], optimizer, dataloader)
@@ -301,14 +300,14 @@ def train(config: TrainConfig, control: Control | None = None, *,
     named_params = {f"{part}/{name}": param for part in parts
                     for name, param in family.parts[part].named_parameters()
                     if any(param is p for g in param_groups for p in g["params"])}
-    generators = {"loader": loader_generator, "noise": noise_generator}
+    # The data order needs no saved state: the bucket sampler shuffles from (seed, epoch).
+    generators = {"noise": noise_generator}
     backup_cadence = Cadence(config.backup_after, config.backup_after_unit)
     save_cadence = Cadence(config.save_every, config.save_every_unit)
     smooth = SmoothedValue()
-    progress = {"step": 0, "epoch": 0, "batches_done": 0,
-                "epoch_loader_state": loader_generator.get_state()}
+    progress = {"step": 0, "epoch": 0, "batches_done": 0}
 
-    def backup(step: int, epoch: int, batches_done: int, loader_state) -> None:
+    def backup(step: int, epoch: int, batches_done: int) -> None:
         accelerator.wait_for_everyone()
         if is_main:
             status(f"Writing a backup at step {step}")
@@ -318,7 +317,6 @@ def train(config: TrainConfig, control: Control | None = None, *,
                 extra_state={"schedule": schedule.state_dict(),
                              "ema": ema.state_dict() if ema else None,
                              "rng": capture_rng(generators),
-                             "epoch_loader_state": loader_state,
                              "smooth": [smooth._avg, smooth._n]},
                 keep=config.rolling_backup_count if config.rolling_backup else None)
             control.emit("backup", path=str(folder), step=step)
@@ -340,7 +338,6 @@ def train(config: TrainConfig, control: Control | None = None, *,
             restore_rng(saved["extra"]["rng"], generators)
             smooth._avg, smooth._n = saved["extra"]["smooth"]
             progress.update(saved["progress"])
-            progress["epoch_loader_state"] = saved["extra"]["epoch_loader_state"]
             status(f"Continuing from {found[-1]} at step {progress['step']}")
 
     # --- train ---
@@ -355,13 +352,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
     try:
         for epoch in range(progress["epoch"], config.epochs):
             data.set_epoch(dataloader, epoch)
-            # The shuffle of this epoch comes from the loader generator's state at its start;
-            # a resumed run sets that state back and skips the batches already trained.
-            resuming = epoch == progress["epoch"] and progress["batches_done"] > 0
-            if epoch == progress["epoch"]:
-                loader_generator.set_state(progress["epoch_loader_state"])
-            epoch_loader_state = loader_generator.get_state()
-            skip = progress["batches_done"] if resuming else 0
+            # The epoch's batch order comes from (seed, epoch); a resumed run skips the
+            # batches it already trained in its first epoch.
+            skip = progress["batches_done"] if epoch == progress["epoch"] else 0
             batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
             accumulated, micro, batches_done, batches_at_step = 0.0, 0, skip, skip
             for batch in batches:
@@ -417,7 +410,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
                         epoch_ended=False, epoch=epoch):
                     sample(step, epoch)
                 if control.take_request("backup") or backup_cadence.due_after_step(step):
-                    backup(step, epoch, batches_at_step, epoch_loader_state)
+                    backup(step, epoch, batches_at_step)
                 if control.take_request("save") or save_cadence.due_after_step(step):
                     save(step, epoch, final=False)
                 if control.stop_requested:
@@ -430,15 +423,15 @@ def train(config: TrainConfig, control: Control | None = None, *,
                       epoch_ended=True, epoch=epoch + 1):
                 sample(step, epoch + 1)
             if backup_cadence.due_after_epoch(epoch + 1):
-                backup(step, epoch + 1, 0, loader_generator.get_state())
+                backup(step, epoch + 1, 0)
             if save_cadence.due_after_epoch(epoch + 1) and epoch + 1 < config.epochs:
                 save(step, epoch + 1, final=False)
         epochs_done = epoch + (0 if stopped else 1)
         if stopped or config.backup_before_save:
             if stopped:
-                backup(step, epoch, batches_at_step, epoch_loader_state)
+                backup(step, epoch, batches_at_step)
             else:
-                backup(step, epochs_done, 0, loader_generator.get_state())
+                backup(step, epochs_done, 0)
         save(step, epochs_done, final=True)
     finally:
         metrics.close()
