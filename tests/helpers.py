@@ -23,3 +23,27 @@ def tiny_config(model_dir, tmp_path, **overrides):
 def read_metrics(config):
     with open(f"{config.workspace_dir}/metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def sdxl_config(model_dir, tmp_path, **overrides):
+    """tiny_config for the tiny SDXL: both text encoders and the UNet trained."""
+    data = {"model_type": "STABLE_DIFFUSION_XL_10_BASE",
+            "text_encoder_2": {"train": True, "stop_training_after_unit": "NEVER"}}
+    data.update(overrides)
+    return tiny_config(model_dir, tmp_path, **data)
+
+
+LAST_STEP_SAMPLE = {"prompt": "a photo of a cat", "seed": 7, "width": 64, "height": 64,
+                    "diffusion_steps": 4, "cfg_scale": 3.0}
+
+
+def train_sampling_at_the_end(make_config, model_dir, tmp_path):
+    """A 4-epoch run that samples at its last step, so the trained model's image is on disk.
+    Returns (config, result, events, sample)."""
+    from trainer.control import Control
+    from trainer.loop import train
+    config = make_config(model_dir, tmp_path, epochs=4, lora_alpha=3.0,
+                         samples=[LAST_STEP_SAMPLE], sample_after=4, sample_after_unit="EPOCH")
+    events = []
+    result = train(config, Control(on_event=events.append))
+    return config, result, events, LAST_STEP_SAMPLE

@@ -11,7 +11,7 @@ from trainer.control import Control
 from trainer.errors import ConfigError, DatasetError, ModelLoadError, TrainingError
 from trainer.loop import train
 
-from helpers import read_metrics, tiny_config
+from helpers import read_metrics, tiny_config, train_sampling_at_the_end
 
 
 def test_tiny_lora_loss_falls(tiny_sd15_dir, tmp_path):
@@ -30,14 +30,7 @@ def test_tiny_lora_loss_falls(tiny_sd15_dir, tmp_path):
 @pytest.fixture(scope="module")
 def trained_lora(tiny_sd15_dir, tmp_path_factory):
     """A short run that samples at its last step, so the trained pipeline's image is on disk."""
-    tmp_path = tmp_path_factory.mktemp("lora")
-    sample = {"prompt": "a photo of a cat", "seed": 7, "width": 64, "height": 64,
-              "diffusion_steps": 4, "cfg_scale": 3.0}
-    config = tiny_config(tiny_sd15_dir, tmp_path, epochs=4, lora_alpha=3.0,
-                         samples=[sample], sample_after=4, sample_after_unit="EPOCH")
-    events = []
-    result = train(config, Control(on_event=events.append))
-    return config, result, events, sample
+    return train_sampling_at_the_end(tiny_config, tiny_sd15_dir, tmp_path_factory.mktemp("lora"))
 
 
 def test_saved_lora_has_only_kohya_keys_and_configured_alpha(trained_lora):

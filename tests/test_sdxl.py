@@ -10,35 +10,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from trainer.config import config_from_dict
-from trainer.control import Control
-from trainer.demo import DEMO_DATASET_DIR
 from trainer.loop import train
 from trainer.models.family import load_family
 from trainer.models.tiny import build_tiny_sdxl
 
-
-def sdxl_config(model_dir, tmp_path, **overrides):
-    """A run that takes seconds: 64 px, rank 4, fp32, no warmup, no checkpointing; both
-    text encoders and the UNet trained."""
-    data = {
-        "model_type": "STABLE_DIFFUSION_XL_10_BASE",
-        "base_model_name": str(model_dir),
-        "workspace_dir": str(tmp_path / "ws"),
-        "concepts": [{"path": str(DEMO_DATASET_DIR)}],
-        "resolution": "64", "train_dtype": "FLOAT_32", "gradient_checkpointing": False,
-        "learning_rate": 1e-2, "learning_rate_warmup_steps": 0,
-        "lora_rank": 4, "lora_alpha": 2.0, "batch_size": 2, "epochs": 2,
-        "text_encoder": {"train": True, "stop_training_after_unit": "NEVER"},
-        "text_encoder_2": {"train": True, "stop_training_after_unit": "NEVER"},
-    }
-    data.update(overrides)
-    return config_from_dict(data)
-
-
-def read_metrics(config):
-    with open(f"{config.workspace_dir}/metrics.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+from helpers import read_metrics, sdxl_config, train_sampling_at_the_end
 
 
 def lora_keys(path):
@@ -184,14 +160,8 @@ def test_sdxl_lora_loss_falls_and_each_part_has_its_learning_rate(tiny_sdxl_dir,
 @pytest.fixture(scope="module")
 def trained_sdxl_lora(tiny_sdxl_dir, tmp_path_factory):
     """A short run of both TEs and the UNet that samples at its last step."""
-    tmp_path = tmp_path_factory.mktemp("sdxl-lora")
-    sample = {"prompt": "a photo of a cat", "seed": 7, "width": 64, "height": 64,
-              "diffusion_steps": 4, "cfg_scale": 3.0}
-    config = sdxl_config(tiny_sdxl_dir, tmp_path, epochs=4, lora_alpha=3.0,
-                         samples=[sample], sample_after=4, sample_after_unit="EPOCH")
-    events = []
-    result = train(config, Control(on_event=events.append))
-    return config, result, events, sample
+    return train_sampling_at_the_end(sdxl_config, tiny_sdxl_dir,
+                                     tmp_path_factory.mktemp("sdxl-lora"))
 
 
 def test_sdxl_lora_file_is_kohya_with_sdxl_metadata(trained_sdxl_lora):

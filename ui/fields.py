@@ -91,12 +91,8 @@ class FieldSpec:
         return [(CHOICE_LABELS.get(c, c), c) for c in self.choices]
 
     def range_text(self) -> str:
-        parts = []
-        if self.minimum is not None:
-            parts.append(f"{'>' if self.exclusive_min else '≥'} {self.minimum:g}")
-        if self.maximum is not None:
-            parts.append(f"{'<' if self.exclusive_max else '≤'} {self.maximum:g}")
-        return ", ".join(parts)
+        return range_text(self.minimum, self.maximum, exclusive_min=self.exclusive_min,
+                          exclusive_max=self.exclusive_max)
 
 
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
@@ -351,3 +347,14 @@ def defaults() -> dict[str, Any]:
 def round_trip(values: dict[str, Any]) -> TrainConfig:
     """Page values -> a validated config (raises ConfigError naming the key)."""
     return config_from_dict(values_to_dict(values), warn=lambda message: None)
+
+
+def range_text(minimum: float | None, maximum: float | None, *, exclusive_min: bool = False,
+               exclusive_max: bool = False) -> str:
+    """'≥ 0, < 1' for a field's or an optimizer parameter's range (shown in its tooltip)."""
+    parts = []
+    if minimum is not None:
+        parts.append(f"{'>' if exclusive_min else '≥'} {minimum:g}")
+    if maximum is not None:
+        parts.append(f"{'<' if exclusive_max else '≤'} {maximum:g}")
+    return ", ".join(parts)

@@ -16,6 +16,7 @@ from typing import Any
 
 from trainer.config import Optimizer
 from trainer.optim.registry import ADAPTIVE, SCHEMAS, Param, optimizer_schema
+from ui import fields
 from ui.fields import display_number, parse_number
 
 OPTIMIZER_KEY = "optimizer.optimizer"
@@ -57,12 +58,7 @@ def param_kind(name: str) -> str:
 
 
 def range_text(param: Param) -> str:
-    parts = []
-    if param.minimum is not None:
-        parts.append(f"≥ {param.minimum:g}")
-    if param.maximum is not None:
-        parts.append(f"{'<' if param.below_maximum else '≤'} {param.maximum:g}")
-    return ", ".join(parts)
+    return fields.range_text(param.minimum, param.maximum, exclusive_max=param.below_maximum)
 
 
 def tooltip(param: Param) -> str:
