@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 
@@ -32,6 +33,20 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o644)  # safetensors creates 0600 files; outputs are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save_png(image: Image.Image, path: str | Path) -> None:
+    """Write `image` as PNG; an existing file at `path` is replaced only once the new one is
+    complete, so a failed write (full disk, crash, an encoder error) keeps the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        image.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
