@@ -10,7 +10,7 @@ from trainer.control import Control
 from trainer.errors import ConfigError, TrainingError
 from trainer.loop import train
 
-from helpers import read_metrics, tiny_config
+from helpers import RUNS_ARE_BIT_EXACT, read_metrics, same_trained, tiny_config
 
 
 def stop_at(step):
@@ -56,7 +56,10 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(extra, tiny_sd15
     a, b = weights(reference.output_path), weights(resumed.output_path)
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+        if RUNS_ARE_BIT_EXACT:
+            assert torch.allclose(a[key], b[key], atol=1e-6), key
+        else:
+            assert same_trained(a[key], b[key]), key
 
 
 def test_rolling_backups_keep_the_newest(tiny_sd15_dir, tmp_path):

@@ -21,6 +21,8 @@ from trainer.data.dataset import (ImageItem, TrainDataset, collate, latent_mask,
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.loop import train
 
+from helpers import RUNS_ARE_BIT_EXACT
+
 
 def run(model_dir, workspace, data, **overrides):
     """A 1-epoch tiny run; returns (status messages, result)."""
@@ -116,7 +118,7 @@ def test_cached_training_trains_what_uncached_training_trains(tiny_sd15_dir, tmp
             # Adam divides by the gradients' running RMS, so rounding-level differences of
             # tiny gradients show in single weights; the tensors as a whole agree closely.
             difference = (trained[key] - value).norm() / value.norm().clamp(min=1e-12)
-            assert difference < 1e-3, (key, float(difference))
+            assert difference < (1e-3 if RUNS_ARE_BIT_EXACT else 5e-3), (key, float(difference))
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def test_two_processes_under_accelerate_launch(tmp_path):
     model = tmp_path / "tiny"
     assert run("make-tiny-model", "sd15", str(model)).returncode == 0
     config = write_config(tmp_path, model, batch_size=1, epochs=2)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # CUDA hidden: on a one-GPU machine two NCCL ranks cannot share the card; this test is about
+    # the CPU (gloo) path, which every machine has.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
