@@ -1,11 +1,12 @@
 """Command line: the same engine as the page, headless, with a terminal progress bar.
 
     python -m trainer train --config my.json [--set key=value ...]
-    python -m trainer make-tiny-model sd15 OUT_DIR        (or sdxl)
+    python -m trainer make-tiny-model sd15 OUT_DIR        (or sdxl, or clipseg)
+    python -m trainer masks --folder DIR --method clipseg --prompt "a cat" [--mode fill ...]
     accelerate launch -m trainer train --config my.json     # several GPUs (DDP)
 
 Bad input ends with a one-line message and exit status 2; Ctrl-C once stops after the current
-step and saves, twice aborts.
+step and saves, twice aborts. `masks` exits 1 when some image failed (the others are done).
 """
 from __future__ import annotations
 
@@ -36,10 +37,33 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("source")
     convert.add_argument("destination")
 
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD model (offline demo)")
-    tiny.add_argument("family", choices=["sd15", "sdxl"])
+    tiny = sub.add_parser("make-tiny-model",
+                          help="write a tiny random SD model, or CLIPSeg for masks (offline demo)")
+    tiny.add_argument("family", choices=["sd15", "sdxl", "clipseg"])
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
+
+    from trainer.masks.clipseg import DEFAULT_CLIPSEG_MODEL
+    masks = sub.add_parser("masks", help="write <image>-masklabel.png masks for a folder",
+                           description="Masks for every image of a folder (white = focus).")
+    masks.add_argument("--folder", required=True, help="the folder of training images")
+    masks.add_argument("--method", choices=["clipseg", "alpha", "color"], default="clipseg",
+                       help="clipseg: text prompt; alpha: the image's transparency; "
+                            "color: everything that is not --color")
+    masks.add_argument("--mode", choices=["replace", "fill", "add", "subtract"], default="replace",
+                       help="replace all masks, fill only missing ones, add to or subtract from "
+                            "existing masks")
+    masks.add_argument("--prompt", default="", help="clipseg: what to keep in focus, e.g. 'a cat'")
+    masks.add_argument("--model", default=DEFAULT_CLIPSEG_MODEL,
+                       help="clipseg: a local model folder or hub id (default %(default)s)")
+    masks.add_argument("--color", default="#ffffff", help="color: the background, '#RRGGBB'")
+    masks.add_argument("--tolerance", type=int, default=30,
+                       help="color: max channel difference counted as background (0-255)")
+    masks.add_argument("--threshold", type=float, default=0.3,
+                       help="keep what scores above this (0-1)")
+    masks.add_argument("--smooth", type=int, default=0, help="blur the edges by N px")
+    masks.add_argument("--grow", type=int, default=0, help="grow the mask by N px")
+    masks.add_argument("--recursive", action="store_true", help="include sub-folders")
     return parser
 
 
@@ -104,11 +128,54 @@ def run_train(args) -> int:
 
 
 def run_make_tiny_model(args) -> int:
-    from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
-    build, name = {"sd15": (build_tiny_sd15, "SD 1.5"), "sdxl": (build_tiny_sdxl, "SDXL")}[args.family]
+    if args.family == "clipseg":
+        from trainer.masks.tiny_clipseg import build_tiny_clipseg
+        build, name = build_tiny_clipseg, "CLIPSeg"
+    else:
+        from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
+        build, name = {"sd15": (build_tiny_sd15, "SD 1.5"), "sdxl": (build_tiny_sdxl, "SDXL")}[args.family]
     path = build(args.out_dir, seed=args.seed)
     print(f"Wrote a tiny {name} model to {path}")
     return 0
+
+
+def run_masks(args) -> int:
+    from tqdm import tqdm
+
+    from trainer.masks.generate import MaskSettings, generate_masks
+
+    settings = MaskSettings(method=args.method, mode=args.mode, prompt=args.prompt,
+                            model=args.model, color=args.color, tolerance=args.tolerance,
+                            threshold=args.threshold, smooth=args.smooth, grow=args.grow)
+    settings.check()  # bad settings: one line, before any image is read
+    stop = []
+    bar = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="image", dynamic_ncols=True, file=sys.stderr)
+        bar.set_postfix_str(name)
+        bar.update(done - bar.n)
+
+    def on_interrupt(signum, frame):
+        if stop:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        print("\nStopping after the current image (Ctrl-C again to abort).", file=sys.stderr)
+        stop.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        summary = generate_masks(args.folder, settings, progress=progress,
+                                 should_stop=lambda: bool(stop), recursive=args.recursive)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+    print(summary.text())
+    if summary.stopped:
+        return 130
+    return 1 if summary.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.models.convert import convert_pickle_checkpoint
             print(f"Wrote {convert_pickle_checkpoint(args.source, args.destination)}")
             return 0
+        if args.command == "masks":
+            return run_masks(args)
         return run_make_tiny_model(args)
     except AtelierError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("Aborted; the last backup (if any) is left as it was.", file=sys.stderr)
+        if args.command == "masks":
+            print("Aborted; the masks written so far are kept, and none is half-written.",
+                  file=sys.stderr)
+        else:
+            print("Aborted; the last backup (if any) is left as it was.", file=sys.stderr)
         return 130

@@ -23,3 +23,7 @@ class DatasetError(AtelierError):
 
 class TrainingError(AtelierError):
     """Training cannot go on (NaN loss, unsupported dtype on this device, ...)."""
+
+
+class MaskError(AtelierError):
+    """Masks cannot be made: a bad setting, a missing folder or model, an unusable image."""
