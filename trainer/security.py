@@ -6,6 +6,7 @@ is refused like `../` or an absolute path elsewhere.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from trainer.config import TrainConfig
 from trainer.errors import ConfigError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def names_local_path(value: str) -> bool:
+    """True when a model source names a file or folder on this machine rather than a hub id
+    ('owner/name' that does not exist locally): absolute, ./ or ~ paths, existing paths, and
+    anything not shaped like a hub id."""
+    return (os.path.isabs(value) or value.startswith((".", "~")) or Path(value).exists()
+            or not _HUB_ID.match(value))
 
 
 def is_inside(path: Path, roots: list[Path]) -> bool:

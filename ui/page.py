@@ -21,7 +21,7 @@ import gradio as gr
 
 from trainer.config import ConceptConfig, TrainConfig, check_supported, config_from_dict
 from trainer.errors import AtelierError, ConfigError
-from ui import api, footer, lr_preview, optimizers, presets, tables
+from ui import api, auto_masks, dataset, footer, lr_preview, optimizers, presets, tables
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
                            make_parameter_box, page_value, parameter_box_update, slug)
@@ -77,6 +77,7 @@ CSS = """
 #optimizer-more { max-width: 56px; min-width: 56px; font-size: 20px; }
 .table-info { opacity: .75; font-size: 13px; }
 """
+CSS += dataset.CSS  # the dataset browser and mask painter
 
 HEADER = ("<div id='atelier-title'><h1>Atelier</h1><p>Train Stable Diffusion 1.5 / SDXL LoRAs "
           "in the browser. Press <b>Start</b> to train the built-in demo, or load a preset.</p>"
@@ -231,6 +232,9 @@ def build_page() -> gr.Blocks:
             concepts_info = gr.Markdown(concepts_summary(config.concepts),
                                         elem_id="concepts-info")
             draw_fields(F.keys_in_section("Data"), values, choices, fields)
+        # The images of those concepts: captions, painted and generated masks (SPEC §4).
+        dataset_section = dataset.build_section(page.tables["concepts"], config.concepts,
+                                                panels=[auto_masks.build_panel])
 
         # 4. Training: one accordion per section, in SPEC order
         gr.Markdown("## Training", elem_id="training-heading")
@@ -617,4 +621,5 @@ def build_page() -> gr.Blocks:
         gr.api(api.default_config, api_name="default_config")
 
     demo.page = page  # for tests: the key -> component maps
+    demo.dataset = dataset_section  # for tests: the dataset browser's components
     return demo

@@ -5,15 +5,13 @@ the same `SESSION`, so it shows the running job as it is.
 """
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import TrainConfig
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.errors import ConfigError
-from trainer.security import is_inside
+from trainer.security import is_inside, names_local_path
 from trainer.session import TrainingSession
 from ui import paths
 
@@ -38,9 +36,6 @@ def configure(shared: bool, allow_any_path: bool = False) -> None:
     SESSION.allow_custom_code = not shared
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def check_paths(config: TrainConfig) -> None:
     """On a shared server, refuse paths outside the workspace (naming the key)."""
     if not OPTIONS.confine_paths:
@@ -52,9 +47,7 @@ def check_paths(config: TrainConfig) -> None:
     def model_source(key: str, value: str) -> None:
         if not value:
             return
-        looks_local = (os.path.isabs(value) or value.startswith((".", "~"))
-                       or Path(value).exists() or not _HUB_ID.match(value))
-        if looks_local and not is_inside(Path(value), readable):
+        if names_local_path(value) and not is_inside(Path(value), readable):
             raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
                               "models are read from the workspace or the Hugging Face hub.")
 

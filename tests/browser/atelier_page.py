@@ -88,3 +88,106 @@ def wait_idle(page, timeout: float = 120) -> None:
 
 def number(text: str) -> float:
     return float(re.sub(r"[^0-9eE.+-]", "", text))
+
+
+# --- The dataset section (images, captions, masks) ------------------------------------------------
+
+def import_config_file(page, path) -> None:
+    """Import an Atelier JSON config through the top bar's Import button."""
+    with page.expect_file_chooser() as chooser:
+        page.click("#import")
+    chooser.value.set_files(str(path))
+    # The first import of a fresh server redraws every field: allow a busy machine a minute.
+    wait_for(lambda: "Imported" in page.locator("#topbar-report").inner_text(), 60,
+             what="the import report")
+
+
+def gallery_labels(page) -> list[str]:
+    return page.locator("#dataset-gallery .caption-label").all_inner_texts()
+
+
+def select_thumbnail(page, name: str) -> None:
+    """Click the dataset gallery's thumbnail of image `name`; wait until it is open."""
+    items = page.locator("#dataset-gallery button.thumbnail-item")
+    labels = gallery_labels(page)
+    index = next(i for i, label in enumerate(labels) if f" {name} " in f" {label} ")
+    items.nth(index).click()
+    wait_for(lambda: page.locator("#dataset-selected").inner_text().startswith(name),
+             TIMEOUT_MS / 1000, what=f"{name} to open")
+
+
+def editor_geometry(page) -> tuple[dict, float]:
+    """(the mask canvas's bounding box, its zoom factor): the image is drawn centred in the
+    canvas at that zoom, so image pixel (x, y) is at box centre + (x - w/2, y - h/2) * zoom."""
+    editor = page.locator("#mask-editor")
+    canvas = editor.locator("canvas").first
+    # Mouse events reach only what is on screen, above the fixed footer: centre the canvas.
+    canvas.evaluate("element => element.scrollIntoView({block: 'center'})")
+    box = canvas.bounding_box()
+    zoom = re.search(r"(\d+)%", editor.inner_text())
+    return box, int(zoom.group(1)) / 100.0
+
+
+def canvas_pixels(page):
+    """What the mask canvas shows now, as an RGB numpy array (a screenshot of it)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    # A clip of the page, not locator.screenshot(): that waits for the element to hold
+    # still, and a WebGL canvas being drawn costs seconds of such waiting.
+    box = page.locator("#mask-editor canvas").first.bounding_box()
+    shot = page.screenshot(clip=box)
+    return np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.int16)
+
+
+def _drawn_and_still(page) -> bool:
+    first = canvas_pixels(page)
+    time.sleep(0.4)
+    second = canvas_pixels(page)
+    return first.std() > 10 and abs(first - second).mean() < 0.5
+
+
+def wait_canvas_shows_image(page) -> None:
+    """Wait until the canvas has drawn a picture (not a blank canvas) and holds still."""
+    wait_for(lambda: _drawn_and_still(page), TIMEOUT_MS / 1000,
+             what="the canvas to show the image")
+
+
+def _to_screen(box: dict, zoom: float, image_size: tuple[int, int],
+               x: float, y: float) -> tuple[float, float]:
+    """Image pixel -> page position: the canvas draws the image centred at `zoom`."""
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    return cx + (x - image_size[0] / 2) * zoom, cy + (y - image_size[1] / 2) * zoom
+
+
+def _brighter(page, before, x: int, y: int) -> bool:
+    """Whether the canvas around (x, y) (canvas pixels) is brighter than in `before`."""
+    patch = (slice(y - 3, y + 4), slice(x - 3, x + 4))
+    return canvas_pixels(page)[patch].mean() > before[patch].mean() + 20
+
+
+def paint_stroke(page, points: list[tuple[float, float]], image_size: tuple[int, int],
+                 attempts: int = 3) -> None:
+    """Drag the brush through `points` (in image pixels) and check that the paint shows (the
+    canvas brighter along the stroke) and stays (a late image load would wipe it). The canvas
+    loads an opened image asynchronously, so a stroke drawn too early is drawn again."""
+    for _ in range(attempts):
+        wait_canvas_shows_image(page)
+        box, zoom = editor_geometry(page)
+        before = canvas_pixels(page)
+        page.mouse.move(*_to_screen(box, zoom, image_size, *points[0]))
+        page.mouse.down()
+        # Few moves: the editor joins consecutive points with a line of brush dabs, and each
+        # move costs about a second of software WebGL drawing in headless Chromium.
+        for x, y in points[1:]:
+            page.mouse.move(*_to_screen(box, zoom, image_size, x, y))
+        page.mouse.up()
+        mx, my = _to_screen(box, zoom, image_size, *points[len(points) // 2])
+        px, py = int(mx - box["x"]), int(my - box["y"])
+        time.sleep(0.3)
+        if _brighter(page, before, px, py):
+            time.sleep(1.0)
+            if _brighter(page, before, px, py):
+                return
+    raise AssertionError(f"the stroke did not stay on the canvas after {attempts} attempts")

@@ -1,0 +1,352 @@
+"""The dataset section of the page: browsing a concept folder, captions, painted masks and the
+automatic-mask panel, called as handlers (no browser). Every test works on a copy of the demo
+dataset; the shipped one is never written."""
+from __future__ import annotations
+
+import html
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.data import browse
+from trainer.demo import DEMO_DATASET_DIR
+from trainer.masks import painted
+from trainer.masks.store import existing_mask
+from ui import auto_masks, dataset, state, tables
+
+NAMES = ["astronaut.jpg", "cat.jpg", "coffee.jpg", "photographer.jpg", "rocket.jpg"]
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    """A copy of the demo dataset; cat.jpg has no mask, coffee.jpg no caption."""
+    folder = tmp_path / "dataset"
+    shutil.copytree(DEMO_DATASET_DIR, folder)
+    (folder / "cat-masklabel.png").unlink()
+    (folder / "coffee.txt").unlink()
+    (folder / ".hidden.jpg").write_bytes(b"")          # a macOS resource fork: not an image
+    (folder / "notes.md").write_text("not an image")
+    monkeypatch.setattr(dataset, "THUMBNAIL_DIR", tmp_path / "thumbs")
+    return folder
+
+
+@pytest.fixture
+def shared(monkeypatch, tmp_path):
+    """A shared server whose workspace is tmp_path/workspace."""
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(workspace))
+    state.configure(shared=True)
+    yield workspace
+    state.configure(shared=False)
+    state.SESSION.allow_custom_code = False
+
+
+# --- trainer.data.browse ----------------------------------------------------------------------
+
+def test_listing_shows_captions_and_mask_state(data):
+    entries = browse.list_entries(data)
+    assert [e.name for e in entries] == NAMES
+    by_name = {e.name: e for e in entries}
+    assert by_name["astronaut.jpg"].caption == "a photo of an astronaut"
+    assert by_name["astronaut.jpg"].has_mask and not by_name["cat.jpg"].has_mask
+    assert by_name["coffee.jpg"].caption is None
+    assert by_name["cat.jpg"].label() == "✗ no mask · cat.jpg · a photo of a cat"
+    assert by_name["coffee.jpg"].label().endswith("(no caption)")
+    assert by_name["rocket.jpg"].label().startswith("✓ mask")
+
+
+def test_the_no_mask_filter(data):
+    assert [e.name for e in browse.list_entries(data, only_unmasked=True)] == ["cat.jpg"]
+
+
+def test_listing_a_missing_folder_or_a_file_names_it(data):
+    with pytest.raises(browse.DatasetError, match="does not exist"):
+        browse.list_entries(data / "nope")
+    with pytest.raises(browse.DatasetError, match="is a file"):
+        browse.list_entries(data / "cat.jpg")
+
+
+def test_caption_is_saved_atomically_beside_the_image(data, monkeypatch):
+    path = browse.save_caption(data / "cat.jpg", "  a tabby cat\r\nsecond line  \n")
+    assert path == data / "cat.txt"
+    assert path.read_text(encoding="utf-8") == "a tabby cat\nsecond line\n"
+    assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
+    # A failed write (full disk) leaves the old caption whole.
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(browse.DatasetError, match="No space left"):
+        browse.save_caption(data / "cat.jpg", "lost")
+    assert path.read_text(encoding="utf-8") == "a tabby cat\nsecond line\n"
+    assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_thumbnails_are_cached_and_a_broken_image_gets_a_placeholder(data, tmp_path):
+    cache = tmp_path / "cache"
+    first = browse.thumbnail(data / "rocket.jpg", cache)
+    assert browse.thumbnail(data / "rocket.jpg", cache) == first
+    with Image.open(first) as thumb:
+        assert max(thumb.size) <= browse.THUMBNAIL_SIZE
+    painted_mask = painted.filled((192, 128))
+    painted_mask.save(data / "rocket-masklabel.png")
+    os.utime(data / "rocket-masklabel.png", ns=(1, 10**18))  # a newer mask: a new thumbnail
+    assert browse.thumbnail(data / "rocket.jpg", cache) != first
+    (data / "broken.jpg").write_bytes((data / "cat.jpg").read_bytes()[:300])
+    with Image.open(browse.thumbnail(data / "broken.jpg", cache)) as placeholder:
+        assert placeholder.getpixel((5, 5)) == (128, 128, 128)
+
+
+# --- the page's handlers ------------------------------------------------------------------------
+
+def test_browse_handler_lists_thumbnails_with_labels(data):
+    result = dataset.browse_folder(str(data))
+    gallery = result["gallery"]["value"]
+    assert [label for _, label in gallery][1] == "✗ no mask · cat.jpg · a photo of a cat"
+    assert all(os.path.isfile(path) for path, _ in gallery)
+    assert result["entries"] == [str(data / name) for name in NAMES]
+    assert "**5** images" in result["info"] and "**4** with a mask" in result["info"]
+    only = dataset.browse_folder(str(data), only_unmasked=True, selected=str(data / "cat.jpg"))
+    assert only["entries"] == [str(data / "cat.jpg")]
+    assert only["gallery"]["selected_index"] == 0
+
+
+def test_browse_handler_explains_a_missing_folder_and_no_concept(data):
+    missing = dataset.browse_folder(str(data / "gone"))
+    assert missing["gallery"] == [] and "does not exist" in missing["info"]
+    assert "No enabled concept" in dataset.browse_folder(None)["info"]
+
+
+def test_concept_chooser_lists_the_enabled_folders(data, tmp_path):
+    frame = tables.concepts_frame([{"path": str(data)},
+                                   {"path": str(tmp_path / "off"), "enabled": False},
+                                   {"path": str(tmp_path / "b")}])
+    update = dataset.concept_choices(frame, None)["concept"]
+    assert [c[1] if isinstance(c, tuple) else c for c in update["choices"]] == \
+        [str(data), str(tmp_path / "b")]
+    assert update["value"] == str(data) and update["visible"] is True
+    single = dataset.concept_choices(tables.concepts_frame([{"path": str(data)}]),
+                                     str(tmp_path / "b"))["concept"]
+    assert single["value"] == str(data) and single["visible"] is False
+    note = dataset.browse_folder(str(data), frame=tables.concepts_frame(
+        [{"path": str(data), "prompt_source": "filename"}]))["info"]
+    assert "caption source is **filename**" in note
+
+
+def test_opening_an_image_shows_its_mask_caption_and_size(data):
+    opened = dataset.open_image(str(data / "astronaut.jpg"))
+    assert opened["caption"] == "a photo of an astronaut"
+    assert "128×128" in opened["title"] and "has a mask" in opened["title"]
+    saved = existing_mask(data / "astronaut.jpg")
+    assert np.array_equal(np.asarray(opened["baseline"]), np.asarray(saved))
+    layer = opened["editor"]["layers"][0]
+    assert layer.size == (128, 128) and opened["editor"]["background"].size == (128, 128)
+    assert opened["preview"] is not None
+    fresh = dataset.open_image(str(data / "cat.jpg"))
+    assert fresh["baseline"] is None and "no mask yet" in fresh["title"]
+    assert fresh["preview"] is None
+    assert np.asarray(fresh["editor"]["layers"][0].getchannel("A")).max() == 0
+    assert dataset.select_image([str(data / "cat.jpg")], 0)["selected"] == str(data / "cat.jpg")
+
+
+def test_save_mask_writes_the_painted_layer_at_the_images_size(data):
+    opened = dataset.open_image(str(data / "cat.jpg"))
+    layer = opened["editor"]["layers"][0].copy()
+    layer.paste((255, 255, 255, 168), (0, 40, 192, 80))  # a band across the middle
+    editor = {**opened["editor"], "layers": [layer]}
+    result = dataset.save_mask(opened["selected"], editor, opened["baseline"])
+    assert "Saved cat-masklabel.png (192×128" in result["message"]
+    with Image.open(data / "cat-masklabel.png") as mask:
+        assert mask.mode == "L" and mask.size == (192, 128)
+        values = np.asarray(mask)
+    assert (values[40:80] == 255).all() and values[:40].max() == 0 and values[80:].max() == 0
+    assert result["preview"] is not None and "has a mask" in result["title"]
+    # The gallery now marks the cat as masked.
+    labels = [label for _, label in dataset.browse_folder(str(data))["gallery"]["value"]]
+    assert labels[1].startswith("✓ mask")
+
+
+def test_a_canvas_showing_another_image_is_never_saved_over_this_ones_mask(data):
+    before = (data / "rocket-masklabel.png").read_bytes()
+    astronaut = dataset.open_image(str(data / "astronaut.jpg"))
+    result = dataset.save_mask(str(data / "rocket.jpg"), astronaut["editor"],
+                               astronaut["baseline"])
+    assert "does not show 'rocket.jpg'" in html.unescape(result["message"])
+    assert (data / "rocket-masklabel.png").read_bytes() == before
+
+
+def test_saving_an_opened_mask_unchanged_keeps_it(data):
+    before = np.asarray(existing_mask(data / "rocket.jpg"))
+    opened = dataset.open_image(str(data / "rocket.jpg"))
+    dataset.save_mask(opened["selected"], opened["editor"], opened["baseline"])
+    assert np.array_equal(np.asarray(existing_mask(data / "rocket.jpg")), before)
+
+
+def test_clear_fill_and_invert_redraw_the_canvas(data):
+    opened = dataset.open_image(str(data / "rocket.jpg"))
+    args = (opened["selected"], opened["editor"], opened["baseline"])
+    filled = dataset.reset_mask(*args, "fill")
+    assert np.asarray(filled["baseline"]).min() == 255 and "press Save" in filled["message"]
+    cleared = dataset.reset_mask(*args, "clear")
+    assert np.asarray(cleared["baseline"]).max() == 0
+    assert np.asarray(cleared["editor"]["layers"][0].getchannel("A")).max() == 0
+    inverted = dataset.reset_mask(*args, "invert")
+    assert np.array_equal(np.asarray(inverted["baseline"]),
+                          255 - np.asarray(opened["baseline"]))
+    # Nothing is written until Save.
+    assert np.array_equal(np.asarray(existing_mask(data / "rocket.jpg")),
+                          np.asarray(opened["baseline"]))
+    saved = dataset.save_mask(opened["selected"], inverted["editor"], inverted["baseline"])
+    assert "Saved" in saved["message"]
+    assert np.array_equal(np.asarray(existing_mask(data / "rocket.jpg")),
+                          255 - np.asarray(opened["baseline"]))
+
+
+def test_caption_handler_saves_and_reports(data):
+    result = dataset.save_caption(str(data / "coffee.jpg"), "a cup of coffee\n")
+    assert "Saved the caption to coffee.txt" in result["message"]
+    assert "no caption file" not in result["title"]
+    assert (data / "coffee.txt").read_text(encoding="utf-8") == "a cup of coffee\n"
+    assert browse.list_entries(data)[2].caption == "a cup of coffee"
+
+
+def test_clear_messages_for_no_image_a_vanished_image_and_a_missing_folder(data, tmp_path):
+    assert "Select an image" in dataset.save_mask(None, None, None)["message"]
+    assert "Select an image" in dataset.save_caption(None, "x")["message"]
+    assert "Select an image" in dataset.reset_mask(None, None, None, "fill")["message"]
+    assert "Select an image" in dataset.select_image([], 3)["message"]
+    opened = dataset.open_image(str(data / "cat.jpg"))
+    (data / "cat.jpg").unlink()
+    gone = dataset.save_mask(opened["selected"], opened["editor"], None)
+    assert "'cat.jpg' no longer exists" in html.unescape(gone["message"])
+    assert "atelier-error" in gone["message"]
+    assert not (data / "cat-masklabel.png").exists()
+    assert "no longer exists" in dataset.open_image(str(data / "cat.jpg"))["message"]
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    folder_gone = dataset.save_caption(str(data / "rocket.jpg"), "x")
+    assert "folder" in folder_gone["message"] and "no longer exists" in folder_gone["message"]
+    empty = dataset.save_mask(str(moved / "rocket.jpg"), {"background": None, "layers": []},
+                              None)
+    assert "canvas is empty" in empty["message"]
+
+
+def test_a_failed_mask_write_keeps_the_old_mask_and_says_why(data, monkeypatch):
+    before = (data / "rocket-masklabel.png").read_bytes()
+    opened = dataset.open_image(str(data / "rocket.jpg"))
+    filled = dataset.reset_mask(opened["selected"], opened["editor"], opened["baseline"], "fill")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "replace", refuse)
+    result = dataset.save_mask(opened["selected"], filled["editor"], filled["baseline"])
+    assert "Cannot write the mask of 'rocket.jpg': Permission denied" in \
+        html.unescape(result["message"])
+    assert (data / "rocket-masklabel.png").read_bytes() == before
+    assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_shared_server_confines_browsing_and_writing(data, shared):
+    outside = dataset.browse_folder(str(data))
+    assert outside["gallery"] == [] and "outside the workspace folder" in outside["info"]
+    assert "outside the workspace" in dataset.open_image(str(data / "cat.jpg"))["message"]
+    assert "outside the workspace" in dataset.save_caption(str(data / "cat.jpg"), "x")["message"]
+    assert (data / "cat.txt").read_text(encoding="utf-8") == "a photo of a cat\n"
+    # The demo dataset may be browsed (training reads it too) but not written.
+    demo = dataset.browse_folder(str(DEMO_DATASET_DIR))
+    assert len(demo["entries"]) == 5
+    opened = dataset.open_image(str(DEMO_DATASET_DIR / "cat.jpg"))
+    assert opened["caption"] == "a photo of a cat"
+    refused = dataset.save_mask(opened["selected"], opened["editor"], opened["baseline"])
+    assert "read-only on a shared server" in refused["message"]
+    assert "read-only" in dataset.save_caption(opened["selected"], "x")["message"]
+    # Inside the workspace everything works.
+    inside = shared / "cats"
+    shutil.copytree(data, inside)
+    assert "Saved" in dataset.save_caption(str(inside / "cat.jpg"), "a cat")["message"]
+
+
+# --- automatic masks ------------------------------------------------------------------------------
+
+def color_settings(**overrides) -> dict:
+    values = {"method": "color", "mode": "replace", "prompt": "", "model": "unused",
+              "color": "#000000", "tolerance": 30, "threshold": 0.5, "smooth": 0, "grow": 0}
+    values.update(overrides)
+    return values
+
+
+def test_auto_preview_shows_image_old_and_new_mask_and_overlay(data):
+    result = auto_masks.preview_selected(str(data / "rocket.jpg"), **color_settings())
+    assert result["auto_message"] == ""
+    assert result["auto_image"].size == result["auto_new"].size == result["auto_overlay"].size
+    assert result["auto_old"] is not None and result["auto_new"].mode == "L"
+    assert "rocket.jpg" in result["auto_note"] and "would replace" in result["auto_note"]
+    assert np.array_equal(np.asarray(existing_mask(data / "rocket.jpg")),
+                          np.asarray(existing_mask(DEMO_DATASET_DIR / "rocket.jpg")))
+    fresh = auto_masks.preview_selected(str(data / "cat.jpg"), **color_settings(mode="fill"))
+    assert fresh["auto_old"] is None and "would write a new mask" in fresh["auto_note"]
+
+
+def test_auto_preview_errors_name_the_problem(data):
+    assert "Select an image" in auto_masks.preview_selected(None, **color_settings())[
+        "auto_message"]
+    bad = auto_masks.preview_selected(str(data / "cat.jpg"),
+                                      **color_settings(method="clipseg", prompt=""))
+    assert "prompt" in bad["auto_message"] and "atelier-error" in bad["auto_message"]
+    colour = auto_masks.preview_selected(str(data / "cat.jpg"), **color_settings(color="blue"))
+    assert "color" in colour["auto_message"]
+
+
+def test_auto_apply_fills_missing_masks_and_summarises(data):
+    seen = []
+    result = auto_masks.apply_to_folder(str(data), lambda d, t, n: seen.append((d, t, n)),
+                                        None, **color_settings(mode="fill"))
+    text = result["auto_message"]
+    assert "Wrote 1 mask" in text and "skipped 4" in text and "has a mask" in text
+    assert (data / "cat-masklabel.png").is_file()
+    assert seen[-1][:2] == (5, 5)
+    stopped = auto_masks.apply_to_folder(str(data), None, lambda: True,
+                                         **color_settings(mode="replace"))
+    assert "Stopped after 0 of 5" in stopped["auto_message"]
+
+
+def test_auto_apply_errors(data, shared):
+    assert "No concept folder" in auto_masks.apply_to_folder(None, **color_settings())[
+        "auto_message"]
+    assert "outside the workspace" in auto_masks.apply_to_folder(
+        str(data), **color_settings())["auto_message"]
+    assert "read-only" in auto_masks.apply_to_folder(
+        str(DEMO_DATASET_DIR), **color_settings())["auto_message"]
+    model = auto_masks.preview_selected(
+        str(DEMO_DATASET_DIR / "cat.jpg"),
+        **color_settings(method="clipseg", prompt="a cat", model="/etc/models/clipseg"))
+    assert "CLIPSeg model" in model["auto_message"] and "outside" in model["auto_message"]
+    assert "No mask run" in auto_masks.request_stop("nobody")["auto_message"]
+
+
+def test_auto_preview_with_a_tiny_clipseg(data, tmp_path):
+    from trainer.masks.tiny_clipseg import build_tiny_clipseg
+
+    model = build_tiny_clipseg(tmp_path / "tiny-clipseg")
+    result = auto_masks.preview_selected(
+        str(data / "cat.jpg"), **color_settings(method="clipseg", prompt="a cat",
+                                                model=str(model), threshold=0.0))
+    assert result["auto_message"] == "" and result["auto_new"].mode == "L"
+
+
+def test_the_page_has_the_section_and_every_event_is_named():
+    from ui.page import build_page
+
+    demo = build_page()
+    section = demo.dataset
+    assert section.concept.value == "trainer/demo/dataset"
+    names = {fn.api_name for fn in demo.fns.values()}
+    for name in ("dataset_browse", "dataset_select", "dataset_save_caption", "mask_save",
+                 "mask_clear", "mask_fill", "mask_invert", "auto_mask_preview",
+                 "auto_mask_apply", "auto_mask_stop"):
+        assert name in names, name
+    unnamed = [fn.name for fn in demo.fns.values() if not fn.api_name]
+    assert not unnamed
