@@ -357,6 +357,12 @@ def build_section(concepts_table: gr.Dataframe, concepts: list,
 
 def refresh_gallery(concept, only_unmasked, concepts, selected) -> dict:
     """browse_folder under the section's component names (for `wire`)."""
+    folders = [str(c["path"]) for c in enabled_concepts(concepts)]
+    if folders and concept not in folders:
+        # The chooser still holds a folder the Data table no longer lists: the table changed
+        # (an import, a preset) and its update to the chooser has not arrived yet. List what
+        # the table says, as the chooser is about to.
+        concept = folders[0]
     return browse_folder(concept, only_unmasked, concepts, selected)
 
 
