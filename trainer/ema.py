@@ -25,11 +25,22 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """Blend the current weights in, at optimizer step `step`."""
+        """Blend the current weights in, at optimizer step `step`: shadow = d·shadow +
+        (1 − d)·weight. One foreach call over all tensors (not a Python loop of small
+        kernels); weights on another device or in another dtype are copied over first, all
+        copies issued before the one wait for them."""
+        if not self.params:
+            return
         decay = self.decay_at(step)
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.mul_(decay).add_(param.detach().to(shadow.device, torch.float32),
-                                    alpha=1 - decay)
+        params = [p.detach() for p in self.params]
+        if any(p.device != s.device or p.dtype != s.dtype for p, s in zip(params, self.shadow)):
+            non_blocking = self.shadow[0].device.type == "cpu" and params[0].device.type == "cuda"
+            params = [p.to(s.device, torch.float32, non_blocking=non_blocking)
+                      for p, s in zip(params, self.shadow)]
+            if non_blocking:
+                torch.cuda.current_stream(self.params[0].device).synchronize()
+        torch._foreach_mul_(self.shadow, decay)
+        torch._foreach_add_(self.shadow, params, alpha=1 - decay)
 
     @contextmanager
     @torch.no_grad()

@@ -7,6 +7,7 @@ the CLI's main thread, and once per process under `accelerate launch`. It report
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -29,15 +30,20 @@ from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
 from trainer.loss import (masked_sample_loss, min_snr_weight, pixel_loss, sample_noise,
                           timestep_range, training_target)
-from trainer.metrics import MetricsLog, SmoothedValue
+from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
 from trainer.models.family import load_family
 from trainer.ema import WeightEMA
+from trainer.optim.fused import FusedBackward, check_fused_backward
 from trainer.optim.registry import ADAPTIVE, build_optimizer, effective_learning_rates
 from trainer.optim.schedules import Schedule
 from trainer.sampling import render_samples
 
 TORCH_DTYPES = {DataType.FLOAT_32: torch.float32, DataType.FLOAT_16: torch.float16,
                 DataType.BFLOAT_16: torch.bfloat16, DataType.TFLOAT_32: torch.float32}
+
+# How often (host seconds) a GPU run reads its losses back to report progress; each read
+# waits for the GPU (see PendingSteps). A CPU run reports every step: there it costs nothing.
+GPU_REPORT_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -88,6 +94,22 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+# The batch tensors the step uses on the device; the rest (has_mask, loss_weight) is read on
+# the host, where reading it costs no wait for the GPU.
+DEVICE_KEYS = ("pixel_values", "latent_mean", "latent_std", "mask")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's image tensors on the device, copied without blocking: from the
+    DataLoader's pinned memory the copy overlaps the GPU's work, where a blocking copy
+    (`.to(device)`) first waits for everything queued before it. On a CPU nothing moves."""
+    if device.type == "cpu":
+        return batch
+    return {key: value.to(device, non_blocking=True)
+            if key in DEVICE_KEYS and isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -134,6 +156,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
         control.emit("status", message=message)
 
     check_supported(config)
+    check_fused_backward(config)
     parts = [p for p in ("text_encoder", "text_encoder_2", "unet") if getattr(config, p).train]
     if not parts:
         raise ConfigError("Nothing to train: switch on text_encoder.train or unet.train.")
@@ -193,9 +216,25 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
 
-    prepared = accelerator.prepare(*[family.parts[p] for p in parts], optimizer, dataloader)
-    optimizer, dataloader = prepared[-2], prepared[-1]
-    family.wrapped = dict(zip(parts, prepared[:-2]))
+    prepared = accelerator.prepare(*[family.parts[p] for p in parts], optimizer)
+    optimizer = prepared[-1]
+    family.wrapped = dict(zip(parts, prepared[:-1]))
+    # Sharded over the processes by accelerate, but moved to the device by the step itself
+    # (`to_device`): accelerate would copy every tensor of the batch with a blocking copy.
+    dataloader = accelerator.prepare_data_loader(dataloader, device_placement=False)
+    # The trained parameters, listed once (clipping reads them every step).
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
+    # Fused backward pass: the optimizer steps inside backward(), parameter by parameter.
+    fused = (FusedBackward(optimizer, world_size=accelerator.num_processes)
+             if config.fused_backward_pass else None)
+
+    def no_ddp_sync():
+        """A fused pass averages each gradient itself (FusedBackward); DDP must not."""
+        stack = contextlib.ExitStack()
+        if fused is not None and accelerator.num_processes > 1:
+            for module in family.wrapped.values():
+                stack.enter_context(accelerator.no_sync(module))
+        return stack
 
     epoch_steps = data.epoch_steps(config.epochs, accelerator.num_processes,
                                    config.gradient_accumulation_steps)
@@ -247,14 +286,16 @@ def train(config: TrainConfig, control: Control | None = None, *,
             mask = batch["mask"].to(accelerator.device, torch.float32, copy=True)
             # Per sample: trained without its mask with probability unmasked_probability.
             unmasked = torch.rand(mask.shape[0]) < config.unmasked_probability
-            mask[unmasked.to(mask.device)] = 1.0
+            mask[unmasked.to(mask.device, non_blocking=True)] = 1.0
             mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="area")
         loss = masked_sample_loss(per_pixel, mask, unmasked_weight=config.unmasked_weight,
                                   normalize=config.normalize_masked_area_loss)
         if config.min_snr_gamma > 0:
             loss = loss * min_snr_weight(timesteps, noise_scheduler.alphas_cumprod,
                                          config.min_snr_gamma, v_prediction)
-        loss = loss * torch.as_tensor(batch["loss_weight"], device=loss.device, dtype=loss.dtype)
+        weights = batch["loss_weight"]  # per sample, from the concepts; usually all 1
+        if bool((weights != 1).any()):  # decided on the host copy: no GPU read
+            loss = loss * weights.to(loss.device, loss.dtype, non_blocking=True)
         return loss.mean()
 
     def ema_weights():
@@ -341,12 +382,37 @@ def train(config: TrainConfig, control: Control | None = None, *,
             status(f"Continuing from {found[-1]} at step {progress['step']}")
 
     # --- train ---
+    pending = PendingSteps(0.0 if accelerator.device.type == "cpu" else GPU_REPORT_INTERVAL_S)
+
+    def report() -> None:
+        """Log and announce the finished steps whose losses are still on the device (one
+        host read for all of them); a non-finite loss ends the run here, before any backup
+        or save could keep the weights it produced."""
+        for record, loss in pending.flush():
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"The loss became {loss} at step {record['step']}. Usual causes: "
+                    "a learning rate too high, or float16 overflow (try BFLOAT_16). "
+                    f"The last backup (if any) in {backup_root(config)} is kept.")
+            smoothed = smooth.update(loss)
+            metrics.log_step({"step": record["step"], "epoch": record["epoch"], "loss": loss,
+                              "smooth_loss": smoothed, "lr": record["lr"]})
+            elapsed = record["time"] - started
+            control.emit("progress", step=record["step"], total_steps=total_steps,
+                         epoch=record["epoch"], epochs=config.epochs,
+                         epoch_step=record["epoch_step"],
+                         steps_per_epoch=record["steps_per_epoch"], loss=loss,
+                         smooth_loss=smoothed, lr=record["lr"], lr_factor=record["lr_factor"],
+                         eta_seconds=elapsed / (record["step"] - first_step)
+                         * (total_steps - record["step"]), time=record["time"])
+
     control.emit("started", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                  epochs=config.epochs, images=len(dataset))
     status("Training")
     step, stopped = progress["step"], False
     first_step, started = step, time.monotonic()
     epoch = progress["epoch"]
+    frozen: set[str] = set()  # parts whose "stop training after" has come
     for part in parts:
         family.parts[part].train()
     try:
@@ -356,32 +422,30 @@ def train(config: TrainConfig, control: Control | None = None, *,
             # batches it already trained in its first epoch.
             skip = progress["batches_done"] if epoch == progress["epoch"] else 0
             batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-            accumulated, micro, batches_done, batches_at_step = 0.0, 0, skip, skip
+            accumulated, micro, batches_done, batches_at_step = None, 0, skip, skip
             for batch in batches:
                 batches_done += 1
                 for part in parts:  # "stop training after": freeze the part from here on
-                    if not part_is_active(config, part, epoch, step):
+                    if part not in frozen and not part_is_active(config, part, epoch, step):
+                        frozen.add(part)
                         for p in finetune.parameters_of(family.parts[part], config):
                             p.requires_grad_(False)
                 factor = schedule.before_step(step)
-                with accelerator.accumulate(*family.wrapped.values()):
+                batch = to_device(batch, accelerator.device)
+                with accelerator.accumulate(*family.wrapped.values()), no_ddp_sync():
                     with accelerator.autocast():
                         loss = training_loss(batch, epoch, step)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"The loss became {loss.item()} at step {step + 1}. Usual causes: "
-                            "a learning rate too high, or float16 overflow (try BFLOAT_16). "
-                            f"The last backup (if any) in {backup_root(config)} is kept.")
-                    accelerator.backward(loss)
-                    # the mean over all processes, so the log shows the whole batch's loss
-                    accumulated += accelerator.reduce(loss.detach(), "mean").item()
+                    accelerator.backward(loss)  # with a fused pass, this also updates
+                    # the mean over all processes, so the log shows the whole batch's loss;
+                    # summed on the device, read back later (PendingSteps)
+                    reduced = accelerator.reduce(loss.detach(), "mean")
+                    accumulated = reduced if accumulated is None else accumulated + reduced
                     micro += 1
-                    if accelerator.sync_gradients and config.clip_grad_norm:
-                        accelerator.clip_grad_norm_(
-                            [p for g in optimizer.param_groups for p in g["params"]],
-                            config.clip_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if fused is None:
+                        if accelerator.sync_gradients and config.clip_grad_norm:
+                            accelerator.clip_grad_norm_(trained, config.clip_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     if control.stop_requested:  # drop the unfinished accumulation window
                         stopped = True
@@ -393,29 +457,29 @@ def train(config: TrainConfig, control: Control | None = None, *,
                 schedule.after_step()
                 if ema is not None and step % config.ema_update_step_interval == 0:
                     ema.update(step)
-                step_loss = accumulated / micro
-                accumulated, micro = 0.0, 0
-                smoothed = smooth.update(step_loss)
-                elapsed = time.monotonic() - started
-                metrics.log_step({"step": step, "epoch": epoch, "loss": step_loss,
-                                  "smooth_loss": smoothed, "lr": lrs})
-                control.emit("progress", step=step, total_steps=total_steps, epoch=epoch,
-                             epochs=config.epochs,
-                             epoch_step=step - sum(epoch_steps[:epoch]),
-                             steps_per_epoch=epoch_steps[epoch], loss=step_loss,
-                             smooth_loss=smoothed, lr=lrs, lr_factor=factor,
-                             eta_seconds=elapsed / (step - first_step) * (total_steps - step))
-                if control.take_request("sample") or is_due(
-                        config.sample_after, config.sample_after_unit, step=step,
-                        epoch_ended=False, epoch=epoch):
+                pending.add({"step": step, "epoch": epoch, "lr": lrs, "lr_factor": factor,
+                             "epoch_step": step - sum(epoch_steps[:epoch]),
+                             "steps_per_epoch": epoch_steps[epoch], "time": time.monotonic()},
+                            accumulated / micro)
+                accumulated, micro = None, 0
+                sample_now = control.take_request("sample") or is_due(
+                    config.sample_after, config.sample_after_unit, step=step,
+                    epoch_ended=False, epoch=epoch)
+                backup_now = control.take_request("backup") or backup_cadence.due_after_step(step)
+                save_now = control.take_request("save") or save_cadence.due_after_step(step)
+                if (pending.due() or sample_now or backup_now or save_now
+                        or control.stop_requested):
+                    report()
+                if sample_now:
                     sample(step, epoch)
-                if control.take_request("backup") or backup_cadence.due_after_step(step):
+                if backup_now:
                     backup(step, epoch, batches_at_step)
-                if control.take_request("save") or save_cadence.due_after_step(step):
+                if save_now:
                     save(step, epoch, final=False)
                 if control.stop_requested:
                     stopped = True
                     break
+            report()  # one read per epoch at least; before anything is written below
             data.epoch_done(epoch)  # what the latent cache saved
             if stopped:
                 break

@@ -5,6 +5,7 @@ export the whole model.
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -90,9 +91,29 @@ def _hidden_states(out, clip_skip: int, layers_before_last: int, part: str):
     return out.hidden_states[index]
 
 
+def _to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of host values on the device. Built on the host and copied without
+    blocking: `torch.tensor(..., device="cuda")` would wait for all queued GPU work first."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+# Token ids per tokenizer and caption. A trained text encoder sees the same captions every
+# epoch; each is tokenised once, not at every step (padded to the full length, a caption's ids
+# do not depend on the others in its batch).
+_TOKEN_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MAX_KEPT_CAPTIONS = 20_000
+
+
 def _tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", truncation=True,
-                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    known = _TOKEN_IDS.setdefault(tokenizer, {})
+    missing = [c for c in dict.fromkeys(captions) if c not in known]
+    if missing:
+        if len(known) + len(missing) > MAX_KEPT_CAPTIONS:
+            known.clear()
+        ids = tokenizer(missing, padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        known.update(zip(missing, ids))
+    return torch.stack([known[c] for c in captions]).to(device, non_blocking=True)
 
 
 class SD15Family(ModelFamily):
@@ -163,8 +184,7 @@ class SDXLFamily(ModelFamily):
         out = {}
         for key in ("original_size", "crop_top_left"):  # (height, width), (top, left)
             if batch.get(key) is not None:
-                out[key] = torch.as_tensor([list(v) for v in batch[key]], dtype=torch.float32,
-                                           device=device)
+                out[key] = _to_device([list(v) for v in batch[key]], torch.float32, device)
         return out
 
     def caption_dropout(self, captions, encode):
@@ -181,12 +201,10 @@ class SDXLFamily(ModelFamily):
         width1 = self.parts["text_encoder"].config.hidden_size
         mask = torch.ones(hidden.shape[0], 1, hidden.shape[-1], device=hidden.device,
                           dtype=hidden.dtype)
-        mask[:, :, :width1] *= torch.tensor(keep1, dtype=hidden.dtype,
-                                            device=hidden.device)[:, None, None]
-        mask[:, :, width1:] *= torch.tensor(keep2, dtype=hidden.dtype,
-                                            device=hidden.device)[:, None, None]
+        mask[:, :, :width1] *= _to_device(keep1, hidden.dtype, hidden.device)[:, None, None]
+        mask[:, :, width1:] *= _to_device(keep2, hidden.dtype, hidden.device)[:, None, None]
         pooled = conditioning["text_embeds"]
-        keep_pooled = torch.tensor(keep2, dtype=pooled.dtype, device=pooled.device)[:, None]
+        keep_pooled = _to_device(keep2, pooled.dtype, pooled.device)[:, None]
         return dict(conditioning, encoder_hidden_states=hidden * mask,
                     text_embeds=pooled * keep_pooled)
 
@@ -195,8 +213,8 @@ class SDXLFamily(ModelFamily):
         trained at (the latents' size in pixels). Missing sizes: uncropped at the target."""
         n = latents.shape[0]
         scale = self.vae_scale_factor
-        target = torch.tensor([latents.shape[-2] * scale, latents.shape[-1] * scale],
-                              dtype=torch.float32, device=latents.device).expand(n, 2)
+        target = _to_device([latents.shape[-2] * scale, latents.shape[-1] * scale],
+                            torch.float32, latents.device).expand(n, 2)
         original = conditioning.get("original_size")
         crop = conditioning.get("crop_top_left")
         original = target if original is None else original.to(latents.device, torch.float32)
