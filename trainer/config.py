@@ -326,6 +326,14 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = setting(
         True, section="Main settings", label="Gradient checkpointing",
         tooltip="Saves memory by recomputing activations in the backward pass; slower.")
+    fused_backward_pass: bool = setting(
+        False, section="Main settings", label="Fused backward pass",
+        applies_to={"training_method": ["FINE_TUNE"]},
+        tooltip="Update each weight as soon as its gradient is computed and free that gradient "
+                "at once, instead of holding all gradients until the step: saves the memory of "
+                "a full set of gradients (SD 1.5 UNet 3.4 GB, SDXL 10 GB) in full fine-tunes. "
+                "Needs accumulation steps 1 and an empty clip grad norm; not with FLOAT_16 or "
+                "Prodigy.")
 
     # Model parts
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)  # type: ignore
