@@ -1,0 +1,236 @@
+"""One (case, runner) measurement in a fresh process, so that its start-up and peak memory are
+its own:
+
+    python -m bench.worker --case sd15-256 --runner atelier [--device cpu] [--quick]
+    python -m bench.worker --case sd15-256 --prepare      (build the model and images once)
+
+Prints one line `BENCH_RESULT {json}` (or `BENCH_PREPARED {json}`) on stdout; everything else
+goes to stderr.
+
+Start-up is measured from the parent's spawn time (`--spawned-at`, wall clock), so it includes
+the interpreter and the imports, up to the start of the first optimizer step. Peak memory: the
+process's peak RSS (VmHWM) on the CPU; `torch.cuda.max_memory_allocated/reserved` on CUDA;
+both for the whole process and for the training phase alone (the peak is reset when the first
+step starts).
+"""
+from __future__ import annotations
+
+import time
+
+T0_MONO, T0_WALL = time.monotonic(), time.time()  # before any heavy import
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Offline, as the CLI runs (trainer/cli.py). Not the CLI's OMP_WAIT_POLICY=PASSIVE: on an idle
+# machine it makes every small op wake the sleeping OpenMP threads (tiny models: 25 -> 95 ms
+# a step with 2 threads); the bench runs each runner alone, with the library defaults.
+for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+                     "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cases import CASES, Case
+
+# --- Memory --------------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size since the start (or the last reset)."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --- Preparing a case ----------------------------------------------------------------------------
+
+def make_images(folder: Path, count: int, side: int) -> Path:
+    """`count` photo-like JPEGs (smooth colour fields + noise) of side x side pixels, each
+    with a caption file. Written under a temporary name, then renamed: a folder is whole."""
+    import numpy as np
+    from PIL import Image
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) * (768 / side)
+    for i in range(count):
+        base = np.stack([np.sin(x / (40 + 7 * i)), np.cos(y / (55 + 3 * i)),
+                         np.sin((x + y) / (70 + 5 * i))], axis=-1)
+        pixels = (base * 90 + 128 + rng.normal(0, 12, base.shape)).clip(0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(staging / f"image{i:03d}.jpg", quality=90)
+        (staging / f"image{i:03d}.txt").write_text(
+            f"a photo of pattern number {i}, soft studio light, high detail", encoding="utf-8")
+    os.replace(staging, folder)
+    return folder
+
+
+def image_count(case: Case, quick: bool) -> int:
+    """One epoch of the atelier runner = its warm-up: the latent cache fills during the
+    warm-up, and the measured steps are the steady state (cached latents and captions)."""
+    warmup, _ = case.steps(quick)
+    return max(1, warmup) * case.batch_size
+
+
+def prepare(case: Case, cache_dir: Path, quick: bool) -> dict:
+    """Build (once, kept in the cache folder) the case's model and images."""
+    models = cache_dir / "models"
+    model = models / case.model_key()
+    if case.size == "tiny":
+        if not (model / "model_index.json").is_file():
+            from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
+            (build_tiny_sd15 if case.family == "sd15" else build_tiny_sdxl)(model)
+    else:
+        from trainer.models.random_full import build_random_model, is_built
+        if not is_built(model):
+            print(f"building a random full-size {case.family} model in {model} ...",
+                  file=sys.stderr, flush=True)
+            build_random_model(case.family, model)
+    count = image_count(case, quick)
+    side = max(256, case.resolution * 3 // 2 // 8 * 8)
+    data = make_images(cache_dir / "data" / f"{side}px-{count}", count, side)
+    return {"model": str(model), "data": str(data)}
+
+
+# --- Measuring ----------------------------------------------------------------------------------
+
+def device_name(device: str) -> str:
+    import torch
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def measure(case: Case, runner: str, device: str, cache_dir: Path, quick: bool,
+            spawned_at: float) -> dict:
+    import torch
+
+    from bench import runners
+    imported = time.monotonic()
+    warmup, measured = case.steps(quick)
+    paths = prepare(case, cache_dir, quick)
+    (cache_dir / "runs").mkdir(parents=True, exist_ok=True)
+    workspace = Path(tempfile.mkdtemp(prefix=f"{case.name}-{runner}-", dir=cache_dir / "runs"))
+    paths["workspace"] = str(workspace / "ws")
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    marks: dict[str, float] = {}
+
+    def mark_start() -> None:
+        """The first optimizer step starts now: note the setup's peaks, then reset them so
+        the training phase's own peak is measured too."""
+        marks["start"] = time.monotonic()
+        marks["cpu_start"] = time.process_time()
+        marks["setup_rss_mb"] = peak_rss_mb()
+        marks["rss_reset"] = reset_peak_rss()
+        if cuda:
+            torch.cuda.synchronize()
+            marks["setup_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            marks["setup_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+
+    runners.seed_all(0)
+    try:
+        result = runners.RUNNERS[runner](case, paths, device, warmup + measured, mark_start)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    if "start" not in marks:
+        raise RuntimeError(f"{runner} never started a step")
+    start = marks["start"]
+    row = {"case": case.name, "runner": runner, "device": device,
+           "device_name": device_name(device), "quick": quick}
+    row.update(runners.summarise(result, start, marks["cpu_start"], warmup))
+    row["startup_s"] = (T0_WALL - spawned_at) + (start - T0_MONO)
+    row["imports_s"] = imported - T0_MONO
+    if len(result["stamps"]) > warmup:  # from the end of the warm-up to a synchronised end
+        first = result["stamps"][warmup - 1] if warmup else start
+        row["window_s_per_step"] = (result["end"] - first) / (len(result["stamps"]) - warmup)
+    for name, at in (result.get("phases") or {}).items():
+        row[f"startup_{name}_s"] = (T0_WALL - spawned_at) + (at - T0_MONO)
+    if result.get("warnings"):
+        row["warnings"] = result["warnings"][:5]
+    train_rss = peak_rss_mb()
+    row["peak_rss_mb"] = max(marks["setup_rss_mb"], train_rss)
+    row["train_peak_rss_mb"] = train_rss if marks["rss_reset"] else None
+    if cuda:
+        allocated = torch.cuda.max_memory_allocated() / 2**20
+        reserved = torch.cuda.max_memory_reserved() / 2**20
+        row["peak_mem_mb"] = max(marks["setup_allocated_mb"], allocated)
+        row["peak_reserved_mb"] = max(marks["setup_reserved_mb"], reserved)
+        row["train_peak_mem_mb"] = allocated
+        row["train_peak_reserved_mb"] = reserved
+    else:
+        row["peak_mem_mb"] = row["peak_rss_mb"]
+        row["train_peak_mem_mb"] = row["train_peak_rss_mb"]
+    row["torch"] = torch.__version__
+    row["threads"] = torch.get_num_threads()
+    row["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", required=True, choices=sorted(CASES))
+    parser.add_argument("--runner", choices=["limit", "naive", "atelier"])
+    parser.add_argument("--prepare", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / ".cache"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--spawned-at", type=float, default=T0_WALL)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: the case's cpu_threads, else torch's)")
+    args = parser.parse_args(argv)
+    threads = args.threads or (CASES[args.case].cpu_threads if args.device == "cpu" else 0)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    case = CASES[args.case]
+    cache_dir = Path(args.cache_dir)
+    if args.prepare:
+        print("BENCH_PREPARED " + json.dumps(prepare(case, cache_dir, args.quick)), flush=True)
+        return 0
+    if not args.runner:
+        parser.error("--runner is required (or --prepare)")
+    # Everything the engine and the libraries print goes to stderr; stdout carries the result.
+    stdout, sys.stdout = sys.stdout, sys.stderr
+    try:
+        row = measure(case, args.runner, args.device, cache_dir, args.quick, args.spawned_at)
+    finally:
+        sys.stdout = stdout
+    print("BENCH_RESULT " + json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""The benchmark suite runs end to end on the tiny models (a smoke test of the bench: no
+timing is asserted, only that every runner measured what it should and the report holds)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.cases import CASES, SMOKE_CASES, estimate_peak_gb
+from bench.report import ROW_KEYS, table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_on_the_tiny_models_writes_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--cases", ",".join(SMOKE_CASES), "--quick",
+         "--device", "cpu", "--json", str(out), "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["case"], r["runner"]) for r in rows] == [
+        (case, runner) for case in SMOKE_CASES for runner in ("limit", "naive", "atelier")]
+    for row in rows:
+        assert set(ROW_KEYS) <= set(row), row
+        assert row["device"] == "cpu" and not row.get("error")
+        for key in ("step_s_median", "first_step_s", "startup_s", "peak_mem_mb"):
+            assert isinstance(row[key], float) and row[key] > 0, (key, row)
+        assert row["steps_measured"] == 3 and row["warmup_steps"] == 2
+        assert row["loss_finite"] is True
+        assert row["startup_s"] >= row["imports_s"] > 0
+    atelier = [r for r in rows if r["runner"] == "atelier"]
+    # the engine's start-up phases were seen through its status events
+    assert all(r["startup_dataset_s"] <= r["startup_model_s"] <= r["startup_s"] for r in atelier)
+    # the printed table has a row per runner and the ratios on the atelier rows
+    assert "atelier/limit" in done.stdout and "naive/atelier" in done.stdout
+    assert done.stdout.count("atelier ") >= 2
+
+
+def test_every_case_is_described_and_gpu_cases_are_skipped_on_the_cpu(tmp_path):
+    names = ["tiny-sd15-64", "tiny-sd15-128", "tiny-sdxl-128", "sd15-256", "sd15-256-gc",
+             "sd15-256-ft", "sdxl-512", "sd15-512-lowmem", "sdxl-1024-lowmem"]
+    assert set(names) <= set(CASES)
+    for name, case in CASES.items():
+        assert case.note and case.runners, name
+        if case.base:
+            assert case.base in CASES, name
+        assert estimate_peak_gb(case, "atelier", "cpu") > 0
+    # a full fine-tune needs its weights, gradients and AdamW state: more than a LoRA
+    assert (estimate_peak_gb(CASES["sd15-256-ft"], "atelier", "cpu")
+            > estimate_peak_gb(CASES["sd15-256"], "atelier", "cpu") + 10)
+    # the fused pass drops the gradients, 8-bit AdamW most of the state
+    ft = estimate_peak_gb(CASES["sd15-256-ft"], "atelier", "cpu")
+    assert estimate_peak_gb(CASES["sd15-256-ft-fused"], "atelier", "cpu") < ft - 3
+    assert estimate_peak_gb(CASES["sd15-256-ft-8bit"], "atelier", "cpu") < ft - 4
+
+    out = tmp_path / "skipped.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--cases", "sd15-512-lowmem", "--device", "cpu",
+         "--json", str(out), "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {r["runner"] for r in rows} == {"limit", "naive", "atelier"}
+    assert all("GPU-only" in r["skipped"] and r["step_s_median"] is None for r in rows)
+    assert "GPU-only" in done.stdout
+
+
+def test_table_shows_ratios_and_levers():
+    def row(case, runner, step, peak):
+        return {"case": case, "runner": runner, "step_s_median": step, "first_step_s": step,
+                "startup_s": 5.0, "peak_mem_mb": peak, "train_peak_mem_mb": peak}
+    rows = [row("sd15-256", "limit", 2.0, 5000), row("sd15-256", "naive", 4.0, 6000),
+            row("sd15-256", "atelier", 2.1, 5500),
+            row("sd15-256-gc", "atelier", 3.0, 5000)]
+    text = table(rows, "cpu")
+    atelier_line = next(line for line in text.splitlines() if " atelier " in line
+                        and "1.05" in line)
+    assert "1.90" in atelier_line  # naive / atelier
+    assert "sd15-256-gc vs sd15-256" in text and "1.43" in text and "500" in text
+
+
+# --- What keeps host reads out of the step: losses reported in batches ---------------------------
+
+def test_pending_steps_read_back_in_order():
+    import torch
+
+    from trainer.metrics import PendingSteps
+    pending = PendingSteps(interval=3600)
+    for step in range(1, 4):
+        pending.add({"step": step}, torch.tensor(step / 10))
+    assert not pending.due() and len(pending) == 3
+    flushed = pending.flush()
+    assert [(r["step"], round(v, 6)) for r, v in flushed] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert pending.flush() == [] and not pending.due()
+    every_step = PendingSteps(interval=0)
+    every_step.add({"step": 1}, torch.tensor(1.0))
+    assert every_step.due()
+
+
+def test_deferred_reports_log_every_step_and_stop_at_a_nan_before_its_backup(
+        tiny_sd15_dir, tmp_path, monkeypatch):
+    """With the GPU's deferred reporting (forced here on the CPU), every step is still logged
+    once and in order, and a NaN loss ends the run with its step before a backup keeps it."""
+    import pytest
+
+    import trainer.loop as loop_module
+    from trainer.backup import list_backups
+    from trainer.control import Control
+    from trainer.errors import TrainingError
+    from trainer.metrics import PendingSteps
+
+    from helpers import read_metrics, tiny_config
+    real_init = PendingSteps.__init__
+    monkeypatch.setattr(PendingSteps, "__init__", lambda self, interval: real_init(self, 3600))
+    events = []
+    config = tiny_config(tiny_sd15_dir, tmp_path / "ok", epochs=2)
+    loop_module.train(config, Control(on_event=events.append))
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps == list(range(1, 7)) == [r["step"] for r in read_metrics(config)]
+    times = [e["time"] for e in events if e["type"] == "progress"]
+    assert times == sorted(times)
+
+    real_loss, calls = loop_module.pixel_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop_module, "pixel_loss", poisoned)
+    config = tiny_config(tiny_sd15_dir, tmp_path / "nan", epochs=2, backup_after=2,
+                         backup_after_unit="STEP")
+    with pytest.raises(TrainingError, match="loss became nan at step 3"):
+        loop_module.train(config)
+    assert [b.name for b in list_backups(tmp_path / "nan" / "ws" / "backup")] == ["step-2"]
