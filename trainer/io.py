@@ -3,6 +3,10 @@ a temporary name in the same folder, then rename over the target (atomic on one 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,3 +54,22 @@ def atomic_save_png(image: Image.Image, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path` to write into; when the block ends without
+    error the staging folder replaces `path`, otherwise it is removed. A folder found at
+    `path` is therefore always whole (a model that a crash half-wrote is never loaded)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; an output folder is shared
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -6,14 +6,12 @@ The tokenizer is the tiny BPE of `trainer.models.tiny`, so nothing is downloaded
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
-import tempfile
 
 import torch
 
 from trainer.models.tiny import build_tiny_tokenizer
+from trainer.io import atomic_folder
 
 IMAGE_SIZE = 32  # the processor resizes every image to this square, as the real one does to 352
 # CLIP's normalisation, as the real processor has it
@@ -63,16 +61,7 @@ def build_tiny_clipseg(out_dir, seed: int = 0) -> pathlib.Path:
     """
     model, processor = build_tiny_clipseg_parts(seed)
     out_dir = pathlib.Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is shared
+    with atomic_folder(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import shutil
-import tempfile
 
 import torch
+from trainer.io import atomic_folder
 
 CONFIG_DIRS = {"sd15": pathlib.Path(__file__).parent / "configs" / "sd15",
                "sdxl": pathlib.Path(__file__).parent / "configs" / "sdxl"}
@@ -84,9 +83,7 @@ def build_random_model(family: str, out_dir, *, seed: int = 0,
     renamed into place: a folder that exists is whole."""
     config_dir = CONFIG_DIRS[family]
     out_dir = pathlib.Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         shutil.copy(config_dir / "model_index.json", staging / "model_index.json")
         shutil.copytree(config_dir / "scheduler", staging / "scheduler")
         for name in ("tokenizer", "tokenizer_2"):
@@ -108,12 +105,6 @@ def build_random_model(family: str, out_dir, *, seed: int = 0,
         (staging / MARKER).write_text(json.dumps(
             {"family": family, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
              "parameters": counts}, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -9,10 +9,7 @@ as it is on the real model.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from diffusers import (
@@ -24,6 +21,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from trainer.io import atomic_folder
 
 # Letter pairs merged into single tokens, so that the tiny tokenizer is a real BPE (words
 # become several tokens, some of them merged) rather than one token per character.
@@ -168,16 +166,8 @@ def _write_pipeline(pipe, out_dir) -> pathlib.Path:
     """The folder is written next to its destination and renamed into place, so a crash never
     leaves a half-written model that would later be loaded as if it were whole."""
     out_dir = pathlib.Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
