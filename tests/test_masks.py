@@ -548,3 +548,32 @@ def test_clipseg_hub_id_not_in_the_cache_is_refused_offline(tmp_path, monkeypatc
     with pytest.raises(MaskError, match=r"not in the local Hugging Face cache.*hf download"):
         generate_masks(tmp_path, MaskSettings(method="clipseg", prompt="a cat",
                                               model="someone/not-downloaded"))
+
+
+def test_two_writes_of_one_mask_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """The page writes from several threads of one process: each write gets its own temporary
+    name, so one write can never rename another's half-written file into place."""
+    from trainer import io
+
+    names = {io._temporary(tmp_path / "a-masklabel.png") for _ in range(50)}
+    assert len(names) == 50 and all(n.name.endswith(".tmp") for n in names)
+
+
+def test_a_model_build_never_replaces_a_folder_that_is_not_a_model(tmp_path):
+    from trainer.errors import AtelierError
+    from trainer.io import atomic_folder
+
+    home = tmp_path / "models"
+    home.mkdir()
+    (home / "my-notes.txt").write_text("keep me")
+    with pytest.raises(AtelierError, match="not replaced"):
+        with atomic_folder(home) as staging:
+            (staging / "config.json").write_text("{}")
+    assert (home / "my-notes.txt").read_text() == "keep me"
+    assert os.listdir(tmp_path) == ["models"]  # no staging folder left
+    model = tmp_path / "model"
+    with atomic_folder(model) as staging:
+        (staging / "config.json").write_text("{}")
+    with atomic_folder(model) as staging:  # a model folder is rebuilt in place
+        (staging / "config.json").write_text('{"v": 2}')
+    assert (model / "config.json").read_text() == '{"v": 2}'

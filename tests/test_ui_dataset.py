@@ -213,6 +213,30 @@ def test_caption_handler_saves_and_reports(data):
     assert browse.list_entries(data)[2].caption == "a cup of coffee"
 
 
+def test_a_caption_box_still_holding_another_images_caption_is_not_saved(data):
+    """Save clicked before a newly opened image's caption arrived: the box (and its hidden
+    owner name) still belong to the previous image, so nothing is written."""
+    before = (data / "cat.txt").read_bytes()
+    opened = dataset.open_image(str(data / "coffee.jpg"))
+    assert opened["caption_for"] == str(data / "coffee.jpg")
+    result = dataset.save_caption(str(data / "cat.jpg"), "coffee's caption",
+                                  caption_for=opened["caption_for"])
+    assert "still holds the caption of &#x27;coffee.jpg&#x27;" in result["message"]
+    assert (data / "cat.txt").read_bytes() == before
+
+
+def test_a_stale_concept_chooser_acts_on_the_data_tables_folder(data, tmp_path):
+    """The Data table changed and the chooser has not caught up: browsing lists the table's
+    folder, not the old one."""
+    other = tmp_path / "other"
+    other.mkdir()
+    table = tables.concepts_frame([{"path": str(data)}])
+    assert dataset.current_folder(str(other), table) == str(data)
+    assert dataset.current_folder(str(data), table) == str(data)
+    listed = dataset.refresh_gallery(str(other), False, table, None)
+    assert str(data) in listed["info"]
+
+
 def test_clear_messages_for_no_image_a_vanished_image_and_a_missing_folder(data, tmp_path):
     assert "Select an image" in dataset.save_mask(None, None, None)["message"]
     assert "Select an image" in dataset.save_caption(None, "x")["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,9 +14,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from trainer.errors import AtelierError
+
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """A name of its own for each write: the page's handlers run on several threads of one
+    process, and two writes of one file (a mask saved while a folder run writes it) must
+    not share a temporary file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -56,12 +62,20 @@ def atomic_save_png(image: Image.Image, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# A folder holding one of these is a model folder, which atomic_folder may replace.
+MODEL_MARKERS = ("model_index.json", "config.json")
+
+
 @contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside `path` to write into; when the block ends without
     error the staging folder replaces `path`, otherwise it is removed. A folder found at
     `path` is therefore always whole (a model that a crash half-wrote is never loaded)."""
     path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not any(
+            (path / marker).is_file() for marker in MODEL_MARKERS):
+        raise AtelierError(f"'{path}' is a folder that holds something other than a model; "
+                           "it is not replaced. Choose a new folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:

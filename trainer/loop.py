@@ -382,7 +382,10 @@ def train(config: TrainConfig, control: Control | None = None, *,
             status(f"Continuing from {found[-1]} at step {progress['step']}")
 
     # --- train ---
-    pending = PendingSteps(0.0 if accelerator.device.type == "cpu" else GPU_REPORT_INTERVAL_S)
+    # Several processes read back at every step, all at the same step: a clock-timed read
+    # would let one process stop on a NaN loss while the others wait in the next all-reduce.
+    batched_reads = accelerator.device.type != "cpu" and accelerator.num_processes == 1
+    pending = PendingSteps(GPU_REPORT_INTERVAL_S if batched_reads else 0.0)
 
     def report() -> None:
         """Log and announce the finished steps whose losses are still on the device (one

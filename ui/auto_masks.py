@@ -32,6 +32,7 @@ from ui.dataset import (
     OPENED,
     DatasetSection,
     call_safely,
+    current_folder,
     refresh_gallery,
     reopen_image,
     wire,
@@ -219,7 +220,7 @@ def _bind(p: AutoMaskPanel) -> None:
     p.preview.click(*wire(p, preview_selected, ["selected", *SETTINGS], PREVIEWS),
                     api_name="auto_mask_preview")
 
-    inputs = {p.component(name): name for name in ["concept", *SETTINGS]}
+    inputs = {p.component(name): name for name in ["concept", "concepts", *SETTINGS]}
 
     # Gradio finds its progress tracker by this default value (its documented idiom).
     def run_apply(data: dict, request: gr.Request,
@@ -239,7 +240,9 @@ def _bind(p: AutoMaskPanel) -> None:
         values = {name: data[component] for component, name in inputs.items()}
         try:
             result = call_safely(apply_to_folder,
-                                 {"concept": values.pop("concept"), "progress": report,
+                                 {"concept": current_folder(values.pop("concept"),
+                                                            values.pop("concepts")),
+                                  "progress": report,
                                   "should_stop": should_stop, **values}, "auto_message")
         finally:
             with _stop_lock:

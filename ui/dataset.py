@@ -142,7 +142,7 @@ def open_image(selected: str | None) -> dict:
     shown = painted.preview(image, mask, PREVIEW_SIZE) if mask is not None else None
     return {"selected": str(path), "baseline": mask,
             "editor": painted.editor_value(image, mask),
-            "caption": caption or "",
+            "caption": caption or "", "caption_for": str(path),
             "title": title_for(path),
             "preview": shown, "message": ""}
 
@@ -156,9 +156,14 @@ def select_image(entries: list[str] | None, index: int | None) -> dict:
 
 # --- Captions ---------------------------------------------------------------------------------------
 
-def save_caption(selected: str | None, caption: str | None) -> dict:
+def save_caption(selected: str | None, caption: str | None,
+                 caption_for: str | None = None) -> dict:
     try:
         path = _existing_image(selected, write=True)
+        if caption_for and Path(caption_for) != path:
+            raise DatasetError(f"The caption box still holds the caption of "
+                               f"'{Path(caption_for).name}', not of '{path.name}': wait until "
+                               "the image has opened, then save.")
         written = browse.save_caption(path, caption or "")
     except AtelierError as error:
         return failed(error)
@@ -249,6 +254,10 @@ class DatasetSection:
     preview: gr.Image
     message: gr.HTML
     concepts: gr.Dataframe  # the Data table (an input, not drawn here)
+    # The image whose caption the caption box holds, kept in the browser beside the box (a
+    # hidden textbox, not server state): a Save clicked before a newly opened image's caption
+    # arrived sends the old caption with the old name, never under the new image's name.
+    caption_for: gr.Textbox
 
     def component(self, name: str) -> gr.components.Component:
         return getattr(self, name)
@@ -287,7 +296,8 @@ def wire(section: Any, fn: Callable[..., dict], inputs: list[str],
     return run, set(components.values()), out
 
 
-OPENED = ["selected", "baseline", "editor", "caption", "title", "preview", "message"]
+OPENED = ["selected", "baseline", "editor", "caption", "caption_for", "title", "preview",
+          "message"]
 BROWSED = ["gallery", "entries", "info"]
 
 
@@ -341,6 +351,7 @@ def build_section(concepts_table: gr.Dataframe, concepts: list,
                                           "lines are alternative captions.")
                 save_caption_btn = gr.Button("Save caption", elem_id="caption-save",
                                              size="sm")
+                caption_for = gr.Textbox(visible=False, elem_id="dataset-caption-for")
                 message = gr.HTML(elem_id="dataset-message")
                 preview = gr.Image(label="Saved mask (outside dimmed)", interactive=False,
                                    elem_id="mask-preview", height=220, type="pil",
@@ -348,22 +359,26 @@ def build_section(concepts_table: gr.Dataframe, concepts: list,
         section = DatasetSection(accordion, concept, only_unmasked, refresh, info, gallery,
                                  entries, selected, baseline, title, caption,
                                  save_caption_btn, editor, clear, fill, invert, save_mask_btn,
-                                 preview, message, concepts_table)
+                                 preview, message, concepts_table, caption_for)
         _bind(section)
         for panel in panels:
             panel(section)
     return section
 
 
-def refresh_gallery(concept, only_unmasked, concepts, selected) -> dict:
-    """browse_folder under the section's component names (for `wire`)."""
+def current_folder(concept: str | None, concepts: Any) -> str | None:
+    """The concept folder to act on. The chooser may still hold a folder the Data table no
+    longer lists: the table changed (an import, a preset) and its update to the chooser has
+    not arrived yet. Then the table's first enabled folder, as the chooser is about to show."""
     folders = [str(c["path"]) for c in enabled_concepts(concepts)]
     if folders and concept not in folders:
-        # The chooser still holds a folder the Data table no longer lists: the table changed
-        # (an import, a preset) and its update to the chooser has not arrived yet. List what
-        # the table says, as the chooser is about to.
-        concept = folders[0]
-    return browse_folder(concept, only_unmasked, concepts, selected)
+        return folders[0]
+    return concept
+
+
+def refresh_gallery(concept, only_unmasked, concepts, selected) -> dict:
+    """browse_folder under the section's component names (for `wire`)."""
+    return browse_folder(current_folder(concept, concepts), only_unmasked, concepts, selected)
 
 
 def reopen_image(selected) -> dict:
@@ -400,7 +415,7 @@ def _bind(s: DatasetSection) -> None:
                      show_progress="minimal")
 
     # After a save the gallery is listed again: its labels show captions and mask states.
-    s.save_caption.click(*wire(s, save_caption, ["selected", "caption"],
+    s.save_caption.click(*wire(s, save_caption, ["selected", "caption", "caption_for"],
                                ["message", "caption", "title"]),
                          api_name="dataset_save_caption").then(
         *wire(s, refresh_gallery, browse_inputs, BROWSED), api_name="dataset_after_caption",

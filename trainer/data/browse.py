@@ -22,7 +22,7 @@ from trainer.data.images import (
     to_rgb,
 )
 from trainer.errors import DatasetError
-from trainer.io import atomic_write_text
+from trainer.io import atomic_save_png, atomic_write_text
 from trainer.masks import painted
 from trainer.masks.store import existing_mask
 
@@ -169,7 +169,5 @@ def thumbnail(image_path: Path | str, cache_dir: Path | str,
     # a failed listing, so any decoding failure draws the placeholder.
     except Exception:  # noqa: BLE001
         shown = Image.new("RGB", (size, size), (128, 128, 128))
-    tmp = target.with_name(f".{target.name}.tmp")
-    shown.save(tmp, format="PNG")
-    tmp.replace(target)
+    atomic_save_png(shown, target)  # two listings at once each write a whole file
     return target
