@@ -340,7 +340,11 @@ def run_atelier(case: Case, paths: dict, device: str, steps: int, mark_start,
                 on_started()
         elif kind == "progress":
             stamps[event["step"]] = event.get("time", now())
-            cpu[event["step"]] = cpu_now()
+            # On CUDA the loop reports steps in batches (one loss read a second), so the CPU
+            # clock read here would give every step of a batch ~0 s: CPU seconds are a CPU
+            # figure only.
+            if device == "cpu":
+                cpu[event["step"]] = cpu_now()
             losses[event["step"]] = event["loss"]
             if len(stamps) >= steps:
                 raise BenchDone
