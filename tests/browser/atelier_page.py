@@ -31,10 +31,20 @@ def input_of(page, key: str):
 
 
 def set_value(page, key: str, value) -> None:
-    """Type into a textbox / number field and leave it (Gradio sends the value on input)."""
+    """Type into a textbox / number field and leave it (Gradio sends the value on input).
+
+    A field drawn a moment ago (its accordion just opened) can still be given its initial
+    value by the frontend after the typing, undoing it; a user never types that fast, so the
+    typing is repeated until the field keeps the value for a short while."""
     box = input_of(page, key)
-    box.fill(str(value))
-    box.press("Tab")
+    for _ in range(5):
+        box.fill(str(value))
+        box.press("Tab")
+        page.wait_for_timeout(300)
+        if box.input_value() == str(value):
+            return
+    raise AssertionError(f"the field {key} does not keep the value {value!r} "
+                         f"(it shows {box.input_value()!r})")
 
 
 def value_of(page, key: str) -> str:
