@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -94,10 +95,27 @@ def test_thumbnails_are_cached_and_a_broken_image_gets_a_placeholder(data, tmp_p
     painted_mask = painted.filled((192, 128))
     painted_mask.save(data / "rocket-masklabel.png")
     os.utime(data / "rocket-masklabel.png", ns=(1, 10**18))  # a newer mask: a new thumbnail
-    assert browse.thumbnail(data / "rocket.jpg", cache) != first
+    second = browse.thumbnail(data / "rocket.jpg", cache)
+    assert second != first
+    assert not first.exists()  # the older version is deleted: one thumbnail per image
+    assert sorted(cache.iterdir()) == [second]
     (data / "broken.jpg").write_bytes((data / "cat.jpg").read_bytes()[:300])
     with Image.open(browse.thumbnail(data / "broken.jpg", cache)) as placeholder:
         assert placeholder.getpixel((5, 5)) == (128, 128, 128)
+
+
+def test_thumbnails_not_listed_for_a_month_are_pruned(data, tmp_path):
+    cache = tmp_path / "cache"
+    kept = browse.thumbnail(data / "cat.jpg", cache)
+    listed_again = browse.thumbnail(data / "rocket.jpg", cache)
+    stale = browse.thumbnail(data / "astronaut.jpg", cache)
+    month_ago = time.time() - 31 * 86400
+    for file in (listed_again, stale):
+        os.utime(file, (month_ago, month_ago))
+    assert browse.thumbnail(data / "rocket.jpg", cache) == listed_again  # a listing renews it
+    assert browse.prune_thumbnails(cache) == 1
+    assert sorted(cache.iterdir()) == sorted([kept, listed_again])
+    assert browse.prune_thumbnails(tmp_path / "never-made") == 0
 
 
 # --- the page's handlers ------------------------------------------------------------------------
@@ -335,6 +353,60 @@ def test_auto_apply_fills_missing_masks_and_summarises(data):
     stopped = auto_masks.apply_to_folder(str(data), None, lambda: True,
                                          **color_settings(mode="replace"))
     assert "Stopped after 0 of 5" in stopped["auto_message"]
+
+
+def test_auto_apply_reloads_the_canvas_only_when_it_wrote_the_open_images_mask(data):
+    # cat.jpg has no mask; the canvas holds paint not saved yet.
+    cat = dataset.open_image(str(data / "cat.jpg"))
+    image = Image.open(data / "cat.jpg").convert("RGB")
+    painted_canvas = painted.editor_value(image, painted.filled(image.size))
+    result = auto_masks.apply_to_folder(str(data), selected=cat["selected"],
+                                        editor=painted_canvas, baseline=cat["baseline"],
+                                        **color_settings(mode="fill"))
+    assert "Wrote 1 mask" in result["auto_message"]
+    assert "canvas now shows the new mask of cat.jpg" in result["auto_message"]
+    assert "paint you had not saved" in result["auto_message"]
+    written = existing_mask(data / "cat.jpg")
+    assert painted.same_mask(result["baseline"], written)  # the canvas holds the new mask
+    assert "has a mask" in result["title"] and "message" not in result
+
+    # rocket.jpg keeps its mask (fill mode): the canvas and its unsaved paint stay as they are.
+    rocket = dataset.open_image(str(data / "rocket.jpg"))
+    kept = auto_masks.apply_to_folder(str(data), selected=rocket["selected"],
+                                      editor=rocket["editor"], baseline=rocket["baseline"],
+                                      **color_settings(mode="fill"))
+    assert "skipped 5" in kept["auto_message"] and "canvas" not in kept["auto_message"]
+    assert set(kept) == {"auto_message"}
+
+    # Replaced with no paint pending: reloaded, without the warning about paint.
+    again = auto_masks.apply_to_folder(str(data), selected=rocket["selected"],
+                                       editor=rocket["editor"], baseline=rocket["baseline"],
+                                       **color_settings(mode="replace"))
+    assert "canvas now shows the new mask of rocket.jpg." in again["auto_message"]
+    assert "editor" in again
+
+
+def test_auto_apply_is_refused_while_a_training_job_runs(data, monkeypatch):
+    monkeypatch.setattr(auto_masks, "training_running", lambda: True)
+    before = sorted(p.name for p in data.iterdir())
+    result = auto_masks.apply_to_folder(str(data), **color_settings(mode="replace"))
+    assert "training job is running" in result["auto_message"]
+    assert "atelier-error" in result["auto_message"]
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert existing_mask(data / "cat.jpg") is None
+
+
+def test_unsaved_paint_is_told_apart_from_a_saved_canvas(data):
+    rocket = dataset.open_image(str(data / "rocket.jpg"))
+    assert not dataset.has_unsaved_paint(rocket["selected"], rocket["editor"],
+                                         rocket["baseline"])
+    image = Image.open(data / "rocket.jpg").convert("RGB")
+    cleared = painted.editor_value(image, painted.cleared(image.size))
+    assert dataset.has_unsaved_paint(rocket["selected"], cleared, rocket["baseline"])
+    # Saved: the canvas equals the file again.
+    dataset.save_mask(rocket["selected"], cleared, rocket["baseline"])
+    assert not dataset.has_unsaved_paint(rocket["selected"], cleared, rocket["baseline"])
+    assert not dataset.has_unsaved_paint(None, cleared, None)
 
 
 def test_auto_apply_errors(data, shared):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -33,10 +34,12 @@ from ui.dataset import (
     DatasetSection,
     call_safely,
     current_folder,
+    has_unsaved_paint,
+    open_image,
     refresh_gallery,
-    reopen_image,
     wire,
 )
+from ui import state
 from ui.files import check_allowed, check_model_source, failed, message_html
 
 PREVIEW_SIZE = 256  # px, the long side of each preview image
@@ -88,21 +91,52 @@ def preview_selected(selected: str | None, **values: Any) -> dict:
             "auto_message": ""}
 
 
+def training_running() -> bool:
+    return state.SESSION.state().running
+
+
 def apply_to_folder(concept: str | None,
                     progress: Callable[[int, int, str], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None, **values: Any) -> dict:
+                    should_stop: Callable[[], bool] | None = None,
+                    selected: str | None = None, editor: Any = None, baseline: Any = None,
+                    **values: Any) -> dict:
     """Run the settings over the chosen concept folder; the summary names what was written,
-    skipped and failed (with reasons)."""
+    skipped and failed (with reasons).
+
+    When the image open in the canvas (`selected`) gets a new mask, the result also holds
+    `open_image`'s outputs, so the canvas shows the mask now on disk; otherwise the canvas is
+    left as it is, unsaved paint included."""
     try:
+        if training_running():
+            raise DatasetError("A training job is running and may be reading these masks: "
+                               "stop it or wait for it to finish, then apply.")
         if not concept:
             raise DatasetError("No concept folder: add one in the Data table.")
         folder = check_allowed(concept, write=True)
-        summary = generate_masks(folder, settings_from(values), progress=progress,
-                                 should_stop=should_stop)
+        settings = settings_from(values)
+        unsaved = has_unsaved_paint(selected, editor, baseline)
+        summary = generate_masks(folder, settings, progress=progress, should_stop=should_stop)
     except AtelierError as error:
         return failed(error, "auto_message")
-    ok = not summary.failed
-    return {"auto_message": message_html(summary.text(), ok=ok)}
+    text = summary.text()
+    result = {}
+    open_name = _name_in(folder, selected)
+    if open_name is not None and open_name in summary.written:
+        result = {key: value for key, value in open_image(selected).items()
+                  if key != "message"}
+        text += (f" The canvas now shows the new mask of {open_name}"
+                 + ("; the paint you had not saved on it was replaced." if unsaved else "."))
+    return {**result, "auto_message": message_html(text, ok=not summary.failed)}
+
+
+def _name_in(folder: Path, selected: str | None) -> str | None:
+    """`selected`'s name relative to `folder` (as MaskSummary lists it), or None."""
+    if not selected:
+        return None
+    try:
+        return Path(selected).resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 def request_stop(session: str) -> dict:
@@ -220,7 +254,9 @@ def _bind(p: AutoMaskPanel) -> None:
     p.preview.click(*wire(p, preview_selected, ["selected", *SETTINGS], PREVIEWS),
                     api_name="auto_mask_preview")
 
-    inputs = {p.component(name): name for name in ["concept", "concepts", *SETTINGS]}
+    inputs = {p.component(name): name
+              for name in ["concept", "concepts", "selected", "editor", "baseline", *SETTINGS]}
+    outputs = ["auto_message", *OPENED]
 
     # Gradio finds its progress tracker by this default value (its documented idiom).
     def run_apply(data: dict, request: gr.Request,
@@ -248,12 +284,11 @@ def _bind(p: AutoMaskPanel) -> None:
             with _stop_lock:
                 _stop_requests.discard(session)
                 _running.discard(session)
-        return {p.auto_message: result["auto_message"]}
+        return {p.component(name): result.get(name, gr.skip()) for name in outputs}
 
-    p.apply.click(run_apply, set(inputs), [p.auto_message], api_name="auto_mask_apply").then(
+    p.apply.click(run_apply, set(inputs), [p.component(name) for name in outputs],
+                  api_name="auto_mask_apply").then(
         *wire(p, refresh_gallery, BROWSE_INPUTS, BROWSED), api_name="auto_mask_refresh",
-        show_progress="hidden").then(
-        *wire(p, reopen_image, ["selected"], OPENED), api_name="auto_mask_reopen",
         show_progress="hidden")
 
     def stop_apply(request: gr.Request) -> str:

@@ -214,10 +214,9 @@ def reset_mask(selected: str | None, editor: Any, baseline: Any, how: str) -> di
         elif how == "invert":
             # What the canvas holds now, painted strokes included (unless it still shows
             # another image: then the mask it was opened with).
-            shows_it = (_editor_holds_image(editor)
-                        and painted.same_picture(editor["background"], image))
-            current = (painted.mask_from_editor(editor, image.size, baseline) if shows_it
-                       else baseline)
+            current = painted.canvas_mask(editor, image, baseline)
+            if current is None:
+                current = baseline
             mask = painted.inverted(current if current is not None
                                     else painted.cleared(image.size))
         else:
@@ -305,6 +304,7 @@ def build_section(concepts_table: gr.Dataframe, concepts: list,
                   panels: Sequence[Callable[[DatasetSection], Any]] = ()) -> DatasetSection:
     """Draw the section (inside the page's Blocks) and bind its events. Each of `panels` is
     then drawn at the section's end, given the section (the automatic-mask panel)."""
+    browse.prune_thumbnails(THUMBNAIL_DIR)  # once per page build, i.e. per server start
     items = [c.model_dump(mode="json") if hasattr(c, "model_dump") else dict(c)
              for c in concepts]
     folders = list(dict.fromkeys(str(c["path"]) for c in items
@@ -381,9 +381,18 @@ def refresh_gallery(concept, only_unmasked, concepts, selected) -> dict:
     return browse_folder(current_folder(concept, concepts), only_unmasked, concepts, selected)
 
 
-def reopen_image(selected) -> dict:
-    """The open image again (its mask changed on disk); nothing when none is open."""
-    return open_image(selected) if selected else {}
+def has_unsaved_paint(selected: str | None, editor: Any, baseline: Any) -> bool:
+    """Whether the canvas holds paint that differs from the open image's saved mask."""
+    if not selected:
+        return False
+    try:
+        path = _existing_image(selected)
+        image = load_image_rgb(path)
+        saved = existing_mask(path)
+    except AtelierError:
+        return False
+    now = painted.canvas_mask(editor, image, baseline)
+    return now is not None and not painted.same_mask(now, saved)
 
 
 BROWSE_INPUTS = ["concept", "only_unmasked", "concepts", "selected"]

@@ -129,6 +129,7 @@ def test_automatic_masks_preview_and_apply_to_the_folder(dataset_page):
     message = page.locator("#auto-mask-message")
     wait_for(lambda: "Wrote 1 mask" in message.inner_text(), 60, what="the run's summary")
     assert "skipped 4" in message.inner_text() and "has a mask" in message.inner_text()
+    assert "canvas now shows the new mask of cat.jpg" in message.inner_text()
     with Image.open(folder / "cat-masklabel.png") as mask:
         assert mask.mode == "L" and mask.size == CAT
     wait_for(lambda: any(label.startswith("✓ mask · cat.jpg") for label in gallery_labels(page))

@@ -9,6 +9,8 @@ painting one mask redraws one thumbnail.
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,16 +148,24 @@ def _small_rgb(image_path: Path, size: int) -> Image.Image:
     return image
 
 
+THUMBNAIL_MAX_AGE_DAYS = 30  # a thumbnail not listed for this long is deleted (prune_thumbnails)
+
+
 def thumbnail(image_path: Path | str, cache_dir: Path | str,
               size: int = THUMBNAIL_SIZE) -> Path:
     """A PNG thumbnail of the image with its mask shown (outside dimmed), cached by the
-    image's and mask's modification times. An unreadable image gets a grey placeholder."""
+    image's and mask's modification times. An unreadable image gets a grey placeholder.
+
+    The file name is `<image key>-<version key>.png`: drawing a new version (the mask was
+    painted) deletes the image's older ones, so the cache holds one thumbnail per image."""
     image_path = Path(image_path)
     mask_file = mask_path_for(image_path)
-    key = f"{image_path.resolve()}|{_stamp(image_path)}|{_stamp(mask_file)}|{size}"
+    image_key = _digest(f"{image_path.resolve()}|{size}", 16)
+    version_key = _digest(f"{_stamp(image_path)}|{_stamp(mask_file)}", 8)
     cache_dir = Path(cache_dir)
-    target = cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.png"
+    target = cache_dir / f"{image_key}-{version_key}.png"
     if target.is_file():
+        _touch(target)  # listed now: prune_thumbnails keeps it
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -170,4 +180,38 @@ def thumbnail(image_path: Path | str, cache_dir: Path | str,
     except Exception:  # noqa: BLE001
         shown = Image.new("RGB", (size, size), (128, 128, 128))
     atomic_save_png(shown, target)  # two listings at once each write a whole file
+    for older in cache_dir.glob(f"{image_key}-*.png"):
+        if older != target:
+            older.unlink(missing_ok=True)
     return target
+
+
+def prune_thumbnails(cache_dir: Path | str,
+                     max_age_days: float = THUMBNAIL_MAX_AGE_DAYS) -> int:
+    """Delete the cache's thumbnails not listed for `max_age_days` (images since deleted or
+    moved, folders no longer browsed); returns how many were deleted. Never raises: a cache
+    that cannot be cleaned is only a cache."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return 0
+    oldest = time.time() - max_age_days * 86400
+    deleted = 0
+    for file in cache_dir.glob("*.png"):
+        try:
+            if file.stat().st_mtime < oldest:
+                file.unlink()
+                deleted += 1
+        except OSError:  # removed by another listing, or not ours to delete
+            continue
+    return deleted
+
+
+def _digest(text: str, length: int) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves its thumbnails
+        pass

@@ -178,3 +178,22 @@ def same_picture(a: Any, b: Image.Image, tolerance: float = 24.0) -> bool:
     small_b = np.asarray(b.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR),
                          dtype=np.float32)
     return float(np.abs(small_a - small_b).mean()) <= tolerance
+
+
+def canvas_mask(value: Any, image: Image.Image,
+                baseline: Image.Image | None) -> Image.Image | None:
+    """The mask the canvas holds now for `image` (painted strokes included), or None when the
+    canvas does not show that image (empty, still loading, another image)."""
+    if not isinstance(value, dict) or not same_picture(value.get("background"), image):
+        return None
+    return mask_from_editor(value, image.size, baseline)
+
+
+def same_mask(a: Image.Image | None, b: Image.Image | None) -> bool:
+    """Whether two masks are pixel for pixel the same (None = no mask, i.e. all black)."""
+    if a is None and b is None:
+        return True
+    size = (a or b).size
+    a = np.asarray(a if a is not None else cleared(size))
+    b = np.asarray(b if b is not None else cleared(size))
+    return a.shape == b.shape and bool((a == b).all())
