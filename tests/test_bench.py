@@ -136,3 +136,16 @@ def test_deferred_reports_log_every_step_and_stop_at_a_nan_before_its_backup(
     with pytest.raises(TrainingError, match="loss became nan at step 3"):
         loop_module.train(config)
     assert [b.name for b in list_backups(tmp_path / "nan" / "ws" / "backup")] == ["step-2"]
+
+
+def test_fused_overhead_bench_counts_the_optimizer_calls(capsys):
+    """The host-side bench of the fused pass: SD 1.5's 686 weight tensors are one optimizer
+    call each without buckets, a few dozen with them (no timing asserted)."""
+    from bench import fused_overhead
+
+    assert fused_overhead.main(["--families", "sd15", "--steps", "1", "--rounds", "1"]) == 0
+    rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("sd15")}
+    assert rows["plain"][2] == "1" and rows["per-param"][2] == "686"
+    assert 10 <= int(rows["bucketed"][2]) <= 40
+    assert all(float(row[3]) > 0 for row in rows.values())

@@ -86,12 +86,12 @@ def test_fused_pass_keeps_few_gradients_alive(tiny_sd15_dir, tmp_path, monkeypat
 
     real_step = FusedBackward._step
 
-    def spying_step(self, param):
+    def spying_step(self, bucket):
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         seen["total"] = sum(p.numel() * 4 for p in params)
         seen["fused"] = max(seen["fused"], grad_bytes(params))
         seen["updates"] += 1
-        return real_step(self, param)
+        return real_step(self, bucket)
 
     monkeypatch.setattr(FusedBackward, "_step", spying_step)
     train(ft_config(tiny_sd15_dir, tmp_path / "fused", fused_backward_pass=True, epochs=1))
@@ -168,3 +168,59 @@ def test_fused_pass_under_ddp_matches_the_plain_step(tiny_sd15_dir, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         outputs[name] = weights(tmp_path / name / "ws" / "output" / "model.safetensors")
     assert_close(outputs["plain"], outputs["fused"])
+
+
+def twin_models(layers=12, width=32):
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    fused = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def test_parameters_are_stepped_in_buckets_each_exactly_once():
+    """One optimizer call per bucket, not per parameter; every parameter updated once per
+    backward pass, as a plain step would (per-part groups included), its gradient freed."""
+    plain, fused = twin_models()
+    groups = lambda model: [{"params": list(model[:6].parameters()), "lr": 1e-2},  # noqa: E731
+                            {"params": list(model[6:].parameters()), "lr": 3e-3}]
+    plain_opt = torch.optim.AdamW(groups(plain))
+    fused_opt = torch.optim.AdamW(groups(fused))
+    size = sum(p.numel() * 4 for p in fused.parameters())
+    pass_ = FusedBackward(fused_opt, bucket_bytes=size // 4)  # about four buckets
+    assert 3 <= len(pass_.buckets) <= 5
+    x = torch.randn(4, 32)
+    for step in range(1, 4):
+        plain(x).pow(2).mean().backward()
+        plain_opt.step()
+        plain_opt.zero_grad()
+        fused(x).pow(2).mean().backward()
+        assert pass_.steps == step * len(pass_.buckets)
+        assert pass_.updated == step * 24
+        assert all(p.grad is None for p in fused.parameters())
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        assert torch.equal(a, b)
+    assert [g["params"] for g in fused_opt.param_groups] == [list(fused[:6].parameters()),
+                                                              list(fused[6:].parameters())]
+
+
+def test_a_bucket_whose_gradients_do_not_all_arrive_is_stepped_when_backward_ends():
+    """A weight the forward pass did not use (or a part frozen mid-run) never gets a
+    gradient: its bucket's other weights are still updated, before backward() returns."""
+    plain, fused = twin_models(layers=3)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    fused_opt = torch.optim.AdamW(fused.parameters(), lr=1e-2)
+    pass_ = FusedBackward(fused_opt, bucket_bytes=1 << 30)  # one bucket for everything
+    assert len(pass_.buckets) == 1
+    fused[2].requires_grad_(False)  # frozen after the hooks were set: never arrives
+    plain[2].requires_grad_(False)
+    x = torch.randn(4, 32)
+    fused(x).pow(2).mean().backward()
+    assert pass_.steps == 1 and pass_.updated == 4  # two layers' weight and bias
+    plain(x).pow(2).mean().backward()
+    plain_opt.step()
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        assert torch.equal(a, b)
+    # The next backward starts with no stale readiness (the end-of-pass flush re-arms).
+    fused(x).pow(2).mean().backward()
+    assert pass_.steps == 2 and pass_.updated == 8
