@@ -41,6 +41,9 @@ class Case:
     lora_alpha: float = 1.0
     lora_layer_preset: str = "attn-mlp"
     gradient_checkpointing: bool = False
+    # The parts whose own checkpointing switch is on (it acts when the main one is on).
+    checkpoint_parts: tuple[str, ...] = ("unet", "text_encoder")
+    train_text_encoder: bool = False  # LoRA on the text encoder too (then nothing is cached)
     optimizer: str = "ADAMW"
     weight_dtype: str = "FLOAT_32"   # the frozen weights' storage type
     train_dtype: str = "AUTO"        # autocast: AUTO = FLOAT_32 on the CPU, BFLOAT_16 on CUDA
@@ -71,6 +74,10 @@ class Case:
     def clip_grad_norm(self) -> float | None:
         # Atelier's default (1.0); a fused backward pass cannot clip by the total norm.
         return None if self.fused_backward_pass else 1.0
+
+    @property
+    def unet_checkpointing(self) -> bool:
+        return self.gradient_checkpointing and "unet" in self.checkpoint_parts
 
     def model_key(self) -> str:
         return f"{self.size}-{self.family}"
@@ -105,6 +112,15 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("sd15-256-bf16", "sd15", "full", 256, weight_dtype="BFLOAT_16",
          train_dtype="BFLOAT_16", base="sd15-256",
          note="LoRA, bfloat16 frozen weights + autocast", **_LEVERS),
+    # Training the text encoder (atelier only: the other runners train the UNet alone): what
+    # the default, a frozen text encoder with its outputs cached, saves; then checkpointing
+    # of the text encoder alone (the per-part switch).
+    Case("sd15-256-te", "sd15", "full", 256, train_text_encoder=True, runners=("atelier",),
+         base="sd15-256", note="LoRA on the text encoder too (not frozen, not cached)"),
+    Case("sd15-256-te-gc", "sd15", "full", 256, train_text_encoder=True,
+         gradient_checkpointing=True, checkpoint_parts=("text_encoder",),
+         runners=("atelier",), base="sd15-256-te",
+         note="+ checkpointing of the text encoder only"),
     Case("sd15-256-eager-attn", "sd15", "full", 256, attention="eager", runners=("limit",),
          base="sd15-256", note="LoRA with classic attention instead of SDPA (limit only)"),
     Case("sdxl-512", "sdxl", "full", 512, gradient_checkpointing=True, warmup=2, measured=4,
@@ -155,7 +171,7 @@ def estimate_peak_gb(case: Case, runner: str, device: str) -> float:
         weights += unet * (state + grads)
     activations = (ACTIVATION_GB_256[case.family] * (case.resolution / 256) ** 2
                    * case.batch_size * 1e9)
-    if case.gradient_checkpointing:
+    if case.unet_checkpointing:
         activations *= CHECKPOINTED_SHARE
     if case.train_dtype_on(device) in ("BFLOAT_16", "FLOAT_16"):
         activations *= 0.5

@@ -55,9 +55,10 @@ def atelier_config_dict(case: Case, model_dir: Path, data_dir: Path, workspace: 
         "gradient_checkpointing": case.gradient_checkpointing,
         "optimizer": {"optimizer": case.optimizer},
         "clip_grad_norm": case.clip_grad_norm,
-        "text_encoder": {"train": False},
+        "text_encoder": {"train": case.train_text_encoder, "stop_training_after_unit": "NEVER",
+                         "gradient_checkpointing": "text_encoder" in case.checkpoint_parts},
         "text_encoder_2": {"train": False},
-        "unet": {"train": True},
+        "unet": {"train": True, "gradient_checkpointing": "unet" in case.checkpoint_parts},
         "lora_rank": case.lora_rank,
         "lora_alpha": case.lora_alpha,
         "lora_layer_preset": case.lora_layer_preset,
@@ -138,7 +139,7 @@ def prepare_unet(family, config, case: Case, device):
     unet.requires_grad_(False)
     unet.to(device, TORCH_DTYPES[config.weight_dtype])
     params = finetune.trainable_parameters(unet, config, "unet")
-    if case.gradient_checkpointing:
+    if case.unet_checkpointing:
         enable_gradient_checkpointing(unet)
     set_attention(unet, case.attention)
     unet.train()

@@ -149,3 +149,19 @@ def test_fused_overhead_bench_counts_the_optimizer_calls(capsys):
     assert rows["plain"][2] == "1" and rows["per-param"][2] == "686"
     assert 10 <= int(rows["bucketed"][2]) <= 40
     assert all(float(row[3]) > 0 for row in rows.values())
+
+
+def test_text_encoder_lever_cases_train_and_checkpoint_only_the_text_encoder(tmp_path):
+    from bench.runners import atelier_config_dict
+    from trainer.config import config_from_dict
+
+    config = config_from_dict(atelier_config_dict(CASES["sd15-256-te-gc"], tmp_path / "m",
+                                                  tmp_path / "d", tmp_path / "w", "cpu"))
+    assert config.text_encoder.train and config.unet.train
+    assert config.gradient_checkpointing and config.text_encoder.gradient_checkpointing
+    assert not config.unet.gradient_checkpointing
+    assert not CASES["sd15-256-te-gc"].unet_checkpointing
+    assert CASES["sd15-256-te"].runners == ("atelier",)
+    plain = config_from_dict(atelier_config_dict(CASES["sd15-256"], tmp_path / "m",
+                                                 tmp_path / "d", tmp_path / "w", "cpu"))
+    assert not plain.text_encoder.train

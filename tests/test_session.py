@@ -30,10 +30,13 @@ def wait_for(predicate, timeout=120):
 
 def test_start_returns_at_once_stop_is_graceful_and_saves(tiny_sd15_dir, tmp_path):
     session = TrainingSession()
+    assert session.job_config() is None
     began = time.monotonic()
-    session.start(long_config(tiny_sd15_dir, tmp_path))
+    config = long_config(tiny_sd15_dir, tmp_path)
+    session.start(config)
     assert time.monotonic() - began < 1.0
     assert session.state().status == "running"
+    assert session.job_config() is config  # what a page opened now shows
     wait_for(lambda: session.state().step >= 3)
 
     with pytest.raises(JobAlreadyRunning, match="already running"):

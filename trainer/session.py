@@ -47,6 +47,12 @@ class JobState:
     output_path: str | None = None
     error: str | None = None
 
+    def job_config(self) -> TrainConfig | None:
+        """The config of the current (or last) job, as it was started: a page opened while
+        it runs shows these settings, not the defaults."""
+        with self._lock:
+            return self._config
+
     @property
     def running(self) -> bool:
         return self.status in ("running", "stopping")
@@ -67,6 +73,7 @@ class TrainingSession:
         self._state = JobState()
         self._thread: threading.Thread | None = None
         self._control: Control | None = None
+        self._config: TrainConfig | None = None
         self._started_at = 0.0
 
     # -- control --------------------------------------------------------------------------
@@ -81,6 +88,7 @@ class TrainingSession:
                     "A training job is already running; stop it or wait for it to finish "
                     "before starting another.")
             self._state = JobState(status="running", message="Starting")
+            self._config = config
             self._control = Control(on_event=self._on_event)
             self._started_at = time.monotonic()
             self._thread = threading.Thread(target=self._run, args=(config, self._control),
@@ -118,6 +126,12 @@ class TrainingSession:
         if snapshot.running:
             snapshot.elapsed_seconds = time.monotonic() - self._started_at
         return snapshot
+
+    def job_config(self) -> TrainConfig | None:
+        """The config of the current (or last) job, as it was started: a page opened while
+        it runs shows these settings, not the defaults."""
+        with self._lock:
+            return self._config
 
     @property
     def running(self) -> bool:

@@ -612,6 +612,17 @@ def build_page() -> gr.Blocks:
                    show_progress="hidden", concurrency_limit=None)
         demo.load(partial(poll, poll_outputs), seen, poll_outputs, api_name="attach",
                   show_progress="hidden")
+
+        def show_running_job() -> dict:
+            """A page opened (or reloaded) while a job runs shows that job's settings."""
+            config = SESSION.job_config()
+            if config is None or not SESSION.state().running:
+                return complete({}, fill_outputs)
+            return complete(fill(config, None, "Showing the settings of the running job."),
+                            fill_outputs)
+
+        demo.load(show_running_job, None, fill_outputs, api_name="attach_settings",
+                  show_progress="hidden")
         demo.load(lambda: gr.update(choices=presets.choices()), None, preset_dd,
                   api_name="refresh_presets", show_progress="hidden")
 

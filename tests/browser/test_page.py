@@ -264,6 +264,11 @@ def test_reload_reattaches_and_stop_saves(page, chromium, atelier_server):
     assert first[0] >= 3 and first[1] == 15000
     wait_for(lambda: bar_value(page, "step-bar")[0] > first[0], 30, what="progress after reload")
     assert page.locator("#stop").is_enabled()
+    # The reloaded page shows the running job's settings, not the defaults.
+    wait_for(lambda: "settings of the running job" in page.locator("#topbar-report").inner_text(),
+             UI, what="the running job's settings")
+    open_section(page, "Epochs / batch size")
+    assert value_of(page, "epochs") == "5000"
     page.click("#sample-now")
     wait_for(lambda: "sample will be drawn" in page.locator("#notice").inner_text(), UI,
              what="Sample now taken")
