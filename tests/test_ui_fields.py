@@ -70,6 +70,12 @@ def test_a_range_error_names_the_field(page):
     with pytest.raises(gr.Error, match=r"Rank \(lora_rank\): 0 is below the minimum 1"):
         page.fields["lora_rank"].preprocess(0)
     assert page.fields["lora_rank"].preprocess(8) == 8
+    # An event's gr.update makes Gradio rebuild the component for that browser session from
+    # its constructor arguments: the rebuilt one still names the field.
+    rank = page.fields["lora_rank"]
+    rebuilt = rank.__class__(**{**rank.constructor_args, "render": False})
+    with pytest.raises(gr.Error, match=r"Rank \(lora_rank\): 0 is below the minimum 1"):
+        rebuilt.preprocess(0)
 
 
 def test_sections_in_the_documented_order():

@@ -28,6 +28,12 @@ def field_elem_id(key: str) -> str:
 # a page has no use for one, so that step is skipped while ConfigNumber is defined.
 _write_stub = _component_meta.create_or_modify_pyi
 _component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+
+# "Label (key)" of each config number, by element id. Kept here, not on the component: when an
+# event updates a component (gr.update), Gradio rebuilds it for that browser session from its
+# constructor arguments only, so an attribute set after construction would be lost there.
+FIELD_NAMES: dict[str, str] = {}
+
 try:
     class ConfigNumber(gr.Number):
         """gr.Number whose range error names the field (Gradio's own says only 'Value -1 is
@@ -35,16 +41,18 @@ try:
 
         is_template = True  # drawn by the frontend's Number
         # No __init__ of its own: Gradio reads the properties from the __init__ signature.
-        field_name = ""
+
+        def field_name(self) -> str:
+            return FIELD_NAMES.get(self.elem_id or "", str(self.label or "This field"))
 
         def preprocess(self, payload: float | None) -> float | int | None:
             if payload is None:
                 return None
             if self.minimum is not None and payload < self.minimum:
-                raise gr.Error(f"{self.field_name}: {payload:g} is below the minimum "
+                raise gr.Error(f"{self.field_name()}: {payload:g} is below the minimum "
                                f"{self.minimum:g}.")
             if self.maximum is not None and payload > self.maximum:
-                raise gr.Error(f"{self.field_name}: {payload:g} is above the maximum "
+                raise gr.Error(f"{self.field_name()}: {payload:g} is above the maximum "
                                f"{self.maximum:g}.")
             return self.round_to_precision(payload, self.precision)
 finally:
@@ -94,7 +102,7 @@ def make_component(spec: F.FieldSpec, value: Any, visible: bool = True,
         number = ConfigNumber(value=value, minimum=spec.minimum, maximum=spec.maximum,
                               precision=0 if spec.kind == "int" else None, step=_step(spec),
                               **common)
-        number.field_name = f"{spec.label} ({spec.key})"
+        FIELD_NAMES[number.elem_id] = f"{spec.label} ({spec.key})"
         return number
     # Text, and numbers that may be empty (a number box cannot be empty).
     return gr.Textbox(value=value, max_lines=1, **common)
