@@ -396,6 +396,18 @@ def test_auto_apply_is_refused_while_a_training_job_runs(data, monkeypatch):
     assert existing_mask(data / "cat.jpg") is None
 
 
+def test_training_does_not_start_while_masks_are_generated(monkeypatch):
+    started = []
+    monkeypatch.setattr(state.SESSION, "start", started.append)
+    monkeypatch.setattr(state, "MASK_RUNS", {"a-browser-session"})
+    with pytest.raises(state.AtelierError, match="Masks are being generated"):
+        state.start_training("a config")
+    assert started == []
+    monkeypatch.setattr(state, "MASK_RUNS", set())
+    state.start_training("a config")
+    assert started == ["a config"]
+
+
 def test_unsaved_paint_is_told_apart_from_a_saved_canvas(data):
     rocket = dataset.open_image(str(data / "rocket.jpg"))
     assert not dataset.has_unsaved_paint(rocket["selected"], rocket["editor"],

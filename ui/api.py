@@ -14,7 +14,7 @@ import json
 from trainer.config import check_supported, config_from_dict
 from trainer.errors import AtelierError, ConfigError
 from ui import paths, presets
-from ui.state import SESSION, check_paths
+from ui.state import SESSION, check_paths, start_training
 
 
 def start(config_json: str) -> str:
@@ -27,7 +27,7 @@ def start(config_json: str) -> str:
         config = config_from_dict(paths.localize_config(data), warn=lambda message: None)
         check_supported(config)
         check_paths(config)
-        SESSION.start(config)
+        start_training(config)
     except json.JSONDecodeError as error:
         return f"error: the config is not valid JSON: {error}"
     except AtelierError as error:

@@ -8,7 +8,6 @@ The work is trainer.masks.generate's; this module only collects the settings and
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +56,9 @@ PREVIEWS = ["auto_image", "auto_old", "auto_new", "auto_overlay", "auto_note", "
 
 # "Stop" asks a running Apply to end after its current image. Keyed by the browser session,
 # so one visitor's Stop never ends another's run.
+# Runs in progress are listed in state.MASK_RUNS (training refuses to start meanwhile).
 _stop_requests: set[str] = set()
-_running: set[str] = set()
-_stop_lock = threading.Lock()
+_stop_lock = state.MASK_RUNS_LOCK
 
 
 def settings_from(values: dict[str, Any]) -> MaskSettings:
@@ -141,7 +140,7 @@ def _name_in(folder: Path, selected: str | None) -> str | None:
 
 def request_stop(session: str) -> dict:
     with _stop_lock:
-        if session not in _running:
+        if session not in state.MASK_RUNS:
             return {"auto_message": message_html("No mask run is in progress.")}
         _stop_requests.add(session)
     return {"auto_message": message_html("Stopping after the current image…")}
@@ -264,7 +263,7 @@ def _bind(p: AutoMaskPanel) -> None:
         session = _session(request)
         with _stop_lock:
             _stop_requests.discard(session)
-            _running.add(session)
+            state.MASK_RUNS.add(session)
 
         def report(done: int, total: int, name: str) -> None:
             progress(done / max(total, 1), desc=f"Masks {done} / {total} · {name}")
@@ -283,7 +282,7 @@ def _bind(p: AutoMaskPanel) -> None:
         finally:
             with _stop_lock:
                 _stop_requests.discard(session)
-                _running.discard(session)
+                state.MASK_RUNS.discard(session)
         return {p.component(name): result.get(name, gr.skip()) for name in outputs}
 
     p.apply.click(run_apply, set(inputs), [p.component(name) for name in outputs],

@@ -25,7 +25,7 @@ from ui import api, auto_masks, dataset, footer, lr_preview, optimizers, presets
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
                            make_parameter_box, page_value, parameter_box_update, slug)
-from ui.state import SESSION, check_paths
+from ui.state import SESSION, check_paths, start_training
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +538,7 @@ def build_page() -> gr.Blocks:
                 config, _ = page.config(data)
                 check_supported(config)
                 check_paths(config)
-                SESSION.start(config)
+                start_training(config)
             except AtelierError as error:
                 gr.Warning(str(error))
                 return error_html(str(error))

@@ -5,18 +5,33 @@ the same `SESSION`, so it shows the running job as it is.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import TrainConfig
 from trainer.demo import DEMO_DATASET_DIR
-from trainer.errors import ConfigError
+from trainer.errors import AtelierError, ConfigError
 from trainer.security import is_inside, names_local_path
 from trainer.session import TrainingSession
 from ui import paths
 
 # Custom scheduler code is off until app.py says the server is the user's own (local).
 SESSION = TrainingSession(allow_custom_code=False)
+
+# The browser sessions whose "Apply to folder" (ui.auto_masks) is writing masks now: no
+# training starts meanwhile, and no mask run starts while training runs (it may read them).
+MASK_RUNS: set[str] = set()
+MASK_RUNS_LOCK = threading.Lock()
+
+
+def start_training(config: TrainConfig) -> None:
+    """Start `config` as the server's job; refused while masks are being generated."""
+    with MASK_RUNS_LOCK:
+        if MASK_RUNS:
+            raise AtelierError("Masks are being generated (Apply to folder): wait for that "
+                               "run to finish, or stop it, then start training.")
+    SESSION.start(config)
 
 
 @dataclass
