@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainer.models.random_full import CONFIG_DIRS, _meta_model  # noqa: E402
+from trainer.models.random_full import CONFIG_DIRS, meta_model  # noqa: E402
 from trainer.optim import fused  # noqa: E402
 
 SHRINK = 4096  # stand-in tensors have this many times fewer elements than the real weights
@@ -35,7 +35,7 @@ SHRINK = 4096  # stand-in tensors have this many times fewer elements than the r
 
 def stand_ins(family: str) -> list[torch.Tensor]:
     """One float32 tensor per UNet weight, in the UNet's order, SHRINK times smaller."""
-    unet = _meta_model(family, "unet", CONFIG_DIRS[family])
+    unet = meta_model(family, "unet", CONFIG_DIRS[family])
     return [torch.zeros(max(1, p.numel() // SHRINK), requires_grad=True)
             for p in unet.parameters()]
 

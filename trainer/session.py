@@ -47,12 +47,6 @@ class JobState:
     output_path: str | None = None
     error: str | None = None
 
-    def job_config(self) -> TrainConfig | None:
-        """The config of the current (or last) job, as it was started: a page opened while
-        it runs shows these settings, not the defaults."""
-        with self._lock:
-            return self._config
-
     @property
     def running(self) -> bool:
         return self.status in ("running", "stopping")

@@ -25,6 +25,7 @@ from trainer.masks.generate import (
     generate_masks,
     preview_mask,
 )
+from ui import state
 from ui.dataset import (
     BROWSE_INPUTS,
     BROWSED,
@@ -38,7 +39,6 @@ from ui.dataset import (
     refresh_gallery,
     wire,
 )
-from ui import state
 from ui.files import check_allowed, check_model_source, failed, message_html
 
 PREVIEW_SIZE = 256  # px, the long side of each preview image
@@ -55,8 +55,8 @@ SETTINGS = ["method", "mode", "prompt", "model", "color", "tolerance", "threshol
 PREVIEWS = ["auto_image", "auto_old", "auto_new", "auto_overlay", "auto_note", "auto_message"]
 
 # "Stop" asks a running Apply to end after its current image. Keyed by the browser session,
-# so one visitor's Stop never ends another's run.
-# Runs in progress are listed in state.MASK_RUNS (training refuses to start meanwhile).
+# so one visitor's Stop never ends another's run. The runs in progress are listed in
+# state.MASK_RUNS (training refuses to start meanwhile).
 _stop_requests: set[str] = set()
 _stop_lock = state.MASK_RUNS_LOCK
 

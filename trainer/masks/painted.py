@@ -193,7 +193,7 @@ def same_mask(a: Image.Image | None, b: Image.Image | None) -> bool:
     """Whether two masks are pixel for pixel the same (None = no mask, i.e. all black)."""
     if a is None and b is None:
         return True
-    size = (a or b).size
+    size = (a if a is not None else b).size
     a = np.asarray(a if a is not None else cleared(size))
     b = np.asarray(b if b is not None else cleared(size))
     return a.shape == b.shape and bool((a == b).all())

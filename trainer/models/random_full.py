@@ -37,7 +37,8 @@ def _text_encoder_classes(family: str) -> dict[str, type]:
     return {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
 
 
-def _meta_model(family: str, part: str, config_dir: pathlib.Path) -> torch.nn.Module:
+def meta_model(family: str, part: str, config_dir: pathlib.Path) -> torch.nn.Module:
+    """One part of the full-size model on the meta device: its shapes, no memory."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     with init_empty_weights():
@@ -93,7 +94,7 @@ def build_random_model(family: str, out_dir, *, seed: int = 0,
         parts = ["unet", "vae", *_text_encoder_classes(family)]
         for index, part in enumerate(parts):
             # nn.Module.to: diffusers' own .to() warns about casts it cannot judge on meta
-            model = torch.nn.Module.to(_meta_model(family, part, config_dir), dtype)
+            model = torch.nn.Module.to(meta_model(family, part, config_dir), dtype)
             generator = torch.Generator().manual_seed(seed + index)
             fill_random(model, generator)
             counts[part] = sum(p.numel() for p in model.parameters())
@@ -115,7 +116,7 @@ def is_built(path) -> bool:
 def parameter_counts(family: str) -> dict[str, int]:
     """Parameters per part of the full-size model, counted on the meta device (no memory)."""
     config_dir = CONFIG_DIRS[family]
-    return {part: sum(p.numel() for p in _meta_model(family, part, config_dir).parameters())
+    return {part: sum(p.numel() for p in meta_model(family, part, config_dir).parameters())
             for part in ["unet", "vae", *_text_encoder_classes(family)]}
 
 
