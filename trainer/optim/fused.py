@@ -84,7 +84,7 @@ class FusedBackward:
     its groups that requires a gradient gets a hook; a parameter frozen later (requires_grad
     off) simply gets no gradient and no update. `world_size` > 1: gradients are averaged over
     the processes (torch.distributed) before each update. `bucket_bytes`: the gradient bytes
-    per bucket (default: BUCKET_BYTES, smaller for a model under MIN_BUCKETS of them).
+    per bucket (default: BUCKET_BYTES, or less, so that a small model still has MIN_BUCKETS).
 
     Buckets are cut from the parameters in reverse order: backward produces gradients from
     the model's output back to its input, so a bucket's gradients arrive close together. A
