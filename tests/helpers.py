@@ -61,3 +61,18 @@ def train_sampling_at_the_end(make_config, model_dir, tmp_path):
     events = []
     result = train(config, Control(on_event=events.append))
     return config, result, events, LAST_STEP_SAMPLE
+
+
+def poison_loss_at(monkeypatch, call: int) -> None:
+    """Make the loop's `call`-th pixel loss NaN (the others unchanged): a run that diverges
+    at a known step."""
+    import trainer.loop as loop_module
+
+    real, calls = loop_module.pixel_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == call else loss
+
+    monkeypatch.setattr(loop_module, "pixel_loss", poisoned)

@@ -3,14 +3,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import trainer.loop as loop_module
 from trainer.backup import list_backups
 from trainer.config import TimeUnit
 from trainer.control import Control
 from trainer.errors import ConfigError, TrainingError
 from trainer.loop import train
 
-from helpers import RUNS_ARE_BIT_EXACT, read_metrics, same_trained, tiny_config
+from helpers import RUNS_ARE_BIT_EXACT, poison_loss_at, read_metrics, same_trained, tiny_config
 
 
 def stop_at(step):
@@ -115,14 +114,7 @@ def test_resume_with_an_incompatible_config_is_refused(tiny_sd15_dir, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_backup(tiny_sd15_dir, tmp_path,
                                                                 monkeypatch):
-    real, calls = loop_module.pixel_loss, []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
-
-    monkeypatch.setattr(loop_module, "pixel_loss", poisoned)
+    poison_loss_at(monkeypatch, 3)
     config = tiny_config(tiny_sd15_dir, tmp_path, epochs=2, backup_after=1,
                          backup_after_unit="STEP")
     with pytest.raises(TrainingError, match="loss became nan at step 3") as error:

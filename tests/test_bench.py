@@ -82,62 +82,6 @@ def test_table_shows_ratios_and_levers():
     assert "sd15-256-gc vs sd15-256" in text and "1.43" in text and "500" in text
 
 
-# --- What keeps host reads out of the step: losses reported in batches ---------------------------
-
-def test_pending_steps_read_back_in_order():
-    import torch
-
-    from trainer.metrics import PendingSteps
-    pending = PendingSteps(interval=3600)
-    for step in range(1, 4):
-        pending.add({"step": step}, torch.tensor(step / 10))
-    assert not pending.due() and len(pending) == 3
-    flushed = pending.flush()
-    assert [(r["step"], round(v, 6)) for r, v in flushed] == [(1, 0.1), (2, 0.2), (3, 0.3)]
-    assert pending.flush() == [] and not pending.due()
-    every_step = PendingSteps(interval=0)
-    every_step.add({"step": 1}, torch.tensor(1.0))
-    assert every_step.due()
-
-
-def test_deferred_reports_log_every_step_and_stop_at_a_nan_before_its_backup(
-        tiny_sd15_dir, tmp_path, monkeypatch):
-    """With the GPU's deferred reporting (forced here on the CPU), every step is still logged
-    once and in order, and a NaN loss ends the run with its step before a backup keeps it."""
-    import pytest
-
-    import trainer.loop as loop_module
-    from trainer.backup import list_backups
-    from trainer.control import Control
-    from trainer.errors import TrainingError
-    from trainer.metrics import PendingSteps
-
-    from helpers import read_metrics, tiny_config
-    real_init = PendingSteps.__init__
-    monkeypatch.setattr(PendingSteps, "__init__", lambda self, interval: real_init(self, 3600))
-    events = []
-    config = tiny_config(tiny_sd15_dir, tmp_path / "ok", epochs=2)
-    loop_module.train(config, Control(on_event=events.append))
-    steps = [e["step"] for e in events if e["type"] == "progress"]
-    assert steps == list(range(1, 7)) == [r["step"] for r in read_metrics(config)]
-    times = [e["time"] for e in events if e["type"] == "progress"]
-    assert times == sorted(times)
-
-    real_loss, calls = loop_module.pixel_loss, []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
-
-    monkeypatch.setattr(loop_module, "pixel_loss", poisoned)
-    config = tiny_config(tiny_sd15_dir, tmp_path / "nan", epochs=2, backup_after=2,
-                         backup_after_unit="STEP")
-    with pytest.raises(TrainingError, match="loss became nan at step 3"):
-        loop_module.train(config)
-    assert [b.name for b in list_backups(tmp_path / "nan" / "ws" / "backup")] == ["step-2"]
-
-
 def test_fused_overhead_bench_counts_the_optimizer_calls(capsys):
     """The host-side bench of the fused pass: SD 1.5's 686 weight tensors are one optimizer
     call each without buckets, a few dozen with them (no timing asserted)."""

@@ -7,11 +7,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from trainer.backup import list_backups
 from trainer.control import Control
 from trainer.errors import ConfigError, DatasetError, ModelLoadError, TrainingError
 from trainer.loop import train
+from trainer.metrics import PendingSteps
 
-from helpers import read_metrics, same_trained, tiny_config, train_sampling_at_the_end
+from helpers import (poison_loss_at, read_metrics, same_trained, tiny_config,
+                     train_sampling_at_the_end)
 
 
 def test_tiny_lora_loss_falls(tiny_sd15_dir, tmp_path):
@@ -196,3 +199,40 @@ def test_nothing_to_train_is_refused(tiny_sd15_dir, tmp_path):
     with pytest.raises(ConfigError, match="Nothing to train"):
         train(tiny_config(tiny_sd15_dir, tmp_path, unet={"train": False},
                           text_encoder={"train": False}))
+
+
+# --- What keeps host reads out of the step: losses reported in batches ---------------------------
+
+def test_pending_steps_read_back_in_order():
+    pending = PendingSteps(interval=3600)
+    for step in range(1, 4):
+        pending.add({"step": step}, torch.tensor(step / 10))
+    assert not pending.due() and len(pending) == 3
+    flushed = pending.flush()
+    assert [(r["step"], round(v, 6)) for r, v in flushed] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert pending.flush() == [] and not pending.due()
+    every_step = PendingSteps(interval=0)
+    every_step.add({"step": 1}, torch.tensor(1.0))
+    assert every_step.due()
+
+
+def test_deferred_reports_log_every_step_and_stop_at_a_nan_before_its_backup(
+        tiny_sd15_dir, tmp_path, monkeypatch):
+    """With the GPU's deferred reporting (forced here on the CPU), every step is still logged
+    once and in order, and a NaN loss ends the run with its step before a backup keeps it."""
+    real_init = PendingSteps.__init__
+    monkeypatch.setattr(PendingSteps, "__init__", lambda self, interval: real_init(self, 3600))
+    events = []
+    config = tiny_config(tiny_sd15_dir, tmp_path / "ok", epochs=2)
+    train(config, Control(on_event=events.append))
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps == list(range(1, 7)) == [r["step"] for r in read_metrics(config)]
+    times = [e["time"] for e in events if e["type"] == "progress"]
+    assert times == sorted(times)
+
+    poison_loss_at(monkeypatch, 3)
+    config = tiny_config(tiny_sd15_dir, tmp_path / "nan", epochs=2, backup_after=2,
+                         backup_after_unit="STEP")
+    with pytest.raises(TrainingError, match="loss became nan at step 3"):
+        train(config)
+    assert [b.name for b in list_backups(tmp_path / "nan" / "ws" / "backup")] == ["step-2"]

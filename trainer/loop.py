@@ -224,7 +224,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
     dataloader = accelerator.prepare_data_loader(dataloader, device_placement=False)
     # The trained parameters, listed once (clipping reads them every step).
     trained = [p for g in optimizer.param_groups for p in g["params"]]
-    # Fused backward pass: the optimizer steps inside backward(), parameter by parameter.
+    # Fused backward pass: the optimizer steps inside backward(), bucket by bucket.
     fused = (FusedBackward(optimizer, world_size=accelerator.num_processes)
              if config.fused_backward_pass else None)
 
