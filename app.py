@@ -14,14 +14,18 @@ import os
 import sys
 from pathlib import Path
 
-# Set before gradio, torch, transformers or diffusers are imported. Without the first two
-# gradio and the hub contact remote hosts at start (DESIGN.md); HF_HUB_OFFLINE is set in main()
-# (off only with --online or on a Hugging Face Space, where hub models must download).
-for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+from trainer.cli import CLI_ENV  # light: no torch, gradio or hub library yet
+
+# Set before gradio, torch, transformers or diffusers are imported: the CLI's environment
+# (without it gradio and the hub contact remote hosts at start, DESIGN.md), and one more.
+# HF_HUB_OFFLINE is set in main() (off only with --online or on a Hugging Face Space, where
+# hub models must download).
+for _key, _value in {**CLI_ENV,
                      # The server, the training thread and the watching browser share the
                      # CPU cores: torch's OpenMP threads spinning while they wait starve the
                      # others. Measured on 2 busy cores, the demo with a page open: 77-114 s
-                     # spinning (the default), 13-16 s passive. Set before torch is imported.
+                     # spinning (the default), 13-16 s passive. The CLI has the cores to
+                     # itself and keeps the default (trainer/cli.py).
                      "OMP_WAIT_POLICY": "PASSIVE"}.items():
     os.environ.setdefault(_key, _value)
 

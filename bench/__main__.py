@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -122,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--runners: choose from {', '.join(RUNNERS)}")
     device = args.device or default_device()
     cache = Path(args.cache_dir).resolve()
-    if device == "cuda":
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     rows: list[dict] = []
 

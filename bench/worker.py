@@ -28,14 +28,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Offline, as the CLI runs (trainer/cli.py). Not the CLI's OMP_WAIT_POLICY=PASSIVE: on an idle
-# machine it makes every small op wake the sleeping OpenMP threads (tiny models: 25 -> 95 ms
-# a step with 2 threads); the bench runs each runner alone, with the library defaults.
-for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-                     "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
-    os.environ.setdefault(_key, _value)
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Every runner trains in exactly the environment of `python -m trainer train` (the same
+# function sets it), so the atelier rows measure what users run. Offline on top: the bench's
+# models are built locally, and nothing may be downloaded.
+from trainer.cli import apply_cli_environment  # light: no torch yet
+
+apply_cli_environment()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.cases import CASES, Case
 

@@ -77,3 +77,22 @@ def test_two_processes_under_accelerate_launch(tmp_path):
     records = (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 6
     assert (tmp_path / "ws" / "output" / "lora.safetensors").is_file()
+
+
+# Lines the libraries print that a user can do nothing about (trainer/quiet.py filters them).
+LIBRARY_NOISE = ("requires torchvision", "should be kept in float32: []",
+                 "gradient_checkpointing_enable", "kernels-community", "Loading weights")
+
+
+def test_a_plain_run_prints_only_what_is_ours(tiny_sd15_dir, tmp_path):
+    config = write_config(tmp_path, tiny_sd15_dir, gradient_checkpointing=True,
+                          learning_rate_warmup_steps=50,  # longer than the run: ours, shown
+                          text_encoder={"train": True, "stop_training_after_unit": "NEVER"})
+    done = run("train", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.replace("\r", "\n").splitlines()
+    for noise in LIBRARY_NOISE:
+        assert not [line for line in lines if noise in line], noise
+    assert not [line for line in lines if "Warning:" in line or "warnings.warn" in line]
+    assert any(line.startswith("warning: The warm-up") for line in lines), done.stderr
+    assert any(line.startswith("Finished 1 steps") for line in lines)

@@ -135,7 +135,7 @@ def test_diffusers_folder_in_float16_loads_in_float16(tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     result = train(ft_config(tiny_sdxl_dir, tmp_path, "sdxl", output_model_format="DIFFUSERS",
                              output_dtype="FLOAT_16", unet={"train": False}))
-    pipe = StableDiffusionXLPipeline.from_pretrained(result.output_path, torch_dtype=torch.float16,
+    pipe = StableDiffusionXLPipeline.from_pretrained(result.output_path, dtype=torch.float16,
                                                      add_watermarker=False)
     assert pipe.unet.dtype == torch.float16 and pipe.text_encoder_2.dtype == torch.float16
     with safe_open(os.path.join(result.output_path, "text_encoder_2", "model.safetensors"),

@@ -90,3 +90,19 @@ def test_sample_and_save_on_request(tiny_sd15_dir, tmp_path):
     wait_for(lambda: session.state().samples and session.state().output_path)
     session.stop()
     assert session.wait(60)
+
+
+def test_an_ended_job_keeps_its_duration(tiny_sd15_dir, tmp_path):
+    from ui.footer import format_seconds, status_html
+    session = TrainingSession()
+    began = time.monotonic()
+    session.start(long_config(tiny_sd15_dir, tmp_path, epochs=8))  # 40 steps: over a second
+    assert session.wait(120)
+    took = time.monotonic() - began
+    state = session.state()
+    assert state.status == "finished" and 1.0 <= state.elapsed_seconds <= took
+    time.sleep(0.3)
+    assert session.state().elapsed_seconds == state.elapsed_seconds  # frozen at the end
+    shown = status_html(state)
+    assert f'data-fact="Elapsed">{format_seconds(state.elapsed_seconds)}<' in shown
+    assert 'data-fact="Elapsed">0 s<' not in shown

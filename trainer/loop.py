@@ -20,6 +20,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer import finetune
+from trainer.advice import images_without_masks, warmup_longer_than_run
 from trainer.config import DataType, EMAMode, TimeUnit, TrainConfig, check_supported
 from trainer.backup import (Cadence, backup_root, capture_rng, list_backups, read_backup,
                             restore_rng, write_backup)
@@ -90,8 +91,14 @@ def check_weight_dtype(config: TrainConfig, device_type: str) -> torch.dtype:
 def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
     if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
         module.enable_gradient_checkpointing()
-    else:  # transformers; non-reentrant works with frozen inputs (LoRA)
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    # transformers; non-reentrant works with frozen inputs (LoRA). transformers 5.23 renamed
+    # the switch (the old name is deprecated, going in v6); older releases have only that one.
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # The batch tensors the step uses on the device; the rest (has_mask, loss_weight) is read on
@@ -182,6 +189,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     # Data first: a bad folder should fail before minutes of model loading.
     status("Reading the dataset")
     items = collect_items(config.concepts, warn=warn)
+    if is_main and (message := images_without_masks(config, items)) is not None:
+        warn(message)
     data = DataPipeline(config, items, warn=warn, status=status, is_main=is_main)
     dataset = data.dataset  # buckets and their counts are reported above
     if config.batch_size > len(dataset):
@@ -239,6 +248,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     epoch_steps = data.epoch_steps(config.epochs, accelerator.num_processes,
                                    config.gradient_accumulation_steps)
     steps_per_epoch, total_steps = epoch_steps[0], sum(epoch_steps)
+    if is_main and (message := warmup_longer_than_run(config, total_steps)) is not None:
+        warn(message)
 
     schedule = Schedule(config, optimizer, steps_per_epoch=steps_per_epoch,
                         total_steps=total_steps, allow_custom_code=allow_custom_code)

@@ -118,7 +118,7 @@ class TrainingSession:
         with self._lock:
             snapshot = copy.deepcopy(self._state)
         if snapshot.running:
-            snapshot.elapsed_seconds = time.monotonic() - self._started_at
+            snapshot.elapsed_seconds = self._elapsed()
         return snapshot
 
     def job_config(self) -> TrainConfig | None:
@@ -142,14 +142,21 @@ class TrainingSession:
                 self._state.status = "stopped" if result.stopped_early else "finished"
                 self._state.output_path = result.output_path
                 self._state.eta_seconds = 0.0 if not result.stopped_early else None
+                self._state.elapsed_seconds = self._elapsed()
         except AtelierError as error:
             self._fail(str(error))
         except Exception as error:  # a bug: keep the trace in the server log, not the page
             traceback.print_exc()
             self._fail(f"Training failed: {type(error).__name__}: {error}")
 
+    def _elapsed(self) -> float:
+        """Seconds since Start. Kept in the state when the job ends, so an ended job shows
+        its duration, not the 0 of a job that never ran."""
+        return time.monotonic() - self._started_at
+
     def _fail(self, message: str) -> None:
         with self._lock:
+            self._state.elapsed_seconds = self._elapsed()
             self._state.status = "failed"
             self._state.error = message
             self._state.message = message

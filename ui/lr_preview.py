@@ -10,6 +10,7 @@ import math
 
 import pandas as pd
 
+from trainer.advice import warmup_longer_than_run
 from trainer.config import TrainConfig
 from trainer.errors import AtelierError
 from trainer.optim.schedules import lr_curve
@@ -67,6 +68,8 @@ def curve_frame(config: TrainConfig, allow_custom_code: bool = False
     scheduler = config.learning_rate_scheduler.value
     if scheduler == "REX" and config.learning_rate_warmup_steps > 0:
         caption += " Warmup is not recommended with REX."
+    if (warning := warmup_longer_than_run(config, total)) is not None:
+        caption += " ⚠ " + warning
     return frame, caption
 
 

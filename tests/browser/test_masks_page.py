@@ -29,18 +29,24 @@ CAT = (192, 128)  # cat.jpg's size
 
 
 @pytest.fixture
-def dataset_page(page, atelier_server, tmp_path):
+def dataset_page(page, atelier_server, tmp_path, screenshot_dir):
     """The page with its concept set to a fresh copy of the demo dataset (cat.jpg unmasked),
     the dataset section open. Returns (page, folder)."""
     _, workspace = atelier_server
-    folder = workspace / f"dataset-{uuid.uuid4().hex[:6]}"  # never a user's own folder
+    # never a user's own folder (the screenshot server's workspace is the repository's own)
+    name = "my-photos-screenshot" if screenshot_dir else f"dataset-{uuid.uuid4().hex[:6]}"
+    folder = workspace / name
+    shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(DEMO_DATASET_DIR, folder)
     (folder / "cat-masklabel.png").unlink()
+    # The README's screenshots show the path as a user types it, relative to where the app
+    # runs (the repository, whose workspace/ the screenshot server uses), not this machine's.
+    shown = f"workspace/{name}" if screenshot_dir else str(folder)
     config = tmp_path / "concept.json"
-    config.write_text(json.dumps({"concepts": [{"path": str(folder)}]}))
+    config.write_text(json.dumps({"concepts": [{"path": shown}]}))
     import_config_file(page, config)
     open_section(page, "dataset")
-    wait_for(lambda: str(folder) in page.locator("#dataset-info").inner_text()
+    wait_for(lambda: shown in page.locator("#dataset-info").inner_text()
              and len(gallery_labels(page)) == 5, 2 * UI, what="the gallery of the copied dataset")
     yield page, folder
     shutil.rmtree(folder, ignore_errors=True)

@@ -26,6 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from trainer.errors import ModelLoadError
+from trainer.quiet import hide_weight_loading_bars
 
 BASE_FIELD = "base_model_name"
 VAE_FIELD = "vae_model_name"
@@ -68,6 +69,7 @@ def load_components(
 ) -> dict[str, Any]:
     """{"tokenizer"..., "text_encoder"..., "vae", "unet", "noise_scheduler"} of a model of
     `spec`'s family; see the family modules' `load_*` for the arguments."""
+    hide_weight_loading_bars()
     source = resolve_source(base_model_name, BASE_FIELD, allowed_root, hub_probe="model_index.json")
     config_dir = (single_file_config_dir(spec, single_file_config)
                   if source.kind == "single_file" else None)
