@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                              "case's own (3 for the tiny models, 1 for the big ones; 1 with "
                              "--quick)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads per worker (default: the case's own: 1 for the "
-                             "tiny models on a CPU, else torch's)")
+                        help="torch CPU threads per worker (default: torch's own, as "
+                             "`python -m trainer train` runs)")
     parser.add_argument("--no-memory-check", action="store_true",
                         help="run cases even when their estimated peak exceeds free memory")
     args = parser.parse_args(argv)

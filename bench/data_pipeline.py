@@ -134,7 +134,9 @@ def main() -> None:
         if args.workers:
             loading = {"main process, no prefetch": {"ATELIER_DATA_WORKERS": "0",
                                                       "ATELIER_DATA_PREFETCH": "0"},
-                       "2 prefetch threads (CPU default)": {"ATELIER_DATA_WORKERS": "0"},
+                       # the app's CPU default (it sets OMP_WAIT_POLICY=PASSIVE)
+                       "2 prefetch threads": {"ATELIER_DATA_WORKERS": "0",
+                                              "ATELIER_DATA_PREFETCH": "1"},
                        "1 worker process": {"ATELIER_DATA_WORKERS": "1"},
                        "2 worker processes": {"ATELIER_DATA_WORKERS": "2"}}
             steps: dict[str, list[float]] = {}

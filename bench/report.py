@@ -81,11 +81,9 @@ def table(rows: list[dict], device: str) -> str:
                "the start of the first optimizer step.")
     out.append(f"peak MB: {memory} of the whole process; train peak MB: the same from the first "
                "step on.")
-    threads = sorted({(r["case"].startswith("tiny"), r.get("threads")) for r in done
-                      if r.get("threads")})
+    threads = sorted({r.get("threads") for r in done if r.get("threads")})
     if device == "cpu" and threads:
-        out.append("CPU threads: " + ", ".join(
-            f"{t} for the {'tiny' if tiny else 'other'} cases" for tiny, t in threads) + ".")
+        out.append("CPU threads: " + ", ".join(str(t) for t in threads) + ".")
     out.append("atelier/limit: step time ratio (target <= 1.10), (cpu): the same in CPU "
                "seconds; naive/atelier: how much faster Atelier is than the simple way.")
     if device == "cuda":

@@ -352,3 +352,18 @@ def test_real_run_trains_at_every_listed_size_and_only_those(tiny_sd15_dir, tmp_
     assert "Buckets at 64 px (images per epoch): 80x56: 3, 64x64: 2" in statuses
     progress = [e for e in events if e["type"] == "progress"]
     assert progress[-1]["total_steps"] == 30 and progress[-1]["epoch_step"] == 3
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),                                         # the CLI: OpenMP's default policy
+    ({"OMP_WAIT_POLICY": "passive"}, True),              # the app
+    ({"OMP_WAIT_POLICY": "PASSIVE", "ATELIER_DATA_PREFETCH": "0"}, False),
+    ({"ATELIER_DATA_PREFETCH": "1"}, True),
+])
+def test_prefetch_threads_only_where_openmp_threads_sleep(monkeypatch, env, expected):
+    from trainer.data.loader import prefetch_threads_pay
+    for key in ("OMP_WAIT_POLICY", "ATELIER_DATA_PREFETCH"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert prefetch_threads_pay() is expected

@@ -160,7 +160,25 @@ def test_damaged_entry_is_re_encoded_not_fatal(tmp_path):
     cache.store("ab" * 32, torch.ones(4, 2, 2), torch.ones(4, 2, 2), None)
     assert cache.load("ab" * 32)["mean"].shape == (4, 2, 2)
     cache.path("ab" * 32).write_bytes(b"broken")
-    assert cache.load("ab" * 32) is None and not cache.path("ab" * 32).exists()
+    later = LatentCache(tmp_path, "vae", "f32", 8)  # the next run finds the damage
+    assert later.load("ab" * 32) is None and not later.path("ab" * 32).exists()
+
+
+def test_entries_stay_in_memory_within_the_budget_and_workers_start_empty(tmp_path):
+    import pickle
+    entry_bytes = 2 * 4 * 2 * 2 * 4  # mean and std, 4x2x2 float32
+    cache = LatentCache(tmp_path, "vae", "f32", 8, memory_bytes=2 * entry_bytes)
+    keys = [f"{i:02d}" * 32 for i in range(3)]
+    for i, key in enumerate(keys):
+        cache.store(key, torch.full((4, 2, 2), float(i)), torch.ones(4, 2, 2), None)
+        cache.load(key)
+    # the newest two are held; reading them again touches no file
+    for key in keys:
+        cache.path(key).rename(cache.path(key).with_suffix(".moved"))
+    assert cache.load(keys[1])["mean"][0, 0, 0] == 1 and cache.load(keys[2]) is not None
+    assert cache.load(keys[0]) is None  # evicted first (least recently used), and gone on disk
+    worker = pickle.loads(pickle.dumps(cache))  # a DataLoader worker's copy
+    assert worker.load(keys[2]) is None and cache.load(keys[2]) is not None
 
 
 class FakeVAE(torch.nn.Module):

@@ -235,3 +235,27 @@ def test_cuda_dtype_paths_run(dtype, tiny_sd15_dir, tmp_path):
     result = train(tiny_config(tiny_sd15_dir, tmp_path, epochs=1, train_dtype=dtype,
                                weight_dtype="FLOAT_16" if dtype == "FLOAT_16" else "FLOAT_32"))
     assert result.global_step == 3
+
+
+@pytest.mark.parametrize("scale", [1e-4, 10.0], ids=["under-the-limit", "clipped"])
+def test_cpu_clipping_gives_torchs_gradients_bit_for_bit(scale):
+    from accelerate import Accelerator
+
+    from trainer.optim.clipping import clip_gradients
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(4, 32), (32, 4), (7,)] * 5]
+    grads = [torch.randn(p.shape) * scale for p in params]
+    reference = [g.clone() for g in grads]
+    torch.nn.utils.clip_grad_norm_([torch.nn.Parameter(torch.zeros(1))], 1.0)  # warm
+    expected_params = [torch.nn.Parameter(torch.zeros(p.shape)) for p in params]
+    for p, g in zip(expected_params, reference):
+        p.grad = g
+    expected_norm = torch.nn.utils.clip_grad_norm_(expected_params, 1.0)
+    for p, g in zip(params, grads):
+        p.grad = g
+    norm = clip_gradients(Accelerator(cpu=True), params, 1.0)
+    assert torch.equal(norm, expected_norm)
+    for p, q in zip(params, expected_params):
+        assert torch.equal(p.grad, q.grad)
+    total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+    assert float(total) <= 1.0 + 1e-5

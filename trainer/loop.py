@@ -34,6 +34,7 @@ from trainer.loss import (masked_sample_loss, min_snr_weight, pixel_loss, sample
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
 from trainer.models.family import load_family
 from trainer.ema import WeightEMA
+from trainer.optim.clipping import clip_gradients
 from trainer.optim.fused import FusedBackward, check_fused_backward
 from trainer.optim.registry import ADAPTIVE, build_optimizer, effective_learning_rates
 from trainer.optim.schedules import Schedule
@@ -452,12 +453,13 @@ def train(config: TrainConfig, control: Control | None = None, *,
                     accelerator.backward(loss)  # with a fused pass, this also updates
                     # the mean over all processes, so the log shows the whole batch's loss;
                     # summed on the device, read back later (PendingSteps)
-                    reduced = accelerator.reduce(loss.detach(), "mean")
+                    reduced = (accelerator.reduce(loss.detach(), "mean")
+                               if accelerator.num_processes > 1 else loss.detach())
                     accumulated = reduced if accumulated is None else accumulated + reduced
                     micro += 1
                     if fused is None:
                         if accelerator.sync_gradients and config.clip_grad_norm:
-                            accelerator.clip_grad_norm_(trained, config.clip_grad_norm)
+                            clip_gradients(accelerator, trained, config.clip_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:

@@ -24,9 +24,11 @@ states only, so it needs neither.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -39,16 +41,21 @@ CACHE_VERSION = 1
 
 # --- Identities -----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=65536)
+def _absolute(path: str) -> str:
+    # resolve() walks every component of the path (an lstat each): once per path per process
+    return str(Path(path).resolve())
+
+
 def file_stamp(path: Path | str | None) -> list | None:
     """[absolute path, byte size, modification time in ns] of a file; None when absent."""
     if path is None:
         return None
-    path = Path(path)
     try:
-        stat = path.stat()
+        stat = os.stat(path)
     except OSError:
         return None
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return [_absolute(str(path)), stat.st_size, stat.st_mtime_ns]
 
 
 def source_fingerprint(name: str, subfolder: str | None = None) -> list:
@@ -96,31 +103,66 @@ def _load(path: Path) -> dict[str, torch.Tensor] | None:
 class LatentCache:
     """VAE latent distributions (mean, std) and latent-size masks, one file per sample key.
 
-    Picklable (paths and strings only): DataLoader workers look entries up themselves.
+    From the second epoch on every step reads its samples from here, so entries also stay in
+    memory (least recently used first out, within `memory_bytes`): reading and decoding a file
+    per sample cost more than the tiny models' whole data step. Entries are shared, never
+    written to (collate stacks copies). Picklable: DataLoader workers look entries up
+    themselves, each with its own memory.
     """
 
-    def __init__(self, folder: Path | str, vae_identity: Any, dtype: str, latent_scale: int):
+    def __init__(self, folder: Path | str, vae_identity: Any, dtype: str, latent_scale: int,
+                 memory_bytes: int = 512 * 2**20):
         self.folder = Path(folder)
         self.vae_identity = vae_identity
         self.dtype = str(dtype)
         self.latent_scale = int(latent_scale)
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._held = 0
+        self._keys: dict[tuple, str] = {}  # the digest of each identity seen, computed once
+        self._lock = threading.Lock()  # the prefetch threads look entries up together
+
+    def __getstate__(self):  # a worker starts with an empty memory of its own
+        state = dict(self.__dict__)
+        state["_memory"], state["_held"], state["_keys"] = OrderedDict(), 0, {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def key(self, item, geometry) -> str | None:
-        """The key of one sample; None when the image file is gone (then nothing is cached)."""
+        """The key of one sample; None when the image file is gone (then nothing is cached).
+        The files are looked at every time: an image or mask changed during a run gets a new
+        key, so it is encoded again."""
         image = file_stamp(item.image_path)
         if image is None:
             return None
         mask = file_stamp(item.mask_path) if item.mask_path is not None else None
-        return _digest([CACHE_VERSION, image, mask, geometry.target, geometry.resized,
-                        geometry.box, geometry.flip, self.vae_identity, self.dtype,
-                        self.latent_scale])
+        identity = (tuple(image), tuple(mask) if mask else None, geometry.target,
+                    geometry.resized, geometry.box, geometry.flip)
+        key = self._keys.get(identity)
+        if key is None:
+            key = self._keys[identity] = _digest(
+                [CACHE_VERSION, image, mask, geometry.target, geometry.resized, geometry.box,
+                 geometry.flip, self.vae_identity, self.dtype, self.latent_scale])
+        return key
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def load(self, key: str) -> dict[str, torch.Tensor] | None:
         """{"mean", "std"[, "mask"]} or None when not cached (or unreadable)."""
-        return _load(self.path(key))
+        with self._lock:
+            entry = self._memory.get(key)
+            if entry is not None:
+                self._memory.move_to_end(key)
+                return entry
+        entry = _load(self.path(key))
+        if entry is not None:
+            self._remember(key, entry)
+        return entry
 
     def store(self, key: str, mean: torch.Tensor, std: torch.Tensor,
               mask: torch.Tensor | None) -> None:
@@ -128,6 +170,19 @@ class LatentCache:
         if mask is not None:
             tensors["mask"] = mask.float()
         _atomic_save(tensors, self.path(key))
+
+    def _remember(self, key: str, entry: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in entry.values())
+        if size > self.memory_bytes:
+            return
+        with self._lock:
+            if key in self._memory:
+                return
+            self._memory[key] = entry
+            self._held += size
+            while self._held > self.memory_bytes:
+                _, dropped = self._memory.popitem(last=False)
+                self._held -= sum(t.numel() * t.element_size() for t in dropped.values())
 
 
 class CacheStats:
