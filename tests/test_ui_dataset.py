@@ -458,3 +458,21 @@ def test_the_page_has_the_section_and_every_event_is_named():
         assert name in names, name
     unnamed = [fn.name for fn in demo.fns.values() if not fn.api_name]
     assert not unnamed
+
+
+def test_the_chooser_accepts_the_folder_the_browser_still_shows():
+    """The Data table changed (an import): the chooser's new choices are set in the browser
+    session's copy on the server (rebuilt from its constructor arguments with the update)
+    while the browser still sends the old folder. The event must reach current_folder(), not
+    fail in gradio's choice check (which left "Error" in the info line: a CI flake)."""
+    import gradio as gr
+
+    from ui.page import build_page
+    concept = build_page().dataset.concept
+    updated = concept.__class__(**{**concept.constructor_args, "render": False,
+                                   "choices": ["workspace/new-photos"],
+                                   "value": "workspace/new-photos"})
+    assert updated.preprocess("trainer/demo/dataset") == "trainer/demo/dataset"
+    table = tables.concepts_frame([{"path": str(DEMO_DATASET_DIR)}])
+    assert dataset.current_folder("trainer/demo/dataset-gone", table) == str(DEMO_DATASET_DIR)
+    assert isinstance(updated, gr.Dropdown)

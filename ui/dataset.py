@@ -312,9 +312,16 @@ def build_section(concepts_table: gr.Dataframe, concepts: list,
     with gr.Accordion("Images, captions and masks", open=False,
                       elem_id="section-dataset") as accordion:
         with gr.Row(equal_height=True):
+            # allow_custom_value: when the Data table changes, the chooser's new choices are
+            # set on the server before the browser has its new value; an event sent in
+            # between (opening this section, a refresh) carries the old folder, which gradio
+            # would refuse as not among the choices, failing the event ("Error" in the info
+            # line, an empty gallery). current_folder() maps such a value to the table's
+            # folder instead.
             concept = gr.Dropdown(choices=folders, value=folders[0] if folders else None,
                                   label="Concept folder", visible=len(folders) > 1, scale=3,
                                   elem_id="dataset-concept", interactive=True,
+                                  allow_custom_value=True,
                                   info="The enabled concept folders of the Data table.")
             only_unmasked = gr.Checkbox(label="Only images without a mask", value=False,
                                         elem_id="dataset-unmasked", scale=1)
