@@ -89,6 +89,14 @@ def test_lr_curve_of_the_demo_settings():
     assert frame["step"].iloc[-1] == 179
 
 
+def test_the_lr_preview_warns_before_start_when_the_warm_up_outlasts_the_run():
+    _, caption = lr_preview.curve_frame(demo_config(epochs=4))  # 12 steps, 10 of warm-up
+    assert "⚠" not in caption
+    _, caption = lr_preview.curve_frame(demo_config(epochs=4, learning_rate_warmup_steps=200))
+    assert "⚠" in caption and "200 steps) is longer than the whole run (12 optimizer steps)"\
+        in caption and "ends at 0.00055 (5.5% of it)" in caption
+
+
 def test_lr_curve_follows_schedule_repeats_and_accumulation():
     config = demo_config(learning_rate_scheduler="COSINE", learning_rate_warmup_steps=0,
                          gradient_accumulation_steps=2,
