@@ -177,8 +177,10 @@ def test_entries_stay_in_memory_within_the_budget_and_workers_start_empty(tmp_pa
         cache.path(key).rename(cache.path(key).with_suffix(".moved"))
     assert cache.load(keys[1])["mean"][0, 0, 0] == 1 and cache.load(keys[2]) is not None
     assert cache.load(keys[0]) is None  # evicted first (least recently used), and gone on disk
-    worker = pickle.loads(pickle.dumps(cache))  # a DataLoader worker's copy
+    worker = pickle.loads(pickle.dumps(cache))  # a DataLoader worker's copy: files only
     assert worker.load(keys[2]) is None and cache.load(keys[2]) is not None
+    cache.path(keys[2]).with_suffix(".moved").rename(cache.path(keys[2]))
+    assert worker.load(keys[2]) is not None and not worker._memory
 
 
 class FakeVAE(torch.nn.Module):

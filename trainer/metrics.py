@@ -28,15 +28,11 @@ class SmoothedValue:
         return self._avg / (1 - self.beta ** self._n) if self._n else float("nan")
 
 
-FLUSH_SECONDS = 1.0
-
-
 class MetricsLog:
     def __init__(self, folder: Path, enabled: bool = True):
         self.enabled = enabled
         self._file = None
         self._tb = None
-        self._flushed = 0.0
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -48,10 +44,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
-        now = time.monotonic()
-        if now - self._flushed >= FLUSH_SECONDS:  # a reader tailing the file lags by at most this
-            self._file.flush()
-            self._flushed = now
+        self._file.flush()
         step = record["step"]
         for key, value in record.items():
             if key in ("step", "epoch"):

@@ -100,14 +100,19 @@ def _load(path: Path) -> dict[str, torch.Tensor] | None:
 
 # --- Latents --------------------------------------------------------------------------------
 
+MAX_REMEMBERED_KEYS = 65536
+
+
 class LatentCache:
     """VAE latent distributions (mean, std) and latent-size masks, one file per sample key.
 
-    From the second epoch on every step reads its samples from here, so entries also stay in
-    memory (least recently used first out, within `memory_bytes`): reading and decoding a file
-    per sample cost more than the tiny models' whole data step. Entries are shared, never
-    written to (collate stacks copies). Picklable: DataLoader workers look entries up
-    themselves, each with its own memory.
+    From the second epoch on every step reads its samples from here, so in the main process
+    entries also stay in memory (least recently used first out, within `memory_bytes`):
+    reading and decoding a file per sample cost more than the tiny models' whole data step on
+    a CPU, where the main process loads the data. Entries are shared, never written to
+    (collate stacks copies). Picklable: DataLoader workers (GPU machines, with CPU to spare)
+    look entries up themselves, from the files, holding none: each would otherwise keep its
+    own copy of the same entries.
     """
 
     def __init__(self, folder: Path | str, vae_identity: Any, dtype: str, latent_scale: int,
@@ -122,9 +127,10 @@ class LatentCache:
         self._keys: dict[tuple, str] = {}  # the digest of each identity seen, computed once
         self._lock = threading.Lock()  # the prefetch threads look entries up together
 
-    def __getstate__(self):  # a worker starts with an empty memory of its own
+    def __getstate__(self):  # a DataLoader worker's copy: files only
         state = dict(self.__dict__)
         state["_memory"], state["_held"], state["_keys"] = OrderedDict(), 0, {}
+        state["memory_bytes"] = 0
         del state["_lock"]
         return state
 
@@ -144,6 +150,8 @@ class LatentCache:
                     geometry.resized, geometry.box, geometry.flip)
         key = self._keys.get(identity)
         if key is None:
+            if len(self._keys) >= MAX_REMEMBERED_KEYS:  # random crops make new ones every epoch
+                self._keys.clear()
             key = self._keys[identity] = _digest(
                 [CACHE_VERSION, image, mask, geometry.target, geometry.resized, geometry.box,
                  geometry.flip, self.vae_identity, self.dtype, self.latent_scale])

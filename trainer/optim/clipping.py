@@ -8,7 +8,8 @@ import torch
 # wait for the device. A CPU has nothing to wait for: the multiply by exactly 1 is skipped
 # (the weights come out bit for bit the same), which was most of the clipping's cost for a
 # tiny model's small LoRA tensors.
-_SPLIT_API = hasattr(torch.nn.utils, "get_total_norm")  # torch >= 2.6
+_SPLIT_API = (hasattr(torch.nn.utils, "get_total_norm")  # torch >= 2.6
+              and hasattr(torch.nn.utils, "clip_grads_with_norm_"))
 
 
 def clip_gradients(accelerator, parameters: list[torch.nn.Parameter], max_norm: float):
