@@ -581,6 +581,10 @@ def config_from_dict(data: dict, warn: Callable[[str], None] = print) -> TrainCo
     """Validate a (possibly partial) dict into a TrainConfig; unknown keys warned, not fatal."""
     if not isinstance(data, dict):
         raise ConfigError("The config must be a JSON object of keys and values.")
+    from trainer.onetrainer import translate
+    data, notes = translate(data)  # OneTrainer's names, both generations
+    for note in notes:
+        warn(note)
     for key in unknown_keys(data, TrainConfig):
         warn(f"Unknown config key '{key}' ignored.")
     try:

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from trainer.config import TrainConfig, unknown_keys
 from trainer.errors import ConfigError
+from trainer.onetrainer import FULL_FORMATS, LORA_FORMATS, translate
 from trainer.io import atomic_write_text
 from ui import paths
 from ui.optimizers import parameter_names
@@ -124,11 +125,15 @@ def _drop_path(data: dict, loc: tuple) -> bool:
     return False
 
 
+# Settings that decide what a job is: a bad value stops the import, it never falls back.
+JOB_KEYS = ("model_type", "training_method", "base_model_name", "output_model_format")
+
+
 def lenient_config(data: dict) -> tuple[TrainConfig, list[str]]:
     """Validate what can be validated: each bad value is reported and dropped (its default
     kept), so one bad key does not lose the rest of an imported file."""
-    data = json.loads(json.dumps(data))  # a copy
-    messages = [f"Unknown key '{key}' ignored." for key in unknown_keys(data, TrainConfig)]
+    data, messages = translate(data)  # OneTrainer's names, both generations (a copy)
+    messages += [f"Unknown key '{key}' ignored." for key in unknown_keys(data, TrainConfig)]
     for _ in range(200):
         try:
             config = TrainConfig.model_validate(data)
@@ -140,6 +145,9 @@ def lenient_config(data: dict) -> tuple[TrainConfig, list[str]]:
                 loc = tuple(item["loc"])
                 key = ".".join(str(p) for p in loc)
                 message = item["msg"].removeprefix("Value error, ")
+                if loc and loc[0] in JOB_KEYS:  # what the job is: never a default instead
+                    raise ConfigError(f"{key}: {message} (got {item.get('input')!r}). This "
+                                      "decides what the job is, so nothing was imported.")
                 if _drop_path(data, loc):
                     removed = True
                     messages.append(f"{key}: {message} (got {item.get('input')!r}); "
@@ -179,9 +187,16 @@ def layered(preset: dict, page_data: dict | None = None) -> dict:
 # --- OneTrainer -------------------------------------------------------------------------------
 
 def looks_like_onetrainer(data: dict) -> bool:
+    """A saved OneTrainer config, or one of its current partial presets (which carry none of
+    the saved-config keys, but OneTrainer's current names)."""
     markers = ("__version", "concept_file_name", "sample_definition_file_name", "train_device",
-               "cache_dir", "debug_mode")
-    return any(key in data for key in markers)
+               "cache_dir", "debug_mode", "layer_filter_preset", "layer_filter")
+    if any(key in data for key in markers):
+        return True
+    if data.get("output_model_format") in (*LORA_FORMATS, *FULL_FORMATS):
+        return True
+    return any(isinstance(data.get(part), dict) and "weight_dtype" in data[part]
+               for part in ("unet", "text_encoder", "text_encoder_2", "vae"))
 
 
 def adapt_onetrainer(data: dict) -> tuple[dict, list[str]]:

@@ -1,0 +1,146 @@
+"""OneTrainer configs of both generations enter through the same translation wherever they
+come in (CLI, page Import, API): its current names import as their authors meant, and what
+Atelier cannot honour is refused with the key and value, never replaced by a default.
+
+The presets below are written as OneTrainer ships them (training_presets/SD1.5 and SDXL of
+its current release, partial configs; see docs/notes/onetrainer-configs.md)."""
+import json
+
+import pytest
+
+from trainer.config import (DataType, LoraLayerPreset, ModelFormat, ModelType, TrainingMethod,
+                            config_from_dict)
+from trainer.errors import ConfigError
+
+SD15_LORA = {
+    "backup_after": 10, "base_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "batch_size": 4, "layer_filter_preset": "attn-mlp", "learning_rate": 0.0003,
+    "model_type": "STABLE_DIFFUSION_15", "output_model_destination": "models/lora.safetensors",
+    "output_model_format": "KOHYA_LORA", "resolution": "512", "training_method": "LORA",
+    "vae": {"weight_dtype": "FLOAT_32"}, "unet": {"weight_dtype": "FLOAT_16"},
+    "text_encoder": {"weight_dtype": "FLOAT_16"}}
+SD15_FINE_TUNE = {
+    "base_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5", "batch_size": 4,
+    "model_type": "STABLE_DIFFUSION_15", "output_model_destination": "models/model.safetensors",
+    "output_model_format": "ORIGINAL_SINGLE_FILE", "resolution": "512",
+    "training_method": "FINE_TUNE", "unet": {"train": True}, "vae": {"weight_dtype": "FLOAT_32"}}
+SDXL_LORA = {
+    "backup_after": 10, "base_model_name": "stabilityai/stable-diffusion-xl-base-1.0",
+    "batch_size": 4, "layer_filter_preset": "attn-mlp", "learning_rate": 0.0003,
+    "model_type": "STABLE_DIFFUSION_XL_10_BASE", "output_model_format": "KOHYA_LORA",
+    "output_model_destination": "models/lora.safetensors", "resolution": "1024",
+    "training_method": "LORA", "unet": {"weight_dtype": "FLOAT_16"},
+    "text_encoder": {"train": False, "weight_dtype": "FLOAT_16"},
+    "text_encoder_2": {"train": False, "weight_dtype": "FLOAT_16"},
+    "vae": {"weight_dtype": "FLOAT_32"}}
+# The older generation: SAFETENSORS, a top-level weight_dtype, no layer filter key.
+OLD_SD15_LORA = {"base_model_name": "runwayml/stable-diffusion-v1-5", "batch_size": 4,
+                 "output_model_format": "SAFETENSORS", "weight_dtype": "FLOAT_16",
+                 "vae": {"weight_dtype": "FLOAT_32"}, "learning_rate": 0.0003,
+                 "resolution": "512", "training_method": "LORA", "backup_after": 10}
+
+
+def load(data):
+    notes = []
+    return config_from_dict(data, warn=notes.append), notes
+
+
+def test_the_current_sd15_lora_preset_imports_as_meant():
+    config, notes = load(SD15_LORA)
+    assert config.model_type == ModelType.STABLE_DIFFUSION_15
+    assert config.training_method == TrainingMethod.LORA
+    assert config.output_model_format == ModelFormat.SAFETENSORS  # KOHYA_LORA: the same file
+    assert config.lora_layer_preset == LoraLayerPreset.ATTN_MLP   # not attn-only, the default
+    assert config.weight_dtype == DataType.FLOAT_16               # the parts' weight_dtype
+    assert (config.batch_size, config.learning_rate, config.resolution) == (4, 0.0003, "512")
+    assert not [n for n in notes if "Unknown" in n], notes       # every key understood
+    assert [n for n in notes if n.startswith("layer_filter_preset attn-mlp")]  # how it differs
+
+
+def test_the_current_fine_tune_and_sdxl_presets_import_as_meant():
+    config, notes = load(SD15_FINE_TUNE)
+    assert config.training_method == TrainingMethod.FINE_TUNE
+    assert config.output_model_format == ModelFormat.SAFETENSORS  # the original single file
+    assert not notes
+    config, notes = load(SDXL_LORA)
+    assert config.model_type == ModelType.STABLE_DIFFUSION_XL_10_BASE
+    assert config.lora_layer_preset == LoraLayerPreset.ATTN_MLP
+    assert config.weight_dtype == DataType.FLOAT_16 and config.resolution == "1024"
+    assert not config.text_encoder.train and not config.text_encoder_2.train
+    assert not [n for n in notes if not n.startswith("layer_filter_preset")], notes
+
+
+def test_the_older_generation_still_imports():
+    config, notes = load(OLD_SD15_LORA)
+    assert config.output_model_format == ModelFormat.SAFETENSORS
+    assert config.weight_dtype == DataType.FLOAT_16
+    assert config.lora_layer_preset == LoraLayerPreset.ATTN_ONLY  # it named none
+    assert not notes
+    assert load({"lora_layer_preset": "full"})[0].lora_layer_preset == LoraLayerPreset.FULL
+    assert load({"resolution": 512})[0].resolution == "512"  # the oldest wrote a number
+
+
+def test_part_types_atelier_cannot_keep_apart_are_named():
+    config, notes = load({**SD15_LORA, "text_encoder": {"weight_dtype": "BFLOAT_16"},
+                          "vae": {"weight_dtype": "BFLOAT_16"}})
+    assert config.weight_dtype == DataType.FLOAT_16
+    assert any("text_encoder.weight_dtype BFLOAT_16" in n and "FLOAT_16" in n for n in notes)
+    assert any(n.startswith("vae.weight_dtype BFLOAT_16") for n in notes)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"output_model_format": "COMFY_LORA"}, "output_model_format: COMFY_LORA"),
+    ({"output_model_format": "DIFFUSERS_LORA"}, "output_model_format: DIFFUSERS_LORA"),
+    ({"layer_filter_preset": "custom", "layer_filter": "attn1,attn2"}, "layer_filter_preset"),
+    ({"layer_filter": "down_blocks.1", "layer_filter_regex": True}, "layer_filter"),
+    ({"model_type": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"}, "model_type"),
+    ({"training_method": "EMBEDDING", "output_model_format": "SAFETENSORS"},
+     "training_method"),
+])
+def test_what_atelier_cannot_honour_is_refused_with_its_name(change, named):
+    data = {**SD15_LORA, **change}
+    if "layer_filter" in change and "layer_filter_preset" not in change:
+        data.pop("layer_filter_preset")
+    with pytest.raises(ConfigError, match=named):
+        load(data)
+
+
+def test_the_page_import_never_replaces_what_the_job_is(tmp_path):
+    """The page imports leniently (a bad tuning value keeps its default, with a note), but a
+    model type or training method it cannot run stops the import with the value named."""
+    from ui.presets import import_config, looks_like_onetrainer
+    assert looks_like_onetrainer(SD15_LORA) and looks_like_onetrainer(SDXL_LORA)
+    config, _, messages, kind = import_config(SD15_LORA)
+    assert kind == "OneTrainer" and config.lora_layer_preset == LoraLayerPreset.ATTN_MLP
+    inpaint = {**SDXL_LORA, "model_type": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING",
+               "base_model_name": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"}
+    with pytest.raises(ConfigError, match="STABLE_DIFFUSION_XL_10_BASE_INPAINTING"):
+        import_config(inpaint)
+    with pytest.raises(ConfigError, match="EMBEDDING"):
+        import_config({**SD15_LORA, "training_method": "EMBEDDING",
+                       "output_model_format": "SAFETENSORS"})
+    config, _, messages, _ = import_config({**SD15_LORA, "epochs": 0})  # a tuning key
+    assert any(m.startswith("epochs:") and "default is kept" in m for m in messages)
+
+
+def test_the_cli_trains_the_current_lora_preset(tiny_sd15_dir, tmp_path):
+    """`python -m trainer train --config "#sd 1.5 LoRA.json"`, pointed at local files."""
+    from safetensors import safe_open
+
+    from test_cli import run
+    from trainer.demo import DEMO_DATASET_DIR
+    preset = tmp_path / "#sd 1.5 LoRA.json"
+    preset.write_text(json.dumps(SD15_LORA))
+    out = tmp_path / "lora.safetensors"
+    done = run("train", "--config", str(preset), "--set", f"base_model_name={tiny_sd15_dir}",
+               "--set", f"concepts=[{{\"path\": \"{DEMO_DATASET_DIR}\"}}]",
+               "--set", "unet.weight_dtype=FLOAT_32", "--set", "text_encoder.weight_dtype=FLOAT_32",
+               "--set", "resolution=64", "--set", "epochs=1", "--set", "batch_size=5",
+               "--set", "train_dtype=FLOAT_32", "--set", f"workspace_dir={tmp_path / 'ws'}",
+               "--set", f"output_model_destination={out}", "--set", "lora_rank=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    # attn-mlp: the feed-forward layers are trained too, in kohya names
+    assert any("_ff_net_2.lora_down.weight" in k for k in keys)
+    assert any(k.startswith("lora_unet_") and "_attn1_to_q." in k for k in keys)
