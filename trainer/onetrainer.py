@@ -22,6 +22,12 @@ FULL_FORMATS = {"ORIGINAL_SINGLE_FILE": "SAFETENSORS"}
 ATELIER_FORMATS = ("SAFETENSORS", "DIFFUSERS")
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 LAYER_PRESETS = ("attn-only", "attn-mlp", "full")
+# OneTrainer filters UNet layers by name ('attentions' / 'attn' anywhere in it) and never
+# filters its text-encoder LoRA; Atelier's presets name the layers of both.
+LAYER_DIFFERENCES = {
+    "attn-mlp": "OneTrainer's also adapts the transformer blocks' proj_in and proj_out",
+    "attn-only": "OneTrainer's text-encoder LoRA also adapts the MLP layers (fc1, fc2)",
+}
 
 
 def translate(data: dict) -> tuple[dict, list[str]]:
@@ -64,12 +70,10 @@ def _layer_filter(data: dict, notes: list[str]) -> None:
                 f"presets {', '.join(LAYER_PRESETS)} (a custom layer_filter is not supported "
                 "yet).")
         data.setdefault("lora_layer_preset", preset)
-        if preset != "full":
-            notes.append(
-                f"layer_filter_preset {preset}: read as Atelier's lora_layer_preset {preset}, "
-                "whose layers differ a little from OneTrainer's (its UNet filter matches every "
-                "layer under 'attentions' or 'attn' by name, proj_in/proj_out included, and "
-                "its text-encoder LoRA covers every layer).")
+        if preset in LAYER_DIFFERENCES:
+            notes.append(f"layer_filter_preset {preset}: read as Atelier's lora_layer_preset "
+                         f"{preset}, whose layers differ a little from OneTrainer's: "
+                         f"{LAYER_DIFFERENCES[preset]}.")
     if custom and str(custom).strip() and preset in (None, "custom"):
         raise ConfigError(
             f"layer_filter: a custom filter ({custom!r}{', regex' if regex else ''}) is not "
