@@ -69,3 +69,18 @@ def test_weight_loading_bars_go_but_download_bars_stay():
     hide_weight_loading_bars()
     assert not transformers_logging.is_progress_bar_enabled()
     assert not are_progress_bars_disabled()  # a first download still shows how far it is
+
+
+def test_download_bars_a_user_switched_off_stay_off():
+    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                       enable_progress_bars)
+
+    from trainer.quiet import hide_weight_loading_bars
+    hide_weight_loading_bars.cache_clear()
+    disable_progress_bars()
+    try:
+        hide_weight_loading_bars()
+        assert are_progress_bars_disabled()
+    finally:
+        enable_progress_bars()
+        hide_weight_loading_bars.cache_clear()

@@ -6,6 +6,7 @@ anything else those loggers say (and every message of ours) still gets through.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -48,13 +49,17 @@ def silence_library_noise() -> None:
             logger.addFilter(_DropMessage(pattern))
 
 
+@functools.cache  # once per process: the switches are process-wide
 def hide_weight_loading_bars() -> None:
     """transformers draws a 'Loading weights' bar for every text encoder it loads (a blink on
     local files). Its switch turns the hub's download bars off too, and those tell a user
-    waiting for a first download how far it is: they are switched back on. Call where
+    waiting for a first download how far it is: they are switched back on, unless they were
+    off already (HF_HUB_DISABLE_PROGRESS_BARS, or the user's own call). Call where
     transformers is imported already (it is heavy)."""
-    from huggingface_hub.utils import enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
+    hub_bars_were_on = not are_progress_bars_disabled()
     transformers_logging.disable_progress_bar()
-    enable_progress_bars()
+    if hub_bars_were_on:
+        enable_progress_bars()

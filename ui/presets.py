@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from trainer.config import TrainConfig, unknown_keys
 from trainer.errors import ConfigError
-from trainer.onetrainer import FULL_FORMATS, LORA_FORMATS, translate
+from trainer.onetrainer import FULL_FORMATS, LORA_FORMATS, PARTS, translate
 from trainer.io import atomic_write_text
 from ui import paths
 from ui.optimizers import parameter_names
@@ -196,7 +196,7 @@ def looks_like_onetrainer(data: dict) -> bool:
     if data.get("output_model_format") in (*LORA_FORMATS, *FULL_FORMATS):
         return True
     return any(isinstance(data.get(part), dict) and "weight_dtype" in data[part]
-               for part in ("unet", "text_encoder", "text_encoder_2", "vae"))
+               for part in (*PARTS, "vae"))
 
 
 def adapt_onetrainer(data: dict) -> tuple[dict, list[str]]:
