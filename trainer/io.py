@@ -9,12 +9,16 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from trainer.errors import AtelierError
+
+# torch and safetensors are imported where a tensor file is written: the light CLI commands
+# (dataset import) write JSON and text through this module and should not pay torch's import.
+if TYPE_CHECKING:
+    import torch
 
 
 def _temporary(path: Path) -> Path:
@@ -37,6 +41,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)

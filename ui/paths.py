@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from trainer.data.datasets import default_workspace
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "presets"
 WORKSPACE_PREFIX = "workspace/"
@@ -18,13 +20,8 @@ PATH_KEYS = ("base_model_name", "vae_model_name", "output_model_destination", "w
 
 
 def workspace_root() -> Path:
-    override = os.environ.get("ATELIER_WORKSPACE")
-    if override:
-        return Path(override).resolve()
-    data = Path("/data")
-    if data.is_dir() and os.access(data, os.W_OK):
-        return data / "workspace"
-    return REPO_ROOT / "workspace"
+    # The engine decides it (the CLI's `dataset import` needs the same folder).
+    return default_workspace()
 
 
 def user_presets_dir() -> Path:
