@@ -51,14 +51,15 @@ def atelier_config_dict(case: Case, model_dir: Path, data_dir: Path, workspace: 
         "epochs": 10_000,
         "learning_rate": case.learning_rate,
         "train_dtype": case.train_dtype_on(device),
-        "weight_dtype": case.weight_dtype,
         "gradient_checkpointing": case.gradient_checkpointing,
         "optimizer": {"optimizer": case.optimizer},
         "clip_grad_norm": case.clip_grad_norm,
         "text_encoder": {"train": case.train_text_encoder, "stop_training_after_unit": "NEVER",
-                         "gradient_checkpointing": "text_encoder" in case.checkpoint_parts},
-        "text_encoder_2": {"train": False},
-        "unet": {"train": True, "gradient_checkpointing": "unet" in case.checkpoint_parts},
+                         "gradient_checkpointing": "text_encoder" in case.checkpoint_parts,
+                         "weight_dtype": case.weight_dtype},
+        "text_encoder_2": {"train": False, "weight_dtype": case.weight_dtype},
+        "unet": {"train": True, "gradient_checkpointing": "unet" in case.checkpoint_parts,
+                 "weight_dtype": case.weight_dtype},
         "lora_rank": case.lora_rank,
         "lora_alpha": case.lora_alpha,
         "lora_layer_preset": case.lora_layer_preset,
@@ -137,7 +138,7 @@ def prepare_unet(family, config, case: Case, device):
     from trainer.optim.registry import build_optimizer
     unet = family.parts["unet"]
     unet.requires_grad_(False)
-    unet.to(device, TORCH_DTYPES[config.weight_dtype])
+    unet.to(device, TORCH_DTYPES[config.unet.weight_dtype])
     params = finetune.trainable_parameters(unet, config, "unet")
     if case.unet_checkpointing:
         enable_gradient_checkpointing(unet)
@@ -258,7 +259,7 @@ def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start) -> d
     vae = family.vae.to(dev, torch.float32).requires_grad_(False)
     for name, module in family.parts.items():
         if name != "unet":
-            module.requires_grad_(False).to(dev, TORCH_DTYPES[config.weight_dtype])
+            module.requires_grad_(False).to(dev, TORCH_DTYPES[getattr(config, name).weight_dtype])
     unet, params, optimizer, fused = prepare_unet(family, config, case, dev)
     if fused is not None:
         raise ValueError("the naive runner has no fused backward pass")

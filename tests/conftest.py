@@ -29,3 +29,19 @@ def tiny_sdxl_dir(tmp_path_factory):
     from trainer.models.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_inpaint_dir(tmp_path_factory):
+    """The tiny SD 1.5 inpainting model (9-channel UNet) as a diffusers folder."""
+    from trainer.models.tiny import build_tiny_sd15_inpaint
+
+    return build_tiny_sd15_inpaint(tmp_path_factory.mktemp("models") / "tiny-sd15-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint_dir(tmp_path_factory):
+    """The tiny SDXL inpainting model (9-channel UNet) as a diffusers folder."""
+    from trainer.models.tiny import build_tiny_sdxl_inpaint
+
+    return build_tiny_sdxl_inpaint(tmp_path_factory.mktemp("models") / "tiny-sdxl-inpaint")

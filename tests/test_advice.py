@@ -74,6 +74,13 @@ def test_masked_training_counts_the_images_without_a_mask(tiny_sd15_dir, tmp_pat
     assert "2 of 5 images have no mask" in matching[0]
     assert "'cat.jpg'" in matching[0] and "'rocket.jpg'" in matching[0]
     assert "train on the whole image" in matching[0]
+    # an inpainting model inpaints a random circle of them instead
+    from trainer.advice import images_without_masks
+    from trainer.config import ModelType
+    from trainer.data.dataset import collect_items
+    inpainting = config.model_copy(update={"model_type": ModelType.STABLE_DIFFUSION_15_INPAINTING})
+    message = images_without_masks(inpainting, collect_items(config.concepts))
+    assert "2 of 5" in message and "inpaint a random circle" in message
 
 
 def test_no_mask_warning_without_masked_training_or_with_every_mask(tiny_sd15_dir, tmp_path):

@@ -49,58 +49,79 @@ def test_the_current_sd15_lora_preset_imports_as_meant():
     config, notes = load(SD15_LORA)
     assert config.model_type == ModelType.STABLE_DIFFUSION_15
     assert config.training_method == TrainingMethod.LORA
-    assert config.output_model_format == ModelFormat.SAFETENSORS  # KOHYA_LORA: the same file
+    assert config.output_model_format == ModelFormat.KOHYA_LORA
     assert config.lora_layer_preset == LoraLayerPreset.ATTN_MLP   # not attn-only, the default
-    assert config.weight_dtype == DataType.FLOAT_16               # the parts' weight_dtype
+    assert (config.unet.weight_dtype, config.text_encoder.weight_dtype,
+            config.vae.weight_dtype) == (DataType.FLOAT_16, DataType.FLOAT_16, DataType.FLOAT_32)
     assert (config.batch_size, config.learning_rate, config.resolution) == (4, 0.0003, "512")
-    assert not [n for n in notes if "Unknown" in n], notes       # every key understood
-    assert [n for n in notes if n.startswith("layer_filter_preset attn-mlp")]  # how it differs
+    assert not notes, notes                                       # every key understood
 
 
 def test_the_current_fine_tune_and_sdxl_presets_import_as_meant():
     config, notes = load(SD15_FINE_TUNE)
     assert config.training_method == TrainingMethod.FINE_TUNE
-    assert config.output_model_format == ModelFormat.SAFETENSORS  # the original single file
+    assert config.output_model_format == ModelFormat.ORIGINAL_SINGLE_FILE
     assert not notes
     config, notes = load(SDXL_LORA)
     assert config.model_type == ModelType.STABLE_DIFFUSION_XL_10_BASE
     assert config.lora_layer_preset == LoraLayerPreset.ATTN_MLP
-    assert config.weight_dtype == DataType.FLOAT_16 and config.resolution == "1024"
+    assert config.text_encoder_2.weight_dtype == DataType.FLOAT_16
+    assert config.resolution == "1024"
     assert not config.text_encoder.train and not config.text_encoder_2.train
-    assert not [n for n in notes if not n.startswith("layer_filter_preset")], notes
+    assert not notes, notes
 
 
 def test_the_older_generation_still_imports():
     config, notes = load(OLD_SD15_LORA)
-    assert config.output_model_format == ModelFormat.SAFETENSORS
-    assert config.weight_dtype == DataType.FLOAT_16
+    assert config.output_model_format == ModelFormat.KOHYA_LORA  # SAFETENSORS, its older name
+    # the top-level weight_dtype is every part's (OneTrainer's migration 9); the VAE keeps its own
+    assert (config.unet.weight_dtype, config.text_encoder.weight_dtype,
+            config.text_encoder_2.weight_dtype, config.vae.weight_dtype) == (
+        DataType.FLOAT_16, DataType.FLOAT_16, DataType.FLOAT_16, DataType.FLOAT_32)
     assert config.lora_layer_preset == LoraLayerPreset.ATTN_ONLY  # it named none
     assert not notes
+    oldest = load({"unet_weight_dtype": "BFLOAT_16", "weight_dtype": "FLOAT_32",
+                   "text_encoder": {"weight_dtype": "NONE"}, "vae_weight_dtype": "BFLOAT_16",
+                   "lora_layers": "attn1", "lora_layer_preset": "custom"})[0]
+    assert (oldest.unet.weight_dtype, oldest.text_encoder.weight_dtype,
+            oldest.vae.weight_dtype) == (DataType.BFLOAT_16, DataType.FLOAT_32, DataType.BFLOAT_16)
+    assert (oldest.lora_layer_preset, oldest.layer_filter) == (LoraLayerPreset.CUSTOM, "attn1")
     assert load({"lora_layer_preset": "full"})[0].lora_layer_preset == LoraLayerPreset.FULL
     assert load({"resolution": 512})[0].resolution == "512"  # the oldest wrote a number
 
 
-def test_part_types_atelier_cannot_keep_apart_are_named():
+def test_each_part_keeps_its_own_type_and_the_vae_its_model():
     config, notes = load({**SD15_LORA, "text_encoder": {"weight_dtype": "BFLOAT_16"},
-                          "vae": {"weight_dtype": "BFLOAT_16"}})
-    assert config.weight_dtype == DataType.FLOAT_16
-    assert any("text_encoder.weight_dtype BFLOAT_16" in n and "FLOAT_16" in n for n in notes)
-    assert any(n.startswith("vae.weight_dtype BFLOAT_16") for n in notes)
+                          "vae": {"weight_dtype": "BFLOAT_16", "model_name": "my/vae"}})
+    assert (config.unet.weight_dtype, config.text_encoder.weight_dtype,
+            config.vae.weight_dtype) == (DataType.FLOAT_16, DataType.BFLOAT_16, DataType.BFLOAT_16)
+    assert config.vae_model_name == "my/vae" and not notes
+
+
+def test_a_custom_layer_filter_imports_as_the_filter():
+    config, notes = load({**SD15_LORA, "layer_filter_preset": "custom",
+                          "layer_filter": "down_blocks.1, attn2", "layer_filter_regex": True})
+    assert (config.lora_layer_preset, config.layer_filter, config.layer_filter_regex) == (
+        LoraLayerPreset.CUSTOM, "down_blocks.1, attn2", True)
+    # A saved config whose filter was edited after choosing a preset: OneTrainer trains the
+    # filter, and so does Atelier, saying so.
+    config, notes = load({**SD15_LORA, "layer_filter": "attn1"})
+    assert (config.lora_layer_preset, config.layer_filter) == (LoraLayerPreset.CUSTOM, "attn1")
+    assert notes and "custom" in notes[0]
+    assert load({**SD15_LORA, "layer_filter": "attentions"})[0].lora_layer_preset == \
+        LoraLayerPreset.ATTN_MLP  # the filter the preset stands for
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"output_model_format": "COMFY_LORA"}, "output_model_format: COMFY_LORA"),
-    ({"output_model_format": "DIFFUSERS_LORA"}, "output_model_format: DIFFUSERS_LORA"),
-    ({"layer_filter_preset": "custom", "layer_filter": "attn1,attn2"}, "layer_filter_preset"),
-    ({"layer_filter": "down_blocks.1", "layer_filter_regex": True}, "layer_filter"),
-    ({"model_type": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"}, "model_type"),
+    ({"output_model_format": "ORIGINAL_LORA"}, "output_model_format: ORIGINAL_LORA"),
+    ({"output_model_format": "CKPT"}, "output_model_format: CKPT"),
+    ({"layer_filter_preset": "attn-conv"}, "layer_filter_preset: 'attn-conv'"),
+    ({"model_type": "STABLE_DIFFUSION_3"}, "model_type"),
     ({"training_method": "EMBEDDING", "output_model_format": "SAFETENSORS"},
      "training_method"),
 ])
 def test_what_atelier_cannot_honour_is_refused_with_its_name(change, named):
     data = {**SD15_LORA, **change}
-    if "layer_filter" in change and "layer_filter_preset" not in change:
-        data.pop("layer_filter_preset")
     with pytest.raises(ConfigError, match=named):
         load(data)
 
@@ -114,8 +135,9 @@ def test_the_page_import_never_replaces_what_the_job_is(tmp_path):
     assert kind == "OneTrainer" and config.lora_layer_preset == LoraLayerPreset.ATTN_MLP
     inpaint = {**SDXL_LORA, "model_type": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING",
                "base_model_name": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"}
-    with pytest.raises(ConfigError, match="STABLE_DIFFUSION_XL_10_BASE_INPAINTING"):
-        import_config(inpaint)
+    assert import_config(inpaint)[0].model_type.value == "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"
+    with pytest.raises(ConfigError, match="STABLE_DIFFUSION_3"):
+        import_config({**SD15_LORA, "model_type": "STABLE_DIFFUSION_3"})
     with pytest.raises(ConfigError, match="EMBEDDING"):
         import_config({**SD15_LORA, "training_method": "EMBEDDING",
                        "output_model_format": "SAFETENSORS"})

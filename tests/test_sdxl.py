@@ -171,7 +171,9 @@ def test_sdxl_lora_file_is_kohya_with_sdxl_metadata(trained_sdxl_lora):
         metadata = f.metadata()
         alphas = [f.get_tensor(k) for k in keys if k.endswith(".alpha")]
     assert all(k.startswith(("lora_unet_", "lora_te1_text_model_encoder_layers_",
-                             "lora_te2_text_model_encoder_layers_")) for k in keys)
+                             "lora_te2_text_model_encoder_layers_",
+                             "lora_te2_text_projection.")) for k in keys)
+    assert "lora_te2_text_projection.lora_down.weight" in keys  # every linear layer of TE2
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
     assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_")
                for k in keys)  # the second transformer layer of a block

@@ -94,6 +94,17 @@ def test_lora_fields_apply_only_to_lora():
     assert F.applies("learning_rate", fine_tune)
 
 
+def test_an_output_format_that_stops_fitting_the_method_becomes_its_default():
+    spec = F.SPECS["output_model_format"]
+    assert "training_method" in F.controlling_keys()
+    fine_tune = {"model_type": "STABLE_DIFFUSION_15", "training_method": "FINE_TUNE"}
+    lora = {**fine_tune, "training_method": "LORA"}
+    assert F.fitting_choice(spec, "COMFY_LORA", fine_tune) == "ORIGINAL_SINGLE_FILE"
+    assert F.fitting_choice(spec, "DIFFUSERS", lora) == "KOHYA_LORA"
+    assert F.fitting_choice(spec, "DIFFUSERS", fine_tune) == "DIFFUSERS"  # kept when it fits
+    assert F.fitting_choice(spec, "DIFFUSERS_LORA", lora) == "DIFFUSERS_LORA"
+
+
 def test_text_encoders_follow_the_model_type():
     sd15 = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA"}
     sdxl = {**sd15, "model_type": "STABLE_DIFFUSION_XL_10_BASE"}

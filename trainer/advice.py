@@ -36,6 +36,9 @@ def images_without_masks(config: TrainConfig, items: Sequence) -> str | None:
         return None
     names = ", ".join(f"'{path.name}'" for path in bare[:NAMES_SHOWN])
     more = f" and {len(bare) - NAMES_SHOWN} more" if len(bare) > NAMES_SHOWN else ""
+    # An inpainting model learns (and is weighted) inside its conditioning mask, which for
+    # these images is a random circle (trainer/inpainting.py).
+    instead = ("learn to inpaint a random circle each epoch" if config.model_type.is_inpainting
+               else "train on the whole image")
     return (f"masked_training is on, but {len(bare)} of {len(items)} images have no mask "
-            f"(<image name>-masklabel.png beside the image) and train on the whole image: "
-            f"{names}{more}.")
+            f"(<image name>-masklabel.png beside the image) and {instead}: {names}{more}.")

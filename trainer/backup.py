@@ -28,7 +28,7 @@ from trainer.errors import ConfigError, TrainingError
 PREFIX = "step-"
 # Settings that shape the trained tensors: a backup made with other values cannot resume.
 MUST_MATCH = ("model_type", "training_method", "base_model_name", "lora_rank",
-              "lora_layer_preset", "optimizer.optimizer")
+              "lora_layer_preset", "layer_filter", "layer_filter_regex", "optimizer.optimizer")
 
 
 def backup_root(config: TrainConfig) -> Path:

@@ -1,12 +1,16 @@
 """Command line: the same engine as the page, headless, with a terminal progress bar.
 
     python -m trainer train --config my.json [--set key=value ...]
-    python -m trainer make-tiny-model sd15 OUT_DIR        (or sdxl, or clipseg)
+    python -m trainer make-tiny-model sd15 OUT_DIR        (or sdxl, sd15-inpaint, sdxl-inpaint,
+                                                           or clipseg)
     python -m trainer masks --folder DIR --method clipseg --prompt "a cat" [--mode fill ...]
+    python -m trainer dataset import SOURCE... --name NAME [--replace] [--json FILE]
+    python -m trainer dataset list
     accelerate launch -m trainer train --config my.json     # several GPUs (DDP)
 
 Bad input ends with a one-line message and exit status 2; Ctrl-C once stops after the current
-step and saves, twice aborts. `masks` exits 1 when some image failed (the others are done).
+step and saves, twice aborts. `masks` exits 1 when some image failed (the others are done);
+`dataset import` exits 1 when some file was skipped or refused (the others are added).
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model",
                           help="write a tiny random SD model, or CLIPSeg for masks (offline demo)")
-    tiny.add_argument("family", choices=["sd15", "sdxl", "clipseg"])
+    tiny.add_argument("family", choices=["sd15", "sdxl", "sd15-inpaint", "sdxl-inpaint",
+                                         "clipseg"])
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -75,6 +80,27 @@ def _parser() -> argparse.ArgumentParser:
     masks.add_argument("--smooth", type=int, default=0, help="blur the edges by N px")
     masks.add_argument("--grow", type=int, default=0, help="grow the mask by N px")
     masks.add_argument("--recursive", action="store_true", help="include sub-folders")
+
+    dataset = sub.add_parser("dataset", help="import images into the workspace's datasets")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
+    workspace_help = ("the workspace folder (default: $ATELIER_WORKSPACE, /data/workspace on "
+                      "a Space, else the repo's workspace/, as the page)")
+    imports = dataset_sub.add_parser(
+        "import", help="import files, folders and zips into <workspace>/datasets/NAME",
+        description="Import images, .txt captions, -masklabel.png masks, folders and zip "
+                    "files into <workspace>/datasets/NAME, with the page's checks and limits. "
+                    "Exit status 0: all added; 1: something skipped or refused; 2: bad "
+                    "arguments.")
+    imports.add_argument("sources", nargs="+", metavar="SOURCE",
+                         help="an image, caption or mask file, a folder or a .zip")
+    imports.add_argument("--name", required=True, help="the dataset's name (a folder name)")
+    imports.add_argument("--workspace", default=None, help=workspace_help)
+    imports.add_argument("--replace", action="store_true",
+                         help="replace files the dataset already has (default: skip them)")
+    imports.add_argument("--json", default=None, metavar="FILE",
+                         help="also write the report as JSON: dataset, added, skipped")
+    listing = dataset_sub.add_parser("list", help="the datasets with their counts")
+    listing.add_argument("--workspace", default=None, help=workspace_help)
     return parser
 
 
@@ -143,8 +169,12 @@ def run_make_tiny_model(args) -> int:
         from trainer.masks.tiny_clipseg import build_tiny_clipseg
         build, name = build_tiny_clipseg, "CLIPSeg"
     else:
-        from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
-        build, name = {"sd15": (build_tiny_sd15, "SD 1.5"), "sdxl": (build_tiny_sdxl, "SDXL")}[args.family]
+        from trainer.models import tiny
+        build, name = {"sd15": (tiny.build_tiny_sd15, "SD 1.5"),
+                       "sdxl": (tiny.build_tiny_sdxl, "SDXL"),
+                       "sd15-inpaint": (tiny.build_tiny_sd15_inpaint, "SD 1.5 inpainting"),
+                       "sdxl-inpaint": (tiny.build_tiny_sdxl_inpaint, "SDXL inpainting"),
+                       }[args.family]
     path = build(args.out_dir, seed=args.seed)
     print(f"Wrote a tiny {name} model to {path}")
     return 0
@@ -189,6 +219,25 @@ def run_masks(args) -> int:
     return 1 if summary.failed else 0
 
 
+def run_dataset(args) -> int:
+    import json
+
+    from trainer.data.datasets import default_workspace, list_datasets
+    from trainer.data.imports import import_dataset
+    from trainer.io import atomic_write_text
+
+    workspace = args.workspace or default_workspace()
+    if args.dataset_command == "list":
+        for summary in list_datasets(workspace):
+            print(summary.label())
+        return 0
+    report = import_dataset(args.sources, args.name, workspace, replace=args.replace)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    print(report.text())
+    return 0 if report.complete else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_cli_environment()
     args = _parser().parse_args(argv)
@@ -202,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "masks":
             return run_masks(args)
+        if args.command == "dataset":
+            return run_dataset(args)
         return run_make_tiny_model(args)
     except AtelierError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,21 +14,27 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from trainer.errors import ConfigError
 
 
 def setting(default: Any, *, section: str, label: str, tooltip: str,
-            applies_to: dict[str, list[str]] | None = None, **range_: Any) -> Any:
+            applies_to: dict[str, list[str]] | None = None,
+            choices_for: dict[str, dict[str, list[str]]] | None = None, **range_: Any) -> Any:
     """A field with the metadata the page needs to draw it.
 
     `applies_to` limits where the page shows it, e.g. {"training_method": ["LORA"]}.
+    `choices_for` limits an enum's values by another field's, e.g. {"training_method":
+    {"LORA": [...], "FINE_TUNE": [...]}}; the first listed is that value's default.
     `range_` takes pydantic's ge/gt/le/lt; they are enforced on load and drawn as slider limits.
     """
     extra: dict[str, Any] = {"section": section}
     if applies_to:
         extra["applies_to"] = applies_to
+    if choices_for:
+        extra["choices_for"] = choices_for
     return Field(default, title=label, description=tooltip, json_schema_extra=extra, **range_)
 
 
@@ -36,7 +42,26 @@ def setting(default: Any, *, section: str, label: str, tooltip: str,
 
 class ModelType(str, Enum):
     STABLE_DIFFUSION_15 = "STABLE_DIFFUSION_15"
+    STABLE_DIFFUSION_15_INPAINTING = "STABLE_DIFFUSION_15_INPAINTING"
     STABLE_DIFFUSION_XL_10_BASE = "STABLE_DIFFUSION_XL_10_BASE"
+    STABLE_DIFFUSION_XL_10_BASE_INPAINTING = "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL's architecture (two text encoders, time ids), inpainting or not."""
+        return self in (ModelType.STABLE_DIFFUSION_XL_10_BASE,
+                        ModelType.STABLE_DIFFUSION_XL_10_BASE_INPAINTING)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting UNet: 9 input channels (latents, mask, masked image's latents)."""
+        return self in (ModelType.STABLE_DIFFUSION_15_INPAINTING,
+                        ModelType.STABLE_DIFFUSION_XL_10_BASE_INPAINTING)
+
+    @property
+    def plain(self) -> "ModelType":
+        """The same family without inpainting."""
+        return ModelType.STABLE_DIFFUSION_XL_10_BASE if self.is_sdxl else ModelType.STABLE_DIFFUSION_15
 
 
 class TrainingMethod(str, Enum):
@@ -45,8 +70,25 @@ class TrainingMethod(str, Enum):
 
 
 class ModelFormat(str, Enum):
-    SAFETENSORS = "SAFETENSORS"
+    """OneTrainer's current output formats for SD 1.5 / SDXL (trainer/lora_formats.py and
+    trainer/finetune.py write them; the README's table says who loads which). Its older name
+    SAFETENSORS is read as KOHYA_LORA or ORIGINAL_SINGLE_FILE (trainer/onetrainer.py)."""
+    # LoRA
+    KOHYA_LORA = "KOHYA_LORA"
+    LEGACY_LORA = "LEGACY_LORA"
+    COMFY_LORA = "COMFY_LORA"
+    DIFFUSERS_LORA = "DIFFUSERS_LORA"
+    # The whole model
+    ORIGINAL_SINGLE_FILE = "ORIGINAL_SINGLE_FILE"
     DIFFUSERS = "DIFFUSERS"
+    LEGACY_SAFETENSORS = "LEGACY_SAFETENSORS"
+
+
+# The formats each training method writes; the first is the method's default (OneTrainer's).
+OUTPUT_FORMATS: dict[str, list[str]] = {
+    "LORA": ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA"],
+    "FINE_TUNE": ["ORIGINAL_SINGLE_FILE", "DIFFUSERS", "LEGACY_SAFETENSORS"],
+}
 
 
 class DataType(str, Enum):
@@ -98,9 +140,11 @@ class PromptSource(str, Enum):
 
 
 class LoraLayerPreset(str, Enum):
+    """OneTrainer's layer presets, matched as OneTrainer matches them (trainer/lora.py)."""
     ATTN_ONLY = "attn-only"
     ATTN_MLP = "attn-mlp"
     FULL = "full"
+    CUSTOM = "custom"
 
 
 # --- Nested sections ----------------------------------------------------------------------
@@ -140,6 +184,13 @@ def _optimizer_config() -> type[Strict]:
 OptimizerConfig = _optimizer_config()
 
 
+def part_weight_dtype(name: str) -> Any:
+    return setting(
+        DataType.FLOAT_32, section="Train data type", label=f"{name} weight data type",
+        tooltip=f"Storage type of the {name}'s frozen weights (a fine-tuned part trains float32 "
+                "master weights). BFLOAT_16 halves their memory; FLOAT_16 needs a CUDA GPU.")
+
+
 def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
           text_encoder: bool) -> type[Strict]:
     """One model part's settings (TE1, TE2, UNet share a shape, differ in defaults)."""
@@ -160,6 +211,9 @@ def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
             True, section=section, label="Gradient checkpointing",
             tooltip=f"Recompute the {name}'s activations in the backward pass when the main "
                     "gradient checkpointing switch is on.")),
+        # Shown with the other data types; the section of the part would hide it among
+        # training switches.
+        "weight_dtype": (DataType, part_weight_dtype(name)),
     }
     if text_encoder:
         fields["caption_dropout_probability"] = (float, setting(
@@ -179,6 +233,12 @@ TextEncoder2Config = _part("Text encoder 2", train=False, stop_after=30,
                            stop_unit=TimeUnit.EPOCH, text_encoder=True)
 UNetConfig = _part("UNet", train=True, stop_after=0, stop_unit=TimeUnit.NEVER,
                    text_encoder=False)
+
+
+class VAEConfig(Strict):
+    """The VAE only encodes the training images (once, when latents are cached) and decodes
+    samples; it is never trained."""
+    weight_dtype: DataType = part_weight_dtype("VAE")
 
 
 class ConceptConfig(Strict):
@@ -246,7 +306,8 @@ class TrainConfig(Strict):
     # Top bar / model
     model_type: ModelType = setting(
         ModelType.STABLE_DIFFUSION_15, section="Model", label="Model type",
-        tooltip="Stable Diffusion 1.5 or SDXL 1.0.")
+        tooltip="Stable Diffusion 1.5 or SDXL 1.0, plain or inpainting (an inpainting "
+                "model's UNet also reads a mask and the masked image).")
     training_method: TrainingMethod = setting(
         TrainingMethod.LORA, section="Model", label="Training method",
         tooltip="LoRA trains small adapter matrices; Fine-tune trains the weights themselves.")
@@ -259,9 +320,16 @@ class TrainConfig(Strict):
     output_model_destination: str = setting(
         "", section="Model", label="Output file",
         tooltip="Where the trained model is written. Empty = <workspace>/output/<name>.")
+    # The default follows training_method (`_default_output_format`): a new fine-tune config
+    # gets ORIGINAL_SINGLE_FILE, not a LoRA format it cannot write.
     output_model_format: ModelFormat = setting(
-        ModelFormat.SAFETENSORS, section="Model", label="Output format",
-        tooltip="SAFETENSORS: one file that ComfyUI, A1111/Forge and diffusers load.")
+        ModelFormat.KOHYA_LORA, section="Model", label="Output format",
+        choices_for={"training_method": OUTPUT_FORMATS},
+        tooltip="LoRA: KOHYA_LORA (= LEGACY_LORA) for A1111/Forge, ComfyUI and diffusers; "
+                "COMFY_LORA (ComfyUI's own key names); DIFFUSERS_LORA (peft keys, alpha folded "
+                "in, for diffusers' load_lora_weights). Fine-tune: ORIGINAL_SINGLE_FILE (= "
+                "LEGACY_SAFETENSORS), one checkpoint for ComfyUI, A1111/Forge and diffusers' "
+                "from_single_file; DIFFUSERS, a from_pretrained folder.")
     output_dtype: DataType = setting(
         DataType.FLOAT_32, section="Model", label="Output data type",
         tooltip="Precision of the saved weights. FLOAT_16 halves the file size.")
@@ -335,12 +403,21 @@ class TrainConfig(Strict):
                 "Needs accumulation steps 1 and an empty clip grad norm; not with FLOAT_16 or "
                 "Prodigy.")
 
+    # Train data type
+    train_dtype: DataType = setting(
+        DataType.FLOAT_16, section="Train data type", label="Train data type",
+        tooltip="Autocast type of the forward pass. FLOAT_16 is fast on GPUs (with gradient "
+                "scaling); FLOAT_32 the most precise; BFLOAT_16 works on CPUs and recent GPUs.")
+
     # Model parts
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)  # type: ignore
     text_encoder_2: TextEncoder2Config = Field(  # type: ignore
         default_factory=TextEncoder2Config,
-        json_schema_extra={"applies_to": {"model_type": ["STABLE_DIFFUSION_XL_10_BASE"]}})
+        json_schema_extra={"applies_to": {"model_type": [
+            ModelType.STABLE_DIFFUSION_XL_10_BASE.value,
+            ModelType.STABLE_DIFFUSION_XL_10_BASE_INPAINTING.value]}})
     unet: UNetConfig = Field(default_factory=UNetConfig)  # type: ignore
+    vae: VAEConfig = Field(default_factory=VAEConfig)
 
     # Masked training
     masked_training: bool = setting(
@@ -355,15 +432,6 @@ class TrainConfig(Strict):
     normalize_masked_area_loss: bool = setting(
         False, section="Masked training", label="Normalize masked area loss",
         tooltip="Divide each sample's loss by its mean mask weight (for large masked areas).")
-
-    # Train data type
-    train_dtype: DataType = setting(
-        DataType.FLOAT_16, section="Train data type", label="Train data type",
-        tooltip="Autocast type of the forward pass. FLOAT_16 is fast on GPUs (with gradient "
-                "scaling); FLOAT_32 the most precise; BFLOAT_16 works on CPUs and recent GPUs.")
-    weight_dtype: DataType = setting(
-        DataType.FLOAT_32, section="Train data type", label="Weight data type",
-        tooltip="Storage type of the frozen base weights. LoRA weights stay FLOAT_32.")
 
     # Epochs, batch, accumulation
     epochs: int = setting(100, section="Epochs / batch size", label="Epochs", ge=1,
@@ -425,8 +493,20 @@ class TrainConfig(Strict):
     lora_layer_preset: LoraLayerPreset = setting(
         LoraLayerPreset.ATTN_ONLY, section="LoRA", label="Layers",
         applies_to={"training_method": ["LORA"]},
-        tooltip="attn-only: attention projections; attn-mlp: + feed-forward; "
-                "full: + convolutions.")
+        tooltip="UNet layers with adapters, as OneTrainer picks them: attn-only = the "
+                "attention projections; attn-mlp = all of each transformer block (+ its "
+                "feed-forward, proj_in/out); full = every linear and conv layer; custom = the "
+                "filter below. The text encoders' adapters cover all their linear layers.")
+    layer_filter: str = setting(
+        "", section="LoRA", label="Layer filter",
+        applies_to={"training_method": ["LORA"], "lora_layer_preset": ["custom"]},
+        tooltip="Comma-separated parts of UNet layer names (down_blocks.1, attn2, ff.net); a "
+                "linear or conv layer whose name contains any of them gets an adapter. Empty "
+                "= every layer. Each must match at least one layer.")
+    layer_filter_regex: bool = setting(
+        False, section="LoRA", label="Filter as regular expressions",
+        applies_to={"training_method": ["LORA"], "lora_layer_preset": ["custom"]},
+        tooltip="Read each filter entry as a regular expression searched in the layer name.")
 
     # Sampling
     samples: list[SampleConfig] = setting(
@@ -470,6 +550,19 @@ class TrainConfig(Strict):
     def _resolution_parses(cls, value: str) -> str:
         parse_resolution(value)  # raises with the bad item named
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_output_format(cls, data: Any) -> Any:
+        """No output format given: the training method's own default (OneTrainer's), so that
+        `{"training_method": "FINE_TUNE"}` is a valid config. A format that is given is kept
+        as it is, even a wrong one: check_supported refuses that by name."""
+        if isinstance(data, dict) and "output_model_format" not in data:
+            method = data.get("training_method", TrainingMethod.LORA)
+            formats = OUTPUT_FORMATS.get(getattr(method, "value", method))
+            if formats:
+                data = {**data, "output_model_format": formats[0]}
+        return data
 
     # -- derived values ----------------------------------------------------------------------
 
@@ -659,10 +752,7 @@ def check_supported(config: TrainConfig) -> None:
         shown = value.value if isinstance(value, Enum) else value
         raise ConfigError(f"{key} = {shown} is not supported yet.{(' ' + hint) if hint else ''}")
 
-    if (config.output_model_format == ModelFormat.DIFFUSERS
-            and config.training_method == TrainingMethod.LORA):
-        raise ConfigError("output_model_format DIFFUSERS is for fine-tunes; a LoRA is written "
-                          "as one kohya-layout .safetensors (use SAFETENSORS).")
+    check_output_format(config)
     check_optimizer_and_scheduler(config)
     counted = (TimeUnit.EPOCH, TimeUnit.STEP, TimeUnit.NEVER)
     for key in ("text_encoder", "text_encoder_2", "unet"):
@@ -673,12 +763,22 @@ def check_supported(config: TrainConfig) -> None:
     if config.sample_after_unit not in counted:
         raise ConfigError(f"sample_after_unit: {config.sample_after_unit.value} is not "
                           "supported; use EPOCH, STEP or NEVER.")
-    if config.text_encoder_2.train and config.model_type == ModelType.STABLE_DIFFUSION_15:
+    if config.text_encoder_2.train and not config.model_type.is_sdxl:
         raise ConfigError("text_encoder_2.train: SD 1.5 has one text encoder; switch it off.")
     for name in ("learning_rate", "lora_alpha"):
         value = getattr(config, name)
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number (got {value}).")
+
+
+def check_output_format(config: TrainConfig) -> None:
+    """A LoRA is written in a LoRA format, a fine-tune as a whole model."""
+    method = config.training_method.value
+    fitting = OUTPUT_FORMATS.get(method, [])
+    value = config.output_model_format.value
+    if value not in fitting:
+        raise ConfigError(f"output_model_format = {value} does not fit training_method "
+                          f"{method}; it writes {', '.join(fitting)}.")
 
 
 def check_optimizer_and_scheduler(config: TrainConfig) -> None:

@@ -1,11 +1,13 @@
 """The two training methods behind one set of calls the loop makes: which parameters a part
 trains, where the result goes and how it is written.
 
-- LORA: adapters on the part (trainer/lora.py); the output is one kohya-layout `.safetensors`.
+- LORA: adapters on the part (trainer/lora.py); the output is one `.safetensors` in the
+  chosen LoRA layout (KOHYA_LORA, LEGACY_LORA, COMFY_LORA, DIFFUSERS_LORA: trainer/lora_formats.py).
 - FINE_TUNE: the part's own weights, all of them, as float32 master weights (even when the
   frozen parts are stored in bfloat16/float16); the output is the whole model, either a
   single-file checkpoint in the original LDM (SD 1.5) / SGM (SDXL) layout that ComfyUI and
-  A1111 load, or a diffusers folder — in `output_dtype`.
+  A1111 load (ORIGINAL_SINGLE_FILE, LEGACY_SAFETENSORS), or a diffusers folder (DIFFUSERS) —
+  in `output_dtype`.
 
 Every output carries the exact config that produced it: beside it as `<output>.json`, and
 inside it (the safetensors header's `atelier_config`; for a diffusers folder, each weight
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trainer import lora
+from trainer import lora, lora_formats
 from trainer.config import ModelFormat, TrainConfig, TrainingMethod
 from trainer.io import atomic_write_text
 
@@ -77,13 +79,15 @@ def save_output(path: Path, family, parts: list[str], config: TrainConfig, *,
     """Write the trained result to `path` (atomically) and its config beside it."""
     path = Path(path)
     if not is_fine_tune(config):
-        lora.save_kohya_lora(str(path), family, parts, config, dtype=dtype, steps=steps,
-                             epochs=epochs, title=title)
+        lora_formats.save_lora(str(path), family, parts, config, dtype=dtype, steps=steps,
+                               epochs=epochs, title=title)
     else:
         metadata = checkpoint_metadata(config, family, steps=steps, epochs=epochs, title=title)
         if writes_folder(config):
             save_diffusers_folder(family, path, dtype, metadata)
         else:
+            # ORIGINAL_SINGLE_FILE, or LEGACY_SAFETENSORS: OneTrainer's older single-file
+            # format, for SD 1.5 / SDXL the same original-layout checkpoint.
             family.save_single_file(path, dtype, metadata)
     atomic_write_text(config_path(path), config.to_json())
 

@@ -81,12 +81,19 @@ def mixed_precision(config: TrainConfig, device_type: str, warn) -> str:
     return "no"
 
 
-def check_weight_dtype(config: TrainConfig, device_type: str) -> torch.dtype:
-    dtype = TORCH_DTYPES[config.weight_dtype]
-    if dtype == torch.float16 and device_type != "cuda":
-        raise TrainingError("weight_dtype FLOAT_16 needs a CUDA GPU; on the CPU use FLOAT_32 "
-                            "or BFLOAT_16.")
-    return dtype
+def weight_dtypes(config: TrainConfig, device_type: str) -> dict[str, torch.dtype]:
+    """The storage type of each model part's frozen weights (`<part>.weight_dtype`)."""
+    dtypes = {}
+    parts = ["text_encoder", "unet", "vae"]
+    if config.model_type.is_sdxl:
+        parts.append("text_encoder_2")
+    for part in parts:
+        dtype = TORCH_DTYPES[getattr(config, part).weight_dtype]
+        if dtype == torch.float16 and device_type != "cuda":
+            raise TrainingError(f"{part}.weight_dtype FLOAT_16 needs a CUDA GPU; on the CPU "
+                                "use FLOAT_32 or BFLOAT_16.")
+        dtypes[part] = dtype
+    return dtypes
 
 
 def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
@@ -104,7 +111,8 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
 
 # The batch tensors the step uses on the device; the rest (has_mask, loss_weight) is read on
 # the host, where reading it costs no wait for the GPU.
-DEVICE_KEYS = ("pixel_values", "latent_mean", "latent_std", "mask")
+DEVICE_KEYS = ("pixel_values", "latent_mean", "latent_std", "mask",
+               "inpaint_mask", "masked_pixels", "masked_latents")  # the last 3: inpainting
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -183,7 +191,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=stops_early)])
-    weight_dtype = check_weight_dtype(config, accelerator.device.type)
+    dtypes = weight_dtypes(config, accelerator.device.type)
     seed_everything(config.seed)
     is_main = accelerator.is_main_process
 
@@ -202,10 +210,10 @@ def train(config: TrainConfig, control: Control | None = None, *,
     family = load_family(config)
     vae, noise_scheduler = family.vae, family.noise_scheduler
     vae.requires_grad_(False)
-    vae.to(accelerator.device, torch.float32)  # the VAE only encodes; float32 never overflows
-    for module in family.parts.values():
+    vae.to(accelerator.device, dtypes["vae"])
+    for name, module in family.parts.items():
         module.requires_grad_(False)
-        module.to(accelerator.device, weight_dtype)
+        module.to(accelerator.device, dtypes[name])
 
     # LoRA adapters on the trained parts (FINE_TUNE: their own weights, in float32), one
     # parameter group (own LR) per part.
@@ -225,6 +233,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
              "schedule and a small batch (~4).")
 
     dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
+    inpainting = data.inpainting_inputs(vae)  # an inpainting UNet's mask + masked image
 
     prepared = accelerator.prepare(*[family.parts[p] for p in parts], optimizer)
     optimizer = prepared[-1]
@@ -286,18 +295,29 @@ def train(config: TrainConfig, control: Control | None = None, *,
                                   generator=noise_generator, device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = training_target(noise_scheduler, latents, noise, timesteps)
-        prediction = family.predict(noisy, timesteps, conditioning)
+        # Per sample: trained without its mask with probability unmasked_probability (with
+        # masked training; for an inpainting model always, as OneTrainer).
+        unmasked = None
+        if config.masked_training or inpainting is not None:
+            unmasked = torch.rand(latents.shape[0]) < config.unmasked_probability
+        model_input, inpaint_mask = noisy, None
+        if inpainting is not None:  # 9 channels: latents, mask, masked image's latents
+            inpaint_mask, masked_latents = inpainting(batch, latents.shape[-2:],
+                                                      accelerator.device, unmasked)
+            model_input = torch.cat([noisy, inpaint_mask.to(noisy.dtype),
+                                     masked_latents.to(noisy.dtype)], dim=1)
+        prediction = family.predict(model_input, timesteps, conditioning)
 
         per_pixel = pixel_loss(prediction, target, mse_strength=config.mse_strength,
                                mae_strength=config.mae_strength,
                                huber_strength=config.huber_strength,
                                huber_delta=config.huber_delta)
         mask = None
-        if config.masked_training:
+        if config.masked_training and inpaint_mask is not None:
+            mask = inpaint_mask  # one mask, as OneTrainer: the loss weights the inpaint region
+        elif config.masked_training:
             # a copy: the batch's tensor may be shared with a cache, never write into it
             mask = batch["mask"].to(accelerator.device, torch.float32, copy=True)
-            # Per sample: trained without its mask with probability unmasked_probability.
-            unmasked = torch.rand(mask.shape[0]) < config.unmasked_probability
             mask[unmasked.to(mask.device, non_blocking=True)] = 1.0
             mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="area")
         loss = masked_sample_loss(per_pixel, mask, unmasked_weight=config.unmasked_weight,
@@ -321,7 +341,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
         try:
             with ema_weights():
                 for record in render_samples(family, config.samples, workspace / "samples",
-                                             step=step, device=accelerator.device):
+                                             step=step, device=accelerator.device,
+                                             inpaint_item=items[0]):
                     metrics.log_image(f"sample/{record['index']}", record["image"], step)
                     control.emit("sample", step=step, epoch=epoch, path=record["path"],
                                  prompt=record["prompt"])

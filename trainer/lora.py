@@ -1,5 +1,5 @@
-"""LoRA: which layers get adapters, and the kohya-layout file that ComfyUI, A1111/Forge and
-diffusers all load.
+"""LoRA: which layers get adapters, the trained adapters read back, and the kohya-layout file
+that ComfyUI, A1111/Forge and diffusers all load (the other layouts: trainer/lora_formats.py).
 
 Adapters come from peft (`add_adapter` on the diffusers UNet and the transformers text
 encoder). The file is written from peft's own state dict, not through
@@ -9,26 +9,78 @@ whatever alpha was trained with (DESIGN.md); here `.alpha` holds the configured 
 from __future__ import annotations
 
 import datetime
+import re
+from typing import NamedTuple
+
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from trainer.config import LoraLayerPreset, TrainConfig
-from trainer.io import atomic_save_safetensors
+from trainer.errors import ConfigError
 
-# Module-name suffixes per layer preset (peft matches a target by the end of a module name).
-UNET_TARGETS = {
-    LoraLayerPreset.ATTN_ONLY: ["to_q", "to_k", "to_v", "to_out.0"],
-    LoraLayerPreset.ATTN_MLP: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    LoraLayerPreset.FULL: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
-                           "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
-                           "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"],
+# OneTrainer's layer presets: parts of UNet layer names (BaseStableDiffusion(XL)Setup's
+# LAYER_PRESETS; docs/notes/onetrainer-configs.md). "attentions" is every layer of the
+# transformer blocks, "attn" only their attention projections, no pattern every layer.
+LAYER_PRESETS = {
+    LoraLayerPreset.ATTN_ONLY: ["attn"],
+    LoraLayerPreset.ATTN_MLP: ["attentions"],
+    LoraLayerPreset.FULL: [],
 }
-TEXT_ENCODER_TARGETS = {
-    LoraLayerPreset.ATTN_ONLY: ["q_proj", "k_proj", "v_proj", "out_proj"],
-    LoraLayerPreset.ATTN_MLP: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    LoraLayerPreset.FULL: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
+ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def layer_patterns(config: TrainConfig) -> tuple[list[str], bool]:
+    """(the UNet layer-name patterns, whether they are regular expressions)."""
+    if config.lora_layer_preset == LoraLayerPreset.CUSTOM:
+        return [p.strip() for p in config.layer_filter.split(",")], config.layer_filter_regex
+    return LAYER_PRESETS[config.lora_layer_preset], False
+
+
+def _matcher(pattern: str, regex: bool):
+    if not pattern:
+        return lambda name: True  # OneTrainer: an empty entry matches every layer
+    if not pattern.isprintable():
+        raise ConfigError(f"layer_filter: {pattern!r} has characters that cannot be part of a "
+                          "layer name.")
+    if not regex:
+        return lambda name: pattern in name
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"layer_filter: {pattern!r} is not a valid regular expression "
+                          f"({error}).") from None
+    return lambda name: compiled.search(name) is not None
+
+
+def unet_targets(unet: torch.nn.Module, config: TrainConfig) -> list[str]:
+    """The UNet layers that get adapters: its linear and conv layers whose name contains (or,
+    as regular expressions, has a match for) any pattern, as OneTrainer's ModuleFilter picks
+    them. A pattern that matches no layer is refused (a typo would silently train less)."""
+    patterns, regex = layer_patterns(config)
+    matchers = [(p, _matcher(p, regex)) for p in patterns]
+    used: set[str] = set()
+    targets = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, ADAPTABLE):
+            continue
+        hits = [p for p, matches in matchers if matches(name)]
+        used.update(hits)
+        if hits or not matchers:
+            targets.append(name)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise ConfigError(
+            "layer_filter: " + ", ".join(repr(p) for p in unused) + " matched no UNet layer "
+            "(names look like down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q).")
+    return targets
+
+
+def text_encoder_targets(encoder: torch.nn.Module) -> list[str]:
+    """Every linear layer of a text encoder (OneTrainer filters only the UNet's)."""
+    return [name for name, module in encoder.named_modules()
+            if isinstance(module, torch.nn.Linear)]
+
 
 def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
     # Gaussian A / zero B: the adapter starts with exactly zero effect (the base model).
@@ -39,7 +91,7 @@ def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
 
 def add_lora(model: torch.nn.Module, config: TrainConfig, part: str) -> list[torch.nn.Parameter]:
     """Attach an adapter to `model` and return its trainable parameters (kept in float32)."""
-    targets = (UNET_TARGETS if part == "unet" else TEXT_ENCODER_TARGETS)[config.lora_layer_preset]
+    targets = unet_targets(model, config) if part == "unet" else text_encoder_targets(model)
     model.add_adapter(lora_config(config, targets))
     params = lora_parameters_of(model)
     for p in params:
@@ -48,17 +100,27 @@ def add_lora(model: torch.nn.Module, config: TrainConfig, part: str) -> list[tor
     return params
 
 
-def _module_path(peft_key: str, part: str) -> tuple[str, str]:
-    """'down_blocks.0....to_q.lora_A.weight' -> ('down_blocks.0....to_q', 'lora_down.weight')."""
-    module, kind = peft_key.split(".lora_", 1)
-    module = module.removeprefix("base_model.model.")
-    if part != "unet":
-        # transformers >= 5.6 flattened CLIPTextModel (no 'text_model.' prefix); the files
-        # people share always spell it out, so A1111/ComfyUI expect it.
-        if not module.startswith("text_model."):
+class Adapter(NamedTuple):
+    """One trained LoRA layer: W' = W + (alpha / rank) * up @ down."""
+    down: torch.Tensor   # peft's lora_A: (rank, in) or a conv (rank, in, k, k)
+    up: torch.Tensor     # peft's lora_B: (out, rank) or a conv (out, rank, 1, 1)
+
+
+def trained_adapters(model: torch.nn.Module, part: str) -> dict[str, Adapter]:
+    """The adapters of one part by module name ('down_blocks.0....to_q'; a text encoder's as
+    'text_model.encoder.layers.0.self_attn.q_proj'), read through peft's own state dict."""
+    # transformers >= 5.6 flattened CLIPTextModel (no 'text_model.' prefix); the files people
+    # share always spell it out, so A1111/ComfyUI/diffusers expect it. CLIPTextModelWithProjection
+    # kept it, and its `text_projection` sits beside `text_model`, not inside it.
+    flattened = part != "unet" and not hasattr(model, "text_model")
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items():
+        module, kind = key.split(".lora_", 1)
+        module = module.removeprefix("base_model.model.")
+        if flattened:
             module = "text_model." + module
-    suffix = "lora_down.weight" if kind.startswith("A") else "lora_up.weight"
-    return module, suffix
+        halves.setdefault(module, {})["down" if kind.startswith("A") else "up"] = tensor.detach()
+    return {module: Adapter(**pair) for module, pair in halves.items()}
 
 
 def kohya_state_dict(models: dict[str, torch.nn.Module], prefixes: dict[str, str], alpha: float,
@@ -66,10 +128,10 @@ def kohya_state_dict(models: dict[str, torch.nn.Module], prefixes: dict[str, str
     """peft adapters of each part -> {'lora_unet_..._to_q.lora_down.weight': ..., '.alpha': ...}."""
     out: dict[str, torch.Tensor] = {}
     for part, model in models.items():
-        for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items():
-            module, suffix = _module_path(key, part)
+        for module, adapter in trained_adapters(model, part).items():
             name = prefixes[part] + module.replace(".", "_")
-            out[f"{name}.{suffix}"] = tensor.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.lora_down.weight"] = adapter.down.to("cpu", dtype).contiguous()
+            out[f"{name}.lora_up.weight"] = adapter.up.to("cpu", dtype).contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return out
 
@@ -103,15 +165,6 @@ def kohya_metadata(config: TrainConfig, family, *, steps: int, epochs: int,
         "modelspec.resolution": config.resolution,
         "atelier_config": config_json,
     }
-
-
-def save_kohya_lora(path: str, family, parts: list[str], config: TrainConfig, *,
-                    dtype: torch.dtype, steps: int, epochs: int, title: str) -> None:
-    """Write the LoRA file of the trained `parts` atomically."""
-    models = {p: family.parts[p] for p in parts}
-    tensors = kohya_state_dict(models, family.kohya_prefixes, config.lora_alpha, dtype)
-    atomic_save_safetensors(tensors, path, kohya_metadata(config, family, steps=steps,
-                                                          epochs=epochs, title=title))
 
 
 def lora_parameters_of(model: torch.nn.Module) -> list[torch.nn.Parameter]:

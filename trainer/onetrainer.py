@@ -10,24 +10,28 @@ replaced by a default (a job-defining setting) or dropped without a word (a tuni
 from __future__ import annotations
 
 import copy
-from typing import Any
 
+from trainer.config import OUTPUT_FORMATS
 from trainer.errors import ConfigError
 
-# Output formats by OneTrainer's current names -> what Atelier writes for them. Atelier's LoRA
-# file is the kohya layout (OneTrainer's KOHYA_LORA; LEGACY_LORA is the same bytes for SD 1.5
-# and SDXL), its fine-tune file the original single-file checkpoint (ORIGINAL_SINGLE_FILE).
-LORA_FORMATS = {"KOHYA_LORA": "SAFETENSORS", "LEGACY_LORA": "SAFETENSORS"}
-FULL_FORMATS = {"ORIGINAL_SINGLE_FILE": "SAFETENSORS"}
-ATELIER_FORMATS = ("SAFETENSORS", "DIFFUSERS")
+# Output formats by OneTrainer's current names: Atelier writes each of them as itself for SD 1.5
+# and SDXL (trainer/config.py OUTPUT_FORMATS). Its older name SAFETENSORS meant the kohya LoRA
+# for a LoRA and the original single file for a fine-tune (and an embedding file, which Atelier
+# does not train yet); Atelier's own presets and saved configs used it too.
+LORA_FORMATS = tuple(OUTPUT_FORMATS["LORA"])
+FULL_FORMATS = tuple(OUTPUT_FORMATS["FINE_TUNE"])
+OLDER_FORMAT_NAMES = {"SAFETENSORS": {"LORA": "KOHYA_LORA", "FINE_TUNE": "ORIGINAL_SINGLE_FILE"}}
+# OneTrainer's formats for other model families (Flux, SD3, ...), and CKPT (a pickled
+# checkpoint it no longer writes either): nothing Atelier writes for SD 1.5 / SDXL.
+UNWRITTEN_FORMATS = {"ORIGINAL_LORA": "OneTrainer writes it for other model families",
+                     "ORIGINAL_TRANSFORMER": "OneTrainer writes it for other model families",
+                     "COMFY_TRANSFORMER": "OneTrainer writes it for other model families",
+                     "CKPT": "a pickled checkpoint, which OneTrainer no longer writes either"}
 PARTS = ("unet", "text_encoder", "text_encoder_2")
-LAYER_PRESETS = ("attn-only", "attn-mlp", "full")
-# OneTrainer filters UNet layers by name ('attentions' / 'attn' anywhere in it) and never
-# filters its text-encoder LoRA; Atelier's presets name the layers of both.
-LAYER_DIFFERENCES = {
-    "attn-mlp": "OneTrainer's also adapts the transformer blocks' proj_in and proj_out",
-    "attn-only": "OneTrainer's text-encoder LoRA also adapts the MLP layers (fc1, fc2)",
-}
+LAYER_PRESETS = ("attn-only", "attn-mlp", "full", "custom")
+# OneTrainer's presets as the layer_filter its page fills in for them (trainer/lora.py
+# matches both the same way).
+PRESET_FILTERS = {"attn-only": "attn", "attn-mlp": "attentions", "full": ""}
 
 
 def translate(data: dict) -> tuple[dict, list[str]]:
@@ -38,70 +42,74 @@ def translate(data: dict) -> tuple[dict, list[str]]:
         data["resolution"] = str(data["resolution"])
     _output_format(data)
     _layer_filter(data, notes)
-    _weight_dtypes(data, notes)
+    _weight_dtypes(data)
     return data, notes
 
 
 def _output_format(data: dict) -> None:
+    """The older name SAFETENSORS -> the method's current one; a format only other model
+    families have is refused by name. Whether a format fits the training method is
+    check_supported's question (trainer/config.py), asked where every config is run."""
     value = data.get("output_model_format")
-    if not isinstance(value, str) or value in ATELIER_FORMATS:
+    if not isinstance(value, str):
         return
     method = data.get("training_method", "LORA")
-    known = LORA_FORMATS if method == "LORA" else FULL_FORMATS
-    if value in known:
-        data["output_model_format"] = known[value]
-        return
-    supported = ", ".join([*known, *(["DIFFUSERS"] if method != "LORA" else [])])
-    raise ConfigError(
-        f"output_model_format: {value} is not a format Atelier writes for training_method "
-        f"{method}; it writes {supported} (SAFETENSORS, its older name, too).")
+    if value in OLDER_FORMAT_NAMES and method in OLDER_FORMAT_NAMES[value]:
+        data["output_model_format"] = OLDER_FORMAT_NAMES[value][method]
+    elif value in UNWRITTEN_FORMATS:
+        fitting = OUTPUT_FORMATS.get(method, [*LORA_FORMATS, *FULL_FORMATS])
+        raise ConfigError(
+            f"output_model_format: {value} is not a format Atelier writes for SD 1.5 or SDXL "
+            f"({UNWRITTEN_FORMATS[value]}); for training_method {method} it writes "
+            f"{', '.join(fitting)}.")
 
 
 def _layer_filter(data: dict, notes: list[str]) -> None:
-    """OneTrainer's current `layer_filter_preset` (older: `lora_layer_preset`, kept by
-    Atelier) and the custom `layer_filter` string."""
+    """OneTrainer's layer filter, both generations: `layer_filter_preset` / `layer_filter` /
+    `layer_filter_regex` (older: `lora_layer_preset` / `lora_layers` / `lora_layers_regex`).
+    Training in OneTrainer reads the filter; its page fills the filter in from the preset, and
+    a partial preset carries only the preset. So a named preset is used as such, unless the
+    config also holds a different filter, which is then what OneTrainer trained with."""
+    for old, new in (("lora_layers", "layer_filter"), ("lora_layers_regex", "layer_filter_regex")):
+        if old in data:
+            data.setdefault(new, data.pop(old))
+    key = "layer_filter_preset" if "layer_filter_preset" in data else "lora_layer_preset"
     preset = data.pop("layer_filter_preset", None)
-    custom = data.pop("layer_filter", None)
-    regex = data.pop("layer_filter_regex", None)
     if preset is not None:
-        if preset not in LAYER_PRESETS:
-            raise ConfigError(
-                f"layer_filter_preset: {preset!r} is not supported; Atelier trains the "
-                f"presets {', '.join(LAYER_PRESETS)} (a custom layer_filter is not supported "
-                "yet).")
         data.setdefault("lora_layer_preset", preset)
-        if preset in LAYER_DIFFERENCES:
-            notes.append(f"layer_filter_preset {preset}: read as Atelier's lora_layer_preset "
-                         f"{preset}, whose layers differ a little from OneTrainer's: "
-                         f"{LAYER_DIFFERENCES[preset]}.")
-    if custom and str(custom).strip() and preset in (None, "custom"):
-        raise ConfigError(
-            f"layer_filter: a custom filter ({custom!r}{', regex' if regex else ''}) is not "
-            f"supported yet; use layer_filter_preset {', '.join(LAYER_PRESETS)}.")
-
-
-def _weight_dtypes(data: dict, notes: list[str]) -> None:
-    """OneTrainer keeps a `weight_dtype` per part (older configs had one at the top, as
-    Atelier does). Atelier stores every frozen part in one type and the VAE in float32."""
-    found: dict[str, Any] = {}
-    for part in (*PARTS, "vae"):
-        section = data.get(part)
-        if isinstance(section, dict) and "weight_dtype" in section:
-            found[part] = section.pop("weight_dtype")
-            if part == "vae" and not section:
-                data.pop("vae")
-    if not found:
+    preset = data.get("lora_layer_preset")
+    if preset is None:
         return
-    parts = {k: v for k, v in found.items() if k != "vae"}
-    if "weight_dtype" not in data and parts:
-        # the UNet's: most of the weights, and what decides the memory
-        data["weight_dtype"] = parts.get("unet", next(iter(parts.values())))
-    chosen = data.get("weight_dtype", "FLOAT_32")
-    differing = {k: v for k, v in parts.items() if v != chosen}
-    if differing:
-        listed = ", ".join(f"{k}.weight_dtype {v}" for k, v in differing.items())
-        notes.append(f"{listed}: Atelier stores every frozen part as weight_dtype {chosen} "
-                     "(one type for all parts).")
-    if found.get("vae", "FLOAT_32") != "FLOAT_32":
-        notes.append(f"vae.weight_dtype {found['vae']}: the VAE stays FLOAT_32 in Atelier "
-                     "(it only encodes the images, once when latents are cached).")
+    if preset not in LAYER_PRESETS:
+        raise ConfigError(f"{key}: {preset!r} is not a layer preset; Atelier has "
+                          f"{', '.join(LAYER_PRESETS)} (custom = the layer_filter).")
+    custom = str(data.get("layer_filter") or "").strip()
+    if preset != "custom" and custom and custom != PRESET_FILTERS[preset]:
+        data["lora_layer_preset"] = "custom"
+        notes.append(f"layer_filter_preset {preset} with layer_filter {custom!r}: OneTrainer "
+                     "trains the filter, so the layers are custom with that filter.")
+
+
+def _weight_dtypes(data: dict) -> None:
+    """A `weight_dtype` per part (OneTrainer's current shape, and Atelier's). The older
+    generation had one at the top (and before it `unet_weight_dtype`, ...): each part without
+    its own takes it, as OneTrainer's config migration 9 does; NONE means the same."""
+    top = data.pop("weight_dtype", None)
+    for part in (*PARTS, "vae"):
+        flat = data.pop(f"{part}_weight_dtype", None)
+        section = data.get(part)
+        if section is None and (flat or (top and part != "vae")):
+            section = data[part] = {}
+        if not isinstance(section, dict):
+            continue
+        if flat and section.get("weight_dtype") in (None, "NONE"):
+            section["weight_dtype"] = flat
+        if section.get("weight_dtype") in (None, "NONE"):
+            section.pop("weight_dtype", None)
+            if top and part != "vae":  # the VAE always had its own, float32 by default
+                section["weight_dtype"] = top
+    vae = data.get("vae")
+    if isinstance(vae, dict):
+        name = vae.pop("model_name", None)  # OneTrainer's current place for the VAE override
+        if name and not data.get("vae_model_name"):
+            data["vae_model_name"] = name

@@ -6,11 +6,17 @@ from typing import Iterator
 
 import torch
 
+from trainer.inpainting import sample_image_and_mask, save_sample_input
+
 
 @torch.no_grad()
-def render_samples(family, samples, folder: Path, *, step: int,
-                   device: torch.device) -> Iterator[dict]:
+def render_samples(family, samples, folder: Path, *, step: int, device: torch.device,
+                   inpaint_item=None) -> Iterator[dict]:
     """Draw each sample prompt; yield {'index', 'prompt', 'path', 'image'} as each is saved.
+
+    An inpainting model inpaints `inpaint_item` (the first training image) at each sample's
+    size: its mask file's region, or a centred rectangle (trainer/inpainting.py); the image
+    and mask are saved once beside the samples.
 
     The models are put in eval mode for sampling (no LoRA dropout) and back in train mode
     after, whatever happens."""
@@ -21,18 +27,63 @@ def render_samples(family, samples, folder: Path, *, step: int,
     modes = [m.training for m in models]
     for m in models:
         m.eval()
+    casts = inputs_in_own_dtype(_pipeline_modules(family))
     try:
         for index, spec in enumerate(samples):
             generator = torch.Generator("cpu").manual_seed(spec.seed)
+            inputs = {}
+            if family.inpainting:
+                image, mask = sample_image_and_mask(inpaint_item, spec.width, spec.height)
+                save_sample_input(folder, index, image, mask)
+                inputs = {"image": image, "mask_image": mask, "strength": 1.0}
             with torch.autocast(device.type, enabled=False):
                 image = pipeline(
                     spec.prompt, negative_prompt=spec.negative_prompt or None,
                     width=spec.width, height=spec.height,
                     num_inference_steps=spec.diffusion_steps, guidance_scale=spec.cfg_scale,
-                    generator=generator).images[0]
+                    generator=generator, **inputs).images[0]
             path = folder / f"step{step:06d}-{index}.png"
             image.save(path)
             yield {"index": index, "prompt": spec.prompt, "path": str(path), "image": image}
     finally:
+        for hook in casts:
+            hook.remove()
         for m, mode in zip(models, modes):
             m.train(mode)
+
+
+def _pipeline_modules(family) -> list[torch.nn.Module]:
+    """The modules a pipeline calls with tensors made by another part: the UNet (the text
+    encoders' states, latents in their type) and the VAE's halves (latents, images)."""
+    vae = family.vae
+    halves = [getattr(vae, name, None) for name in
+              ("encoder", "quant_conv", "post_quant_conv", "decoder")]
+    return [family.parts["unet"], *[m for m in halves if m is not None]]
+
+
+def inputs_in_own_dtype(modules) -> list:
+    """Cast each module's floating-point inputs to its weights' type, for parts stored in
+    different types (`<part>.weight_dtype`): diffusers' pipelines make the latents in the text
+    encoder's type and hand them to the UNet and the VAE as they are. The timestep keeps its
+    type (bfloat16 would round 999 to 1000). Returns the hooks, to remove; a no-op where the
+    types agree."""
+    hooks = []
+    for module in modules:
+        dtype = next(module.parameters()).dtype  # the base weights' (adapters come after)
+
+        def cast(_module, args, kwargs, dtype=dtype):
+            args = tuple(a if i == 1 else _cast(a, dtype) for i, a in enumerate(args))
+            kwargs = {k: v if k == "timestep" else _cast(v, dtype) for k, v in kwargs.items()}
+            return args, kwargs
+        hooks.append(module.register_forward_pre_hook(cast, with_kwargs=True))
+    return hooks
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import annotated_types
 from pydantic import BaseModel
 
-from trainer.config import TrainConfig, config_from_dict
+from trainer.config import ModelType, TrainConfig, config_from_dict
 from trainer.errors import ConfigError
 
 # The documented order of the sections (SPEC §1). A section the config gains later and that is
@@ -48,11 +48,12 @@ TRAINING_SECTIONS = [
 BACKUP_SECTION = "Backup and save"
 OWN_PLACE_SECTIONS = {MODEL_SECTION, "Data", "Sampling", BACKUP_SECTION}
 
-SDXL = "STABLE_DIFFUSION_XL_10_BASE"
+# The SDXL model types, plain and inpainting (ModelType.is_sdxl says which they are).
+SDXL_TYPES = [m.value for m in ModelType if m.is_sdxl]
 # Where a whole nested section applies, when its config field does not say it itself.
 # SD 1.5 has one text encoder; the second exists only in SDXL.
 SECTION_APPLIES_TO: dict[str, dict[str, list[str]]] = {
-    "Text encoder 2": {"model_type": [SDXL]},
+    "Text encoder 2": {"model_type": SDXL_TYPES},
 }
 
 
@@ -60,6 +61,8 @@ SECTION_APPLIES_TO: dict[str, dict[str, list[str]]] = {
 CHOICE_LABELS = {
     "STABLE_DIFFUSION_15": "SD 1.5",
     "STABLE_DIFFUSION_XL_10_BASE": "SDXL 1.0",
+    "STABLE_DIFFUSION_15_INPAINTING": "SD 1.5 inpainting",
+    "STABLE_DIFFUSION_XL_10_BASE_INPAINTING": "SDXL 1.0 inpainting",
     "LORA": "LoRA",
     "FINE_TUNE": "Fine-tune",
 }
@@ -80,6 +83,8 @@ class FieldSpec:
     exclusive_max: bool = False
     optional: bool = False        # Optional[...]: empty means "not set"
     applies_to: dict[str, list[str]] = field(default_factory=dict)
+    # An enum's values by another field's value ({"training_method": {"LORA": [...]}}).
+    choices_for: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -177,6 +182,7 @@ def _specs_of(model: type[BaseModel], prefix: str, applies: dict) -> Iterable[Fi
             applies_to=_merge_applies(SECTION_APPLIES_TO.get(section, {}), field_applies))
         if kind == "enum":
             spec.choices = [member.value for member in annotation]
+            spec.choices_for = dict(extra.get("choices_for") or {})
             if isinstance(spec.default, Enum):
                 spec.default = spec.default.value
         for constraint in info.metadata:
@@ -218,6 +224,7 @@ def controlling_keys() -> list[str]:
     """Fields whose value decides where other fields apply (model type, method, scheduler...)."""
     keys: list[str] = []
     rules = [s.applies_to for s in SPECS.values()] + [s.applies_to for s in LISTS.values()]
+    rules += [s.choices_for for s in SPECS.values()]
     rules += list(SECTION_APPLIES_TO.values())
     for rule in rules:
         for key in rule:
@@ -253,6 +260,18 @@ def applies(spec: FieldSpec | ListSpec | str, choices: dict[str, Any]) -> bool:
     return True
 
 
+def fitting_choice(spec: FieldSpec, value: Any, choices: dict[str, Any]) -> Any:
+    """`value` if it fits the chosen model type / training method (etc.), else the first
+    value that does: switching to Fine-tune turns a LoRA output format into the fine-tune's
+    default instead of leaving a combination that cannot run."""
+    for key, by_value in spec.choices_for.items():
+        chosen = choices.get(key)
+        allowed = by_value.get(chosen.value if isinstance(chosen, Enum) else chosen)
+        if allowed and value not in allowed:
+            return allowed[0]
+    return value
+
+
 def section_applies(section: str, choices: dict[str, Any]) -> bool:
     """A section is shown when at least one of its fields applies."""
     rule = SECTION_APPLIES_TO.get(section)
@@ -267,7 +286,7 @@ def section_applies(section: str, choices: dict[str, Any]) -> bool:
 def section_label(section: str, model_type: Any) -> str:
     """SD 1.5 has "Text encoder"; SDXL has "Text encoder 1" and "Text encoder 2"."""
     model_type = model_type.value if isinstance(model_type, Enum) else model_type
-    if section == "Text encoder" and model_type == SDXL:
+    if section == "Text encoder" and model_type in SDXL_TYPES:
         return "Text encoder 1"
     return section
 

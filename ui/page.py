@@ -360,6 +360,25 @@ def build_page() -> gr.Blocks:
               outputs=visibility_outputs, api_name="apply_visibility", show_progress="hidden",
               queue=False)
 
+        # A choice that stops fitting (a LoRA output format after switching to Fine-tune)
+        # becomes the new setting's default; the config model says what fits (choices_for).
+        restricted = {key: fields[key] for key, spec in F.SPECS.items()
+                      if spec.choices_for and key in fields}
+
+        def fit_choices(data: dict) -> dict:
+            chosen = {key: data[component] for key, component in controls.items()}
+            out = {}
+            for key, component in restricted.items():
+                fitting = F.fitting_choice(F.SPECS[key], data[component], chosen)
+                out[component] = gr.update(value=fitting) if fitting != data[component] \
+                    else gr.update()
+            return out
+
+        gr.on([c.change for c in controls.values()], fit_choices,
+              inputs={*controls.values(), *restricted.values()},
+              outputs=list(restricted.values()), api_name="fit_choices",
+              show_progress="hidden", queue=False)
+
         # The LR curve of the current settings
         lr_fields = {k: fields[k] for k in LR_KEYS if k in fields}
         lr_tables = {k: page.tables[k] for k in ("concepts", "scheduler_params")

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from trainer.config import TrainConfig, unknown_keys
 from trainer.errors import ConfigError
-from trainer.onetrainer import FULL_FORMATS, LORA_FORMATS, PARTS, translate
+from trainer.onetrainer import FULL_FORMATS, LORA_FORMATS, translate
 from trainer.io import atomic_write_text
 from ui import paths
 from ui.optimizers import parameter_names
@@ -186,17 +186,20 @@ def layered(preset: dict, page_data: dict | None = None) -> dict:
 
 # --- OneTrainer -------------------------------------------------------------------------------
 
+# An exported Atelier config says so; its presets have a name.
+ATELIER_MARKS = ("__atelier", "__name")
+
+
 def looks_like_onetrainer(data: dict) -> bool:
     """A saved OneTrainer config, or one of its current partial presets (which carry none of
     the saved-config keys, but OneTrainer's current names)."""
     markers = ("__version", "concept_file_name", "sample_definition_file_name", "train_device",
-               "cache_dir", "debug_mode", "layer_filter_preset", "layer_filter")
+               "cache_dir", "debug_mode", "layer_filter_preset")
     if any(key in data for key in markers):
         return True
-    if data.get("output_model_format") in (*LORA_FORMATS, *FULL_FORMATS):
-        return True
-    return any(isinstance(data.get(part), dict) and "weight_dtype" in data[part]
-               for part in (*PARTS, "vae"))
+    if any(key in data for key in ATELIER_MARKS):  # both now share their format names
+        return False
+    return data.get("output_model_format") in (*LORA_FORMATS, *FULL_FORMATS)
 
 
 def adapt_onetrainer(data: dict) -> tuple[dict, list[str]]:
@@ -275,7 +278,7 @@ def import_config(raw: Any, page_data: dict | None = None
 
 def export_dict(config: TrainConfig, optimizer_defaults: dict[str, dict]) -> dict:
     """The full config as JSON data, with the page's remembered optimizer edits."""
-    data = config.model_dump(mode="json")
+    data = {ATELIER_MARKS[0]: 1, **config.model_dump(mode="json")}
     data[OPTIMIZER_DEFAULTS] = json_safe(optimizer_defaults)
     return data
 

@@ -19,7 +19,7 @@ from ui.page import DIALOG_KEYS
 
 UI = 30  # seconds a page update may take on a busy machine (waits end as soon as it shows)
 SD15_LORA = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
-             "learning_rate_scheduler": "CONSTANT"}
+             "learning_rate_scheduler": "CONSTANT", "lora_layer_preset": "attn-only"}
 
 
 def test_page_loads_with_every_section_and_tooltip(page, screenshot_dir):
@@ -72,10 +72,21 @@ def test_only_fields_of_the_chosen_model_and_method_are_shown(page):
     link.wait_for(timeout=20_000)
     exported = json.loads(page.request.get(link.get_attribute("href")).text())
     assert exported["training_method"] == "FINE_TUNE" and exported["lora_rank"] == 4
+    # the LoRA format no longer fits: the method's own default took its place
+    assert exported["output_model_format"] == "ORIGINAL_SINGLE_FILE"
     choose(page, "training_method", "LoRA")
     choose(page, "model_type", "SD 1.5")
     wait_for(lambda: section(page, "LoRA").is_visible()
              and not section(page, "Text encoder 2").is_visible(), UI, what="SD 1.5 LoRA view")
+    wait_for(lambda: value_of(page, "output_model_format") == "KOHYA_LORA", UI,
+             what="the LoRA format back")
+    # The layer filter is there for the custom layer choice only.
+    open_section(page, "LoRA")
+    assert not field(page, "layer_filter").is_visible()
+    choose(page, "lora_layer_preset", "custom")
+    wait_for(lambda: field(page, "layer_filter").is_visible(), UI, what="the layer filter")
+    choose(page, "lora_layer_preset", "attn-only")
+    wait_for(lambda: not field(page, "layer_filter").is_visible(), UI, what="filter hidden")
 
 
 def dialog_value(page, name: str) -> float:
@@ -205,7 +216,7 @@ def test_bad_field_value_shows_its_message(page):
     choose(page, "output_model_format", "DIFFUSERS")
     page.click("#start")
     wait_for(lambda: "output_model_format" in notice.inner_text(), UI, what="the refusal")
-    choose(page, "output_model_format", "SAFETENSORS")
+    choose(page, "output_model_format", "KOHYA_LORA")
 
     # A run that fails (a model that does not exist) shows its message, not a stack trace.
     set_value(page, "base_model_name", "/nonexistent/model-folder")

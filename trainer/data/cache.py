@@ -9,7 +9,8 @@ time it is trained (as without a cache) and read back after, so the first epoch 
 uncached epoch costs, and later epochs and later runs skip the VAE and the image decode.
 
 What is stored: the latent distribution's mean and standard deviation (float32), and the mask
-already averaged down to latent size. Keeping the std, not only the mean, lets every step draw
+already averaged down to latent size. An inpainting model's masked image, where its mask is a
+file, is an entry of its own (`derived_key`); see trainer/inpainting.py. Keeping the std, not only the mean, lets every step draw
 a fresh latent `mean + std·ε` exactly as uncached training does (`latent_dist.sample()`), so
 switching the cache on changes nothing about what is trained; it costs twice the space of a
 mean-only cache (SD 1.5 at 512 px: 2 × 64 KiB per entry).
@@ -178,6 +179,14 @@ class LatentCache:
         if mask is not None:
             tensors["mask"] = mask.float()
         _atomic_save(tensors, self.path(key))
+
+    def derived_key(self, key: str, what: str) -> str:
+        """The key of another entry that belongs to sample `key` (an inpainting model's masked
+        image): it changes whenever the sample's key does."""
+        return _digest([CACHE_VERSION, key, what])
+
+    def store_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        _atomic_save({name: t.float() for name, t in tensors.items()}, self.path(key))
 
     def _remember(self, key: str, entry: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in entry.values())

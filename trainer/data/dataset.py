@@ -40,6 +40,7 @@ from trainer.data.images import (
     to_mask_l,
 )
 from trainer.errors import DatasetError
+from trainer.inpainting import circle_rng, masked_pixels, random_circle_mask
 
 log = logging.getLogger(__name__)
 
@@ -492,6 +493,9 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.latent_cache = None  # set by the data pipeline once the VAE is known
+        # An inpainting model's conditioning masks (trainer/inpainting.py): None for a plain
+        # model; "files" (mask files where there are, random circles elsewhere) or "random".
+        self.inpaint_masks: Literal["files", "random"] | None = None
         self._pool = None         # prefetch threads (see enable_prefetch)
         self._pending: dict = {}
         self._indices = epoch_indices(self.items, self.seed, self.epoch)
@@ -564,8 +568,42 @@ class TrainDataset(torch.utils.data.Dataset):
         flip = (self.random_flip or item.random_flip) and bool(rng.random() < 0.5)
         crop = "random" if (self.crop == "random" or item.crop_jitter) else "center"
         if self.latent_cache is None:
-            return prepare_sample(item, target, crop=crop, flip=flip, rng=rng)
+            sample = prepare_sample(item, target, crop=crop, flip=flip, rng=rng)
+            if self.inpaint_masks is not None:
+                file_mask = sample["mask"] if sample["has_mask"] else None
+                sample.update(self._inpainting_fields(index, sample["pixel_values"], file_mask,
+                                                      target, latent_scale=None, masked_key=None))
+            return sample
         return self._cached_sample(index, item, target, crop, flip, rng)
+
+    def _inpainting_fields(self, index, pixels, file_mask, target, *, latent_scale,
+                           masked_key) -> dict:
+        """The conditioning mask (pixel size, or latent size with a cache) and the masked
+        image of an inpainting model's sample; `masked_key` is where its latents may be
+        cached, used only for a mask file (a random circle changes every epoch)."""
+        use_file = self.inpaint_masks == "files" and file_mask is not None
+        mask = file_mask if use_file else random_circle_mask(
+            torch.ones_like(pixels[:1]), circle_rng(self.seed, self.epoch, index))
+        return {
+            "inpaint_mask": mask if latent_scale is None else latent_mask(mask, target,
+                                                                         latent_scale),
+            "masked_pixels": masked_pixels(pixels, mask),
+            "masked_cache_key": masked_key if use_file else None,
+        }
+
+    def _cached_inpainting_fields(self, index, item, geometry, target, key, entry) -> dict:
+        """An inpainting sample whose image latents came from the cache: its masked image's
+        latents from the cache too where its mask is a file, else the image is decoded."""
+        cache = self.latent_cache
+        masked_key = cache.derived_key(key, "inpainting-masked-image")
+        if self.inpaint_masks == "files" and "mask" in entry:
+            masked = cache.load(masked_key)
+            if masked is not None:
+                return {"inpaint_mask": entry["mask"], "masked_latents": masked["mean"]}
+        image, mask = load_item(item)
+        pixels, mask_tensor = apply_geometry(image, mask, geometry)
+        return self._inpainting_fields(index, pixels, mask_tensor, target,
+                                       latent_scale=cache.latent_scale, masked_key=masked_key)
 
     def _cached_sample(self, index, item, target, crop, flip, rng) -> dict:
         cache = self.latent_cache
@@ -575,7 +613,7 @@ class TrainDataset(torch.utils.data.Dataset):
         key = cache.key(item, geometry)
         entry = cache.load(key) if key is not None else None
         if entry is not None:
-            return {
+            sample = {
                 "latent_mean": entry["mean"],
                 "latent_std": entry["std"],
                 "mask": (entry["mask"] if "mask" in entry
@@ -584,6 +622,10 @@ class TrainDataset(torch.utils.data.Dataset):
                 "cache_key": key,
                 **_sample_fields(item, geometry, caption, size),
             }
+            if self.inpaint_masks is not None:
+                sample.update(self._cached_inpainting_fields(index, item, geometry, target,
+                                                             key, entry))
+            return sample
         image, mask = load_item(item)
         if image.size != tuple(size):  # the file changed since it was listed: no caching
             key = None
@@ -593,13 +635,20 @@ class TrainDataset(torch.utils.data.Dataset):
             geometry = sample_geometry(image.size, target, crop=crop, flip=flip, rng=rng)
             size = image.size
         pixel_values, mask_tensor = apply_geometry(image, mask, geometry)
-        return {
+        sample = {
             "pixel_values": pixel_values,
             "mask": latent_mask(mask_tensor, target, cache.latent_scale),
             "has_mask": mask is not None,
             "cache_key": key,
             **_sample_fields(item, geometry, caption, size),
         }
+        if self.inpaint_masks is not None:
+            masked_key = (cache.derived_key(key, "inpainting-masked-image")
+                          if key is not None else None)
+            sample.update(self._inpainting_fields(index, pixel_values, mask_tensor, target,
+                                                  latent_scale=cache.latent_scale,
+                                                  masked_key=masked_key))
+        return sample
 
 
 def collate(batch: Iterable[dict]) -> dict:
@@ -631,4 +680,13 @@ def collate(batch: Iterable[dict]) -> dict:
     if latent_index:
         out["latent_mean"] = torch.stack([batch[i]["latent_mean"] for i in latent_index])
         out["latent_std"] = torch.stack([batch[i]["latent_std"] for i in latent_index])
+    if "inpaint_mask" in batch[0]:  # an inpainting model's conditioning (trainer/inpainting.py)
+        out["inpaint_mask"] = torch.stack([s["inpaint_mask"] for s in batch])
+        out["masked_cache_key"] = [s.get("masked_cache_key") for s in batch]
+        # the masked image as pixels (to encode) or as cached latents, like the image itself
+        for key, index_key in (("masked_pixels", "masked_pixel_index"),
+                               ("masked_latents", "masked_latent_index")):
+            out[index_key] = [i for i, s in enumerate(batch) if key in s]
+            if out[index_key]:
+                out[key] = torch.stack([batch[i][key] for i in out[index_key]])
     return out

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from trainer.config import ModelType, TrainConfig, parse_resolution
+from trainer.config import TrainConfig, parse_resolution
 from trainer.data.buckets import BucketBatchSampler, plan_buckets, quantum_for
 from trainer.data.cache import (CacheStats, LatentCache, TextCache, batch_latents,
                                 source_fingerprint)
 from trainer.data.dataset import ImageItem, TrainDataset, collate
 from trainer.data.images import oriented_size
+from trainer.inpainting import InpaintingInputs
 
 
 def _processes() -> int:
@@ -78,6 +79,9 @@ class DataPipeline:
                 item.size = oriented_size(item.image_path)
         self.dataset = TrainDataset(items, parse_resolution(config.resolution)[0][:2],
                                     seed=config.seed)
+        if config.model_type.is_inpainting:  # mask files only under masked training, as
+            # OneTrainer; random circles elsewhere (trainer/inpainting.py)
+            self.dataset.inpaint_masks = "files" if config.masked_training else "random"
         self.plan = plan_buckets(items, config.resolution,
                                  bucketing=config.aspect_ratio_bucketing,
                                  quantum=quantum_for(config.model_type))
@@ -150,7 +154,7 @@ class DataPipeline:
         if trained:
             return None  # a trained encoder's outputs change every step
         keys = getattr(family, "text_cache_keys", None)
-        if keys is None and config.model_type != ModelType.STABLE_DIFFUSION_15:
+        if keys is None and config.model_type.is_sdxl:
             self.status("Text-encoder outputs are not cached: this model family does not say "
                         "which of its conditioning depends on the caption alone.")
             return None
@@ -158,7 +162,8 @@ class DataPipeline:
                                                                 "text_encoder"),
                     source_fingerprint(config.base_model_name, "text_encoder_2"),
                     config.text_encoder.clip_skip, config.text_encoder_2.clip_skip,
-                    config.weight_dtype.value, config.train_dtype.value]
+                    config.text_encoder.weight_dtype.value,
+                    config.text_encoder_2.weight_dtype.value, config.train_dtype.value]
         return TextCache(Path(config.workspace_dir) / "cache" / "text", identity,
                          keys=tuple(keys) if keys else None)
 
@@ -207,6 +212,12 @@ class DataPipeline:
         self.latent_stats = CacheStats()
 
     # -- the step -------------------------------------------------------------------------
+
+    def inpainting_inputs(self, vae) -> InpaintingInputs | None:
+        """An inpainting model's extra UNet inputs for each batch; None for a plain model."""
+        if not self.config.model_type.is_inpainting:
+            return None
+        return InpaintingInputs(vae, self.latent_cache)
 
     def latents(self, batch: dict, vae, generator, device) -> torch.Tensor:
         return batch_latents(batch, vae, generator, device, self.latent_cache,

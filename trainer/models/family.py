@@ -13,6 +13,7 @@ import torch
 
 from trainer.config import ModelType, TrainConfig
 from trainer.errors import ConfigError
+from trainer.inpainting import check_unet_channels
 
 @dataclass
 class ModelFamily:
@@ -35,11 +36,18 @@ class ModelFamily:
     # Which entries of `encode_text`'s result depend on the caption alone (the text cache
     # stores those; `batch_conditioning` supplies the rest).
     text_cache_keys: tuple[str, ...] = ("encoder_hidden_states",)
+    # An inpainting model: its UNet also reads the mask and the masked image's latents
+    # (trainer/inpainting.py); samples use the family's inpainting pipeline.
+    inpainting: bool = False
 
     @property
     def checkpoint_architecture(self) -> str:
-        """modelspec.architecture of a whole checkpoint of this family."""
-        return self.lora_architecture.removesuffix("/lora")
+        """modelspec.architecture of a whole checkpoint of this family. SD 1.5 inpainting has
+        an id of its own; SDXL inpainting has none, so it keeps the base model's."""
+        architecture = self.lora_architecture.removesuffix("/lora")
+        if self.inpainting and architecture == "stable-diffusion-v1":
+            return "stable-diffusion-v1-inpainting"
+        return architecture
 
     @property
     def vae_scale_factor(self) -> int:
@@ -139,11 +147,13 @@ class SD15Family(ModelFamily):
     def predict(self, noisy, timesteps, conditioning):
         unet = self.module("unet")
         dtype = next(self.parts["unet"].parameters()).dtype
-        return unet(noisy.to(dtype), timesteps, conditioning["encoder_hidden_states"]).sample
+        # The text encoder's weights may be stored in another type than the UNet's.
+        return unet(noisy.to(dtype), timesteps,
+                    conditioning["encoder_hidden_states"].to(dtype)).sample
 
     def pipeline(self):
         from trainer.models.sd15 import make_sd15_pipeline
-        return make_sd15_pipeline(self.components)
+        return make_sd15_pipeline(self.components, inpainting=self.inpainting)
 
     def export_pipeline(self):
         from diffusers import PNDMScheduler
@@ -231,7 +241,7 @@ class SDXLFamily(ModelFamily):
 
     def pipeline(self):
         from trainer.models.sdxl import make_sdxl_pipeline
-        return make_sdxl_pipeline(self.components)
+        return make_sdxl_pipeline(self.components, inpainting=self.inpainting)
 
     def export_pipeline(self):
         from diffusers import EulerDiscreteScheduler
@@ -245,7 +255,16 @@ class SDXLFamily(ModelFamily):
 
 
 def load_family(config: TrainConfig) -> ModelFamily:
-    if config.model_type == ModelType.STABLE_DIFFUSION_15:
+    """The model of `config.model_type`, refused when its UNet does not fit the type (a plain
+    model for an inpainting type, or the other way round)."""
+    family = _load_family(config)
+    check_unet_channels(family.parts["unet"], config.model_type, config.base_model_name)
+    return family
+
+
+def _load_family(config: TrainConfig) -> ModelFamily:
+    inpainting = config.model_type.is_inpainting
+    if config.model_type.plain == ModelType.STABLE_DIFFUSION_15:
         from trainer.models.sd15 import load_sd15
         c = load_sd15(config.base_model_name, config.vae_model_name or None)
         return SD15Family(
@@ -253,8 +272,8 @@ def load_family(config: TrainConfig) -> ModelFamily:
             parts={"text_encoder": c.text_encoder, "unet": c.unet},
             kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te_"},
             base_model_version="sd_v1", lora_architecture="stable-diffusion-v1/lora",
-            config=config)
-    if config.model_type == ModelType.STABLE_DIFFUSION_XL_10_BASE:
+            config=config, inpainting=inpainting)
+    if config.model_type.plain == ModelType.STABLE_DIFFUSION_XL_10_BASE:
         from trainer.models.sdxl import load_sdxl
         c = load_sdxl(config.base_model_name, config.vae_model_name or None)
         return SDXLFamily(
@@ -265,5 +284,6 @@ def load_family(config: TrainConfig) -> ModelFamily:
                             "text_encoder_2": "lora_te2_"},
             base_model_version="sdxl_base_v1-0",
             lora_architecture="stable-diffusion-xl-v1-base/lora",
-            config=config, text_cache_keys=("encoder_hidden_states", "text_embeds"))
+            config=config, text_cache_keys=("encoder_hidden_states", "text_embeds"),
+            inpainting=inpainting)
     raise ValueError(f"model_type {config.model_type.value} has no loader")

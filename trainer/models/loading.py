@@ -16,9 +16,13 @@ at fault ("base_model_name: ..." or "vae_model_name: ...") and names the path or
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -253,8 +257,38 @@ def single_file_config_dir(spec: FamilySpec, single_file_config) -> pathlib.Path
     return config_dir
 
 
+# The UNet's first convolution in the single-file layout: [out, in channels, 3, 3].
+LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
 def _load_single_file(spec: FamilySpec, path: pathlib.Path, config_dir: pathlib.Path, vae,
                       dtype) -> dict:
+    # An inpainting checkpoint's UNet reads 9 channels where the shipped configs say 4: the
+    # file says how many (whether they fit the model type is checked by the caller).
+    with _config_with_checkpoint_in_channels(path, config_dir) as config_dir:
+        return _load_single_file_with(spec, path, config_dir, vae, dtype)
+
+
+@contextlib.contextmanager
+def _config_with_checkpoint_in_channels(path: pathlib.Path, config_dir: pathlib.Path):
+    """`config_dir`, or a temporary copy of it whose unet/config.json has the checkpoint's
+    conv_in input channels where they differ."""
+    shape = checkpoint_shapes(path, BASE_FIELD).get(LDM_CONV_IN)
+    config = json.loads((config_dir / "unet" / "config.json").read_text(encoding="utf-8"))
+    if shape is None or len(shape) != 4 or shape[1] == config.get("in_channels"):
+        yield config_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="atelier-config-") as folder:
+        copy = pathlib.Path(folder) / "config"
+        shutil.copytree(config_dir, copy)
+        config["in_channels"] = int(shape[1])
+        (copy / "unet" / "config.json").write_text(json.dumps(config, indent=2),
+                                                    encoding="utf-8")
+        yield copy
+
+
+def _load_single_file_with(spec: FamilySpec, path: pathlib.Path, config_dir: pathlib.Path, vae,
+                           dtype) -> dict:
     check_checkpoint_layout(spec, path, config_dir, need_vae=vae is None)
     extra = {"vae": vae} if vae is not None else {}
     try:

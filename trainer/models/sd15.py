@@ -19,6 +19,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -127,13 +128,16 @@ def expected_ldm_shapes(config_dir: pathlib.Path) -> dict[str, dict[str, tuple[i
     return loading.expected_shapes(SD15_SPEC, pathlib.Path(config_dir))
 
 
-def make_sd15_pipeline(components: SD15Components) -> StableDiffusionPipeline:
-    """An inference pipeline over the training components (shared, not copied), for samples.
+def make_sd15_pipeline(components: SD15Components,
+                       inpainting: bool = False) -> StableDiffusionPipeline:
+    """An inference pipeline over the training components (shared, not copied), for samples;
+    the inpainting pipeline for an inpainting model.
 
     DDIM from the training schedule's config: deterministic for a given seed, and good in
     few steps. No safety checker: samples are for the person training the model.
     """
-    pipe = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipeline_class(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,

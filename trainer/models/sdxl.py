@@ -17,6 +17,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -143,10 +144,15 @@ def expected_sgm_shapes(config_dir: pathlib.Path) -> dict[str, dict[str, tuple[i
     return loading.expected_shapes(SDXL_SPEC, pathlib.Path(config_dir))
 
 
-def make_sdxl_pipeline(components: SDXLComponents) -> StableDiffusionXLPipeline:
-    """An inference pipeline over the training components (shared, not copied), for samples.
+def make_sdxl_pipeline(components: SDXLComponents,
+                       inpainting: bool = False) -> StableDiffusionXLPipeline:
+    """An inference pipeline over the training components (shared, not copied), for samples;
+    the inpainting pipeline for an inpainting model (no aesthetic score: the base model's six
+    time ids, as SDXL 1.0 inpainting has them).
     DDIM from the training schedule's config, deterministic for a seed; no watermark."""
-    pipe = StableDiffusionXLPipeline(
+    extra = {"requires_aesthetics_score": False} if inpainting else {}
+    pipeline_class = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline
+    pipe = pipeline_class(
         vae=components.vae,
         text_encoder=components.text_encoder,
         text_encoder_2=components.text_encoder_2,
@@ -156,6 +162,7 @@ def make_sdxl_pipeline(components: SDXLComponents) -> StableDiffusionXLPipeline:
         scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+        **extra,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,5 +1,5 @@
-"""Tiny Stable Diffusion 1.5 and SDXL models built offline: same architectures, random
-weights, ~2 MB each.
+"""Tiny Stable Diffusion 1.5 and SDXL models (plain and inpainting) built offline: same
+architectures, random weights, ~2 MB each.
 
 The tests and the built-in demo train this model end to end on a laptop CPU. It has every part
 of the real SD 1.5 (CLIP BPE tokenizer, CLIP text encoder, a UNet with cross-attention down/up
@@ -16,7 +16,9 @@ from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -241,3 +243,51 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 def build_tiny_sdxl(out_dir, seed: int = 0) -> pathlib.Path:
     """Write the tiny SDXL as a diffusers folder (safetensors weights) and return its path."""
     return _write_pipeline(build_tiny_sdxl_pipeline(seed), out_dir)
+
+
+# --- Tiny inpainting models -----------------------------------------------------------------
+
+# An inpainting UNet reads the noisy latents (4), the mask (1) and the masked image's latents
+# (4), as SD 1.5 inpainting and SDXL inpainting do.
+INPAINTING_IN_CHANNELS = 9
+
+
+def _inpainting_unet(config: dict) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**dict(config, in_channels=INPAINTING_IN_CHANNELS))
+
+
+def build_tiny_sd15_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
+    """The tiny SD 1.5 with a 9-channel UNet (same sizes and seeds otherwise)."""
+    plain = build_tiny_sd15_pipeline(seed)
+    tokenizer = plain.tokenizer
+    configs = tiny_sd15_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(seed + 1)
+    return StableDiffusionInpaintPipeline(
+        vae=plain.vae, text_encoder=plain.text_encoder, tokenizer=tokenizer,
+        unet=_inpainting_unet(configs["unet"]).eval(), scheduler=plain.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_tiny_sd15_inpaint(out_dir, seed: int = 0) -> pathlib.Path:
+    """Write the tiny SD 1.5 inpainting model as a diffusers folder."""
+    return _write_pipeline(build_tiny_sd15_inpaint_pipeline(seed), out_dir)
+
+
+def build_tiny_sdxl_inpaint_pipeline(seed: int = 0) -> StableDiffusionXLInpaintPipeline:
+    """The tiny SDXL with a 9-channel UNet. No aesthetic score: the base model's six time ids,
+    as SDXL 1.0 inpainting uses them."""
+    plain = build_tiny_sdxl_pipeline(seed)
+    tokenizer = plain.tokenizer
+    configs = tiny_sdxl_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(seed + 1)
+    return StableDiffusionXLInpaintPipeline(
+        vae=plain.vae, text_encoder=plain.text_encoder, text_encoder_2=plain.text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=plain.tokenizer_2,
+        unet=_inpainting_unet(configs["unet"]).eval(), scheduler=plain.scheduler,
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True,
+        add_watermarker=False)
+
+
+def build_tiny_sdxl_inpaint(out_dir, seed: int = 0) -> pathlib.Path:
+    """Write the tiny SDXL inpainting model as a diffusers folder."""
+    return _write_pipeline(build_tiny_sdxl_inpaint_pipeline(seed), out_dir)

@@ -1,0 +1,107 @@
+"""One job: write the trained LoRA adapters in the file layout an output format names.
+
+- KOHYA_LORA, LEGACY_LORA: kohya's flat names (`lora_unet_…`, `lora_te_`/`lora_te1_`/
+  `lora_te2_`, `lora_down`/`lora_up`, `.alpha`), written by trainer/lora.py. OneTrainer's
+  LEGACY_LORA is the same bytes for SD 1.5 and SDXL.
+- COMFY_LORA: ComfyUI's "generic" names, the keys of its own model with `lora_A`/`lora_B`
+  and `.alpha`: `diffusion_model.<original LDM/SGM UNet name>` and
+  `text_encoders.clip_l.transformer.<CLIP name>` (SDXL's second encoder: `clip_g`). ComfyUI's
+  `model_lora_keys_unet`/`model_lora_keys_clip` map exactly these onto its weights.
+- DIFFUSERS_LORA: peft's keys under diffusers' component prefixes (`unet.`, `text_encoder.`,
+  `text_encoder_2.`), packed by diffusers' own `pack_weights`. The file has no alpha: diffusers
+  then scales by 1 (alpha = rank), so alpha / rank is folded into `lora_B`.
+
+Every file carries the same `ss_*`/`modelspec.*`/`atelier_config` header and is written
+atomically.
+"""
+from __future__ import annotations
+
+import torch
+
+from trainer import lora
+from trainer.config import ModelFormat, TrainConfig
+from trainer.io import atomic_save_safetensors
+
+KOHYA_FORMATS = (ModelFormat.KOHYA_LORA, ModelFormat.LEGACY_LORA)
+# ComfyUI names its CLIP models by size: SD 1.5's and SDXL's first encoder are CLIP ViT-L,
+# SDXL's second is OpenCLIP ViT-bigG (which ComfyUI holds in the transformers layout).
+COMFY_TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.transformer.",
+                       "text_encoder_2": "text_encoders.clip_g.transformer."}
+COMFY_UNET_PREFIX = "diffusion_model."
+
+
+def lora_state_dict(output_format: ModelFormat, models: dict[str, torch.nn.Module],
+                    family, alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors for the trained adapters of `models` (part name -> module)."""
+    if output_format in KOHYA_FORMATS:
+        return lora.kohya_state_dict(models, family.kohya_prefixes, alpha, dtype)
+    if output_format == ModelFormat.COMFY_LORA:
+        return comfy_state_dict(models, alpha, dtype)
+    if output_format == ModelFormat.DIFFUSERS_LORA:
+        return diffusers_state_dict(models, alpha, dtype)
+    raise ValueError(f"output_model_format {output_format.value} is not a LoRA format")
+
+
+def save_lora(path: str, family, parts: list[str], config: TrainConfig, *,
+              dtype: torch.dtype, steps: int, epochs: int, title: str) -> None:
+    """Write the LoRA file of the trained `parts` in `config.output_model_format`."""
+    models = {p: family.parts[p] for p in parts}
+    tensors = lora_state_dict(config.output_model_format, models, family, config.lora_alpha,
+                              dtype)
+    metadata = lora.kohya_metadata(config, family, steps=steps, epochs=epochs, title=title)
+    atomic_save_safetensors(tensors, path, metadata)
+
+
+def _cpu(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to("cpu", dtype).contiguous()
+
+
+# --- ComfyUI --------------------------------------------------------------------------------
+
+def comfy_state_dict(models: dict[str, torch.nn.Module], alpha: float,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for part, model in models.items():
+        adapters = lora.trained_adapters(model, part)
+        if part == "unet":
+            names = ldm_unet_names(model, list(adapters))
+            prefixed = {COMFY_UNET_PREFIX + names[m]: a for m, a in adapters.items()}
+        else:
+            prefixed = {COMFY_TEXT_ENCODERS[part] + m: a for m, a in adapters.items()}
+        for name, adapter in prefixed.items():
+            out[f"{name}.lora_A.weight"] = _cpu(adapter.down, dtype)
+            out[f"{name}.lora_B.weight"] = _cpu(adapter.up, dtype)
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def ldm_unet_names(unet: torch.nn.Module, modules: list[str]) -> dict[str, str]:
+    """diffusers UNet module names -> their names in the original LDM/SGM UNet
+    ('down_blocks.1.attentions.0.…to_q' -> 'input_blocks.4.1.…to_q').
+
+    The single-file writer's own key conversion does it: it numbers LDM blocks from the keys
+    the UNet really has, so it is given all of them plus one '<module>.weight' per adapted
+    module (modules with adapters have only `base_layer.weight` in the state dict)."""
+    from trainer.models.single_file import UNET_PREFIX, unet_to_ldm
+    keys = list(unet.state_dict()) + [f"{m}.weight" for m in modules]
+    ldm_by_diffusers = {d: ldm for ldm, d in unet_to_ldm({k: k for k in keys}).items()}
+    return {m: ldm_by_diffusers[f"{m}.weight"].removeprefix(UNET_PREFIX).removesuffix(".weight")
+            for m in modules}
+
+
+# --- diffusers ------------------------------------------------------------------------------
+
+def diffusers_state_dict(models: dict[str, torch.nn.Module], alpha: float,
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    out: dict[str, torch.Tensor] = {}
+    for part, model in models.items():
+        peft_keys: dict[str, torch.Tensor] = {}
+        for module, adapter in lora.trained_adapters(model, part).items():
+            rank = adapter.down.shape[0]
+            peft_keys[f"{module}.lora_A.weight"] = _cpu(adapter.down, dtype)
+            # float32 for the product, so folding adds no rounding of its own
+            peft_keys[f"{module}.lora_B.weight"] = _cpu(adapter.up.float() * (alpha / rank),
+                                                        dtype)
+        out.update(LoraBaseMixin.pack_weights(peft_keys, part))  # 'unet.', 'text_encoder.', ...
+    return out
