@@ -166,3 +166,71 @@ def test_the_cli_trains_the_current_lora_preset(tiny_sd15_dir, tmp_path):
     # attn-mlp: the feed-forward layers are trained too, in kohya names
     assert any("_ff_net_2.lora_down.weight" in k for k in keys)
     assert any(k.startswith("lora_unet_") and "_attn1_to_q." in k for k in keys)
+
+
+def part(**values):
+    """A model part as OneTrainer's current version saves it."""
+    return {"model_name": "", "include": True, "train": True, "stop_training_after": None,
+            "stop_training_after_unit": "NEVER", "learning_rate": None,
+            "weight_dtype": "FLOAT_32", "dropout_probability": 0.0, "train_embedding": True,
+            "attention_mask": False, **values}
+
+
+# A config as OneTrainer's current version saves it (__version 10, every key written; a subset
+# of its many keys here, with its names and shapes).
+SAVED_V10 = {
+    "__version": 10, "training_method": "LORA", "model_type": "STABLE_DIFFUSION_15",
+    "debug_mode": False, "workspace_dir": "workspace/run", "cache_dir": "workspace-cache/run",
+    "base_model_name": SD15_LORA["base_model_name"], "output_dtype": "FLOAT_32",
+    "output_model_format": "KOHYA_LORA", "output_model_destination": "models/lora.safetensors",
+    "gradient_checkpointing": "ON", "layer_offload_fraction": 0.0, "compile": False,
+    "concept_file_name": "training_concepts/concepts.json", "concepts": None, "samples": None,
+    "learning_rate": 0.0003, "epochs": 100, "batch_size": 2, "resolution": "512",
+    "train_dtype": "FLOAT_16", "clip_grad_norm": 1.0,
+    "unet": part(stop_training_after=0, weight_dtype="FLOAT_16"),
+    "text_encoder": part(stop_training_after=30, stop_training_after_unit="EPOCH",
+                         weight_dtype="BFLOAT_16"),
+    "text_encoder_2": part(), "vae": part(model_name="", weight_dtype="FLOAT_32"),
+    "layer_filter": "attn1,ff.net", "layer_filter_preset": "custom", "layer_filter_regex": False,
+    "embedding_learning_rate": None, "preserve_embedding_norm": False,
+    "embedding": {"uuid": "e", "model_name": "", "placeholder": "<embedding>", "train": True},
+    "additional_embeddings": [], "peft_type": "LORA", "lora_model_name": "", "lora_rank": 16,
+    "lora_alpha": 1.0, "lora_decompose": False, "lora_dropout": 0.0,
+}
+
+
+def test_a_current_saved_config_imports_as_meant(tiny_sd15_dir, tmp_path):
+    config, notes = load(SAVED_V10)
+    assert (config.lora_layer_preset, config.layer_filter) == (LoraLayerPreset.CUSTOM,
+                                                               "attn1,ff.net")
+    assert (config.unet.weight_dtype, config.text_encoder.weight_dtype) == (
+        DataType.FLOAT_16, DataType.BFLOAT_16)
+    assert config.output_model_format == ModelFormat.KOHYA_LORA
+    unknown = {n.split("'")[1] for n in notes if n.startswith("Unknown")}
+    assert {"debug_mode", "cache_dir", "compile", "unet.include", "embedding"} <= unknown
+    assert not unknown & {"layer_filter", "peft_type", "lora_decompose", "vae.model_name",
+                          "additional_embeddings", "unet.weight_dtype"}
+    # and it trains those layers (on the tiny model, in float32 on the CPU)
+    from safetensors.torch import load_file
+
+    from helpers import tiny_config
+    from trainer.loop import train
+    tiny = tiny_config(tiny_sd15_dir, tmp_path, epochs=1, lora_layer_preset="custom",
+                       layer_filter=config.layer_filter)
+    modules = {k.split(".")[0] for k in load_file(train(tiny).output_path)
+               if k.startswith("lora_unet_")}
+    assert modules and all("_attn1_" in m or "_ff_net_" in m for m in modules)
+    assert any("_attn1_" in m for m in modules) and any("_ff_net_" in m for m in modules)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"peft_type": "LOHA"}, "peft_type: 'LOHA' cannot be trained"),
+    ({"lora_decompose": True}, "lora_decompose: True cannot be trained: DoRA"),
+    ({"additional_embeddings": [{"placeholder": "<x>"}]}, "additional_embeddings: "),
+])
+def test_a_method_atelier_does_not_train_yet_stops_the_import(change, named):
+    from ui.presets import import_config
+    with pytest.raises(ConfigError, match=named):
+        load({**SAVED_V10, **change})
+    with pytest.raises(ConfigError, match=named):
+        import_config({**SAVED_V10, **change})

@@ -10,8 +10,11 @@ replaced by a default (a job-defining setting) or dropped without a word (a tuni
 from __future__ import annotations
 
 import copy
+import typing
 
-from trainer.config import OUTPUT_FORMATS
+from pydantic import BaseModel
+
+from trainer.config import OUTPUT_FORMATS, TrainConfig
 from trainer.errors import ConfigError
 
 # Output formats by OneTrainer's current names: Atelier writes each of them as itself for SD 1.5
@@ -40,10 +43,49 @@ def translate(data: dict) -> tuple[dict, list[str]]:
     notes: list[str] = []
     if isinstance(data.get("resolution"), int):  # the oldest configs wrote 512, not "512"
         data["resolution"] = str(data["resolution"])
+    _unset_values(data, TrainConfig)
     _output_format(data)
     _layer_filter(data, notes)
     _weight_dtypes(data)
+    _not_yet_trained(data)
     return data, notes
+
+
+# OneTrainer keys that change what is trained, with the value that means what Atelier does.
+# Any other value stops the import: dropping the key as "unknown" would train something else.
+SAME_AS_ATELIER = {
+    "peft_type": ("LORA", "Atelier trains LoRA adapters (LoHa, LoKr, OFT are not supported "
+                          "yet)"),
+    "lora_decompose": (False, "DoRA (weight-decomposed LoRA) is not supported yet"),
+    "additional_embeddings": ([], "additional embeddings are not supported yet"),
+}
+
+
+def _not_yet_trained(data: dict) -> None:
+    for key, (same, reason) in SAME_AS_ATELIER.items():
+        if key not in data:
+            continue
+        value = data.pop(key)
+        if value != same and value is not None:
+            raise ConfigError(f"{key}: {value!r} cannot be trained: {reason}; remove the key "
+                              f"or set it to {same!r}.")
+
+
+def _unset_values(data: dict, model: type[BaseModel]) -> None:
+    """OneTrainer saves an unset value as null (`concepts` kept in their own file, a part's
+    `stop_training_after`); where Atelier's field takes no null it is left out, so the default
+    applies. A part with no stop count never stops."""
+    for key, value in list(data.items()):
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        if value is None and type(None) not in typing.get_args(field.annotation):
+            del data[key]
+            if key == "stop_training_after":
+                data["stop_training_after_unit"] = "NEVER"
+        elif isinstance(value, dict) and isinstance(field.annotation, type) and issubclass(
+                field.annotation, BaseModel):
+            _unset_values(value, field.annotation)
 
 
 def _output_format(data: dict) -> None:
