@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from trainer.cli import CLI_ENV  # light: no torch, gradio or hub library yet
+from trainer.data.imports import GiB, ImportLimits  # light too: Pillow only
 
 # Set before gradio, torch, transformers or diffusers are imported: the CLI's environment
 # (without it gradio and the hub contact remote hosts at start, DESIGN.md), and one more.
@@ -54,10 +55,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-any-path", action="store_true",
                         help="with --listen/--share: let users name paths outside the "
                              "workspace (only on a server you alone use)")
+    limits = ImportLimits()  # the defaults, sized for a Space
+    for flag, default, what in (("--max-upload-gb", limits.max_upload_bytes, "one upload"),
+                                ("--max-dataset-gb", limits.max_dataset_bytes, "one dataset"),
+                                ("--quota-gb", limits.quota_bytes, "the whole workspace")):
+        env = "ATELIER_" + flag.removeprefix("--").replace("-", "_").upper()
+        parser.add_argument(flag, type=float,
+                            default=float(os.environ.get(env, default / GiB)),
+                            help=f"dataset uploads: GB for {what} (default "
+                                 f"{default / GiB:g}; env {env})")
+    parser.add_argument("--max-upload-files", type=int, dest="max_files",
+                        default=int(os.environ.get("ATELIER_MAX_UPLOAD_FILES",
+                                                   limits.max_files)),
+                        help=f"dataset uploads: files per upload (default {limits.max_files}; "
+                             "env ATELIER_MAX_UPLOAD_FILES)")
     args = parser.parse_args(argv)
+    if min(args.max_upload_gb, args.max_dataset_gb, args.quota_gb) <= 0 or args.max_files < 1:
+        parser.error("the upload limits must be positive")
     if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[0]):
         parser.error("--auth takes USER:PASSWORD")
     return args
+
+
+def upload_limits(args: argparse.Namespace) -> ImportLimits:
+    return ImportLimits(max_upload_bytes=int(args.max_upload_gb * GiB),
+                        max_dataset_bytes=int(args.max_dataset_gb * GiB),
+                        quota_bytes=int(args.quota_gb * GiB), max_files=args.max_files)
 
 
 def warm_up() -> None:
@@ -98,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     # scheduler code off (SPEC §7). A plain local start is the user's own machine.
     shared = args.listen or args.share or on_space
     state.configure(shared=shared, allow_any_path=args.allow_any_path)
+    state.IMPORT_LIMITS = upload_limits(args)
     workspace = paths.workspace_root()
     workspace.mkdir(parents=True, exist_ok=True)
 
@@ -116,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=server_name, server_port=args.port, share=args.share, auth=auth,
                 allowed_paths=[str(workspace)], css=CSS, theme=gr.themes.Soft(),
-                # uploads (imported configs) are small; cap them where strangers can send
-                max_file_size="5mb" if shared else None,
+                # one uploaded file: at most what one dataset upload may bring (a zip)
+                max_file_size=state.IMPORT_LIMITS.max_upload_bytes,
                 footer_links=["api", "settings"], show_error=True)
 
 

@@ -264,6 +264,10 @@ class ConceptConfig(Strict):
         False, section="Data", label="Crop jitter",
         tooltip="Crop each image at a random position (off = centred). Each new crop is a new "
                 "latent-cache entry, so the cache is reused less.")
+    include_subdirectories: bool = setting(
+        False, section="Data", label="Subfolders",
+        tooltip="Also train on the images in the folder's subfolders (OneTrainer's "
+                "include_subdirectories).")
     random_flip: bool = setting(
         False, section="Data", label="Random flip",
         tooltip="Mirror each image left-right half of the time (masks follow). Not for "

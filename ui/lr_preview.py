@@ -25,7 +25,7 @@ def epoch_images(concepts) -> int:
     for concept in concepts:
         if not concept.enabled or concept.repeats <= 0:
             continue
-        n = count_images(concept.path) or 0
+        n = count_images(concept.path, concept.include_subdirectories) or 0
         whole = int(math.floor(concept.repeats))
         extra = int(math.floor((concept.repeats - whole) * n + 0.5))
         if n and whole == 0 and extra == 0:

@@ -21,7 +21,8 @@ import gradio as gr
 
 from trainer.config import ConceptConfig, TrainConfig, check_supported, config_from_dict
 from trainer.errors import AtelierError, ConfigError
-from ui import api, auto_masks, dataset, footer, lr_preview, optimizers, presets, tables
+from ui import (api, auto_masks, dataset, datasets_panel, footer, lr_preview, optimizers,
+                presets, tables)
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
                            make_parameter_box, page_value, parameter_box_update, slug)
@@ -109,7 +110,7 @@ def ok_html(message: str) -> str:
 def concepts_summary(concepts) -> str:
     parts = []
     for i, concept in enumerate(concepts):
-        count = tables.count_images(concept.path)
+        count = tables.count_images(concept.path, concept.include_subdirectories)
         name = Path(concept.path).name or concept.path
         if count is None:
             parts.append(f"⚠ concept {i + 1}: folder `{concept.path}` not found")
@@ -232,6 +233,7 @@ def build_page() -> gr.Blocks:
             concepts_info = gr.Markdown(concepts_summary(config.concepts),
                                         elem_id="concepts-info")
             draw_fields(F.keys_in_section("Data"), values, choices, fields)
+            datasets_panel.build_panel(page.tables["concepts"])
         # The images of those concepts: captions, painted and generated masks (SPEC §4).
         dataset_section = dataset.build_section(page.tables["concepts"], config.concepts,
                                                 panels=[auto_masks.build_panel])

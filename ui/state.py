@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import TrainConfig
+from trainer.data.imports import ImportLimits
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.errors import AtelierError, ConfigError
 from trainer.security import is_inside, names_local_path
@@ -43,6 +44,8 @@ class ServerOptions:
 
 
 OPTIONS = ServerOptions()
+# What one dataset upload may bring (app.py's --max-upload-gb etc.; the page shows them).
+IMPORT_LIMITS = ImportLimits()
 
 
 def configure(shared: bool, allow_any_path: bool = False) -> None:

@@ -153,11 +153,14 @@ def samples_from_frame(frame: Any) -> list[dict]:
     return from_frame(SampleConfig, frame, required="prompt")
 
 
-def count_images(folder: str) -> int | None:
-    """Image files directly in `folder` (None when it is not a folder). Not decoded: this is
-    for estimates (the LR preview, the concept summary); training checks every file."""
+def count_images(folder: str, subfolders: bool = False) -> int | None:
+    """Image files in `folder` (and its subfolders, not hidden ones, when asked; None when it
+    is not a folder). Not decoded: this is for estimates (the LR preview, the concept
+    summary); training checks every file."""
     from pathlib import Path
     path = Path(folder).expanduser()
     if not path.is_dir():
         return None
-    return sum(1 for p in path.iterdir() if p.is_file() and is_image_file(p))
+    files = path.rglob("*") if subfolders else path.iterdir()
+    return sum(1 for p in files if p.is_file() and is_image_file(p)
+               and not any(part.startswith(".") for part in p.relative_to(path).parts[:-1]))
