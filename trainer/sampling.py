@@ -30,18 +30,12 @@ def render_samples(family, samples, folder: Path, *, step: int, device: torch.de
     casts = inputs_in_own_dtype(_pipeline_modules(family))
     try:
         for index, spec in enumerate(samples):
-            generator = torch.Generator("cpu").manual_seed(spec.seed)
             inputs = {}
             if family.inpainting:
                 image, mask = sample_image_and_mask(inpaint_item, spec.width, spec.height)
                 save_sample_input(folder, index, image, mask)
                 inputs = {"image": image, "mask_image": mask, "strength": 1.0}
-            with torch.autocast(device.type, enabled=False):
-                image = pipeline(
-                    spec.prompt, negative_prompt=spec.negative_prompt or None,
-                    width=spec.width, height=spec.height,
-                    num_inference_steps=spec.diffusion_steps, guidance_scale=spec.cfg_scale,
-                    generator=generator, **inputs).images[0]
+            image = draw(pipeline, spec, device, **inputs)
             path = folder / f"step{step:06d}-{index}.png"
             image.save(path)
             yield {"index": index, "prompt": spec.prompt, "path": str(path), "image": image}
@@ -50,6 +44,19 @@ def render_samples(family, samples, folder: Path, *, step: int, device: torch.de
             hook.remove()
         for m, mode in zip(models, modes):
             m.train(mode)
+
+
+@torch.no_grad()
+def draw(pipeline, spec, device: torch.device, **inputs):
+    """One image of sample `spec` (prompt, negative prompt, size, steps, CFG, seed): the
+    starting noise drawn on the CPU from the seed, so a seed gives the same image on any
+    device. Autocast off: the training step's autocast must not leak into sampling."""
+    generator = torch.Generator("cpu").manual_seed(spec.seed)
+    with torch.autocast(device.type, enabled=False):
+        return pipeline(
+            spec.prompt, negative_prompt=spec.negative_prompt or None,
+            width=spec.width, height=spec.height, num_inference_steps=spec.diffusion_steps,
+            guidance_scale=spec.cfg_scale, generator=generator, **inputs).images[0]
 
 
 def _pipeline_modules(family) -> list[torch.nn.Module]:

@@ -22,7 +22,7 @@ import gradio as gr
 from trainer.config import ConceptConfig, TrainConfig, check_supported, config_from_dict
 from trainer.errors import AtelierError, ConfigError
 from ui import (api, auto_masks, dataset, datasets_panel, footer, lr_preview, optimizers,
-                presets, tables)
+                presets, tables, try_panel)
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
                            make_parameter_box, page_value, parameter_box_update, slug)
@@ -280,6 +280,9 @@ def build_page() -> gr.Blocks:
             gallery = gr.Gallery(label="Samples (newest first)", elem_id="gallery", columns=8,
                                  fit_columns=False, height=220, object_fit="contain",
                                  interactive=False)
+
+        # Try a trained LoRA beside its base model.
+        try_panel.build_panel(fields["base_model_name"], fields["model_type"])
 
         # 6. Backup and save
         if F.keys_in_section(F.BACKUP_SECTION):

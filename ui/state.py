@@ -15,6 +15,7 @@ from trainer.demo import DEMO_DATASET_DIR
 from trainer.errors import AtelierError, ConfigError
 from trainer.security import is_inside, names_local_path
 from trainer.session import TrainingSession
+from trainer.try_lora import TryModel
 from ui import paths
 
 # Custom scheduler code is off until app.py says the server is the user's own (local).
@@ -26,13 +27,27 @@ MASK_RUNS: set[str] = set()
 MASK_RUNS_LOCK = threading.Lock()
 
 
+# "Try it" (ui.try_panel): the base model it keeps loaded, and a lock held while it draws.
+# Training and trying never run at once: both want the whole GPU.
+TRY = TryModel()
+TRY_LOCK = threading.Lock()
+
+
 def start_training(config: TrainConfig) -> None:
-    """Start `config` as the server's job; refused while masks are being generated."""
+    """Start `config` as the server's job; refused while masks are being generated or a
+    LoRA is being tried."""
     with MASK_RUNS_LOCK:
         if MASK_RUNS:
             raise AtelierError("Masks are being generated (Apply to folder): wait for that "
                                "run to finish, or stop it, then start training.")
-    SESSION.start(config)
+    if not TRY_LOCK.acquire(blocking=False):
+        raise AtelierError("Try it is drawing images: wait a moment for it to finish, then "
+                           "start training.")
+    try:
+        TRY.release()  # its base model's memory is the training job's now
+        SESSION.start(config)
+    finally:
+        TRY_LOCK.release()
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""Try it: a trained LoRA drawn beside its base model, with the engine's loader and sampler and
+diffusers' LoRA loading: the LoRA side is what training sampled, the other side the base."""
+import numpy as np
+import pytest
+
+from helpers import LAST_STEP_SAMPLE, tiny_config, train_sampling_at_the_end
+from trainer.config import SampleConfig
+from trainer.errors import ConfigError
+from trainer.try_lora import TryModel, find_loras, read_lora
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd15_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("try")
+    config, result, events, spec = train_sampling_at_the_end(tiny_config, tiny_sd15_dir, tmp_path)
+    sample = [e for e in events if e.get("type") == "sample"][-1]["path"]
+    return config, result, sample
+
+
+def test_the_lora_side_is_what_training_sampled_and_the_other_the_base(trained):
+    from PIL import Image
+    config, result, sample = trained
+    lora = read_lora(result.output_path)
+    assert (lora.base_model_name, lora.model_type, lora.resolution) == (
+        config.base_model_name, "STABLE_DIFFUSION_15", 64)
+    model = TryModel()
+    spec = SampleConfig(**LAST_STEP_SAMPLE)
+    without, with_lora = model.images(lora, spec, 1.0)
+    trained_sample = pixels(Image.open(sample).convert("RGB"))
+    assert np.abs(pixels(with_lora) - trained_sample).max() <= 2
+    assert np.abs(pixels(without) - trained_sample).mean() > 2  # the LoRA changes the image
+    # strength 0 is the base model; a second call reuses the loaded pipeline
+    pipeline = model._pipeline
+    again, zero = model.images(lora, spec, 0.0)
+    assert model._pipeline is pipeline
+    assert np.abs(pixels(zero) - pixels(without)).max() <= 1
+    assert np.array_equal(pixels(again), pixels(without))
+    half = model.images(lora, spec, 0.5)[1]
+    assert 0 < np.abs(pixels(half) - pixels(without)).mean() < \
+        np.abs(pixels(with_lora) - pixels(without)).mean()
+    model.release()
+    assert model._pipeline is None
+
+
+def test_the_workspace_loras_are_listed_newest_first(trained, tmp_path):
+    import os
+    import shutil
+    config, result, _ = trained
+    folder = tmp_path / "ws"
+    (folder / "a").mkdir(parents=True)
+    (folder / "backup" / "step-1").mkdir(parents=True)
+    old, new = folder / "a" / "old.safetensors", folder / "new.safetensors"
+    for path in (old, new, folder / "backup" / "step-1" / "lora.safetensors"):
+        shutil.copy(result.output_path, path)
+    os.utime(old, (1, 1))
+    (folder / "notes.safetensors").write_bytes(b"not a safetensors file")
+    assert find_loras(folder) == [new, old]
+
+
+def test_files_it_cannot_try_say_why(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, result, _ = trained
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_lora(tmp_path / "gone.safetensors")
+    comfy = tmp_path / "comfy.safetensors"
+    save_file({"diffusion_model.x.lora_A.weight": next(iter(load_file(result.output_path)
+                                                            .values()))}, str(comfy))
+    with pytest.raises(ConfigError, match="COMFY_LORA"):
+        read_lora(comfy)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(result.output_path), str(bare))  # no metadata: base model unknown
+    with pytest.raises(ConfigError, match="set the base model"):
+        TryModel().images(read_lora(bare), SampleConfig(**LAST_STEP_SAMPLE), 1.0)
+
+
+# --- The page's panel ---------------------------------------------------------------------------
+
+@pytest.fixture()
+def workspace_with_lora(trained, tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path / "ws"))
+    folder = tmp_path / "ws" / "run" / "output"
+    folder.mkdir(parents=True)
+    shutil.copy(trained[1].output_path, folder / "lora.safetensors")
+    return folder / "lora.safetensors"
+
+
+def test_the_panel_lists_draws_and_refuses_by_name(workspace_with_lora, monkeypatch):
+    from ui import state, try_panel
+    listed = try_panel.refresh(None)
+    assert listed["lora"]["value"] == str(workspace_with_lora)
+    assert listed["lora"]["choices"] == [("run/output/lora.safetensors",
+                                          str(workspace_with_lora))]
+    assert (listed["width"], listed["height"]) == (64, 64)  # its training size
+    args = [str(workspace_with_lora), "a photo of a cat", "", 1.0, 7, 4, 3.0, 64, 64]
+    out = try_panel.generate(*args)
+    assert out["without"].size == out["with"].size == (64, 64)
+    assert "lora.safetensors at strength 1" in out["message"]
+    assert "steps:" in try_panel.generate(*args[:5], 0, *args[6:])["message"]
+    assert "Type a prompt" in try_panel.generate(args[0], " ", *args[2:])["message"]
+    monkeypatch.setattr(type(state.SESSION), "running", property(lambda self: True))
+    assert "training job is running" in try_panel.generate(*args)["message"]
+
+
+def test_a_shared_server_tries_only_workspace_files(workspace_with_lora, trained, monkeypatch):
+    from ui import state, try_panel
+    monkeypatch.setattr(state.OPTIONS, "confine_paths", True)
+    outside = trained[1].output_path  # the training run's own folder, outside the workspace
+    out = try_panel.generate(outside, "a cat", "", 1.0, 7, 4, 3.0, 64, 64)
+    assert "outside the workspace" in out["message"]
+    # its base model (the tiny model's folder) is outside the workspace too
+    out = try_panel.generate(str(workspace_with_lora), "a cat", "", 1.0, 7, 4, 3.0, 64, 64)
+    assert "base_model_name" in out["message"] and "outside the workspace" in out["message"]
+
+
+def test_training_does_not_start_while_a_lora_is_drawn_and_frees_its_model(monkeypatch):
+    from trainer.errors import AtelierError
+    from ui import state
+    released, started = [], []
+    monkeypatch.setattr(state.TRY, "release", lambda: released.append(1))
+    monkeypatch.setattr(state.SESSION, "start", lambda config: started.append(config))
+    with state.TRY_LOCK:
+        with pytest.raises(AtelierError, match="Try it is drawing"):
+            state.start_training("config")
+    assert not started and not released
+    state.start_training("config")
+    assert started == ["config"] and released == [1]

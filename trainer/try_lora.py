@@ -1,0 +1,200 @@
+"""Try a trained LoRA: one prompt drawn without and with it, side by side.
+
+The LoRA file says what it was trained on: Atelier writes its config into the header
+(`atelier_config`), other trainers write kohya's `ss_sd_model_name` / `ss_base_model_version`.
+The base model is loaded by the engine's own loader (trainer.models.family), drawn by the
+engine's sampling code (trainer.sampling.draw), and the LoRA is loaded by diffusers'
+`load_lora_weights` — what a user of the file will do — with its strength as the adapter's
+weight. One pipeline is kept between calls (loading a base model takes long); `release`
+gives its memory back before a training job starts.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from trainer.errors import ConfigError, ModelLoadError
+
+ADAPTER = "try"
+# kohya's ss_base_model_version values that name SDXL (its LoRAs have two text encoders).
+SDXL_VERSIONS = ("sdxl_base_v1-0", "sdxl_base_v0-9")
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    path: Path
+    base_model_name: str      # "" when the file does not say
+    model_type: str           # ModelType value; "" when the file does not say
+    vae_model_name: str
+    resolution: int           # the training size, for the default image size; 0 unknown
+
+
+def _header(path: Path) -> tuple[dict[str, str], list[str]]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}, list(f.keys())
+    except Exception as error:  # safetensors raises its own error types for a bad file
+        raise ConfigError(f"'{path.name}' is not a readable .safetensors file ({error}).") \
+            from None
+
+
+def is_lora_file(path: Path) -> bool:
+    """A LoRA (or LyCORIS) file by its header, not a whole checkpoint or a backup."""
+    try:
+        metadata, keys = _header(path)
+    except ConfigError:
+        return False
+    if "ss_network_module" in metadata:
+        return True
+    config = metadata.get("atelier_config")
+    if config:
+        try:
+            return json.loads(config).get("training_method") == "LORA"
+        except ValueError:
+            return False
+    return any(k.startswith(("lora_unet_", "lora_te", "unet.", "diffusion_model.")) and
+               ".lora" in k for k in keys[:50])
+
+
+def read_lora(path: Path | str) -> LoraFile:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"The LoRA '{path}' does not exist (moved or deleted?); refresh "
+                          "the list.")
+    metadata, keys = _header(path)
+    if any(k.startswith("diffusion_model.") for k in keys):
+        raise ConfigError(f"'{path.name}' is a COMFY_LORA file (ComfyUI's own key names), "
+                          "which diffusers does not read; train with KOHYA_LORA or "
+                          "DIFFUSERS_LORA to try it here.")
+    config: dict = {}
+    if metadata.get("atelier_config"):
+        try:
+            config = json.loads(metadata["atelier_config"])
+        except ValueError:
+            config = {}
+    model_type = config.get("model_type", "")
+    if not model_type and metadata.get("ss_base_model_version"):
+        model_type = ("STABLE_DIFFUSION_XL_10_BASE"
+                      if metadata["ss_base_model_version"] in SDXL_VERSIONS
+                      else "STABLE_DIFFUSION_15")
+    if "INPAINTING" in model_type:
+        raise ConfigError(f"'{path.name}' was trained on an inpainting model; Try it draws "
+                          "from a prompt alone. Load it in an inpainting pipeline instead.")
+    resolution = 0
+    try:
+        from trainer.config import parse_resolution
+        resolution = parse_resolution(config.get("resolution") or
+                                      metadata.get("ss_resolution", ""))[0].width
+    except (ValueError, IndexError):
+        pass
+    return LoraFile(path, config.get("base_model_name") or metadata.get("ss_sd_model_name", ""),
+                    model_type, config.get("vae_model_name", ""), resolution)
+
+
+def find_loras(folder: Path | str) -> list[Path]:
+    """The LoRA files under `folder` (not in hidden folders or backups), newest first: the
+    last run's comes first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.rglob("*.safetensors"):
+        relative = path.relative_to(folder).parts
+        if any(part.startswith(".") or part == "backup" for part in relative[:-1]):
+            continue
+        if path.is_file() and not path.is_symlink() and is_lora_file(path):
+            found.append(path)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+class TryModel:
+    """The base model's pipeline, kept between tries, with at most one LoRA loaded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pipeline = None
+        self._family = None
+        self._base_key: tuple | None = None
+        self._lora_key: tuple | None = None
+        self._hooks: list = []
+
+    @staticmethod
+    def device() -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def release(self) -> None:
+        """Drop the pipeline (before training: it holds the GPU's memory)."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._pipeline = self._family = self._base_key = self._lora_key = None
+        self._hooks = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _load_base(self, lora: LoraFile, base_model_name: str, model_type: str):
+        from trainer.config import config_from_dict
+        from trainer.models.family import load_family
+        from trainer.sampling import _pipeline_modules, inputs_in_own_dtype
+        key = (model_type, base_model_name, lora.vae_model_name)
+        if self._base_key == key:
+            return
+        self._drop()
+        config = config_from_dict({"model_type": model_type, "base_model_name": base_model_name,
+                                   "vae_model_name": lora.vae_model_name}, warn=lambda m: None)
+        family = load_family(config)
+        device = self.device()
+        # float16 on a GPU (the VAE in float32: SDXL's overflows in float16), float32 on a CPU.
+        half = torch.float16 if device.type == "cuda" else torch.float32
+        for module in family.parts.values():
+            module.to(device, half).eval()
+        family.vae.to(device, torch.float32).eval()
+        self._family, self._pipeline = family, family.pipeline()
+        self._pipeline.set_progress_bar_config(disable=True)
+        self._hooks = inputs_in_own_dtype(_pipeline_modules(family))
+        self._base_key = key
+
+    def _load_lora(self, lora: LoraFile) -> None:
+        key = (str(lora.path), lora.path.stat().st_mtime_ns)
+        if self._lora_key == key:
+            return
+        if self._lora_key is not None:
+            self._pipeline.unload_lora_weights()
+            self._lora_key = None
+        try:
+            self._pipeline.load_lora_weights(str(lora.path), adapter_name=ADAPTER)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise ModelLoadError(f"'{lora.path.name}' does not load on "
+                                 f"{self._base_key[1]} ({error}).") from None
+        self._lora_key = key
+
+    def images(self, lora: LoraFile, spec, strength: float, *, base_model_name: str = "",
+               model_type: str = ""):
+        """(without, with): `spec` (trainer.config.SampleConfig) drawn on the base model, then
+        with the LoRA at `strength`. The file's own base model and type come first; the
+        arguments are for a file that does not name them."""
+        from trainer.sampling import draw
+        base = lora.base_model_name or base_model_name
+        kind = lora.model_type or model_type
+        if not base or not kind:
+            raise ConfigError(f"'{lora.path.name}' does not say which base model it was "
+                              "trained on: set the base model and model type in the page.")
+        with self._lock:
+            self._load_base(lora, base, kind)
+            self._load_lora(lora)
+            pipeline, device = self._pipeline, self.device()
+            pipeline.disable_lora()
+            try:
+                without = draw(pipeline, spec, device)
+            finally:
+                pipeline.enable_lora()
+            pipeline.set_adapters([ADAPTER], adapter_weights=[float(strength)])
+            return without, draw(pipeline, spec, device)
