@@ -400,7 +400,7 @@ def test_training_does_not_start_while_masks_are_generated(monkeypatch):
     started = []
     monkeypatch.setattr(state.SESSION, "start", started.append)
     monkeypatch.setattr(state, "MASK_RUNS", {"a-browser-session"})
-    with pytest.raises(state.AtelierError, match="Masks are being generated"):
+    with pytest.raises(state.AtelierError, match="Masks or captions are being generated"):
         state.start_training("a config")
     assert started == []
     monkeypatch.setattr(state, "MASK_RUNS", set())

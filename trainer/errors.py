@@ -27,3 +27,7 @@ class TrainingError(AtelierError):
 
 class MaskError(AtelierError):
     """Masks cannot be made: a bad setting, a missing folder or model, an unusable image."""
+
+
+class CaptionError(AtelierError):
+    """Captions cannot be made or edited: a bad setting, a missing folder or model."""

@@ -21,7 +21,7 @@ import gradio as gr
 
 from trainer.config import ConceptConfig, TrainConfig, check_supported, config_from_dict
 from trainer.errors import AtelierError, ConfigError
-from ui import (api, auto_masks, dataset, datasets_panel, footer, lr_preview, optimizers,
+from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, lr_preview, optimizers,
                 presets, tables, try_panel)
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
@@ -236,7 +236,8 @@ def build_page() -> gr.Blocks:
             datasets_panel.build_panel(page.tables["concepts"])
         # The images of those concepts: captions, painted and generated masks (SPEC §4).
         dataset_section = dataset.build_section(page.tables["concepts"], config.concepts,
-                                                panels=[auto_masks.build_panel])
+                                                panels=[auto_masks.build_panel,
+                                                        auto_captions.build_panel])
 
         # 4. Training: one accordion per section, in SPEC order
         gr.Markdown("## Training", elem_id="training-heading")

@@ -38,8 +38,8 @@ def start_training(config: TrainConfig) -> None:
     LoRA is being tried."""
     with MASK_RUNS_LOCK:
         if MASK_RUNS:
-            raise AtelierError("Masks are being generated (Apply to folder): wait for that "
-                               "run to finish, or stop it, then start training.")
+            raise AtelierError("Masks or captions are being generated for a folder: wait "
+                               "for that run to finish, or stop it, then start training.")
     if not TRY_LOCK.acquire(blocking=False):
         raise AtelierError("Try it is drawing images: wait a moment for it to finish, then "
                            "start training.")
@@ -56,6 +56,8 @@ class ServerOptions:
     # confined to the workspace folder and custom scheduler code is disabled (SPEC §7).
     shared: bool = False
     confine_paths: bool = False
+    # Models named by a hub id may download (--online, or a Space).
+    online: bool = False
 
 
 OPTIONS = ServerOptions()
@@ -63,8 +65,9 @@ OPTIONS = ServerOptions()
 IMPORT_LIMITS = ImportLimits()
 
 
-def configure(shared: bool, allow_any_path: bool = False) -> None:
+def configure(shared: bool, allow_any_path: bool = False, online: bool = False) -> None:
     OPTIONS.shared = shared
+    OPTIONS.online = online
     OPTIONS.confine_paths = shared and not allow_any_path
     SESSION.allow_custom_code = not shared
 

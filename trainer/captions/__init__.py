@@ -1,0 +1,1 @@
+"""Automatic captions (Florence-2, BLIP) and bulk caption edits for a dataset folder."""

@@ -1,0 +1,144 @@
+"""Bulk caption edits over a dataset: add or remove a trigger word, find and replace.
+
+    summary = add_trigger("data/cat", "ohwx")
+    print(summary.text())
+
+Every image's `<stem>.txt` is edited line by line (each line is an alternative caption),
+written atomically and only when its text changes; an image without a caption file is left
+alone (reported as skipped), so an edit never creates captions the user did not write.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.captions.generate import caption_path, list_images, read_caption, write_caption
+from trainer.errors import CaptionError
+
+__all__ = ["EditSummary", "add_trigger", "edit_captions", "find_replace", "remove_trigger"]
+
+SKIP_NO_CAPTION = "has no caption"
+
+
+@dataclass
+class EditSummary:
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    failed: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
+    replacements: int = 0    # find and replace: occurrences replaced
+
+    def text(self, limit: int = 5) -> str:
+        """E.g. "Changed 3 captions (7 replacements), 2 unchanged, skipped 1 (a.jpg: has no
+        caption)." — at most `limit` names per list."""
+        count = len(self.changed)
+        head = f"Changed {count} caption{'' if count == 1 else 's'}"
+        if self.replacements:
+            head += f" ({self.replacements} replacement{'' if self.replacements == 1 else 's'})"
+        parts = [head]
+        if self.unchanged:
+            parts.append(f"{len(self.unchanged)} unchanged")
+        for word, entries in (("skipped", self.skipped), ("failed", self.failed)):
+            if entries:
+                shown = "; ".join(f"{name}: {reason}" for name, reason in entries[:limit])
+                if len(entries) > limit:
+                    shown += f"; and {len(entries) - limit} more"
+                parts.append(f"{word} {len(entries)} ({shown})")
+        return ", ".join(parts) + "."
+
+
+def edit_captions(folder: Path | str, edit: Callable[[str], tuple[str, int]],
+                  recursive: bool = False, count_replacements: bool = False) -> EditSummary:
+    """Apply `edit(line) -> (new line, changes)` to every line of every caption of `folder`;
+    write the captions that changed (with `count_replacements`, the changes are added up in
+    `replacements`). A caption that cannot be read or written is listed in `failed` and left
+    as it was."""
+    root = Path(folder).expanduser()
+    summary = EditSummary()
+    for image in list_images(folder, recursive):
+        name = image.relative_to(root).as_posix()
+        try:
+            old = read_caption(image)
+            if old is None:
+                summary.skipped.append((name, SKIP_NO_CAPTION))
+                continue
+            lines, changes = [], 0
+            for line in old.replace("\r\n", "\n").split("\n"):
+                new, count = edit(line) if line.strip() else (line, 0)
+                if new.strip() or not line.strip():  # a line the edit emptied goes
+                    lines.append(new)
+                changes += count
+            new_text = "\n".join(lines)
+            if new_text == old:
+                summary.unchanged.append(name)
+                continue
+            write_caption(image, new_text)
+            summary.changed.append(name)
+            if count_replacements:
+                summary.replacements += changes
+        except OSError as error:
+            summary.failed.append((name, f"cannot read or write its caption "
+                                         f"({caption_path(image).name}): "
+                                         f"{error.strerror or error}"))
+    return summary
+
+
+def _trigger(word: str) -> str:
+    word = " ".join(str(word or "").split())
+    if not word:
+        raise CaptionError("trigger word: empty; give the word to add or remove, e.g. 'ohwx'")
+    return word
+
+
+def _starts_with(word: str) -> re.Pattern:
+    """The trigger at the start of a line as a whole word (any case), with the comma or space
+    that follows it: "ohwx" matches "ohwx, a cat" and "OHWX cat", not "ohwxyz, a cat"."""
+    return re.compile(rf"^\s*{re.escape(word)}(?=$|[\s,.;:!?])[\s,;]*", re.IGNORECASE)
+
+
+def add_trigger(folder: Path | str, word: str, recursive: bool = False) -> EditSummary:
+    """Put `word` at the start of every caption ("ohwx, a cat on a sofa"); a caption that
+    already starts with it is left as it is, so adding twice is adding once."""
+    word = _trigger(word)
+    pattern = _starts_with(word)
+
+    def edit(line: str) -> tuple[str, int]:
+        if pattern.match(line):
+            return line, 0
+        rest = line.strip().lstrip(",; ")
+        return (f"{word}, {rest}" if rest else word), 1
+
+    return edit_captions(folder, edit, recursive)
+
+
+def remove_trigger(folder: Path | str, word: str, recursive: bool = False) -> EditSummary:
+    """Take `word` (and the comma after it) off the start of every caption that starts with
+    it; the word elsewhere in a caption is part of the description and stays."""
+    pattern = _starts_with(_trigger(word))
+
+    def edit(line: str) -> tuple[str, int]:
+        new, count = pattern.subn("", line, count=1)
+        return new.strip(), count
+
+    return edit_captions(folder, edit, recursive)
+
+
+def find_replace(folder: Path | str, find: str, replace_with: str,
+                 recursive: bool = False) -> EditSummary:
+    """Replace every occurrence of the plain text `find` (case-sensitive, not a pattern) by
+    `replace_with` in every caption; an empty `replace_with` deletes it."""
+    find = str(find or "")
+    if not find.strip():
+        raise CaptionError("find: empty; give the text to look for")
+    if "\n" in find or "\n" in str(replace_with or ""):
+        raise CaptionError("find and replace work within a caption line; the text may not "
+                           "hold a line break")
+    replace_with = str(replace_with or "")
+
+    def edit(line: str) -> tuple[str, int]:
+        count = line.count(find)
+        return (line.replace(find, replace_with), count) if count else (line, 0)
+
+    return edit_captions(folder, edit, recursive, count_replacements=True)
