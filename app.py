@@ -4,11 +4,16 @@
     python app.py --port 8000 --listen # on every interface (0.0.0.0)
     python app.py --auth user:secret   # ask for a username and password
 
-Also the Hugging Face Space's app_file: outputs go to /data/workspace when /data exists.
+    python app.py --print-settings     # what this start would use, as JSON, and exit
+
+Also the Hugging Face Space's app_file: outputs go to /data/workspace when /data exists, and
+on a Space the hub cache too (HF_HOME=/data/.huggingface), so base models survive a restart.
+ATELIER_DATA_DIR names another folder than /data (a stand-in for tests).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -69,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                    limits.max_files)),
                         help=f"dataset uploads: files per upload (default {limits.max_files}; "
                              "env ATELIER_MAX_UPLOAD_FILES)")
+    parser.add_argument("--print-settings", action="store_true",
+                        help="print what this start would use (shared mode, hub access, "
+                             "workspace, hub cache) as JSON, and exit without serving")
     args = parser.parse_args(argv)
     if min(args.max_upload_gb, args.max_dataset_gb, args.quota_gb) <= 0 or args.max_files < 1:
         parser.error("the upload limits must be positive")
@@ -81,6 +89,27 @@ def upload_limits(args: argparse.Namespace) -> ImportLimits:
     return ImportLimits(max_upload_bytes=int(args.max_upload_gb * GiB),
                         max_dataset_bytes=int(args.max_dataset_gb * GiB),
                         quota_bytes=int(args.quota_gb * GiB), max_files=args.max_files)
+
+
+def hub_cache_on_persistent_storage() -> None:
+    """On a Space with persistent storage, the hub cache lives there (HF_HOME, unless set),
+    so a downloaded base model survives a restart. Called before any hub library is
+    imported: they read HF_HOME once."""
+    from trainer.data.datasets import persistent_folder
+    data = persistent_folder()
+    if data is not None:
+        os.environ.setdefault("HF_HOME", str(data / ".huggingface"))
+
+
+def settings(shared: bool, workspace: Path) -> dict:
+    """What this start decided, as the libraries will see it (--print-settings)."""
+    from huggingface_hub import constants
+
+    from ui import state
+    return {"space_id": os.environ.get("SPACE_ID"), "shared": shared,
+            "confine_paths": state.OPTIONS.confine_paths,
+            "hub_offline": constants.is_offline_mode(), "workspace": str(workspace),
+            "hf_home": constants.HF_HOME, "hub_cache": constants.HF_HUB_CACHE}
 
 
 def warm_up() -> None:
@@ -112,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     on_space = bool(os.environ.get("SPACE_ID"))
     if not (args.online or on_space):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if on_space:
+        hub_cache_on_persistent_storage()
     os.chdir(REPO_ROOT)  # presets name repo-relative paths (trainer/demo/dataset)
     if args.workspace:
         os.environ["ATELIER_WORKSPACE"] = str(Path(args.workspace).resolve())
@@ -120,10 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     # Shared or public (reachable by others): paths confined to the workspace, custom
     # scheduler code off (SPEC §7). A plain local start is the user's own machine.
     shared = args.listen or args.share or on_space
-    state.configure(shared=shared, allow_any_path=args.allow_any_path)
+    state.configure(shared=shared, allow_any_path=args.allow_any_path,
+                    online=args.online or on_space, login=bool(args.auth))
     state.IMPORT_LIMITS = upload_limits(args)
     workspace = paths.workspace_root()
     workspace.mkdir(parents=True, exist_ok=True)
+    if args.print_settings:
+        print(json.dumps(settings(shared, workspace), indent=2))
+        return
 
     warm_up()
     ensure_demo_model()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refresh constraints.txt: the exact versions of every dependency (but torch) that the README's
-# install resolves today, inside the ranges of pyproject.toml.
+# install resolves today, inside the ranges of pyproject.toml; then requirements.txt from it.
 #
 #     bash tools/refresh-constraints.sh        # then: python -m pytest -q, and commit if green
 #
@@ -21,5 +21,8 @@ python3 -m venv "$venv"
     echo "# Generated $(date -u +%Y-%m-%d) with Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')."
     "$venv/bin/pip" freeze --exclude-editable | grep -viE '^(torch|atelier)=='
 } > constraints.txt
+# requirements.txt (what a Hugging Face Space installs): the same pins, runtime packages only,
+# read off the dependency graph of the environment that was just resolved.
+"$venv/bin/python" tools/write_requirements.py
 rm -rf "$(dirname "$venv")"
 echo "constraints.txt: $(grep -vc '^#' constraints.txt) pins"

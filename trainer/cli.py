@@ -2,15 +2,22 @@
 
     python -m trainer train --config my.json [--set key=value ...]
     python -m trainer make-tiny-model sd15 OUT_DIR        (or sdxl, sd15-inpaint, sdxl-inpaint,
-                                                           or clipseg)
+                                                           or clipseg, or captioner
+                                                           (Florence-2), captioner-blip)
     python -m trainer masks --folder DIR --method clipseg --prompt "a cat" [--mode fill ...]
+    python -m trainer caption --folder DIR --model PATH_OR_ID [--mode fill|replace] [--prefix T]
+    python -m trainer caption-edit --folder DIR (--add-trigger W | --remove-trigger W |
+                                                 --find TEXT --replace-with TEXT)
     python -m trainer dataset import SOURCE... --name NAME [--replace] [--json FILE]
     python -m trainer dataset list
+    python -m trainer publish OUTPUT --repo-id USER/NAME [--private] [--dry-run FOLDER]
     accelerate launch -m trainer train --config my.json     # several GPUs (DDP)
 
 Bad input ends with a one-line message and exit status 2; Ctrl-C once stops after the current
 step and saves, twice aborts. `masks` exits 1 when some image failed (the others are done);
-`dataset import` exits 1 when some file was skipped or refused (the others are added).
+`dataset import` exits 1 when some file was skipped or refused (the others are added);
+`caption` and `caption-edit` exit 1 when some image's caption failed (the others are done);
+`publish` exits 1 when the upload failed (no network, refused by the Hub).
 """
 from __future__ import annotations
 
@@ -53,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("destination")
 
     tiny = sub.add_parser("make-tiny-model",
-                          help="write a tiny random SD model, or CLIPSeg for masks (offline demo)")
+                          help="write a tiny random SD model, CLIPSeg for masks or a captioner "
+                               "(offline demo)")
     tiny.add_argument("family", choices=["sd15", "sdxl", "sd15-inpaint", "sdxl-inpaint",
-                                         "clipseg"])
+                                         "clipseg", "captioner", "captioner-blip"])
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -81,6 +89,47 @@ def _parser() -> argparse.ArgumentParser:
     masks.add_argument("--grow", type=int, default=0, help="grow the mask by N px")
     masks.add_argument("--recursive", action="store_true", help="include sub-folders")
 
+    from trainer.captions.models import DEFAULT_CAPTION_MODEL, DEFAULT_MAX_LENGTH
+    caption = sub.add_parser(
+        "caption", help="write <image>.txt captions for a folder with Florence-2 or BLIP",
+        description="Captions for every image of a folder, written to <image stem>.txt. Exit "
+                    "status 0: all done; 1: some image failed (its caption is left as it was); "
+                    "2: bad arguments or no model.")
+    caption.add_argument("--folder", required=True, help="the folder of training images")
+    caption.add_argument("--model", default=DEFAULT_CAPTION_MODEL,
+                         help="a local Florence-2 or BLIP model folder, or a hub id (downloaded "
+                              "only with --online or on a Space; default %(default)s)")
+    caption.add_argument("--mode", choices=["fill", "replace"], default="fill",
+                         help="fill: only images without a caption (default); replace: all")
+    caption.add_argument("--style", choices=["short", "detailed"], default="short",
+                         help="a one-phrase caption or a few sentences")
+    caption.add_argument("--prefix", default="", help="put before each caption, e.g. a trigger word")
+    caption.add_argument("--suffix", default="", help="put after each caption")
+    caption.add_argument("--max-length", type=int, default=None, metavar="N",
+                         help="generate at most N tokens (about N words; default "
+                              f"{DEFAULT_MAX_LENGTH['short']} short, "
+                              f"{DEFAULT_MAX_LENGTH['detailed']} detailed)")
+    caption.add_argument("--online", action="store_true",
+                         help="allow downloading a hub id's model")
+    caption.add_argument("--recursive", action="store_true", help="include sub-folders")
+
+    caption_edit = sub.add_parser(
+        "caption-edit", help="add or remove a trigger word, or find and replace, in a "
+                             "folder's captions",
+        description="Edit every <image stem>.txt of a folder. Exit status 0: done; 1: some "
+                    "caption could not be read or written; 2: bad arguments.")
+    caption_edit.add_argument("--folder", required=True, help="the folder of training images")
+    edit_action = caption_edit.add_mutually_exclusive_group(required=True)
+    edit_action.add_argument("--add-trigger", metavar="WORD",
+                             help="put WORD at the start of each caption (once)")
+    edit_action.add_argument("--remove-trigger", metavar="WORD",
+                             help="take WORD off the start of each caption")
+    edit_action.add_argument("--find", metavar="TEXT", help="plain text to replace (with "
+                             "--replace-with; case-sensitive)")
+    caption_edit.add_argument("--replace-with", default=None, metavar="TEXT",
+                              help="what --find's text becomes ('' deletes it)")
+    caption_edit.add_argument("--recursive", action="store_true", help="include sub-folders")
+
     dataset = sub.add_parser("dataset", help="import images into the workspace's datasets")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
     workspace_help = ("the workspace folder (default: $ATELIER_WORKSPACE, /data/workspace on "
@@ -101,6 +150,27 @@ def _parser() -> argparse.ArgumentParser:
                          help="also write the report as JSON: dataset, added, skipped")
     listing = dataset_sub.add_parser("list", help="the datasets with their counts")
     listing.add_argument("--workspace", default=None, help=workspace_help)
+
+    publish = sub.add_parser(
+        "publish", help="upload an output with its config, samples and a model card to the Hub",
+        description="Publish a LoRA, single-file checkpoint or diffusers folder to the Hugging "
+                    "Face Hub with its config JSON, the run's samples and a README.md model "
+                    "card. The token is HF_TOKEN, else the saved `hf auth login`. Exit status "
+                    "0: published (or the --dry-run folder written); 1: the upload failed; "
+                    "2: bad arguments.")
+    publish.add_argument("output", help="the output: a .safetensors file or a diffusers folder")
+    publish.add_argument("--repo-id", required=True, help="the model repo, USER/NAME")
+    publish.add_argument("--private", action="store_true",
+                         help="create the repo private (an existing repo keeps its visibility)")
+    publish.add_argument("--dry-run", default=None, metavar="FOLDER",
+                         help="only write the folder that would be uploaded (a new folder)")
+    publish.add_argument("--endpoint", default=None, metavar="URL",
+                         help="the Hub's address (default: HF_ENDPOINT or huggingface.co)")
+    publish.add_argument("--base-model", default=None, metavar="HUB_ID",
+                         help="the base model's hub id for the card, when the run used a local "
+                              "copy (default: the config's base model when it is a hub id)")
+    publish.add_argument("--instance-prompt", default=None, metavar="TEXT",
+                         help="the trigger word(s) for the card (default: a concept's prompt)")
     return parser
 
 
@@ -168,6 +238,11 @@ def run_make_tiny_model(args) -> int:
     if args.family == "clipseg":
         from trainer.masks.tiny_clipseg import build_tiny_clipseg
         build, name = build_tiny_clipseg, "CLIPSeg"
+    elif args.family in ("captioner", "captioner-blip"):
+        from trainer.captions import tiny as tiny_captioners
+        build, name = ((tiny_captioners.build_tiny_florence2, "Florence-2 captioning")
+                       if args.family == "captioner"
+                       else (tiny_captioners.build_tiny_blip, "BLIP captioning"))
     else:
         from trainer.models import tiny
         build, name = {"sd15": (tiny.build_tiny_sd15, "SD 1.5"),
@@ -219,6 +294,63 @@ def run_masks(args) -> int:
     return 1 if summary.failed else 0
 
 
+def run_caption(args) -> int:
+    from tqdm import tqdm
+
+    from trainer.captions.generate import CaptionSettings, caption_folder
+
+    settings = CaptionSettings(model=args.model, mode=args.mode, style=args.style,
+                               prefix=args.prefix, suffix=args.suffix,
+                               max_length=args.max_length, online=args.online)
+    settings.check()  # bad settings: one line, before any image is read
+    stop = []
+    bar = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="image", dynamic_ncols=True, file=sys.stderr)
+        bar.set_postfix_str(name)
+        bar.update(done - bar.n)
+
+    def on_interrupt(signum, frame):
+        if stop:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        print("\nStopping after the current image (Ctrl-C again to abort).", file=sys.stderr)
+        stop.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        summary = caption_folder(args.folder, settings, progress=progress,
+                                 should_stop=lambda: bool(stop), recursive=args.recursive)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+    print(summary.text())
+    if summary.stopped:
+        return 130
+    return 1 if summary.failed else 0
+
+
+def run_caption_edit(args) -> int:
+    from trainer.captions import edit
+    from trainer.errors import CaptionError
+
+    if args.find is not None:
+        if args.replace_with is None:
+            raise CaptionError("--find needs --replace-with (give '' to delete the text)")
+        summary = edit.find_replace(args.folder, args.find, args.replace_with, args.recursive)
+    elif args.replace_with is not None:
+        raise CaptionError("--replace-with goes with --find")
+    elif args.add_trigger is not None:
+        summary = edit.add_trigger(args.folder, args.add_trigger, args.recursive)
+    else:
+        summary = edit.remove_trigger(args.folder, args.remove_trigger, args.recursive)
+    print(summary.text())
+    return 1 if summary.failed else 0
+
+
 def run_dataset(args) -> int:
     import json
 
@@ -238,6 +370,25 @@ def run_dataset(args) -> int:
     return 0 if report.complete else 1
 
 
+def run_publish(args) -> int:
+    from trainer import publish
+
+    options = {"base_model": args.base_model, "instance_prompt": args.instance_prompt}
+    if args.dry_run:
+        files = publish.build_upload_folder(args.output, args.dry_run, repo_id=args.repo_id,
+                                            **options)
+        print(f"Wrote the folder for {args.repo_id} to {args.dry_run}: {', '.join(files)}")
+        return 0
+    try:
+        url = publish.publish(args.output, args.repo_id, private=args.private,
+                              endpoint=args.endpoint, on_status=print, **options)
+    except publish.UploadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Published to {url}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_cli_environment()
     args = _parser().parse_args(argv)
@@ -251,8 +402,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "masks":
             return run_masks(args)
+        if args.command == "caption":
+            return run_caption(args)
+        if args.command == "caption-edit":
+            return run_caption_edit(args)
         if args.command == "dataset":
             return run_dataset(args)
+        if args.command == "publish":
+            return run_publish(args)
         return run_make_tiny_model(args)
     except AtelierError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -261,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "masks":
             print("Aborted; the masks written so far are kept, and none is half-written.",
                   file=sys.stderr)
+        elif args.command == "caption":
+            print("Aborted; the captions written so far are kept, and none is half-written.",
+                  file=sys.stderr)
+        elif args.command == "publish":
+            print("Aborted; no commit was made (the repo may exist, empty).", file=sys.stderr)
         else:
             print("Aborted; the last backup (if any) is left as it was.", file=sys.stderr)
         return 130

@@ -21,8 +21,8 @@ import gradio as gr
 
 from trainer.config import ConceptConfig, TrainConfig, check_supported, config_from_dict
 from trainer.errors import AtelierError, ConfigError
-from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, lr_preview, optimizers,
-                presets, tables, try_panel)
+from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, lr_preview,
+                optimizers, presets, publish_panel, tables, try_panel)
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
                            make_parameter_box, page_value, parameter_box_update, slug)
@@ -284,6 +284,7 @@ def build_page() -> gr.Blocks:
 
         # Try a trained LoRA beside its base model.
         try_panel.build_panel(fields["base_model_name"], fields["model_type"])
+        publish_panel.build_panel()
 
         # 6. Backup and save
         if F.keys_in_section(F.BACKUP_SECTION):

@@ -58,6 +58,8 @@ class ServerOptions:
     confine_paths: bool = False
     # Models named by a hub id may download (--online, or a Space).
     online: bool = False
+    # Visitors sign in (--auth): they may use the server's own Hugging Face token.
+    login: bool = False
 
 
 OPTIONS = ServerOptions()
@@ -65,9 +67,11 @@ OPTIONS = ServerOptions()
 IMPORT_LIMITS = ImportLimits()
 
 
-def configure(shared: bool, allow_any_path: bool = False, online: bool = False) -> None:
+def configure(shared: bool, allow_any_path: bool = False, online: bool = False,
+              login: bool = False) -> None:
     OPTIONS.shared = shared
     OPTIONS.online = online
+    OPTIONS.login = login
     OPTIONS.confine_paths = shared and not allow_any_path
     SESSION.allow_custom_code = not shared
 

@@ -25,14 +25,21 @@ DATASETS_FOLDER = "datasets"
 HIDDEN_PREFIX = "."
 
 
+def persistent_folder() -> Path | None:
+    """A Space's persistent storage, `/data` (`ATELIER_DATA_DIR` names another folder: a
+    stand-in for tests, or a server's own persistent disk), when it exists and is writable."""
+    data = Path(os.environ.get("ATELIER_DATA_DIR") or "/data")
+    return data if data.is_dir() and os.access(data, os.W_OK) else None
+
+
 def default_workspace() -> Path:
     """The app's workspace (ui/paths.py uses this one): `ATELIER_WORKSPACE`, else
     `/data/workspace` on a Space with persistent storage, else `<repo>/workspace`."""
     override = os.environ.get("ATELIER_WORKSPACE")
     if override:
         return Path(override).resolve()
-    data = Path("/data")
-    if data.is_dir() and os.access(data, os.W_OK):
+    data = persistent_folder()
+    if data is not None:
         return data / "workspace"
     return Path(__file__).resolve().parents[2] / "workspace"
 
