@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from trainer.config import (DataType, LoraLayerPreset, ModelFormat, ModelType, TrainingMethod,
-                            config_from_dict)
+from trainer.config import (DataType, LoraLayerPreset, ModelFormat, ModelType, PeftType,
+                            TrainingMethod, check_adapter_type, config_from_dict)
 from trainer.errors import ConfigError
 
 SD15_LORA = {
@@ -224,8 +224,6 @@ def test_a_current_saved_config_imports_as_meant(tiny_sd15_dir, tmp_path):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"peft_type": "LOHA"}, "peft_type: 'LOHA' cannot be trained"),
-    ({"lora_decompose": True}, "lora_decompose: True cannot be trained: DoRA"),
     ({"additional_embeddings": [{"placeholder": "<x>"}]}, "additional_embeddings: "),
 ])
 def test_a_method_atelier_does_not_train_yet_stops_the_import(change, named):
@@ -234,3 +232,16 @@ def test_a_method_atelier_does_not_train_yet_stops_the_import(change, named):
         load({**SAVED_V10, **change})
     with pytest.raises(ConfigError, match=named):
         import_config({**SAVED_V10, **change})
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"peft_type": "LOHA"}, (PeftType.LOHA, False)),
+    ({"peft_type": "LOKR"}, (PeftType.LOKR, False)),
+    ({"lora_decompose": True}, (PeftType.LORA, True)),
+])
+def test_loha_lokr_and_dora_import_as_their_fields(change, expected):
+    config, notes = load({**SAVED_V10, **change})
+    assert (config.peft_type, config.lora_decompose) == expected
+    check_adapter_type(config)  # and it has a file layout (KOHYA_LORA)
+    # OneTrainer's DoRA defaults to the input axis; Atelier's (peft's) is the output axis
+    assert any("per output channel" in n for n in notes) == expected[1]

@@ -27,8 +27,9 @@ from trainer.errors import ConfigError, TrainingError
 
 PREFIX = "step-"
 # Settings that shape the trained tensors: a backup made with other values cannot resume.
-MUST_MATCH = ("model_type", "training_method", "base_model_name", "lora_rank",
-              "lora_layer_preset", "layer_filter", "layer_filter_regex", "optimizer.optimizer")
+MUST_MATCH = ("model_type", "training_method", "base_model_name", "peft_type", "lora_decompose",
+              "lora_rank", "lora_layer_preset", "layer_filter", "layer_filter_regex",
+              "optimizer.optimizer")
 
 
 def backup_root(config: TrainConfig) -> Path:
@@ -112,7 +113,9 @@ def write_backup(config: TrainConfig, *, step: int, epoch: int, batches_done: in
 def read_backup(folder: Path, config: TrainConfig) -> dict[str, Any]:
     """Load a backup for `config`, refusing one the config cannot continue, with the reason."""
     progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
-    then, now = progress["fingerprint"], _fingerprint(config)
+    # A backup written before a key joined MUST_MATCH was made with that key's default.
+    then = {**_fingerprint(TrainConfig()), **progress["fingerprint"]}
+    now = _fingerprint(config)
     changed = [f"{k}: {then.get(k)!r} in the backup, {now[k]!r} now"
                for k in now if then.get(k) != now[k]]
     if changed:

@@ -139,6 +139,13 @@ class PromptSource(str, Enum):
     CONCEPT = "concept"    # one prompt for the whole concept
 
 
+class PeftType(str, Enum):
+    """OneTrainer's adapter types (its `peft_type`), all built with peft (trainer/lora.py)."""
+    LORA = "LORA"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+
+
 class LoraLayerPreset(str, Enum):
     """OneTrainer's layer presets, matched as OneTrainer matches them (trainer/lora.py)."""
     ATTN_ONLY = "attn-only"
@@ -484,6 +491,19 @@ class TrainConfig(Strict):
         tooltip="Where the Huber loss turns from squared to linear.")
 
     # LoRA
+    peft_type: PeftType = setting(
+        PeftType.LORA, section="LoRA", label="Adapter type",
+        applies_to={"training_method": ["LORA"]},
+        tooltip="LORA: two low-rank matrices (up @ down). LOHA (LyCORIS LoHa): the Hadamard "
+                "product of two low-rank products, more expressive at the same rank. LOKR "
+                "(LyCORIS LoKr): a Kronecker product of two small factors, smallest files. All "
+                "three load in ComfyUI, Forge and A1111; DIFFUSERS_LORA writes only LORA.")
+    lora_decompose: bool = setting(
+        False, section="LoRA", label="Decompose weights (DoRA)",
+        applies_to={"training_method": ["LORA"], "peft_type": ["LORA"]},
+        tooltip="DoRA: also learn a magnitude per output channel beside the LoRA's "
+                "direction (peft's use_dora); each step costs more. Saved as .dora_scale "
+                "beside lora_down/lora_up, which ComfyUI and Forge load.")
     lora_rank: int = setting(16, section="LoRA", label="Rank", ge=1, le=1024,
                              applies_to={"training_method": ["LORA"]},
                              tooltip="Size of the LoRA matrices: more = more capacity, "
@@ -773,6 +793,32 @@ def check_supported(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number (got {value}).")
+    check_adapter_type(config)
+
+
+# The LoRA formats that can hold each adapter type. diffusers' SD 1.5 / SDXL loaders read LoRA
+# and DoRA (peft's lora_magnitude_vector) but no LoHa or LoKr, so DIFFUSERS_LORA has no layout
+# for them; the kohya layouts and ComfyUI's names hold every type (trainer/lora_formats.py).
+ADAPTER_FORMATS = {
+    PeftType.LORA: ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA"],
+    PeftType.LOHA: ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"],
+    PeftType.LOKR: ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"],
+}
+
+
+def check_adapter_type(config: TrainConfig) -> None:
+    """DoRA is a LoRA option, and each adapter type is written only where it has a layout."""
+    if config.training_method != TrainingMethod.LORA:
+        return
+    peft_type = config.peft_type
+    if config.lora_decompose and peft_type != PeftType.LORA:
+        raise ConfigError(f"lora_decompose (DoRA) works only with peft_type LORA, not "
+                          f"{peft_type.value}; switch one of them off.")
+    fitting = ADAPTER_FORMATS[peft_type]
+    if config.output_model_format.value not in fitting:
+        raise ConfigError(f"output_model_format = {config.output_model_format.value} cannot "
+                          f"hold peft_type {peft_type.value} (diffusers loads no LoHa/LoKr for "
+                          f"SD 1.5 / SDXL); use {', '.join(fitting)}.")
 
 
 def check_output_format(config: TrainConfig) -> None:

@@ -9,7 +9,13 @@
   `model_lora_keys_unet`/`model_lora_keys_clip` map exactly these onto its weights.
 - DIFFUSERS_LORA: peft's keys under diffusers' component prefixes (`unet.`, `text_encoder.`,
   `text_encoder_2.`), packed by diffusers' own `pack_weights`. The file has no alpha: diffusers
-  then scales by 1 (alpha = rank), so alpha / rank is folded into `lora_B`.
+  then scales by 1 (alpha = rank), so alpha / rank is folded into `lora_B`. DoRA keeps peft's
+  own `lora_magnitude_vector` (diffusers turns DoRA on when it sees it); LoHa and LoKr have no
+  diffusers layout for SD 1.5 / SDXL and are refused by check_supported (trainer/config.py).
+
+LoHa, LoKr and DoRA use the same names with LyCORIS's suffixes (`hada_w1_a`, `lokr_w1`,
+`dora_scale`, ...; trainer/lora.py says what each holds) in the kohya and ComfyUI layouts:
+ComfyUI finds every adapter type under the names its key map gives a layer.
 
 Every file carries the same `ss_*`/`modelspec.*`/`atelier_config` header and is written
 atomically.
@@ -69,9 +75,9 @@ def comfy_state_dict(models: dict[str, torch.nn.Module], alpha: float,
         else:
             prefixed = {COMFY_TEXT_ENCODERS[part] + m: a for m, a in adapters.items()}
         for name, adapter in prefixed.items():
-            out[f"{name}.lora_A.weight"] = _cpu(adapter.down, dtype)
-            out[f"{name}.lora_B.weight"] = _cpu(adapter.up, dtype)
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+            layer = lora.kohya_layer(adapter, alpha, down="lora_A.weight", up="lora_B.weight")
+            for suffix, tensor in layer.items():
+                out[f"{name}.{suffix}"] = _cpu(tensor, dtype)
     return out
 
 
@@ -98,10 +104,18 @@ def diffusers_state_dict(models: dict[str, torch.nn.Module], alpha: float,
     for part, model in models.items():
         peft_keys: dict[str, torch.Tensor] = {}
         for module, adapter in lora.trained_adapters(model, part).items():
-            rank = adapter.down.shape[0]
-            peft_keys[f"{module}.lora_A.weight"] = _cpu(adapter.down, dtype)
+            if adapter.kind != "lora":  # check_supported refuses it before training
+                raise ValueError(f"DIFFUSERS_LORA cannot hold a {adapter.kind} adapter")
+            down, up = adapter.tensors["lora_A"], adapter.tensors["lora_B"]
+            rank = down.shape[0]
+            peft_keys[f"{module}.lora_A.weight"] = _cpu(down, dtype)
             # float32 for the product, so folding adds no rounding of its own
-            peft_keys[f"{module}.lora_B.weight"] = _cpu(adapter.up.float() * (alpha / rank),
-                                                        dtype)
+            peft_keys[f"{module}.lora_B.weight"] = _cpu(up.float() * (alpha / rank), dtype)
+            if "lora_magnitude_vector" in adapter.tensors:
+                # DoRA's W' = m (W + dW) / ||W + dW||: the same with alpha / rank inside B.
+                # '.weight' (the parameter's own name): transformers' adapter loading (text
+                # encoders) finds the magnitude only so; the UNet's peft loader takes both.
+                peft_keys[f"{module}.lora_magnitude_vector.weight"] = _cpu(
+                    adapter.tensors["lora_magnitude_vector"], dtype)
         out.update(LoraBaseMixin.pack_weights(peft_keys, part))  # 'unet.', 'text_encoder.', ...
     return out

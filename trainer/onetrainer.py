@@ -48,15 +48,27 @@ def translate(data: dict) -> tuple[dict, list[str]]:
     _layer_filter(data, notes)
     _weight_dtypes(data)
     _not_yet_trained(data)
+    _dora_axis(data, notes)
     return data, notes
+
+
+def _dora_axis(data: dict, notes: list[str]) -> None:
+    """OneTrainer normalises DoRA per input channel unless `lora_decompose_output_axis`;
+    Atelier's DoRA is peft's, always per output channel (trainer/lora.py). Said, not refused:
+    both are DoRA, trained and loaded the same way, with a magnitude on another axis. Only
+    for OneTrainer's configs (its `__version`, or its axis key): Atelier's own mean peft's."""
+    from_onetrainer = "__version" in data or "lora_decompose_output_axis" in data
+    if (from_onetrainer and data.get("lora_decompose") is True
+            and not data.get("lora_decompose_output_axis")):
+        notes.append("lora_decompose: Atelier's DoRA (peft's) learns a magnitude per output "
+                     "channel; OneTrainer's default is per input channel "
+                     "(lora_decompose_output_axis false).")
 
 
 # OneTrainer keys that change what is trained, with the value that means what Atelier does.
 # Any other value stops the import: dropping the key as "unknown" would train something else.
+# (`peft_type` LORA/LOHA/LOKR and `lora_decompose` are Atelier fields of the same names.)
 SAME_AS_ATELIER = {
-    "peft_type": ("LORA", "Atelier trains LoRA adapters (LoHa, LoKr, OFT are not supported "
-                          "yet)"),
-    "lora_decompose": (False, "DoRA (weight-decomposed LoRA) is not supported yet"),
     "additional_embeddings": ([], "additional embeddings are not supported yet"),
 }
 

@@ -45,7 +45,7 @@ def settings_from(values: dict[str, Any]) -> CaptionSettings:
                            style=values.get("caption_style") or "short",
                            prefix=values.get("caption_prefix") or "",
                            suffix=values.get("caption_suffix") or "",
-                           max_length=int(length) if length not in (None, "") else None,
+                           max_length=int(length) if length else None,  # 0: the style's
                            online=state.OPTIONS.online)
 
 
@@ -155,9 +155,9 @@ def build_panel(section: DatasetSection) -> CaptionPanel:
                                 max_lines=1, elem_id="caption-prefix")
             suffix = gr.Textbox(label="Suffix", placeholder="e.g. film photo", max_lines=1,
                                 elem_id="caption-suffix")
-            max_length = gr.Number(None, label="Max length (tokens)", precision=0, minimum=1,
+            max_length = gr.Number(0, label="Max length (tokens)", precision=0, minimum=0,
                                    elem_id="caption-max-length",
-                                   info="Empty: the style's own (40 short, 120 detailed).")
+                                   info="0: the style's own (40 short, 120 detailed).")
         with gr.Row():
             preview = gr.Button("Preview", elem_id="caption-preview", size="sm")
             run = gr.Button("Caption folder", elem_id="caption-run", size="sm",

@@ -48,6 +48,29 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) ->
                        + log.read_text(errors="replace")[-4000:])
 
 
+def serve(workspace: Path, log: Path, *extra: str):
+    """`python app.py` on a free port with `workspace`; yields its URL, stops it after."""
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    env.pop("ATELIER_WORKSPACE", None)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port), *extra],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_http(url, SERVER_START_TIMEOUT, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture(scope="session")
 def atelier_server(tmp_path_factory):
     """(url, workspace) of `python app.py` on a free port with a fresh workspace."""
@@ -57,26 +80,19 @@ def atelier_server(tmp_path_factory):
                  else tmp_path_factory.mktemp("atelier-workspace"))
     workspace.mkdir(exist_ok=True)
     log = tmp_path_factory.mktemp("atelier-log") / "server.log"
-    port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
-    env.pop("ATELIER_WORKSPACE", None)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port),
-             *([] if default_workspace else ["--workspace", str(workspace)])],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_http(url, SERVER_START_TIMEOUT, process, log)
+    args = [] if default_workspace else ["--workspace", str(workspace)]
+    for url in serve(workspace, log, *args):
         yield url, workspace
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """(url, workspace) of a shared server (`--listen`: paths confined to the workspace), as
+    on a Space or a rented GPU."""
+    workspace = tmp_path_factory.mktemp("shared-workspace")
+    log = tmp_path_factory.mktemp("shared-log") / "server.log"
+    for url in serve(workspace, log, "--listen", "--workspace", str(workspace)):
+        yield url, workspace
 
 
 @pytest.fixture(scope="session")
@@ -96,10 +112,8 @@ def chromium():
             browser.close()
 
 
-@pytest.fixture
-def page(chromium, atelier_server):
-    """A fresh tab on the app, loaded, with console errors collected in `page.errors`."""
-    url, _ = atelier_server
+def open_tab(chromium, url: str):
+    """A fresh tab on the app, loaded, with console errors collected in `tab.errors`."""
     context = chromium.new_context(viewport={"width": 1400, "height": 1000},
                                    accept_downloads=True)
     tab = context.new_page()
@@ -111,6 +125,16 @@ def page(chromium, atelier_server):
     tab.wait_for_selector("#job-status", timeout=30_000)
     yield tab
     context.close()
+
+
+@pytest.fixture
+def page(chromium, atelier_server):
+    yield from open_tab(chromium, atelier_server[0])
+
+
+@pytest.fixture
+def shared_page(chromium, shared_server):
+    yield from open_tab(chromium, shared_server[0])
 
 
 @pytest.fixture

@@ -1,0 +1,498 @@
+"""LoHa, LoKr and DoRA (`peft_type`, `lora_decompose`): each trains a tiny model for real, its
+file has exactly the LyCORIS/kohya key layout, and the weights ComfyUI rebuilds from the FILE
+(its published formulas, written out below) are the weights of the trained peft layers, layer
+by layer. Also: the metadata names the network, DoRA reloads in diffusers, a run resumes from
+a backup, and the combinations without a file layout are refused by name."""
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from trainer import finetune, lora, lora_formats
+from trainer.backup import list_backups
+from trainer.config import ModelFormat, PeftType, check_supported, config_from_dict
+from trainer.errors import ConfigError
+from trainer.loop import train
+
+from helpers import read_metrics, same_trained, sdxl_config, tiny_config
+
+ALPHA = 2.0  # helpers.tiny_config; with rank 4 (or 2) a lost or doubled alpha shows
+
+# name -> (family, settings). "full" puts adapters on conv layers too (conv_in, resnets).
+# LoKr at rank 4 keeps both Kronecker factors whole on the tiny model's 32-wide layers
+# (peft factorises w2 only when rank < half its size); at rank 2 w2 is stored as w2_a @ w2_b.
+VARIANTS = {
+    "loha": ("sd15", {"peft_type": "LOHA"}),
+    "lokr": ("sd15", {"peft_type": "LOKR"}),
+    "lokr-factored": ("sd15", {"peft_type": "LOKR", "lora_rank": 2}),
+    "dora": ("sd15", {"lora_decompose": True}),
+    "dora-sdxl": ("sdxl", {"lora_decompose": True}),
+    "loha-sdxl": ("sdxl", {"peft_type": "LOHA"}),
+}
+KNOWN_LINEAR = {"sd15": "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                "sdxl": "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"}
+KNOWN_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # 32 -> 32 channels, 3x3
+KNOWN_TE = {"sd15": "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+            "sdxl": "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"}
+
+
+class Trained:
+    """One variant's run: the files written at its save, and what the trained model held."""
+    def __init__(self, name, config, result, files):
+        self.name, self.config, self.result, self.files = name, config, result, files
+        self.layers = {}    # kohya name -> (base weight, peft's effective weight, bias, layer copy)
+        self.initial = {}   # adapter parameter name -> its value before training
+        self.final = {}     # the same after training
+
+
+def kohya_names(family) -> dict[str, tuple[str, torch.nn.Module]]:
+    """kohya name -> the peft layer, for every adapted layer of every trained part."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    out = {}
+    for part, prefix in family.kohya_prefixes.items():
+        model = family.parts.get(part)
+        if model is None:
+            continue
+        flattened = part != "unet" and not hasattr(model, "text_model")
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                full = ("text_model." + name) if flattened else name
+                out[prefix + full.replace(".", "_")] = module
+    return out
+
+
+def effective_weight(layer) -> torch.Tensor:
+    """The weight the trained peft layer computes with, by peft's own merge (on a copy)."""
+    merged = copy.deepcopy(layer)
+    merged.merge(safe_merge=True)
+    return merged.get_base_layer().weight.detach().float().clone()
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def trained(request, tiny_sd15_dir, tiny_sdxl_dir, tmp_path_factory):
+    name = request.param
+    family_name, settings = VARIANTS[name]
+    model_dir = tiny_sdxl_dir if family_name == "sdxl" else tiny_sd15_dir
+    make = sdxl_config if family_name == "sdxl" else tiny_config
+    tmp = tmp_path_factory.mktemp(f"variant-{name}")
+    config = make(model_dir, tmp, epochs=1, lora_layer_preset="full", output_dtype="FLOAT_32",
+                  **settings)
+    check_supported(config)
+    run = Trained(name, config, None, {})
+    real_add, real_save = lora.add_lora, finetune.save_output
+
+    def add_and_remember(model, config, part):
+        params = real_add(model, config, part)
+        for key, p in model.named_parameters():
+            if any(p is q for q in params):
+                run.initial[f"{part}/{key}"] = p.detach().clone()
+        return params
+
+    def save_and_record(path, family, parts, config, **kwargs):
+        real_save(path, family, parts, config, **kwargs)
+        for fmt in ("KOHYA_LORA", "COMFY_LORA"):
+            run.files[fmt] = tmp / f"{fmt}.safetensors"
+            as_fmt = config.model_copy(update={"output_model_format": ModelFormat(fmt)})
+            lora_formats.save_lora(str(run.files[fmt]), family, parts, as_fmt, **kwargs)
+        for kohya, layer in kohya_names(family).items():
+            base = layer.get_base_layer()
+            bias = None if base.bias is None else base.bias.detach().clone()
+            run.layers[kohya] = (base.weight.detach().float().clone(), effective_weight(layer),
+                                 bias, copy.deepcopy(layer))
+        for part in parts:
+            for key, p in family.parts[part].named_parameters():
+                if f"{part}/{key}" in run.initial:
+                    run.final[f"{part}/{key}"] = p.detach().clone()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora, "add_lora", add_and_remember)
+        patch.setattr(finetune, "save_output", save_and_record)
+        run.result = train(config)
+    run.files[config.output_model_format.value] = run.result.output_path
+    return run
+
+
+# --- ComfyUI's reconstruction, from its source (comfy/weight_adapter/{lora,loha,lokr,base}.py)
+
+def comfy_weight_decompose(dora_scale, weight, lora_diff, alpha):
+    """base.py weight_decompose at strength 1: a dora_scale as long as the output axis is
+    normalised by the BASE weight's row norms; otherwise per input column of W + dW."""
+    weight_calc = weight + alpha * lora_diff
+    if dora_scale.shape[0] == weight_calc.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        norm = (weight_calc.transpose(0, 1).reshape(weight_calc.shape[1], -1)
+                .norm(dim=1, keepdim=True)
+                .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1)).transpose(0, 1))
+    norm = norm + torch.finfo(weight.dtype).eps
+    return weight_calc * (dora_scale / norm)
+
+
+def comfy_weight(weight, file: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The patched weight ComfyUI computes for layer `name` of a kohya/LyCORIS file."""
+    t = {k[len(name) + 1:]: v.float() for k, v in file.items() if k.startswith(name + ".")}
+    if "hada_w1_a" in t:  # loha.py
+        alpha = t["alpha"].item() / t["hada_w1_b"].shape[0]
+        if "hada_t1" in t:
+            m1 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"], t["hada_w1_b"],
+                              t["hada_w1_a"])
+            m2 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"], t["hada_w2_b"],
+                              t["hada_w2_a"])
+        else:
+            m1 = t["hada_w1_a"] @ t["hada_w1_b"]
+            m2 = t["hada_w2_a"] @ t["hada_w2_b"]
+        return weight + alpha * (m1 * m2).reshape(weight.shape)
+    if any(k.startswith("lokr_") for k in t):  # lokr.py
+        dim = None
+        w1 = t.get("lokr_w1")
+        if w1 is None:
+            dim = t["lokr_w1_b"].shape[0]
+            w1 = t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t.get("lokr_w2")
+        if w2 is None:
+            dim = t["lokr_w2_b"].shape[0]
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+        if w2.dim() == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        alpha = t["alpha"].item() / dim if dim is not None else 1.0
+        return weight + alpha * torch.kron(w1, w2).reshape(weight.shape)
+    up, down = t["lora_up.weight"], t["lora_down.weight"]  # lora.py
+    alpha = t["alpha"].item() / down.shape[0]
+    diff = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+    if "dora_scale" in t:
+        return comfy_weight_decompose(t["dora_scale"], weight, diff, alpha)
+    return weight + alpha * diff
+
+
+def suffixes(file, name):
+    return {k[len(name) + 1:]: tuple(v.shape) for k, v in file.items() if k.startswith(name + ".")}
+
+
+# --- Training ------------------------------------------------------------------------------
+
+def test_each_variant_trains_with_a_finite_loss_and_moves_its_adapters(trained):
+    losses = [r["loss"] for r in read_metrics(trained.config)]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert trained.initial and trained.initial.keys() == trained.final.keys()
+    still = {k for k in trained.initial if torch.equal(trained.initial[k], trained.final[k])}
+    # every UNet adapter learned; in the text encoders too, except SDXL's first encoder's last
+    # layer, whose output SDXL never uses (it takes the penultimate hidden state)
+    assert not {k for k in still if k.startswith("unet/")}
+    for part in {k.split("/")[0] for k in trained.initial}:
+        assert any(k.startswith(part + "/") and k not in still for k in trained.initial), part
+    # the adapter types peft built are the ones asked for
+    peft_type = trained.config.peft_type
+    names = "".join(trained.initial)
+    assert ("hada_w1_a" in names) == (peft_type == PeftType.LOHA)
+    assert ("lokr_w1" in names) == (peft_type == PeftType.LOKR)
+    assert ("lora_magnitude_vector" in names) == trained.config.lora_decompose
+    # and they are trained in float32 whatever the base weights' type
+    assert {v.dtype for v in trained.final.values()} == {torch.float32}
+
+
+# --- Key layout ----------------------------------------------------------------------------
+
+def expected_layout(name, family):
+    """{layer: {suffix: shape}} for the known linear layer (sd15 32 -> 32, sdxl 64 -> 64) and
+    conv layer (32 -> 32 channels, 3x3), at rank 4 (lokr-factored: 2)."""
+    linear, conv = KNOWN_LINEAR[family], KNOWN_CONV
+    n = 64 if family == "sdxl" else 32
+    if name.startswith("loha"):
+        return {linear: {"hada_w1_a": (n, 4), "hada_w1_b": (4, n), "hada_w2_a": (n, 4),
+                         "hada_w2_b": (4, n), "alpha": ()},
+                conv: {"hada_w1_a": (32, 4), "hada_w1_b": (4, 32 * 9), "hada_w2_a": (32, 4),
+                       "hada_w2_b": (4, 32 * 9), "alpha": ()}}
+    if name == "lokr":  # 32 = 4 x 8: w1 (4, 4), w2 (8, 8) both whole at rank 4
+        return {linear: {"lokr_w1": (4, 4), "lokr_w2": (8, 8), "alpha": ()},
+                conv: {"lokr_w1": (4, 4), "lokr_w2": (8, 8, 3, 3), "alpha": ()}}
+    if name == "lokr-factored":
+        return {linear: {"lokr_w1": (4, 4), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 8),
+                         "alpha": ()},
+                conv: {"lokr_w1": (4, 4), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 8 * 9),
+                       "alpha": ()}}
+    return {linear: {"lora_down.weight": (4, n), "lora_up.weight": (n, 4), "alpha": (),
+                     "dora_scale": (n, 1)},
+            conv: {"lora_down.weight": (4, 32, 3, 3), "lora_up.weight": (32, 4, 1, 1),
+                   "alpha": (), "dora_scale": (32, 1, 1, 1)}}
+
+
+def test_the_file_has_exactly_the_lycoris_layout(trained):
+    family = VARIANTS[trained.name][0]
+    file = load_file(str(trained.files["KOHYA_LORA"]))
+    for layer, layout in expected_layout(trained.name, family).items():
+        assert suffixes(file, layer) == layout, layer
+    te = suffixes(file, KNOWN_TE[family])
+    assert te.keys() == next(iter(expected_layout(trained.name, family).values())).keys()
+    # every layer of the file has the same key family, and every adapted layer is in it
+    families = {frozenset(suffixes(file, k.split(".")[0])) for k in file}
+    allowed = {"loha": [{"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}],
+               "lokr": [{"lokr_w1", "lokr_w2", "alpha"}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b",
+                                                          "alpha"}],
+               "dora": [{"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}]}
+    kind = trained.name.split("-")[0]
+    assert families <= {frozenset(f) for f in allowed[kind]}
+    assert {k.split(".")[0] for k in file} == set(trained.layers)
+    alphas = {k.split(".")[0]: v.item() for k, v in file.items() if k.endswith(".alpha")}
+    if trained.name == "lokr":  # whole factors: alpha / r folded into w1, alpha = rank (scale 1)
+        assert alphas[KNOWN_LINEAR[family]] == 4.0
+    else:
+        assert set(alphas.values()) == {ALPHA}
+
+
+def test_comfy_lora_holds_the_same_tensors_under_comfyui_names(trained):
+    family = VARIANTS[trained.name][0]
+    kohya = load_file(str(trained.files["KOHYA_LORA"]))
+    comfy = load_file(str(trained.files["COMFY_LORA"]))
+    assert len(comfy) == len(kohya)
+    known = ("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q" if family == "sd15"
+             else "diffusion_model.input_blocks.3.1.transformer_blocks.0.attn1.to_q")
+    rename = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+    got = {rename.get(k, k): v for k, v in suffixes(comfy, known).items()}
+    assert got == suffixes(kohya, KNOWN_LINEAR[family])
+    for suffix in suffixes(comfy, known):
+        assert torch.equal(comfy[f"{known}.{suffix}"],
+                           kohya[f"{KNOWN_LINEAR[family]}.{rename.get(suffix, suffix)}"]), suffix
+
+
+# --- The real proof: ComfyUI's weights from the file = the trained peft layers' -------------
+
+def test_comfyui_rebuilds_every_trained_layer_from_the_file(trained):
+    file = load_file(str(trained.files["KOHYA_LORA"]))
+    changed = set()
+    for name, (base, effective, _, _) in trained.layers.items():
+        rebuilt = comfy_weight(base, file, name)
+        torch.testing.assert_close(rebuilt, effective, rtol=1e-5, atol=1e-6, msg=name)
+        if not torch.equal(effective, base):
+            changed.add(name)
+    assert len(trained.layers) > 20
+    # every UNet layer really changed (SDXL's first encoder's last layer gets no gradient)
+    assert {n for n in trained.layers if n.startswith("lora_unet_")} <= changed
+    assert {n.split("_")[1] for n in changed} == {n.split("_")[1] for n in trained.layers}
+
+
+def test_the_rebuilt_weight_gives_the_trained_layers_outputs(trained):
+    """Not only peft's merge: the trained layer's own forward equals a plain linear/conv with
+    the weight rebuilt from the file."""
+    file = load_file(str(trained.files["KOHYA_LORA"]))
+    family = VARIANTS[trained.name][0]
+    g = torch.Generator().manual_seed(0)
+    for name in (KNOWN_LINEAR[family], KNOWN_CONV, KNOWN_TE[family]):
+        base, _, bias, layer = trained.layers[name]
+        weight = comfy_weight(base, file, name)
+        layer.eval()
+        with torch.no_grad():
+            if weight.dim() == 4:
+                x = torch.randn(2, weight.shape[1], 8, 8, generator=g)
+                base_conv = layer.get_base_layer()
+                expected = torch.nn.functional.conv2d(x, weight, bias, base_conv.stride,
+                                                      base_conv.padding)
+            else:
+                x = torch.randn(3, weight.shape[1], generator=g)
+                expected = torch.nn.functional.linear(x, weight, bias)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_dora_scale_is_the_magnitude_converted_for_comfyui(trained):
+    """dora_scale = peft's magnitude m * ||W|| / ||W + dW|| (rows): ComfyUI divides the
+    output-axis scale by the base weight's norm, peft by the merged weight's."""
+    family = VARIANTS[trained.name][0]
+    file = load_file(str(trained.files["KOHYA_LORA"]))
+    if not trained.config.lora_decompose:  # LoHa/LoKr: no magnitude anywhere
+        assert not [k for k in file if "dora" in k or "magnitude" in k]
+        return
+    name = KNOWN_LINEAR[family]
+    base, effective, _, layer = trained.layers[name]
+    magnitude = layer.lora_magnitude_vector["default"].weight.detach().flatten()
+    rows = effective.norm(dim=1)  # W' = m (W+dW)/||W+dW||: its rows have norm m
+    torch.testing.assert_close(rows, magnitude, rtol=1e-5, atol=1e-6)
+    down, up = file[f"{name}.lora_down.weight"], file[f"{name}.lora_up.weight"]
+    merged = base + (file[f"{name}.alpha"] / down.shape[0]) * up @ down
+    torch.testing.assert_close(file[f"{name}.dora_scale"].flatten(),
+                               magnitude * base.norm(dim=1) / merged.norm(dim=1))
+
+
+# --- Metadata ------------------------------------------------------------------------------
+
+NETWORK = {
+    "loha": ("lycoris.kohya", {"algo": "loha"}),
+    "lokr": ("lycoris.kohya", {"algo": "lokr", "factor": "-1"}),
+    "dora": ("networks.lora", {"dora_wd": "True", "wd_on_output": "True"}),
+}
+
+
+def test_the_metadata_names_the_network_type(trained):
+    import json
+    with safe_open(str(trained.result.output_path), "pt") as f:
+        meta = f.metadata()
+    module, args = NETWORK[trained.name.split("-")[0]]
+    assert meta["ss_network_module"] == module
+    assert json.loads(meta["ss_network_args"]) == args
+    saved = json.loads(meta["atelier_config"])
+    assert (saved["peft_type"], saved["lora_decompose"]) == (trained.config.peft_type.value,
+                                                             trained.config.lora_decompose)
+
+
+def test_plain_lora_keeps_its_metadata():
+    config = config_from_dict({})
+    assert lora.network_args(config) == {"ss_network_module": "networks.lora"}
+
+
+# --- DoRA in diffusers -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_dora_as_diffusers_lora_reloads_in_diffusers_with_the_trained_outputs(
+        family, tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
+    """DIFFUSERS_LORA keeps peft's magnitude: `load_lora_weights` turns DoRA on and the UNet
+    and text encoders give what the trained model gave. (diffusers drops the `dora_scale` of
+    kohya files for SD 1.5 / SDXL with a warning, so the kohya layout is for ComfyUI/Forge.)"""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    model_dir = tiny_sdxl_dir if family == "sdxl" else tiny_sd15_dir
+    make = sdxl_config if family == "sdxl" else tiny_config
+    config = make(model_dir, tmp_path, epochs=1, lora_decompose=True, output_dtype="FLOAT_32",
+                  output_model_format="DIFFUSERS_LORA")
+    reference = {}
+    real_save = finetune.save_output
+
+    def save_and_record(path, fam, parts, config, **kwargs):
+        real_save(path, fam, parts, config, **kwargs)
+        reference["outputs"] = outputs(*[fam.parts.get(p) for p in
+                                         ("unet", "text_encoder", "text_encoder_2")])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune, "save_output", save_and_record)
+        result = train(config)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    before = outputs(pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    pipe.load_lora_weights(result.output_path)
+    assert pipe.unet.peft_config["default_0"].use_dora
+    after = outputs(pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    for got, trained_out, untouched in zip(after, reference["outputs"], before):
+        assert not torch.allclose(trained_out, untouched, atol=1e-4)  # the DoRA changed it
+        torch.testing.assert_close(got, trained_out, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def outputs(unet, text_encoder, text_encoder_2=None) -> list[torch.Tensor]:
+    """The UNet's noise prediction on fixed inputs and the text encoders' outputs."""
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    latents = torch.randn(1, c.in_channels, 8, 8, generator=g)
+    states = torch.randn(1, 77, c.cross_attention_dim, generator=g)
+    extra = {}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
+                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    ids = (torch.arange(77)[None] % 40) + 1
+    out = [unet(latents, torch.tensor([500]), states, **extra).sample,
+           text_encoder(ids).last_hidden_state]
+    if text_encoder_2 is not None:
+        out.append(text_encoder_2(ids).last_hidden_state)
+    return out
+
+
+# --- Resume --------------------------------------------------------------------------------
+
+def stop_at(step):
+    from trainer.control import Control
+    control = Control()
+
+    def on_event(event):
+        if event["type"] == "progress" and event["step"] == step:
+            control.request_stop()
+    control._on_event = on_event
+    return control
+
+
+@pytest.mark.parametrize("settings", [{"peft_type": "LOKR", "lora_rank": 2},
+                                      {"lora_decompose": True}], ids=["lokr", "dora"])
+def test_an_interrupted_run_resumes_to_the_same_weights(settings, tiny_sd15_dir, tmp_path):
+    make = lambda where: tiny_config(tiny_sd15_dir, tmp_path / where, epochs=3,  # noqa: E731
+                                     backup_after_unit="NEVER", lora_dropout=0.25, **settings)
+    reference = train(make("whole"))
+    parts = make("parts")
+    first = train(parts, stop_at(4))
+    assert first.stopped_early and first.global_step == 4
+    assert [b.name for b in list_backups(tmp_path / "parts" / "ws" / "backup")] == ["step-4"]
+    resumed = train(parts.model_copy(update={"continue_last_backup": True}))
+    assert resumed.global_step == reference.global_step
+    a, b = load_file(reference.output_path), load_file(resumed.output_path)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert same_trained(a[key], b[key]), key
+
+
+def test_a_backup_of_another_adapter_type_cannot_resume(tiny_sd15_dir, tmp_path):
+    config = tiny_config(tiny_sd15_dir, tmp_path, epochs=1, peft_type="LOHA")
+    train(config)
+    for change, message in (({"peft_type": PeftType.LORA}, "peft_type: 'LOHA' in the backup, "
+                                                           "'LORA' now"),
+                            ({"peft_type": PeftType.LORA, "lora_decompose": True},
+                             "lora_decompose: False in the backup, True now")):
+        changed = config.model_copy(update={"continue_last_backup": True, **change})
+        with pytest.raises(ConfigError, match=message):
+            train(changed)
+
+
+# --- Refused combinations --------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings, message", [
+    ({"peft_type": "LOHA", "lora_decompose": True},
+     "lora_decompose \\(DoRA\\) works only with peft_type LORA, not LOHA"),
+    ({"peft_type": "LOKR", "lora_decompose": True},
+     "lora_decompose \\(DoRA\\) works only with peft_type LORA, not LOKR"),
+    ({"peft_type": "LOHA", "output_model_format": "DIFFUSERS_LORA"},
+     "output_model_format = DIFFUSERS_LORA cannot hold peft_type LOHA"),
+    ({"peft_type": "LOKR", "output_model_format": "DIFFUSERS_LORA"},
+     "output_model_format = DIFFUSERS_LORA cannot hold peft_type LOKR"),
+])
+def test_combinations_without_a_layout_are_refused_by_name(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        check_supported(config_from_dict(settings))
+
+
+@pytest.mark.parametrize("settings", [
+    {"peft_type": "LOHA", "output_model_format": "COMFY_LORA"},
+    {"peft_type": "LOKR", "output_model_format": "LEGACY_LORA"},
+    {"lora_decompose": True, "output_model_format": "DIFFUSERS_LORA"},
+    {"lora_decompose": True, "output_model_format": "COMFY_LORA"},
+])
+def test_the_supported_combinations_pass(settings):
+    check_supported(config_from_dict(settings))
+
+
+def test_an_unknown_adapter_type_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="peft_type"):
+        config_from_dict({"peft_type": "OFT"})
+
+
+@pytest.mark.parametrize("settings", [{"peft_type": "LOHA"}, {"peft_type": "LOKR"},
+                                      {"lora_decompose": True}], ids=["loha", "lokr", "dora"])
+def test_adapters_on_bfloat16_weights_are_float32(settings, tiny_sd15_dir):
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet",
+                                                torch_dtype=torch.bfloat16)
+    params = lora.add_lora(unet, config_from_dict({"lora_layer_preset": "full", **settings}),
+                           "unet")
+    assert params and {p.dtype for p in params} == {torch.float32}
+    assert all(p.requires_grad for p in params)
+    # every adapter parameter peft made is trained (none left out by its name)
+    made = [p for n, p in unet.named_parameters() if ".default" in n]
+    assert len(made) == len(params)
+
+
+def test_the_fields_are_in_the_lora_section_where_they_apply():
+    from trainer.config import TrainConfig
+    peft_type = TrainConfig.model_fields["peft_type"].json_schema_extra
+    dora = TrainConfig.model_fields["lora_decompose"].json_schema_extra
+    assert peft_type["section"] == dora["section"] == "LoRA"
+    assert peft_type["applies_to"] == {"training_method": ["LORA"]}
+    assert dora["applies_to"] == {"training_method": ["LORA"], "peft_type": ["LORA"]}
+    defaults = config_from_dict({})
+    assert (defaults.peft_type, defaults.lora_decompose) == (PeftType.LORA, False)
