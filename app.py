@@ -3,6 +3,7 @@
     python app.py                      # http://127.0.0.1:7860
     python app.py --port 8000 --listen # on every interface (0.0.0.0)
     python app.py --auth user:secret   # ask for a username and password
+    python app.py --auth ann:pw1,bob:pw2 --admin ann   # several users; ann sees every job
 
     python app.py --print-settings     # what this start would use, as JSON, and exit
 
@@ -47,8 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="port of the page (default 7860)")
     parser.add_argument("--listen", action="store_true",
                         help="serve on every interface (0.0.0.0), not only 127.0.0.1")
-    parser.add_argument("--auth", default=os.environ.get("ATELIER_AUTH"),
-                        metavar="USER:PASSWORD", help="ask for this username and password")
+    parser.add_argument("--auth", action="append", metavar="USER:PASSWORD",
+                        help="ask for a username and password; several users: repeat it or "
+                             "separate pairs with commas (env ATELIER_AUTH, e.g. a Space "
+                             "secret). Each user sees only their own jobs and datasets")
+    parser.add_argument("--admin", action="append", default=None, metavar="USER",
+                        help="with --auth: a user who sees and acts on every user's jobs and "
+                             "datasets (repeatable; env ATELIER_ADMIN, comma-separated)")
+    parser.add_argument("--max-jobs", type=int, default=None, metavar="N",
+                        help="training jobs run at once, each on its own GPU (default 1: "
+                             "jobs share the server's process, see the README); the others "
+                             "wait in the queue")
     parser.add_argument("--share", action="store_true",
                         help="also open a public gradio.live link (off by default)")
     parser.add_argument("--workspace", default=None,
@@ -80,9 +90,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.max_upload_gb, args.max_dataset_gb, args.quota_gb) <= 0 or args.max_files < 1:
         parser.error("the upload limits must be positive")
-    if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[0]):
-        parser.error("--auth takes USER:PASSWORD")
+    args.auth = users(args.auth or [os.environ.get("ATELIER_AUTH") or ""], parser)
+    admins = args.admin or [os.environ.get("ATELIER_ADMIN") or ""]
+    args.admin = [name.strip() for item in admins for name in item.split(",") if name.strip()]
+    unknown = [name for name in args.admin if name not in dict(args.auth or [])]
+    if unknown:
+        parser.error(f"--admin {', '.join(unknown)}: not a user of --auth")
+    if args.max_jobs is not None and args.max_jobs < 1:
+        parser.error("--max-jobs must be at least 1")
     return args
+
+
+def users(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]] | None:
+    """[(user, password), ...] from USER:PASSWORD items, each possibly several pairs separated
+    by commas; None when there is none (no login). A password may hold ':' but not ','."""
+    pairs = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, _, password = item.partition(":")
+            if not name or not _:
+                parser.error(f"--auth takes USER:PASSWORD (got '{item.split(':')[0]}…')")
+            pairs.append((name, password))
+    return pairs or None
 
 
 def upload_limits(args: argparse.Namespace) -> ImportLimits:
@@ -152,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     # scheduler code off (SPEC §7). A plain local start is the user's own machine.
     shared = args.listen or args.share or on_space
     state.configure(shared=shared, allow_any_path=args.allow_any_path,
-                    online=args.online or on_space, login=bool(args.auth))
+                    online=args.online or on_space, login=bool(args.auth), admins=args.admin)
     state.IMPORT_LIMITS = upload_limits(args)
     workspace = paths.workspace_root()
     workspace.mkdir(parents=True, exist_ok=True)
@@ -162,6 +194,11 @@ def main(argv: list[str] | None = None) -> None:
 
     warm_up()
     ensure_demo_model()
+    # The job store: a job that ran when the server stopped continues now; a damaged
+    # database is moved aside and rebuilt from the job folders (said in the log and page).
+    notice = state.open_jobs(workspace, concurrency=args.max_jobs)
+    if notice:
+        log.warning(notice)
 
     import gradio as gr
 
@@ -169,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     from ui.page import CSS, build_page
     footer.ALLOWED_ROOTS[:] = [workspace.resolve(), REPO_ROOT]
     demo = build_page()
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    auth = args.auth  # [(user, password), ...] or None
     server_name = "0.0.0.0" if args.listen else os.environ.get("GRADIO_SERVER_NAME",
                                                                "127.0.0.1")
     demo.queue(default_concurrency_limit=4)

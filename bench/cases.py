@@ -40,6 +40,8 @@ class Case:
     lora_rank: int = 16
     lora_alpha: float = 1.0
     lora_layer_preset: str = "attn-mlp"
+    peft_type: str = "LORA"          # | "LOHA" | "LOKR": built by trainer/lora.py like a LoRA
+    lora_decompose: bool = False     # DoRA (a LORA option)
     gradient_checkpointing: bool = False
     # The parts whose own checkpointing switch is on (it acts when the main one is on).
     checkpoint_parts: tuple[str, ...] = ("unet", "text_encoder")
@@ -121,6 +123,14 @@ CASES: dict[str, Case] = {c.name: c for c in [
          gradient_checkpointing=True, checkpoint_parts=("text_encoder",),
          runners=("atelier",), base="sd15-256-te",
          note="+ checkpointing of the text encoder only"),
+    # The other adapter types against plain LoRA, same rank and layers (atelier: the engine
+    # builds them; what each costs a step and in memory).
+    Case("sd15-256-dora", "sd15", "full", 256, lora_decompose=True, runners=("atelier",),
+         base="sd15-256", note="DoRA instead of LoRA (r16 attn-mlp)"),
+    Case("sd15-256-loha", "sd15", "full", 256, peft_type="LOHA", runners=("atelier",),
+         base="sd15-256", note="LoHa instead of LoRA (r16 attn-mlp)"),
+    Case("sd15-256-lokr", "sd15", "full", 256, peft_type="LOKR", runners=("atelier",),
+         base="sd15-256", note="LoKr instead of LoRA (r16 attn-mlp)"),
     Case("sd15-256-eager-attn", "sd15", "full", 256, attention="eager", runners=("limit",),
          base="sd15-256", note="LoRA with classic attention instead of SDPA (limit only)"),
     Case("sdxl-512", "sdxl", "full", 512, gradient_checkpointing=True, warmup=2, measured=4,

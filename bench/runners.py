@@ -63,6 +63,8 @@ def atelier_config_dict(case: Case, model_dir: Path, data_dir: Path, workspace: 
         "lora_rank": case.lora_rank,
         "lora_alpha": case.lora_alpha,
         "lora_layer_preset": case.lora_layer_preset,
+        "peft_type": case.peft_type,
+        "lora_decompose": case.lora_decompose,
         "backup_after_unit": "NEVER",
         "backup_before_save": False,
     }

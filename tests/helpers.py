@@ -76,3 +76,15 @@ def poison_loss_at(monkeypatch, call: int) -> None:
         return loss * float("nan") if len(calls) == call else loss
 
     monkeypatch.setattr(loop_module, "pixel_loss", poisoned)
+
+
+def stop_at(step):
+    """A Control that asks the run to stop once `step` is done (an interrupted run)."""
+    from trainer.control import Control
+    control = Control()
+
+    def on_event(event):
+        if event["type"] == "progress" and event["step"] == step:
+            control.request_stop()
+    control._on_event = on_event
+    return control

@@ -5,21 +5,11 @@ from safetensors import safe_open
 
 from trainer.backup import list_backups
 from trainer.config import TimeUnit
-from trainer.control import Control
 from trainer.errors import ConfigError, TrainingError
 from trainer.loop import train
 
-from helpers import RUNS_ARE_BIT_EXACT, poison_loss_at, read_metrics, same_trained, tiny_config
-
-
-def stop_at(step):
-    control = Control()
-
-    def on_event(event):
-        if event["type"] == "progress" and event["step"] == step:
-            control.request_stop()
-    control._on_event = on_event
-    return control
+from helpers import (RUNS_ARE_BIT_EXACT, poison_loss_at, read_metrics, same_trained, stop_at,
+                     tiny_config)
 
 
 def weights(path):

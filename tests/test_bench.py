@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.cases import CASES, SMOKE_CASES, estimate_peak_gb
 from bench.report import ROW_KEYS, table
 
@@ -109,3 +111,31 @@ def test_text_encoder_lever_cases_train_and_checkpoint_only_the_text_encoder(tmp
     plain = config_from_dict(atelier_config_dict(CASES["sd15-256"], tmp_path / "m",
                                                  tmp_path / "d", tmp_path / "w", "cpu"))
     assert not plain.text_encoder.train
+
+
+@pytest.mark.parametrize("name, marker", [("sd15-256-dora", "lora_magnitude_vector"),
+                                          ("sd15-256-loha", "hada_w1_a"),
+                                          ("sd15-256-lokr", "lokr_w1")])
+def test_adapter_type_cases_differ_from_plain_lora_only_by_the_adapter(name, marker,
+                                                                       tiny_sd15_dir, tmp_path):
+    """DoRA, LoHa and LoKr at sd15-256 against plain LoRA: the same case but for the adapter,
+    built by the engine's own trainer/lora.py from the config the atelier runner trains."""
+    import dataclasses
+
+    from bench.runners import atelier_config_dict
+    from diffusers import UNet2DConditionModel
+    from trainer import lora
+    from trainer.config import check_supported, config_from_dict
+
+    case = CASES[name]
+    assert case.base == "sd15-256" and "atelier" in case.runners
+    plain = CASES["sd15-256"]
+    same = dataclasses.replace(case, name=plain.name, peft_type="LORA", lora_decompose=False,
+                               runners=plain.runners, base="", note=plain.note)
+    assert same == plain
+    data = atelier_config_dict(case, tiny_sd15_dir, tmp_path / "d", tmp_path / "w", "cpu")
+    config = config_from_dict(data)
+    check_supported(config)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet")
+    lora.add_lora(unet, config, "unet")
+    assert any(marker in n for n, _ in unet.named_parameters())

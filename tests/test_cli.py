@@ -79,6 +79,27 @@ def test_two_processes_under_accelerate_launch(tmp_path):
     assert (tmp_path / "ws" / "output" / "lora.safetensors").is_file()
 
 
+def test_a_loha_trains_under_accelerate_launch(tiny_sd15_dir, tmp_path):
+    """The new adapter types go through the same DDP path as a LoRA (peft's LoHa layers
+    inside DDP's wrapper; the file written from the unwrapped model by rank 0 alone)."""
+    config = write_config(tmp_path, tiny_sd15_dir, batch_size=1, epochs=1, peft_type="LOHA",
+                          lora_layer_preset="full")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", "29563", "-m", "trainer", "train", "--config", str(config)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()) == 3
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ws" / "output" / "lora.safetensors"), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    assert json.loads(metadata["ss_network_args"]) == {"algo": "loha"}
+    assert {k.split(".", 1)[1] for k in keys} == {"hada_w1_a", "hada_w1_b", "hada_w2_a",
+                                                  "hada_w2_b", "alpha"}
+
+
 # Lines the libraries print that a user can do nothing about (trainer/quiet.py filters them).
 LIBRARY_NOISE = ("requires torchvision", "should be kept in float32: []",
                  "gradient_checkpointing_enable", "kernels-community", "Loading weights")

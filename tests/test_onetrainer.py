@@ -117,8 +117,6 @@ def test_a_custom_layer_filter_imports_as_the_filter():
     ({"output_model_format": "CKPT"}, "output_model_format: CKPT"),
     ({"layer_filter_preset": "attn-conv"}, "layer_filter_preset: 'attn-conv'"),
     ({"model_type": "STABLE_DIFFUSION_3"}, "model_type"),
-    ({"training_method": "EMBEDDING", "output_model_format": "SAFETENSORS"},
-     "training_method"),
 ])
 def test_what_atelier_cannot_honour_is_refused_with_its_name(change, named):
     data = {**SD15_LORA, **change}
@@ -138,9 +136,10 @@ def test_the_page_import_never_replaces_what_the_job_is(tmp_path):
     assert import_config(inpaint)[0].model_type.value == "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"
     with pytest.raises(ConfigError, match="STABLE_DIFFUSION_3"):
         import_config({**SD15_LORA, "model_type": "STABLE_DIFFUSION_3"})
-    with pytest.raises(ConfigError, match="EMBEDDING"):
-        import_config({**SD15_LORA, "training_method": "EMBEDDING",
-                       "output_model_format": "SAFETENSORS"})
+    config = import_config({**SD15_LORA, "training_method": "EMBEDDING",
+                            "output_model_format": "SAFETENSORS"})[0]
+    assert (config.training_method.value, config.output_model_format.value) == (
+        "EMBEDDING", "SAFETENSORS")
     config, _, messages, _ = import_config({**SD15_LORA, "epochs": 0})  # a tuning key
     assert any(m.startswith("epochs:") and "default is kept" in m for m in messages)
 
@@ -223,15 +222,44 @@ def test_a_current_saved_config_imports_as_meant(tiny_sd15_dir, tmp_path):
     assert any("_attn1_" in m for m in modules) and any("_ff_net_" in m for m in modules)
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"additional_embeddings": [{"placeholder": "<x>"}]}, "additional_embeddings: "),
-])
-def test_a_method_atelier_does_not_train_yet_stops_the_import(change, named):
+ADDITIONAL = {"uuid": "9f1c", "model_name": "", "placeholder": "<mychar>", "train": True,
+              "stop_training_after": None, "stop_training_after_unit": "NEVER",
+              "token_count": 2, "initial_embedding_text": "woman", "is_output_embedding": False}
+
+
+def test_additional_embeddings_import_with_their_keys():
+    config, notes = load({**SAVED_V10, "additional_embeddings": [ADDITIONAL],
+                          "embedding_learning_rate": 0.001, "preserve_embedding_norm": True})
+    (embedding,) = config.additional_embeddings
+    assert (embedding.placeholder, embedding.token_count, embedding.initial_embedding_text,
+            embedding.uuid) == ("<mychar>", 2, "woman", "9f1c")
+    assert (config.embedding_learning_rate, config.preserve_embedding_norm) == (0.001, True)
+    assert config.text_encoder.train_embedding and config.bundle_additional_embeddings
+    unknown = {n.split("'")[1] for n in notes if n.startswith("Unknown")}
+    # (OneTrainer writes train_embedding for every part; only the text encoders have tokens)
+    assert not unknown & {"text_encoder.train_embedding", "text_encoder_2.train_embedding",
+                          "additional_embeddings", "embedding_learning_rate",
+                          "preserve_embedding_norm"}, unknown
+    assert not [k for k in unknown if k.startswith("additional_embeddings")], unknown
+
+
+def test_an_embedding_config_trains_onetrainers_main_embedding_first():
+    """EMBEDDING trains OneTrainer's `embedding` with the additional ones; it is the first of
+    Atelier's list (the file at the output path)."""
+    main = {**ADDITIONAL, "placeholder": "<main>", "token_count": 1}
+    config, notes = load({**SAVED_V10, "training_method": "EMBEDDING",
+                          "output_model_format": "SAFETENSORS", "embedding": main,
+                          "additional_embeddings": [ADDITIONAL]})
+    assert [e.placeholder for e in config.additional_embeddings] == ["<main>", "<mychar>"]
+    assert not any("'embedding'" in n for n in notes)
+
+
+def test_an_output_embedding_stops_the_import_with_its_key():
     from ui.presets import import_config
-    with pytest.raises(ConfigError, match=named):
-        load({**SAVED_V10, **change})
-    with pytest.raises(ConfigError, match=named):
-        import_config({**SAVED_V10, **change})
+    change = {"additional_embeddings": [{**ADDITIONAL, "is_output_embedding": True}]}
+    for importer in (lambda d: load(d), import_config):
+        with pytest.raises(ConfigError, match="additional_embeddings.0.is_output_embedding"):
+            importer({**SAVED_V10, **change})
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -51,6 +51,13 @@ ONETRAINER = {
                              "model_type": "STABLE_DIFFUSION_XL_10_BASE"},
     "onetrainer_sdxl_inpaint_lora": {**XL_LORA, "base_model_name": SDXL_INPAINT,
                                      "model_type": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"},
+    "onetrainer_sd15_embedding": {
+        "backup_after": 10, "base_model_name": SD15, "latent_caching": False,
+        "learning_rate": 0.0003, "learning_rate_warmup_steps": 20,
+        "model_type": "STABLE_DIFFUSION_15",
+        "output_model_destination": "models/embedding.safetensors",
+        "output_model_format": "SAFETENSORS", "resolution": "512", "sample_after": 1,
+        "training_method": "EMBEDDING", **HALF_LORA},
     "onetrainer_sdxl_finetune": {
         "base_model_name": SDXL, "model_type": "STABLE_DIFFUSION_XL_10_BASE",
         "output_model_destination": "models/model.safetensors", "output_model_format": "SAFETENSORS",
@@ -142,3 +149,13 @@ def test_the_fine_tune_presets_write_an_original_single_file(name, model, channe
     text_encoder = ("conditioner.embedders.0." if "sdxl" in name else "cond_stage_model.")
     assert any(k.startswith(text_encoder) for k in shapes)
     assert json.loads(metadata["atelier_config"])["training_method"] == "FINE_TUNE"
+
+
+def test_the_embedding_preset_trains_onetrainers_default_embedding(tiny_sd15_dir, tmp_path):
+    """OneTrainer's EMBEDDING preset names no embedding: it trains its default `embedding`
+    (<embedding>, one token from '*'), and so does Atelier's mirror, into one emb_params file."""
+    shapes, metadata = tiny_run("onetrainer_sd15_embedding", tiny_sd15_dir, tmp_path)
+    assert shapes == {"emb_params": [1, 32]}
+    config = json.loads(metadata["atelier_config"])
+    assert config["training_method"] == "EMBEDDING"
+    assert [e["placeholder"] for e in config["additional_embeddings"]] == ["<embedding>"]

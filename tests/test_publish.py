@@ -326,3 +326,37 @@ def test_no_token_is_a_clear_error(trained, tmp_path):
         done = run_cli(str(output), "--repo-id", REPO_ID, "--endpoint", hub.url, env=env)
     assert done.returncode == 2 and "No Hugging Face token" in done.stderr
     assert hub.requests == []
+
+
+def test_embeddings_travel_with_their_card(tiny_sd15_dir, tmp_path):
+    """Textual inversion and pivotal tuning: each embedding's own file goes up, named after
+    the repo, and the card says how to load it (diffusers' load_textual_inversion, the
+    ComfyUI and A1111 embeddings folders) with the placeholder as its trigger."""
+    from huggingface_hub import ModelCard
+
+    from trainer.loop import train
+    embedding = {"placeholder": "<zq>", "token_count": 2, "initial_embedding_text": "cat"}
+    ti = train(tiny_config(tiny_sd15_dir, tmp_path / "ti", epochs=1, batch_size=4,
+                           training_method="EMBEDDING", additional_embeddings=[embedding]))
+    folder = tmp_path / "ti-repo"
+    assert run_cli(ti.output_path, "--repo-id", "alice/zq", "--dry-run", str(folder)
+                   ).returncode == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "zq.json",
+                                                        "zq.safetensors"]
+    card = ModelCard.load(folder / "README.md")
+    assert "textual_inversion" in card.data.tags and card.data.instance_prompt == "<zq>"
+    assert ('pipe.load_textual_inversion("alice/zq", weight_name="zq.safetensors", '
+            'token="<zq>")') in card.text
+    assert "ComfyUI/models/embeddings/" in card.text and "embedding:zq" in card.text
+    assert "| Method | textual inversion embedding |" in card.text
+
+    pivotal = train(tiny_config(tiny_sd15_dir, tmp_path / "pt", epochs=1,
+                                additional_embeddings=[embedding]))
+    folder = tmp_path / "pt-repo"
+    assert run_cli(pivotal.output_path, "--repo-id", "alice/cat", "--dry-run", str(folder)
+                   ).returncode == 0
+    assert "cat-zq.safetensors" in {p.name for p in folder.iterdir()}
+    card = ModelCard.load(folder / "README.md")
+    assert 'pipe.load_lora_weights("alice/cat", weight_name="cat.safetensors")' in card.text
+    assert 'weight_name="cat-zq.safetensors", token="<zq>")' in card.text
+    assert "`<zq>` in `cat-zq.safetensors`" in card.text

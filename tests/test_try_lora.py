@@ -122,10 +122,43 @@ def test_training_does_not_start_while_a_lora_is_drawn_and_frees_its_model(monke
     from ui import state
     released, started = [], []
     monkeypatch.setattr(state.TRY, "release", lambda: released.append(1))
-    monkeypatch.setattr(state.SESSION, "start", lambda config: started.append(config))
+    monkeypatch.setattr(state.SESSION, "start", lambda config, viewer: started.append(config))
     with state.TRY_LOCK:
         with pytest.raises(AtelierError, match="Try it is drawing"):
             state.start_training("config")
     assert not started and not released
     state.start_training("config")
     assert started == ["config"] and released == [1]
+
+
+def test_a_lora_with_bundled_embeddings_draws_its_placeholders(tiny_sd15_dir, tmp_path):
+    """Pivotal tuning: the file's `bundle_emb.*` vectors are loaded as textual inversions, so
+    a prompt with the placeholder is drawn with them; the LoRA side matches training's sample."""
+    from PIL import Image
+
+    from trainer.control import Control
+    from trainer.loop import train
+    prompt = {**LAST_STEP_SAMPLE, "prompt": "a photo of <zq>"}
+    config = tiny_config(tiny_sd15_dir, tmp_path, epochs=2, samples=[prompt], sample_after=2,
+                         sample_after_unit="EPOCH",
+                         additional_embeddings=[{"placeholder": "<zq>", "token_count": 2,
+                                                 "initial_embedding_text": "cat"}])
+    events = []
+    result = train(config, Control(on_event=events.append))
+    sample = [e for e in events if e.get("type") == "sample"][-1]["path"]
+    model = TryModel()
+    without, with_lora = model.images(read_lora(result.output_path), SampleConfig(**prompt), 1.0)
+    trained_sample = pixels(Image.open(sample).convert("RGB"))
+    assert np.abs(pixels(with_lora) - trained_sample).max() <= 2
+    assert model._embedded
+    # another file after it: the placeholders go with the file they came from
+    plain = tiny_config(tiny_sd15_dir, tmp_path / "plain", epochs=1)
+    model.images(read_lora(train(plain).output_path), SampleConfig(**LAST_STEP_SAMPLE), 1.0)
+    assert not model._embedded and "<zq>" not in model._pipeline.tokenizer.get_vocab()
+
+
+def test_a_lycoris_file_says_diffusers_cannot_try_it(tiny_sd15_dir, tmp_path):
+    from trainer.loop import train
+    loha = train(tiny_config(tiny_sd15_dir, tmp_path, epochs=1, peft_type="LOHA"))
+    with pytest.raises(ConfigError, match="LOHA \\(LyCORIS\\) file, which diffusers does not"):
+        read_lora(loha.output_path)

@@ -24,13 +24,26 @@ def app():
 
 def test_command_line_options(app, monkeypatch):
     monkeypatch.delenv("ATELIER_AUTH", raising=False)
+    monkeypatch.delenv("ATELIER_ADMIN", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     args = app.parse_args([])
     assert (args.port, args.listen, args.share, args.auth) == (7860, False, False, None)
     args = app.parse_args(["--port", "8001", "--listen", "--auth", "ann:s3cret:x"])
-    assert args.port == 8001 and args.listen and args.auth == "ann:s3cret:x"
+    assert args.port == 8001 and args.listen and args.auth == [("ann", "s3cret:x")]
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", "no-password"])
+    # Several users (issue 15): repeated, or comma-separated as in the ATELIER_AUTH secret.
+    args = app.parse_args(["--auth", "ann:a,bob:b", "--auth", "cy:c", "--admin", "ann"])
+    assert args.auth == [("ann", "a"), ("bob", "b"), ("cy", "c")] and args.admin == ["ann"]
+    monkeypatch.setenv("ATELIER_AUTH", "ann:a, bob:b")
+    monkeypatch.setenv("ATELIER_ADMIN", "bob")
+    args = app.parse_args([])
+    assert args.auth == [("ann", "a"), ("bob", "b")] and args.admin == ["bob"]
+    with pytest.raises(SystemExit):
+        app.parse_args(["--admin", "zed"])  # an admin must be one of the users
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-jobs", "0"])
+    assert app.parse_args(["--max-jobs", "2"]).max_jobs == 2
 
 
 def test_workspace_is_data_on_a_space_else_the_repo(monkeypatch, tmp_path):

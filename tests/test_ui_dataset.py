@@ -398,7 +398,8 @@ def test_auto_apply_is_refused_while_a_training_job_runs(data, monkeypatch):
 
 def test_training_does_not_start_while_masks_are_generated(monkeypatch):
     started = []
-    monkeypatch.setattr(state.SESSION, "start", started.append)
+    # (the viewer argument: Start queues a job of whoever pressed it, issue 15)
+    monkeypatch.setattr(state.SESSION, "start", lambda config, viewer: started.append(config))
     monkeypatch.setattr(state, "MASK_RUNS", {"a-browser-session"})
     with pytest.raises(state.AtelierError, match="Masks or captions are being generated"):
         state.start_training("a config")

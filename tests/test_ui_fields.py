@@ -105,6 +105,43 @@ def test_an_output_format_that_stops_fitting_the_method_becomes_its_default():
     assert F.fitting_choice(spec, "DIFFUSERS_LORA", lora) == "DIFFUSERS_LORA"
 
 
+def test_an_output_format_that_cannot_hold_the_adapter_type_becomes_a_kohya_one():
+    """DIFFUSERS_LORA has no LoHa/LoKr layout: choosing LOHA or LOKR on the page switches it
+    to KOHYA_LORA at once (not a refusal at Start); peft_type limits nothing under Fine-tune,
+    where it does not apply."""
+    spec = F.SPECS["output_model_format"]
+    assert "peft_type" in F.controlling_keys()  # the page re-fits the format when it changes
+    lora = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA", "peft_type": "LORA"}
+    for peft_type in ("LOHA", "LOKR"):
+        chosen = {**lora, "peft_type": peft_type}
+        assert F.fitting_choice(spec, "DIFFUSERS_LORA", chosen) == "KOHYA_LORA"
+        assert F.fitting_choice(spec, "COMFY_LORA", chosen) == "COMFY_LORA"
+        assert "DIFFUSERS_LORA" not in F.fitting_choices(spec, chosen)
+    assert F.fitting_choice(spec, "DIFFUSERS_LORA", lora) == "DIFFUSERS_LORA"
+    fine_tune = {**lora, "training_method": "FINE_TUNE", "peft_type": "LOHA"}
+    assert F.fitting_choice(spec, "DIFFUSERS", fine_tune) == "DIFFUSERS"
+    assert F.fitting_choice(spec, "KOHYA_LORA", fine_tune) == "ORIGINAL_SINGLE_FILE"
+
+
+def test_every_fitted_output_format_passes_the_config_check():
+    """The page's choice and Start's check come from the same config model: whatever the
+    method, adapter type and previous format, the fitted format is one the engine accepts."""
+    from trainer.config import (ModelFormat, PeftType, TrainingMethod, check_adapter_type,
+                                check_output_format, config_from_dict)
+    spec = F.SPECS["output_model_format"]
+    for method in TrainingMethod:
+        for peft_type in PeftType:
+            chosen = {"model_type": "STABLE_DIFFUSION_15", "training_method": method.value,
+                      "peft_type": peft_type.value}
+            for previous in ModelFormat:
+                fitted = F.fitting_choice(spec, previous.value, chosen)
+                config = config_from_dict({"training_method": method.value,
+                                           "peft_type": peft_type.value,
+                                           "output_model_format": fitted})
+                check_output_format(config)
+                check_adapter_type(config)
+
+
 def test_text_encoders_follow_the_model_type():
     sd15 = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA"}
     sdxl = {**sd15, "model_type": "STABLE_DIFFUSION_XL_10_BASE"}

@@ -55,6 +55,9 @@ def _fingerprint(config: TrainConfig) -> dict[str, Any]:
         out[key] = value
     out["trained_parts"] = [p for p in ("text_encoder", "text_encoder_2", "unet")
                             if data[p]["train"]]
+    # the embeddings' tokens shape their vectors
+    out["additional_embeddings"] = [[e["placeholder"], e["token_count"]]
+                                    for e in data.get("additional_embeddings", [])]
     return out
 
 

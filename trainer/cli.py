@@ -212,6 +212,10 @@ def run_train(args) -> int:
     presets = [read_json(p) for p in args.preset]
     config = load_config(args.config, args.overrides, presets=presets,
                          warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    # A foreground run never writes into the folder of a job a server is running.
+    from trainer.jobs.lock import refuse_server_job_folders
+    refuse_server_job_folders({"workspace_dir": config.workspace_dir,
+                               "output_model_destination": config.output_model_destination})
     is_main = os.environ.get("RANK", "0") == "0"
     bar = ProgressBar(enabled=is_main)
     control = Control(on_event=bar)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -67,6 +68,7 @@ class ModelType(str, Enum):
 class TrainingMethod(str, Enum):
     LORA = "LORA"
     FINE_TUNE = "FINE_TUNE"
+    EMBEDDING = "EMBEDDING"  # textual inversion: only new embeddings train (trainer/embeddings.py)
 
 
 class ModelFormat(str, Enum):
@@ -82,12 +84,25 @@ class ModelFormat(str, Enum):
     ORIGINAL_SINGLE_FILE = "ORIGINAL_SINGLE_FILE"
     DIFFUSERS = "DIFFUSERS"
     LEGACY_SAFETENSORS = "LEGACY_SAFETENSORS"
+    # An embedding's vectors (OneTrainer's name for its embedding file)
+    SAFETENSORS = "SAFETENSORS"
 
 
 # The formats each training method writes; the first is the method's default (OneTrainer's).
 OUTPUT_FORMATS: dict[str, list[str]] = {
     "LORA": ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA"],
     "FINE_TUNE": ["ORIGINAL_SINGLE_FILE", "DIFFUSERS", "LEGACY_SAFETENSORS"],
+    "EMBEDDING": ["SAFETENSORS"],
+}
+
+# The LoRA formats that can hold each adapter type (peft_type). diffusers' SD 1.5 / SDXL loaders
+# read LoRA and DoRA (peft's lora_magnitude_vector) but no LoHa or LoKr, so DIFFUSERS_LORA has
+# no layout for them; the kohya layouts and ComfyUI's names hold every type
+# (trainer/lora_formats.py). The page offers only these (output_model_format's choices_for).
+ADAPTER_FORMATS: dict[str, list[str]] = {
+    "LORA": ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA"],
+    "LOHA": ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"],
+    "LOKR": ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"],
 }
 
 
@@ -223,6 +238,11 @@ def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
         "weight_dtype": (DataType, part_weight_dtype(name)),
     }
     if text_encoder:
+        fields["train_embedding"] = (bool, setting(
+            True, section=section, label="Train embeddings",
+            applies_to={"training_method": ["LORA", "EMBEDDING"]},
+            tooltip=f"Train the additional embeddings' vectors of the {name} (off = they keep "
+                    "their starting vectors for this encoder)."))
         fields["caption_dropout_probability"] = (float, setting(
             0.0, section=section, label="Caption dropout", ge=0, le=1,
             tooltip="Probability of training a sample with an empty caption (helps CFG)."))
@@ -311,6 +331,71 @@ class SampleConfig(Strict):
                                tooltip="Classifier-free guidance strength.")
 
 
+EMBEDDINGS_SECTION = "Embeddings"
+
+
+class EmbeddingConfig(Strict):
+    """One additional embedding (OneTrainer's TrainEmbeddingConfig, its key names): new tokens
+    whose vectors are trained, with a LoRA (pivotal tuning) or alone (EMBEDDING). How they are
+    tokenised, initialised, trained and saved: trainer/embeddings.py."""
+    placeholder: str = setting(
+        "<embedding>", section=EMBEDDINGS_SECTION, label="Placeholder",
+        tooltip="The word that stands for the embedding in captions and sample prompts, e.g. "
+                "<mychar>. Lower case (CLIP lower-cases every prompt); not a word the tokenizer "
+                "already knows.")
+    token_count: int = setting(
+        1, section=EMBEDDINGS_SECTION, label="Tokens", ge=1, le=75,
+        tooltip="Vectors per placeholder: the placeholder becomes this many tokens in each "
+                "caption. More = more capacity, fewer tokens left for the rest of the caption.")
+    initial_embedding_text: str = setting(
+        "*", section=EMBEDDINGS_SECTION, label="Initial text",
+        tooltip="The vectors start as the token embeddings of these words (e.g. 'woman'); "
+                "fewer tokens than the count are padded with '*'.")
+    train: bool = setting(True, section=EMBEDDINGS_SECTION, label="Train",
+                          tooltip="Train this embedding. Off = use it as it starts (from its "
+                                  "file or its initial text).")
+    stop_training_after: Optional[int] = setting(
+        None, section=EMBEDDINGS_SECTION, label="Stop after", ge=0,
+        tooltip="Freeze the embedding after this many units; empty = train to the end.")
+    stop_training_after_unit: TimeUnit = setting(
+        TimeUnit.NEVER, section=EMBEDDINGS_SECTION, label="Stop unit",
+        tooltip="EPOCH or STEP counts for 'Stop after'; NEVER trains to the end.")
+    model_name: str = setting(
+        "", section=EMBEDDINGS_SECTION, label="Start from file",
+        tooltip="Optional: an embedding .safetensors (emb_params / string_to_param, or clip_l "
+                "and clip_g for SDXL) whose vectors this one starts from instead of the "
+                "initial text; its vector count must be the token count.")
+    uuid: str = setting(
+        "", section=EMBEDDINGS_SECTION, label="Id",
+        tooltip="OneTrainer's id of the embedding; kept with the config, not used in training.")
+    is_output_embedding: bool = setting(
+        False, section=EMBEDDINGS_SECTION, label="Output embedding",
+        tooltip="OneTrainer's output embeddings (vectors that replace the text encoder's output) "
+                "are not supported; must stay off.")
+
+    @field_validator("placeholder")
+    @classmethod
+    def _placeholder_is_one_new_word(cls, value: str) -> str:
+        value = value.strip()
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("a placeholder is one word without spaces, e.g. <mychar>")
+        if value != value.lower():
+            raise ValueError(f"write the placeholder in lower case ({value.lower()}): CLIP's "
+                             "tokenizer lower-cases every caption and prompt")
+        if re.search(r"_\d+$", value):
+            raise ValueError("a placeholder may not end in _<number>: diffusers reads "
+                             "<name>_1, <name>_2 ... as the further vectors of <name>")
+        return value
+
+    @field_validator("is_output_embedding")
+    @classmethod
+    def _no_output_embedding(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("output embeddings (vectors replacing the text encoder's output) "
+                             "are not supported; Atelier trains input embeddings")
+        return value
+
+
 # --- The whole config ---------------------------------------------------------------------
 
 class TrainConfig(Strict):
@@ -335,7 +420,7 @@ class TrainConfig(Strict):
     # gets ORIGINAL_SINGLE_FILE, not a LoRA format it cannot write.
     output_model_format: ModelFormat = setting(
         ModelFormat.KOHYA_LORA, section="Model", label="Output format",
-        choices_for={"training_method": OUTPUT_FORMATS},
+        choices_for={"training_method": OUTPUT_FORMATS, "peft_type": ADAPTER_FORMATS},
         tooltip="LoRA: KOHYA_LORA (= LEGACY_LORA) for A1111/Forge, ComfyUI and diffusers; "
                 "COMFY_LORA (ComfyUI's own key names); DIFFUSERS_LORA (peft keys, alpha folded "
                 "in, for diffusers' load_lora_weights). Fine-tune: ORIGINAL_SINGLE_FILE (= "
@@ -532,6 +617,29 @@ class TrainConfig(Strict):
         applies_to={"training_method": ["LORA"], "lora_layer_preset": ["custom"]},
         tooltip="Read each filter entry as a regular expression searched in the layer name.")
 
+    # Embeddings (OneTrainer's keys; trainer/embeddings.py)
+    additional_embeddings: list[EmbeddingConfig] = setting(
+        [], section=EMBEDDINGS_SECTION, label="Additional embeddings",
+        applies_to={"training_method": ["LORA", "EMBEDDING"]},
+        tooltip="New tokens trained with the LoRA (pivotal tuning) or alone (EMBEDDING): each "
+                "placeholder in a caption or sample prompt becomes its own trained vectors.")
+    embedding_learning_rate: Optional[float] = setting(
+        None, section=EMBEDDINGS_SECTION, label="Embedding learning rate", gt=0,
+        applies_to={"training_method": ["LORA", "EMBEDDING"]},
+        tooltip="Learning rate of the embeddings' vectors (their own parameter group). Empty = "
+                "the base learning rate.")
+    preserve_embedding_norm: bool = setting(
+        False, section=EMBEDDINGS_SECTION, label="Preserve embedding norm",
+        applies_to={"training_method": ["LORA", "EMBEDDING"]},
+        tooltip="After each step, rescale every trained vector to the median norm of the text "
+                "encoder's vocabulary, so that it weighs in a prompt like an ordinary word.")
+    bundle_additional_embeddings: bool = setting(
+        True, section=EMBEDDINGS_SECTION, label="Bundle embeddings in the LoRA",
+        applies_to={"training_method": ["LORA"]},
+        tooltip="Also write the embeddings into the LoRA file (bundle_emb.<placeholder>.*, "
+                "which A1111/Forge and ComfyUI load with the LoRA). A standalone file per "
+                "placeholder is written beside it either way.")
+
     # Sampling
     samples: list[SampleConfig] = setting(
         [], section="Sampling", label="Sample prompts", tooltip="Prompts drawn during training.")
@@ -575,6 +683,29 @@ class TrainConfig(Strict):
         parse_resolution(value)  # raises with the bad item named
         return value
 
+    @field_validator("additional_embeddings")
+    @classmethod
+    def _placeholders_differ(cls, value: list) -> list:
+        seen: set[str] = set()
+        for index, embedding in enumerate(value):
+            if embedding.placeholder in seen:
+                raise ValueError(f"placeholder {embedding.placeholder} is used twice (entry "
+                                 f"{index}); each embedding needs its own")
+            seen.add(embedding.placeholder)
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_embedding(cls, data: Any) -> Any:
+        """EMBEDDING with no embedding listed trains OneTrainer's default one (its `embedding`:
+        <embedding>, one token, from '*'), so that its EMBEDDING presets run as they are. A
+        list that is given, even an empty one, is kept (check_supported refuses an empty one)."""
+        if isinstance(data, dict) and "additional_embeddings" not in data:
+            method = data.get("training_method")
+            if getattr(method, "value", method) == TrainingMethod.EMBEDDING.value:
+                data = {**data, "additional_embeddings": [{}]}
+        return data
+
     @model_validator(mode="before")
     @classmethod
     def _default_output_format(cls, data: Any) -> Any:
@@ -591,8 +722,10 @@ class TrainConfig(Strict):
     # -- derived values ----------------------------------------------------------------------
 
     def part_learning_rate(self, part: str) -> float:
-        """The override rule: a part's own LR when set, else the base LR."""
-        own = getattr(self, part).learning_rate
+        """The override rule: a part's own LR when set, else the base LR ("embeddings": the
+        embedding_learning_rate)."""
+        own = (self.embedding_learning_rate if part == "embeddings"
+               else getattr(self, part).learning_rate)
         return own if own is not None else self.learning_rate
 
     def to_json(self) -> str:
@@ -794,16 +927,42 @@ def check_supported(config: TrainConfig) -> None:
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number (got {value}).")
     check_adapter_type(config)
+    check_embeddings(config)
 
 
-# The LoRA formats that can hold each adapter type. diffusers' SD 1.5 / SDXL loaders read LoRA
-# and DoRA (peft's lora_magnitude_vector) but no LoHa or LoKr, so DIFFUSERS_LORA has no layout
-# for them; the kohya layouts and ComfyUI's names hold every type (trainer/lora_formats.py).
-ADAPTER_FORMATS = {
-    PeftType.LORA: ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA"],
-    PeftType.LOHA: ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"],
-    PeftType.LOKR: ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"],
-}
+def check_embeddings(config: TrainConfig) -> None:
+    """Additional embeddings train with a LoRA (pivotal tuning) or alone (EMBEDDING); what
+    cannot hold or train them is refused here, with the reason."""
+    embeddings = config.additional_embeddings
+    method = config.training_method
+    for index, embedding in enumerate(embeddings):
+        unit = embedding.stop_training_after_unit
+        if unit not in (TimeUnit.EPOCH, TimeUnit.STEP, TimeUnit.NEVER):
+            raise ConfigError(f"additional_embeddings[{index}].stop_training_after_unit: "
+                              f"{unit.value} is not a count; use EPOCH, STEP or NEVER.")
+    if not embeddings:
+        if method == TrainingMethod.EMBEDDING:
+            raise ConfigError("additional_embeddings: training_method EMBEDDING trains "
+                              "embeddings; add at least one (a placeholder such as <mychar>).")
+        return
+    if method == TrainingMethod.FINE_TUNE:
+        raise ConfigError("additional_embeddings: embeddings train with training_method LORA "
+                          "(pivotal tuning) or EMBEDDING; a fine-tuned checkpoint has no place "
+                          "for them. Remove them or choose LORA.")
+    encoders = ["text_encoder"] + (["text_encoder_2"] if config.model_type.is_sdxl else [])
+    trains = any(e.train for e in embeddings) and any(
+        getattr(config, part).train_embedding for part in encoders)
+    if method == TrainingMethod.EMBEDDING and not trains:
+        raise ConfigError("additional_embeddings: training_method EMBEDDING trains only the "
+                          "embeddings, and none of them trains; switch an embedding's train on "
+                          "(and text_encoder.train_embedding).")
+    if (method == TrainingMethod.LORA and config.bundle_additional_embeddings
+            and config.output_model_format == ModelFormat.DIFFUSERS_LORA):
+        raise ConfigError("bundle_additional_embeddings: a DIFFUSERS_LORA file is read by "
+                          "diffusers' load_lora_weights, which refuses bundle_emb keys; switch "
+                          "bundling off (each embedding is also written as its own file, which "
+                          "load_textual_inversion reads) or use KOHYA_LORA.")
+
 
 
 def check_adapter_type(config: TrainConfig) -> None:
@@ -814,7 +973,7 @@ def check_adapter_type(config: TrainConfig) -> None:
     if config.lora_decompose and peft_type != PeftType.LORA:
         raise ConfigError(f"lora_decompose (DoRA) works only with peft_type LORA, not "
                           f"{peft_type.value}; switch one of them off.")
-    fitting = ADAPTER_FORMATS[peft_type]
+    fitting = ADAPTER_FORMATS[peft_type.value]
     if config.output_model_format.value not in fitting:
         raise ConfigError(f"output_model_format = {config.output_model_format.value} cannot "
                           f"hold peft_type {peft_type.value} (diffusers loads no LoHa/LoKr for "

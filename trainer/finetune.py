@@ -3,6 +3,9 @@ trains, where the result goes and how it is written.
 
 - LORA: adapters on the part (trainer/lora.py); the output is one `.safetensors` in the
   chosen LoRA layout (KOHYA_LORA, LEGACY_LORA, COMFY_LORA, DIFFUSERS_LORA: trainer/lora_formats.py).
+- EMBEDDING: no part trains; the output is the embedding file(s) (trainer/embeddings.py).
+  A LoRA run with additional embeddings also writes one file per embedding beside the LoRA,
+  and bundles them into it (`bundle_additional_embeddings`).
 - FINE_TUNE: the part's own weights, all of them, as float32 master weights (even when the
   frozen parts are stored in bfloat16/float16); the output is the whole model, either a
   single-file checkpoint in the original LDM (SD 1.5) / SGM (SDXL) layout that ComfyUI and
@@ -60,7 +63,9 @@ def output_path(config: TrainConfig) -> Path:
     if config.output_model_destination:
         path = Path(config.output_model_destination)
     else:
-        path = Path(config.workspace_dir) / "output" / ("model" if is_fine_tune(config) else "lora")
+        name = {TrainingMethod.FINE_TUNE: "model", TrainingMethod.EMBEDDING: "embedding"}.get(
+            config.training_method, "lora")
+        path = Path(config.workspace_dir) / "output" / name
     if writes_folder(config):
         return path.with_suffix("") if path.suffix == ".safetensors" else path
     return path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
@@ -78,9 +83,18 @@ def save_output(path: Path, family, parts: list[str], config: TrainConfig, *,
                 dtype: torch.dtype, steps: int, epochs: int, title: str) -> None:
     """Write the trained result to `path` (atomically) and its config beside it."""
     path = Path(path)
-    if not is_fine_tune(config):
+    embeddings = getattr(family, "embeddings", None)
+    if config.training_method == TrainingMethod.EMBEDDING:
+        embeddings.save_files(path, dtype, embedding_metadata(config, family, steps=steps,
+                                                              epochs=epochs))
+    elif not is_fine_tune(config):
+        bundle = (embeddings.bundle_tensors(dtype)
+                  if embeddings is not None and config.bundle_additional_embeddings else None)
         lora_formats.save_lora(str(path), family, parts, config, dtype=dtype, steps=steps,
-                               epochs=epochs, title=title)
+                               epochs=epochs, title=title, extra=bundle)
+        if embeddings is not None:
+            embeddings.save_files(path, dtype, embedding_metadata(config, family, steps=steps,
+                                                                  epochs=epochs))
     else:
         metadata = checkpoint_metadata(config, family, steps=steps, epochs=epochs, title=title)
         if writes_folder(config):
@@ -92,25 +106,40 @@ def save_output(path: Path, family, parts: list[str], config: TrainConfig, *,
     atomic_write_text(config_path(path), config.to_json())
 
 
-def checkpoint_metadata(config: TrainConfig, family, *, steps: int, epochs: int,
-                        title: str) -> dict[str, str]:
-    """Stability's model-spec fields, a few kohya-style facts, and the exact config."""
+def embedding_metadata(config: TrainConfig, family, *, steps: int,
+                       epochs: int) -> dict[str, str]:
+    """An embedding file's header (its architecture and title are set per file)."""
+    return {"modelspec.implementation": "diffusers",
+            **_run_metadata(config, family, steps, epochs, "textual inversion")}
+
+
+def _run_metadata(config: TrainConfig, family, steps: int, epochs: int,
+                  what: str) -> dict[str, str]:
+    """What every whole-model or embedding file's header says of its run."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.checkpoint_architecture,
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
-                                     if "xl" in family.checkpoint_architecture
-                                     else "https://github.com/CompVis/stable-diffusion"),
-        "modelspec.title": title,
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.resolution": config.resolution,
         "ss_base_model_version": family.base_model_version,
         "ss_sd_model_name": config.base_model_name,
         "ss_steps": str(steps),
         "ss_num_epochs": str(epochs),
-        "ss_training_comment": "full fine-tune, trained with Atelier",
+        "ss_training_comment": f"{what}, trained with Atelier",
         "atelier_config": config.to_json(),
+    }
+
+
+def checkpoint_metadata(config: TrainConfig, family, *, steps: int, epochs: int,
+                        title: str) -> dict[str, str]:
+    """Stability's model-spec fields, a few kohya-style facts, and the exact config."""
+    return {
+        "modelspec.architecture": family.checkpoint_architecture,
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
+                                     if "xl" in family.checkpoint_architecture
+                                     else "https://github.com/CompVis/stable-diffusion"),
+        "modelspec.title": title,
+        **_run_metadata(config, family, steps, epochs, "full fine-tune"),
     }
 
 

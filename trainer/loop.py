@@ -21,12 +21,14 @@ from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer import finetune
 from trainer.advice import images_without_masks, warmup_longer_than_run
-from trainer.config import DataType, EMAMode, TimeUnit, TrainConfig, check_supported
+from trainer.config import (DataType, EMAMode, TimeUnit, TrainConfig, TrainingMethod,
+                            check_supported)
 from trainer.backup import (Cadence, backup_root, capture_rng, list_backups, read_backup,
                             restore_rng, write_backup)
 from trainer.control import Control
 from trainer.data.dataset import collect_items
 from trainer.data.loader import DataPipeline
+from trainer.embeddings import AdditionalEmbeddings
 from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
 from trainer.loss import (masked_sample_loss, min_snr_weight, pixel_loss, sample_noise,
@@ -173,10 +175,17 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     check_supported(config)
     check_fused_backward(config)
-    parts = [p for p in ("text_encoder", "text_encoder_2", "unet") if getattr(config, p).train]
-    if not parts:
+    # EMBEDDING (textual inversion) keeps the whole model frozen: only the embeddings train.
+    embedding_only = config.training_method == TrainingMethod.EMBEDDING
+    parts = [] if embedding_only else [p for p in ("text_encoder", "text_encoder_2", "unet")
+                                       if getattr(config, p).train]
+    trains_embeddings = any(e.train for e in config.additional_embeddings)
+    if not parts and not trains_embeddings:
         raise ConfigError("Nothing to train: switch on text_encoder.train or unet.train.")
-    stops_early = any(getattr(config, p).stop_training_after_unit != TimeUnit.NEVER for p in parts)
+    # An embedding's vectors get no gradient in a batch without its placeholder: DDP must
+    # allow unused parameters then, as for a part that stops training part-way.
+    stops_early = trains_embeddings or any(
+        getattr(config, p).stop_training_after_unit != TimeUnit.NEVER for p in parts)
 
     # Device, precision, seed. find_unused_parameters lets DDP cope with a part that stops
     # training part-way (its adapter then gets no gradient).
@@ -224,6 +233,17 @@ def train(config: TrainConfig, control: Control | None = None, *,
                              "name": part})
         if config.gradient_checkpointing and getattr(config, part).gradient_checkpointing:
             enable_gradient_checkpointing(family.parts[part])
+    # Additional embeddings: new tokens in the tokenizers, their vectors in the text encoders,
+    # trained in a parameter group of their own (embedding_learning_rate).
+    embeddings = family.embeddings = None
+    if config.additional_embeddings:
+        embeddings = family.embeddings = AdditionalEmbeddings(family, config, accelerator.device)
+        if embeddings.trained():
+            param_groups.append({"params": embeddings.trained(), "name": "embeddings",
+                                 "lr": config.part_learning_rate("embeddings")})
+        if embedding_only:
+            status("Textual inversion: the model stays frozen, only the embeddings "
+                   f"({', '.join(e.placeholder for e in config.additional_embeddings)}) train")
 
     optimizer = build_optimizer(config.optimizer.optimizer,
                                 config.optimizer.model_dump(exclude={"optimizer"}), param_groups)
@@ -235,9 +255,13 @@ def train(config: TrainConfig, control: Control | None = None, *,
     dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
     inpainting = data.inpainting_inputs(vae)  # an inpainting UNet's mask + masked image
 
-    prepared = accelerator.prepare(*[family.parts[p] for p in parts], optimizer)
+    # A text encoder whose embeddings train is prepared (wrapped for DDP) even when its own
+    # weights are frozen: DDP then averages the vectors' gradients like any other.
+    wrapped_parts = parts + [p for p in (embeddings.encoders_with_trained_vectors()
+                                         if embeddings else []) if p not in parts]
+    prepared = accelerator.prepare(*[family.parts[p] for p in wrapped_parts], optimizer)
     optimizer = prepared[-1]
-    family.wrapped = dict(zip(parts, prepared[:-1]))
+    family.wrapped = dict(zip(wrapped_parts, prepared[:-1]))
     # Sharded over the processes by accelerate, but moved to the device by the step itself
     # (`to_device`): accelerate would copy every tensor of the batch with a blocking copy.
     dataloader = accelerator.prepare_data_loader(dataloader, device_placement=False)
@@ -283,6 +307,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     def training_loss(batch: dict, epoch: int, step: int) -> torch.Tensor:
         latents = data.latents(batch, vae, noise_generator, accelerator.device)  # or cached
         grad = {p: part_is_active(config, p, epoch, step) for p in parts}
+        for part in embeddings.encoders_with_trained_vectors() if embeddings else ():
+            grad[part] = True  # the vectors' gradient flows through the (frozen) encoder
         # Caption dropout as the family was trained: SD 1.5 encodes an empty caption, SDXL
         # zeroes each text encoder's output with that encoder's probability.
         conditioning = family.caption_dropout(batch["caption"], lambda captions: data.conditioning(
@@ -373,7 +399,10 @@ def train(config: TrainConfig, control: Control | None = None, *,
     # --- backups and resume ---
     named_params = {f"{part}/{name}": param for part in parts
                     for name, param in family.parts[part].named_parameters()
-                    if any(param is p for g in param_groups for p in g["params"])}
+                    if any(param is p for g in param_groups if g["name"] != "embeddings"
+                           for p in g["params"])}
+    if embeddings is not None:  # their own names (a trained encoder also lists them)
+        named_params.update(embeddings.named_trained())
     # The data order needs no saved state: the bucket sampler shuffles from (seed, epoch).
     generators = {"noise": noise_generator}
     backup_cadence = Cadence(config.backup_after, config.backup_after_unit)
@@ -466,6 +495,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
                         frozen.add(part)
                         for p in finetune.parameters_of(family.parts[part], config):
                             p.requires_grad_(False)
+                if embeddings is not None:
+                    embeddings.freeze_finished(epoch, step)
                 factor = schedule.before_step(step)
                 batch = to_device(batch, accelerator.device)
                 with accelerator.accumulate(*family.wrapped.values()), no_ddp_sync():
@@ -490,6 +521,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
                     continue
                 step += 1
                 batches_at_step = batches_done
+                if embeddings is not None and config.preserve_embedding_norm:
+                    embeddings.preserve_norms()
                 lrs = effective_learning_rates(optimizer)  # the rates this update used
                 schedule.after_step()
                 if ema is not None and step % config.ema_update_step_interval == 0:

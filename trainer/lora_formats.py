@@ -49,11 +49,14 @@ def lora_state_dict(output_format: ModelFormat, models: dict[str, torch.nn.Modul
 
 
 def save_lora(path: str, family, parts: list[str], config: TrainConfig, *,
-              dtype: torch.dtype, steps: int, epochs: int, title: str) -> None:
-    """Write the LoRA file of the trained `parts` in `config.output_model_format`."""
+              dtype: torch.dtype, steps: int, epochs: int, title: str,
+              extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the LoRA file of the trained `parts` in `config.output_model_format`, with the
+    `extra` tensors beside the adapters' (bundled embeddings: trainer/embeddings.py)."""
     models = {p: family.parts[p] for p in parts}
     tensors = lora_state_dict(config.output_model_format, models, family, config.lora_alpha,
                               dtype)
+    tensors.update(extra or {})
     metadata = lora.kohya_metadata(config, family, steps=steps, epochs=epochs, title=title)
     atomic_save_safetensors(tensors, path, metadata)
 

@@ -35,6 +35,13 @@ class CardSample:
 
 
 @dataclass(frozen=True)
+class CardEmbedding:
+    """A trained embedding in the repo: its placeholder and its own file."""
+    placeholder: str
+    file: str
+
+
+@dataclass(frozen=True)
 class CardFacts:
     """What the card says beyond the config: where things are in the repo and what the
     output's header records."""
@@ -47,6 +54,7 @@ class CardFacts:
     samples: tuple[CardSample, ...]
     steps: int | None
     epochs: int | None
+    embeddings: tuple[CardEmbedding, ...] = ()
 
 
 def build_model_card(config: TrainConfig, facts: CardFacts) -> ModelCard:
@@ -65,6 +73,16 @@ def is_lora(config: TrainConfig) -> bool:
     return config.training_method == TrainingMethod.LORA
 
 
+def is_embedding(config: TrainConfig) -> bool:
+    return config.training_method == TrainingMethod.EMBEDDING
+
+
+def method_name(config: TrainConfig) -> str:
+    if is_lora(config):
+        return adapter_name(config)
+    return "textual inversion embedding" if is_embedding(config) else "full fine-tune"
+
+
 def adapter_name(config: TrainConfig) -> str:
     """LoRA, DoRA, LoHa or LoKr (`peft_type` and `lora_decompose`, read with getattr: the
     adapter types are new in the config, and a config without them trained a plain LoRA)."""
@@ -77,6 +95,8 @@ def adapter_name(config: TrainConfig) -> str:
 def loaders(config: TrainConfig) -> tuple[str, ...]:
     """Who loads the output: its format's loaders, less diffusers for LoHa/LoKr (diffusers
     loads no LoHa/LoKr for SD 1.5 / SDXL)."""
+    if is_embedding(config):  # SAFETENSORS, the embedding layout all three read
+        return ("diffusers", "comfyui", "a1111")
     found = LOADERS.get(config.output_model_format, ())
     if is_lora(config) and adapter_name(config) in ("LoHa", "LoKr"):
         found = tuple(n for n in found if n != "diffusers")
@@ -89,6 +109,8 @@ def card_tags(config: TrainConfig) -> list[str]:
     if is_lora(config):
         # template:sd-lora: the Hub's LoRA page layout (the widget's gallery, trigger words)
         tags[1:1] = ["lora", "template:sd-lora"]
+    if is_embedding(config) or config.additional_embeddings:
+        tags.append("textual_inversion")
     if config.model_type.is_inpainting:
         tags.append("inpainting")
     return tags + ["atelier"]
@@ -108,7 +130,7 @@ def _family_name(config: TrainConfig) -> str:
 
 def _body(config: TrainConfig, facts: CardFacts) -> str:
     name = facts.repo_id.split("/", 1)[1]
-    what = adapter_name(config) if is_lora(config) else "full fine-tune"
+    what = method_name(config)
     base = (f"[{facts.base_model}](https://huggingface.co/{facts.base_model})" if facts.base_model
             else f"a local model (`{facts.base_model_label}`)")
     parts = [f"# {name}", "",
@@ -132,7 +154,7 @@ def _body(config: TrainConfig, facts: CardFacts) -> str:
 
 def training_settings(config: TrainConfig, facts: CardFacts) -> list[tuple[str, str]]:
     """The settings that decide what was learned, as (setting, value) rows."""
-    rows = [("Method", adapter_name(config) if is_lora(config) else "full fine-tune"),
+    rows = [("Method", method_name(config)),
             ("Base model", facts.base_model or f"`{facts.base_model_label}` (local)"),
             ("Model type", config.model_type.value),
             ("Output format", config.output_model_format.value)]
@@ -141,6 +163,9 @@ def training_settings(config: TrainConfig, facts: CardFacts) -> list[tuple[str, 
                  ("LoRA layers", config.lora_layer_preset.value)]
         if config.lora_dropout:
             rows.append(("LoRA dropout", f"{config.lora_dropout:g}"))
+    if config.additional_embeddings:
+        rows.append(("Embeddings", ", ".join(f"`{e.placeholder}` ({e.token_count} vectors)"
+                                             for e in config.additional_embeddings)))
     trained = [p for p in ("unet", "text_encoder", "text_encoder_2")
                if _trains(config, p)]
     rows.append(("Trained parts", ", ".join(trained) or "none"))
@@ -186,6 +211,8 @@ def _py(text: str) -> str:
 
 
 def _trains(config: TrainConfig, part: str) -> bool:
+    if is_embedding(config):  # only the new vectors train; the model stays frozen
+        return False
     if part == "text_encoder_2" and not config.model_type.is_sdxl:
         return False
     return getattr(config, part).train
@@ -198,7 +225,10 @@ def _usage(config: TrainConfig, facts: CardFacts) -> list[str]:
         lines += ["### diffusers", "", "```python", *_diffusers_code(config, facts), "```", ""]
     if "comfyui" in found:
         lines += ["### ComfyUI", ""]
-        if config.output_model_format == ModelFormat.DIFFUSERS:
+        if is_embedding(config):
+            lines.append(f"Put `{facts.weights}` in `ComfyUI/models/embeddings/` and write "
+                         f"`embedding:{facts.weights.rsplit('.', 1)[0]}` in the prompt.")
+        elif config.output_model_format == ModelFormat.DIFFUSERS:
             lines.append("Download the repository into `ComfyUI/models/diffusers/` and load it "
                          "with the *DiffusersLoader* node.")
         elif is_lora(config):
@@ -211,7 +241,10 @@ def _usage(config: TrainConfig, facts: CardFacts) -> list[str]:
         lines.append("")
     if "a1111" in found:
         lines += ["### AUTOMATIC1111 / Forge", ""]
-        if is_lora(config):
+        if is_embedding(config):
+            lines.append(f"Put `{facts.weights}` in `stable-diffusion-webui/embeddings/` and "
+                         f"write `{facts.weights.rsplit('.', 1)[0]}` in the prompt.")
+        elif is_lora(config):
             stem = facts.weights.rsplit(".", 1)[0]
             lines.append(f"Put `{facts.weights}` in `stable-diffusion-webui/models/Lora/` and "
                          f"write `<lora:{stem}:1>` in the prompt.")
@@ -219,6 +252,13 @@ def _usage(config: TrainConfig, facts: CardFacts) -> list[str]:
             lines.append(f"Put `{facts.weights}` in `stable-diffusion-webui/models/"
                          "Stable-diffusion/` and pick it as the checkpoint.")
         lines.append("")
+    bundled = [e for e in facts.embeddings if e.file != facts.weights]
+    if bundled and is_lora(config):
+        lines += ["### Its embeddings", "",
+                  "The LoRA carries its trained embeddings (A1111/Forge and ComfyUI read them "
+                  "from it); each is also in its own file, for diffusers' "
+                  "`load_textual_inversion` (as in the recipe above) or an embeddings folder: "
+                  + ", ".join(f"`{e.placeholder}` in `{e.file}`" for e in bundled) + ".", ""]
     missing = [n for n in ("diffusers", "comfyui", "a1111") if n not in found]
     if missing:
         names = {"diffusers": "diffusers", "comfyui": "ComfyUI", "a1111": "A1111/Forge"}
@@ -235,16 +275,18 @@ def _diffusers_code(config: TrainConfig, facts: CardFacts) -> list[str]:
     fp16 = "torch_dtype=torch.float16).to(\"cuda\")"
     if config.output_model_format == ModelFormat.DIFFUSERS:
         cls, load = auto, [f"pipe = {auto}.from_pretrained({_py(facts.repo_id)}, {fp16}"]
-    elif not is_lora(config):
+    elif not is_lora(config) and not is_embedding(config):
         cls = ("StableDiffusionXL" if config.model_type.is_sdxl else "StableDiffusion") + (
             "InpaintPipeline" if inpaint else "Pipeline")
         url = f"https://huggingface.co/{facts.repo_id}/blob/main/{facts.weights}"
         load = [f"pipe = {cls}.from_single_file({_py(url)}, {fp16}"]
     else:
         base = facts.base_model or "<the base model: a hub id or a local folder>"
-        cls, load = auto, [f"pipe = {auto}.from_pretrained({_py(base)}, {fp16}",
-                           f"pipe.load_lora_weights({_py(facts.repo_id)}, "
-                           f"weight_name={_py(facts.weights)})"]
+        cls, load = auto, [f"pipe = {auto}.from_pretrained({_py(base)}, {fp16}"]
+        if is_lora(config):
+            load.append(f"pipe.load_lora_weights({_py(facts.repo_id)}, "
+                        f"weight_name={_py(facts.weights)})")
+        load += _textual_inversion_code(config, facts)
     lines = ["import torch", f"from diffusers import {cls}"]
     if inpaint:
         lines += ["from diffusers.utils import load_image", "", *load,
@@ -253,4 +295,26 @@ def _diffusers_code(config: TrainConfig, facts: CardFacts) -> list[str]:
                   f"image = pipe({_py(prompt)}, image=init_image, mask_image=mask).images[0]"]
     else:
         lines += ["", *load, f"image = pipe({_py(prompt)}).images[0]"]
+    return lines
+
+
+def _textual_inversion_code(config: TrainConfig, facts: CardFacts) -> list[str]:
+    """diffusers' loading of each embedding's own file: one call (SD 1.5), or one per text
+    encoder with its part of the file (SDXL: `clip_l`, `clip_g`)."""
+    lines = []
+    for embedding in facts.embeddings:
+        token = _py(embedding.placeholder)
+        if not config.model_type.is_sdxl:
+            lines.append(f"pipe.load_textual_inversion({_py(facts.repo_id)}, "
+                         f"weight_name={_py(embedding.file)}, token={token})")
+            continue
+        if not any("load_file" in line for line in lines):
+            lines += ["from huggingface_hub import hf_hub_download",
+                      "from safetensors.torch import load_file"]
+        lines += [f"vectors = load_file(hf_hub_download({_py(facts.repo_id)}, "
+                  f"{_py(embedding.file)}))",
+                  f"pipe.load_textual_inversion(vectors[\"clip_l\"], token={token}, "
+                  "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+                  f"pipe.load_textual_inversion(vectors[\"clip_g\"], token={token}, "
+                  "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"]
     return lines

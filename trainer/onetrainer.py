@@ -19,8 +19,8 @@ from trainer.errors import ConfigError
 
 # Output formats by OneTrainer's current names: Atelier writes each of them as itself for SD 1.5
 # and SDXL (trainer/config.py OUTPUT_FORMATS). Its older name SAFETENSORS meant the kohya LoRA
-# for a LoRA and the original single file for a fine-tune (and an embedding file, which Atelier
-# does not train yet); Atelier's own presets and saved configs used it too.
+# for a LoRA and the original single file for a fine-tune, and still names the embedding file
+# (EMBEDDING's only format); Atelier's own presets and saved configs used it too.
 LORA_FORMATS = tuple(OUTPUT_FORMATS["LORA"])
 FULL_FORMATS = tuple(OUTPUT_FORMATS["FINE_TUNE"])
 OLDER_FORMAT_NAMES = {"SAFETENSORS": {"LORA": "KOHYA_LORA", "FINE_TUNE": "ORIGINAL_SINGLE_FILE"}}
@@ -48,6 +48,7 @@ def translate(data: dict) -> tuple[dict, list[str]]:
     _layer_filter(data, notes)
     _weight_dtypes(data)
     _not_yet_trained(data)
+    _main_embedding(data)
     _dora_axis(data, notes)
     return data, notes
 
@@ -67,10 +68,22 @@ def _dora_axis(data: dict, notes: list[str]) -> None:
 
 # OneTrainer keys that change what is trained, with the value that means what Atelier does.
 # Any other value stops the import: dropping the key as "unknown" would train something else.
-# (`peft_type` LORA/LOHA/LOKR and `lora_decompose` are Atelier fields of the same names.)
-SAME_AS_ATELIER = {
-    "additional_embeddings": ([], "additional embeddings are not supported yet"),
-}
+# (`peft_type` LORA/LOHA/LOKR, `lora_decompose` and the embedding keys are Atelier fields of
+# the same names.)
+SAME_AS_ATELIER: dict[str, tuple] = {}
+
+
+def _main_embedding(data: dict) -> None:
+    """OneTrainer trains its `embedding` (the main one) only with EMBEDDING, together with the
+    additional ones (its all_embedding_configs()); Atelier lists every embedding in
+    `additional_embeddings`, the main one first (the file at the output path). Outside
+    EMBEDDING OneTrainer ignores `embedding`: it is left to be reported as unknown."""
+    main = data.get("embedding")
+    if data.get("training_method") != "EMBEDDING" or not isinstance(main, dict):
+        return
+    data.pop("embedding")
+    others = data.get("additional_embeddings") or []
+    data["additional_embeddings"] = [main, *others]
 
 
 def _not_yet_trained(data: dict) -> None:

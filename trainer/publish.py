@@ -24,7 +24,8 @@ from pathlib import Path
 
 from trainer.config import PromptSource, TrainConfig, config_from_dict, read_json
 from trainer.errors import AtelierError
-from trainer.model_card import CardFacts, CardSample, build_model_card
+from trainer.embedding_files import embedding_file_paths
+from trainer.model_card import CardEmbedding, CardFacts, CardSample, build_model_card
 
 SAMPLE_NAME = re.compile(r"step(\d+)-(\d+)\.png")
 # A model downloaded by huggingface_hub lives at <cache>/models--OWNER--NAME/snapshots/<rev>.
@@ -219,6 +220,16 @@ def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None
     else:
         weights = f"{name}.safetensors"
         copy(output.path, staging / weights)
+    # Trained embeddings' own files (textual inversion, or pivotal tuning beside a LoRA),
+    # named after the repo as the output is.
+    embeddings = []
+    for placeholder, file in embedding_file_paths(config, output.path):
+        if file == output.path:
+            embeddings.append(CardEmbedding(placeholder, weights))
+        elif file.is_file():
+            target = f"{name}{file.name.removeprefix(output.path.stem)}"
+            copy(file, staging / target)
+            embeddings.append(CardEmbedding(placeholder, target))
     config_file = f"{name}.json"
     if (staging / config_file).exists():
         config_file = "atelier_config.json"  # a diffusers folder's own file of that name
@@ -239,8 +250,10 @@ def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None
                                    output.run_path(config.base_model_name))),
         base_model_label=config.base_model_name,
         instance_prompt=(instance_prompt.strip() if instance_prompt and instance_prompt.strip()
-                         else instance_prompt_of(config)),
-        samples=tuple(samples), steps=steps, epochs=_as_int(header.get("ss_num_epochs")))
+                         else instance_prompt_of(config)
+                         or ", ".join(e.placeholder for e in embeddings) or None),
+        samples=tuple(samples), steps=steps, epochs=_as_int(header.get("ss_num_epochs")),
+        embeddings=tuple(embeddings))
     build_model_card(config, facts).save(staging / "README.md")
 
 

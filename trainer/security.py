@@ -57,3 +57,29 @@ def confine_config(config: TrainConfig, root: Path) -> TrainConfig:
     for i, concept in enumerate(data["concepts"]):
         concept["path"] = confine_path(concept["path"], root, f"concepts[{i}].path")
     return TrainConfig.model_validate(data)
+
+
+def check_shared_paths(config: TrainConfig, workspace: Path, readable: list[Path]) -> None:
+    """A shared server's rule for a config a visitor submits (the page's Start, the API, the
+    job queue): models and concepts are read from the workspace or `readable` folders (the
+    bundled demo dataset), outputs written in the workspace only; hub ids pass. Refuses with
+    the key named; the config is not rewritten (a repo-relative demo path stays as it is)."""
+    workspace = Path(workspace).resolve()
+    readable = [workspace, *readable]
+    where = f"the workspace folder {workspace}"
+
+    def model_source(key: str, value: str) -> None:
+        if value and names_local_path(value) and not is_inside(Path(value), readable):
+            raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
+                              "models are read from the workspace or the Hugging Face hub.")
+
+    model_source("base_model_name", config.base_model_name)
+    model_source("vae_model_name", config.vae_model_name)
+    for key in ("output_model_destination", "workspace_dir"):
+        value = getattr(config, key)
+        if value and not is_inside(Path(value), [workspace]):
+            raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
+                              "outputs are written there only.")
+    for i, concept in enumerate(config.concepts):
+        if not is_inside(Path(concept.path), readable):
+            raise ConfigError(f"concepts[{i}].path: '{concept.path}' is outside {where}.")

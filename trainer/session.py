@@ -11,7 +11,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from trainer.config import TrainConfig
 from trainer.control import Control, Event
@@ -57,9 +57,18 @@ class JobState:
 
 class TrainingSession:
     def __init__(self, allow_custom_code: bool = False,
-                 workspace_root: str | Path | None = None) -> None:
+                 workspace_root: str | Path | None = None, *,
+                 listener: Callable[[Event], None] | None = None,
+                 on_end: Callable[[JobState], None] | None = None,
+                 train_fn: Callable | None = None) -> None:
         """`workspace_root` set = shared/public server: every path in a config is confined to
-        it, and custom code is off whatever `allow_custom_code` says."""
+        it, and custom code is off whatever `allow_custom_code` says. `listener` hears every
+        event of the loop after the state took it, and `on_end` gets the final state (the
+        job queue keeps its database in step with them); `train_fn` stands in for
+        `trainer.loop.train` (tests of the queue)."""
+        self.listener = listener
+        self.on_end = on_end
+        self._train_fn = train_fn
         self.workspace_root = Path(workspace_root) if workspace_root else None
         # Custom schedules import code named in a config: only for a server run by its user.
         self.allow_custom_code = allow_custom_code and self.workspace_root is None
@@ -135,7 +144,17 @@ class TrainingSession:
     # -- the job's thread -------------------------------------------------------------------
 
     def _run(self, config: TrainConfig, control: Control) -> None:
-        from trainer.loop import train  # heavy imports stay out of module import
+        try:
+            self._train(config, control)
+        finally:
+            if self.on_end is not None:
+                self.on_end(self.state())
+
+    def _train(self, config: TrainConfig, control: Control) -> None:
+        if self._train_fn is not None:
+            train = self._train_fn
+        else:
+            from trainer.loop import train  # heavy imports stay out of module import
         try:
             result = train(config, control, allow_custom_code=self.allow_custom_code)
             with self._lock:
@@ -185,3 +204,5 @@ class TrainingSession:
                 s.samples.append({k: event[k] for k in ("path", "prompt", "step", "epoch")})
             elif kind == "saved":
                 s.output_path = event["path"]
+        if self.listener is not None:
+            self.listener(event)

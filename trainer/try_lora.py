@@ -71,6 +71,10 @@ def read_lora(path: Path | str) -> LoraFile:
         raise ConfigError(f"'{path.name}' is a COMFY_LORA file (ComfyUI's own key names), "
                           "which diffusers does not read; train with KOHYA_LORA or "
                           "DIFFUSERS_LORA to try it here.")
+    if metadata.get("ss_network_module") == "lycoris.kohya":
+        algo = json.loads(metadata.get("ss_network_args") or "{}").get("algo", "LyCORIS")
+        raise ConfigError(f"'{path.name}' is a {algo.upper()} (LyCORIS) file, which diffusers "
+                          "does not load for SD 1.5/SDXL; ComfyUI and A1111/Forge do.")
     config: dict = {}
     if metadata.get("atelier_config"):
         try:
@@ -112,6 +116,24 @@ def find_loras(folder: Path | str) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+BUNDLE = "bundle_emb."
+
+
+def bundled_embeddings(tensors: dict) -> dict[str, dict]:
+    """{placeholder: {"clip_l": vectors[, "clip_g": vectors]}} of a LoRA file's bundled
+    embeddings: SD 1.5's `bundle_emb.<p>.string_to_param.*` is the one text encoder's."""
+    found: dict[str, dict] = {}
+    for key, value in tensors.items():
+        if not key.startswith(BUNDLE):
+            continue
+        placeholder, _, rest = key[len(BUNDLE):].rpartition(".")
+        if rest == "*" and placeholder.endswith(".string_to_param"):
+            found.setdefault(placeholder.removesuffix(".string_to_param"), {})["clip_l"] = value
+        elif rest in ("clip_l", "clip_g"):
+            found.setdefault(placeholder, {})[rest] = value
+    return found
+
+
 class TryModel:
     """The base model's pipeline, kept between tries, with at most one LoRA loaded."""
 
@@ -121,6 +143,7 @@ class TryModel:
         self._family = None
         self._base_key: tuple | None = None
         self._lora_key: tuple | None = None
+        self._embedded = False  # the loaded file's bundled embeddings are in the tokenizers
         self._hooks: list = []
 
     @staticmethod
@@ -136,7 +159,7 @@ class TryModel:
         for hook in self._hooks:
             hook.remove()
         self._pipeline = self._family = self._base_key = self._lora_key = None
-        self._hooks = []
+        self._hooks, self._embedded = [], False
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -166,11 +189,28 @@ class TryModel:
         key = (str(lora.path), lora.path.stat().st_mtime_ns)
         if self._lora_key == key:
             return
+        pipeline = self._pipeline
         if self._lora_key is not None:
-            self._pipeline.unload_lora_weights()
-            self._lora_key = None
+            pipeline.unload_lora_weights()
+            if self._embedded:
+                pipeline.unload_textual_inversion()
+            self._lora_key, self._embedded = None, False
+        from safetensors.torch import load_file
+        tensors = load_file(str(lora.path))
+        adapters = {k: v for k, v in tensors.items() if not k.startswith(BUNDLE)}
         try:
-            self._pipeline.load_lora_weights(str(lora.path), adapter_name=ADAPTER)
+            # Embeddings bundled in the file (pivotal tuning) are not LoRA keys: diffusers
+            # loads them as textual inversions, under their placeholders.
+            embedded = bundled_embeddings(tensors)
+            self._embedded = bool(embedded)
+            for placeholder, vectors in embedded.items():
+                for part, tokenizer, key in (("text_encoder", "tokenizer", "clip_l"),
+                                             ("text_encoder_2", "tokenizer_2", "clip_g")):
+                    if key in vectors and getattr(pipeline, part, None) is not None:
+                        pipeline.load_textual_inversion(
+                            vectors[key], token=placeholder, text_encoder=getattr(pipeline, part),
+                            tokenizer=getattr(pipeline, tokenizer))
+            pipeline.load_lora_weights(adapters, adapter_name=ADAPTER)
         except (ValueError, KeyError, RuntimeError) as error:
             raise ModelLoadError(f"'{lora.path.name}' does not load on "
                                  f"{self._base_key[1]} ({error}).") from None

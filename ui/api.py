@@ -1,44 +1,121 @@
-"""JSON endpoints for programs (gradio_client): start a config, read the job's state.
+"""JSON endpoints for programs (gradio_client): submit configs as jobs, watch and cancel them.
 
     from gradio_client import Client
-    client = Client("http://127.0.0.1:7860")
+    client = Client("http://127.0.0.1:7860")                  # auth=("ann", "secret") with --auth
     config = client.predict(api_name="/default_config")      # the demo, as JSON
-    client.predict(config, api_name="/start")                 # "started" or "error: ..."
-    client.predict(api_name="/state")                         # status, step, loss, ...
-    client.predict(api_name="/stop")
+    job = client.predict(config, api_name="/submit_job")      # {"id": 1, "queue_position": 0}
+    client.predict(job["id"], api_name="/job_status")         # status, step, total_steps, loss, ...
+    client.predict(api_name="/list_jobs")                     # every job you may see
+    client.predict(job["id"], api_name="/cancel_job")         # queued: dropped; running: stops
+    client.predict(job["id"], "up", api_name="/move_job")     # a queued job one place up/down
+    client.predict(job["id"], api_name="/delete_job")         # an ended job and its folder
+
+A refused config raises gradio_client's AppError with the message naming the key. The older
+`/start` (returns "started", "queued: ..." or "error: ...") and `/state` (the job the caller
+follows, as the footer shows it) remain.
 """
 from __future__ import annotations
 
 import json
 
-from trainer.config import check_supported, config_from_dict
+import gradio as gr
+
+from trainer.config import TrainConfig, check_supported, config_from_dict
 from trainer.errors import AtelierError, ConfigError
+from trainer.jobs.queue import space_defaults
+from trainer.jobs.store import Job
 from ui import paths, presets
-from ui.state import SESSION, check_paths, start_training
+from ui.state import SESSION, check_paths, start_training, viewer
 
 
-def start(config_json: str) -> str:
-    """Start training from a JSON config (partial: defaults fill the rest). Returns 'started'
-    or 'error: <why it did not start>'."""
+def parse_config(config_json: str) -> TrainConfig:
+    """A JSON config (partial: defaults fill the rest) checked as the page's Start checks
+    it; ConfigError names the key."""
     try:
         data = json.loads(config_json) if isinstance(config_json, str) else config_json
-        if not isinstance(data, dict):
-            raise ConfigError("The config must be a JSON object.")
-        config = config_from_dict(paths.localize_config(data), warn=lambda message: None)
-        check_supported(config)
-        check_paths(config)
-        start_training(config)
     except json.JSONDecodeError as error:
-        return f"error: the config is not valid JSON: {error}"
+        raise ConfigError(f"the config is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("The config must be a JSON object.")
+    config = config_from_dict(space_defaults(paths.localize_config(data)),
+                              warn=lambda message: None)
+    check_supported(config)
+    check_paths(config)
+    return config
+
+
+def job_dict(job: Job) -> dict:
+    """What /job_status and /list_jobs say of a job."""
+    return {"id": job.id, "status": job.status, "step": job.step,
+            "total_steps": job.total_steps, "loss": job.loss, "smooth_loss": job.smooth_loss,
+            "outputs": job.outputs, "queue_position": SESSION.queue_position(job.id),
+            "owner": job.owner, "message": job.message, "error": job.error, "note": job.note,
+            "backup_step": job.backup_step, "created_at": job.created_at,
+            "started_at": job.started_at, "ended_at": job.ended_at}
+
+
+def start(config_json: str, request: gr.Request) -> str:
+    """Queue a JSON config. Returns 'started', 'queued: job N at position P' or
+    'error: <why it was refused>'."""
+    try:
+        job, position = start_training(parse_config(config_json), viewer(request))
     except AtelierError as error:
         return f"error: {error}"
-    return "started"
+    return "started" if position == 0 else f"queued: job {job.id} at position {position}"
 
 
-def state() -> dict:
-    """The training job's state: status, message, epoch/epochs, step/total_steps, loss,
-    smooth_loss, lr, eta_seconds, samples, warnings, output_path, error."""
-    data = SESSION.state().as_dict()
+def submit_job(config_json: str, request: gr.Request) -> dict:
+    """Queue a JSON config as a job: {"id", "queue_position"} (0 = it runs now)."""
+    try:
+        job, position = start_training(parse_config(config_json), viewer(request))
+    except AtelierError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+    return {"id": job.id, "queue_position": position}
+
+
+def _job_call(action, *args):
+    try:
+        return action(*args)
+    except AtelierError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+    except (TypeError, ValueError):
+        raise gr.Error(f"job_id: '{args[0]}' is not a job number.",
+                       print_exception=False) from None
+
+
+def job_status(job_id: int, request: gr.Request) -> dict:
+    """{"id", "status", "step", "total_steps", "loss", "outputs", "queue_position", ...};
+    status is queued, running, finished, stopped, failed or interrupted."""
+    return job_dict(_job_call(lambda i: SESSION.get(int(i), viewer(request)), job_id))
+
+
+def list_jobs(request: gr.Request) -> list:
+    """Every job the caller may see, newest first, as /job_status describes them."""
+    return [job_dict(job) for job in SESSION.jobs(viewer(request))]
+
+
+def cancel_job(job_id: int, request: gr.Request) -> dict:
+    """Cancel a queued job, or stop a running one after its current step (it saves)."""
+    return job_dict(_job_call(lambda i: SESSION.cancel(int(i), viewer(request)), job_id))
+
+
+def move_job(job_id: int, direction: str, request: gr.Request) -> dict:
+    """Move a queued job one place 'up' or 'down' in the queue."""
+    _job_call(lambda i: SESSION.move(int(i), direction, viewer(request)), job_id)
+    return job_dict(SESSION.get(int(job_id), viewer(request)))
+
+
+def delete_job(job_id: int, request: gr.Request) -> dict:
+    """Delete an ended job with its folder."""
+    _job_call(lambda i: SESSION.delete(int(i), viewer(request)), job_id)
+    return {"id": int(job_id), "deleted": True}
+
+
+def state(request: gr.Request) -> dict:
+    """The caller's followed job, as the footer shows it: status, message, epoch/epochs,
+    step/total_steps, loss, smooth_loss, lr, eta_seconds, samples, warnings, output_path,
+    error."""
+    data = SESSION.state(viewer(request)).as_dict()
     # "file", not "path": gradio_client takes {"path": ...} dicts for files to download.
     data["samples"] = [{("file" if k == "path" else k): v for k, v in sample.items()}
                        for sample in data["samples"]]
@@ -52,3 +129,10 @@ def default_config() -> str:
     from ui.page import initial_config
     config, memory = initial_config()
     return json.dumps(presets.export_dict(config, memory))
+
+
+def register() -> None:
+    """Name every endpoint (inside the page's Blocks)."""
+    for fn in (start, state, default_config, submit_job, job_status, list_jobs, cancel_job,
+               move_job, delete_job):
+        gr.api(fn, api_name=fn.__name__)

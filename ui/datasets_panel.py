@@ -7,6 +7,9 @@ code as `python -m trainer dataset import`; this module only draws it and report
 
 Handlers are plain functions of named values returning `{name: value}` (names of the panel's
 components), so tests call them directly; `build_panel` binds them.
+
+With a login (--auth), a dataset records who created it: a visitor sees the datasets they
+created and those made without a login, and changes only their own (an admin: all).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from trainer.data import datasets
 from trainer.data.images import is_image_file
 from trainer.data.imports import import_dataset
 from trainer.errors import AtelierError
+from trainer.jobs.queue import LOCAL, Viewer
 from ui import paths, state, tables
 from ui.files import message_html
 
@@ -45,7 +49,26 @@ def summary_markdown(summaries: list) -> str:
     return "\n".join(rows)
 
 
-def image_names(name: str | None) -> list[str]:
+def visible(folder: Path, viewer: Viewer) -> bool:
+    if viewer.admin:
+        return True
+    return datasets.dataset_owner(folder) in (None, viewer.name)
+
+
+def check_may_change(folder: Path, viewer: Viewer) -> None:
+    """AtelierError unless the viewer created the dataset (or is an admin)."""
+    if viewer.admin or not folder.is_dir():
+        return
+    owner = datasets.dataset_owner(folder)
+    if owner != viewer.name:
+        if owner is None:
+            raise AtelierError(f"Dataset '{folder.name}' was added without a login; only an "
+                               "admin changes it. Choose another name for yours.")
+        raise AtelierError(f"There is no dataset '{folder.name}' of yours; choose another "
+                           "name.")
+
+
+def image_names(name: str | None, viewer: Viewer = LOCAL) -> list[str]:
     """The dataset's images, relative to it ('/'-separated), for the remove chooser."""
     if not name:
         return []
@@ -53,16 +76,16 @@ def image_names(name: str | None) -> list[str]:
         folder = datasets.dataset_path(_workspace(), name)
     except AtelierError:
         return []
-    if not folder.is_dir():
+    if not folder.is_dir() or not visible(folder, viewer):
         return []
     return sorted(file.relative_to(folder).as_posix() for file, _ in datasets.walk_files(folder)
                   if is_image_file(file))
 
 
-def refresh(selected: str | None = None) -> dict:
+def refresh(selected: str | None = None, viewer: Viewer = LOCAL) -> dict:
     """The table of datasets and the choosers, `selected` kept when it still exists."""
     try:
-        summaries = datasets.list_datasets(_workspace())
+        summaries = [s for s in datasets.list_datasets(_workspace()) if visible(s.path, viewer)]
     except AtelierError as error:
         return {"table": f"⚠ {error}", "dataset": gr.update(choices=[]),
                 "images": gr.update(choices=[], value=[])}
@@ -71,7 +94,7 @@ def refresh(selected: str | None = None) -> dict:
     value = selected if selected else (names[0] if names else None)
     return {"table": summary_markdown(summaries),
             "dataset": gr.update(choices=names, value=value),
-            "images": gr.update(choices=image_names(value), value=[])}
+            "images": gr.update(choices=image_names(value, viewer), value=[])}
 
 
 def report_html(report) -> str:
@@ -87,7 +110,8 @@ def report_html(report) -> str:
     return message_html("\n".join(lines), ok=ok or added > 0)
 
 
-def upload(name: str | None, files: list | None, replace: bool) -> dict:
+def upload(name: str | None, files: list | None, replace: bool,
+           viewer: Viewer = LOCAL) -> dict:
     """Import the uploaded files (images, captions, masks, zips) into dataset `name`."""
     name = (name or "").strip()
     if not name:
@@ -99,11 +123,16 @@ def upload(name: str | None, files: list | None, replace: bool) -> dict:
     # gradio keeps each upload's own file name as the last part of its temporary path.
     sources = [Path(getattr(f, "name", f)) for f in files]
     try:
+        folder = datasets.dataset_path(_workspace(), name)
+        check_may_change(folder, viewer)
+        new = not folder.exists()
         report = import_dataset(sources, name, _workspace(), limits=state.IMPORT_LIMITS,
                                 replace=bool(replace))
+        if new and viewer.name and report.dataset.is_dir():
+            datasets.set_dataset_owner(report.dataset, viewer.name)
     except AtelierError as error:
         return {"message": message_html(str(error), ok=False)}
-    return {**refresh(name), "message": report_html(report), "files": None}
+    return {**refresh(name, viewer), "message": report_html(report), "files": None}
 
 
 def has_subfolder_images(folder: Path) -> bool:
@@ -111,7 +140,7 @@ def has_subfolder_images(folder: Path) -> bool:
                if is_image_file(file))
 
 
-def use_as_concept(name: str | None, frame: Any) -> dict:
+def use_as_concept(name: str | None, frame: Any, viewer: Viewer = LOCAL) -> dict:
     """Add dataset `name` to the Data table as a concept (once)."""
     if not name:
         return {"message": message_html("Choose a dataset first.", ok=False)}
@@ -119,7 +148,7 @@ def use_as_concept(name: str | None, frame: Any) -> dict:
         folder = datasets.dataset_path(_workspace(), name)
     except AtelierError as error:
         return {"message": message_html(str(error), ok=False)}
-    if not folder.is_dir():
+    if not folder.is_dir() or not visible(folder, viewer):
         return {"message": message_html(f"There is no dataset '{name}' yet: upload its "
                                         "images first.", ok=False)}
     concepts = tables.concepts_from_frame(frame)
@@ -133,20 +162,21 @@ def use_as_concept(name: str | None, frame: Any) -> dict:
             "message": message_html(f"'{name}' added to the Data table as a concept.")}
 
 
-def remove(name: str | None, images: list[str] | None) -> dict:
+def remove(name: str | None, images: list[str] | None, viewer: Viewer = LOCAL) -> dict:
     if not name or not images:
         return {"message": message_html("Choose a dataset and the images to remove.",
                                         ok=False)}
     try:
+        check_may_change(datasets.dataset_path(_workspace(), name), viewer)
         removed = datasets.remove_images(_workspace(), name, images)
     except AtelierError as error:
         return {"message": message_html(str(error), ok=False)}
-    return {**refresh(name),
+    return {**refresh(name, viewer),
             "message": message_html(f"Removed {len(removed)} file(s) from '{name}' "
                                     "(images with their captions and masks).")}
 
 
-def ask_delete(name: str | None) -> dict:
+def ask_delete(name: str | None, viewer: Viewer = LOCAL) -> dict:
     if not name:
         return {"message": message_html("Choose a dataset first.", ok=False)}
     return {"confirm_row": gr.update(visible=True),
@@ -154,20 +184,23 @@ def ask_delete(name: str | None) -> dict:
                             "undone."}
 
 
-def confirm_delete(name: str | None) -> dict:
+def confirm_delete(name: str | None, viewer: Viewer = LOCAL) -> dict:
     hidden = {"confirm_row": gr.update(visible=False)}
     if not name:
         return {**hidden, "message": message_html("Choose a dataset first.", ok=False)}
     try:
+        check_may_change(datasets.dataset_path(_workspace(), name), viewer)
         datasets.delete_dataset(_workspace(), name)
     except AtelierError as error:
         return {**hidden, "message": message_html(str(error), ok=False)}
-    return {**hidden, **refresh(None), "message": message_html(f"Deleted dataset '{name}'.")}
+    return {**hidden, **refresh(None, viewer),
+            "message": message_html(f"Deleted dataset '{name}'.")}
 
 
-def build_panel(concepts_table: gr.Dataframe) -> None:
-    """Draw the panel (inside the Data section) and bind its events."""
-    first = refresh(None)
+def build_panel(concepts_table: gr.Dataframe):
+    """Draw the panel (inside the Data section) and bind its events. Returns (fn, outputs)
+    for the page's load event: with a login, the list is the visitor's, drawn on load."""
+    first = refresh(None, Viewer(name="\0", admin=False) if state.OPTIONS.login else LOCAL)
     limits = state.IMPORT_LIMITS
     with gr.Accordion("Workspace datasets: upload your images", open=False,
                       elem_id="section-datasets"):
@@ -210,8 +243,8 @@ def build_panel(concepts_table: gr.Dataframe) -> None:
              "confirm_row": confirm_row, "confirm_text": confirm_text}
 
     def bind(handler, inputs: list[str], outputs: list[str]):
-        def run(*args):
-            result = handler(*args)
+        def run(request: gr.Request, *args):
+            result = handler(*args, viewer=state.viewer(request))
             return {names[k]: v for k, v in result.items() if k in outputs}
         return run, [names[k] for k in inputs], [names[k] for k in outputs]
 
@@ -232,5 +265,12 @@ def build_panel(concepts_table: gr.Dataframe) -> None:
         fn, ins, outs = bind(handler, inputs, outputs)
         event(fn, ins, outs, api_name=api or False, show_progress="minimal")
     cancel.click(lambda: gr.update(visible=False), None, confirm_row, api_name=False)
-    dataset.change(lambda name: gr.update(choices=image_names(name), value=[]), dataset,
-                   images, api_name=False, show_progress="hidden")
+    def chosen(name: str | None, request: gr.Request):
+        return gr.update(choices=image_names(name, state.viewer(request)), value=[])
+
+    dataset.change(chosen, dataset, images, api_name=False, show_progress="hidden")
+
+    def on_load(request: gr.Request):
+        result = refresh(None, state.viewer(request))
+        return [result[k] for k in listing]
+    return on_load, [names[k] for k in listing]

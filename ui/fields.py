@@ -42,6 +42,7 @@ TRAINING_SECTIONS = [
     "EMA",
     "Noise and loss",
     "LoRA",
+    "Embeddings",
 ]
 # Sections the page draws itself, outside the Training accordions (SPEC §1: Model, Data,
 # then Training, then Sampling, then Backup and save).
@@ -65,6 +66,7 @@ CHOICE_LABELS = {
     "STABLE_DIFFUSION_XL_10_BASE_INPAINTING": "SDXL 1.0 inpainting",
     "LORA": "LoRA",
     "FINE_TUNE": "Fine-tune",
+    "EMBEDDING": "Textual inversion",
 }
 
 
@@ -260,15 +262,30 @@ def applies(spec: FieldSpec | ListSpec | str, choices: dict[str, Any]) -> bool:
     return True
 
 
-def fitting_choice(spec: FieldSpec, value: Any, choices: dict[str, Any]) -> Any:
-    """`value` if it fits the chosen model type / training method (etc.), else the first
-    value that does: switching to Fine-tune turns a LoRA output format into the fine-tune's
-    default instead of leaving a combination that cannot run."""
+def fitting_choices(spec: FieldSpec, choices: dict[str, Any]) -> list[str] | None:
+    """The values of `spec` that fit the chosen settings: those that every controlling
+    setting's value allows, in the order of the first (whose first is the default). A
+    controlling setting that does not apply itself (peft_type under Fine-tune) limits nothing.
+    None: nothing limits it."""
+    allowed: list[str] | None = None
     for key, by_value in spec.choices_for.items():
+        if key in SPECS and not applies(key, choices):
+            continue
         chosen = choices.get(key)
-        allowed = by_value.get(chosen.value if isinstance(chosen, Enum) else chosen)
-        if allowed and value not in allowed:
-            return allowed[0]
+        listed = by_value.get(chosen.value if isinstance(chosen, Enum) else chosen)
+        if listed is not None:
+            allowed = list(listed) if allowed is None else [v for v in allowed if v in listed]
+    return allowed
+
+
+def fitting_choice(spec: FieldSpec, value: Any, choices: dict[str, Any]) -> Any:
+    """`value` if it fits the chosen model type / training method / adapter type (etc.),
+    else the first value that does: switching to Fine-tune turns a LoRA output format into
+    the fine-tune's default, and choosing LoHa turns DIFFUSERS_LORA (no LoHa layout) into
+    KOHYA_LORA, instead of leaving a combination that Start would refuse."""
+    allowed = fitting_choices(spec, choices)
+    if allowed and value not in allowed:
+        return allowed[0]
     return value
 
 

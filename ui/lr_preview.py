@@ -1,4 +1,6 @@
-"""The learning-rate curve of the current settings, drawn before training starts.
+"""The learning-rate curves of the current settings, drawn before training starts: one per
+parameter group the run will have (text encoders, UNet, embeddings), each the schedule's
+factor times that group's own learning rate.
 
 Total steps are estimated as the loop counts them: images of the enabled concepts x repeats per
 epoch, divided into batches, then into accumulation groups, times the epochs. Images are counted,
@@ -11,7 +13,7 @@ import math
 import pandas as pd
 
 from trainer.advice import warmup_longer_than_run
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, TrainingMethod
 from trainer.errors import AtelierError
 from trainer.optim.schedules import lr_curve
 from ui.tables import count_images
@@ -42,9 +44,27 @@ def estimate_steps(config: TrainConfig) -> tuple[int, int, int]:
     return steps_per_epoch * config.epochs, steps_per_epoch, images
 
 
+GROUP_LABELS = {"text_encoder": "text encoder", "text_encoder_2": "text encoder 2",
+                "unet": "UNet", "embeddings": "embeddings"}
+
+
+def parameter_groups(config: TrainConfig) -> dict[str, float]:
+    """The run's parameter groups (as the loop builds them) and their learning rates."""
+    groups = {}
+    if config.training_method != TrainingMethod.EMBEDDING:
+        parts = ["text_encoder", "unet"] + (["text_encoder_2"] if config.model_type.is_sdxl
+                                            else [])
+        for part in parts:
+            if getattr(config, part).train:
+                groups[GROUP_LABELS[part]] = config.part_learning_rate(part)
+    if any(e.train for e in config.additional_embeddings):
+        groups[GROUP_LABELS["embeddings"]] = config.part_learning_rate("embeddings")
+    return groups or {"base": config.learning_rate}
+
+
 def curve_frame(config: TrainConfig, allow_custom_code: bool = False
                 ) -> tuple[pd.DataFrame, str]:
-    """(a DataFrame of step / learning rate, a one-line caption)."""
+    """(a DataFrame of step / learning rate / group, a one-line caption)."""
     total, per_epoch, images = estimate_steps(config)
     if total == 0:
         return empty_frame(), ("No images found in the enabled concepts yet; the curve needs "
@@ -61,7 +81,13 @@ def curve_frame(config: TrainConfig, allow_custom_code: bool = False
     steps = list(range(0, total, stride))
     if steps[-1] != total - 1:
         steps.append(total - 1)
-    frame = pd.DataFrame({"step": steps, "learning rate": [values[s] for s in steps]})
+    # The schedule scales every group's LR by the same factor (values are the base LR's).
+    frames = [pd.DataFrame({"step": steps,
+                            "learning rate": [values[s] * lr / config.learning_rate
+                                              for s in steps],
+                            "group": name})
+              for name, lr in parameter_groups(config).items()]
+    frame = pd.concat(frames, ignore_index=True)
     caption = (f"{images} images per epoch → {total} optimizer steps "
                f"({config.epochs} epochs, batch {config.batch_size}, "
                f"accumulation {config.gradient_accumulation_steps}).")
@@ -75,4 +101,5 @@ def curve_frame(config: TrainConfig, allow_custom_code: bool = False
 
 def empty_frame() -> pd.DataFrame:
     return pd.DataFrame({"step": pd.Series([], dtype="int64"),
-                         "learning rate": pd.Series([], dtype="float64")})
+                         "learning rate": pd.Series([], dtype="float64"),
+                         "group": pd.Series([], dtype="object")})

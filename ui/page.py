@@ -6,8 +6,9 @@ parameters are the "⋯" dialog's boxes in `Page.params`. Events take their inpu
 components, so a handler receives `{component: value}` and reads each value by key through
 these dicts; nothing depends on the order of components.
 
-Training state lives on the server (ui/state.py SESSION); a `gr.Timer` polls it, so a reload or
-a second browser shows the running job.
+Training state lives on the server (ui/state.py SESSION, the job queue); a `gr.Timer` polls
+it, so a reload or a second browser shows the running job. Start queues a job (ui/jobs_panel.py
+lists them); the footer follows the visitor's running job.
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ import gradio as gr
 
 from trainer.config import ConceptConfig, TrainConfig, check_supported, config_from_dict
 from trainer.errors import AtelierError, ConfigError
-from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, lr_preview,
-                optimizers, presets, publish_panel, tables, try_panel)
+from trainer.jobs.queue import SPACE_BACKUP_MINUTES, on_space
+from trainer.session import JobState
+from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, jobs_panel,
+                lr_preview, optimizers, presets, publish_panel, tables, try_panel)
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
                            make_parameter_box, page_value, parameter_box_update, slug)
-from ui.state import SESSION, check_paths, start_training
+from ui.state import OPTIONS, SESSION, check_paths, start_training, viewer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,11 @@ OPTIMIZER_KEY = optimizers.OPTIMIZER_KEY
 DIALOG_KEYS = {key for key in F.SPECS if key.startswith("optimizer.") and key != OPTIMIZER_KEY}
 LR_KEYS = ("learning_rate", "learning_rate_scheduler", "learning_rate_warmup_steps",
            "learning_rate_min_factor", "learning_rate_cycles", "custom_learning_rate_scheduler",
-           "epochs", "batch_size", "gradient_accumulation_steps")
+           "epochs", "batch_size", "gradient_accumulation_steps",
+           # which parameter groups there are, and their own rates (a curve each)
+           "model_type", "training_method", "text_encoder.train", "text_encoder.learning_rate",
+           "text_encoder_2.train", "text_encoder_2.learning_rate", "unet.train",
+           "unet.learning_rate", "embedding_learning_rate")
 OPEN_SECTIONS = {"Optimizer", "Learning-rate scheduler", "Main settings"}
 POLL_SECONDS = 1.0
 
@@ -79,6 +86,7 @@ CSS = """
 .table-info { opacity: .75; font-size: 13px; }
 """
 CSS += dataset.CSS  # the dataset browser and mask painter
+CSS += jobs_panel.CSS
 
 HEADER = ("<div id='atelier-title'><h1>Atelier</h1><p>Train Stable Diffusion 1.5 / SDXL LoRAs "
           "in the browser. Press <b>Start</b> to train the built-in demo, or load a preset.</p>"
@@ -164,10 +172,15 @@ class Page:
 def initial_config() -> tuple[TrainConfig, dict]:
     try:
         config, memory, _ = presets.merge_preset(presets.read_preset(presets.DEFAULT_PRESET), None)
-        return config, memory
     except AtelierError as error:  # no demo preset: the defaults
         log.warning("Demo preset not loaded: %s", error)
-        return TrainConfig(), {}
+        config, memory = TrainConfig(), {}
+    default = TrainConfig()
+    if on_space() and (config.backup_after, config.backup_after_unit) == (
+            default.backup_after, default.backup_after_unit):
+        # A Space restarts often: a restarted job continues from a backup minutes old.
+        config = config.model_copy(update={"backup_after": SPACE_BACKUP_MINUTES})
+    return config, memory
 
 
 def shown_optimizer_values(config: TrainConfig, memory: dict) -> dict[str, Any]:
@@ -233,7 +246,7 @@ def build_page() -> gr.Blocks:
             concepts_info = gr.Markdown(concepts_summary(config.concepts),
                                         elem_id="concepts-info")
             draw_fields(F.keys_in_section("Data"), values, choices, fields)
-            datasets_panel.build_panel(page.tables["concepts"])
+            datasets_on_load = datasets_panel.build_panel(page.tables["concepts"])
         # The images of those concepts: captions, painted and generated masks (SPEC §4).
         dataset_section = dataset.build_section(page.tables["concepts"], config.concepts,
                                                 panels=[auto_masks.build_panel,
@@ -266,6 +279,7 @@ def build_page() -> gr.Blocks:
                 if section == "Learning-rate scheduler":
                     frame, caption = lr_preview.curve_frame(config, allow_custom)
                     lr_parts["plot"] = gr.LinePlot(frame, x="step", y="learning rate",
+                                                   color="group",  # one per parameter group
                                                    title="Learning rate over the run",
                                                    height=220, elem_id="lr-curve",
                                                    x_title="optimizer step",
@@ -285,6 +299,7 @@ def build_page() -> gr.Blocks:
         # Try a trained LoRA beside its base model.
         try_panel.build_panel(fields["base_model_name"], fields["model_type"])
         publish_panel.build_panel()
+        jobs = jobs_panel.build_panel()
 
         # 6. Backup and save
         if F.keys_in_section(F.BACKUP_SECTION):
@@ -308,7 +323,9 @@ def build_page() -> gr.Blocks:
                 close_btn = gr.Button("Close", variant="primary", elem_id="optimizer-close")
 
         # Progress: plots, warnings, download (the fixed footer bar is below)
-        state = SESSION.state()
+        # With a login, the first paint shows no one's job: the first poll shows the
+        # visitor's own.
+        state = JobState() if OPTIONS.login else SESSION.state()
         with gr.Accordion("Progress", open=True, elem_id="section-progress"):
             with gr.Row():
                 loss_plot = gr.LinePlot(footer.loss_frame(state), x="step", y="loss",
@@ -388,8 +405,8 @@ def build_page() -> gr.Blocks:
 
         # The LR curve of the current settings
         lr_fields = {k: fields[k] for k in LR_KEYS if k in fields}
-        lr_tables = {k: page.tables[k] for k in ("concepts", "scheduler_params")
-                     if k in page.tables}
+        lr_tables = {k: page.tables[k] for k in ("concepts", "scheduler_params",
+                                                 "additional_embeddings") if k in page.tables}
 
         def redraw_lr(data: dict) -> tuple:
             try:
@@ -559,12 +576,12 @@ def build_page() -> gr.Blocks:
                          outputs=[export_file, report], api_name="export_config")
 
         # Start / Stop / Sample now / Save now
-        def start(data: dict) -> str:
+        def start(data: dict, request: gr.Request) -> str:
             try:
                 config, _ = page.config(data)
                 check_supported(config)
                 check_paths(config)
-                start_training(config)
+                job, position = start_training(config, viewer(request))
             except AtelierError as error:
                 gr.Warning(str(error))
                 return error_html(str(error))
@@ -572,22 +589,24 @@ def build_page() -> gr.Blocks:
                 log.exception("Start failed")
                 gr.Warning(f"Could not start: {error}")
                 return error_html(f"Could not start: {type(error).__name__}: {error}")
-            return ok_html("Started.")
+            if position == 0:
+                return ok_html(f"Started job {job.id}.")
+            return ok_html(f"Queued as job {job.id}, position {position} in the queue; it "
+                           "starts when the jobs before it end (see Jobs).")
 
         start_btn.click(start, inputs=page.inputs(), outputs=notice, api_name="start_from_page")
 
-        def stop() -> str:
-            if not SESSION.state().running:
-                return ok_html("No training job is running.")
-            SESSION.stop()
+        def stop(request: gr.Request) -> str:
+            if not SESSION.stop(viewer(request)):
+                return ok_html("No training job of yours is running.")
             return ok_html("Stopping after the current step; the model is saved then.")
 
         stop_btn.click(stop, None, notice, api_name="stop")
 
         def command(name: str, done: str):
-            def run() -> str:
+            def run(request: gr.Request) -> str:
                 try:
-                    SESSION.request(name)
+                    SESSION.request(name, viewer(request))
                 except AtelierError as error:
                     gr.Warning(str(error))
                     return error_html(str(error))
@@ -608,8 +627,13 @@ def build_page() -> gr.Blocks:
                         download, start_btn, stop_btn, sample_btn, backup_now_btn, save_now_btn,
                         seen]
 
-        def poll(last: footer.Snapshot | None) -> dict:
-            state = SESSION.state()
+        def poll(last: footer.Snapshot | None, request: gr.Request) -> list:
+            out = follow(last, viewer(request))
+            return [out.get(component, gr.skip()) for component in poll_outputs]
+
+        def follow(last: footer.Snapshot | None, who) -> dict:
+            """The footer of the visitor's followed job (its newest running one)."""
+            state = SESSION.state(who)
             snap = footer.Snapshot.of(state)
             if last == snap:
                 return {}
@@ -620,7 +644,8 @@ def build_page() -> gr.Blocks:
                    status: footer.status_html(state),
                    warnings_md: footer.warnings_markdown(state), seen: snap}
             if first or last.status != snap.status:
-                out.update({start_btn: gr.update(interactive=not running),
+                # Start stays usable while a job runs: it queues the next one.
+                out.update({start_btn: gr.update(interactive=True),
                             stop_btn: gr.update(interactive=state.status == "running"),
                             sample_btn: gr.update(interactive=running),
                             backup_now_btn: gr.update(interactive=running),
@@ -634,15 +659,15 @@ def build_page() -> gr.Blocks:
                 out[download] = gr.update(value=files, visible=bool(files))
             return out
 
-        timer.tick(partial(poll, poll_outputs), seen, poll_outputs, api_name="poll",
+        timer.tick(poll, seen, poll_outputs, api_name="poll",
                    show_progress="hidden", concurrency_limit=None)
-        demo.load(partial(poll, poll_outputs), seen, poll_outputs, api_name="attach",
-                  show_progress="hidden")
+        demo.load(poll, seen, poll_outputs, api_name="attach", show_progress="hidden")
 
-        def show_running_job() -> dict:
+        def show_running_job(request: gr.Request) -> dict:
             """A page opened (or reloaded) while a job runs shows that job's settings."""
-            config = SESSION.job_config()
-            if config is None or not SESSION.state().running:
+            who = viewer(request)
+            config = SESSION.job_config(who)
+            if config is None or not SESSION.state(who).running:
                 return complete({}, fill_outputs)
             return complete(fill(config, None, "Showing the settings of the running job."),
                             fill_outputs)
@@ -652,10 +677,29 @@ def build_page() -> gr.Blocks:
         demo.load(lambda: gr.update(choices=presets.choices()), None, preset_dd,
                   api_name="refresh_presets", show_progress="hidden")
 
+        if OPTIONS.login:  # the visitor's own datasets, once the page knows who it is
+            demo.load(*datasets_on_load, api_name="datasets_attach", show_progress="hidden")
+
+        # The Jobs panel: its list when the page opens, and "Load these settings".
+        demo.load(jobs.refresh, jobs.refresh_inputs, jobs.refresh_outputs,
+                  api_name="jobs_attach", show_progress="hidden")
+
+        def load_job_settings(selected, request: gr.Request) -> dict:
+            try:
+                job = SESSION.get(int(selected), viewer(request))
+                config = config_from_dict(job.config, warn=lambda message: None)
+            except (AtelierError, TypeError, ValueError) as error:
+                text = str(error) if isinstance(error, AtelierError) else "Choose a job first."
+                return complete({jobs.message: error_html(text)}, fill_outputs + [jobs.message])
+            out = fill(config, None, f"Loaded the settings of job {job.id}.")
+            out[jobs.message] = ok_html(f"Loaded the settings of job {job.id} into the page.")
+            return complete(out, fill_outputs + [jobs.message])
+
+        jobs.load.click(load_job_settings, jobs.choice, fill_outputs + [jobs.message],
+                        api_name="jobs_load_settings")
+
         # For programs (gradio_client): JSON in, JSON out.
-        gr.api(api.start, api_name="start")
-        gr.api(api.state, api_name="state")
-        gr.api(api.default_config, api_name="default_config")
+        api.register()
 
     demo.page = page  # for tests: the key -> component maps
     demo.dataset = dataset_section  # for tests: the dataset browser's components

@@ -126,7 +126,10 @@ def _drop_path(data: dict, loc: tuple) -> bool:
 
 
 # Settings that decide what a job is: a bad value stops the import, it never falls back.
-JOB_KEYS = ("model_type", "training_method", "base_model_name", "output_model_format")
+# (An embedding's bad value too: its default, e.g. an input embedding for an output one, would
+# train something else.)
+JOB_KEYS = ("model_type", "training_method", "base_model_name", "output_model_format",
+            "additional_embeddings")
 
 
 def lenient_config(data: dict) -> tuple[TrainConfig, list[str]]:

@@ -1,7 +1,7 @@
-"""Server-wide state: the one training session and how the server was started.
+"""Server-wide state: the job queue and how the server was started.
 
 A run belongs to the server, not to a browser tab: every page (a reload, a second device) polls
-the same `SESSION`, so it shows the running job as it is.
+the same `SESSION` (the job queue, trainer/jobs/queue.py), so it shows the running job as it is.
 """
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ from pathlib import Path
 from trainer.config import TrainConfig
 from trainer.data.imports import ImportLimits
 from trainer.demo import DEMO_DATASET_DIR
-from trainer.errors import AtelierError, ConfigError
-from trainer.security import is_inside, names_local_path
-from trainer.session import TrainingSession
+from trainer.errors import AtelierError
+from trainer.jobs.queue import JobQueue, Viewer
+from trainer.security import check_shared_paths
 from trainer.try_lora import TryModel
 from ui import paths
 
-# Custom scheduler code is off until app.py says the server is the user's own (local).
-SESSION = TrainingSession(allow_custom_code=False)
+# The job queue. Custom scheduler code is off until app.py says the server is the user's own
+# (local). app.py opens its store in the workspace at start (a restart resumes what ran);
+# anything else that submits a job opens it there on first use.
+SESSION = JobQueue(allow_custom_code=False, default_workspace=paths.workspace_root)
+JOBS = SESSION
 
 # The browser sessions whose "Apply to folder" (ui.auto_masks) is writing masks now: no
 # training starts meanwhile, and no mask run starts while training runs (it may read them).
@@ -33,9 +36,10 @@ TRY = TryModel()
 TRY_LOCK = threading.Lock()
 
 
-def start_training(config: TrainConfig) -> None:
-    """Start `config` as the server's job; refused while masks are being generated or a
-    LoRA is being tried."""
+def start_training(config: TrainConfig, viewer: Viewer | None = None):
+    """Queue `config` as a job of `viewer` (it starts at once when a slot is free); returns
+    (job, queue position). Refused while masks are being generated or a LoRA is being
+    tried."""
     with MASK_RUNS_LOCK:
         if MASK_RUNS:
             raise AtelierError("Masks or captions are being generated for a folder: wait "
@@ -45,7 +49,7 @@ def start_training(config: TrainConfig) -> None:
                            "start training.")
     try:
         TRY.release()  # its base model's memory is the training job's now
-        SESSION.start(config)
+        return SESSION.start(config, viewer or Viewer())
     finally:
         TRY_LOCK.release()
 
@@ -58,8 +62,10 @@ class ServerOptions:
     confine_paths: bool = False
     # Models named by a hub id may download (--online, or a Space).
     online: bool = False
-    # Visitors sign in (--auth): they may use the server's own Hugging Face token.
+    # Visitors sign in (--auth): they may use the server's own Hugging Face token, and each
+    # sees only their own jobs and datasets, except the admins (--admin).
     login: bool = False
+    admins: frozenset[str] = frozenset()
 
 
 OPTIONS = ServerOptions()
@@ -68,36 +74,30 @@ IMPORT_LIMITS = ImportLimits()
 
 
 def configure(shared: bool, allow_any_path: bool = False, online: bool = False,
-              login: bool = False) -> None:
+              login: bool = False, admins=()) -> None:
     OPTIONS.shared = shared
     OPTIONS.online = online
     OPTIONS.login = login
+    OPTIONS.admins = frozenset(admins)
     OPTIONS.confine_paths = shared and not allow_any_path
     SESSION.allow_custom_code = not shared
 
 
+def viewer(request=None) -> Viewer:
+    """Who is asking: a gradio request's login name with --auth; without a login, the one
+    owner of the server."""
+    name = getattr(request, "username", None) if OPTIONS.login else None
+    if not name:
+        return Viewer()
+    return Viewer(name=name, admin=name in OPTIONS.admins)
+
+
+def open_jobs(workspace: Path, concurrency: int | None = None) -> str:
+    """Open the job store in the workspace (app.py, at start); returns its notice."""
+    return SESSION.open(workspace, concurrency=concurrency, confine=OPTIONS.confine_paths)
+
+
 def check_paths(config: TrainConfig) -> None:
     """On a shared server, refuse paths outside the workspace (naming the key)."""
-    if not OPTIONS.confine_paths:
-        return
-    workspace = paths.workspace_root().resolve()
-    readable = [workspace, DEMO_DATASET_DIR.resolve()]
-    where = f"the workspace folder {workspace}"
-
-    def model_source(key: str, value: str) -> None:
-        if not value:
-            return
-        if names_local_path(value) and not is_inside(Path(value), readable):
-            raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
-                              "models are read from the workspace or the Hugging Face hub.")
-
-    model_source("base_model_name", config.base_model_name)
-    model_source("vae_model_name", config.vae_model_name)
-    for key in ("output_model_destination", "workspace_dir"):
-        value = getattr(config, key)
-        if value and not is_inside(Path(value), [workspace]):
-            raise ConfigError(f"{key}: '{value}' is outside {where}; on a shared server "
-                              "outputs are written there only.")
-    for i, concept in enumerate(config.concepts):
-        if not is_inside(Path(concept.path), readable):
-            raise ConfigError(f"concepts[{i}].path: '{concept.path}' is outside {where}.")
+    if OPTIONS.confine_paths:
+        check_shared_paths(config, paths.workspace_root(), [DEMO_DATASET_DIR])

@@ -24,6 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 SERVER_START_TIMEOUT = 180
+USERS = {"ann": "a-secret", "bob": "b-secret", "root": "r-secret"}  # auth_server's logins
 
 
 def free_port() -> int:
@@ -48,16 +49,44 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) ->
                        + log.read_text(errors="replace")[-4000:])
 
 
-def serve(workspace: Path, log: Path, *extra: str):
-    """`python app.py` on a free port with `workspace`; yields its URL, stops it after."""
-    port = free_port()
+def spawn(log: Path, port: int, *extra: str) -> subprocess.Popen:
+    """`python app.py --port PORT *extra`, its output appended to `log` (not yet answering)."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
     env.pop("ATELIER_WORKSPACE", None)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
+    with open(log, "ab") as out:
+        return subprocess.Popen(
             [sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port), *extra],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def start_app():
+    """start(log, port, *extra) -> the `python app.py` process, answering: for tests that
+    kill a server and start it again. The test ends what it started."""
+    started = []
+
+    def start(log: Path, port: int, *extra: str) -> subprocess.Popen:
+        process = spawn(log, port, *extra)
+        started.append(process)
+        wait_http(f"http://127.0.0.1:{port}/", SERVER_START_TIMEOUT, process, log)
+        return process
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def serve(workspace: Path, log: Path, *extra: str):
+    """`python app.py` on a free port with `workspace`; yields its URL, stops it after."""
+    port = free_port()
+    process = spawn(log, port, *extra)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_http(url, SERVER_START_TIMEOUT, process, log)
@@ -82,6 +111,17 @@ def atelier_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("atelier-log") / "server.log"
     args = [] if default_workspace else ["--workspace", str(workspace)]
     for url in serve(workspace, log, *args):
+        yield url, workspace
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """(url, workspace) of a server with a login for three users, "root" the admin."""
+    workspace = tmp_path_factory.mktemp("auth-workspace")
+    log = tmp_path_factory.mktemp("auth-log") / "server.log"
+    users = ",".join(f"{user}:{password}" for user, password in USERS.items())
+    for url in serve(workspace, log, "--workspace", str(workspace), "--auth", users,
+                     "--admin", "root"):
         yield url, workspace
 
 

@@ -24,6 +24,15 @@ def wait_state(client, predicate, timeout: float) -> dict:
         time.sleep(0.5)
 
 
+def all_ended(client, timeout: float = 300) -> None:
+    """Wait until no job runs or waits (the footer's state is one job's)."""
+    deadline = time.monotonic() + timeout
+    while any(job["status"] in ("queued", "running", "interrupted")
+              for job in client.predict(api_name="/list_jobs")):
+        assert time.monotonic() < deadline, "jobs still running"
+        time.sleep(0.5)
+
+
 def idle(state: dict) -> bool:
     return state["status"] not in ("running", "stopping")
 
@@ -31,6 +40,8 @@ def idle(state: dict) -> bool:
 def test_every_event_is_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     for name in ("/start", "/state", "/stop", "/default_config", "/start_from_page",
+                 "/submit_job", "/job_status", "/list_jobs", "/cancel_job", "/move_job",
+                 "/delete_job", "/jobs_open", "/jobs_load_settings",
                  "/sample_now", "/save_now", "/backup_now", "/poll", "/load_preset",
                  "/save_preset", "/export_config", "/import_config", "/switch_optimizer",
                  "/lr_curve", "/apply_visibility"):
@@ -45,9 +56,13 @@ def test_start_state_stop_through_the_api(client, atelier_server):
     config["workspace_dir"] = str(Path(atelier_server[1]) / "api-run")
     config["output_model_destination"] = str(Path(atelier_server[1]) / "api-run" / "a.safetensors")
     assert client.predict(json.dumps(config), api_name="/start") == "started"
-    # One job at a time: a second start is refused with a message.
+    # A second start queues (issue 15), but never onto the running job's chosen output file.
     second = client.predict(json.dumps(config), api_name="/start")
-    assert second.startswith("error:") and "already running" in second
+    assert second.startswith("error:") and "output_model_destination" in second
+    queued = client.predict(json.dumps({**config, "output_model_destination": ""}),
+                            api_name="/start")
+    assert queued.startswith("queued: job ") and queued.endswith("at position 1")
+    all_ended(client)
     state = wait_state(client, idle, 300)
     assert state["status"] == "finished", state["message"]
     assert state["step"] == state["total_steps"] == 6

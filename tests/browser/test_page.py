@@ -284,14 +284,14 @@ def test_reload_reattaches_and_stop_saves(page, chromium, atelier_server):
     wait_for(lambda: "sample will be drawn" in page.locator("#notice").inner_text(), UI,
              what="Sample now taken")
 
-    # A second browser sees the same job, and its Start is refused while the job runs.
+    # A second browser sees the same job. Its Start would queue a job (issue 15), but one
+    # writing the running job's output file is refused before it is queued.
     other = chromium.new_page(viewport={"width": 1200, "height": 900})
     other.goto(atelier_server[0])
     other.wait_for_selector("#job-status")
     wait_for(lambda: job_status(other) == "running", UI, what="second tab attached")
-    other.evaluate("document.querySelector('#start').removeAttribute('disabled')")
-    other.locator("#start").click(force=True)
-    wait_for(lambda: "already running" in other.locator("#notice").inner_text(), UI,
+    other.locator("#start").click()
+    wait_for(lambda: "output_model_destination" in other.locator("#notice").inner_text(), UI,
              what="second Start refused")
     other.close()
 

@@ -182,3 +182,21 @@ def delete_dataset(workspace: Path | str, name: str) -> Path:
     os.rename(dataset, doomed)
     shutil.rmtree(doomed)  # rmtree never follows links out of the tree
     return dataset
+
+
+# Who created a dataset (a server with a login): one line in a hidden file inside it, so the
+# owner travels with the folder and never shows as a dataset file.
+OWNER_FILE = HIDDEN_PREFIX + "owner"
+
+
+def dataset_owner(folder: Path | str) -> str | None:
+    """The user who created the dataset, or None (made without a login, or by the CLI)."""
+    path = Path(folder) / OWNER_FILE
+    try:
+        return path.read_text(encoding="utf-8").strip() or None if path.is_file() else None
+    except OSError:
+        return None
+
+
+def set_dataset_owner(folder: Path | str, owner: str) -> None:
+    (Path(folder) / OWNER_FILE).write_text(owner, encoding="utf-8")

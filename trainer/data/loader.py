@@ -150,6 +150,13 @@ class DataPipeline:
 
     def _text_cache(self, family) -> TextCache | None:
         config = self.config
+        if config.additional_embeddings:
+            # the embeddings' vectors change every step, and captions with a placeholder read
+            # the new tokens
+            self.status("Text-encoder outputs are not cached: the additional embeddings are "
+                        "inputs of the text encoder" + (" and train" if any(
+                            e.train for e in config.additional_embeddings) else "") + ".")
+            return None
         trained = [p for p in ("text_encoder", "text_encoder_2") if getattr(config, p).train]
         if trained:
             return None  # a trained encoder's outputs change every step

@@ -39,6 +39,9 @@ class ModelFamily:
     # An inpainting model: its UNet also reads the mask and the masked image's latents
     # (trainer/inpainting.py); samples use the family's inpainting pipeline.
     inpainting: bool = False
+    # The run's additional embeddings (trainer/embeddings.py), set by the loop; saved with
+    # the output.
+    embeddings: Any = field(default=None, repr=False)
 
     @property
     def checkpoint_architecture(self) -> str:
@@ -112,13 +115,28 @@ _TOKEN_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 MAX_KEPT_CAPTIONS = 20_000
 
 
+# Tokenizers with additional embeddings (trainer/embeddings.py): their placeholders are
+# written out as all of their tokens before tokenising.
+_WITH_EMBEDDINGS: weakref.WeakSet = weakref.WeakSet()
+
+
+def forget_tokenized(tokenizer) -> None:
+    """The tokenizer gained tokens: captions tokenised before read differently now."""
+    _TOKEN_IDS.pop(tokenizer, None)
+    _WITH_EMBEDDINGS.add(tokenizer)
+
+
 def _tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
     known = _TOKEN_IDS.setdefault(tokenizer, {})
     missing = [c for c in dict.fromkeys(captions) if c not in known]
     if missing:
         if len(known) + len(missing) > MAX_KEPT_CAPTIONS:
             known.clear()
-        ids = tokenizer(missing, padding="max_length", truncation=True,
+        texts = missing
+        if tokenizer in _WITH_EMBEDDINGS:
+            from trainer.embeddings import expand_placeholders
+            texts = expand_placeholders(missing, tokenizer)
+        ids = tokenizer(texts, padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         known.update(zip(missing, ids))
     return torch.stack([known[c] for c in captions]).to(device, non_blocking=True)

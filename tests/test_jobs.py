@@ -1,0 +1,432 @@
+"""The job queue through the session layer: order, cancel, reorder, concurrency, owners, two
+submits at once, a damaged database, a config that no longer validates, a full disk during a
+backup, and the CLI kept out of a running job's folder.
+
+Most tests drive the queue with a stand-in for the training loop (`Gate`) that runs exactly as
+long as the test says, so order and concurrency are observed, not guessed from timings; the
+fault tests train the tiny model for real.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.config import config_from_dict
+from trainer.demo import DEMO_DATASET_DIR
+from trainer.errors import AtelierError, ConfigError
+from trainer.jobs import resume
+from trainer.jobs.lock import FolderLock, refuse_server_job_folders
+from trainer.jobs.queue import JobQueue, Viewer, space_defaults
+from trainer.jobs.store import DB_NAME, JobStore
+from trainer.loop import TrainResult
+
+
+def tiny(model_dir, **extra):
+    data = {"base_model_name": str(model_dir), "concepts": [{"path": str(DEMO_DATASET_DIR)}],
+            "resolution": "64", "train_dtype": "FLOAT_32", "gradient_checkpointing": False,
+            "learning_rate": 1e-3, "learning_rate_warmup_steps": 0, "lora_rank": 4,
+            "batch_size": 1, "epochs": 1, "backup_after_unit": "NEVER"}
+    data.update(extra)
+    return config_from_dict(data, warn=lambda m: None)
+
+
+def plain(**extra):
+    """A config for the stand-in loop (nothing is loaded)."""
+    return tiny("unused-model", **extra)
+
+
+def wait_for(predicate, timeout=60.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Gate:
+    """A stand-in for trainer.loop.train: each job runs until the test releases it by its
+    seed (each test job has its own), and the gate records the order of starts and the most
+    jobs that ran at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.release_events: dict[int, threading.Event] = {}
+        self.started: list[int] = []
+        self.running = 0
+        self.most = 0
+
+    def event(self, seed: int) -> threading.Event:
+        with self.lock:
+            return self.release_events.setdefault(seed, threading.Event())
+
+    def release(self, seed: int) -> None:
+        self.event(seed).set()
+
+    def __call__(self, config, control, **kwargs):
+        with self.lock:
+            self.started.append(config.seed)
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            control.emit("started", total_steps=2, steps_per_epoch=2, epochs=1, images=1)
+            while not self.event(config.seed).wait(0.02):
+                if control.stop_requested:
+                    return TrainResult(str(Path(config.workspace_dir) / "out"), 1, 0, True)
+            for step in (1, 2):
+                control.emit("progress", step=step, total_steps=2, epoch=0, epochs=1,
+                             epoch_step=step, steps_per_epoch=2, loss=0.5, smooth_loss=0.5,
+                             lr={"unet": 1e-3}, lr_factor=1.0, eta_seconds=0.0, time=0.0)
+            return TrainResult(str(Path(config.workspace_dir) / "out"), 2, 1, False)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.fixture
+def gate():
+    return Gate()
+
+
+def gated_queue(workspace: Path, gate: Gate, concurrency: int = 1) -> JobQueue:
+    queue = JobQueue(train_fn=gate)
+    queue.open(workspace, concurrency=concurrency)
+    return queue
+
+
+def status(queue: JobQueue, job_id: int) -> str:
+    return queue.get(job_id).status
+
+
+def test_jobs_run_in_queue_order_one_at_a_time(tmp_path, gate):
+    queue = gated_queue(tmp_path, gate)
+    submitted = [queue.submit(plain(seed=seed)) for seed in (1, 2, 3)]
+    assert [position for _, position in submitted] == [0, 1, 2]
+    ids = [job.id for job, _ in submitted]
+    assert len(set(ids)) == 3
+    wait_for(lambda: gate.started == [1], what="the first job")
+    assert [status(queue, i) for i in ids] == ["running", "queued", "queued"]
+    for folder in (queue.store.folder(i) for i in ids):
+        assert (folder / "job.json").is_file()  # each job its own folder from the start
+    for seed in (1, 2, 3):
+        gate.release(seed)
+    assert queue.wait(30)
+    assert gate.started == [1, 2, 3] and gate.most == 1
+    jobs = {job.id: job for job in queue.jobs()}
+    for i in ids:
+        assert jobs[i].status == "finished" and jobs[i].step == jobs[i].total_steps == 2
+        assert jobs[i].ended_at >= jobs[i].started_at >= jobs[i].created_at
+        # the job trained in its own folder, whatever workspace_dir the config named
+        assert jobs[i].outputs == [str(queue.store.folder(i) / "out")]
+    assert [job.id for job in queue.jobs()] == ids[::-1]  # newest first
+
+
+def test_concurrency_limit(tmp_path, gate):
+    queue = gated_queue(tmp_path, gate, concurrency=2)
+    positions = [queue.submit(plain(seed=seed))[1] for seed in (1, 2, 3, 4)]
+    assert positions == [0, 0, 1, 2]
+    wait_for(lambda: len(gate.started) == 2, what="two jobs")
+    time.sleep(0.2)
+    assert sorted(gate.started) == [1, 2] and gate.running == 2
+    gate.release(2)  # a slot frees: the next in the queue takes it
+    wait_for(lambda: len(gate.started) == 3, what="the third job")
+    assert gate.started[-1] == 3 and gate.running == 2
+    for seed in (1, 3, 4):
+        gate.release(seed)
+    assert queue.wait(30)
+    assert gate.most == 2 and gate.started[-1] == 4
+
+
+def test_cancel_and_reorder(tmp_path, gate):
+    queue = gated_queue(tmp_path, gate)
+    ids = [queue.submit(plain(seed=seed))[0].id for seed in (1, 2, 3, 4)]
+    wait_for(lambda: gate.started == [1], what="the first job")
+    assert queue.move(ids[3], "up") == 2          # 4 goes before 3
+    assert queue.move(ids[3], "up") == 1          # and before 2
+    assert queue.move(ids[3], "up") == 1          # first already: stays
+    assert queue.move(ids[1], "down") == 3        # 2 goes after 3
+    assert [queue.queue_position(i) for i in ids] == [0, 3, 2, 1]
+    with pytest.raises(AtelierError, match="not queued"):
+        queue.move(ids[0], "down")                # the running job has no place to move
+    with pytest.raises(AtelierError, match="direction"):
+        queue.move(ids[2], "sideways")
+
+    cancelled = queue.cancel(ids[2])
+    assert cancelled.status == "stopped" and "before it ran" in cancelled.message
+    assert queue.queue_position(ids[1]) == 2
+    with pytest.raises(AtelierError, match="already ended"):
+        queue.cancel(ids[2])
+
+    queue.cancel(ids[0])  # the running job stops (gracefully, as Stop)
+    wait_for(lambda: status(queue, ids[0]) == "stopped", what="the stop")
+    for seed in (2, 4):
+        gate.release(seed)
+    assert queue.wait(30)
+    assert gate.started == [1, 4, 2]  # the cancelled job 3 never ran
+    assert [status(queue, i) for i in ids] == ["stopped", "finished", "stopped", "finished"]
+
+    queue.delete(ids[2])
+    assert not queue.store.folder(ids[2]).exists()
+    with pytest.raises(AtelierError, match=f"no job {ids[2]}"):
+        queue.get(ids[2])
+
+
+def test_two_submits_at_the_same_instant_are_two_jobs(tmp_path, gate):
+    queue = gated_queue(tmp_path, gate)
+    first = queue.submit(plain(seed=1))[0]
+    wait_for(lambda: gate.started == [1], what="the first job")
+    barrier = threading.Barrier(2)
+    results, errors = [], []
+
+    def submit(seed):
+        barrier.wait()
+        try:
+            results.append(queue.submit(plain(seed=seed)))
+        except Exception as error:  # would be a lost submission
+            errors.append(error)
+
+    threads = [threading.Thread(target=submit, args=(seed,)) for seed in (2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    ids = {job.id for job, _ in results}
+    assert len(ids) == 2 and first.id not in ids
+    assert sorted(position for _, position in results) == [1, 2]
+    for seed in (1, 2, 3):
+        gate.release(seed)
+    assert queue.wait(30)
+
+
+def test_owners_see_and_act_on_their_own_jobs_only(tmp_path, gate):
+    ann, bob, boss = Viewer("ann", admin=False), Viewer("bob", admin=False), Viewer("boss")
+    queue = gated_queue(tmp_path, gate)
+    mine = queue.submit(plain(seed=1), ann)[0]
+    theirs = queue.submit(plain(seed=2), bob)[0]
+    assert (mine.owner, theirs.owner) == ("ann", "bob")
+    assert [j.id for j in queue.jobs(ann)] == [mine.id]
+    assert [j.id for j in queue.jobs(bob)] == [theirs.id]
+    assert {j.id for j in queue.jobs(boss)} == {mine.id, theirs.id}
+    for act in (lambda: queue.get(mine.id, bob), lambda: queue.cancel(mine.id, bob),
+                lambda: queue.delete(mine.id, bob), lambda: queue.move(mine.id, "up", bob)):
+        with pytest.raises(AtelierError, match=f"There is no job {mine.id}"):
+            act()  # another's job reads as no job at all
+    wait_for(lambda: gate.started == [1], what="ann's job")
+    # The footer: bob follows no running job of his; ann follows hers.
+    assert queue.state(ann).status == "running"
+    assert queue.state(bob).status == "idle" and "1 job(s) queued" in queue.state(bob).message
+    assert queue.stop(bob) is False and queue.state(ann).status == "running"
+    assert queue.cancel(theirs.id, boss).status == "stopped"  # an admin acts on anyone's
+    gate.release(1)
+    assert queue.wait(30)
+    assert status(queue, mine.id) == "finished"
+
+
+def test_a_chosen_output_path_clash_is_refused_before_the_job_starts(tmp_path, gate):
+    queue = gated_queue(tmp_path, gate)
+    target = tmp_path / "mine.safetensors"
+    queue.submit(plain(seed=1, output_model_destination=str(target)))
+    with pytest.raises(ConfigError, match="output_model_destination.*job 1"):
+        queue.submit(plain(seed=2, output_model_destination=str(tmp_path / "mine")))
+    second = queue.submit(plain(seed=2, output_model_destination=str(tmp_path / "other")))[0]
+    assert second.config["output_model_destination"] == str(tmp_path / "other")
+    for seed in (1, 2):
+        gate.release(seed)
+    assert queue.wait(30)
+    # Once job 1 has ended, its path may be written again (a re-run of the same settings).
+    queue.submit(plain(seed=3, output_model_destination=str(target)))
+    gate.release(3)
+    assert queue.wait(30)
+
+
+def test_custom_code_and_paths_are_refused_at_submit_on_a_shared_server(tmp_path, gate):
+    queue = JobQueue(train_fn=gate)
+    queue.open(tmp_path, confine=True)
+    with pytest.raises(ConfigError, match="learning_rate_scheduler"):
+        queue.submit(plain(learning_rate_scheduler="CUSTOM",
+                           custom_learning_rate_scheduler="torch.optim.lr_scheduler.StepLR"))
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    inside = {"base_model_name": "org/model", "workspace_dir": str(tmp_path / "run")}
+    with pytest.raises(ConfigError, match=r"concepts\[0\]\.path"):
+        queue.submit(plain(**inside, concepts=[{"path": str(elsewhere)}]))
+    with pytest.raises(ConfigError, match=r"base_model_name: 'unused-model' is outside"):
+        queue.submit(plain(workspace_dir=inside["workspace_dir"]))  # a local model elsewhere
+    with pytest.raises(ConfigError, match=r"workspace_dir"):
+        queue.submit(plain(**{**inside, "workspace_dir": str(elsewhere)}))
+    assert queue.jobs() == []
+    # The bundled demo dataset is readable, as the page's Start allows it; a hub id passes.
+    job, _ = queue.submit(plain(**inside, seed=5))
+    assert [j.id for j in queue.jobs()] == [job.id]
+    gate.release(5)
+    assert queue.wait(30)
+
+
+def test_a_damaged_database_is_moved_aside_and_rebuilt_from_the_job_folders(tmp_path, gate):
+    queue = gated_queue(tmp_path, gate)
+    done = queue.submit(plain(seed=1))[0]
+    waiting = queue.submit(plain(seed=2))[0]
+    later = queue.submit(plain(seed=3))[0]
+    gate.release(1)
+    wait_for(lambda: gate.started == [1, 2], what="the second job")
+    queue.cancel(waiting.id)
+    wait_for(lambda: gate.started == [1, 2, 3], what="the third job")
+    gate.release(3)
+    assert queue.wait(30)
+    before = {j.id: (j.status, j.step, j.owner, j.config) for j in queue.jobs()}
+
+    db = tmp_path / DB_NAME
+    db.write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    gate2 = Gate()
+    reopened = JobQueue(train_fn=gate2)
+    notice = reopened.open(tmp_path)
+    assert "could not be used" in notice and "3 job(s) were rebuilt" in notice
+    aside = list(tmp_path.glob(f"{DB_NAME}.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    after = {j.id: (j.status, j.step, j.owner, j.config) for j in reopened.jobs()}
+    assert after == before  # nothing silently emptied, nothing run again
+    assert gate2.started == []
+    # The rebuilt store goes on: new ids follow the old ones.
+    new = reopened.submit(plain(seed=4))[0]
+    assert new.id == later.id + 1 and done.id < new.id
+    gate2.release(4)
+    assert reopened.wait(30)
+
+    # Another program's SQLite file in its place: reported and moved aside the same way.
+    (tmp_path / "jobs").joinpath(str(new.id), "job.json").unlink()  # its record: gone too
+    db.unlink()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE notes (text TEXT)")
+    notice = JobQueue(train_fn=gate2).open(tmp_path)
+    assert "not an Atelier job database" in notice and "notes" in notice
+    assert len(list(tmp_path.glob(f"{DB_NAME}.corrupt-*"))) == 2
+    assert {j.id for j in JobStore(tmp_path).all()} == set(before)
+
+
+def test_a_config_that_no_longer_validates_fails_naming_the_key(tmp_path, tiny_sd15_dir):
+    # Two jobs written by an older version: one whose config this version refuses.
+    store = JobStore(tmp_path)
+    bad = store.add("", {**json.loads(tiny(tiny_sd15_dir).to_json()), "resolution": "64x"})
+    good = store.add("", json.loads(tiny(tiny_sd15_dir).to_json()))
+    queue = JobQueue()
+    queue.open(tmp_path)
+    assert queue.wait(120)
+    failed = queue.get(bad.id)
+    assert failed.status == "failed" and "resolution" in failed.error
+    assert "Traceback" not in failed.error
+    assert queue.get(good.id).status == "finished"
+
+
+def test_a_full_disk_during_a_backup_fails_that_job_and_the_queue_goes_on(
+        tmp_path, tiny_sd15_dir, monkeypatch):
+    import trainer.backup
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.backup, "save_file", no_space)
+    queue = JobQueue()
+    queue.open(tmp_path)
+    full = queue.submit(tiny(tiny_sd15_dir, backup_after=2, backup_after_unit="STEP"))[0]
+    after = queue.submit(tiny(tiny_sd15_dir, backup_before_save=False))[0]
+    assert queue.wait(120)
+    failed = queue.get(full.id)
+    assert failed.status == "failed", failed.message
+    assert "Could not write the backup" in failed.error and "No space left" in failed.error
+    assert not list((queue.store.folder(full.id) / "backup").glob(".tmp-*"))  # nothing half
+    assert not (queue.store.folder(full.id) / ".server.lock").exists()        # folder freed
+    finished = queue.get(after.id)
+    assert finished.status == "finished" and Path(finished.outputs[0]).is_file()
+
+
+def test_metrics_are_cut_back_to_the_backup_a_restart_continues_from(tmp_path):
+    folder = tmp_path / "job"
+    (folder / "backup" / "step-4").mkdir(parents=True)
+    (folder / "backup" / "step-4" / "progress.json").write_text(json.dumps({"step": 4}))
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 7)] + ['{"step": 7, "lo']
+    (folder / "metrics.jsonl").write_text("\n".join(lines))
+    assert resume.newest_backup_step(folder) == 4
+    resume.cut_metrics(folder, 4)
+    kept = [json.loads(l)["step"] for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [1, 2, 3, 4]
+
+
+def test_the_cli_refuses_a_job_folder_a_server_is_running(tmp_path, capsys):
+    from trainer import cli
+    folder = tmp_path / "jobs" / "7"
+    lock = FolderLock(folder)
+    lock.acquire()
+    try:
+        with pytest.raises(ConfigError, match="workspace_dir.*a job that an Atelier server"):
+            refuse_server_job_folders({"workspace_dir": str(folder)})
+        with pytest.raises(ConfigError, match="output_model_destination"):
+            refuse_server_job_folders({"output_model_destination": str(folder / "o" / "x")})
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"workspace_dir": str(folder)}))
+        assert cli.main(["train", "--config", str(config)]) == 2
+        assert "server is running now" in capsys.readouterr().err
+    finally:
+        lock.release()
+    refuse_server_job_folders({"workspace_dir": str(folder)})  # free once the job ended
+    # A lock file left by a killed server holds no lock: the folder is free.
+    (folder / ".server.lock").write_text("12345")
+    refuse_server_job_folders({"workspace_dir": str(folder)})
+
+
+def test_on_a_space_backups_default_to_a_few_minutes(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert space_defaults({}) == {}
+    monkeypatch.setenv("SPACE_ID", "someone/atelier")
+    assert space_defaults({}) == {"backup_after": 5, "backup_after_unit": "MINUTE"}
+    assert space_defaults({"backup_after": 2}) == {"backup_after": 2}  # the user's own wins
+    from ui.page import initial_config
+    config, _ = initial_config()
+    assert (config.backup_after, config.backup_after_unit.value) == (5, "MINUTE")
+
+
+def test_the_api_checks_a_config_as_start_does(monkeypatch, tmp_path):
+    import gradio as gr
+
+    from ui import api, state
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path))
+    monkeypatch.setattr(state.OPTIONS, "confine_paths", True)
+    outside = json.dumps({"base_model_name": "/etc/models/x", "workspace_dir": str(tmp_path)})
+    with pytest.raises(gr.Error, match="base_model_name.*outside"):
+        api.submit_job(outside, None)
+    custom = json.dumps({"learning_rate_scheduler": "CUSTOM", "workspace_dir": str(tmp_path),
+                         "custom_learning_rate_scheduler": "torch.optim.lr_scheduler.StepLR"})
+    monkeypatch.setattr(state.SESSION, "allow_custom_code", False)
+    with pytest.raises(gr.Error, match="learning_rate_scheduler: CUSTOM"):
+        api.submit_job(custom, None)
+    with pytest.raises(gr.Error, match="not valid JSON"):
+        api.submit_job("{", None)
+    assert api.start(outside, None).startswith("error: base_model_name")
+
+
+def test_datasets_belong_to_who_made_them_with_a_login(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from ui import datasets_panel
+    monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path))
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (8, 8)).save(image)
+    ann, bob, boss = Viewer("ann", admin=False), Viewer("bob", admin=False), Viewer("boss")
+    assert "Added 1" in datasets_panel.upload("anns", [str(image)], False, viewer=ann)["message"]
+    assert "Added 1" in datasets_panel.upload("bobs", [str(image)], False, viewer=bob)["message"]
+    shown = datasets_panel.refresh(None, ann)["dataset"]["choices"]
+    assert shown == ["anns"] and datasets_panel.refresh(None, boss)["dataset"]["choices"] == [
+        "anns", "bobs"]
+    for refused in (datasets_panel.upload("bobs", [str(image)], True, viewer=ann),
+                    datasets_panel.remove("bobs", ["cat.png"], viewer=ann),
+                    datasets_panel.confirm_delete("bobs", viewer=ann)):
+        assert "no dataset &#x27;bobs&#x27; of yours" in refused["message"]
+    assert datasets_panel.image_names("bobs", ann) == []
+    assert (tmp_path / "datasets" / "bobs" / "cat.png").is_file()
+    assert "Deleted" in datasets_panel.confirm_delete("bobs", viewer=boss)["message"]
