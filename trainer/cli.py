@@ -259,82 +259,60 @@ def run_make_tiny_model(args) -> int:
     return 0
 
 
-def run_masks(args) -> int:
+def run_over_folder(args, run) -> int:
+    """A folder-wide run (masks, captions) in the terminal: a progress bar, Ctrl-C stops after
+    the current image (twice aborts), the summary printed. Exit 0, 1 when an image failed,
+    130 when stopped."""
     from tqdm import tqdm
 
+    stop = []
+    bar = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="image", dynamic_ncols=True, file=sys.stderr)
+        bar.set_postfix_str(name)
+        bar.update(done - bar.n)
+
+    def on_interrupt(signum, frame):
+        if stop:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        print("\nStopping after the current image (Ctrl-C again to abort).", file=sys.stderr)
+        stop.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        summary = run(progress=progress, should_stop=lambda: bool(stop),
+                      recursive=args.recursive)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+    print(summary.text())
+    if summary.stopped:
+        return 130
+    return 1 if summary.failed else 0
+
+
+def run_masks(args) -> int:
     from trainer.masks.generate import MaskSettings, generate_masks
 
     settings = MaskSettings(method=args.method, mode=args.mode, prompt=args.prompt,
                             model=args.model, color=args.color, tolerance=args.tolerance,
                             threshold=args.threshold, smooth=args.smooth, grow=args.grow)
     settings.check()  # bad settings: one line, before any image is read
-    stop = []
-    bar = None
-
-    def progress(done: int, total: int, name: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="image", dynamic_ncols=True, file=sys.stderr)
-        bar.set_postfix_str(name)
-        bar.update(done - bar.n)
-
-    def on_interrupt(signum, frame):
-        if stop:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
-        print("\nStopping after the current image (Ctrl-C again to abort).", file=sys.stderr)
-        stop.append(True)
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        summary = generate_masks(args.folder, settings, progress=progress,
-                                 should_stop=lambda: bool(stop), recursive=args.recursive)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if bar is not None:
-            bar.close()
-    print(summary.text())
-    if summary.stopped:
-        return 130
-    return 1 if summary.failed else 0
+    return run_over_folder(args, lambda **hooks: generate_masks(args.folder, settings, **hooks))
 
 
 def run_caption(args) -> int:
-    from tqdm import tqdm
-
     from trainer.captions.generate import CaptionSettings, caption_folder
 
     settings = CaptionSettings(model=args.model, mode=args.mode, style=args.style,
                                prefix=args.prefix, suffix=args.suffix,
                                max_length=args.max_length, online=args.online)
     settings.check()  # bad settings: one line, before any image is read
-    stop = []
-    bar = None
-
-    def progress(done: int, total: int, name: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="image", dynamic_ncols=True, file=sys.stderr)
-        bar.set_postfix_str(name)
-        bar.update(done - bar.n)
-
-    def on_interrupt(signum, frame):
-        if stop:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
-        print("\nStopping after the current image (Ctrl-C again to abort).", file=sys.stderr)
-        stop.append(True)
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        summary = caption_folder(args.folder, settings, progress=progress,
-                                 should_stop=lambda: bool(stop), recursive=args.recursive)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if bar is not None:
-            bar.close()
-    print(summary.text())
-    if summary.stopped:
-        return 130
-    return 1 if summary.failed else 0
+    return run_over_folder(args, lambda **hooks: caption_folder(args.folder, settings, **hooks))
 
 
 def run_caption_edit(args) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.captions.generate import caption_path, list_images, read_caption, write_caption
+from trainer.folder_runs import summary_text
 from trainer.errors import CaptionError
 
 __all__ = ["EditSummary", "add_trigger", "edit_captions", "find_replace", "remove_trigger"]
@@ -40,13 +41,7 @@ class EditSummary:
         parts = [head]
         if self.unchanged:
             parts.append(f"{len(self.unchanged)} unchanged")
-        for word, entries in (("skipped", self.skipped), ("failed", self.failed)):
-            if entries:
-                shown = "; ".join(f"{name}: {reason}" for name, reason in entries[:limit])
-                if len(entries) > limit:
-                    shown += f"; and {len(entries) - limit} more"
-                parts.append(f"{word} {len(entries)} ({shown})")
-        return ", ".join(parts) + "."
+        return summary_text(parts, self.skipped, self.failed, limit)
 
 
 def edit_captions(folder: Path | str, edit: Callable[[str], tuple[str, int]],

@@ -33,6 +33,7 @@ from trainer.data.images import (
     load_image_rgb,
 )
 from trainer.errors import CaptionError
+from trainer.folder_runs import folder_images, summary_text
 from trainer.io import atomic_write_text
 
 __all__ = [
@@ -159,24 +160,8 @@ def join_caption(*parts: str) -> str:
 
 
 def list_images(folder: Path | str, recursive: bool = False) -> list[Path]:
-    """The training images of `folder` (as the dataset sees them: not masks, not hidden),
-    sorted; CaptionError when the folder is missing or holds none."""
-    if not str(folder).strip():
-        raise CaptionError("folder: empty; give the folder of images to caption")
-    root = Path(folder).expanduser()
-    if not root.exists():
-        raise CaptionError(f"Folder '{folder}' does not exist")
-    if not root.is_dir():
-        raise CaptionError(f"'{folder}' is not a folder")
-    candidates = root.rglob("*") if recursive else root.iterdir()
-    images = sorted(
-        (path for path in candidates
-         if path.is_file() and is_image_file(path)
-         and not any(part.startswith(".") for part in path.relative_to(root).parts[:-1])),
-        key=lambda path: path.relative_to(root).as_posix())
-    if not images:
-        raise CaptionError(f"Folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return images
+    """The training images of `folder`, sorted; CaptionError when it is missing or holds none."""
+    return folder_images(folder, recursive, CaptionError, "caption")
 
 
 def _has_caption(image: Path) -> bool:
@@ -258,13 +243,7 @@ class CaptionSummary:
         cannot read the image: ...)." — at most `limit` names per list."""
         count = len(self.captioned)
         parts = [f"Captioned {count} image{'' if count == 1 else 's'}"]
-        for word, entries in (("skipped", self.skipped), ("failed", self.failed)):
-            if entries:
-                shown = "; ".join(f"{name}: {reason}" for name, reason in entries[:limit])
-                if len(entries) > limit:
-                    shown += f"; and {len(entries) - limit} more"
-                parts.append(f"{word} {len(entries)} ({shown})")
-        text = ", ".join(parts) + "."
+        text = summary_text(parts, self.skipped, self.failed, limit)
         if self.stopped:
             done = count + len(self.skipped) + len(self.failed)
             text = f"Stopped after {done} of {self.total} images. " + text

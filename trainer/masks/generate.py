@@ -31,6 +31,7 @@ from trainer.data.images import (
     to_rgb,
 )
 from trainer.errors import MaskError
+from trainer.folder_runs import folder_images, summary_text
 from trainer.masks import ops
 from trainer.masks.clipseg import DEFAULT_CLIPSEG_MODEL, ClipSegmenter, load_clipseg
 from trainer.masks.store import existing_mask, write_mask
@@ -283,13 +284,7 @@ class MaskSummary:
         read the image: ...)." — at most `limit` names per list."""
         count = len(self.written)
         parts = [f"Wrote {count} mask{'' if count == 1 else 's'}"]
-        for word, entries in (("skipped", self.skipped), ("failed", self.failed)):
-            if entries:
-                shown = "; ".join(f"{name}: {reason}" for name, reason in entries[:limit])
-                if len(entries) > limit:
-                    shown += f"; and {len(entries) - limit} more"
-                parts.append(f"{word} {len(entries)} ({shown})")
-        text = ", ".join(parts) + "."
+        text = summary_text(parts, self.skipped, self.failed, limit)
         if self.stopped:
             done = count + len(self.skipped) + len(self.failed)
             text = f"Stopped after {done} of {self.total} images. " + text
@@ -297,24 +292,8 @@ class MaskSummary:
 
 
 def list_images(folder: Path | str, recursive: bool = False) -> list[Path]:
-    """The training images of `folder` (as the dataset sees them: not masks, not hidden),
-    sorted; MaskError when the folder is missing or holds none."""
-    if not str(folder).strip():
-        raise MaskError("folder: empty; give the folder of images to mask")
-    root = Path(folder).expanduser()
-    if not root.exists():
-        raise MaskError(f"Folder '{folder}' does not exist")
-    if not root.is_dir():
-        raise MaskError(f"'{folder}' is not a folder")
-    candidates = root.rglob("*") if recursive else root.iterdir()
-    images = sorted(
-        (path for path in candidates
-         if path.is_file() and is_image_file(path)
-         and not any(part.startswith(".") for part in path.relative_to(root).parts[:-1])),
-        key=lambda path: path.relative_to(root).as_posix())
-    if not images:
-        raise MaskError(f"Folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return images
+    """The training images of `folder`, sorted; MaskError when it is missing or holds none."""
+    return folder_images(folder, recursive, MaskError, "mask")
 
 
 def _mask_for(path: Path, plan: _Plan, segmenter: ClipSegmenter | None) -> tuple[Image.Image | None, str]:
