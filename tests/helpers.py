@@ -88,3 +88,25 @@ def stop_at(step):
             control.request_stop()
     control._on_event = on_event
     return control
+
+
+@torch.no_grad()
+def outputs(unet, text_encoder, text_encoder_2=None) -> list[torch.Tensor]:
+    """The UNet's noise prediction on fixed inputs and the text encoders' outputs (TE2's
+    pooled projection included): what a LoRA changes."""
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    latents = torch.randn(1, c.in_channels, 8, 8, generator=g)
+    states = torch.randn(1, 77, c.cross_attention_dim, generator=g)
+    extra = {}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
+                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    ids = (torch.arange(77)[None] % 40) + 1
+    out = [unet(latents, torch.tensor([500]), states, **extra).sample,
+           text_encoder(ids).last_hidden_state]
+    if text_encoder_2 is not None:
+        te2 = text_encoder_2(ids)
+        out += [te2.last_hidden_state, te2.text_embeds]
+    return out

@@ -17,7 +17,7 @@ from trainer.errors import ConfigError
 from trainer.loop import train
 from trainer.lora_reader import load_kohya_tensors, load_lora_file
 
-from helpers import read_metrics, same_trained, sdxl_config, stop_at, tiny_config
+from helpers import outputs, read_metrics, same_trained, sdxl_config, stop_at, tiny_config
 
 ALPHA = 2.0  # helpers.tiny_config; with rank 4 (or 2) a lost or doubled alpha shows
 
@@ -397,26 +397,6 @@ def test_dora_as_diffusers_lora_reloads_in_diffusers_with_the_trained_outputs(
         torch.testing.assert_close(got, trained_out, rtol=1e-4, atol=1e-5)
 
 
-@torch.no_grad()
-def outputs(unet, text_encoder, text_encoder_2=None) -> list[torch.Tensor]:
-    """The UNet's noise prediction on fixed inputs and the text encoders' outputs."""
-    g = torch.Generator().manual_seed(0)
-    c = unet.config
-    latents = torch.randn(1, c.in_channels, 8, 8, generator=g)
-    states = torch.randn(1, 77, c.cross_attention_dim, generator=g)
-    extra = {}
-    if c.addition_embed_type == "text_time":
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
-                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    ids = (torch.arange(77)[None] % 40) + 1
-    out = [unet(latents, torch.tensor([500]), states, **extra).sample,
-           text_encoder(ids).last_hidden_state]
-    if text_encoder_2 is not None:
-        out.append(text_encoder_2(ids).last_hidden_state)
-    return out
-
-
 def outputs_in_eval_mode(family) -> list[torch.Tensor]:
     """`outputs` of a family's UNet and text encoders in eval mode (no dropout of any kind),
     their modes restored after."""
@@ -447,7 +427,7 @@ def test_the_file_reloads_into_fresh_peft_adapters_with_the_trained_outputs(trai
     load_lora_file(trained.files["KOHYA_LORA"], {p: family.parts[p] for p in parts},
                    family.kohya_prefixes)
     reloaded = outputs_in_eval_mode(family)
-    assert len(reloaded) == len(trained.outputs) == (3 if "text_encoder_2" in parts else 2)
+    assert len(reloaded) == len(trained.outputs) == (4 if "text_encoder_2" in parts else 2)
     for got, want, base in zip(reloaded, trained.outputs, untrained):
         assert not torch.allclose(want, base, atol=1e-4)  # the adapters changed it
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

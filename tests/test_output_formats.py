@@ -13,7 +13,7 @@ from trainer.config import ModelFormat, check_supported, config_from_dict
 from trainer.errors import ConfigError
 from trainer.loop import train
 
-from helpers import sdxl_config, tiny_config
+from helpers import outputs, sdxl_config, tiny_config
 
 LORA_FORMATS = ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA"]
 ALPHA, RANK = 2.0, 4  # helpers.tiny_config: alpha / rank = 0.5, so a lost alpha shows
@@ -40,28 +40,6 @@ KNOWN = {
         "te_DIFFUSERS_LORA": "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
     },
 }
-
-
-@torch.no_grad()
-def outputs(unet, text_encoder, text_encoder_2=None) -> list[torch.Tensor]:
-    """The UNet's noise prediction on fixed inputs and the text encoders' outputs (TE2's
-    pooled projection included): what a LoRA changes."""
-    g = torch.Generator().manual_seed(0)
-    c = unet.config
-    latents = torch.randn(1, c.in_channels, 8, 8, generator=g)
-    states = torch.randn(1, 77, c.cross_attention_dim, generator=g)
-    extra = {}
-    if c.addition_embed_type == "text_time":
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
-                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    ids = (torch.arange(77)[None] % 40) + 1
-    out = [unet(latents, torch.tensor([500]), states, **extra).sample,
-           text_encoder(ids).last_hidden_state]
-    if text_encoder_2 is not None:
-        te2 = text_encoder_2(ids)
-        out += [te2.last_hidden_state, te2.text_embeds]
-    return out
 
 
 def pipeline_of(family, model_dir):
