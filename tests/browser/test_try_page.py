@@ -29,6 +29,6 @@ def test_a_trained_lora_is_drawn_beside_its_base_model(page, atelier_server):
     message = page.locator("#try-message")
     wait_for(lambda: "mine.safetensors at strength 1" in message.inner_text(), UI,
              what="the images")
-    for elem in ("#try-without img", "#try-with img"):
-        assert page.locator(elem).first.is_visible(), elem
+    for elem in ("#try-without img", "#try-with img"):  # the images load after the message
+        wait_for(lambda: page.locator(elem).first.is_visible(), UI, what=elem)
     assert not page.errors

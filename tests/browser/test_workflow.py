@@ -96,8 +96,8 @@ def test_upload_caption_mask_train_try_and_download(shared_page, shared_server, 
     page.click("#try-generate")
     wait_for(lambda: "demo-lora.safetensors at strength 1" in
              page.locator("#try-message").inner_text(), 2 * UI, what="the two images")
-    assert page.locator("#try-without img").first.is_visible()
-    assert page.locator("#try-with img").first.is_visible()
+    for elem in ("#try-without img", "#try-with img"):  # the images load after the message
+        wait_for(lambda: page.locator(elem).first.is_visible(), UI, what=elem)
 
     # 6. Download it.
     link = page.locator("#download a[href*='demo-lora.safetensors']").first
