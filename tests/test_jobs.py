@@ -1,6 +1,7 @@
 """The job queue through the session layer: order, cancel, reorder, concurrency, owners, two
 submits at once, a damaged database, a config that no longer validates, a full disk during a
-backup, and the CLI kept out of a running job's folder.
+backup, the CLI kept out of a running job's folder, and TensorBoard showing each step of a
+resumed job once.
 
 Most tests drive the queue with a stand-in for the training loop (`Gate`) that runs exactly as
 long as the test says, so order and concurrency are observed, not guessed from timings; the
@@ -9,6 +10,7 @@ fault tests train the tiny model for real.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -22,8 +24,8 @@ from trainer.errors import AtelierError, ConfigError
 from trainer.jobs import resume
 from trainer.jobs.lock import FolderLock, refuse_server_job_folders
 from trainer.jobs.queue import JobQueue, Viewer, space_defaults
-from trainer.jobs.store import DB_NAME, JobStore
-from trainer.loop import TrainResult
+from trainer.jobs.store import DB_NAME, RUNNING, JobStore
+from trainer.loop import TrainResult, train
 
 
 def tiny(model_dir, **extra):
@@ -430,3 +432,32 @@ def test_datasets_belong_to_who_made_them_with_a_login(monkeypatch, tmp_path):
     assert datasets_panel.image_names("bobs", ann) == []
     assert (tmp_path / "datasets" / "bobs" / "cat.png").is_file()
     assert "Deleted" in datasets_panel.confirm_delete("bobs", viewer=boss)["message"]
+
+
+def metric_steps(folder: Path) -> list[int]:
+    return [json.loads(line)["step"]
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_job_shows_each_step_once_in_tensorboard(tmp_path, tiny_sd15_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    queue = JobQueue(train_fn=train)  # the loop's own logging: no process needed
+    queue.open(tmp_path)
+    job = queue.submit(tiny(tiny_sd15_dir, epochs=2, backup_after=4, backup_after_unit="STEP",
+                            backup_before_save=False))[0]
+    assert queue.wait(120)
+    folder = queue.store.folder(job.id)
+    # As if the server had died after step 10 and before its backup at step 8 was written.
+    shutil.rmtree(folder / "backup" / "step-8")
+    assert resume.newest_backup_step(folder) == 4
+    queue.store.update(job.id, status=RUNNING)
+    again = JobQueue(train_fn=train)
+    again.open(tmp_path)  # the job runs again from its backup at step 4
+    assert again.wait(120)
+    assert again.get(job.id).status == "finished"
+    assert again.get(job.id).note == "Continued from its backup at step 4 after a restart."
+    assert metric_steps(folder) == list(range(1, 11))
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == list(range(1, 11))
+    assert len(list((folder / "tensorboard").glob("events.out.tfevents.*"))) == 2

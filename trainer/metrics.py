@@ -29,8 +29,18 @@ class SmoothedValue:
 
 
 class MetricsLog:
+    """`metrics.jsonl` and TensorBoard events in `folder`.
+
+    A run that continues from a backup at step N (after a crash, a kill, a server restart)
+    logs steps N+1… again, which an earlier run in the same folder may have logged before it
+    died. TensorBoard hides those: the event writer is opened at the first step this run
+    logs, with `purge_step` = that step, so events an earlier run wrote from that step on are
+    discarded and each step shows once. (metrics.jsonl is cut back by the job queue,
+    trainer/jobs/resume.py.)"""
+
     def __init__(self, folder: Path, enabled: bool = True):
         self.enabled = enabled
+        self._folder = folder
         self._file = None
         self._tb = None
         if not enabled:
@@ -38,7 +48,14 @@ class MetricsLog:
         folder.mkdir(parents=True, exist_ok=True)
         self._file = open(folder / "metrics.jsonl", "a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
-        self._tb = SummaryWriter(log_dir=str(folder / "tensorboard"))
+        self._summary_writer = SummaryWriter
+
+    def _writer(self, first_step: int):
+        """The TensorBoard writer, opened at this run's first logged step (see the class)."""
+        if self._tb is None:
+            self._tb = self._summary_writer(log_dir=str(self._folder / "tensorboard"),
+                                            purge_step=first_step)
+        return self._tb
 
     def log_step(self, record: dict) -> None:
         if not self.enabled:
@@ -46,18 +63,20 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record["step"]
+        tb = self._writer(step)
         for key, value in record.items():
             if key in ("step", "epoch"):
                 continue
             if isinstance(value, dict):
                 for sub, v in value.items():
-                    self._tb.add_scalar(f"{key}/{sub}", v, step)
+                    tb.add_scalar(f"{key}/{sub}", v, step)
             elif isinstance(value, (int, float)):
-                self._tb.add_scalar(key, value, step)
+                tb.add_scalar(key, value, step)
 
     def log_image(self, tag: str, image, step: int) -> None:
         if self.enabled:
-            self._tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self._writer(step).add_image(tag, np.asarray(image.convert("RGB")), step,
+                                         dataformats="HWC")
 
     def close(self) -> None:
         if self._file:
