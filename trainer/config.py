@@ -106,6 +106,13 @@ ADAPTER_FORMATS: dict[str, list[str]] = {
 }
 
 
+class CompileMode(str, Enum):
+    """`compile`: OneTrainer's key is a bool (read as ON/OFF); AUTO follows the device."""
+    AUTO = "AUTO"
+    ON = "ON"
+    OFF = "OFF"
+
+
 class DataType(str, Enum):
     FLOAT_32 = "FLOAT_32"
     FLOAT_16 = "FLOAT_16"
@@ -498,6 +505,19 @@ class TrainConfig(Strict):
                 "a full set of gradients (SD 1.5 UNet 3.4 GB, SDXL 10 GB) in full fine-tunes. "
                 "Needs accumulation steps 1 and an empty clip grad norm; not with FLOAT_16 or "
                 "Prodigy.")
+    compile: CompileMode = setting(
+        CompileMode.AUTO, section="Main settings", label="Compile (torch.compile)",
+        tooltip="Compile the UNet's blocks with torch.compile, each block on its own "
+                "(compiled once per bucket shape: the first step of each bucket is slow). "
+                "AUTO = on with a CUDA GPU, off on the CPU, where it does not pay. "
+                "OneTrainer's true/false read as ON/OFF.")
+    layer_offload_fraction: float = setting(
+        0.0, section="Main settings", label="Layer offload fraction", ge=0, le=1,
+        tooltip="Keep this fraction of each frozen part's layers (the UNet's, and a text "
+                "encoder's when it runs every step) in pinned CPU memory and stream them to "
+                "the GPU as each layer runs: less GPU memory, some speed. Needs gradient "
+                "checkpointing; not with a fine-tune of that part or with compile. "
+                "0 = everything stays on the GPU.")
 
     # Train data type
     train_dtype: DataType = setting(
@@ -681,6 +701,14 @@ class TrainConfig(Strict):
     @classmethod
     def _resolution_parses(cls, value: str) -> str:
         parse_resolution(value)  # raises with the bad item named
+        return value
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: Any) -> Any:
+        """OneTrainer writes `compile` as true/false."""
+        if isinstance(value, bool):
+            return CompileMode.ON if value else CompileMode.OFF
         return value
 
     @field_validator("additional_embeddings")

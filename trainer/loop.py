@@ -23,6 +23,8 @@ from trainer import finetune
 from trainer.advice import images_without_masks, warmup_longer_than_run
 from trainer.config import (DataType, EMAMode, TimeUnit, TrainConfig, TrainingMethod,
                             check_supported)
+from trainer.compilation import (COMPILING_STATUS, FirstStepOfShape, check_compile,
+                                 compile_blocks, compile_wanted)
 from trainer.backup import (Cadence, backup_root, capture_rng, list_backups, read_backup,
                             restore_rng, write_backup)
 from trainer.control import Control
@@ -31,6 +33,7 @@ from trainer.data.loader import DataPipeline
 from trainer.embeddings import AdditionalEmbeddings
 from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
+from trainer.layer_offload import check_layer_offload, offload_parts, streamed_parts
 from trainer.loss import (masked_sample_loss, min_snr_weight, pixel_loss, sample_noise,
                           timestep_range, training_target)
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
@@ -40,6 +43,7 @@ from trainer.optim.clipping import clip_gradients
 from trainer.optim.fused import FusedBackward, check_fused_backward
 from trainer.optim.registry import ADAPTIVE, build_optimizer, effective_learning_rates
 from trainer.optim.schedules import Schedule
+from trainer.residency import FrozenPartsResidency, cache_served
 from trainer.sampling import render_samples
 
 TORCH_DTYPES = {DataType.FLOAT_32: torch.float32, DataType.FLOAT_16: torch.float16,
@@ -175,6 +179,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     check_supported(config)
     check_fused_backward(config)
+    check_compile(config)
+    check_layer_offload(config)
     # EMBEDDING (textual inversion) keeps the whole model frozen: only the embeddings train.
     embedding_only = config.training_method == TrainingMethod.EMBEDDING
     parts = [] if embedding_only else [p for p in ("text_encoder", "text_encoder_2", "unet")
@@ -201,6 +207,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=stops_early)])
     dtypes = weight_dtypes(config, accelerator.device.type)
+    if config.layer_offload_fraction > 0 and accelerator.num_processes > 1:
+        raise ConfigError("layer_offload_fraction with several processes: DDP needs every "
+                          "weight on its GPU. Set it to 0 for `accelerate launch` runs.")
     seed_everything(config.seed)
     is_main = accelerator.is_main_process
 
@@ -220,9 +229,11 @@ def train(config: TrainConfig, control: Control | None = None, *,
     vae, noise_scheduler = family.vae, family.noise_scheduler
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtypes["vae"])
+    streamed = streamed_parts(config, parts)
     for name, module in family.parts.items():
         module.requires_grad_(False)
-        module.to(accelerator.device, dtypes[name])
+        # a streamed part stays on the CPU until its blocks are chosen (layer_offload.py)
+        module.to(None if name in streamed else accelerator.device, dtypes[name])
 
     # LoRA adapters on the trained parts (FINE_TUNE: their own weights, in float32), one
     # parameter group (own LR) per part.
@@ -245,6 +256,18 @@ def train(config: TrainConfig, control: Control | None = None, *,
             status("Textual inversion: the model stays frozen, only the embeddings "
                    f"({', '.join(e.placeholder for e in config.additional_embeddings)}) train")
 
+    # Streamed blocks (layer_offload_fraction): pinned in CPU memory, the rest to the device.
+    offloads = offload_parts(config, family, parts, accelerator.device)
+    for name, offload in offloads.items():
+        status(f"Streaming {offload.streamed_bytes / 2**20:,.0f} of "
+               f"{offload.total_bytes / 2**20:,.0f} MB of the {name}'s frozen weights from "
+               f"CPU memory ({len(offload.units)} blocks)")
+    compiling = compile_wanted(config, device_type)
+    if compiling:
+        blocks = compile_blocks(family.parts["unet"], data.bucket_count())
+        status(f"Compiling the UNet's {blocks} blocks with torch.compile (on the first step "
+               "of each bucket)")
+
     optimizer = build_optimizer(config.optimizer.optimizer,
                                 config.optimizer.model_dump(exclude={"optimizer"}), param_groups)
     if config.optimizer.optimizer in ADAPTIVE and not 0.1 <= config.learning_rate <= 10:
@@ -254,12 +277,20 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
     inpainting = data.inpainting_inputs(vae)  # an inpainting UNet's mask + masked image
+    # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends).
+    residency = FrozenPartsResidency(
+        cache_served(config, family, data, parts, embeddings), accelerator.device,
+        on_return=lambda name: status(f"The {name} is back on the GPU for a sample the cache "
+                                      "has not seen yet; it leaves again at the epoch's end"))
 
     # A text encoder whose embeddings train is prepared (wrapped for DDP) even when its own
     # weights are frozen: DDP then averages the vectors' gradients like any other.
     wrapped_parts = parts + [p for p in (embeddings.encoders_with_trained_vectors()
                                          if embeddings else []) if p not in parts]
-    prepared = accelerator.prepare(*[family.parts[p] for p in wrapped_parts], optimizer)
+    # A streamed part is placed already (accelerate would copy all of it to the device).
+    prepared = accelerator.prepare(*[family.parts[p] for p in wrapped_parts], optimizer,
+                                   device_placement=[p not in offloads for p in wrapped_parts]
+                                   + [True])
     optimizer = prepared[-1]
     family.wrapped = dict(zip(wrapped_parts, prepared[:-1]))
     # Sharded over the processes by accelerate, but moved to the device by the step itself
@@ -365,7 +396,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
             return
         status(f"Sampling at step {step}")
         try:
-            with ema_weights():
+            with ema_weights(), residency.present():
                 for record in render_samples(family, config.samples, workspace / "samples",
                                              step=step, device=accelerator.device,
                                              inpaint_item=items[0]):
@@ -476,6 +507,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
     status("Training")
     step, stopped = progress["step"], False
     first_step, started = step, time.monotonic()
+    new_shape = FirstStepOfShape()
     epoch = progress["epoch"]
     frozen: set[str] = set()  # parts whose "stop training after" has come
     for part in parts:
@@ -498,6 +530,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
                 if embeddings is not None:
                     embeddings.freeze_finished(epoch, step)
                 factor = schedule.before_step(step)
+                compiles_now = compiling and new_shape.is_new(batch)
+                if compiles_now:
+                    status(COMPILING_STATUS)
                 batch = to_device(batch, accelerator.device)
                 with accelerator.accumulate(*family.wrapped.values()), no_ddp_sync():
                     with accelerator.autocast():
@@ -514,6 +549,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
                             clip_gradients(accelerator, trained, config.clip_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                if compiles_now:
+                    status("Training")
                 if not accelerator.sync_gradients:
                     if control.stop_requested:  # drop the unfinished accumulation window
                         stopped = True
@@ -551,6 +588,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
                     break
             report()  # one read per epoch at least; before anything is written below
             data.epoch_done(epoch)  # what the latent cache saved
+            residency.park()  # the caches hold what this epoch encoded
             if stopped:
                 break
             if is_due(config.sample_after, config.sample_after_unit, step=step,

@@ -50,7 +50,16 @@ def translate(data: dict) -> tuple[dict, list[str]]:
     _not_yet_trained(data)
     _main_embedding(data)
     _dora_axis(data, notes)
+    _checkpointing(data)
     return data, notes
+
+
+def _checkpointing(data: dict) -> None:
+    """OneTrainer's `gradient_checkpointing` enum: ON/OFF are the bool; CPU_OFFLOADED is
+    checkpointing with its layers streamed from the CPU, which `layer_offload_fraction` says
+    here (as it does there: the fraction picks how much is streamed)."""
+    if data.get("gradient_checkpointing") == "CPU_OFFLOADED":
+        data["gradient_checkpointing"] = True
 
 
 def _dora_axis(data: dict, notes: list[str]) -> None:

@@ -252,7 +252,10 @@ def batch_latents(batch: dict, vae: torch.nn.Module, generator: torch.Generator 
                 std[positions] = part_std
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
         latents = mean + std * noise
-    return latents * vae.config.scaling_factor
+    # One memory layout whatever the source: the VAE's convolutions may return channels-last
+    # tensors on the CPU, cached latents are contiguous, and a compiled UNet block
+    # (trainer/compilation.py) would compile again for each layout.
+    return (latents * vae.config.scaling_factor).contiguous()
 
 
 # --- Text -----------------------------------------------------------------------------------

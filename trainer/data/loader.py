@@ -176,6 +176,10 @@ class DataPipeline:
 
     # -- epochs ---------------------------------------------------------------------------
 
+    def bucket_count(self) -> int:
+        """How many batch shapes (bucket sizes) the run trains."""
+        return len({size for group in self.plan.groups for size in group.sizes})
+
     def epoch_steps(self, epochs: int, num_processes: int = 1,
                     accumulation: int = 1) -> list[int]:
         """Optimizer steps of each epoch as the loop will count them: the batches of the

@@ -1,0 +1,239 @@
+"""The GPU levers on the CPU: compile (its switch, one compile per bucket shape, the same
+training), layer offloading (which blocks stream, twice per step, the same training) and the
+VAE / frozen text encoders leaving the device once the caches serve them (a spy on `.to()`:
+the CPU has no second device). Speed and memory are measured on a GPU by bench/gpu_check.sh.
+"""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import stop_at, tiny_config
+from trainer import compilation, residency
+from trainer.compilation import COMPILING_STATUS, compile_wanted
+from trainer.config import CompileMode, config_from_dict
+from trainer.control import Control
+from trainer.errors import ConfigError
+from trainer.layer_offload import LayerOffload
+from trainer.loop import train
+
+
+def run(config, control=None):
+    events = []
+    control = control or Control()
+    inner = control._on_event
+    control._on_event = lambda e: (events.append(e), inner and inner(e))
+    result = train(config, control)
+    return result, events
+
+
+def losses(events):
+    return [e["loss"] for e in events if e["type"] == "progress"]
+
+
+# --- compile ---------------------------------------------------------------------------------
+
+def test_compile_switch_follows_the_device_and_onetrainer_bools(tmp_path):
+    auto = config_from_dict({})
+    assert auto.compile == CompileMode.AUTO
+    assert compile_wanted(auto, "cuda") and not compile_wanted(auto, "cpu")
+    streamed = config_from_dict({"layer_offload_fraction": 0.5})
+    assert not compile_wanted(streamed, "cuda")  # AUTO steps aside for streaming
+    assert compile_wanted(config_from_dict({"compile": True}), "cpu")       # OneTrainer's bool
+    assert not compile_wanted(config_from_dict({"compile": False}), "cuda")
+    # OneTrainer's checkpointing enum: CPU_OFFLOADED is checkpointing (+ the fraction)
+    assert config_from_dict({"gradient_checkpointing": "CPU_OFFLOADED"}).gradient_checkpointing
+
+
+@pytest.fixture
+def cpu_compile(monkeypatch):
+    """dynamo's tracing, guards and recompiles on the CPU, without minutes of C++ codegen."""
+    import torch._dynamo
+    monkeypatch.setattr(compilation, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_run_compiles_once_per_bucket_and_trains_like_eager(
+        tiny_sd15_dir, tmp_path, cpu_compile):
+    from torch._dynamo.utils import counters
+    common = dict(epochs=3, text_encoder={"train": False}, learning_rate_warmup_steps=0)
+    eager = tiny_config(tiny_sd15_dir, tmp_path / "eager", compile="OFF", **common)
+    eager_result, eager_events = run(eager)
+
+    compiled = tiny_config(tiny_sd15_dir, tmp_path / "compiled", compile="ON", **common)
+    graphs_per_epoch = []  # dynamo's count of graphs compiled, at each epoch's last step
+    control = Control(on_event=lambda e: graphs_per_epoch.append(
+        counters["stats"]["unique_graphs"]) if e["type"] == "progress"
+        and e["epoch_step"] == e["steps_per_epoch"] else None)
+    result, events = run(compiled, control)
+    statuses = [e["message"] for e in events if e["type"] == "status"]
+    # the demo's 5 images at 64 px: buckets 80x56 (3 images: a batch of 2 and one of 1) and
+    # 64x64 (a batch of 2): three batch shapes, each compiled on its first step only
+    assert statuses.count(COMPILING_STATUS) == 3
+    assert any("Compiling the UNet's 12 blocks" in s for s in statuses)
+    assert len(graphs_per_epoch) == 3 and graphs_per_epoch[0] > 0
+    assert graphs_per_epoch[-1] == graphs_per_epoch[0], \
+        f"recompiled after the first epoch: {graphs_per_epoch}"
+    # the same training within float rounding (compiled kernels fuse differently)
+    assert losses(events) == pytest.approx(losses(eager_events), rel=1e-3, abs=1e-4)
+    # the LoRA file keeps its names: compiling in place adds no '_orig_mod'
+    assert load_file(result.output_path).keys() == load_file(eager_result.output_path).keys()
+
+
+def test_compiled_run_resumes_where_it_stopped(tiny_sd15_dir, tmp_path, cpu_compile):
+    common = dict(epochs=2, text_encoder={"train": False}, compile="ON")
+    whole = tiny_config(tiny_sd15_dir, tmp_path / "whole", **common)
+    whole_result, whole_events = run(whole)
+    parted = tiny_config(tiny_sd15_dir, tmp_path / "parted", **common)
+    first = train(parted, stop_at(2))
+    assert first.stopped_early and first.global_step == 2
+    resumed = tiny_config(tiny_sd15_dir, tmp_path / "parted", continue_last_backup=True,
+                          **common)
+    result, events = run(resumed)
+    assert result.global_step == 6
+    assert losses(events) == pytest.approx(losses(whole_events)[2:], rel=1e-5)
+    a, b = load_file(whole_result.output_path), load_file(result.output_path)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_refusals_name_the_keys(tiny_sd15_dir, tmp_path):
+    cases = [
+        (dict(compile="ON", layer_offload_fraction=0.5, gradient_checkpointing=True),
+         "compile ON with layer_offload_fraction"),
+        (dict(layer_offload_fraction=0.5, gradient_checkpointing=False),
+         "needs gradient_checkpointing"),
+        (dict(layer_offload_fraction=0.5, gradient_checkpointing=True,
+              training_method="FINE_TUNE", output_model_format="ORIGINAL_SINGLE_FILE"),
+         "fine-tuned UNet"),
+    ]
+    for overrides, message in cases:
+        config = tiny_config(tiny_sd15_dir, tmp_path, **overrides)
+        with pytest.raises(ConfigError, match=message):
+            train(config)
+
+
+# --- layer offloading --------------------------------------------------------------------------
+
+def lora_unet(model_dir, tmp_path):
+    from trainer import finetune
+    from trainer.models.family import load_family
+    config = tiny_config(model_dir, tmp_path, gradient_checkpointing=True)
+    family = load_family(config)
+    unet = family.parts["unet"].requires_grad_(False)
+    finetune.trainable_parameters(unet, config, "unet")
+    unet.enable_gradient_checkpointing()
+    return unet.train()
+
+
+def unet_call(unet):
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    return unet(latents, torch.tensor([10, 500]), hidden).sample
+
+
+def test_layer_offload_streams_whole_blocks_twice_per_step(tiny_sd15_dir, tmp_path):
+    unet = lora_unet(tiny_sd15_dir, tmp_path)
+    reference = unet_call(unet)
+    reference.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+    unet.zero_grad(set_to_none=True)
+
+    offload = LayerOffload(unet, 0.5, "cpu")
+    largest_unit = max(sum(p.numel() * p.element_size() for p in u.parameters())
+                       for u in offload.units)
+    assert 0.5 * offload.total_bytes <= offload.streamed_bytes < \
+        0.5 * offload.total_bytes + largest_unit
+    assert all(not any(p.requires_grad for p in pairs_params) for pairs_params in
+               ([p for p, _ in offload._host[u]] for u in offload.units))
+    out = unet_call(unet)
+    out.square().mean().backward()
+    # each streamed block: loaded for the forward pass, and again for its recomputation in the
+    # backward pass when a gradient flows through it (the first block, before any adapter,
+    # has none: it runs once)
+    assert len(offload.units) < offload.loads <= 2 * len(offload.units)
+    # the same outputs and LoRA gradients as with every weight in place
+    assert torch.equal(out, reference)
+    for name, param in unet.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, grads[name]), name
+    # between calls the streamed weights point at their CPU copies again
+    for unit in offload.units:
+        for param, host in offload._host[unit]:
+            assert param.data.data_ptr() == host.data_ptr()
+    with torch.no_grad():  # sampling: one load per block
+        before = offload.loads
+        unet_call(unet.eval())
+        assert offload.loads - before == len(offload.units)
+
+
+def test_streamed_run_trains_exactly_like_one_without(tiny_sd15_dir, tmp_path):
+    common = dict(epochs=2, text_encoder={"train": False}, gradient_checkpointing=True)
+    plain = tiny_config(tiny_sd15_dir, tmp_path / "plain", **common)
+    plain_result, plain_events = run(plain)
+    streamed = tiny_config(tiny_sd15_dir, tmp_path / "streamed", layer_offload_fraction=0.5,
+                           **common)
+    result, events = run(streamed)
+    assert any(e["type"] == "status" and e["message"].startswith("Streaming ")
+               for e in events)
+    assert losses(events) == losses(plain_events)
+    a, b = load_file(plain_result.output_path), load_file(result.output_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the VAE and frozen text encoders leave the device ----------------------------------------
+
+def test_cache_served_parts_leave_after_each_epoch_and_return_for_samples(
+        tiny_sd15_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(residency, "parking_pays", lambda device: True)
+    log = []
+    real_to = torch.nn.Module.to
+
+    def spy_to(module, *args, **kwargs):
+        name = type(module).__name__
+        if name in ("AutoencoderKL", "CLIPTextModel"):
+            log.append((name, str(args[0]) if args else str(kwargs.get("device"))))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy_to)
+    config = tiny_config(tiny_sd15_dir, tmp_path, epochs=3, text_encoder={"train": False},
+                         samples=[{"prompt": "a cat", "seed": 1, "width": 64, "height": 64,
+                                   "diffusion_steps": 2}],
+                         sample_after=2, sample_after_unit="EPOCH")
+    control = Control(on_event=lambda e: log.append(("event", e["type"]))
+                      if e["type"] in ("sample", "started") else
+                      log.append(("epoch done", "")) if e["type"] == "status"
+                      and e["message"].startswith("Latent cache after") else None)
+    train(config, control)
+    start = log.index(("event", "started"))
+    after = log[start:]
+    first_epoch_end = after.index(("epoch done", ""))
+    # nothing moves during the first epoch (the caches fill), then both park in CPU memory
+    assert not any(name != "epoch done" and name != "event" for name, _ in
+                   after[:first_epoch_end])
+    parked = after[first_epoch_end + 1:first_epoch_end + 3]
+    assert sorted(parked) == [("AutoencoderKL", "cpu"), ("CLIPTextModel", "cpu")]
+    # the sample after epoch 2 brings them back to the training device, then they park again
+    sample_at = after.index(("event", "sample"))
+    moves = [m for m in after[first_epoch_end + 3:] if m[0] in ("AutoencoderKL",
+                                                                 "CLIPTextModel")]
+    assert len(moves) == 4 and {m[0] for m in moves[:2]} == {"AutoencoderKL", "CLIPTextModel"}
+    assert after.index(moves[0], first_epoch_end + 3) < sample_at
+
+
+def test_a_parked_module_comes_back_when_the_cache_misses(monkeypatch):
+    monkeypatch.setattr(residency, "parking_pays", lambda device: True)
+    encoder = torch.nn.Linear(3, 3)
+    moved, returned = [], []
+    real_to = encoder.to
+    encoder.to = lambda *a, **k: (moved.append(str(a[0])), real_to(*a, **k))[1]
+    tracker = residency.FrozenPartsResidency({"text_encoder": encoder}, torch.device("cpu"),
+                                             on_return=returned.append)
+    tracker.park()
+    assert tracker.parked == {"text_encoder"} and moved == ["cpu"]
+    encoder(torch.ones(1, 3))  # a caption the cache has not seen
+    assert returned == ["text_encoder"] and not tracker.parked and len(moved) == 2
+    with tracker.present():
+        assert not tracker.parked
+    assert not tracker.parked  # it was not parked before sampling: it stays

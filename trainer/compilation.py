@@ -1,0 +1,75 @@
+"""`compile`: the UNet's blocks compiled with torch.compile, one region per block.
+
+Regional compilation: each ResnetBlock2D and each BasicTransformerBlock (the units gradient
+checkpointing also cuts the UNet into) is compiled on its own with `nn.Module.compile`, in
+place, so the module tree, its state-dict names and the LoRA files do not change. Blocks of the
+same shape share one compiled graph (torch inlines module parameters as inputs), so SD 1.5
+compiles a dozen small graphs, not the whole UNet, and the first step stays short.
+
+Shapes are static on purpose (`dynamic=False`): a batch holds one bucket, the buckets are few,
+and a graph specialised to its shape is the fastest. Each new bucket shape therefore compiles
+once, on its first step (the loop says so in the status); dynamo's recompile limits are raised
+to the number of buckets, so a run with many buckets never falls back to eager silently.
+"""
+from __future__ import annotations
+
+import torch
+
+from trainer.config import CompileMode, TrainConfig
+from trainer.errors import ConfigError
+
+# The units compiled one by one: the blocks gradient checkpointing recomputes (diffusers'
+# ResnetBlock2D and BasicTransformerBlock).
+BLOCK_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock")
+# Distinct block shapes of one bucket: SD 1.5's UNet has ~12 (channel counts of the resnets,
+# the transformer widths), SDXL's a few more; each bucket shape adds that many graphs.
+GRAPHS_PER_BUCKET = 24
+
+COMPILING_STATUS = "Compiling (first step of each bucket)…"
+# torch.compile's backend. Tests on the CPU use "aot_eager" (dynamo's tracing, guards and
+# recompiles, AOT autograd; no code generation, which takes minutes with a C++ compiler).
+BACKEND = "inductor"
+
+
+def compile_wanted(config: TrainConfig, device_type: str) -> bool:
+    """ON and OFF as set; AUTO compiles on a CUDA GPU only (on the CPU compiling costs minutes
+    and measured no faster: bench/README.md) and not when layers are streamed."""
+    if config.compile == CompileMode.ON:
+        return True
+    if config.compile == CompileMode.OFF:
+        return False
+    return device_type == "cuda" and config.layer_offload_fraction == 0
+
+
+def check_compile(config: TrainConfig) -> None:
+    if config.compile == CompileMode.ON and config.layer_offload_fraction > 0:
+        raise ConfigError(
+            "compile ON with layer_offload_fraction > 0: a compiled block cannot follow its "
+            "weights moving between the CPU and the GPU at every call. Set compile to AUTO or "
+            "OFF, or layer_offload_fraction to 0.")
+
+
+def compile_blocks(module: torch.nn.Module, buckets: int) -> int:
+    """Compile each block of `module` in place; returns how many were compiled."""
+    blocks = [m for m in module.modules() if type(m).__name__ in BLOCK_CLASSES]
+    limit = GRAPHS_PER_BUCKET * max(1, buckets)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * limit)
+    for block in blocks:
+        block.compile(dynamic=False, backend=BACKEND)
+    return len(blocks)
+
+
+class FirstStepOfShape:
+    """Tells which steps see a batch shape for the first time (the steps that compile)."""
+
+    def __init__(self):
+        self.seen: set[tuple] = set()
+
+    def is_new(self, batch: dict) -> bool:
+        shape = (len(batch["caption"]), tuple(batch["target_size"][0]))
+        if shape in self.seen:
+            return False
+        self.seen.add(shape)
+        return True

@@ -1,0 +1,97 @@
+"""The VAE and the frozen text encoders leave the GPU once the caches serve them.
+
+With latent caching, the VAE encodes an image the first time it is trained and never again;
+with a frozen text encoder, its outputs are cached per caption likewise. After the first epoch
+they only hold memory (SDXL: 1.4 GB for the second text encoder, 0.3 GB VAE, 0.25 GB the
+first). So at the end of each epoch the loop parks them in CPU memory; they come back for
+sampling (`present()`) and go again after.
+
+A sample the cache has not seen yet (a new random crop or flip, a caption line first drawn
+later) still works: a forward pre-hook brings a parked module back before it runs, and it is
+parked again at the end of the epoch. On the CPU there is no other memory to park in, and
+nothing moves.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def parking_pays(device: torch.device) -> bool:
+    """Whether parking frees anything: only a separate device's memory."""
+    return device.type != "cpu"
+
+
+class FrozenPartsResidency:
+    def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device, *,
+                 on_return=None):
+        """`modules`: the cache-served frozen modules by name ("vae", "text_encoder", ...).
+        `on_return(name)` is told when a parked module had to come back for a cache miss."""
+        self.device = torch.device(device)
+        self.enabled = parking_pays(self.device)
+        self.modules = modules if self.enabled else {}
+        self.parked: set[str] = set()
+        self.on_return = on_return
+        self._hooks = []
+        for name, module in self.modules.items():
+            # The VAE is called through `encode`/`decode`, not `forward`: hook its halves.
+            targets = ([module.encoder, module.decoder] if hasattr(module, "encoder")
+                       and hasattr(module, "decoder") else [module])
+            for target in targets:
+                self._hooks.append(target.register_forward_pre_hook(
+                    lambda _m, _args, name=name: self._on_use(name)))
+
+    def _on_use(self, name: str) -> None:
+        if name in self.parked:
+            self._bring_back(name)
+            if self.on_return is not None:
+                self.on_return(name)
+
+    def _bring_back(self, name: str) -> None:
+        self.modules[name].to(self.device)
+        self.parked.discard(name)
+
+    def park(self) -> None:
+        """Every module not parked yet to CPU memory, and the freed blocks back to the GPU's
+        pool for others (torch keeps them reserved otherwise)."""
+        moved = False
+        for name, module in self.modules.items():
+            if name not in self.parked:
+                module.to("cpu")
+                self.parked.add(name)
+                moved = True
+        if moved and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def present(self):
+        """Everything on the device (for sampling), parked again after."""
+        was_parked = set(self.parked)
+        for name in was_parked:
+            self._bring_back(name)
+        try:
+            yield
+        finally:
+            if was_parked:
+                self.park()
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+def cache_served(config, family, data, parts: list[str], embeddings) -> dict[str, torch.nn.Module]:
+    """The frozen modules whose every use in training the caches replace: the VAE with latent
+    caching (not for an inpainting model, whose random masks are encoded each step), each
+    frozen text encoder when the text cache is on."""
+    served: dict[str, torch.nn.Module] = {}
+    if data.latent_cache is not None and not family.inpainting:
+        served["vae"] = family.vae
+    if data.text_cache is not None:
+        trained_vectors = set(embeddings.encoders_with_trained_vectors()) if embeddings else set()
+        for name, module in family.parts.items():
+            if name != "unet" and name not in parts and name not in trained_vectors:
+                served[name] = module
+    return served
