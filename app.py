@@ -56,9 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --auth: a user who sees and acts on every user's jobs and "
                              "datasets (repeatable; env ATELIER_ADMIN, comma-separated)")
     parser.add_argument("--max-jobs", type=int, default=None, metavar="N",
-                        help="training jobs run at once, each on its own GPU (default 1: "
-                             "jobs share the server's process, see the README); the others "
-                             "wait in the queue")
+                        help="training jobs run at once, each in its own process on its "
+                             "own GPU (default: one per GPU, 1 on a CPU); the others wait in "
+                             "the queue")
     parser.add_argument("--share", action="store_true",
                         help="also open a public gradio.live link (off by default)")
     parser.add_argument("--workspace", default=None,

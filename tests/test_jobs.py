@@ -1,16 +1,19 @@
 """The job queue through the session layer: order, cancel, reorder, concurrency, owners, two
 submits at once, a damaged database, a config that no longer validates, a full disk during a
-backup, the CLI kept out of a running job's folder, and TensorBoard showing each step of a
-resumed job once.
+backup, the CLI kept out of a running job's folder, and each job in a process of its own
+(two at once, Stop reaching it, a killed one failing its job only), and TensorBoard showing
+each step of a resumed job once.
 
 Most tests drive the queue with a stand-in for the training loop (`Gate`) that runs exactly as
-long as the test says, so order and concurrency are observed, not guessed from timings; the
-fault tests train the tiny model for real.
+long as the test says, in a thread of the test's process, so order and concurrency are
+observed, not guessed from timings; the fault and process tests train the tiny model for real.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sqlite3
 import threading
 import time
@@ -21,7 +24,7 @@ import pytest
 from trainer.config import config_from_dict
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.errors import AtelierError, ConfigError
-from trainer.jobs import resume
+from trainer.jobs import child, queue as queue_module, resume
 from trainer.jobs.lock import FolderLock, refuse_server_job_folders
 from trainer.jobs.queue import JobQueue, Viewer, space_defaults
 from trainer.jobs.store import DB_NAME, RUNNING, JobStore
@@ -334,7 +337,7 @@ def test_a_full_disk_during_a_backup_fails_that_job_and_the_queue_goes_on(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(trainer.backup, "save_file", no_space)
-    queue = JobQueue()
+    queue = JobQueue(train_fn=train)  # in this process: the disk is full only here
     queue.open(tmp_path)
     full = queue.submit(tiny(tiny_sd15_dir, backup_after=2, backup_after_unit="STEP"))[0]
     after = queue.submit(tiny(tiny_sd15_dir, backup_before_save=False))[0]
@@ -434,9 +437,103 @@ def test_datasets_belong_to_who_made_them_with_a_login(monkeypatch, tmp_path):
     assert "Deleted" in datasets_panel.confirm_delete("bobs", viewer=boss)["message"]
 
 
+# -- one process per job -----------------------------------------------------------------------
+
 def metric_steps(folder: Path) -> list[int]:
     return [json.loads(line)["step"]
             for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def test_two_jobs_train_at_once_each_in_its_own_process(tmp_path, tiny_sd15_dir):
+    queue = JobQueue()
+    queue.open(tmp_path, concurrency=2)
+    jobs = [queue.submit(tiny(tiny_sd15_dir))[0] for _ in range(2)]  # the same settings
+    wait_for(lambda: all(queue.process_id(job.id) for job in jobs), 60, "both processes")
+    pids = [queue.process_id(job.id) for job in jobs]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    for pid in pids:
+        os.kill(pid, 0)  # both alive at this moment
+    assert queue.wait(180)
+    outputs = []
+    for job in jobs:
+        done = queue.get(job.id)
+        assert done.status == "finished", done.message
+        assert done.step == done.total_steps == 5
+        assert metric_steps(queue.store.folder(job.id)) == [1, 2, 3, 4, 5]
+        assert Path(done.outputs[0]).is_relative_to(queue.store.folder(job.id))
+        outputs.append(lora_tensors(done.outputs[0]))
+        assert not (queue.store.folder(job.id) / ".server.lock").exists()
+    # Same settings, same seed: the same weights, so neither run disturbed the other.
+    assert outputs[0].keys() == outputs[1].keys() and outputs[0]
+    for key, tensor in outputs[0].items():
+        assert tensor.equal(outputs[1][key]), key
+
+
+def test_stop_and_save_now_reach_the_jobs_process(tmp_path, tiny_sd15_dir):
+    queue = JobQueue()
+    queue.open(tmp_path)
+    job = queue.submit(tiny(tiny_sd15_dir, epochs=200))[0]
+    folder = queue.store.folder(job.id)
+    wait_for(lambda: queue.get(job.id).step >= 1, 60, "the first step")
+    assert queue.process_id(job.id) not in (None, os.getpid())
+    # Its folder stays the job's while the process trains: the CLI is refused there.
+    with pytest.raises(ConfigError, match="workspace_dir"):
+        refuse_server_job_folders({"workspace_dir": str(folder)})
+    queue.request("save")
+    wait_for(lambda: queue.get(job.id).outputs, 60, "the intermediate save")
+    assert "-step" in Path(queue.get(job.id).outputs[0]).name
+    queue.cancel(job.id)
+    assert queue.wait(60)
+    stopped = queue.get(job.id)
+    assert stopped.status == "stopped", stopped.message
+    assert 1 <= stopped.step < stopped.total_steps == 1000
+    assert resume.newest_backup_step(folder) == stopped.step  # a backup to continue from
+    assert Path(stopped.output_path).is_file()
+    assert queue.process_id(job.id) is None
+
+
+def test_a_killed_job_process_fails_its_job_and_the_queue_goes_on(tmp_path, tiny_sd15_dir):
+    queue = JobQueue()
+    queue.open(tmp_path)
+    doomed = queue.submit(tiny(tiny_sd15_dir, epochs=200))[0]
+    after = queue.submit(tiny(tiny_sd15_dir))[0]
+    wait_for(lambda: queue.get(doomed.id).step >= 1, 60, "the first step")
+    os.kill(queue.process_id(doomed.id), signal.SIGKILL)  # as the kernel's OOM killer does
+    assert queue.wait(120)
+    failed = queue.get(doomed.id)
+    assert failed.status == "failed"
+    assert "training process was killed by SIGKILL" in failed.error
+    assert failed.message == failed.error
+    assert not (queue.store.folder(doomed.id) / ".server.lock").exists()  # folder freed
+    finished = queue.get(after.id)
+    assert finished.status == "finished", finished.message
+    assert Path(finished.outputs[0]).is_file()
+
+
+def test_each_job_process_gets_its_own_gpu_or_a_share_of_the_cores(monkeypatch):
+    env = {"PATH": "/bin"}
+    pinned = [child.child_environment(slot, 2, 2, env)["CUDA_VISIBLE_DEVICES"]
+              for slot in range(3)]
+    assert pinned == ["0", "1", "0"]
+    # A server started on some of the GPUs counts among those it sees.
+    visible = {**env, "CUDA_VISIBLE_DEVICES": "3,5"}
+    assert child.child_environment(1, 2, 2, visible)["CUDA_VISIBLE_DEVICES"] == "5"
+    on_cpu = child.child_environment(1, 2, 0, env)
+    assert "CUDA_VISIBLE_DEVICES" not in on_cpu
+    assert on_cpu["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert child.child_environment(0, 2, 0, {**env, "OMP_NUM_THREADS": "3"})[
+        "OMP_NUM_THREADS"] == "3"  # the user's own setting wins
+    assert child.child_environment(0, 1, 0, env).get("OMP_NUM_THREADS") is None
+    # The default: one job per GPU, one on a CPU.
+    monkeypatch.setattr(queue_module, "cuda_device_count", lambda: 0)
+    assert queue_module.default_concurrency() == 1
+    monkeypatch.setattr(queue_module, "cuda_device_count", lambda: 4)
+    assert queue_module.default_concurrency() == 4
 
 
 def test_a_resumed_job_shows_each_step_once_in_tensorboard(tmp_path, tiny_sd15_dir):

@@ -65,7 +65,8 @@ class TrainingSession:
         it, and custom code is off whatever `allow_custom_code` says. `listener` hears every
         event of the loop after the state took it, and `on_end` gets the final state (the
         job queue keeps its database in step with them); `train_fn` stands in for
-        `trainer.loop.train` (tests of the queue)."""
+        `trainer.loop.train` (the queue's TrainInChild, which trains in a child process and
+        replays its events here; tests' stand-ins)."""
         self.listener = listener
         self.on_end = on_end
         self._train_fn = train_fn

@@ -1,7 +1,8 @@
 """Jobs through the HTTP API (gradio_client) against real `python app.py` servers: queue order,
 reorder, cancel, one job at a time, two users who see only their own jobs, and the restart
-test: the server killed with SIGKILL mid-job, started again on the same workspace, and both
-jobs finish, the first continuing from its backup with every step logged once."""
+test: the server killed with SIGKILL mid-job (its job's process ends with it), started again
+on the same workspace, and both jobs finish, the first continuing from its backup with every
+step logged once."""
 from __future__ import annotations
 
 import json
@@ -130,9 +131,14 @@ def test_a_killed_server_continues_its_jobs_after_a_restart(tmp_path, start_app,
         backed_up = max(int(p.name[5:]) for p in (folder / "backup").glob("step-*"))
         wait_until(lambda: (n := len(metric_lines(folder))) >= backed_up + 2 and n % 4 in (1, 2),
                    60, "steps after it")
+        workers = job_processes(process.pid)
+        assert len(workers) == 1  # the first job trains in a process of its own
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    # The job's process ends with its server: nothing keeps training unnoticed.
+    wait_until(lambda: not any(alive(worker) for worker in workers), 10,
+               "the job's process to end")
     before_restart = metric_lines(folder)
     saved = max(int(p.name[5:]) for p in (folder / "backup").glob("step-*"))
     assert len(before_restart) > saved  # steps after the newest backup were lost
@@ -158,6 +164,20 @@ def test_a_killed_server_continues_its_jobs_after_a_restart(tmp_path, start_app,
     assert done["status"] == "finished" and done["step"] == 6
     jobs = {j["id"]: j for j in client_free_list(workspace)}
     assert jobs[second["id"]]["started_at"] >= jobs[first["id"]]["ended_at"]
+
+
+def job_processes(server_pid: int) -> list:
+    import psutil  # accelerate's dependency
+    return [child for child in psutil.Process(server_pid).children()
+            if "trainer.jobs.worker" in " ".join(child.cmdline())]
+
+
+def alive(process) -> bool:
+    import psutil
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def client_free_list(workspace: Path) -> list[dict]:

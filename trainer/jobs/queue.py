@@ -1,5 +1,6 @@
 """The job queue: jobs kept in the store (trainer/jobs/store.py), run one after another (or
-`concurrency` at a time) by TrainingSession, each in its own folder `<workspace>/jobs/<id>/`.
+`concurrency` at a time, by default one per GPU) by TrainingSession, each in its own folder
+`<workspace>/jobs/<id>/` and its own process (trainer/jobs/child.py), pinned to its GPU.
 
 It also stands where the single in-memory session stood for the page: `state()`, `stop()`,
 `request()`, `job_config()` and `running` act on the job a viewer follows (the newest of
@@ -28,6 +29,7 @@ from trainer.config import (LearningRateScheduler, TimeUnit, TrainConfig, check_
 from trainer.control import Event
 from trainer.errors import AtelierError, ConfigError
 from trainer.jobs import resume
+from trainer.jobs.child import TrainInChild, child_environment, cuda_device_count
 from trainer.jobs.lock import FolderLock
 from trainer.jobs.store import (ENDED, FAILED, FINISHED, INTERRUPTED, PENDING, QUEUED, RUNNING,
                                 STOPPED, Job, JobStore)
@@ -69,17 +71,17 @@ def space_defaults(data: dict) -> dict:
 
 
 def default_concurrency() -> int:
-    """One job at a time, also on a machine with several GPUs: jobs are threads of the
-    server, and accelerate keeps process-wide state that each job's start resets, so two jobs
-    training at once in one process can disturb each other. `--max-jobs N` runs N (one per
-    GPU) for those who accept that; a job per process would lift it."""
-    return 1
+    """One job per GPU, each in its own process pinned to its GPU; one on a CPU (two jobs
+    there would share the same cores, each at half speed)."""
+    return cuda_device_count() or 1
 
 
 class JobQueue:
     def __init__(self, allow_custom_code: bool = False,
                  default_workspace: Callable[[], Path] | None = None,
                  train_fn: Callable | None = None) -> None:
+        """`train_fn` stands in for the training loop, run in a thread of this process (the
+        queue's tests); without it, each job trains in a child process of its own."""
         self.allow_custom_code = allow_custom_code
         self.confine_root: Path | None = None
         self.concurrency = 1
@@ -89,6 +91,7 @@ class JobQueue:
         self._lock = threading.RLock()
         self._sessions: dict[int, TrainingSession] = {}   # running and recently ended
         self._slots: dict[int, int] = {}                   # running job -> device slot
+        self._children: dict[int, TrainInChild] = {}       # running job -> its process
         self._locks: dict[int, FolderLock] = {}
         self._written: dict[int, float] = {}
         self._ended: list[int] = []
@@ -215,12 +218,17 @@ class JobQueue:
                               message=f"The job folder {folder} is in use: {error}")
             return
         slot = min(set(range(self.concurrency)) - set(self._slots.values()))
+        train_fn = self._train_fn
+        if train_fn is None:
+            train_fn = self._children[job.id] = TrainInChild(
+                child_environment(slot, self.concurrency, cuda_device_count()),
+                label=f"job {job.id}")
         # Paths were checked at submit; the session must not rewrite them (its confinement
         # would move a repo-relative demo path into the workspace).
         session = TrainingSession(self.allow_custom_code, None,
                                   listener=partial(self._on_event, job.id),
                                   on_end=partial(self._on_end, job.id),
-                                  train_fn=self._pinned_train(slot))
+                                  train_fn=train_fn)
         self._sessions[job.id] = session
         self._slots[job.id] = slot
         self._locks[job.id] = lock
@@ -230,22 +238,6 @@ class JobQueue:
             session.start(effective)
         except AtelierError as error:  # a path refused by confinement at the last moment
             self._finish(job.id, FAILED, str(error))
-
-    def _pinned_train(self, slot: int) -> Callable | None:
-        """With several GPUs, slot N trains on GPU N (CUDA's current device is per thread)."""
-        base = self._train_fn
-        if self.concurrency <= 1:
-            return base
-
-        def train(config, control, **kwargs):
-            import torch
-            if torch.cuda.is_available() and slot < torch.cuda.device_count():
-                torch.cuda.set_device(slot)
-            if base is not None:
-                return base(config, control, **kwargs)
-            from trainer.loop import train as loop_train
-            return loop_train(config, control, **kwargs)
-        return train
 
     # -- events from the running jobs ---------------------------------------------------------
 
@@ -299,6 +291,7 @@ class JobQueue:
                 log.error("Job %s ended (%s) but the database could not record it: %s",
                           job_id, status, store_error)
             self._slots.pop(job_id, None)
+            self._children.pop(job_id, None)
             self._written.pop(job_id, None)
             lock = self._locks.pop(job_id, None)
             if lock is not None:
@@ -342,6 +335,12 @@ class JobQueue:
 
     def session_of(self, job_id: int) -> TrainingSession | None:
         return self._sessions.get(job_id)
+
+    def process_id(self, job_id: int) -> int | None:
+        """The pid of the process a running job trains in (None before it started, after it
+        ended, and for a `train_fn` run in this process)."""
+        child = self._children.get(job_id)
+        return child.pid if child is not None else None
 
     def followed(self, viewer: Viewer = LOCAL) -> int | None:
         """The job the viewer's footer follows: their newest running job, else the last one
