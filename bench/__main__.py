@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bench.cases import CASES, DEFAULT_CASES, RUNNERS, estimate_peak_gb
-from bench.report import table
+from bench.report import add_utilisation, table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache"
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 add(combine(measured[runner]))
         print(f"{name}: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    add_utilisation(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     print(table(rows, device))
     return 0 if not any(r.get("error") for r in rows) else 1
 

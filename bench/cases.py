@@ -51,6 +51,9 @@ class Case:
     train_dtype: str = "AUTO"        # autocast: AUTO = FLOAT_32 on the CPU, BFLOAT_16 on CUDA
     fused_backward_pass: bool = False
     attention: str = "sdpa"          # "eager": diffusers' classic attention (the SDPA lever)
+    compile: bool = False            # the UNet's blocks compiled (trainer/compilation.py), also
+                                     # in the limit; the eager twin is the case without -compile
+    layer_offload_fraction: float = 0.0  # frozen UNet blocks streamed from CPU memory
     learning_rate: float = 1e-4
     runners: tuple[str, ...] = RUNNERS
     warmup: int = 3                  # steps before the measured ones (atelier: its 1st epoch)
@@ -94,12 +97,35 @@ def _tiny(name, family, resolution, **kw) -> Case:
 
 
 _LEVERS = {"runners": ("limit", "atelier")}
+_GPU = {"cuda_only": True}
+
+
+def compiled(case: Case) -> Case:
+    """`<case>-compile`: the same case with the UNet's blocks compiled (limit and atelier)."""
+    return dataclasses.replace(case, name=f"{case.name}-compile", compile=True,
+                               runners=tuple(r for r in case.runners if r != "naive"),
+                               base=case.name, note=case.note + ", compiled",
+                               cuda_only=True)  # on a CPU compiling takes minutes, for no gain
+
+
+# The sizes people train at on a GPU (GPU only): SD 1.5 at 512 px batch 4, SDXL at 1024 px
+# batch 1 and 4; LoRA, and full fine-tunes with the fused pass and with 8-bit AdamW. Frozen
+# weights in bfloat16 with checkpointing, as a user with a consumer card would set them.
+_SD15_512 = Case("sd15-512", "sd15", "full", 512, batch_size=4, weight_dtype="BFLOAT_16",
+                 gradient_checkpointing=True, note="SD 1.5 LoRA 512 px batch 4", **_GPU)
+_SDXL_1024 = Case("sdxl-1024", "sdxl", "full", 1024, weight_dtype="BFLOAT_16",
+                  gradient_checkpointing=True, warmup=3, measured=6,
+                  note="SDXL LoRA 1024 px batch 1", **_GPU)
+_SDXL_1024_B4 = dataclasses.replace(_SDXL_1024, name="sdxl-1024-b4", batch_size=4,
+                                    note="SDXL LoRA 1024 px batch 4")
+_SD15_256 = Case("sd15-256", "sd15", "full", 256, note="SD 1.5-size LoRA r16 attn-mlp")
+_FT = {"method": "FINE_TUNE", "learning_rate": 1e-5, "runners": ("limit", "atelier")}
 
 CASES: dict[str, Case] = {c.name: c for c in [
     _tiny("tiny-sd15-64", "sd15", 64, note="tiny SD 1.5, LoRA"),
     _tiny("tiny-sd15-128", "sd15", 128, note="tiny SD 1.5, LoRA"),
     _tiny("tiny-sdxl-128", "sdxl", 128, note="tiny SDXL, LoRA"),
-    Case("sd15-256", "sd15", "full", 256, note="SD 1.5-size LoRA r16 attn-mlp"),
+    _SD15_256,
     Case("sd15-256-gc", "sd15", "full", 256, gradient_checkpointing=True, base="sd15-256",
          note="+ gradient checkpointing"),
     Case("sd15-256-ft", "sd15", "full", 256, method="FINE_TUNE", learning_rate=1e-5,
@@ -142,6 +168,22 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("sdxl-1024-lowmem", "sdxl", "full", 1024, gradient_checkpointing=True,
          weight_dtype="BFLOAT_16", optimizer="ADAMW_8BIT", cuda_only=True,
          note="SDXL LoRA 1024 px: checkpointing, bf16 weights, 8-bit AdamW, cached TEs"),
+    Case("sdxl-1024-offload", "sdxl", "full", 1024, gradient_checkpointing=True,
+         weight_dtype="BFLOAT_16", optimizer="ADAMW_8BIT", layer_offload_fraction=0.5,
+         runners=("atelier",), base="sdxl-1024-lowmem", cuda_only=True,
+         note="+ half the UNet's frozen weights streamed from CPU memory"),
+    # compiled against eager (the issue's sizes, and the host-bound small ones)
+    compiled(_SD15_256),
+    _SD15_512, compiled(_SD15_512),
+    _SDXL_1024, compiled(_SDXL_1024), _SDXL_1024_B4, compiled(_SDXL_1024_B4),
+    dataclasses.replace(_SD15_512, name="sd15-512-ft-fused", fused_backward_pass=True,
+                        note="SD 1.5 fine-tune 512 px batch 4, fused backward pass", **_FT),
+    dataclasses.replace(_SD15_512, name="sd15-512-ft-8bit", optimizer="ADAMW_8BIT",
+                        note="SD 1.5 fine-tune 512 px batch 4, 8-bit AdamW", **_FT),
+    dataclasses.replace(_SDXL_1024, name="sdxl-1024-ft-fused", fused_backward_pass=True,
+                        note="SDXL fine-tune 1024 px, fused backward pass", **_FT),
+    dataclasses.replace(_SDXL_1024, name="sdxl-1024-ft-8bit", optimizer="ADAMW_8BIT",
+                        note="SDXL fine-tune 1024 px, 8-bit AdamW", **_FT),
 ]}
 
 # What a plain `python -m bench` runs (every case; the GPU-only ones are skipped on a CPU).

@@ -7,6 +7,35 @@ from bench.cases import CASES
 ROW_KEYS = ("case", "runner", "step_s_median", "first_step_s", "startup_s", "peak_mem_mb")
 
 
+# Dense bfloat16 peak of a GPU by its datasheet (FLOP/s), matched on its name: the ceiling the
+# utilisation estimate divides by. H100/H200 SXM: 989 TFLOP/s (PCIe H100: 756).
+BF16_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+                   ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def bf16_peak(device_name: str | None) -> float | None:
+    for name, peak in BF16_PEAK_FLOPS:
+        if device_name and name in device_name:
+            return peak
+    return None
+
+
+def add_utilisation(rows: list[dict]) -> None:
+    """Each CUDA row's share of the GPU's bfloat16 peak: the case's FLOPs per step (counted by
+    its limit runner with FlopCounterMode, eager; a -compile case does the same arithmetic as
+    its eager twin) over the step time and the datasheet peak."""
+    flops = {r["case"]: r["flops_per_step"] for r in rows if r.get("flops_per_step")}
+    for row in rows:
+        case = CASES.get(row["case"])
+        count = flops.get(row["case"]) or (flops.get(case.base) if case and case.compile
+                                           else None)
+        peak = bf16_peak(row.get("device_name"))
+        if count and peak and row.get("step_s_median"):
+            row["flops_per_step"] = count
+            row["bf16_peak_share"] = count / row["step_s_median"] / peak
+
+
 def _f(value, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -33,7 +62,8 @@ def table(rows: list[dict], device: str) -> str:
     index = _by_key(rows)
     memory = "max allocated (CUDA)" if device == "cuda" else "peak RSS"
     header = ["case", "runner", "step s", "cpu s", "first s", "start-up s", "peak MB",
-              "train peak MB", "atelier/limit", "(cpu)", "naive/atelier"]
+              "train peak MB", "atelier/limit", "(cpu)", "naive/atelier", "img/s",
+              "GPU bf16 %"]
     lines = []
     for row in rows:
         case, runner = row["case"], row["runner"]
@@ -43,7 +73,9 @@ def table(rows: list[dict], device: str) -> str:
             continue
         cells = [case, runner, _f(row.get("step_s_median"), 4), _f(row.get("cpu_s_median"), 4),
                  _f(row.get("first_step_s")), _f(row.get("startup_s"), 1),
-                 _mb(row.get("peak_mem_mb")), _mb(row.get("train_peak_mem_mb")), "", "", ""]
+                 _mb(row.get("peak_mem_mb")), _mb(row.get("train_peak_mem_mb")), "", "", "",
+                 _f(row.get("images_per_s"), 2),
+                 _f(100 * row["bf16_peak_share"], 1) if row.get("bf16_peak_share") else "-"]
         if runner == "atelier":
             step, cpu = row.get("step_s_median"), row.get("cpu_s_median")
             limit = index.get((case, "limit"), {})
@@ -88,7 +120,9 @@ def table(rows: list[dict], device: str) -> str:
                "seconds; naive/atelier: how much faster Atelier is than the simple way.")
     if device == "cuda":
         out.append("CUDA: step times are host times with no per-step synchronisation (steady "
-                   "state = GPU pace); peak_reserved_mb is in the JSON.")
+                   "state = GPU pace); peak_reserved_mb and steady_peak_mem_mb (after the "
+                   "warm-up) are in the JSON. GPU bf16 %: the step's FLOPs (FlopCounterMode, "
+                   "the limit's eager step) / step time / the datasheet's dense bf16 peak.")
     lever_lines = levers(rows)
     if lever_lines:
         out += ["", *lever_lines]

@@ -67,6 +67,9 @@ def atelier_config_dict(case: Case, model_dir: Path, data_dir: Path, workspace: 
         "lora_decompose": case.lora_decompose,
         "backup_after_unit": "NEVER",
         "backup_before_save": False,
+        # explicit: AUTO would compile every case on CUDA; the -compile cases say ON
+        "compile": "ON" if case.compile else "OFF",
+        "layer_offload_fraction": case.layer_offload_fraction,
     }
     if case.fused_backward_pass:
         data["fused_backward_pass"] = True
@@ -146,6 +149,9 @@ def prepare_unet(family, config, case: Case, device):
         enable_gradient_checkpointing(unet)
     set_attention(unet, case.attention)
     unet.train()
+    if case.compile:
+        from trainer.compilation import compile_blocks
+        compile_blocks(unet, buckets=1)
     optimizer = build_optimizer(config.optimizer.optimizer,
                                 config.optimizer.model_dump(exclude={"optimizer"}),
                                 [{"params": params, "lr": config.learning_rate, "name": "unet"}])
@@ -158,7 +164,8 @@ def prepare_unet(family, config, case: Case, device):
 
 # --- limit: the speed of the model -------------------------------------------------------------
 
-def run_limit(case: Case, paths: dict, device: str, steps: int, mark_start) -> dict:
+def run_limit(case: Case, paths: dict, device: str, steps: int, mark_start,
+              mark_steady=None) -> dict:
     """UNet forward + backward + optimizer step on latents and text embeddings encoded once
     before the loop, on the device; nothing else. The VAE and text encoders are freed before
     the loop."""
@@ -193,11 +200,8 @@ def run_limit(case: Case, paths: dict, device: str, steps: int, mark_start) -> d
     del family, vae, pixels, conditioning
     gc.collect()
     autocast, scaler = autocast_and_scaler(config.train_dtype.value, dev)
-    sync(dev)
 
-    stamps, cpu, losses = [], [], []
-    mark_start()
-    for _ in range(steps):
+    def step():
         noise = torch.randn(latents.shape, generator=generator, device=dev)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator, device=dev)
@@ -214,13 +218,31 @@ def run_limit(case: Case, paths: dict, device: str, steps: int, mark_start) -> d
             if fused is None:
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        return loss.detach()
+
+    # The FLOPs of one step (forward, backward incl. checkpointing's recomputation), counted
+    # on the GPU only (a few seconds there), before the timed steps and before anything is
+    # compiled (compiled kernels are invisible to the counter; the arithmetic is the same).
+    flops = None
+    if dev.type == "cuda" and not case.compile:
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+    sync(dev)
+
+    stamps, cpu, losses = [], [], []
+    mark_start()
+    for _ in range(steps):
+        losses.append(step())
         stamps.append(now())
         cpu.append(cpu_now())
+        if mark_steady is not None:
+            mark_steady(len(stamps))
     sync(dev)
     end = now()
     values = torch.stack(losses).float().tolist()
-    return {"stamps": stamps, "cpu": cpu, "end": end, "losses": values}
+    return {"stamps": stamps, "cpu": cpu, "end": end, "losses": values, "flops": flops}
 
 
 # --- naive: the simple way ---------------------------------------------------------------------
@@ -240,7 +262,8 @@ class ImageCaptionFolder:
         return {"pixel_values": load_pixels(path, self.resolution), "caption": caption_of(path)}
 
 
-def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start) -> dict:
+def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start,
+              mark_steady=None) -> dict:
     """The way most training scripts (diffusers' train_text_to_image_lora*.py among them)
     train: accelerate, a DataLoader over the files (no workers, the scripts' default), the
     VAE and the text encoder(s) run on every batch, captions tokenised every step, gradient
@@ -303,6 +326,8 @@ def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start) -> d
             losses.append(loss.item())
             stamps.append(now())
             cpu.append(cpu_now())
+            if mark_steady is not None:
+                mark_steady(len(stamps))
             if len(stamps) >= steps:
                 done = True
                 break
@@ -313,7 +338,7 @@ def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start) -> d
 # --- atelier: the real engine ------------------------------------------------------------------
 
 def run_atelier(case: Case, paths: dict, device: str, steps: int, mark_start,
-                on_started=None) -> dict:
+                mark_steady=None, on_started=None) -> dict:
     """`trainer.loop.train(config, control)`, as `python -m trainer train` calls it. Step
     times come from the progress events (their `time`: when the loop finished the step);
     the run is ended after `steps` steps by raising from the event callback."""
@@ -350,6 +375,10 @@ def run_atelier(case: Case, paths: dict, device: str, steps: int, mark_start,
             if device == "cpu":
                 cpu[event["step"]] = cpu_now()
             losses[event["step"]] = event["loss"]
+            # the warm-up (the first epoch: caches filled, compiled) is over; on CUDA the
+            # events come a second apart, so this may be a few steps later: still steady ones
+            if mark_steady is not None:
+                mark_steady(len(stamps))
             if len(stamps) >= steps:
                 raise BenchDone
 

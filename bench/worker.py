@@ -161,9 +161,19 @@ def measure(case: Case, runner: str, device: str, cache_dir: Path, quick: bool,
             marks["setup_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
             torch.cuda.reset_peak_memory_stats()
 
+    def mark_steady(steps_done: int) -> None:
+        """The warm-up is over (atelier: its first epoch, caches filled and blocks compiled):
+        the peak from here on is the steady training's."""
+        if cuda and steps_done == warmup:
+            torch.cuda.synchronize()
+            marks["warmup_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            marks["warmup_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+
     runners.seed_all(0)
     try:
-        result = runners.RUNNERS[runner](case, paths, device, warmup + measured, mark_start)
+        result = runners.RUNNERS[runner](case, paths, device, warmup + measured, mark_start,
+                                         mark_steady)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     if "start" not in marks:
@@ -187,13 +197,23 @@ def measure(case: Case, runner: str, device: str, cache_dir: Path, quick: bool,
     if cuda:
         allocated = torch.cuda.max_memory_allocated() / 2**20
         reserved = torch.cuda.max_memory_reserved() / 2**20
-        row["peak_mem_mb"] = max(marks["setup_allocated_mb"], allocated)
-        row["peak_reserved_mb"] = max(marks["setup_reserved_mb"], reserved)
-        row["train_peak_mem_mb"] = allocated
-        row["train_peak_reserved_mb"] = reserved
+        warm_allocated = marks.get("warmup_allocated_mb", 0.0)
+        warm_reserved = marks.get("warmup_reserved_mb", 0.0)
+        row["peak_mem_mb"] = max(marks["setup_allocated_mb"], warm_allocated, allocated)
+        row["peak_reserved_mb"] = max(marks["setup_reserved_mb"], warm_reserved, reserved)
+        row["train_peak_mem_mb"] = max(warm_allocated, allocated)
+        row["train_peak_reserved_mb"] = max(warm_reserved, reserved)
+        if "warmup_allocated_mb" in marks:  # after the warm-up: the steady steps alone
+            row["steady_peak_mem_mb"] = allocated
+            row["steady_peak_reserved_mb"] = reserved
     else:
         row["peak_mem_mb"] = row["peak_rss_mb"]
         row["train_peak_mem_mb"] = row["train_peak_rss_mb"]
+    row["date"] = time.strftime("%Y-%m-%d")
+    if row.get("step_s_median"):
+        row["images_per_s"] = case.batch_size / row["step_s_median"]
+    if result.get("flops"):
+        row["flops_per_step"] = result["flops"]
     row["torch"] = torch.__version__
     row["threads"] = torch.get_num_threads()
     row["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
