@@ -35,9 +35,8 @@ def losses(events):
 def test_compile_switch_follows_the_device_and_onetrainer_bools(tmp_path):
     auto = config_from_dict({})
     assert auto.compile == CompileMode.AUTO
-    assert compile_wanted(auto, "cuda") and not compile_wanted(auto, "cpu")
-    streamed = config_from_dict({"layer_offload_fraction": 0.5})
-    assert not compile_wanted(streamed, "cuda")  # AUTO steps aside for streaming
+    # AUTO does not compile until a GPU measurement shows it pays (trainer/compilation.py)
+    assert not compile_wanted(auto, "cuda") and not compile_wanted(auto, "cpu")
     assert compile_wanted(config_from_dict({"compile": True}), "cpu")       # OneTrainer's bool
     assert not compile_wanted(config_from_dict({"compile": False}), "cuda")
     # OneTrainer's checkpointing enum: CPU_OFFLOADED is checkpointing (+ the fraction)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from trainer.config import (DataType, LoraLayerPreset, ModelFormat, ModelType, PeftType,
+from trainer.config import (CompileMode, DataType, LoraLayerPreset, ModelFormat, ModelType, PeftType,
                             TrainingMethod, check_adapter_type, config_from_dict)
 from trainer.errors import ConfigError
 
@@ -206,9 +206,11 @@ def test_a_current_saved_config_imports_as_meant(tiny_sd15_dir, tmp_path):
         DataType.FLOAT_16, DataType.BFLOAT_16)
     assert config.output_model_format == ModelFormat.KOHYA_LORA
     unknown = {n.split("'")[1] for n in notes if n.startswith("Unknown")}
-    assert {"debug_mode", "cache_dir", "compile", "unet.include", "embedding"} <= unknown
+    assert {"debug_mode", "cache_dir", "unet.include", "embedding"} <= unknown
     assert not unknown & {"layer_filter", "peft_type", "lora_decompose", "vae.model_name",
-                          "additional_embeddings", "unet.weight_dtype"}
+                          "additional_embeddings", "unet.weight_dtype", "compile",
+                          "layer_offload_fraction"}
+    assert config.compile == CompileMode.OFF and config.layer_offload_fraction == 0.0
     # and it trains those layers (on the tiny model, in float32 on the CPU)
     from safetensors.torch import load_file
 

@@ -509,7 +509,8 @@ class TrainConfig(Strict):
         CompileMode.AUTO, section="Main settings", label="Compile (torch.compile)",
         tooltip="Compile the UNet's blocks with torch.compile, each block on its own "
                 "(compiled once per bucket shape: the first step of each bucket is slow). "
-                "AUTO = on with a CUDA GPU, off on the CPU, where it does not pay. "
+                "Pays only in long runs: compiling takes minutes. AUTO = off until a "
+                "measurement shows where it pays (see the README's GPU figures). "
                 "OneTrainer's true/false read as ON/OFF.")
     layer_offload_fraction: float = setting(
         0.0, section="Main settings", label="Layer offload fraction", ge=0, le=1,
