@@ -183,42 +183,78 @@ def test_streamed_run_trains_exactly_like_one_without(tiny_sd15_dir, tmp_path):
 
 # --- the VAE and frozen text encoders leave the device ----------------------------------------
 
-def test_cache_served_parts_leave_after_each_epoch_and_return_for_samples(
-        tiny_sd15_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(residency, "parking_pays", lambda device: True)
-    log = []
+def spy_moves(monkeypatch, log):
+    """Record `.to()` calls of the VAE, the text encoder and the UNet as (class, where)."""
     real_to = torch.nn.Module.to
 
     def spy_to(module, *args, **kwargs):
         name = type(module).__name__
-        if name in ("AutoencoderKL", "CLIPTextModel"):
-            log.append((name, str(args[0]) if args else str(kwargs.get("device"))))
+        if name in ("AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel"):
+            target = args[0] if args else kwargs.get("device")
+            log.append((name, str(target)))
         return real_to(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", spy_to)
+
+
+def test_caches_fill_first_then_the_vae_and_text_encoder_leave_before_the_unet_comes(
+        tiny_sd15_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(residency, "parking_pays", lambda device: True)
+    log = []
+    spy_moves(monkeypatch, log)
     config = tiny_config(tiny_sd15_dir, tmp_path, epochs=3, text_encoder={"train": False},
                          samples=[{"prompt": "a cat", "seed": 1, "width": 64, "height": 64,
                                    "diffusion_steps": 2}],
                          sample_after=2, sample_after_unit="EPOCH")
-    control = Control(on_event=lambda e: log.append(("event", e["type"]))
-                      if e["type"] in ("sample", "started") else
-                      log.append(("epoch done", "")) if e["type"] == "status"
-                      and e["message"].startswith("Latent cache after") else None)
-    train(config, control)
-    start = log.index(("event", "started"))
-    after = log[start:]
-    first_epoch_end = after.index(("epoch done", ""))
-    # nothing moves during the first epoch (the caches fill), then both park in CPU memory
-    assert not any(name != "epoch done" and name != "event" for name, _ in
-                   after[:first_epoch_end])
-    parked = after[first_epoch_end + 1:first_epoch_end + 3]
-    assert sorted(parked) == [("AutoencoderKL", "cpu"), ("CLIPTextModel", "cpu")]
-    # the sample after epoch 2 brings them back to the training device, then they park again
-    sample_at = after.index(("event", "sample"))
-    moves = [m for m in after[first_epoch_end + 3:] if m[0] in ("AutoencoderKL",
-                                                                 "CLIPTextModel")]
-    assert len(moves) == 4 and {m[0] for m in moves[:2]} == {"AutoencoderKL", "CLIPTextModel"}
-    assert after.index(moves[0], first_epoch_end + 3) < sample_at
+    statuses = []
+
+    def on_event(e):
+        if e["type"] in ("sample", "started"):
+            log.append(("event", e["type"]))
+        if e["type"] == "status":
+            statuses.append(e["message"])
+            if e["message"].startswith("Latent cache after"):
+                log.append(("epoch done", ""))
+
+    train(config, Control(on_event=on_event))
+    assert "Filling the latent and text caches before training" in statuses
+    # every sample of the first epoch came from the caches: nothing encoded while training
+    first = next(s for s in statuses if s.startswith("Latent cache after epoch 1"))
+    # (the counts include the filling pass: 5 samples and 5 captions + the empty one)
+    assert "5 sample(s) reused, 5 encoded" in first and "text cache: 5 reused, 6 encoded" in first
+    started = log.index(("event", "started"))
+    setup = [m for m in log[:started] if m[0] != "event"]
+    vae_off = setup.index(("AutoencoderKL", "cpu"))
+    te_off = setup.index(("CLIPTextModel", "cpu"))
+    unet_on = max(i for i, m in enumerate(setup) if m == ("UNet2DConditionModel", "cpu"))
+    assert vae_off < unet_on and te_off < unet_on  # parked before the UNet is placed
+    # while training nothing moves, except around the sample after epoch 2: both come back
+    # to the device for it and park again
+    moves = [m for m in log[started:] if m[0] in ("AutoencoderKL", "CLIPTextModel")]
+    sample_at = log.index(("event", "sample"))
+    assert len(moves) == 4
+    assert {m[0] for m in moves[:2]} == {"AutoencoderKL", "CLIPTextModel"}
+    assert log.index(moves[0], started) < sample_at
+    assert sorted(moves[2:]) == [("AutoencoderKL", "cpu"), ("CLIPTextModel", "cpu")]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_filling_the_caches_first_trains_exactly_as_filling_them_on_the_way(
+        family, tiny_sd15_dir, tiny_sdxl_dir, tmp_path, monkeypatch):
+    common = dict(epochs=2, text_encoder={"train": False, "caption_dropout_probability": 0.3})
+    if family == "sdxl":
+        common.update(model_type="STABLE_DIFFUSION_XL_10_BASE",
+                      text_encoder_2={"train": False, "caption_dropout_probability": 0.3})
+    model = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
+    lazy_result, lazy_events = run(tiny_config(model, tmp_path / "lazy", **common))
+    monkeypatch.setattr(residency, "parking_pays", lambda device: True)
+    first_result, first_events = run(tiny_config(model, tmp_path / "first", **common))
+    assert losses(first_events) == losses(lazy_events)
+    a, b = load_file(lazy_result.output_path), load_file(first_result.output_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the empty caption (caption dropout) was cached up front too: the encoder never returned
+    assert not any(e["type"] == "status" and "is back on the GPU" in e["message"]
+                   for e in first_events)
 
 
 def test_a_parked_module_comes_back_when_the_cache_misses(monkeypatch):

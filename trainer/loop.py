@@ -43,7 +43,7 @@ from trainer.optim.clipping import clip_gradients
 from trainer.optim.fused import FusedBackward, check_fused_backward
 from trainer.optim.registry import ADAPTIVE, build_optimizer, effective_learning_rates
 from trainer.optim.schedules import Schedule
-from trainer.residency import FrozenPartsResidency, cache_served
+from trainer.residency import FrozenPartsResidency, cache_served, fill_caches_first
 from trainer.sampling import render_samples
 
 TORCH_DTYPES = {DataType.FLOAT_32: torch.float32, DataType.FLOAT_16: torch.float16,
@@ -230,10 +230,14 @@ def train(config: TrainConfig, control: Control | None = None, *,
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtypes["vae"])
     streamed = streamed_parts(config, parts)
+    # Parts held on the CPU for now: a streamed one until its blocks are chosen
+    # (layer_offload.py); the UNet while the caches fill first (residency.py), so that it and
+    # the VAE and frozen text encoders are never on the GPU together.
+    caches_first = fill_caches_first(config, accelerator.device, accelerator.num_processes)
+    held_back = set(streamed) | ({"unet"} if caches_first else set())
     for name, module in family.parts.items():
         module.requires_grad_(False)
-        # a streamed part stays on the CPU until its blocks are chosen (layer_offload.py)
-        module.to(None if name in streamed else accelerator.device, dtypes[name])
+        module.to(None if name in held_back else accelerator.device, dtypes[name])
 
     # LoRA adapters on the trained parts (FINE_TUNE: their own weights, in float32), one
     # parameter group (own LR) per part.
@@ -256,8 +260,24 @@ def train(config: TrainConfig, control: Control | None = None, *,
             status("Textual inversion: the model stays frozen, only the embeddings "
                    f"({', '.join(e.placeholder for e in config.additional_embeddings)}) train")
 
+    dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
+    inpainting = data.inpainting_inputs(vae)  # an inpainting UNet's mask + masked image
+    # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends).
+    residency = FrozenPartsResidency(
+        cache_served(config, family, data, parts, embeddings), accelerator.device,
+        on_return=lambda name: status(f"The {name} is back on the GPU for a sample the cache "
+                                      "has not seen yet; it leaves again at the epoch's end"))
+
+    if caches_first:
+        status("Filling the latent and text caches before training")
+        data.fill_caches(dataloader, family, vae, accelerator.device,
+                         clip_skip=config.text_encoder.clip_skip)
+        residency.park()
+
     # Streamed blocks (layer_offload_fraction): pinned in CPU memory, the rest to the device.
     offloads = offload_parts(config, family, parts, accelerator.device)
+    for name in held_back - set(offloads):
+        family.parts[name].to(accelerator.device)
     for name, offload in offloads.items():
         status(f"Streaming {offload.streamed_bytes / 2**20:,.0f} of "
                f"{offload.total_bytes / 2**20:,.0f} MB of the {name}'s frozen weights from "
@@ -274,14 +294,6 @@ def train(config: TrainConfig, control: Control | None = None, *,
         warn(f"{config.optimizer.optimizer.value} finds its own step size: set every learning "
              f"rate to 1 (learning_rate is {config.learning_rate:g}), use a CONSTANT or COSINE "
              "schedule and a small batch (~4).")
-
-    dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
-    inpainting = data.inpainting_inputs(vae)  # an inpainting UNet's mask + masked image
-    # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends).
-    residency = FrozenPartsResidency(
-        cache_served(config, family, data, parts, embeddings), accelerator.device,
-        on_return=lambda name: status(f"The {name} is back on the GPU for a sample the cache "
-                                      "has not seen yet; it leaves again at the epoch's end"))
 
     # A text encoder whose embeddings train is prepared (wrapped for DDP) even when its own
     # weights are frozen: DDP then averages the vectors' gradients like any other.

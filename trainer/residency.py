@@ -6,6 +6,11 @@ they only hold memory (SDXL: 1.4 GB for the second text encoder, 0.3 GB VAE, 0.2
 first). So at the end of each epoch the loop parks them in CPU memory; they come back for
 sampling (`present()`) and go again after.
 
+Where it can, the run fills the caches with the first epoch's samples before the UNet comes
+to the GPU (`fill_caches_first`), and parks the VAE and text encoders right after: they and
+the UNet are then never on the GPU together (with SDXL at 1024 px the VAE's encoder alone
+needs ~2 GB of activations).
+
 A sample the cache has not seen yet (a new random crop or flip, a caption line first drawn
 later) still works: a forward pre-hook brings a parked module back before it runs, and it is
 parked again at the end of the epoch. On the CPU there is no other memory to park in, and
@@ -80,6 +85,15 @@ class FrozenPartsResidency:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+
+
+def fill_caches_first(config, device: torch.device, num_processes: int) -> bool:
+    """Whether the run fills the caches before training (the VAE and the frozen text encoders
+    then leave the GPU before the UNet comes, so they never hold memory at the same time):
+    where parking pays, with latent caching, in one process (the text cache is the main
+    process's), and not for an inpainting model (its random masks need the VAE every step)."""
+    return (parking_pays(device) and config.latent_caching and num_processes == 1
+            and not config.model_type.is_inpainting)
 
 
 def cache_served(config, family, data, parts: list[str], embeddings) -> dict[str, torch.nn.Module]:

@@ -222,6 +222,29 @@ class DataPipeline:
         self.status(message)
         self.latent_stats = CacheStats()
 
+    def fill_caches(self, dataloader, family, vae, device, *, clip_skip: int) -> int:
+        """Encode the first epoch's samples (and the empty caption, for caption dropout) into
+        the caches before training, so the VAE and the frozen text encoders can leave the GPU
+        before the UNet arrives (trainer/residency.py). The epoch's samples depend only on
+        (seed, epoch, index): training reads back exactly what is stored here. The latents'
+        sampling noise comes from a generator of its own, so training draws what it would
+        have drawn. Returns the number of samples seen."""
+        self.set_epoch(dataloader, 0)
+        generator = torch.Generator(device).manual_seed(self.config.seed)
+        seen, last = 0, None
+        for batch in dataloader:
+            self.latents(batch, vae, generator, device)
+            if self.text_cache is not None:
+                self.conditioning(family, batch["caption"], batch, clip_skip=clip_skip,
+                                  device=device, grad={})
+            seen += len(batch["caption"])
+            last = batch
+        if self.text_cache is not None and last is not None:
+            one = {k: v[:1] if isinstance(v, list) else v for k, v in last.items()}
+            self.conditioning(family, [""], {**one, "caption": [""]}, clip_skip=clip_skip,
+                              device=device, grad={})
+        return seen
+
     # -- the step -------------------------------------------------------------------------
 
     def inpainting_inputs(self, vae) -> InpaintingInputs | None:
