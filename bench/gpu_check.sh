@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 17 in one call, sized for a short lease (about 9 minutes on an H200):
 #   1. `python -m trainer train` on the demo preset on CUDA in bfloat16 (eager: compile AUTO is off):
-#      start-up to the first step, the compile steps, the loss, the output;
+#      start-up to the first step, the loss, the output;
 #   2. compiled against eager: sd15-512 (SD 1.5 LoRA, 512 px, batch 4), atelier runner;
 #   3. memory: SDXL LoRA at 1024 px batch 1 with the memory levers (sdxl-1024-lowmem) and the
 #      same with half the UNet's frozen weights streamed (sdxl-1024-offload), atelier runner.
