@@ -31,13 +31,12 @@ COMPILING_STATUS = "Compiling (first step of each bucket)…"
 BACKEND = "inductor"
 
 
-def compile_wanted(config: TrainConfig, device_type: str) -> bool:
+def compile_wanted(config: TrainConfig) -> bool:
     """ON and OFF as set. AUTO does not compile, on any device, until the bench shows that
     compiling pays: on an H200 (2026-11-30, bench/results-cuda-h200.json) the tiny demo's
     first compiled step had not finished after 40 s, and sd15-512-compile did not finish its
     three warm-up steps within about 75 s, so no compiled step time could be compared yet. On
     a 2-core CPU the tiny model's three batch shapes took 4 minutes to compile."""
-    del device_type  # the rule will depend on it once a GPU measurement says compiling pays
     return config.compile == CompileMode.ON
 
 

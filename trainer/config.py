@@ -514,8 +514,8 @@ class TrainConfig(Strict):
                 "OneTrainer's true/false read as ON/OFF.")
     layer_offload_fraction: float = setting(
         0.0, section="Main settings", label="Layer offload fraction", ge=0, le=1,
-        tooltip="Keep this fraction of each frozen part's layers (the UNet's, and a text "
-                "encoder's when it runs every step) in pinned CPU memory and stream them to "
+        tooltip="Keep this fraction of the frozen layers of the UNet (and of each trained "
+                "text encoder) in pinned CPU memory and stream them to "
                 "the GPU as each layer runs: less GPU memory, some speed. Needs gradient "
                 "checkpointing; not with a fine-tune of that part or with compile. "
                 "0 = everything stays on the GPU.")

@@ -79,10 +79,9 @@ class LayerOffload:
                     streamed.add(id(param))
             self._host[unit] = pairs
         _move_except(module, self.device, streamed)
-        self._hooks = []
         for unit in self.units:
-            self._hooks.append(unit.register_forward_pre_hook(self._load))
-            self._hooks.append(unit.register_forward_hook(self._unload))
+            unit.register_forward_pre_hook(self._load)
+            unit.register_forward_hook(self._unload)
 
     def _load(self, unit, _args) -> None:
         self.loads += 1
@@ -93,21 +92,12 @@ class LayerOffload:
         for param, host in self._host[unit]:
             param.data = host
 
-    def remove(self) -> None:
-        """Put every streamed weight back on the device and drop the hooks."""
-        for hook in self._hooks:
-            hook.remove()
-        for pairs in self._host.values():
-            for param, host in pairs:
-                param.data = host.to(self.device)
-        self._host.clear()
-
 
 def _move_except(module: torch.nn.Module, device: torch.device, kept: set[int]) -> None:
     """`module.to(device)` for every parameter and buffer not in `kept` (ids), one tensor at
     a time: `module.to` would first copy the streamed weights to the device too."""
     for sub in module.modules():
-        for name, param in sub._parameters.items():
+        for param in sub._parameters.values():
             if param is not None and id(param) not in kept:
                 param.data = param.data.to(device)
         for name, buffer in sub._buffers.items():

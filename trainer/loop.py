@@ -282,7 +282,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
         status(f"Streaming {offload.streamed_bytes / 2**20:,.0f} of "
                f"{offload.total_bytes / 2**20:,.0f} MB of the {name}'s frozen weights from "
                f"CPU memory ({len(offload.units)} blocks)")
-    compiling = compile_wanted(config, device_type)
+    compiling = compile_wanted(config)
     if compiling:
         blocks = compile_blocks(family.parts["unet"], data.bucket_count())
         status(f"Compiling the UNet's {blocks} blocks with torch.compile (on the first step "

@@ -38,14 +38,12 @@ class FrozenPartsResidency:
         self.modules = modules if self.enabled else {}
         self.parked: set[str] = set()
         self.on_return = on_return
-        self._hooks = []
         for name, module in self.modules.items():
             # The VAE is called through `encode`/`decode`, not `forward`: hook its halves.
             targets = ([module.encoder, module.decoder] if hasattr(module, "encoder")
                        and hasattr(module, "decoder") else [module])
             for target in targets:
-                self._hooks.append(target.register_forward_pre_hook(
-                    lambda _m, _args, name=name: self._on_use(name)))
+                target.register_forward_pre_hook(lambda _m, _args, name=name: self._on_use(name))
 
     def _on_use(self, name: str) -> None:
         if name in self.parked:
@@ -80,11 +78,6 @@ class FrozenPartsResidency:
         finally:
             if was_parked:
                 self.park()
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
 
 
 def fill_caches_first(config, device: torch.device, num_processes: int) -> bool:
