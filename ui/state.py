@@ -13,7 +13,9 @@ from trainer.config import TrainConfig
 from trainer.data.imports import ImportLimits
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.errors import AtelierError
-from trainer.jobs.queue import JobQueue, Viewer
+from trainer.jobs.queue import JobQueue
+from trainer.limits import ServerLimits
+from trainer.ownership import Access, Realm, Viewer
 from trainer.security import check_shared_paths
 from trainer.try_lora import TryModel
 from ui import paths
@@ -69,6 +71,8 @@ class ServerOptions:
 
 
 OPTIONS = ServerOptions()
+# What one visitor may ask (app.py sets the shared defaults and its options; none locally).
+LIMITS = ServerLimits()
 # What one dataset upload may bring (app.py's --max-upload-gb etc.; the page shows them).
 IMPORT_LIMITS = ImportLimits()
 
@@ -85,11 +89,25 @@ def configure(shared: bool, allow_any_path: bool = False, online: bool = False,
 
 def viewer(request=None) -> Viewer:
     """Who is asking: a gradio request's login name with --auth; without a login, the one
-    owner of the server."""
+    owner of a local server (an admin), or the anonymous visitor of a shared one (not an
+    admin: the server's own files and the shared demo files stay out of reach)."""
     name = getattr(request, "username", None) if OPTIONS.login else None
     if not name:
-        return Viewer()
+        return Viewer(admin=not OPTIONS.shared)
     return Viewer(name=name, admin=name in OPTIONS.admins)
+
+
+def realm() -> Realm:
+    """The server's ownership layout (trainer/ownership.py): its workspace, shared or not,
+    confined or not, and the folders every visitor may read (the demo dataset and model)."""
+    return Realm(paths.workspace_root(), shared=OPTIONS.shared, confine=OPTIONS.confine_paths,
+                 public=(DEMO_DATASET_DIR, paths.demo_model_dir()))
+
+
+def access(request=None) -> Access:
+    """What the visitor behind a gradio request may read and write: the one ownership rule
+    every handler that names a path asks."""
+    return Access(realm(), viewer(request))
 
 
 def open_jobs(workspace: Path, concurrency: int | None = None) -> str:

@@ -31,6 +31,7 @@ from trainer.errors import AtelierError, ConfigError
 from trainer.jobs import resume
 from trainer.jobs.child import TrainInChild, child_environment, cuda_device_count
 from trainer.jobs.lock import FolderLock
+from trainer.ownership import LOCAL, Viewer
 from trainer.jobs.store import (ENDED, FAILED, FINISHED, INTERRUPTED, PENDING, QUEUED, RUNNING,
                                 STOPPED, Job, JobStore)
 from trainer.demo import DEMO_DATASET_DIR
@@ -46,16 +47,6 @@ KEEP_ENDED_SESSIONS = 8       # ended jobs whose live state (plots, samples) sta
 SPACE_BACKUP_MINUTES = 5
 
 
-@dataclass(frozen=True)
-class Viewer:
-    name: str = ""        # the login name; "" = no login (the one owner of a local server)
-    admin: bool = True    # sees and acts on every job
-
-    def sees(self, job: Job) -> bool:
-        return self.admin or job.owner == self.name
-
-
-LOCAL = Viewer()
 
 
 def on_space() -> bool:
