@@ -235,7 +235,9 @@ def load_captioner(model: str, online: bool = False) -> Captioner:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         try:
             processor = processor_class.from_pretrained(name, local_files_only=not allow)
-            net = model_class.from_pretrained(name, local_files_only=not allow, dtype=dtype)
+            # use_safetensors: never a pickled .bin (SPEC §7: no pickle is loaded)
+            net = model_class.from_pretrained(name, local_files_only=not allow, dtype=dtype,
+                                              use_safetensors=True)
         except Exception as error:  # noqa: BLE001 - missing files, no cache, a broken folder ...
             if os.path.isdir(name):
                 reason = _short(error)

@@ -109,7 +109,9 @@ def load_clipseg(model: str) -> ClipSegmenter:
         offline = _offline()
         try:
             processor = CLIPSegProcessor.from_pretrained(name, local_files_only=offline)
-            net = CLIPSegForImageSegmentation.from_pretrained(name, local_files_only=offline)
+            # use_safetensors: never a pickled .bin (SPEC §7: no pickle is loaded)
+            net = CLIPSegForImageSegmentation.from_pretrained(name, local_files_only=offline,
+                                                              use_safetensors=True)
         except Exception as error:  # noqa: BLE001 - missing files, no cache, a broken folder ...
             if is_folder:
                 reason = _short(error)
