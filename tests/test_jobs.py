@@ -418,23 +418,26 @@ def test_the_api_checks_a_config_as_start_does(monkeypatch, tmp_path):
 def test_datasets_belong_to_who_made_them_with_a_login(monkeypatch, tmp_path):
     from PIL import Image
 
+    from trainer.ownership import Access, Realm
     from ui import datasets_panel
     monkeypatch.setenv("ATELIER_WORKSPACE", str(tmp_path))
     image = tmp_path / "cat.png"
     Image.new("RGB", (8, 8)).save(image)
-    ann, bob, boss = Viewer("ann", admin=False), Viewer("bob", admin=False), Viewer("boss")
-    assert "Added 1" in datasets_panel.upload("anns", [str(image)], False, viewer=ann)["message"]
-    assert "Added 1" in datasets_panel.upload("bobs", [str(image)], False, viewer=bob)["message"]
+    realm = Realm(tmp_path, shared=True, confine=True)
+    ann, bob, boss = (Access(realm, Viewer("ann", admin=False)),
+                      Access(realm, Viewer("bob", admin=False)), Access(realm, Viewer("boss")))
+    assert "Added 1" in datasets_panel.upload("anns", [str(image)], False, access=ann)["message"]
+    assert "Added 1" in datasets_panel.upload("bobs", [str(image)], False, access=bob)["message"]
     shown = datasets_panel.refresh(None, ann)["dataset"]["choices"]
     assert shown == ["anns"] and datasets_panel.refresh(None, boss)["dataset"]["choices"] == [
         "anns", "bobs"]
-    for refused in (datasets_panel.upload("bobs", [str(image)], True, viewer=ann),
-                    datasets_panel.remove("bobs", ["cat.png"], viewer=ann),
-                    datasets_panel.confirm_delete("bobs", viewer=ann)):
-        assert "no dataset &#x27;bobs&#x27; of yours" in refused["message"]
+    for refused in (datasets_panel.upload("bobs", [str(image)], True, access=ann),
+                    datasets_panel.remove("bobs", ["cat.png"], access=ann),
+                    datasets_panel.confirm_delete("bobs", access=ann)):
+        assert "cannot be written by you" in refused["message"]
     assert datasets_panel.image_names("bobs", ann) == []
     assert (tmp_path / "datasets" / "bobs" / "cat.png").is_file()
-    assert "Deleted" in datasets_panel.confirm_delete("bobs", viewer=boss)["message"]
+    assert "Deleted" in datasets_panel.confirm_delete("bobs", access=boss)["message"]
 
 
 # -- one process per job -----------------------------------------------------------------------
@@ -558,3 +561,31 @@ def test_a_resumed_job_shows_each_step_once_in_tensorboard(tmp_path, tiny_sd15_d
     events.Reload()
     assert [event.step for event in events.Scalars("loss")] == list(range(1, 11))
     assert len(list((folder / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def test_cancel_stops_a_job_that_is_still_preparing(tmp_path, tiny_sd15_dir):
+    # A million epochs of 200 images: before step 1 the loop counts each epoch's steps, a
+    # long preparation in which it never looks at Stop; the job's process is ended instead.
+    from PIL import Image
+    images = tmp_path / "many"
+    images.mkdir()
+    for i in range(200):
+        Image.new("RGB", (64, 64), (i, 0, 0)).save(images / f"{i}.png")
+    queue = JobQueue()
+    queue.open(tmp_path / "ws")
+    slow = tiny(tiny_sd15_dir, epochs=1_000_000, concepts=[{"path": str(images)}])
+    job = queue.submit(slow)[0]
+    after = queue.submit(tiny(tiny_sd15_dir, epochs=1, seed=7))[0]
+    wait_for(lambda: queue.get(job.id).message.startswith(("Reading", "Loading")), 120,
+             "the job's preparation")
+    asked = time.monotonic()
+    queue.cancel(job.id)
+    wait_for(lambda: queue.get(job.id).status != "running", 20, "the stop")
+    assert time.monotonic() - asked < 10
+    stopped = queue.get(job.id)
+    assert stopped.status == "stopped", stopped.message
+    assert stopped.step == 0 and not stopped.outputs and stopped.error is None
+    assert "before the first step" in stopped.message
+    assert not (queue.store.folder(job.id) / ".server.lock").exists()
+    assert queue.wait(120)  # the queue goes on
+    assert queue.get(after.id).status == "finished"

@@ -61,3 +61,47 @@ def test_pickle_checkpoint_is_refused(root):
     from trainer.models.sd15 import load_sd15
     with pytest.raises(ModelLoadError, match="base_model_name"):
         load_sd15(str(checkpoint))
+
+
+def test_confinement_checks_stay_cheap_for_absurd_paths(root):
+    import time
+    from pathlib import Path
+
+    from trainer.security import is_inside
+    started = time.monotonic()
+    assert not is_inside(Path("a/" * 100_000), [root])        # refused before resolving
+    deep = root / "/".join(["d"] * 1_900)                      # long, yet resolvable
+    assert is_inside(deep, [root]) and not is_inside(deep, [root / "data"])
+    with pytest.raises(ConfigError, match=r"concepts\[0\].path: A path of"):
+        confine_path("a/" * 100_000, root, "concepts[0].path")
+    assert time.monotonic() - started < 2
+
+
+def test_every_model_source_is_confined(root, tmp_path):
+    base = {"base_model_name": "org/model", "workspace_dir": "runs/a",
+            "concepts": [{"path": "data"}]}
+    outside = str(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ConfigError, match="vae_model_name"):
+        confine_config(config_from_dict({**base, "vae_model_name": outside}), root)
+    with pytest.raises(ConfigError, match=r"additional_embeddings\[0\]\.model_name"):
+        confine_config(config_from_dict(
+            {**base, "additional_embeddings": [{"placeholder": "<x>", "model_name": outside}]}),
+            root)
+    inside = confine_config(config_from_dict(
+        {**base, "additional_embeddings": [{"placeholder": "<x>", "model_name": "e.safetensors"}]}),
+        root)
+    assert inside.additional_embeddings[0].model_name == str(root.resolve() / "e.safetensors")
+
+
+def test_the_confined_check_without_owners_keeps_its_messages(root, tmp_path):
+    from trainer.demo import DEMO_DATASET_DIR
+    from trainer.security import check_shared_paths
+    ok = config_from_dict({"base_model_name": str(root / "model"),
+                           "workspace_dir": str(root / "run"),
+                           "concepts": [{"path": str(DEMO_DATASET_DIR)}]})
+    check_shared_paths(ok, root, [DEMO_DATASET_DIR])
+    for key, value in (("base_model_name", "/etc/models/x"),
+                       ("workspace_dir", str(tmp_path / "elsewhere")),
+                       ("output_model_destination", str(tmp_path / "x.safetensors"))):
+        with pytest.raises(ConfigError, match=f"^{key}: .* is outside the workspace"):
+            check_shared_paths(ok.model_copy(update={key: value}), root, [DEMO_DATASET_DIR])

@@ -21,9 +21,9 @@ Files (the layouts A1111/Forge, ComfyUI and diffusers read):
   too); SDXL `{"clip_l": (n, 768), "clip_g": (n, 1280)}` (A1111/Forge and ComfyUI's SDXL
   keys; diffusers loads each with `load_textual_inversion(sd["clip_l"], token=...,
   text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and the same for clip_g).
-- bundled in a LoRA: `bundle_emb.<placeholder>.string_to_param.*` (SD 1.5) or
-  `bundle_emb.<placeholder>.clip_l` / `.clip_g` (SDXL), which A1111/Forge and ComfyUI load
-  with the LoRA.
+- bundled in a LoRA: `bundle_emb.<placeholder>.clip_l` (SD 1.5 and SDXL) / `.clip_g` (SDXL),
+  OneTrainer's keys, which A1111/Forge load with the LoRA (trainer/embedding_files.py says
+  where the keys come from and which other spellings are read).
 """
 from __future__ import annotations
 
@@ -36,13 +36,14 @@ from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 from safetensors.torch import load_file
 
 from trainer.config import EmbeddingConfig, TimeUnit, TrainConfig
-from trainer.embedding_files import embedding_file_paths
+from trainer.embedding_files import (ENCODER_KEYS, SD15_FILE_KEY, SD15_FILE_KEYS_READ,
+                                     bundle_key, embedding_file_paths)
 from trainer.errors import ConfigError
 from trainer.io import atomic_save_safetensors
 
 # The text encoders of each family with their tokenizer and their key in SDXL files.
-ENCODERS = {"text_encoder": ("tokenizer", "clip_l"), "text_encoder_2": ("tokenizer_2", "clip_g")}
-SD15_FILE_KEY = "emb_params"  # kohya's and A1111's name for SD 1.5 textual-inversion vectors
+ENCODERS = {"text_encoder": ("tokenizer", ENCODER_KEYS["text_encoder"]),
+            "text_encoder_2": ("tokenizer_2", ENCODER_KEYS["text_encoder_2"])}
 PAD_TEXT = "*"                # OneTrainer pads a short initial text with '*'
 
 _PROMPTS = TextualInversionLoaderMixin()  # its prompt conversion needs no pipeline
@@ -215,12 +216,8 @@ class AdditionalEmbeddings:
         """Every embedding as the `bundle_emb.*` keys a LoRA file carries."""
         out = {}
         for embedding in self.embeddings:
-            name = f"bundle_emb.{embedding.placeholder}"
-            if not self.sdxl:
-                out[f"{name}.string_to_param.*"] = _cpu(embedding.vectors["text_encoder"], dtype)
-            else:
-                for part, vector in embedding.vectors.items():
-                    out[f"{name}.{ENCODERS[part][1]}"] = _cpu(vector, dtype)
+            for part, vector in embedding.vectors.items():
+                out[bundle_key(embedding.placeholder, part)] = _cpu(vector, dtype)
         return out
 
     def file_paths(self, output: Path) -> list[Path]:
@@ -252,14 +249,21 @@ def stop_reached(settings, epoch: int, step: int) -> bool:
     return (epoch if unit == TimeUnit.EPOCH else step) >= after
 
 
-def read_vectors(path: str, part: str, sdxl: bool, key: str) -> torch.Tensor:
+def read_vectors(path: str, part: str, sdxl: bool, key: str, access=None) -> torch.Tensor:
     """An embedding file's vectors for `part`, from any of the layouts written above (and
-    A1111's `string_to_param.*`, a one-tensor diffusers file)."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{key}: '{path}' is not a file.")
+    A1111's `string_to_param.*`, a one-tensor diffusers file).
+
+    Confinement comes before existence: with `access` (trainer/ownership.py; the job queue
+    checks every config at submit the same way) a path the caller may not read is refused
+    with the same sentence whether it exists or not, and only then is the file looked at."""
+    if access is not None:
+        from trainer.security import check_path
+        check_path(access, key, path, purpose="embeddings are read from the workspace")
     if not str(path).endswith(".safetensors"):
         raise ConfigError(f"{key}: '{path}' is not a .safetensors file (pickled embeddings "
                           "are not loaded).")
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: '{path}' is not a file.")
     tensors = load_file(str(path))
     if sdxl:
         name = ENCODERS[part][1]
@@ -267,10 +271,10 @@ def read_vectors(path: str, part: str, sdxl: bool, key: str) -> torch.Tensor:
             raise ConfigError(f"{key}: '{path}' has no '{name}' vectors (an SDXL embedding has "
                               "clip_l and clip_g).")
         return tensors[name]
-    for name in (SD15_FILE_KEY, "string_to_param.*"):
+    for name in SD15_FILE_KEYS_READ:
         if name in tensors:
             return tensors[name]
     if len(tensors) == 1:
         return next(iter(tensors.values()))
-    raise ConfigError(f"{key}: '{path}' is not an SD 1.5 embedding (no emb_params or "
-                      "string_to_param.*).")
+    raise ConfigError(f"{key}: '{path}' is not an SD 1.5 embedding (no emb_params, "
+                      "emp_params or string_to_param.*).")

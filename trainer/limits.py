@@ -8,7 +8,10 @@ write into a dataset).
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -32,3 +35,57 @@ LIMIT_OPTIONS = {"max_steps_per_job": "--max-steps-per-job",
                  "max_jobs_per_user": "--max-jobs-per-user",
                  "try_max_size": "--try-max-size", "try_max_steps": "--try-max-steps",
                  "max_caption_chars": "--max-caption-chars"}
+
+
+# -- the steps a job will train (what max_steps_per_job is compared with) ----------------------
+
+def count_images(folder: str, subfolders: bool = False) -> int:
+    """Image files in `folder` (and its subfolders, hidden ones left out, when asked), as
+    training lists them; 0 when it is not a folder. Not decoded: this is an estimate. Links
+    are not followed into other folders. Call it on a folder the caller may read."""
+    from trainer.data.images import is_image_file
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return 0
+    count = 0
+    for current, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if subfolders else []
+        count += sum(1 for name in files if is_image_file(Path(current) / name))
+    return count
+
+
+def epoch_images(concepts) -> int:
+    """Samples one epoch visits: each enabled concept's images x its repeats, a fractional
+    repeat taking that share of the images (at least one), as the dataset expands them."""
+    total, counted = 0, {}
+    for concept in concepts:
+        if not concept.enabled or concept.repeats <= 0:
+            continue
+        where = (concept.path, bool(concept.include_subdirectories))
+        if where not in counted:  # one folder named by many concepts is walked once
+            counted[where] = count_images(*where)
+        n = counted[where]
+        whole = int(math.floor(concept.repeats))
+        extra = int(math.floor((concept.repeats - whole) * n + 0.5))
+        if n and whole == 0 and extra == 0:
+            extra = 1
+        total += n * whole + extra
+    return total
+
+
+def estimate_steps(config) -> tuple[int, int, int]:
+    """(total optimizer steps, steps per epoch, samples per epoch) of `config` on one
+    process: samples divided into batches, batches into accumulation groups, times epochs."""
+    images = epoch_images(config.concepts)
+    batches = math.ceil(images / config.batch_size) if images else 0
+    per_epoch = math.ceil(batches / config.gradient_accumulation_steps) if batches else 0
+    return per_epoch * config.epochs, per_epoch, images
+
+
+def refuse_over(value: int | float, limit: int | None, what: str, key: str) -> None:
+    """ConfigError when `value` is above the limit `key` (None: no limit), naming the limit
+    and the option that sets it."""
+    from trainer.errors import ConfigError
+    if limit is not None and value > limit:
+        raise ConfigError(f"{what} {value:,} is above this server's limit of {limit:,} "
+                          f"({LIMIT_OPTIONS[key]}).")

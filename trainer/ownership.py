@@ -104,9 +104,14 @@ def dataset_owner_token(folder: Path) -> str | None:
     return dataset_owner(folder)
 
 
-def _inside(path: str, root: Path) -> bool:
-    root_text = str(root)
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether resolved `path` is `root` or lies under it (both already resolved): a prefix
+    comparison, linear in the path's length whatever its depth."""
+    path, root_text = os.fspath(path), os.fspath(root)
     return path == root_text or path.startswith(root_text.rstrip(os.sep) + os.sep)
+
+
+_inside = inside
 
 
 def resolve(value: str | os.PathLike, base: Path | None = None) -> Path:
@@ -162,6 +167,11 @@ class Access:
             return owner == user_folder_name(self.viewer.owner_token)
         return False
 
+    def kind(self, path: str | os.PathLike) -> str:
+        """Where `path` lies: 'outside', 'public', 'job', 'dataset', 'user' or 'server'
+        (what a refusal may say without telling whose or whether it exists)."""
+        return self._owner(resolve(path, self.realm.workspace))[0]
+
     def can_read(self, path: str | os.PathLike) -> bool:
         return self._allowed(path, write=False)
 
@@ -186,8 +196,14 @@ class Access:
         if kind == "public":
             return not write
         if kind == "dataset" and owner is None:  # a CLI import: everyone reads it
-            return not write
+            # Only one that exists: a missing dataset is refused like another user's, so a
+            # refusal never tells whether another user's dataset of that name exists.
+            return not write and self._dataset_folder(resolved).is_dir()
         return self._mine(kind, owner)
+
+    def _dataset_folder(self, resolved: Path) -> Path:
+        parts = resolved.relative_to(self.realm.workspace).parts
+        return self.realm.workspace / parts[0] / parts[1]
 
     # -- checks that refuse with the field named ----------------------------------------------
 

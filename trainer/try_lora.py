@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from trainer.embedding_files import BUNDLE_PREFIX, bundled_embeddings
 from trainer.errors import ConfigError, ModelLoadError
 
 ADAPTER = "try"
@@ -116,22 +117,30 @@ def find_loras(folder: Path | str) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-BUNDLE = "bundle_emb."
+BUNDLE = BUNDLE_PREFIX  # a LoRA file's bundled embeddings (trainer/embedding_files.py)
 
 
-def bundled_embeddings(tensors: dict) -> dict[str, dict]:
-    """{placeholder: {"clip_l": vectors[, "clip_g": vectors]}} of a LoRA file's bundled
-    embeddings: SD 1.5's `bundle_emb.<p>.string_to_param.*` is the one text encoder's."""
-    found: dict[str, dict] = {}
-    for key, value in tensors.items():
-        if not key.startswith(BUNDLE):
-            continue
-        placeholder, _, rest = key[len(BUNDLE):].rpartition(".")
-        if rest == "*" and placeholder.endswith(".string_to_param"):
-            found.setdefault(placeholder.removesuffix(".string_to_param"), {})["clip_l"] = value
-        elif rest in ("clip_l", "clip_g"):
-            found.setdefault(placeholder, {})[rest] = value
-    return found
+def check_try_request(spec, *, max_size: int | None = None,
+                      max_steps: int | None = None) -> None:
+    """A shared server's limits on one try (None: no limit): the image's width and height,
+    and its diffusion steps. ConfigError naming the field, the limit and its option; checked
+    before anything is loaded."""
+    from trainer.limits import refuse_over
+    refuse_over(spec.width, max_size, "Try it: width", "try_max_size")
+    refuse_over(spec.height, max_size, "Try it: height", "try_max_size")
+    refuse_over(spec.diffusion_steps, max_steps, "Try it: steps", "try_max_steps")
+
+
+def check_try_paths(lora: "LoraFile", access, base_model_name: str = "") -> None:
+    """Every file a try reads — the LoRA, and the base model and VAE its header (or the page)
+    names — must be `access`'s to read (trainer/ownership.py); hub ids pass."""
+    from trainer.security import check_path, names_local_path
+    check_path(access, "lora", str(lora.path))
+    for key, value in (("base_model_name", lora.base_model_name or base_model_name),
+                       ("vae_model_name", lora.vae_model_name)):
+        if value and names_local_path(value):
+            check_path(access, key, value, purpose="models are read from the workspace or "
+                                                   "the Hugging Face hub")
 
 
 class TryModel:
@@ -217,11 +226,19 @@ class TryModel:
         self._lora_key = key
 
     def images(self, lora: LoraFile, spec, strength: float, *, base_model_name: str = "",
-               model_type: str = ""):
+               model_type: str = "", max_size: int | None = None,
+               max_steps: int | None = None, access=None):
         """(without, with): `spec` (trainer.config.SampleConfig) drawn on the base model, then
         with the LoRA at `strength`. The file's own base model and type come first; the
-        arguments are for a file that does not name them."""
+        arguments are for a file that does not name them.
+
+        A shared server passes its limits (`max_size`, `max_steps`: ConfigError naming the
+        limit and its option) and the caller's `access`: the LoRA, base model and VAE must be
+        theirs to read. Both are checked before anything is loaded."""
         from trainer.sampling import draw
+        check_try_request(spec, max_size=max_size, max_steps=max_steps)
+        if access is not None:
+            check_try_paths(lora, access, base_model_name)
         base = lora.base_model_name or base_model_name
         kind = lora.model_type or model_type
         if not base or not kind:

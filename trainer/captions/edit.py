@@ -6,6 +6,12 @@
 Every image's `<stem>.txt` is edited line by line (each line is an alternative caption),
 written atomically and only when its text changes; an image without a caption file is left
 alone (reported as skipped), so an edit never creates captions the user did not write.
+
+On a shared server an edit is bounded (issue 23): every new caption is worked out first, and
+the whole edit is refused, before anything is written, when one of them would be longer than
+`max_chars` (naming the file) or the captions together would pass the dataset's or the
+workspace's quota (`limits`, trainer/data/imports.py). `access` (trainer/ownership.py), when
+given, must let the caller write the folder.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from pathlib import Path
 from trainer.captions.generate import caption_path, list_images, read_caption, write_caption
 from trainer.folder_runs import summary_text
 from trainer.errors import CaptionError
+from trainer.limits import LIMIT_OPTIONS
 
 __all__ = ["EditSummary", "add_trigger", "edit_captions", "find_replace", "remove_trigger"]
 
@@ -45,13 +52,24 @@ class EditSummary:
 
 
 def edit_captions(folder: Path | str, edit: Callable[[str], tuple[str, int]],
-                  recursive: bool = False, count_replacements: bool = False) -> EditSummary:
+                  recursive: bool = False, count_replacements: bool = False, *,
+                  max_chars: int | None = None, limits=None,
+                  workspace: Path | str | None = None, access=None) -> EditSummary:
     """Apply `edit(line) -> (new line, changes)` to every line of every caption of `folder`;
     write the captions that changed (with `count_replacements`, the changes are added up in
     `replacements`). A caption that cannot be read or written is listed in `failed` and left
-    as it was."""
+    as it was.
+
+    Bounds (None: none): `max_chars`, the longest caption an edit may leave (CaptionError
+    naming the first file over it); `limits` (ImportLimits), the dataset's size limit and,
+    with `workspace`, the workspace quota (DatasetError). Either refusal comes before any
+    caption is written. `access`: ConfigError unless it may write `folder`."""
+    if access is not None:
+        access.check_write(folder, "folder")
     root = Path(folder).expanduser()
     summary = EditSummary()
+    planned: list[tuple[Path, str, str, int]] = []   # (image, name, new text, changes)
+    added = 0                                         # bytes the new captions add in all
     for image in list_images(folder, recursive):
         name = image.relative_to(root).as_posix()
         try:
@@ -59,25 +77,66 @@ def edit_captions(folder: Path | str, edit: Callable[[str], tuple[str, int]],
             if old is None:
                 summary.skipped.append((name, SKIP_NO_CAPTION))
                 continue
-            lines, changes = [], 0
+            lines, changes, length = [], 0, 0
             for line in old.replace("\r\n", "\n").split("\n"):
-                new, count = edit(line) if line.strip() else (line, 0)
+                try:
+                    new, count = edit(line) if line.strip() else (line, 0)
+                except _TooLong as too_long:  # refused before the long line was built
+                    raise _too_long(image, length + too_long.length, max_chars,
+                                    at_least=True) from None
                 if new.strip() or not line.strip():  # a line the edit emptied goes
                     lines.append(new)
+                    length += len(new) + 1
+                    # Stop building a caption as soon as it is too long (an edit of a long
+                    # caption of many lines must not grow it in memory first); one that was
+                    # already that long is judged once it is whole (it may be unchanged).
+                    if max_chars is not None and length - 1 > max(max_chars, len(old)):
+                        raise _too_long(image, length - 1, max_chars, at_least=True)
                 changes += count
             new_text = "\n".join(lines)
             if new_text == old:
                 summary.unchanged.append(name)
                 continue
-            write_caption(image, new_text)
-            summary.changed.append(name)
-            if count_replacements:
-                summary.replacements += changes
+            if max_chars is not None and len(new_text.strip()) > max_chars:
+                raise _too_long(image, len(new_text.strip()), max_chars)
+            if limits is not None:
+                added += (len(new_text.strip().encode("utf-8")) + 1
+                          - caption_path(image).stat().st_size)
+            planned.append((image, name, new_text, changes))
         except OSError as error:
-            summary.failed.append((name, f"cannot read or write its caption "
-                                         f"({caption_path(image).name}): "
-                                         f"{error.strerror or error}"))
+            summary.failed.append((name, _unwritable(image, error)))
+    if limits is not None and added > 0:
+        from trainer.data.imports import check_room
+        check_room(root, added, limits, workspace, what=f"the edited captions of '{root.name}'")
+    for image, name, new_text, changes in planned:
+        try:
+            write_caption(image, new_text)
+        except OSError as error:
+            summary.failed.append((name, _unwritable(image, error)))
+            continue
+        summary.changed.append(name)
+        if count_replacements:
+            summary.replacements += changes
     return summary
+
+
+class _TooLong(Exception):
+    """An edit's line would pass the length limit (raised before the line is built)."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+
+def _too_long(image: Path, length: int, max_chars: int, at_least: bool = False) -> CaptionError:
+    how_long = f"{'at least ' if at_least else ''}{length:,} characters long"
+    return CaptionError(f"{caption_path(image).name}: the edit would make this caption "
+                        f"{how_long}, more than this server allows ({max_chars:,} characters, "
+                        f"{LIMIT_OPTIONS['max_caption_chars']}); nothing was changed.")
+
+
+def _unwritable(image: Path, error: OSError) -> str:
+    return (f"cannot read or write its caption ({caption_path(image).name}): "
+            f"{error.strerror or error}")
 
 
 def _trigger(word: str) -> str:
@@ -93,7 +152,8 @@ def _starts_with(word: str) -> re.Pattern:
     return re.compile(rf"^\s*{re.escape(word)}(?=$|[\s,.;:!?])[\s,;]*", re.IGNORECASE)
 
 
-def add_trigger(folder: Path | str, word: str, recursive: bool = False) -> EditSummary:
+def add_trigger(folder: Path | str, word: str, recursive: bool = False,
+                **bounds) -> EditSummary:
     """Put `word` at the start of every caption ("ohwx, a cat on a sofa"); a caption that
     already starts with it is left as it is, so adding twice is adding once."""
     word = _trigger(word)
@@ -105,10 +165,11 @@ def add_trigger(folder: Path | str, word: str, recursive: bool = False) -> EditS
         rest = line.strip().lstrip(",; ")
         return (f"{word}, {rest}" if rest else word), 1
 
-    return edit_captions(folder, edit, recursive)
+    return edit_captions(folder, edit, recursive, **bounds)
 
 
-def remove_trigger(folder: Path | str, word: str, recursive: bool = False) -> EditSummary:
+def remove_trigger(folder: Path | str, word: str, recursive: bool = False,
+                   **bounds) -> EditSummary:
     """Take `word` (and the comma after it) off the start of every caption that starts with
     it; the word elsewhere in a caption is part of the description and stays."""
     pattern = _starts_with(_trigger(word))
@@ -117,13 +178,14 @@ def remove_trigger(folder: Path | str, word: str, recursive: bool = False) -> Ed
         new, count = pattern.subn("", line, count=1)
         return new.strip(), count
 
-    return edit_captions(folder, edit, recursive)
+    return edit_captions(folder, edit, recursive, **bounds)
 
 
 def find_replace(folder: Path | str, find: str, replace_with: str,
-                 recursive: bool = False) -> EditSummary:
+                 recursive: bool = False, **bounds) -> EditSummary:
     """Replace every occurrence of the plain text `find` (case-sensitive, not a pattern) by
-    `replace_with` in every caption; an empty `replace_with` deletes it."""
+    `replace_with` in every caption; an empty `replace_with` deletes it. `bounds`: the
+    keyword bounds of `edit_captions` (max_chars, limits, workspace, access)."""
     find = str(find or "")
     if not find.strip():
         raise CaptionError("find: empty; give the text to look for")
@@ -131,9 +193,13 @@ def find_replace(folder: Path | str, find: str, replace_with: str,
         raise CaptionError("find and replace work within a caption line; the text may not "
                            "hold a line break")
     replace_with = str(replace_with or "")
+    max_chars = bounds.get("max_chars")
 
     def edit(line: str) -> tuple[str, int]:
         count = line.count(find)
+        grown = len(line) + count * (len(replace_with) - len(find))
+        if count and max_chars is not None and grown > max_chars:
+            raise _TooLong(grown)  # known before the line is built
         return (line.replace(find, replace_with), count) if count else (line, 0)
 
-    return edit_captions(folder, edit, recursive, count_replacements=True)
+    return edit_captions(folder, edit, recursive, count_replacements=True, **bounds)

@@ -528,3 +528,72 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n} bytes"
+
+
+# -- every other write into a dataset (caption edits, masks): the same quotas ------------------
+
+# The app.py options of the quotas, named in refusals.
+QUOTA_OPTIONS = {"max_dataset_bytes": "--max-dataset-gb", "quota_bytes": "--quota-gb"}
+
+
+def dataset_of(path: Path | str, workspace: Path | str | None) -> Path:
+    """The dataset folder a path lies in: `<workspace>/datasets/<name>` when it is inside
+    one, else the folder itself (a file: its folder), which then counts as the dataset."""
+    path = Path(os.path.realpath(path))
+    if workspace is not None:
+        root = Path(os.path.realpath(workspace)) / "datasets"
+        if path.is_relative_to(root) and path != root:
+            return root / path.relative_to(root).parts[0]
+    return path if path.is_dir() else path.parent
+
+
+@dataclass
+class Room:
+    """What writes into one dataset may still add under `limits`: its own size limit and
+    the workspace quota, measured once (`measure`), then charged write by write (`take`), so
+    a bulk edit of thousands of captions walks the folders once, not once per file."""
+    limits: ImportLimits
+    dataset: Path
+    dataset_bytes: int
+    workspace_bytes: int | None   # None: the workspace is not known, its quota not checked
+
+    @classmethod
+    def measure(cls, folder: Path | str, limits: ImportLimits,
+                workspace: Path | str | None = None) -> "Room":
+        dataset = dataset_of(folder, workspace)
+        return cls(limits, dataset, folder_bytes(dataset),
+                   folder_bytes(workspace) if workspace is not None else None)
+
+    def check(self, added: int, what: str) -> None:
+        """DatasetError (one sentence naming `what`, the limit and its option) when `added`
+        more bytes (negative: freed) would pass a quota; nothing is charged."""
+        if added <= 0:
+            return
+        if self.dataset_bytes + added > self.limits.max_dataset_bytes:
+            raise DatasetError(
+                f"{what}: not written, the dataset '{self.dataset.name}' would pass its size "
+                f"limit of {_size(self.limits.max_dataset_bytes)} "
+                f"({QUOTA_OPTIONS['max_dataset_bytes']}); remove some files first.")
+        if (self.workspace_bytes is not None
+                and self.workspace_bytes + added > self.limits.quota_bytes):
+            raise DatasetError(
+                f"{what}: not written, the workspace would pass its quota of "
+                f"{_size(self.limits.quota_bytes)} ({QUOTA_OPTIONS['quota_bytes']}); remove "
+                "some files first.")
+
+    def take(self, added: int, what: str) -> None:
+        """Check, then charge `added` bytes (the write is about to happen)."""
+        self.check(added, what)
+        self.dataset_bytes += added
+        if self.workspace_bytes is not None:
+            self.workspace_bytes += added
+
+
+def check_room(folder: Path | str, added_bytes: int, limits: ImportLimits | None,
+               workspace: Path | str | None = None, what: str | None = None) -> None:
+    """Refuse (DatasetError) a write of `added_bytes` more bytes into the dataset holding
+    `folder` when it would pass the dataset's size limit or the workspace quota of `limits`
+    (None: no limits, nothing checked), as an import is refused."""
+    if limits is None or added_bytes <= 0:
+        return
+    Room.measure(folder, limits, workspace).check(added_bytes, what or Path(folder).name)

@@ -7,6 +7,11 @@ from the job's TrainingSession thread: it starts the child, replays the child's 
 the same events as before), passes Stop / Sample now / Save now / Backup now on to the child,
 and returns the child's TrainResult or raises TrainingError: the child's own message, or, for
 a child that died (a crash, an out-of-memory kill), its exit code and last lines of stderr.
+
+Stop before the first step: a job still preparing (loading the model, counting, caching) has
+nothing to save, and the loop only looks at Stop between steps; so the child is ended at
+once (SIGTERM, then SIGKILL) and the job ends stopped, its folder as it was (a backup it
+continues from stays for a later run).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from trainer.errors import TrainingError
 from trainer.jobs.worker import EXIT_PARENT_GONE, PARENT_PID_ENV
 
 POLL_SECONDS = 0.1   # how soon a Stop or a Sample now reaches the child
+TERMINATE_GRACE_SECONDS = 3.0  # a child stopped before its first step: SIGTERM, then SIGKILL
 STDERR_TAIL = 12     # lines of a dead child's stderr quoted in the job's error
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,7 +96,7 @@ class TrainInChild:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, encoding="utf-8", errors="replace", bufsize=1)
         self.pid = process.pid
-        ended: dict = {}
+        ended: dict = {}  # "result" / "error" from the child; "stepped" once a step is done
         tail: deque[str] = deque(maxlen=STDERR_TAIL)
         events = threading.Thread(target=self._read_events, args=(process.stdout, control, ended),
                                   daemon=True, name=f"atelier-{self.label}-events")
@@ -101,11 +107,13 @@ class TrainInChild:
         try:
             self._send(process, json.dumps({"config": config.model_dump(mode="json"),
                                             "allow_custom_code": allow_custom_code}))
-            stop_sent = False
+            stop_sent = terminated = False
             while events.is_alive():  # until the child's stdout ends: it has exited
                 if control.stop_requested and not stop_sent:
                     self._send(process, "stop")
                     stop_sent = True
+                if stop_sent and not terminated and "stepped" not in ended:
+                    terminated = self._terminate(process)
                 for command in COMMANDS:
                     if control.take_request(command):
                         self._send(process, command)
@@ -122,12 +130,28 @@ class TrainInChild:
                 except OSError:
                     pass
             self.pid = None
+        from trainer.loop import TrainResult
         if "result" in ended:
-            from trainer.loop import TrainResult
             return TrainResult(**ended["result"])
         if "error" in ended:
             raise TrainingError(ended["error"])
+        if terminated:
+            control.emit("status", message="Stopped before the first step: nothing was "
+                                           "trained, so nothing was saved.")
+            return TrainResult("", 0, 0, True)
         raise TrainingError(crash_message(code, list(tail)))
+
+    @staticmethod
+    def _terminate(process: subprocess.Popen) -> bool:
+        """End a child that has not trained a step yet: SIGTERM, SIGKILL after a grace."""
+        try:
+            process.terminate()
+            process.wait(TERMINATE_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        except OSError:
+            pass
+        return True
 
     @staticmethod
     def _send(process: subprocess.Popen, line: str) -> None:
@@ -150,6 +174,8 @@ class TrainInChild:
             elif kind == "error":
                 ended["error"] = event["message"]
             else:
+                if kind == "progress":
+                    ended["stepped"] = True
                 try:
                     control.emit(kind, **event)
                 except Exception:  # a listener's bug: keep reading, or the child blocks

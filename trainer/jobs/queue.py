@@ -9,6 +9,13 @@ their running jobs), so the footer and its buttons work as before.
 Owners: every job records who submitted it. A `Viewer` without a login (`name` "") is the one
 owner of a local server and sees everything; with a login, a viewer sees, stops and deletes
 only their own jobs, unless the server named them admin.
+
+A shared server (issue 23): the queue holds the server's `Realm` and checks every path a
+config names with `Access(realm, viewer)` (trainer/security.py) at submit, and again when the
+job starts (a dataset may have changed hands while it waited). A non-admin's output is written
+into their own job folder, `<job folder>/output/<name>`, whatever path they gave; the job's
+record keeps what was submitted. `limits` (trainer/limits.py) bound what one visitor may ask:
+total steps per job, running + queued jobs per user (admins are not limited).
 """
 from __future__ import annotations
 
@@ -31,11 +38,12 @@ from trainer.errors import AtelierError, ConfigError
 from trainer.jobs import resume
 from trainer.jobs.child import TrainInChild, child_environment, cuda_device_count
 from trainer.jobs.lock import FolderLock
-from trainer.ownership import LOCAL, Viewer
+from trainer.limits import LIMIT_OPTIONS, ServerLimits, estimate_steps
+from trainer.ownership import LOCAL, Access, Realm, Viewer
 from trainer.jobs.store import (ENDED, FAILED, FINISHED, INTERRUPTED, PENDING, QUEUED, RUNNING,
                                 STOPPED, Job, JobStore)
 from trainer.demo import DEMO_DATASET_DIR
-from trainer.security import check_shared_paths
+from trainer.security import as_opened, check_config_access
 from trainer.session import JobState, TrainingSession
 
 log = logging.getLogger(__name__)
@@ -67,17 +75,69 @@ def default_concurrency() -> int:
     return cuda_device_count() or 1
 
 
+def job_number(job_id) -> int | None:
+    """`job_id` as a job number (an int, or the digits of one), or None when no job can have
+    it: SQLite's integers are 64-bit, so a larger number is no job, not an OverflowError."""
+    if isinstance(job_id, bool):
+        return None
+    if isinstance(job_id, str):
+        text = job_id.strip()
+        if not text.isascii() or not text.isdigit() or len(text) > 19:
+            return None
+        job_id = int(text)
+    if not isinstance(job_id, int) or not 0 < job_id < 2 ** 63:
+        return None
+    return job_id
+
+
+def shown_id(job_id) -> str:
+    """A job id as a refusal quotes it: cut short (an int of 5,000 digits cannot even be
+    printed by default)."""
+    try:
+        text = str(job_id)
+    except ValueError:
+        return "(a number too long to show)"
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
+def confined_output(config: TrainConfig, folder: Path) -> Path:
+    """Where a non-admin's output goes on a shared server: `<job folder>/output/<name>`, the
+    name being the last part of what they gave (made a safe file name), else the default."""
+    from trainer.data.safe_names import UnsafeName, safe_component
+    given = config.output_model_destination.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    try:
+        name = safe_component(given.replace("\x00", ""))
+    except UnsafeName:
+        name = ""
+    if not name:
+        name = {"FINE_TUNE": "model", "EMBEDDING": "embedding"}.get(
+            config.training_method.value, "lora")
+    return Path(folder) / "output" / name
+
+
 class JobQueue:
     def __init__(self, allow_custom_code: bool = False,
                  default_workspace: Callable[[], Path] | None = None,
-                 train_fn: Callable | None = None) -> None:
+                 train_fn: Callable | None = None,
+                 default_realm: Callable[[], Realm] | None = None) -> None:
         """`train_fn` stands in for the training loop, run in a thread of this process (the
-        queue's tests); without it, each job trains in a child process of its own."""
+        queue's tests); without it, each job trains in a child process of its own.
+        `default_workspace` / `default_realm`: where and how the store opens on first use
+        when `open` was not called."""
         self.allow_custom_code = allow_custom_code
         self.confine_root: Path | None = None
+        # How the server was started (set by `open`): a local realm checks nothing.
+        self.realm: Realm | None = None
+        # What one visitor may ask (ui/state.py sets the server's; none by default).
+        self.limits = ServerLimits()
+        # Login names the server made admins (ui/state.py): a job of theirs keeps its chosen
+        # output path when it starts again after a restart.
+        self.admins: frozenset[str] = frozenset()
+        self._admin_jobs: set[int] = set()   # jobs an admin submitted while this server ran
         self.concurrency = 1
         self.store: JobStore | None = None
         self._default_workspace = default_workspace
+        self._default_realm = default_realm
         self._train_fn = train_fn
         self._lock = threading.RLock()
         self._sessions: dict[int, TrainingSession] = {}   # running and recently ended
@@ -90,14 +150,21 @@ class JobQueue:
     # -- opening ------------------------------------------------------------------------------
 
     def open(self, workspace: Path | str, *, concurrency: int | None = None,
-             confine: bool = False) -> str:
+             confine: bool = False, realm: Realm | None = None,
+             limits: ServerLimits | None = None) -> str:
         """Open the store in `workspace`, take back what a stopped server left (a running job
         is interrupted: it runs again first), and start what is pending. Returns the store's
-        notice ("" when all was well)."""
+        notice ("" when all was well). `realm` says whether the server is shared (owners
+        apply) and confined; without it, `confine` confines paths to the workspace (the
+        bundled demo dataset readable) without owners."""
         with self._lock:
             self.store = JobStore(workspace)
             self.concurrency = concurrency or default_concurrency()
-            self.confine_root = Path(workspace).resolve() if confine else None
+            self.realm = realm if realm is not None else Realm(
+                Path(workspace), confine=confine, public=(DEMO_DATASET_DIR,))
+            self.confine_root = self.realm.workspace if self.realm.confine else None
+            if limits is not None:
+                self.limits = limits
             for job in self.store.all():
                 if job.status == RUNNING and job.id not in self._sessions:
                     self.store.update(job.id, status=INTERRUPTED,
@@ -110,29 +177,75 @@ class JobQueue:
         if self.store is None:
             if self._default_workspace is None:
                 raise AtelierError("The job store is not open.")
-            self.open(self._default_workspace())
+            self.open(self._default_workspace(),
+                      realm=self._default_realm() if self._default_realm else None)
         return self.store
 
     # -- submitting and scheduling -------------------------------------------------------------
 
     def submit(self, config: TrainConfig, viewer: Viewer = LOCAL) -> tuple[Job, int]:
         """Queue `config` (checked as Start checks it); returns the job and its queue
-        position (0: it runs now)."""
+        position (0: it runs now). On a shared server every path it names must be the
+        viewer's to read (models, concepts) or write (a folder to continue from), and the
+        server's limits apply (refused naming the limit and its option)."""
         check_supported(config)
         if (config.learning_rate_scheduler == LearningRateScheduler.CUSTOM
                 and not self.allow_custom_code):
             raise ConfigError("learning_rate_scheduler: CUSTOM runs code named in the config "
                               "and is disabled on this server (shared/public mode). Choose "
                               "another schedule, or run the app locally / use the CLI.")
-        if self.confine_root is not None:
-            # refuses a path outside, naming the key; the bundled demo dataset is readable
-            check_shared_paths(config, self.confine_root, [DEMO_DATASET_DIR])
         store = self._store()
+        confined = self._confines_output(viewer)
+        # Refuses a path the viewer may not reach, naming the key (hub ids pass).
+        check_config_access(config, Access(self.realm, viewer), output_confined=confined)
+        limited = self.realm.shared and not viewer.admin
+        if limited:
+            self._check_steps(config)
         with self._lock:
-            self._refuse_output_clash(config)
+            if limited:
+                self._check_job_count(viewer)
+            if not confined:  # a confined output is in the job's own folder: no clash
+                self._refuse_output_clash(config)
             job = store.add(viewer.name, config.model_dump(mode="json"))
+            if viewer.admin:
+                self._admin_jobs.add(job.id)
             self._dispatch()
             return store.get(job.id), self.queue_position(job.id)
+
+    def _confines_output(self, viewer: Viewer) -> bool:
+        """A non-admin's output on a shared server goes into their own job folder."""
+        return self.realm is not None and self.realm.shared and not viewer.admin
+
+    def _owner_of(self, job: Job) -> Viewer:
+        """The viewer who submitted `job`, as far as the server knows: an admin if they were
+        one when it was submitted, or are one of the server's admins now."""
+        admin = (not (self.realm and self.realm.shared) or job.id in self._admin_jobs
+                 or (bool(job.owner) and job.owner in self.admins))
+        return Viewer(job.owner, admin=admin)
+
+    def _check_steps(self, config: TrainConfig) -> None:
+        limit = self.limits.max_steps_per_job
+        if limit is None:
+            return
+        total, per_epoch, _ = estimate_steps(config)
+        if total > limit:
+            raise ConfigError(
+                f"epochs: {config.epochs:,} epochs x {per_epoch:,} steps per epoch = "
+                f"{total:,} optimizer steps, more than this server allows per job "
+                f"({limit:,}, {LIMIT_OPTIONS['max_steps_per_job']}); lower epochs or repeats, "
+                "or raise batch_size.")
+
+    def _check_job_count(self, viewer: Viewer) -> None:
+        limit = self.limits.max_jobs_per_user
+        if limit is None:
+            return
+        mine = [j for j in self.store.all()
+                if j.owner == viewer.name and j.status in (*PENDING, RUNNING)]
+        if len(mine) >= limit:
+            raise ConfigError(
+                f"You have {len(mine)} job(s) running or queued, as many as this server allows "
+                f"per user ({limit}, {LIMIT_OPTIONS['max_jobs_per_user']}); wait for one to "
+                "end, or cancel one, then start again.")
 
     def _refuse_output_clash(self, config: TrainConfig) -> None:
         """Two jobs never write one file: a chosen output path that a queued or running job
@@ -175,6 +288,9 @@ class JobQueue:
 
     def _start(self, job: Job) -> None:
         folder = self.store.folder(job.id)
+        owner = self._owner_of(job)
+        access = Access(self.realm, owner)
+        confined = self._confines_output(owner)
         try:
             config = config_from_dict(job.config, warn=lambda message: None)
             check_supported(config)
@@ -183,8 +299,16 @@ class JobQueue:
                               error=f"The job's config does not validate: {error}",
                               message=f"The job's config does not validate: {error}")
             return
+        try:  # again at the start: a dataset may have been deleted and made by another user
+            check_config_access(config, access, output_confined=confined)
+        except AtelierError as error:
+            self.store.update(job.id, status=FAILED, ended_at=time.time(), error=str(error),
+                              message=str(error))
+            return
         again = job.started_at is not None  # it ran before the server stopped
         update = {"workspace_dir": str(folder)}
+        if confined and config.output_model_destination:
+            update["output_model_destination"] = str(confined_output(config, folder))
         note = job.note
         if again:
             step = resume.newest_backup_step(folder)
@@ -198,7 +322,8 @@ class JobQueue:
                 self.store.folder(other.id) for other in self.store.all()
                 if other.id != job.id and other.owner == job.owner
                 and other.config.get("workspace_dir") == job.config.get("workspace_dir")]
-            resume.seed_backup(folder, sources)
+            # Only folders the job's owner may write: never another user's backup.
+            resume.seed_backup(folder, [s for s in sources if access.can_write(as_opened(s))])
         effective = config.model_copy(update=update)
         lock = FolderLock(folder)
         try:
@@ -311,10 +436,13 @@ class JobQueue:
         return job
 
     def get(self, job_id: int, viewer: Viewer = LOCAL) -> Job:
-        """The job, or AtelierError: another owner's job reads as no job at all."""
-        job = self.store.get(int(job_id)) if self.store is not None else None
+        """The job, or AtelierError: another owner's job, and an id no job can have (text,
+        a number too large for the database), read as no job at all."""
+        number = job_number(job_id)
+        job = (self.store.get(number) if self.store is not None and number is not None
+               else None)
         if job is None or not viewer.sees(job):
-            raise AtelierError(f"There is no job {job_id}.")
+            raise AtelierError(f"There is no job {shown_id(job_id)}.")
         return self._live(job)
 
     def queue_position(self, job_id: int) -> int | None:

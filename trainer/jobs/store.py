@@ -260,6 +260,10 @@ class JobStore:
         return job
 
     def get(self, job_id: int) -> Job | None:
+        """The job, or None; an id outside SQLite's 64-bit integers is no job (not an
+        OverflowError)."""
+        if not isinstance(job_id, int) or not -2 ** 63 <= job_id < 2 ** 63:
+            return None
         with self._connect() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row) if row else None
