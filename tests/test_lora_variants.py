@@ -2,7 +2,9 @@
 file has exactly the LyCORIS/kohya key layout, and the weights ComfyUI rebuilds from the FILE
 (its published formulas, written out below) are the weights of the trained peft layers, layer
 by layer. Also: the metadata names the network, DoRA reloads in diffusers, a run resumes from
-a backup, and the combinations without a file layout are refused by name."""
+a backup, and the combinations without a file layout are refused by name. SDXL's KOHYA_LORA
+names the UNet's layers by the original SGM UNet, its LEGACY_LORA by the diffusers UNet: the
+same tensors under either name."""
 import copy
 
 import pytest
@@ -36,9 +38,12 @@ VARIANTS = {
     "dora-sdxl": ("sdxl", {"lora_decompose": True}),
     "loha-sdxl": ("sdxl", {"peft_type": "LOHA"}),
 }
+# Their KOHYA_LORA names: SDXL's down_blocks.1.attentions.0 and down_blocks.0.resnets.0.conv1
+# are SGM's input_blocks.3.1 and input_blocks.1.0.in_layers.2 on the tiny model.
 KNOWN_LINEAR = {"sd15": "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
-                "sdxl": "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"}
-KNOWN_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # 32 -> 32 channels, 3x3
+                "sdxl": "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"}
+KNOWN_CONV = {"sd15": "lora_unet_down_blocks_0_resnets_0_conv1",  # 32 -> 32 channels, 3x3
+              "sdxl": "lora_unet_input_blocks_1_0_in_layers_2"}
 KNOWN_TE = {"sd15": "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
             "sdxl": "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"}
 
@@ -48,24 +53,28 @@ class Trained:
     def __init__(self, name, config, result, files):
         self.name, self.config, self.result, self.files = name, config, result, files
         self.layers = {}    # kohya name -> (base weight, peft's effective weight, bias, layer copy)
+        self.legacy = {}    # kohya name -> the same layer's LEGACY_LORA name
         self.initial = {}   # adapter parameter name -> its value before training
         self.final = {}     # the same after training
         self.outputs = []   # the trained UNet's and text encoders' outputs (`outputs`)
 
 
-def kohya_names(family) -> dict[str, tuple[str, torch.nn.Module]]:
-    """kohya name -> the peft layer, for every adapted layer of every trained part."""
+def kohya_names(family, fmt="KOHYA_LORA") -> dict[str, torch.nn.Module]:
+    """The file's layer name -> the peft layer, for every adapted layer of every trained part,
+    named as `fmt` names it (SDXL's KOHYA_LORA: the UNet by its SGM names)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    sdxl = "text_encoder_2" in family.kohya_prefixes
     out = {}
     for part, prefix in family.kohya_prefixes.items():
         model = family.parts.get(part)
         if model is None:
             continue
         flattened = part != "unet" and not hasattr(model, "text_model")
-        for name, module in model.named_modules():
-            if isinstance(module, BaseTunerLayer):
-                full = ("text_model." + name) if flattened else name
-                out[prefix + full.replace(".", "_")] = module
+        layers = {("text_model." + n) if flattened else n: m for n, m in model.named_modules()
+                  if isinstance(m, BaseTunerLayer)}
+        sgm = part == "unet" and lora_formats.sgm_unet_names(ModelFormat(fmt), sdxl)
+        names = lora_formats.kohya_layer_names(model, part, list(layers), prefix, sgm=sgm)
+        out.update((names[n], m) for n, m in layers.items())
     return out
 
 
@@ -98,11 +107,13 @@ def trained(request, tiny_sd15_dir, tiny_sdxl_dir, tmp_path_factory):
 
     def save_and_record(path, family, parts, config, **kwargs):
         real_save(path, family, parts, config, **kwargs)
-        for fmt in ("KOHYA_LORA", "COMFY_LORA"):
+        for fmt in ("KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"):
             run.files[fmt] = tmp / f"{fmt}.safetensors"
             as_fmt = config.model_copy(update={"output_model_format": ModelFormat(fmt)})
             lora_formats.save_lora(str(run.files[fmt]), family, parts, as_fmt, **kwargs)
+        legacy = {id(m): n for n, m in kohya_names(family, "LEGACY_LORA").items()}
         for kohya, layer in kohya_names(family).items():
+            run.legacy[kohya] = legacy[id(layer)]
             base = layer.get_base_layer()
             bias = None if base.bias is None else base.bias.detach().clone()
             run.layers[kohya] = (base.weight.detach().float().clone(), effective_weight(layer),
@@ -218,7 +229,7 @@ def test_each_method_learns_its_loss_falls(trained):
 def expected_layout(name, family):
     """{layer: {suffix: shape}} for the known linear layer (sd15 32 -> 32, sdxl 64 -> 64) and
     conv layer (32 -> 32 channels, 3x3), at rank 4 (lokr-factored: 2)."""
-    linear, conv = KNOWN_LINEAR[family], KNOWN_CONV
+    linear, conv = KNOWN_LINEAR[family], KNOWN_CONV[family]
     n = 64 if family == "sdxl" else 32
     if name.startswith("loha"):
         return {linear: {"hada_w1_a": (n, 4), "hada_w1_b": (4, n), "hada_w2_a": (n, 4),
@@ -277,6 +288,25 @@ def test_comfy_lora_holds_the_same_tensors_under_comfyui_names(trained):
                            kohya[f"{KNOWN_LINEAR[family]}.{rename.get(suffix, suffix)}"]), suffix
 
 
+def test_legacy_lora_holds_the_same_tensors_under_diffusers_unet_names(trained):
+    """LEGACY_LORA = KOHYA_LORA with the UNet named by the diffusers UNet: for SD 1.5 the same
+    names (the same bytes), for SDXL every UNet layer renamed, nothing else changed."""
+    family = VARIANTS[trained.name][0]
+    kohya = load_file(str(trained.files["KOHYA_LORA"]))
+    legacy = load_file(str(trained.files["LEGACY_LORA"]))
+    renamed = {k: trained.legacy[k] for k in trained.legacy if k != trained.legacy[k]}
+    assert bool(renamed) == (family == "sdxl")
+    assert all(k.startswith("lora_unet_") for k in renamed)
+    assert all(v.startswith(("lora_unet_down_blocks", "lora_unet_mid_block",
+                             "lora_unet_up_blocks", "lora_unet_conv_", "lora_unet_time_"
+                             "embedding", "lora_unet_add_embedding"))
+               for v in renamed.values())
+    expected = {f"{trained.legacy[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
+                for k, v in kohya.items()}
+    assert expected.keys() == legacy.keys()
+    assert all(torch.equal(expected[k], legacy[k]) for k in legacy)
+
+
 # --- The real proof: ComfyUI's weights from the file = the trained peft layers' -------------
 
 def test_comfyui_rebuilds_every_trained_layer_from_the_file(trained):
@@ -299,7 +329,7 @@ def test_the_rebuilt_weight_gives_the_trained_layers_outputs(trained):
     file = load_file(str(trained.files["KOHYA_LORA"]))
     family = VARIANTS[trained.name][0]
     g = torch.Generator().manual_seed(0)
-    for name in (KNOWN_LINEAR[family], KNOWN_CONV, KNOWN_TE[family]):
+    for name in (KNOWN_LINEAR[family], KNOWN_CONV[family], KNOWN_TE[family]):
         base, _, bias, layer = trained.layers[name]
         weight = comfy_weight(base, file, name)
         layer.eval()

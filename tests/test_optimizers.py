@@ -24,7 +24,8 @@ LEARNING_RATES = {"ADAMW": 1e-2, "ADAMW_8BIT": 1e-2, "PRODIGY": 1.0, "ADAFACTOR"
 def test_every_optimizer_has_a_schema_with_spec_defaults():
     assert set(SCHEMAS) == set(Optimizer)
     adamw = {p.name: p.default for p in optimizer_schema("ADAMW")}
-    assert adamw == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+    assert adamw == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01,
+                     "stochastic_rounding": False}
     bnb = {p.name: p.default for p in optimizer_schema("ADAMW_8BIT")}
     assert bnb["min_8bit_size"] == 4096
     prodigy = {p.name: p.default for p in optimizer_schema("PRODIGY")}
@@ -35,11 +36,12 @@ def test_every_optimizer_has_a_schema_with_spec_defaults():
     adafactor = {p.name: p.default for p in optimizer_schema("ADAFACTOR")}
     assert adafactor == {"eps": 1e-30, "eps2": 1e-3, "clip_threshold": 1.0, "decay_rate": -0.8,
                          "beta1": None, "weight_decay": 0.0, "scale_parameter": False,
-                         "relative_step": False, "warmup_init": False}
+                         "relative_step": False, "warmup_init": False,
+                         "stochastic_rounding": False}
     assert {p.name: p.default for p in optimizer_schema("LION")} == {
-        "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0}
+        "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0, "stochastic_rounding": False}
     assert {p.name: p.default for p in optimizer_schema("SGD")} == {
-        "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+        "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "stochastic_rounding": False}
     for params in SCHEMAS.values():
         assert all(p.label and p.tooltip for p in params)
 

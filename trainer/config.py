@@ -21,6 +21,17 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from trainer.errors import ConfigError
 
 
+# Upper bounds of the counting fields (issue 23): far beyond any real run, low enough that no
+# number a visitor types makes the engine spin before step 1 (an epoch count of 10**30 was
+# counted epoch by epoch) or overflow a seed or a database integer. A shared server's own
+# limits (trainer/limits.py) are much lower.
+MAX_EPOCHS = 1_000_000
+MAX_COUNT = 1_000_000_000      # steps, epochs or time units in "every N" / "after N" fields
+MAX_BATCH = 10_000             # batch size, accumulation steps, rolling backups kept
+MAX_SEED = 2 ** 32 - 1         # numpy's seed range; torch's and Python's take it too
+MAX_LIST = 1_000               # concepts, sample prompts: each costs a check and a walk
+
+
 def setting(default: Any, *, section: str, label: str, tooltip: str,
             applies_to: dict[str, list[str]] | None = None,
             choices_for: dict[str, dict[str, list[str]]] | None = None, **range_: Any) -> Any:
@@ -191,7 +202,7 @@ OPTIMIZER_PARAMETER_TYPES: dict[str, Any] = {
     "decouple": bool, "use_bias_correction": bool, "safeguard_warmup": bool, "d0": float,
     "d_coef": float, "growth_rate": float, "clip_threshold": float, "decay_rate": float,
     "scale_parameter": bool, "relative_step": bool, "warmup_init": bool, "momentum": float,
-    "nesterov": bool,
+    "nesterov": bool, "stochastic_rounding": bool,
 }
 
 
@@ -216,8 +227,10 @@ OptimizerConfig = _optimizer_config()
 def part_weight_dtype(name: str) -> Any:
     return setting(
         DataType.FLOAT_32, section="Train data type", label=f"{name} weight data type",
-        tooltip=f"Storage type of the {name}'s frozen weights (a fine-tuned part trains float32 "
-                "master weights). BFLOAT_16 halves their memory; FLOAT_16 needs a CUDA GPU.")
+        tooltip=f"Storage type of the {name}'s frozen weights. A fine-tuned part trains "
+                "float32 master weights, or with optimizer.stochastic_rounding (⋯ dialog) its "
+                "BFLOAT_16 weights in place. BFLOAT_16 halves their memory; FLOAT_16 needs a "
+                "CUDA GPU.")
 
 
 def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
@@ -231,7 +244,7 @@ def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
             None, section=section, label="Learning rate", gt=0,
             tooltip=f"Learning rate of the {name}. Empty = use the base learning rate.")),
         "stop_training_after": (int, setting(
-            stop_after, section=section, label="Stop training after", ge=0,
+            stop_after, section=section, label="Stop training after", ge=0, le=MAX_COUNT,
             tooltip=f"Freeze the {name} after this many units (see the unit).")),
         "stop_training_after_unit": (TimeUnit, setting(
             stop_unit, section=section, label="Stop training unit",
@@ -326,7 +339,7 @@ class SampleConfig(Strict):
     prompt: str = setting("", section="Sampling", label="Prompt", tooltip="What to draw.")
     negative_prompt: str = setting("", section="Sampling", label="Negative prompt",
                                    tooltip="What to steer away from.")
-    seed: int = setting(42, section="Sampling", label="Seed", ge=0,
+    seed: int = setting(42, section="Sampling", label="Seed", ge=0, le=MAX_SEED,
                         tooltip="Same seed = same starting noise, so samples are comparable.")
     width: int = setting(512, section="Sampling", label="Width", ge=8, multiple_of=8,
                          tooltip="Sample width in pixels.")
@@ -362,14 +375,15 @@ class EmbeddingConfig(Strict):
                           tooltip="Train this embedding. Off = use it as it starts (from its "
                                   "file or its initial text).")
     stop_training_after: Optional[int] = setting(
-        None, section=EMBEDDINGS_SECTION, label="Stop after", ge=0,
+        None, section=EMBEDDINGS_SECTION, label="Stop after", ge=0, le=MAX_COUNT,
         tooltip="Freeze the embedding after this many units; empty = train to the end.")
     stop_training_after_unit: TimeUnit = setting(
         TimeUnit.NEVER, section=EMBEDDINGS_SECTION, label="Stop unit",
         tooltip="EPOCH or STEP counts for 'Stop after'; NEVER trains to the end.")
     model_name: str = setting(
         "", section=EMBEDDINGS_SECTION, label="Start from file",
-        tooltip="Optional: an embedding .safetensors (emb_params / string_to_param, or clip_l "
+        tooltip="Optional: an embedding .safetensors (emb_params / emp_params / "
+                "string_to_param, or clip_l "
                 "and clip_g for SDXL) whose vectors this one starts from instead of the "
                 "initial text; its vector count must be the token count.")
     uuid: str = setting(
@@ -428,7 +442,10 @@ class TrainConfig(Strict):
     output_model_format: ModelFormat = setting(
         ModelFormat.KOHYA_LORA, section="Model", label="Output format",
         choices_for={"training_method": OUTPUT_FORMATS, "peft_type": ADAPTER_FORMATS},
-        tooltip="LoRA: KOHYA_LORA (= LEGACY_LORA) for A1111/Forge, ComfyUI and diffusers; "
+        tooltip="LoRA: KOHYA_LORA for A1111/Forge, ComfyUI and diffusers (SDXL's UNet under "
+                "the original input_blocks_… names, as kohya's scripts write them); "
+                "LEGACY_LORA the same with diffusers' UNet names (down_blocks_…; for SD 1.5 "
+                "identical to KOHYA_LORA); "
                 "COMFY_LORA (ComfyUI's own key names); DIFFUSERS_LORA (peft keys, alpha folded "
                 "in, for diffusers' load_lora_weights). Fine-tune: ORIGINAL_SINGLE_FILE (= "
                 "LEGACY_SAFETENSORS), one checkpoint for ComfyUI, A1111/Forge and diffusers' "
@@ -439,12 +456,13 @@ class TrainConfig(Strict):
     workspace_dir: str = setting(
         "workspace/run", section="Model", label="Workspace folder",
         tooltip="Samples, logs (metrics.jsonl, TensorBoard) and backups of this run go here.")
-    seed: int = setting(42, section="Main settings", label="Seed", ge=0,
+    seed: int = setting(42, section="Main settings", label="Seed", ge=0, le=MAX_SEED,
                         tooltip="Same seed and data = the same run.")
 
     # Data
     concepts: list[ConceptConfig] = setting(
-        [], section="Data", label="Concepts", tooltip="Folders of training images.")
+        [], section="Data", label="Concepts", tooltip="Folders of training images.",
+        max_length=MAX_LIST)
     aspect_ratio_bucketing: bool = setting(
         True, section="Data", label="Aspect-ratio bucketing",
         tooltip="Train each image at the bucket of its own aspect ratio (same pixel area as the "
@@ -465,7 +483,7 @@ class TrainConfig(Strict):
         LearningRateScheduler.CONSTANT, section="Learning-rate scheduler", label="Scheduler",
         tooltip="How the learning rate changes over the run.")
     learning_rate_warmup_steps: float = setting(
-        200, section="Learning-rate scheduler", label="Warmup steps", ge=0,
+        200, section="Learning-rate scheduler", label="Warmup steps", ge=0, le=MAX_COUNT,
         tooltip="Ramp the learning rate up from 0. A value > 1 is a number of steps, "
                 "a value <= 1 a fraction of all steps.")
     learning_rate_min_factor: float = setting(
@@ -552,11 +570,13 @@ class TrainConfig(Strict):
 
     # Epochs, batch, accumulation
     epochs: int = setting(100, section="Epochs / batch size", label="Epochs", ge=1,
+                          le=MAX_EPOCHS,
                           tooltip="How many times the whole dataset is visited.")
     batch_size: int = setting(1, section="Epochs / batch size", label="Batch size", ge=1,
+                              le=MAX_BATCH,
                               tooltip="Images per step.")
     gradient_accumulation_steps: int = setting(
-        1, section="Epochs / batch size", label="Accumulation steps", ge=1,
+        1, section="Epochs / batch size", label="Accumulation steps", ge=1, le=MAX_BATCH,
         tooltip="Steps whose gradients add up before one update: effective batch = "
                 "batch size x accumulation steps.")
     clip_grad_norm: Optional[float] = setting(
@@ -569,7 +589,8 @@ class TrainConfig(Strict):
     ema_decay: float = setting(0.999, section="EMA", label="EMA decay", gt=0, lt=1,
                                tooltip="0.9999 for large datasets, 0.999 or 0.998 for small.")
     ema_update_step_interval: int = setting(5, section="EMA", label="EMA update interval",
-                                            ge=1, tooltip="Update the EMA every N steps.")
+                                            ge=1, le=MAX_COUNT,
+                                            tooltip="Update the EMA every N steps.")
 
     # Noise and loss
     offset_noise_weight: float = setting(
@@ -637,6 +658,19 @@ class TrainConfig(Strict):
         False, section="LoRA", label="Filter as regular expressions",
         applies_to={"training_method": ["LORA"], "lora_layer_preset": ["custom"]},
         tooltip="Read each filter entry as a regular expression searched in the layer name.")
+    lokr_decompose_factor: int = setting(
+        -1, section="LoRA", label="LoKr factor", ge=-1, le=1024,
+        applies_to={"training_method": ["LORA"], "peft_type": ["LOKR"]},
+        tooltip="How LoKr splits each layer's sizes into two factors (OneTrainer's and "
+                "LyCORIS's decompose factor): -1 = as close to the square root as the size "
+                "allows; a number = that factor where it divides the size. The rank is the "
+                "LoRA rank.")
+    lora_model_name: str = setting(
+        "", section="LoRA", label="Continue from LoRA file",
+        applies_to={"training_method": ["LORA"]},
+        tooltip="Optional: a KOHYA_LORA / LEGACY_LORA file of the same type, rank and layers "
+                "whose weights the new adapters start from (OneTrainer's LoRA base model); "
+                "empty = new adapters.")
 
     # Embeddings (OneTrainer's keys; trainer/embeddings.py)
     additional_embeddings: list[EmbeddingConfig] = setting(
@@ -657,22 +691,25 @@ class TrainConfig(Strict):
     bundle_additional_embeddings: bool = setting(
         True, section=EMBEDDINGS_SECTION, label="Bundle embeddings in the LoRA",
         applies_to={"training_method": ["LORA"]},
-        tooltip="Also write the embeddings into the LoRA file (bundle_emb.<placeholder>.*, "
-                "which A1111/Forge and ComfyUI load with the LoRA). A standalone file per "
-                "placeholder is written beside it either way.")
+        tooltip="Also write the embeddings into the LoRA file (bundle_emb.<placeholder>.clip_l "
+                "/ .clip_g, OneTrainer's keys, which A1111/Forge load with the LoRA). A "
+                "standalone file per placeholder is written beside it either way.")
 
     # Sampling
     samples: list[SampleConfig] = setting(
-        [], section="Sampling", label="Sample prompts", tooltip="Prompts drawn during training.")
+        [], section="Sampling", label="Sample prompts", tooltip="Prompts drawn during training.",
+        max_length=MAX_LIST)
     sample_after: int = setting(10, section="Sampling", label="Sample every", ge=1,
+                                le=MAX_COUNT,
                                 tooltip="Draw the samples every N units.")
     sample_after_unit: TimeUnit = setting(
         TimeUnit.NEVER, section="Sampling", label="Sample unit",
-        tooltip="EPOCH or STEP for 'Sample every'; NEVER = only on request.")
+        tooltip="STEP, EPOCH, SECOND, MINUTE or HOUR for 'Sample every'; NEVER = only on "
+                "request.")
 
     # Backup and save
     backup_after: float = setting(
-        30, section="Backup and save", label="Backup every", ge=0,
+        30, section="Backup and save", label="Backup every", ge=0, le=MAX_COUNT,
         tooltip="Write a backup (weights, optimizer, schedule, EMA, RNG, progress) every N "
                 "units; training can continue from it at the same step.")
     backup_after_unit: TimeUnit = setting(
@@ -682,7 +719,7 @@ class TrainConfig(Strict):
         False, section="Backup and save", label="Rolling backups",
         tooltip="Keep only the newest backups (see the count).")
     rolling_backup_count: int = setting(
-        3, section="Backup and save", label="Rolling backup count", ge=1,
+        3, section="Backup and save", label="Rolling backup count", ge=1, le=MAX_BATCH,
         tooltip="How many backups rolling backups keep.")
     backup_before_save: bool = setting(
         True, section="Backup and save", label="Backup before save",
@@ -692,7 +729,7 @@ class TrainConfig(Strict):
         tooltip="Resume from the newest backup in the workspace at the same step, with the "
                 "same data order, LR, optimizer and EMA state.")
     save_every: float = setting(
-        0, section="Backup and save", label="Save every", ge=0,
+        0, section="Backup and save", label="Save every", ge=0, le=MAX_COUNT,
         tooltip="Also save the model every N units (named with the step); 0 = only at the end.")
     save_every_unit: TimeUnit = setting(
         TimeUnit.NEVER, section="Backup and save", label="Save unit",
@@ -733,6 +770,27 @@ class TrainConfig(Strict):
             method = data.get("training_method")
             if getattr(method, "value", method) == TrainingMethod.EMBEDDING.value:
                 data = {**data, "additional_embeddings": [{}]}
+        return data
+
+    @field_validator("lokr_decompose_factor")
+    @classmethod
+    def _factor_is_automatic_or_positive(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("use -1 (automatic) or a factor of 1 or more")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_text_encoder_has_no_second(cls, data: Any) -> Any:
+        """A model with one text encoder ignores the second one's train switch, as OneTrainer
+        does (it writes the switch, on, for every model type)."""
+        if isinstance(data, dict) and isinstance(data.get("text_encoder_2"), dict):
+            model = data.get("model_type", ModelType.STABLE_DIFFUSION_15)
+            if ModelType(getattr(model, "value", model)) not in (
+                    ModelType.STABLE_DIFFUSION_XL_10_BASE,
+                    ModelType.STABLE_DIFFUSION_XL_10_BASE_INPAINTING) \
+                    and data["text_encoder_2"].get("train"):
+                data = {**data, "text_encoder_2": {**data["text_encoder_2"], "train": False}}
         return data
 
     @model_validator(mode="before")
@@ -852,16 +910,30 @@ def _format_validation_error(error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{key}: {message} (got {item.get('input')!r})")
+        lines.append(f"{key}: {message} (got {_shown_input(item.get('input'))})")
     return "Invalid config — " + "; ".join(lines)
 
 
-def config_from_dict(data: dict, warn: Callable[[str], None] = print) -> TrainConfig:
-    """Validate a (possibly partial) dict into a TrainConfig; unknown keys warned, not fatal."""
+def _shown_input(value: Any, limit: int = 80) -> str:
+    """A refused value as the message quotes it: cut short (a visitor may send megabytes, or
+    an integer too long for Python to print)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number too long to show"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def config_from_dict(data: dict, warn: Callable[[str], None] = print, *,
+                     beside: Callable[[str], Any] | None = None,
+                     onetrainer: bool | None = None) -> TrainConfig:
+    """Validate a (possibly partial) dict into a TrainConfig; unknown keys warned, not fatal.
+    `beside` finds the files a OneTrainer config names (its concepts); `onetrainer` says
+    whether it is one (None: judged from its keys; trainer/onetrainer.py)."""
     if not isinstance(data, dict):
         raise ConfigError("The config must be a JSON object of keys and values.")
     from trainer.onetrainer import translate
-    data, notes = translate(data)  # OneTrainer's names, both generations
+    data, notes = translate(data, beside, onetrainer=onetrainer)  # OneTrainer's files
     for note in notes:
         warn(note)
     for key in unknown_keys(data, TrainConfig):
@@ -918,15 +990,20 @@ def apply_override(data: dict, assignment: str) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 presets: list[dict] = (), warn: Callable[[str], None] = print) -> TrainConfig:
-    """Defaults <- presets (partial dicts, in order) <- the file <- --set overrides."""
+    """Defaults <- presets (partial dicts, in order) <- the file <- --set overrides. A
+    OneTrainer file is read as such (with the files beside it: its concepts)."""
+    from trainer.onetrainer import files_beside, is_onetrainer
     data: dict = {}
     for preset in presets:
         data = deep_merge(data, preset)
+    beside, onetrainer = None, None
     if path is not None:
-        data = deep_merge(data, read_json(path))
+        loaded = read_json(path)
+        data = deep_merge(data, loaded)
+        beside, onetrainer = files_beside(path), is_onetrainer(loaded) or None
     for assignment in overrides:
         data = apply_override(data, assignment)
-    return config_from_dict(data, warn=warn)
+    return config_from_dict(data, warn=warn, beside=beside, onetrainer=onetrainer)
 
 
 # --- What the engine can run today ----------------------------------------------------------
@@ -946,17 +1023,14 @@ def check_supported(config: TrainConfig) -> None:
         if unit not in counted:
             raise ConfigError(f"{key}.stop_training_after_unit: {unit.value} is not a count; "
                               "use EPOCH, STEP or NEVER.")
-    if config.sample_after_unit not in counted:
-        raise ConfigError(f"sample_after_unit: {config.sample_after_unit.value} is not "
-                          "supported; use EPOCH, STEP or NEVER.")
-    if config.text_encoder_2.train and not config.model_type.is_sdxl:
-        raise ConfigError("text_encoder_2.train: SD 1.5 has one text encoder; switch it off.")
     for name in ("learning_rate", "lora_alpha"):
         value = getattr(config, name)
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number (got {value}).")
     check_adapter_type(config)
     check_embeddings(config)
+    from trainer.optim.stochastic_rounding import check_stochastic_rounding
+    check_stochastic_rounding(config)
 
 
 def check_embeddings(config: TrainConfig) -> None:

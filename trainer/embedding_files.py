@@ -1,5 +1,18 @@
-"""Where each trained embedding's own file goes, beside the run's output: the one rule that
-training (trainer/embeddings.py) writes by and publishing (trainer/publish.py) reads by.
+"""Embedding files: where each trained embedding's own file goes, beside the run's output (the
+one rule that training, trainer/embeddings.py, writes by and publishing, trainer/publish.py,
+reads by), and the keys its vectors have inside the files.
+
+Keys, as OneTrainer writes them (its StableDiffusion(XL)EmbeddingSaver and LoRASaver):
+- bundled in a LoRA file: `bundle_emb.<placeholder>.clip_l` (SD 1.5, and SDXL's first text
+  encoder) and `bundle_emb.<placeholder>.clip_g` (SDXL's second). A1111/Forge read them with
+  the LoRA (an SD 1.5 one-tensor entry like any one-tensor embedding).
+- standalone: SDXL `clip_l` + `clip_g`; SD 1.5 `emb_params`. Here alone Atelier differs from
+  OneTrainer, which writes `emp_params` (and reads only that): `emb_params` is kohya's name and
+  the one InvokeAI looks for by name (without it, it takes the first tensor's first dimension
+  as the width and refuses the file); A1111/Forge, ComfyUI and diffusers take a one-tensor
+  file's only tensor whatever its name.
+Readers take the other spellings too: Atelier's earlier `bundle_emb.<p>.string_to_param.*`
+(A1111's own bundled name), OneTrainer's `emp_params`, A1111's `string_to_param.*`.
 
 Light on purpose (no torch): `python -m trainer publish` imports it.
 """
@@ -9,6 +22,37 @@ import re
 from pathlib import Path
 
 from trainer.config import TrainConfig, TrainingMethod
+
+# Each text encoder's name in embedding files (A1111/ComfyUI's CLIP names: ViT-L, bigG).
+ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+SD15_FILE_KEY = "emb_params"  # kohya's name for SD 1.5 textual-inversion vectors
+# Other names of SD 1.5 vectors in a standalone file: OneTrainer's, A1111's.
+SD15_FILE_KEYS_READ = (SD15_FILE_KEY, "emp_params", "string_to_param.*")
+BUNDLE_PREFIX = "bundle_emb."
+OLD_SD15_BUNDLE_SUFFIX = ".string_to_param.*"  # what Atelier bundled for SD 1.5 before
+
+
+def bundle_key(placeholder: str, part: str) -> str:
+    """The LoRA file's key of one embedding's vectors for one text encoder."""
+    return f"{BUNDLE_PREFIX}{placeholder}.{ENCODER_KEYS[part]}"
+
+
+def bundled_embeddings(tensors: dict) -> dict[str, dict]:
+    """{placeholder: {"clip_l": vectors[, "clip_g": vectors]}} of a LoRA file's bundled
+    embeddings, in the current spelling or the earlier SD 1.5 one (`string_to_param.*`, the
+    one text encoder's)."""
+    found: dict[str, dict] = {}
+    for key, value in tensors.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            continue
+        rest = key[len(BUNDLE_PREFIX):]
+        if rest.endswith(OLD_SD15_BUNDLE_SUFFIX):
+            found.setdefault(rest.removesuffix(OLD_SD15_BUNDLE_SUFFIX), {})["clip_l"] = value
+            continue
+        placeholder, _, name = rest.rpartition(".")
+        if name in ENCODER_KEYS.values():
+            found.setdefault(placeholder, {})[name] = value
+    return found
 
 
 def embedding_file_paths(config: TrainConfig, output: Path) -> list[tuple[str, Path]]:

@@ -7,7 +7,9 @@ trains, where the result goes and how it is written.
   A LoRA run with additional embeddings also writes one file per embedding beside the LoRA,
   and bundles them into it (`bundle_additional_embeddings`).
 - FINE_TUNE: the part's own weights, all of them, as float32 master weights (even when the
-  frozen parts are stored in bfloat16/float16); the output is the whole model, either a
+  frozen parts are stored in bfloat16/float16), or, for a part stored in BFLOAT_16 with
+  `optimizer.stochastic_rounding` on, its bfloat16 weights in place
+  (trainer/optim/stochastic_rounding.py); the output is the whole model, either a
   single-file checkpoint in the original LDM (SD 1.5) / SGM (SDXL) layout that ComfyUI and
   A1111 load (ORIGINAL_SINGLE_FILE, LEGACY_SAFETENSORS), or a diffusers folder (DIFFUSERS) —
   in `output_dtype`.
@@ -30,7 +32,9 @@ from safetensors.torch import save_file
 
 from trainer import lora, lora_formats
 from trainer.config import ModelFormat, TrainConfig, TrainingMethod
-from trainer.io import atomic_write_text
+from trainer.optim import stochastic_rounding
+from trainer.io import (atomic_write_text, mark_model_folder, refuse_unless_replaceable,
+                        replace_folder)
 
 
 def is_fine_tune(config: TrainConfig) -> bool:
@@ -42,8 +46,11 @@ def trainable_parameters(module: torch.nn.Module, config: TrainConfig,
     """Make `part` trainable by the configured method; its parameters for the optimizer."""
     if not is_fine_tune(config):
         return lora.add_lora(module, config, part)
-    # float32 master weights: small updates vanish when added to bfloat16/float16 weights.
-    module.to(torch.float32)
+    if not stochastic_rounding.trains_in_place(config, part):
+        # float32 master weights: small updates vanish when added to bfloat16/float16 weights.
+        module.to(torch.float32)
+    # else its bfloat16 weights train in place, the optimizer rounding each update
+    # stochastically (trainer/optim/stochastic_rounding.py)
     module.requires_grad_(True)
     return list(module.parameters())
 
@@ -157,6 +164,7 @@ def save_diffusers_folder(family, path: Path, dtype: torch.dtype,
     from diffusers import ModelMixin
 
     path = Path(path)
+    refuse_unless_replaceable(path)  # never a job folder, a dataset or any other folder
     path.parent.mkdir(parents=True, exist_ok=True)
     pipeline = family.export_pipeline()
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -183,6 +191,7 @@ def save_diffusers_folder(family, path: Path, dtype: torch.dtype,
         for file in staging.rglob("*"):
             os.chmod(file, 0o755 if file.is_dir() else 0o644)
         os.chmod(staging, 0o755)
+        mark_model_folder(staging)
         _replace_folder(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -219,19 +228,5 @@ def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
 
 
 def _replace_folder(new: Path, path: Path) -> None:
-    """Put folder `new` at `path`; an existing output is moved aside first and removed only
-    once the new one is in place."""
-    old = None
-    if path.exists():
-        if not path.is_dir():
-            raise FileExistsError(f"{path} exists and is not a folder; choose another output name")
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    try:
-        os.replace(new, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put folder `new` at `path` (trainer/io.py: only over a model folder a save made)."""
+    replace_folder(new, path)

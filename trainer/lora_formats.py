@@ -1,8 +1,15 @@
 """One job: write the trained LoRA adapters in the file layout an output format names.
 
-- KOHYA_LORA, LEGACY_LORA: kohya's flat names (`lora_unet_…`, `lora_te_`/`lora_te1_`/
-  `lora_te2_`, `lora_down`/`lora_up`, `.alpha`), written by trainer/lora.py. OneTrainer's
-  LEGACY_LORA is the same bytes for SD 1.5 and SDXL.
+- KOHYA_LORA: kohya's flat names (`lora_unet_…`, `lora_te_`/`lora_te1_`/`lora_te2_`,
+  `lora_down`/`lora_up`, `.alpha`), the layer names flattened with `_`. The UNet's layers are
+  named as kohya's sd-scripts and OneTrainer's KOHYA_LORA name them: SD 1.5 by the diffusers
+  UNet (`lora_unet_down_blocks_0_attentions_0_…`, kohya trains SD 1.5 on that UNet), SDXL by the
+  original SGM UNet (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, kohya trains
+  SDXL on its own SGM UNet). The SGM names come from the single-file writer's key map
+  (`ldm_unet_names`), not from a list.
+- LEGACY_LORA: OneTrainer's older layout, the same but with diffusers UNet names for SDXL too
+  (`lora_unet_down_blocks_1_attentions_0_…`); for SD 1.5 it is the same bytes as KOHYA_LORA.
+  A1111/Forge, ComfyUI and diffusers read both layouts; trainer/lora_reader.py too.
 - COMFY_LORA: ComfyUI's "generic" names, the keys of its own model with `lora_A`/`lora_B`
   and `.alpha`: `diffusion_model.<original LDM/SGM UNet name>` and
   `text_encoders.clip_l.transformer.<CLIP name>` (SDXL's second encoder: `clip_g`). ComfyUI's
@@ -37,15 +44,23 @@ COMFY_UNET_PREFIX = "diffusion_model."
 
 
 def lora_state_dict(output_format: ModelFormat, models: dict[str, torch.nn.Module],
-                    family, alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    family, alpha: float, dtype: torch.dtype, *,
+                    sdxl: bool = False) -> dict[str, torch.Tensor]:
     """The file's tensors for the trained adapters of `models` (part name -> module)."""
     if output_format in KOHYA_FORMATS:
-        return lora.kohya_state_dict(models, family.kohya_prefixes, alpha, dtype)
+        return kohya_state_dict(models, family.kohya_prefixes, alpha, dtype,
+                                sgm_unet=sgm_unet_names(output_format, sdxl))
     if output_format == ModelFormat.COMFY_LORA:
         return comfy_state_dict(models, alpha, dtype)
     if output_format == ModelFormat.DIFFUSERS_LORA:
         return diffusers_state_dict(models, alpha, dtype)
     raise ValueError(f"output_model_format {output_format.value} is not a LoRA format")
+
+
+def sgm_unet_names(output_format: ModelFormat, sdxl: bool) -> bool:
+    """Whether a kohya-layout file names the UNet's layers by the original SGM UNet: SDXL's
+    KOHYA_LORA only (LEGACY_LORA and SD 1.5 keep the diffusers names)."""
+    return sdxl and output_format == ModelFormat.KOHYA_LORA
 
 
 def save_lora(path: str, family, parts: list[str], config: TrainConfig, *,
@@ -55,7 +70,7 @@ def save_lora(path: str, family, parts: list[str], config: TrainConfig, *,
     `extra` tensors beside the adapters' (bundled embeddings: trainer/embeddings.py)."""
     models = {p: family.parts[p] for p in parts}
     tensors = lora_state_dict(config.output_model_format, models, family, config.lora_alpha,
-                              dtype)
+                              dtype, sdxl=config.model_type.is_sdxl)
     tensors.update(extra or {})
     metadata = lora.kohya_metadata(config, family, steps=steps, epochs=epochs, title=title)
     atomic_save_safetensors(tensors, path, metadata)
@@ -63,6 +78,32 @@ def save_lora(path: str, family, parts: list[str], config: TrainConfig, *,
 
 def _cpu(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to("cpu", dtype).contiguous()
+
+
+# --- kohya ---------------------------------------------------------------------------------
+
+def kohya_state_dict(models: dict[str, torch.nn.Module], prefixes: dict[str, str], alpha: float,
+                     dtype: torch.dtype, *, sgm_unet: bool) -> dict[str, torch.Tensor]:
+    """{'lora_unet_..._to_q.lora_down.weight': ..., '.alpha': ...} (LoHa: '.hada_w1_a', ...;
+    LoKr: '.lokr_w1', ...; DoRA also '.dora_scale'), the UNet's layers under their SGM names
+    when `sgm_unet`."""
+    out: dict[str, torch.Tensor] = {}
+    for part, model in models.items():
+        adapters = lora.trained_adapters(model, part)
+        names = kohya_layer_names(model, part, list(adapters), prefixes[part],
+                                  sgm=sgm_unet and part == "unet")
+        for module, adapter in adapters.items():
+            for suffix, tensor in lora.kohya_layer(adapter, alpha).items():
+                out[f"{names[module]}.{suffix}"] = _cpu(tensor, dtype)
+    return out
+
+
+def kohya_layer_names(model: torch.nn.Module, part: str, modules: list[str], prefix: str, *,
+                      sgm: bool) -> dict[str, str]:
+    """Adapted module name -> its flat kohya layer name ('lora_unet_down_blocks_1_…' or, with
+    `sgm`, the UNet's original name 'lora_unet_input_blocks_4_1_…')."""
+    original = ldm_unet_names(model, modules) if sgm else {m: m for m in modules}
+    return {m: prefix + original[m].replace(".", "_") for m in modules}
 
 
 # --- ComfyUI --------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """One job: read a kohya/LyCORIS-layout LoRA file (KOHYA_LORA / LEGACY_LORA) back into peft
-adapters, the inverse of what trainer/lora.py writes.
+adapters, the inverse of what trainer/lora_formats.py writes.
 
 This is how a LoHa or LoKr is checked where diffusers has no loader for it (SD 1.5 / SDXL),
 and what continuing the training of a saved file needs: the adapters are built on the base
@@ -16,6 +16,11 @@ into peft's terms (trainer/lora.py's module note says what each loader computes)
   m = dora_scale * ||W + dW|| / ||W|| with W the base weight the adapters sit on.
 A file that does not fit the adapters built (another type, rank, layer set or DoRA setting)
 is refused with the layer and the reason, never loaded in part.
+
+The UNet's layers may be named either way kohya-layout files name them: by the diffusers UNet
+(`lora_unet_down_blocks_1_…`: SD 1.5, and SDXL's LEGACY_LORA) or by the original LDM/SGM UNet
+(`lora_unet_input_blocks_4_1_…`: SDXL's KOHYA_LORA, kohya's sd-scripts). The file's own names
+decide, so a file of either layout resumes, continues and reloads the same.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from safetensors.torch import load_file
 
 from trainer import lora
 from trainer.errors import ConfigError
+from trainer.lora_formats import kohya_layer_names
 
 # Keys of a LoRA file that are not adapter layers: the textual-inversion embeddings A1111/Forge
 # read from a LoRA file (`bundle_emb.<placeholder>.…`), loaded by the embedding code, not here.
@@ -71,9 +77,10 @@ def load_kohya_tensors(tensors: dict[str, torch.Tensor], models: dict[str, torch
                           "lora_te…); only KOHYA_LORA / LEGACY_LORA files are read back.")
     copies: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for part, model in models.items():
-        prefix = prefixes[part]
-        for module, adapter in lora.trained_adapters(model, part).items():
-            name = prefix + module.replace(".", "_")
+        adapters = lora.trained_adapters(model, part)
+        names = file_layer_names(model, part, list(adapters), prefixes[part], set(by_layer))
+        for module, adapter in adapters.items():
+            name = names[module]
             if name not in by_layer:
                 raise ConfigError(f"the file has no layer {name}: it was trained on other "
                                   "layers (lora_layer_preset / layer_filter) or parts.")
@@ -86,6 +93,17 @@ def load_kohya_tensors(tensors: dict[str, torch.Tensor], models: dict[str, torch
                           "on other layers (lora_layer_preset / layer_filter).")
     for parameter, value in copies:
         parameter.copy_(value.to(parameter.device, parameter.dtype))
+
+
+def file_layer_names(model: torch.nn.Module, part: str, modules: list[str], prefix: str,
+                     in_file: set[str]) -> dict[str, str]:
+    """Each adapted module's layer name as the file spells it: a UNet's by the original
+    (LDM/SGM) UNet when the file uses any such name, else by the diffusers UNet."""
+    plain = kohya_layer_names(model, part, modules, prefix, sgm=False)
+    if part != "unet":
+        return plain
+    original = kohya_layer_names(model, part, modules, prefix, sgm=True)
+    return original if in_file & set(original.values()) else plain
 
 
 def peft_values(adapter: lora.Adapter, file: dict[str, torch.Tensor],

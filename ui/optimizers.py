@@ -62,7 +62,11 @@ def range_text(param: Param) -> str:
 
 
 def tooltip(param: Param) -> str:
-    text = f"{param.tooltip} Default {display(param.default) or 'empty'}."
+    if param.kind == "bool":  # display(False) is "": a switch's default reads on / off
+        default = "on" if param.default else "off"
+    else:
+        default = display(param.default) or "empty"
+    text = f"{param.tooltip} Default {default}."
     if range_text(param):
         text += f" Range: {range_text(param)}."
     return text

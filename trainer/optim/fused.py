@@ -33,6 +33,7 @@ import torch
 
 from trainer.config import DataType, Optimizer, TrainConfig
 from trainer.errors import ConfigError
+from trainer.optim.stochastic_rounding import narrowed
 
 SUPPORTED = (Optimizer.ADAMW, Optimizer.ADAMW_8BIT, Optimizer.ADAFACTOR, Optimizer.LION,
              Optimizer.SGD)
@@ -151,15 +152,8 @@ class FusedBackward:
         """The update a full step makes for these parameters: the optimizer's groups are
         narrowed to them for one call, then restored."""
         params, bucket.ready = bucket.ready, []
-        groups = self.optimizer.param_groups
-        kept = [group["params"] for group in groups]
-        try:
-            for number, group in enumerate(groups):
-                group["params"] = [p for p in params if self._group_index[p] == number]
+        with narrowed(self.optimizer, params, self._group_index):
             self.optimizer.step()
-        finally:
-            for group, members in zip(groups, kept):
-                group["params"] = members
         for param in params:
             param.grad = None  # the point of it all: these gradients' memory is free now
         self.updated += len(params)
