@@ -137,13 +137,23 @@ def test_missing_or_broken_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("data, key", [
-    ({"text_encoder_2": {"train": True}}, "text_encoder_2.train"),  # SD 1.5 has one
     ({"output_model_format": "DIFFUSERS"}, "output_model_format"),  # a LoRA is one file
 ])
 def test_settings_that_cannot_apply_are_refused_not_ignored(data, key):
     with pytest.raises(ConfigError) as error:
         check_supported(config_from_dict(data))
     assert key in str(error.value)
+
+
+def test_a_second_text_encoder_switch_is_ignored_where_the_model_has_none():
+    """OneTrainer writes text_encoder_2.train (on) for every model type and ignores it where
+    there is no second encoder; so does Atelier (the page hides the switch for SD 1.5)."""
+    config = config_from_dict({"text_encoder_2": {"train": True}})
+    check_supported(config)
+    assert not config.text_encoder_2.train
+    sdxl = config_from_dict({"model_type": "STABLE_DIFFUSION_XL_10_BASE",
+                             "text_encoder_2": {"train": True}})
+    assert sdxl.text_encoder_2.train
 
 
 @pytest.mark.parametrize("data", [

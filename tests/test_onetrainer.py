@@ -1,277 +1,488 @@
-"""OneTrainer configs of both generations enter through the same translation wherever they
-come in (CLI, page Import, API): its current names import as their authors meant, and what
-Atelier cannot honour is refused with the key and value, never replaced by a default.
+"""OneTrainer's files, as its own code wrote them (tests/fixtures/onetrainer; manifest.json says
+the commit and how), mean in Atelier what they meant in OneTrainer, key by key.
 
-The presets below are written as OneTrainer ships them (training_presets/SD1.5 and SDXL of
-its current release, partial configs; see docs/notes/onetrainer-configs.md)."""
+`MEANING` below is the table: for each Atelier setting, what OneTrainer did with its file
+(read from OneTrainer's code at the fixtures' commits: its config migrations, its trainer's
+step counting, its LoRA setup's layer filter). Every full file (Save config, Export, a preset
+loaded and saved) goes through the CLI's path (`load_config` on the file, with the files
+beside it) and must give exactly that. A partial file (a preset as OneTrainer ships it) must
+give the same config as OneTrainer's own full save of it. What Atelier cannot honour is
+refused with the key and its value."""
+from __future__ import annotations
+
 import json
+import math
+from pathlib import Path
 
 import pytest
 
-from trainer.config import (CompileMode, DataType, LoraLayerPreset, ModelFormat, ModelType, PeftType,
-                            TrainingMethod, check_adapter_type, config_from_dict)
+from onetrainer_files import (ALL, MANIFEST, REFUSED, TRAINED, copy_with_concept_file, entry,
+                              few_images, path, raw, tiny_overrides)
+from trainer import lora
+from trainer.config import check_supported, config_from_dict, load_config
 from trainer.errors import ConfigError
+from trainer.onetrainer_keys import NEUTRAL
+from trainer.optim.registry import optimizer_schema
+from trainer.optim.schedules import lr_multiplier
 
-SD15_LORA = {
-    "backup_after": 10, "base_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "batch_size": 4, "layer_filter_preset": "attn-mlp", "learning_rate": 0.0003,
-    "model_type": "STABLE_DIFFUSION_15", "output_model_destination": "models/lora.safetensors",
-    "output_model_format": "KOHYA_LORA", "resolution": "512", "training_method": "LORA",
-    "vae": {"weight_dtype": "FLOAT_32"}, "unet": {"weight_dtype": "FLOAT_16"},
-    "text_encoder": {"weight_dtype": "FLOAT_16"}}
-SD15_FINE_TUNE = {
-    "base_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5", "batch_size": 4,
-    "model_type": "STABLE_DIFFUSION_15", "output_model_destination": "models/model.safetensors",
-    "output_model_format": "ORIGINAL_SINGLE_FILE", "resolution": "512",
-    "training_method": "FINE_TUNE", "unet": {"train": True}, "vae": {"weight_dtype": "FLOAT_32"}}
-SDXL_LORA = {
-    "backup_after": 10, "base_model_name": "stabilityai/stable-diffusion-xl-base-1.0",
-    "batch_size": 4, "layer_filter_preset": "attn-mlp", "learning_rate": 0.0003,
-    "model_type": "STABLE_DIFFUSION_XL_10_BASE", "output_model_format": "KOHYA_LORA",
-    "output_model_destination": "models/lora.safetensors", "resolution": "1024",
-    "training_method": "LORA", "unet": {"weight_dtype": "FLOAT_16"},
-    "text_encoder": {"train": False, "weight_dtype": "FLOAT_16"},
-    "text_encoder_2": {"train": False, "weight_dtype": "FLOAT_16"},
-    "vae": {"weight_dtype": "FLOAT_32"}}
-# The older generation: SAFETENSORS, a top-level weight_dtype, no layer filter key.
-OLD_SD15_LORA = {"base_model_name": "runwayml/stable-diffusion-v1-5", "batch_size": 4,
-                 "output_model_format": "SAFETENSORS", "weight_dtype": "FLOAT_16",
-                 "vae": {"weight_dtype": "FLOAT_32"}, "learning_rate": 0.0003,
-                 "resolution": "512", "training_method": "LORA", "backup_after": 10}
+SDXL = ("STABLE_DIFFUSION_XL_10_BASE", "STABLE_DIFFUSION_XL_10_BASE_INPAINTING")
+# OneTrainer's current defaults, as its code wrote them (for keys older versions lacked)
+DEFAULTS = raw("sd15_lora.saved")
+FULL = [n for n in TRAINED if "version" in entry(n) and entry(n)["version"] is not None]
+PARTIAL = [n for n in TRAINED if n not in FULL]
 
 
-def load(data):
-    notes = []
-    return config_from_dict(data, warn=notes.append), notes
+def load(name: str, tmp_path: Path, extra: list[str] = ()) -> tuple:
+    """The fixture as `python -m trainer train --config` reads it (a Save config whose concept
+    file is not among the fixtures gets concepts by --set, as a user would give them)."""
+    images = few_images(tmp_path / "images")
+    config_file = copy_with_concept_file(name, tmp_path / "config", images)
+    sets = []
+    data = raw(name)
+    if data.get("concepts") is None and not entry(name).get("concept_file"):
+        sets = [f"concepts={json.dumps([{'path': str(images)}])}"]
+    notes: list[str] = []
+    return load_config(config_file, [*sets, *extra], warn=notes.append), notes, config_file
 
 
-def test_the_current_sd15_lora_preset_imports_as_meant():
-    config, notes = load(SD15_LORA)
-    assert config.model_type == ModelType.STABLE_DIFFUSION_15
-    assert config.training_method == TrainingMethod.LORA
-    assert config.output_model_format == ModelFormat.KOHYA_LORA
-    assert config.lora_layer_preset == LoraLayerPreset.ATTN_MLP   # not attn-only, the default
-    assert (config.unet.weight_dtype, config.text_encoder.weight_dtype,
-            config.vae.weight_dtype) == (DataType.FLOAT_16, DataType.FLOAT_16, DataType.FLOAT_32)
-    assert (config.batch_size, config.learning_rate, config.resolution) == (4, 0.0003, "512")
-    assert not notes, notes                                       # every key understood
+# --- OneTrainer's meaning of its file ---------------------------------------------------------
+
+def get(data: dict, dotted: str, default=None):
+    node = data
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
 
 
-def test_the_current_fine_tune_and_sdxl_presets_import_as_meant():
-    config, notes = load(SD15_FINE_TUNE)
-    assert config.training_method == TrainingMethod.FINE_TUNE
-    assert config.output_model_format == ModelFormat.ORIGINAL_SINGLE_FILE
-    assert not notes
-    config, notes = load(SDXL_LORA)
-    assert config.model_type == ModelType.STABLE_DIFFUSION_XL_10_BASE
-    assert config.lora_layer_preset == LoraLayerPreset.ATTN_MLP
-    assert config.text_encoder_2.weight_dtype == DataType.FLOAT_16
-    assert config.resolution == "1024"
-    assert not config.text_encoder.train and not config.text_encoder_2.train
-    assert not notes, notes
+def version(d: dict) -> int:
+    return d["__version"]
 
 
-def test_the_older_generation_still_imports():
-    config, notes = load(OLD_SD15_LORA)
-    assert config.output_model_format == ModelFormat.KOHYA_LORA  # SAFETENSORS, its older name
-    # the top-level weight_dtype is every part's (OneTrainer's migration 9); the VAE keeps its own
-    assert (config.unet.weight_dtype, config.text_encoder.weight_dtype,
-            config.text_encoder_2.weight_dtype, config.vae.weight_dtype) == (
-        DataType.FLOAT_16, DataType.FLOAT_16, DataType.FLOAT_16, DataType.FLOAT_32)
-    assert config.lora_layer_preset == LoraLayerPreset.ATTN_ONLY  # it named none
-    assert not notes
-    oldest = load({"unet_weight_dtype": "BFLOAT_16", "weight_dtype": "FLOAT_32",
-                   "text_encoder": {"weight_dtype": "NONE"}, "vae_weight_dtype": "BFLOAT_16",
-                   "lora_layers": "attn1", "lora_layer_preset": "custom"})[0]
-    assert (oldest.unet.weight_dtype, oldest.text_encoder.weight_dtype,
-            oldest.vae.weight_dtype) == (DataType.BFLOAT_16, DataType.FLOAT_32, DataType.BFLOAT_16)
-    assert (oldest.lora_layer_preset, oldest.layer_filter) == (LoraLayerPreset.CUSTOM, "attn1")
-    assert load({"lora_layer_preset": "full"})[0].lora_layer_preset == LoraLayerPreset.FULL
-    assert load({"resolution": 512})[0].resolution == "512"  # the oldest wrote a number
+def accumulation(d: dict) -> int:
+    return int(d.get("gradient_accumulation_steps", 1))
 
 
-def test_each_part_keeps_its_own_type_and_the_vae_its_model():
-    config, notes = load({**SD15_LORA, "text_encoder": {"weight_dtype": "BFLOAT_16"},
-                          "vae": {"weight_dtype": "BFLOAT_16", "model_name": "my/vae"}})
-    assert (config.unet.weight_dtype, config.text_encoder.weight_dtype,
-            config.vae.weight_dtype) == (DataType.FLOAT_16, DataType.BFLOAT_16, DataType.BFLOAT_16)
-    assert config.vae_model_name == "my/vae" and not notes
+def output_format(d: dict) -> str:
+    """OneTrainer's migration 10: SAFETENSORS of a LoRA / fine-tune before __version 11."""
+    value, method = d["output_model_format"], d["training_method"]
+    if value == "SAFETENSORS" and version(d) <= 10:
+        return {"LORA": "LEGACY_LORA", "FINE_TUNE": "LEGACY_SAFETENSORS"}.get(method, value)
+    return value
 
 
-def test_a_custom_layer_filter_imports_as_the_filter():
-    config, notes = load({**SD15_LORA, "layer_filter_preset": "custom",
-                          "layer_filter": "down_blocks.1, attn2", "layer_filter_regex": True})
-    assert (config.lora_layer_preset, config.layer_filter, config.layer_filter_regex) == (
-        LoraLayerPreset.CUSTOM, "down_blocks.1, attn2", True)
-    # A saved config whose filter was edited after choosing a preset: OneTrainer trains the
-    # filter, and so does Atelier, saying so.
-    config, notes = load({**SD15_LORA, "layer_filter": "attn1"})
-    assert (config.lora_layer_preset, config.layer_filter) == (LoraLayerPreset.CUSTOM, "attn1")
-    assert notes and "custom" in notes[0]
-    assert load({**SD15_LORA, "layer_filter": "attentions"})[0].lora_layer_preset == \
-        LoraLayerPreset.ATTN_MLP  # the filter the preset stands for
+def warmup(d: dict) -> float:
+    """OneTrainer's create_lr_scheduler: a count > 1 is in batches, int(count / accumulation)
+    updates (Atelier has no '1 update': a value of 1 means the whole run there)."""
+    value = d["learning_rate_warmup_steps"]
+    if value > 1 and accumulation(d) > 1:
+        updates = int(value / accumulation(d))
+        return 0 if updates == 1 else updates
+    return value
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"output_model_format": "ORIGINAL_LORA"}, "output_model_format: ORIGINAL_LORA"),
-    ({"output_model_format": "CKPT"}, "output_model_format: CKPT"),
-    ({"layer_filter_preset": "attn-conv"}, "layer_filter_preset: 'attn-conv'"),
-    ({"model_type": "STABLE_DIFFUSION_3"}, "model_type"),
-])
-def test_what_atelier_cannot_honour_is_refused_with_its_name(change, named):
-    data = {**SD15_LORA, **change}
-    with pytest.raises(ConfigError, match=named):
-        load(data)
+def every(key: str):
+    """Sampling, backups and saves every N STEP: batches in OneTrainer (its TrainProgress
+    counts each batch), updates here."""
+    def meaning(d: dict):
+        value = d[key]
+        if d[f"{key}_unit"] == "STEP" and accumulation(d) > 1:
+            return max(1, round(value / accumulation(d)))
+        return value
+    return meaning
 
 
-def test_the_page_import_never_replaces_what_the_job_is(tmp_path):
-    """The page imports leniently (a bad tuning value keeps its default, with a note), but a
-    model type or training method it cannot run stops the import with the value named."""
-    from ui.presets import import_config, looks_like_onetrainer
-    assert looks_like_onetrainer(SD15_LORA) and looks_like_onetrainer(SDXL_LORA)
-    config, _, messages, kind = import_config(SD15_LORA)
-    assert kind == "OneTrainer" and config.lora_layer_preset == LoraLayerPreset.ATTN_MLP
-    inpaint = {**SDXL_LORA, "model_type": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING",
-               "base_model_name": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"}
-    assert import_config(inpaint)[0].model_type.value == "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"
-    with pytest.raises(ConfigError, match="STABLE_DIFFUSION_3"):
-        import_config({**SD15_LORA, "model_type": "STABLE_DIFFUSION_3"})
-    config = import_config({**SD15_LORA, "training_method": "EMBEDDING",
-                            "output_model_format": "SAFETENSORS"})[0]
-    assert (config.training_method.value, config.output_model_format.value) == (
-        "EMBEDDING", "SAFETENSORS")
-    config, _, messages, _ = import_config({**SD15_LORA, "epochs": 0})  # a tuning key
-    assert any(m.startswith("epochs:") and "default is kept" in m for m in messages)
+def trained_part(d: dict, part: str) -> bool:
+    return part != "text_encoder_2" or d["model_type"] in SDXL
 
 
-def test_the_cli_trains_the_current_lora_preset(tiny_sd15_dir, tmp_path):
-    """`python -m trainer train --config "#sd 1.5 LoRA.json"`, pointed at local files."""
-    from safetensors import safe_open
-
-    from test_cli import run
-    from trainer.demo import DEMO_DATASET_DIR
-    preset = tmp_path / "#sd 1.5 LoRA.json"
-    preset.write_text(json.dumps(SD15_LORA))
-    out = tmp_path / "lora.safetensors"
-    done = run("train", "--config", str(preset), "--set", f"base_model_name={tiny_sd15_dir}",
-               "--set", f"concepts=[{{\"path\": \"{DEMO_DATASET_DIR}\"}}]",
-               "--set", "unet.weight_dtype=FLOAT_32", "--set", "text_encoder.weight_dtype=FLOAT_32",
-               "--set", "resolution=64", "--set", "epochs=1", "--set", "batch_size=5",
-               "--set", "train_dtype=FLOAT_32", "--set", f"workspace_dir={tmp_path / 'ws'}",
-               "--set", f"output_model_destination={out}", "--set", "lora_rank=4")
-    assert done.returncode == 0, done.stderr[-2000:]
-    with safe_open(str(out), "pt") as f:
-        keys = list(f.keys())
-    # attn-mlp: the feed-forward layers are trained too, in kohya names
-    assert any("_ff_net_2.lora_down.weight" in k for k in keys)
-    assert any(k.startswith("lora_unet_") and "_attn1_to_q." in k for k in keys)
+def part_train(part: str):
+    def meaning(d: dict):
+        return d[part]["train"] if trained_part(d, part) else False
+    return meaning
 
 
-def part(**values):
-    """A model part as OneTrainer's current version saves it."""
-    return {"model_name": "", "include": True, "train": True, "stop_training_after": None,
-            "stop_training_after_unit": "NEVER", "learning_rate": None,
-            "weight_dtype": "FLOAT_32", "dropout_probability": 0.0, "train_embedding": True,
-            "attention_mask": False, **values}
+def part_dtype(part: str):
+    """Each part's weight type; NONE (__version <= 8) is the top-level one (migration 9)."""
+    def meaning(d: dict):
+        value = d[part]["weight_dtype"]
+        return d["weight_dtype"] if value == "NONE" else value
+    return meaning
 
 
-# A config as OneTrainer's current version saves it (__version 10, every key written; a subset
-# of its many keys here, with its names and shapes).
-SAVED_V10 = {
-    "__version": 10, "training_method": "LORA", "model_type": "STABLE_DIFFUSION_15",
-    "debug_mode": False, "workspace_dir": "workspace/run", "cache_dir": "workspace-cache/run",
-    "base_model_name": SD15_LORA["base_model_name"], "output_dtype": "FLOAT_32",
-    "output_model_format": "KOHYA_LORA", "output_model_destination": "models/lora.safetensors",
-    "gradient_checkpointing": "ON", "layer_offload_fraction": 0.0, "compile": False,
-    "concept_file_name": "training_concepts/concepts.json", "concepts": None, "samples": None,
-    "learning_rate": 0.0003, "epochs": 100, "batch_size": 2, "resolution": "512",
-    "train_dtype": "FLOAT_16", "clip_grad_norm": 1.0,
-    "unet": part(stop_training_after=0, weight_dtype="FLOAT_16"),
-    "text_encoder": part(stop_training_after=30, stop_training_after_unit="EPOCH",
-                         weight_dtype="BFLOAT_16"),
-    "text_encoder_2": part(), "vae": part(model_name="", weight_dtype="FLOAT_32"),
-    "layer_filter": "attn1,ff.net", "layer_filter_preset": "custom", "layer_filter_regex": False,
-    "embedding_learning_rate": None, "preserve_embedding_norm": False,
-    "embedding": {"uuid": "e", "model_name": "", "placeholder": "<embedding>", "train": True},
-    "additional_embeddings": [], "peft_type": "LORA", "lora_model_name": "", "lora_rank": 16,
-    "lora_alpha": 1.0, "lora_decompose": False, "lora_dropout": 0.0,
+def stop_after(part: str):
+    """A part stops after its count of its unit; STEP counts batches (converted: the part
+    trains in every update that holds one of its batches)."""
+    def meaning(d: dict):
+        value, unit = d[part]["stop_training_after"], d[part]["stop_training_after_unit"]
+        if value is None:
+            return None  # checked through the unit: never stops
+        if unit == "STEP" and accumulation(d) > 1:
+            return math.ceil(value / accumulation(d))
+        return value
+    return meaning
+
+
+def stop_unit(part: str):
+    def meaning(d: dict):
+        section = d[part]
+        if section["stop_training_after"] is None:
+            return "NEVER"
+        return section["stop_training_after_unit"]
+    return meaning
+
+
+def checkpointing(part: str):
+    """__version 11: each part's own switch; before, one enum for all (OFF = none)."""
+    def meaning(d: dict):
+        if version(d) >= 11:
+            return d[part]["gradient_checkpointing"]
+        return d.get("gradient_checkpointing", "ON") != "OFF"
+    return meaning
+
+
+def offload_fraction(d: dict) -> float:
+    """__version 11: per part; Atelier's one fraction is the largest of the UNet's and the
+    trained text encoders'. Before: one fraction, used only with CPU_OFFLOADED (migration 10)."""
+    if version(d) >= 11:
+        parts = ["unet"] + [p for p in ("text_encoder", "text_encoder_2")
+                            if trained_part(d, p) and d[p]["train"]]
+        return max(d[p]["offload_fraction"] for p in parts)
+    return d["layer_offload_fraction"] if d["gradient_checkpointing"] == "CPU_OFFLOADED" else 0.0
+
+
+def layer_patterns(d: dict):
+    """What OneTrainer's LoRA setup filters the UNet's layers by: layer_filter (lora_layers
+    before __version 7) split at commas; an empty entry is every layer."""
+    if d["training_method"] != "LORA":
+        return None
+    text = d.get("layer_filter", d.get("lora_layers")) or ""
+    regex = d.get("layer_filter_regex", d.get("lora_layers_regex", False))
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    return patterns, bool(regex and patterns)
+
+
+def fused(d: dict) -> bool:
+    """OneTrainer runs its fused back pass only for optimizers that support it."""
+    return bool(d["optimizer"].get("fused_back_pass")) and d["optimizer"]["optimizer"] in (
+        "ADAMW", "ADAFACTOR")
+
+
+def embeddings(d: dict):
+    """additional_embeddings; with EMBEDDING also its main `embedding` (all_embedding_configs)."""
+    listed = list(d["additional_embeddings"])
+    if d["training_method"] == "EMBEDDING":
+        listed = [d["embedding"], *listed]
+    return [(e["placeholder"], e["token_count"], e["initial_embedding_text"], e["train"])
+            for e in listed]
+
+
+def bundle(d: dict) -> bool:
+    """OneTrainer bundles into a DIFFUSERS_LORA file too; Atelier writes the embeddings beside
+    it there (diffusers' loader refuses the bundle keys). Elsewhere: as set."""
+    if d["output_model_format"] == "DIFFUSERS_LORA" and d["additional_embeddings"]:
+        return False
+    return d["bundle_additional_embeddings"]
+
+
+# Atelier's setting -> OneTrainer's meaning of its file. A string is the same key in both.
+MEANING: dict[str, object] = {
+    **{key: key for key in (
+        "model_type", "training_method", "base_model_name", "output_dtype", "train_dtype",
+        "resolution", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps",
+        "clip_grad_norm", "learning_rate_scheduler", "learning_rate_cycles",
+        "learning_rate_min_factor", "ema", "ema_decay", "ema_update_step_interval",
+        "aspect_ratio_bucketing", "latent_caching", "masked_training", "unmasked_probability",
+        "unmasked_weight", "normalize_masked_area_loss", "offset_noise_weight",
+        "min_noising_strength", "max_noising_strength", "mse_strength", "mae_strength",
+        "huber_strength", "huber_delta", "rolling_backup", "rolling_backup_count",
+        "backup_before_save", "continue_last_backup", "embedding_learning_rate",
+        "preserve_embedding_norm", "lora_alpha", "lora_decompose", "peft_type",
+        "sample_after_unit", "backup_after_unit", "save_every_unit")},
+    "output_model_format": output_format,
+    "learning_rate_warmup_steps": warmup,
+    "sample_after": every("sample_after"),
+    "backup_after": every("backup_after"),
+    "save_every": every("save_every"),
+    "lora_rank": lambda d: d["lokr_dim"] if d["peft_type"] == "LOKR" else d["lora_rank"],
+    "lokr_decompose_factor": lambda d: d.get("lokr_decompose_factor", -1),
+    "lora_dropout": lambda d: d["dropout_probability"],  # OneTrainer's LoRA dropout
+    "min_snr_gamma": lambda d: (d["loss_weight_strength"]
+                                if d.get("loss_weight_fn") == "MIN_SNR_GAMMA" else 0.0),
+    "lora_model_name": lambda d: d["lora_model_name"] if d["training_method"] == "LORA" else "",
+    "vae_model_name": lambda d: d["vae"]["model_name"],
+    "vae.weight_dtype": part_dtype("vae"),
+    "compile": lambda d: "ON" if d.get("compile") else "OFF",
+    "layer_offload_fraction": offload_fraction,
+    "fused_backward_pass": fused,
+    "bundle_additional_embeddings": bundle,
+    "text_encoder.clip_skip": lambda d: d["text_encoder_layer_skip"],
+    "text_encoder_2.clip_skip": lambda d: (d["text_encoder_2_layer_skip"]
+                                           if d["model_type"] in SDXL else 0),
+    "optimizer.optimizer": lambda d: d["optimizer"]["optimizer"],
+    **{f"{part}.{key}": meaning(part)
+       for part in ("unet", "text_encoder", "text_encoder_2")
+       for key, meaning in (("train", part_train), ("weight_dtype", part_dtype),
+                            ("stop_training_after_unit", stop_unit),
+                            ("gradient_checkpointing", checkpointing))},
+    **{f"{part}.stop_training_after": stop_after(part)
+       for part in ("unet", "text_encoder", "text_encoder_2")},
+    **{f"{part}.learning_rate": (lambda p: lambda d: d[p]["learning_rate"])(part)
+       for part in ("unet", "text_encoder", "text_encoder_2")},
+    **{f"{part}.caption_dropout_probability":
+       (lambda p: lambda d: d[p]["dropout_probability"])(part)
+       for part in ("text_encoder", "text_encoder_2")},
 }
 
 
-def test_a_current_saved_config_imports_as_meant(tiny_sd15_dir, tmp_path):
-    config, notes = load(SAVED_V10)
-    assert (config.lora_layer_preset, config.layer_filter) == (LoraLayerPreset.CUSTOM,
-                                                               "attn1,ff.net")
-    assert (config.unet.weight_dtype, config.text_encoder.weight_dtype) == (
-        DataType.FLOAT_16, DataType.BFLOAT_16)
-    assert config.output_model_format == ModelFormat.KOHYA_LORA
-    unknown = {n.split("'")[1] for n in notes if n.startswith("Unknown")}
-    assert {"debug_mode", "cache_dir", "unet.include", "embedding"} <= unknown
-    assert not unknown & {"layer_filter", "peft_type", "lora_decompose", "vae.model_name",
-                          "additional_embeddings", "unet.weight_dtype", "compile",
-                          "layer_offload_fraction"}
-    assert config.compile == CompileMode.OFF and config.layer_offload_fraction == 0.0
-    # and it trains those layers (on the tiny model, in float32 on the CPU)
+def atelier_value(config, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return getattr(node, "value", node)
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_each_setting_means_what_it_meant_in_onetrainer(name, tmp_path):
+    config, notes, _ = load(name, tmp_path)
+    d = raw(name)
+    differ = {}
+    for key, meaning in MEANING.items():
+        if key.startswith("text_encoder_2.") and d["model_type"] not in SDXL and key != \
+                "text_encoder_2.train":
+            continue  # a model with one text encoder: OneTrainer ignores the section
+        # a key an older version did not write: OneTrainer's loader keeps its default
+        expected = (d.get(meaning, DEFAULTS[meaning]) if isinstance(meaning, str)
+                    else meaning(d))
+        if key.endswith(".stop_training_after") and expected is None:
+            continue  # no count: the unit says NEVER (checked)
+        got = atelier_value(config, key)
+        if got != expected:
+            differ[key] = (got, expected)
+    assert not differ, differ
+    # the optimizer's own parameters: Atelier's for it, as OneTrainer's file set them
+    for param in optimizer_schema(config.optimizer.optimizer):
+        expected = d["optimizer"].get(param.name)
+        if param.name == "stochastic_rounding" and d["optimizer"]["optimizer"] not in (
+                "ADAMW", "ADAFACTOR"):
+            expected = None  # OneTrainer rounds stochastically with those two only
+        assert getattr(config.optimizer, param.name) == expected, param.name
+    if d["training_method"] == "LORA":
+        patterns, regex = lora.layer_patterns(config)
+        assert ([p for p in patterns if p], regex) == layer_patterns(d)
+    assert [(e.placeholder, e.token_count, e.initial_embedding_text, e.train)
+            for e in config.additional_embeddings] == embeddings(d)
+    # every key was understood: renamed, honoured, or set aside in the one summary line
+    assert not [n for n in notes if n.startswith("Unknown")], notes
+    assert len([n for n in notes if "set aside" in n]) == 1
+
+
+@pytest.mark.parametrize("name", [n for n in FULL
+                                  if raw(n).get("concepts") or entry(n).get("concept_file")])
+def test_concepts_keep_onetrainers_settings(name, tmp_path):
+    """Concepts packed in (Export) or read from the concept file beside the config: repeats
+    (balancing; SAMPLES = that many images per epoch), flip, crop jitter, resolution override,
+    caption source, loss weight, as OneTrainer's ConceptConfig set them."""
+    config, _, config_file = load(name, tmp_path)
+    listed = raw(name).get("concepts")
+    if listed is None:
+        listed = json.loads((path(name).parent / entry(name)["concept_file"]).read_text())
+    assert len(config.concepts) == len(listed)
+    for concept, theirs in zip(config.concepts, listed):
+        images = len(list(Path(concept.path).glob("*.jpg")))
+        image = theirs["image"]
+        repeats = (theirs["balancing"] if theirs["balancing_strategy"] == "REPEATS"
+                   else theirs["balancing"] / images)
+        assert concept.repeats == pytest.approx(repeats)
+        assert (concept.random_flip, concept.crop_jitter) == (image["enable_random_flip"],
+                                                              image["enable_crop_jitter"])
+        assert concept.resolution == (image["resolution_override"]
+                                      if image["enable_resolution_override"] else "")
+        assert (concept.prompt_source.value, concept.loss_weight, concept.enabled,
+                concept.include_subdirectories) == (
+            theirs["text"]["prompt_source"], theirs["loss_weight"], theirs["enabled"],
+            theirs["include_subdirectories"])
+
+
+def same_run(config) -> dict:
+    """What a config trains, for comparing two readings of one job: the optimizer by its
+    effective parameters, without the places it writes to, the LoRA settings only for a LoRA,
+    an embedding without OneTrainer's random id."""
+    from trainer.optim.registry import resolve_parameters
+    data = config.model_dump(mode="json", exclude={"workspace_dir", "output_model_destination",
+                                                   "optimizer_defaults"})
+    data["optimizer"] = resolve_parameters(config.optimizer.optimizer,
+                                           config.optimizer.model_dump(exclude={"optimizer"}))
+    if config.training_method.value != "LORA":
+        for key in [k for k in data if k.startswith(("lora_", "layer_", "lokr_", "peft_"))]:
+            data.pop(key)
+    else:  # the layers by what they select (a preset, or the same filter written out)
+        for key in ("lora_layer_preset", "layer_filter", "layer_filter_regex"):
+            data.pop(key)
+        data["layers"] = lora.layer_patterns(config)
+    for embedding in data["additional_embeddings"]:
+        embedding.pop("uuid")
+    return data
+
+
+@pytest.mark.parametrize("name", PARTIAL)
+def test_a_preset_means_what_onetrainers_own_save_of_it_means(name, tmp_path):
+    """A preset as OneTrainer shipped it before 2025-12 (partial, no layer key: the rest is
+    OneTrainer's defaults) gives the config of its full save by that commit's own UI, which
+    picked the attn-mlp layers for it."""
+    ours, notes, _ = load(name, tmp_path / "a")
+    theirs, _, _ = load(f"{name}.v6.saved", tmp_path / "a")
+    assert same_run(ours) == same_run(theirs)
+    assert ours.lora_layer_preset.value == "attn-mlp"
+    assert any("hard-coded layers" in n for n in notes)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n.startswith("preset.") and n not in REFUSED])
+def test_a_current_preset_file_means_what_onetrainers_save_of_it_means(name, tmp_path):
+    """OneTrainer's preset file itself (its values are in the manifest), read as OneTrainer's,
+    and OneTrainer's own save of it after its UI loaded it give the same run."""
+    theirs, _, _ = load(name, tmp_path)
+    preset = {**entry(name)["preset_values"], "concepts": theirs.model_dump()["concepts"]}
+    ours = config_from_dict(preset, warn=lambda m: None, onetrainer=True)
+    assert same_run(ours) == same_run(theirs)
+
+
+# --- Refusals ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, key", REFUSED.items())
+def test_what_atelier_cannot_honour_is_refused_with_key_and_value(name, key, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load(name, tmp_path)
+    message = str(error.value)
+    assert message.startswith(key) or f"{key}:" in message, message
+    value = {"model_type": raw(name)["model_type"], "peft_type": "OFT_2",
+             "optimizer.optimizer": "CAME", "concepts[1].type": "VALIDATION"}[key]
+    assert value in message
+
+
+@pytest.mark.parametrize("key", sorted(NEUTRAL))
+def test_a_key_that_would_change_the_run_is_never_set_aside_silently(key, tmp_path):
+    """Each key Atelier has no setting for is set aside only at the value that means what
+    Atelier does; any other value of it (here: a saved config with it changed) is refused."""
+    data = raw("sd15_lora.saved")
+    neutral = NEUTRAL[key][0]
+    data[key] = ({"NONE": "BATCH", "UNIFORM": "SIGMOID", "FLOAT_32": "BFLOAT_16"}.get(neutral)
+                 if isinstance(neutral, str) else (not neutral if isinstance(neutral, bool)
+                                                   else 0.5))
+    data["concepts"] = [{"path": str(few_images(tmp_path / "images"))}]
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict(data, warn=lambda m: None)
+
+
+def test_a_save_configs_concept_file_is_read_beside_it_and_named_when_missing(tmp_path):
+    name = "sd15_lora_embedding_masked.saved"
+    config, notes, _ = load(name, tmp_path / "beside")
+    assert len(config.concepts) == 1 and any("read from 'training_concepts/mychar.json'" in n
+                                             for n in notes)
+    alone = tmp_path / "alone" / path(name).name
+    alone.parent.mkdir()
+    alone.write_text(path(name).read_text())
+    with pytest.raises(ConfigError, match="concept_file_name.*training_concepts/mychar.json"):
+        load_config(alone, warn=lambda m: None)
+    with pytest.raises(ConfigError, match="concept_file_name"):  # no file at all: the API
+        config_from_dict(raw(name), warn=lambda m: None)
+
+
+# --- Counting as OneTrainer counts --------------------------------------------------------------
+
+def test_warm_up_with_accumulation_matches_onetrainers_count(tmp_path):
+    """Warm-up 40 with accumulation 4: OneTrainer ramps over int(40 / 4) = 10 updates. The
+    learning rate of every update, over a 100-batch epoch x 2, equals what OneTrainer's own
+    create_lr_scheduler gave (run by the fixture script, in the manifest)."""
+    name = "sd15_lora_accumulation.saved"
+    config, notes, _ = load(name, tmp_path)
+    assert (raw(name)["learning_rate_warmup_steps"], config.learning_rate_warmup_steps) == (40, 10)
+    theirs = entry(name)["expected_lr_schedule"]
+    updates = theirs["updates"]
+    ours = [lr_multiplier(step, updates, config.learning_rate_scheduler,
+                          warmup=config.learning_rate_warmup_steps,
+                          min_factor=config.learning_rate_min_factor,
+                          cycles=config.learning_rate_cycles) for step in range(updates)]
+    assert ours == pytest.approx(theirs["multipliers"], abs=1e-12)
+    assert theirs["multipliers"][9] < 1 == theirs["multipliers"][10]  # 10 updates of warm-up
+    # the other STEP counts: sampling every 8 batches = 2 updates, the text encoder's 6
+    # batches = the 2 updates that hold them; said in one note
+    assert (config.sample_after, config.text_encoder.stop_training_after) == (2, 2)
+    assert any(n.startswith("STEP counts") and "40 -> 10" in n for n in notes)
+
+
+# --- Older files' layers, the second text encoder -------------------------------------------
+
+@pytest.mark.parametrize("name, preset, patterns", [
+    ("sd15_lora_null_preset.v6.saved", "full", []),      # null: OneTrainer's migration 6
+    ("sd15_lora.v6.saved", "attn-mlp", ["attentions"]),  # its LoRA tab's choice
+    ("sd15_lora.v10.saved", "attn-mlp", ["attentions"]),
+    ("old_preset.sd15_lora", "attn-mlp", ["attentions"]),  # no key: the hard-coded set
+    ("sd15_lora.saved", "full", []),                     # the current default
+])
+def test_older_files_train_the_layers_onetrainer_meant(name, preset, patterns, tmp_path):
+    config, _, _ = load(name, tmp_path)
+    assert config.lora_layer_preset.value == preset
+    assert lora.layer_patterns(config)[0] == patterns
+
+
+def test_a_second_text_encoder_switch_is_ignored_on_sd15(tmp_path):
+    """OneTrainer saves text_encoder_2.train (on) for every model type; SD 1.5 has none."""
+    name = "sd15_lora.saved"
+    assert raw(name)["text_encoder_2"]["train"] is True
+    config, _, _ = load(name, tmp_path)
+    assert not config.text_encoder_2.train
+    check_supported(config)
+
+
+def test_set_aside_keys_are_counted_by_kind_in_one_line(tmp_path):
+    _, notes, _ = load("sdxl_lora.saved", tmp_path)
+    (line,) = [n for n in notes if "set aside" in n]
+    for kind in ("for other model families", "cloud training", "of optimizers not chosen",
+                 "OneTrainer's app, logging and machine settings"):
+        assert kind in line
+    assert "'unet.attention_mask'" in line and "'cloud'" in line  # a few names of each
+    assert len(line) < 1500
+
+
+# --- Continuing a LoRA (lora_model_name) ------------------------------------------------------
+
+def test_lora_model_name_continues_that_lora(request, tmp_path):
+    """OneTrainer's lora_model_name: training starts from that file's weights. Trained first
+    without it, then again from its file with a learning rate too small to move anything: the
+    second run's file holds the first's weights."""
     from safetensors.torch import load_file
 
-    from helpers import tiny_config
     from trainer.loop import train
-    tiny = tiny_config(tiny_sd15_dir, tmp_path, epochs=1, lora_layer_preset="custom",
-                       layer_filter=config.layer_filter)
-    modules = {k.split(".")[0] for k in load_file(train(tiny).output_path)
-               if k.startswith("lora_unet_")}
-    assert modules and all("_attn1_" in m or "_ff_net_" in m for m in modules)
-    assert any("_attn1_" in m for m in modules) and any("_ff_net_" in m for m in modules)
+    name = "sd15_lora_continue.saved"
+    model_dir = request.getfixturevalue("tiny_sd15_dir")
+    images = few_images(tmp_path / "images")
+    base = tiny_overrides(name, model_dir, tmp_path / "first", images)
+    first = train(load_config(path(name), [*base, 'lora_model_name=""'], warn=lambda m: None))
+    previous = load_file(first.output_path)
+    config = load_config(path(name), [*tiny_overrides(name, model_dir, tmp_path / "second", images),
+                                      f"lora_model_name={json.dumps(first.output_path)}",
+                                      "learning_rate=1e-30"], warn=lambda m: None)
+    assert config.lora_model_name == first.output_path
+    continued = load_file(train(config).output_path)
+    assert continued.keys() == previous.keys()
+    assert any(v.abs().max() > 0 for k, v in previous.items() if "lora_up" in k)
+    for key, value in previous.items():
+        assert continued[key].float().allclose(value.float(), atol=1e-6), key
+    # a file with the text encoder's layers, the text encoder not trained here: refused
+    with_te = train(load_config(path(name), [
+        *tiny_overrides(name, model_dir, tmp_path / "te", images), 'lora_model_name=""',
+        "text_encoder.train=true"], warn=lambda m: None))
+    config = load_config(path(name), [*tiny_overrides(name, model_dir, tmp_path / "third", images),
+                                      f"lora_model_name={json.dumps(with_te.output_path)}"],
+                         warn=lambda m: None)
+    with pytest.raises(ConfigError, match="lora_model_name.*text_encoder"):
+        train(config)
 
 
-ADDITIONAL = {"uuid": "9f1c", "model_name": "", "placeholder": "<mychar>", "train": True,
-              "stop_training_after": None, "stop_training_after_unit": "NEVER",
-              "token_count": 2, "initial_embedding_text": "woman", "is_output_embedding": False}
-
-
-def test_additional_embeddings_import_with_their_keys():
-    config, notes = load({**SAVED_V10, "additional_embeddings": [ADDITIONAL],
-                          "embedding_learning_rate": 0.001, "preserve_embedding_norm": True})
-    (embedding,) = config.additional_embeddings
-    assert (embedding.placeholder, embedding.token_count, embedding.initial_embedding_text,
-            embedding.uuid) == ("<mychar>", 2, "woman", "9f1c")
-    assert (config.embedding_learning_rate, config.preserve_embedding_norm) == (0.001, True)
-    assert config.text_encoder.train_embedding and config.bundle_additional_embeddings
-    unknown = {n.split("'")[1] for n in notes if n.startswith("Unknown")}
-    # (OneTrainer writes train_embedding for every part; only the text encoders have tokens)
-    assert not unknown & {"text_encoder.train_embedding", "text_encoder_2.train_embedding",
-                          "additional_embeddings", "embedding_learning_rate",
-                          "preserve_embedding_norm"}, unknown
-    assert not [k for k in unknown if k.startswith("additional_embeddings")], unknown
-
-
-def test_an_embedding_config_trains_onetrainers_main_embedding_first():
-    """EMBEDDING trains OneTrainer's `embedding` with the additional ones; it is the first of
-    Atelier's list (the file at the output path)."""
-    main = {**ADDITIONAL, "placeholder": "<main>", "token_count": 1}
-    config, notes = load({**SAVED_V10, "training_method": "EMBEDDING",
-                          "output_model_format": "SAFETENSORS", "embedding": main,
-                          "additional_embeddings": [ADDITIONAL]})
-    assert [e.placeholder for e in config.additional_embeddings] == ["<main>", "<mychar>"]
-    assert not any("'embedding'" in n for n in notes)
-
-
-def test_an_output_embedding_stops_the_import_with_its_key():
-    from ui.presets import import_config
-    change = {"additional_embeddings": [{**ADDITIONAL, "is_output_embedding": True}]}
-    for importer in (lambda d: load(d), import_config):
-        with pytest.raises(ConfigError, match="additional_embeddings.0.is_output_embedding"):
-            importer({**SAVED_V10, **change})
-
-
-@pytest.mark.parametrize("change, expected", [
-    ({"peft_type": "LOHA"}, (PeftType.LOHA, False)),
-    ({"peft_type": "LOKR"}, (PeftType.LOKR, False)),
-    ({"lora_decompose": True}, (PeftType.LORA, True)),
-])
-def test_loha_lokr_and_dora_import_as_their_fields(change, expected):
-    config, notes = load({**SAVED_V10, **change})
-    assert (config.peft_type, config.lora_decompose) == expected
-    check_adapter_type(config)  # and it has a file layout (KOHYA_LORA)
-    # OneTrainer's DoRA defaults to the input axis; Atelier's (peft's) is the output axis
-    assert any("per output channel" in n for n in notes) == expected[1]
+def test_the_manifest_records_how_each_file_was_made():
+    for name in ALL:
+        commits = {c["hash"] for c in MANIFEST["onetrainer"]["commits"].values()}
+        assert entry(name)["commit"] in commits
+        assert entry(name)["how"] and path(name).is_file()

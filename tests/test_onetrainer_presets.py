@@ -1,69 +1,31 @@
 """Atelier's "OneTrainer: ..." presets are OneTrainer's own training presets (SD 1.5 and SDXL:
-LoRA, fine-tune, masked, inpainting), and each of them trains: the presets as OneTrainer ships
-them (partial configs, its current names; docs/notes/onetrainer-configs.md) give the same
-config as Atelier's, and a few steps on the tiny model of its type write what the preset
-asks for (the layers, the file layout)."""
+LoRA, fine-tune, masked, inpainting, embedding): for every key OneTrainer's preset sets, the
+same value as OneTrainer's file gives (its values as git holds them at the fixtures' commit,
+in tests/fixtures/onetrainer/manifest.json), and each of them trains: a few steps on the tiny
+model of its type write what the preset asks for (the layers, the file layout). OneTrainer's
+presets themselves, loaded and saved by its code, train in tests/test_onetrainer_training.py."""
 import json
 
 import pytest
 from safetensors import safe_open
 
+from onetrainer_files import ATTENTION_BLOCK, MANIFEST, entry
 from trainer.config import config_from_dict
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.loop import train
 from ui.paths import PRESETS_DIR
 
-SD15, SD15_INPAINT = ("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                      "stable-diffusion-v1-5/stable-diffusion-inpainting")
-SDXL, SDXL_INPAINT = ("stabilityai/stable-diffusion-xl-base-1.0",
-                      "diffusers/stable-diffusion-xl-1.0-inpainting-0.1")
-HALF_LORA = {"vae": {"weight_dtype": "FLOAT_32"}, "unet": {"weight_dtype": "FLOAT_16"},
-             "text_encoder": {"weight_dtype": "FLOAT_16"}}
-XL_LORA = {"backup_after": 10, "batch_size": 4, "layer_filter_preset": "attn-mlp",
-           "learning_rate": 0.0003, "output_model_destination": "models/lora.safetensors",
-           "output_model_format": "KOHYA_LORA", "resolution": "1024", "training_method": "LORA",
-           "unet": {"weight_dtype": "FLOAT_16"},
-           "text_encoder": {"train": False, "weight_dtype": "FLOAT_16"},
-           "text_encoder_2": {"train": False, "weight_dtype": "FLOAT_16"},
-           "vae": {"weight_dtype": "FLOAT_32"}}
-SD15_FINE_TUNE = {"base_model_name": SD15, "batch_size": 4, "model_type": "STABLE_DIFFUSION_15",
-                  "output_model_destination": "models/model.safetensors",
-                  "output_model_format": "ORIGINAL_SINGLE_FILE", "resolution": "512",
-                  "training_method": "FINE_TUNE", "vae": {"weight_dtype": "FLOAT_32"}}
-INPAINT = {**SD15_FINE_TUNE, "base_model_name": SD15_INPAINT,
-           "model_type": "STABLE_DIFFUSION_15_INPAINTING"}
-# Atelier preset file -> OneTrainer's preset (the older generation's for the SDXL fine-tune,
-# which its current release no longer lists).
+# Atelier's preset file -> OneTrainer's preset (the fixture of it loaded and saved by its UI)
 ONETRAINER = {
-    "onetrainer_sd15_lora": {
-        "backup_after": 10, "base_model_name": SD15, "batch_size": 4,
-        "layer_filter_preset": "attn-mlp", "learning_rate": 0.0003,
-        "model_type": "STABLE_DIFFUSION_15", "output_model_destination": "models/lora.safetensors",
-        "output_model_format": "KOHYA_LORA", "resolution": "512", "training_method": "LORA",
-        **HALF_LORA},
-    "onetrainer_sd15_finetune": {**SD15_FINE_TUNE, "unet": {"train": True}},
-    "onetrainer_sd15_masked": {**SD15_FINE_TUNE, "masked_training": True,
-                               "max_noising_strength": 0.8, "normalize_masked_area_loss": True},
-    "onetrainer_sd15_inpaint": INPAINT,
-    "onetrainer_sd15_inpaint_masked": {**INPAINT, "masked_training": True,
-                                       "normalize_masked_area_loss": True},
-    "onetrainer_sdxl_lora": {**XL_LORA, "base_model_name": SDXL,
-                             "model_type": "STABLE_DIFFUSION_XL_10_BASE"},
-    "onetrainer_sdxl_inpaint_lora": {**XL_LORA, "base_model_name": SDXL_INPAINT,
-                                     "model_type": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"},
-    "onetrainer_sd15_embedding": {
-        "backup_after": 10, "base_model_name": SD15, "latent_caching": False,
-        "learning_rate": 0.0003, "learning_rate_warmup_steps": 20,
-        "model_type": "STABLE_DIFFUSION_15",
-        "output_model_destination": "models/embedding.safetensors",
-        "output_model_format": "SAFETENSORS", "resolution": "512", "sample_after": 1,
-        "training_method": "EMBEDDING", **HALF_LORA},
-    "onetrainer_sdxl_finetune": {
-        "base_model_name": SDXL, "model_type": "STABLE_DIFFUSION_XL_10_BASE",
-        "output_model_destination": "models/model.safetensors", "output_model_format": "SAFETENSORS",
-        "resolution": "1024", "training_method": "FINE_TUNE", "weight_dtype": "BFLOAT_16",
-        "text_encoder": {"train": False}, "text_encoder_2": {"train": False},
-        "vae": {"weight_dtype": "FLOAT_32"}},
+    "onetrainer_sd15_lora": "preset.sd15_lora.saved",
+    "onetrainer_sd15_finetune": "preset.sd15_finetune.saved",
+    "onetrainer_sd15_masked": "preset.sd15_masked.saved",
+    "onetrainer_sd15_inpaint": "preset.sd15_inpaint.saved",
+    "onetrainer_sd15_inpaint_masked": "preset.sd15_inpaint_masked.saved",
+    "onetrainer_sdxl_lora": "preset.sdxl_lora.saved",
+    "onetrainer_sdxl_inpaint_lora": "preset.sdxl_inpaint_lora.saved",
+    "onetrainer_sd15_embedding": "preset.sd15_embedding.saved",
+    "onetrainer_sdxl_finetune": "preset.sdxl_finetune.saved",
 }
 # Where each preset's output goes is the user's: Atelier's write into their workspace.
 PLACES = {"workspace_dir", "output_model_destination"}
@@ -73,23 +35,46 @@ def preset(name):
     return json.loads((PRESETS_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def load(data):
+def load(data, **kwargs):
     notes = []
     config = config_from_dict({k: v for k, v in data.items() if not k.startswith("__")},
-                              warn=notes.append)
+                              warn=notes.append, **kwargs)
     return config, notes
 
 
-def test_every_onetrainer_preset_is_mirrored():
+def keys_set_by(values: dict) -> list[str]:
+    """The Atelier settings a OneTrainer preset sets, as dotted paths."""
+    renamed = {"layer_filter_preset": "lora_layer_preset"}
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += [f"{key}.{inner}" for inner in value]
+        elif key not in PLACES:
+            out.append(renamed.get(key, key))
+    return out
+
+
+def value(config, dotted):
+    node = config
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return getattr(node, "value", node)
+
+
+def test_every_mirror_is_a_onetrainer_preset_of_the_fixtures():
     assert {p.stem for p in PRESETS_DIR.glob("onetrainer_*.json")} == set(ONETRAINER)
+    assert set(ONETRAINER.values()) <= set(MANIFEST["fixtures"])
 
 
 @pytest.mark.parametrize("name", ONETRAINER)
-def test_the_preset_is_onetrainers_field_by_field(name):
+def test_the_preset_is_onetrainers_key_by_key(name):
     ours, our_notes = load(preset(name))
-    theirs, their_notes = load(ONETRAINER[name])
-    assert not our_notes and not their_notes, (our_notes, their_notes)
-    assert ours.model_dump(exclude=PLACES) == theirs.model_dump(exclude=PLACES)
+    values = entry(ONETRAINER[name])["preset_values"]
+    theirs, _ = load(values, onetrainer=True)
+    assert not our_notes, our_notes
+    differ = {k: (value(ours, k), value(theirs, k)) for k in keys_set_by(values)
+              if value(ours, k) != value(theirs, k)}
+    assert not differ, differ
     assert preset(name)["__name"].startswith("OneTrainer: ")
 
 
@@ -122,8 +107,9 @@ def test_the_lora_presets_train_onetrainers_layers_into_a_kohya_file(name, model
     modules = {k.split(".")[0] for k in shapes}
     unet = {m for m in modules if m.startswith("lora_unet_")}
     # attn-mlp = every linear/conv layer of the transformer blocks, as OneTrainer picks them
-    assert unet and all("_attentions_" in m for m in unet)
-    assert {m.rsplit("_", 2)[-2] + "_" + m.rsplit("_", 1)[-1] for m in unet} >= {"proj_in", "proj_out"}
+    assert unet and all(ATTENTION_BLOCK.search(m) for m in unet)  # either layout's names
+    ends = {m.rsplit("_", 2)[-2] + "_" + m.rsplit("_", 1)[-1] for m in unet}
+    assert ends >= {"proj_in", "proj_out"}
     assert any(m.endswith("_ff_net_2") for m in unet)
     text_encoders = modules - unet
     if "sdxl" in name:

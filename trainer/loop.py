@@ -34,6 +34,7 @@ from trainer.embeddings import AdditionalEmbeddings
 from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
 from trainer.layer_offload import check_layer_offload, offload_parts, streamed_parts
+from trainer.lora import continue_from_file
 from trainer.loss import (masked_sample_loss, min_snr_weight, pixel_loss, sample_noise,
                           timestep_range, training_target)
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
@@ -155,14 +156,6 @@ def part_is_active(config: TrainConfig, part: str, epoch: int, step: int) -> boo
     return True
 
 
-def is_due(every: int, unit: TimeUnit, *, step: int, epoch_ended: bool, epoch: int) -> bool:
-    if unit == TimeUnit.STEP:
-        return not epoch_ended and step > 0 and step % every == 0
-    if unit == TimeUnit.EPOCH:
-        return epoch_ended and epoch > 0 and epoch % every == 0
-    return False
-
-
 # --- The loop -------------------------------------------------------------------------------
 
 def train(config: TrainConfig, control: Control | None = None, *,
@@ -248,6 +241,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
                              "name": part})
         if config.gradient_checkpointing and getattr(config, part).gradient_checkpointing:
             enable_gradient_checkpointing(family.parts[part])
+    continue_from_file(config, family, parts)  # lora_model_name: start from a saved LoRA
     # Additional embeddings: new tokens in the tokenizers, their vectors in the text encoders,
     # trained in a parameter group of their own (embedding_learning_rate).
     embeddings = family.embeddings = None
@@ -448,6 +442,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
         named_params.update(embeddings.named_trained())
     # The data order needs no saved state: the bucket sampler shuffles from (seed, epoch).
     generators = {"noise": noise_generator}
+    # Samples, backups and saves every N steps, epochs, or seconds, minutes, hours
+    sample_cadence = Cadence(config.sample_after, config.sample_after_unit)
     backup_cadence = Cadence(config.backup_after, config.backup_after_unit)
     save_cadence = Cadence(config.save_every, config.save_every_unit)
     smooth = SmoothedValue()
@@ -581,9 +577,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
                              "steps_per_epoch": epoch_steps[epoch], "time": time.monotonic()},
                             accumulated / micro)
                 accumulated, micro = None, 0
-                sample_now = control.take_request("sample") or is_due(
-                    config.sample_after, config.sample_after_unit, step=step,
-                    epoch_ended=False, epoch=epoch)
+                sample_now = (control.take_request("sample")
+                              or sample_cadence.due_after_step(step))
                 backup_now = control.take_request("backup") or backup_cadence.due_after_step(step)
                 save_now = control.take_request("save") or save_cadence.due_after_step(step)
                 if (pending.due() or sample_now or backup_now or save_now
@@ -603,8 +598,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
             residency.park()  # the caches hold what this epoch encoded
             if stopped:
                 break
-            if is_due(config.sample_after, config.sample_after_unit, step=step,
-                      epoch_ended=True, epoch=epoch + 1):
+            if sample_cadence.due_after_epoch(epoch + 1):
                 sample(step, epoch + 1)
             if backup_cadence.due_after_epoch(epoch + 1):
                 backup(step, epoch + 1, 0)

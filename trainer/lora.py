@@ -27,16 +27,18 @@ comfy/weight_adapter/{lora,loha,lokr,base}.py; A1111/Forge's network_*.py do the
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.utils import get_peft_model_state_dict
 
-from trainer.config import LoraLayerPreset, PeftType, TrainConfig
+from trainer.config import LoraLayerPreset, PeftType, TrainConfig, TrainingMethod
 from trainer.errors import ConfigError
 
 # OneTrainer's layer presets: parts of UNet layer names (BaseStableDiffusion(XL)Setup's
@@ -121,13 +123,35 @@ def adapter_config(config: TrainConfig, targets: list[str]) -> PeftConfig:
                           target_modules=targets, init_weights=True)
     return LoKrConfig(r=config.lora_rank, alpha=config.lora_alpha,
                       rank_dropout=config.lora_dropout, rank_dropout_scale=True,
-                      module_dropout=0.0, target_modules=targets, init_weights=True)
+                      module_dropout=0.0, target_modules=targets, init_weights=True,
+                      decompose_factor=config.lokr_decompose_factor)
+
+
+@contextlib.contextmanager
+def lyc_factor_order():
+    """LoKr splits each size n into (a, b), a * b = n. With a decompose factor f that divides n,
+    peft returns (f, n / f) as it is, while LyCORIS and OneTrainer (whose LoKr files people
+    load and continue) order the pair smaller first: a layer of 32 inputs with f = 8 is
+    (4, 8) there, (8, 4) in peft, and the Kronecker factors get other shapes. peft's own
+    search (f = -1) already orders it; this orders the f branch too, while adapters are built."""
+    from peft.tuners.lokr import layer as lokr_layer
+    original = lokr_layer.factorization
+
+    def ordered(dimension: int, factor: int = -1) -> tuple[int, int]:
+        m, n = original(dimension, factor)
+        return (m, n) if m <= n else (n, m)
+    lokr_layer.factorization = ordered
+    try:
+        yield
+    finally:
+        lokr_layer.factorization = original
 
 
 def add_lora(model: torch.nn.Module, config: TrainConfig, part: str) -> list[torch.nn.Parameter]:
     """Attach an adapter to `model` and return its trainable parameters (kept in float32)."""
     targets = unet_targets(model, config) if part == "unet" else text_encoder_targets(model)
-    model.add_adapter(adapter_config(config, targets))
+    with lyc_factor_order():
+        model.add_adapter(adapter_config(config, targets))
     params = lora_parameters_of(model)
     for p in params:
         p.data = p.data.float()
@@ -246,7 +270,8 @@ def network_args(config: TrainConfig) -> dict[str, str]:
                 "ss_network_args": json.dumps({"algo": "loha"})}
     if config.peft_type == PeftType.LOKR:
         return {"ss_network_module": "lycoris.kohya",
-                "ss_network_args": json.dumps({"algo": "lokr", "factor": "-1"})}
+                "ss_network_args": json.dumps({"algo": "lokr",
+                                               "factor": str(config.lokr_decompose_factor)})}
     if config.lora_decompose:
         # LyCORIS's names for DoRA and for its output-axis variant (peft's)
         return {"ss_network_module": "networks.lora",
@@ -283,6 +308,38 @@ def kohya_metadata(config: TrainConfig, family, *, steps: int, epochs: int,
         "modelspec.resolution": config.resolution,
         "atelier_config": config_json,
     }
+
+
+def continue_from_file(config: TrainConfig, family, parts: list[str]) -> None:
+    """OneTrainer's `lora_model_name`: the new adapters start from a saved LoRA's weights
+    (built with the same type, rank and layers; trainer/lora_reader.py maps the file back and
+    refuses one that does not fit, naming the layer). A file with layers of a part that is not
+    trained here is refused: its adapters would be left out of the new file."""
+    name = config.lora_model_name
+    if config.training_method != TrainingMethod.LORA or not name:
+        return
+    from safetensors import safe_open
+
+    from trainer.lora_reader import load_lora_file
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"lora_model_name: '{name}' does not exist (the LoRA file to continue "
+                          "training from).")
+    try:
+        with safe_open(str(path), "pt") as file:
+            names = list(file.keys())
+    except Exception as error:  # safetensors raises its own error types for a bad file
+        raise ConfigError(f"lora_model_name: '{path.name}' is not a readable .safetensors "
+                          f"file ({error}).") from None
+    for part, prefix in family.kohya_prefixes.items():
+        if part not in parts and any(n.startswith(prefix) for n in names):
+            raise ConfigError(f"lora_model_name: '{path.name}' holds {part} layers, but "
+                              f"{part}.train is off here; switch it on to continue them too, "
+                              "or start from a file without them.")
+    try:
+        load_lora_file(path, {p: family.parts[p] for p in parts}, family.kohya_prefixes)
+    except ConfigError as error:
+        raise ConfigError(f"lora_model_name: {error}") from None
 
 
 # peft's parameter names of each adapter type (DoRA's magnitude is 'lora_magnitude_vector')

@@ -1,29 +1,59 @@
-"""OneTrainer's config names, both generations, turned into Atelier's before validation.
+"""OneTrainer's config files, every generation, turned into Atelier's config before validation.
 
-OneTrainer renamed keys and values over time (its config `__version` 10 is the newest; see
-docs/notes/onetrainer-configs.md). A config may come from either generation, from the CLI's
-`--config`/`--preset`, the page's Import or the HTTP API: all of them pass through
-`translate` (via `config_from_dict`). What names the same thing Atelier does is renamed; what
-Atelier cannot honour is refused here with the key, the value and what Atelier supports, never
-replaced by a default (a job-defining setting) or dropped without a word (a tuning one).
+A config may come from OneTrainer's Save config (every key, `__version` 11 since 2026-07-03,
+10 before, 6 in 2025 ...; concepts and samples in their own files), its Export (the same with
+them packed in), one of its built-in presets (a partial config) or an older preset. It enters
+through `translate` wherever it comes in: the CLI's `--config` / `--preset`, the page's Import,
+the HTTP API (all via `config_from_dict`). The rules, in short:
+
+- what Atelier has under another name is renamed (the README's OneTrainer section lists them);
+- what OneTrainer counts differently is converted, with a note: its STEP units are batches,
+  Atelier's optimizer updates; an older file's layer preset is what OneTrainer meant then;
+- what Atelier cannot honour is refused with the key and its value, never replaced by a
+  default or dropped as an unknown key;
+- what has no effect on an SD 1.5 / SDXL run (other model families, cloud, OneTrainer's app
+  and logging, optimizers not chosen, ...) is set aside and counted by kind in one note
+  (trainer/onetrainer_keys.py lists them).
+
+Atelier's own configs pass through unchanged apart from the few older names they once shared
+with OneTrainer (`translate` is idempotent on them).
 """
 from __future__ import annotations
 
 import copy
+import json
+import math
 import typing
+from pathlib import Path
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from trainer.config import OUTPUT_FORMATS, TrainConfig
+from trainer import onetrainer_keys as keys
+from trainer.config import OUTPUT_FORMATS, Optimizer, TrainConfig
 from trainer.errors import ConfigError
 
+# Finds a file a OneTrainer config names (its concepts, samples, a concept's prompt file) among
+# the files that came with it; None when it is not there.
+Beside = Callable[[str], "Path | None"]
+
+NEWEST_VERSION = 11
+# Keys only OneTrainer writes: a saved config has all of them, an older partial preset its
+# top-level weight_dtype, a current LoRA preset its layer_filter_preset.
+MARKERS = ("__version", "concept_file_name", "sample_definition_file_name", "train_device",
+           "cache_dir", "debug_mode", "layer_filter_preset", "weight_dtype", "lora_layers")
+# An exported Atelier config says so; its presets have a name.
+ATELIER_MARKS = ("__atelier", "__name")
+
 # Output formats by OneTrainer's current names: Atelier writes each of them as itself for SD 1.5
-# and SDXL (trainer/config.py OUTPUT_FORMATS). Its older name SAFETENSORS meant the kohya LoRA
-# for a LoRA and the original single file for a fine-tune, and still names the embedding file
-# (EMBEDDING's only format); Atelier's own presets and saved configs used it too.
+# and SDXL (trainer/config.py OUTPUT_FORMATS). The older name SAFETENSORS still names the
+# embedding file (EMBEDDING's only format).
 LORA_FORMATS = tuple(OUTPUT_FORMATS["LORA"])
 FULL_FORMATS = tuple(OUTPUT_FORMATS["FINE_TUNE"])
-OLDER_FORMAT_NAMES = {"SAFETENSORS": {"LORA": "KOHYA_LORA", "FINE_TUNE": "ORIGINAL_SINGLE_FILE"}}
+# SAFETENSORS for a LoRA or a fine-tune: in a OneTrainer file, its migration 10 reads it as the
+# LEGACY formats (the layout it wrote then); Atelier's own older configs meant the current name.
+ONETRAINER_SAFETENSORS = {"LORA": "LEGACY_LORA", "FINE_TUNE": "LEGACY_SAFETENSORS"}
+ATELIER_SAFETENSORS = {"LORA": "KOHYA_LORA", "FINE_TUNE": "ORIGINAL_SINGLE_FILE"}
 # OneTrainer's formats for other model families (Flux, SD3, ...), and CKPT (a pickled
 # checkpoint it no longer writes either): nothing Atelier writes for SD 1.5 / SDXL.
 UNWRITTEN_FORMATS = {"ORIGINAL_LORA": "OneTrainer writes it for other model families",
@@ -31,62 +61,652 @@ UNWRITTEN_FORMATS = {"ORIGINAL_LORA": "OneTrainer writes it for other model fami
                      "COMFY_TRANSFORMER": "OneTrainer writes it for other model families",
                      "CKPT": "a pickled checkpoint, which OneTrainer no longer writes either"}
 PARTS = ("unet", "text_encoder", "text_encoder_2")
+SDXL_TYPES = ("STABLE_DIFFUSION_XL_10_BASE", "STABLE_DIFFUSION_XL_10_BASE_INPAINTING")
 LAYER_PRESETS = ("attn-only", "attn-mlp", "full", "custom")
-# OneTrainer's presets as the layer_filter its page fills in for them (trainer/lora.py
+# OneTrainer's presets as the layer_filter its LoRA tab fills in for them (trainer/lora.py
 # matches both the same way).
 PRESET_FILTERS = {"attn-only": "attn", "attn-mlp": "attentions", "full": ""}
+LAYER_KEYS = ("layer_filter", "layer_filter_preset", "layer_filter_regex", "lora_layers",
+              "lora_layer_preset", "lora_layers_regex")
+PEFT_TYPES = ("LORA", "LOHA", "LOKR")
+# Atelier's optimizers that OneTrainer runs with its fused back pass (Optimizer.
+# supports_fused_back_pass), and those it rounds stochastically (create_optimizer patches only
+# them); for the others it ignores the switch, which its files carry on for every optimizer.
+FUSED_BACK_PASS = ("ADAMW", "ADAFACTOR")
+STOCHASTIC_ROUNDING = ("ADAMW", "ADAFACTOR")
 
 
-def translate(data: dict) -> tuple[dict, list[str]]:
-    """(the config in Atelier's names, notes for the user). Idempotent on Atelier configs."""
+def is_onetrainer(data: Any) -> bool:
+    """A file OneTrainer wrote (or one of its presets, older ones included)."""
+    if not isinstance(data, dict) or any(key in data for key in ATELIER_MARKS):
+        return False
+    return any(key in data for key in MARKERS)
+
+
+def files_beside(config_file: str | Path) -> Beside:
+    """The files beside a config file on this machine: a name OneTrainer wrote relative to its
+    own folder (training_concepts/concepts.json) is looked up under the config's folder, and
+    by its file name in that folder; nothing outside that folder is read."""
+    folder = Path(config_file).expanduser().resolve().parent
+
+    def find(name: str) -> Path | None:
+        for candidate in (folder / name, folder / Path(name).name):
+            resolved = candidate.resolve()
+            if folder in resolved.parents and resolved.is_file():
+                return resolved
+        return None
+    return find
+
+
+def translate(data: dict, beside: Beside | None = None, *,
+              onetrainer: bool | None = None) -> tuple[dict, list[str]]:
+    """(the config in Atelier's names, notes for the user). `beside` finds the files a Save
+    config keeps apart (its concepts); `onetrainer` says whether the data is a OneTrainer
+    file (None: `is_onetrainer`). Idempotent on Atelier configs."""
     data = copy.deepcopy(data)
     notes: list[str] = []
     if isinstance(data.get("resolution"), int):  # the oldest configs wrote 512, not "512"
         data["resolution"] = str(data["resolution"])
+    if onetrainer if onetrainer is not None else is_onetrainer(data):
+        _from_onetrainer(data, beside, notes)
     _unset_values(data, TrainConfig)
     _output_format(data)
     _layer_filter(data, notes)
     _weight_dtypes(data)
-    _not_yet_trained(data)
     _main_embedding(data)
-    _dora_axis(data, notes)
     _checkpointing(data)
     return data, notes
 
 
-def _checkpointing(data: dict) -> None:
-    """OneTrainer's `gradient_checkpointing` enum: ON/OFF are the bool; CPU_OFFLOADED is
-    checkpointing with its layers streamed from the CPU, which `layer_offload_fraction` says
-    here (as it does there: the fraction picks how much is streamed)."""
-    if data.get("gradient_checkpointing") == "CPU_OFFLOADED":
-        data["gradient_checkpointing"] = True
+def _from_onetrainer(data: dict, beside: Beside | None, notes: list[str]) -> None:
+    """What only a OneTrainer file needs, in order: its older shapes first, then the refusals
+    (before anything is renamed or set aside), the renames, the counts, and last what is set
+    aside."""
+    version = data.pop("__version", None)
+    if isinstance(version, int) and version > NEWEST_VERSION:
+        notes.append(f"__version {version}: newer than the newest OneTrainer config Atelier "
+                     f"knows ({NEWEST_VERSION}); its new keys are reported as unknown.")
+    _drop_versions(data)
+    _older_shapes(data)
+    _onetrainer_defaults(data)
+    _older_layer_preset(data, notes)
+    _refuse_what_is_not_honoured(data)
+    aside: dict[str, list[str]] = {kind: [] for kind in keys.KINDS}
+    _renamed(data, notes)
+    _parts(data, aside, notes)
+    _concepts(data, beside, aside, notes)
+    _samples(data, beside, aside, notes)
+    _optimizer(data, aside, notes)
+    _adapter(data, notes)
+    _steps_in_batches(data, notes)
+    _time_units(data, notes)
+    _older_format_names(data, version)
+    _bundle_in_diffusers_file(data, notes)
+    _dora_axis(data, notes)
+    _not_done(data, notes)
+    _set_aside(data, aside)
+    summary = summarize_set_aside(aside)
+    if summary:
+        notes.append(summary)
+
+
+# --- Older generations --------------------------------------------------------------------
+
+def _drop_versions(node: Any) -> None:
+    """Every nested config of a OneTrainer file carries its own `__version`."""
+    if isinstance(node, dict):
+        node.pop("__version", None)
+        for value in node.values():
+            _drop_versions(value)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_versions(value)
+
+
+def _onetrainer_defaults(data: dict) -> None:
+    """OneTrainer's defaults where they differ from Atelier's, for the keys a partial file (a
+    preset) leaves out: a fine-tune, samples every 10 minutes, no compiling, and an SDXL's
+    second text encoder trained."""
+    data.setdefault("training_method", "FINE_TUNE")
+    data.setdefault("sample_after_unit", "MINUTE")
+    data.setdefault("compile", False)
+    second = data.setdefault("text_encoder_2", {}) if data.get("model_type") in SDXL_TYPES else None
+    if isinstance(second, dict):
+        second.setdefault("train", True)
+
+
+# OneTrainer's config migration 1 (2024-03): flat part keys -> the part's section.
+FLAT_PART_KEYS = {f"{prefix}{part}{suffix}": (part, key)
+                  for part in PARTS
+                  for prefix, suffix, key in (("train_", "", "train"),
+                                              ("", "_learning_rate", "learning_rate"))}
+
+
+def _older_shapes(data: dict) -> None:
+    """OneTrainer's own migrations 0-5 and 10 where they move a key Atelier reads (the weight
+    types' migration 9 is `_weight_dtypes`, for every config)."""
+    if isinstance(data.get("optimizer"), str):  # migration 0: flat optimizer_* keys
+        section = {"optimizer": data.pop("optimizer")}
+        for key in [k for k in data if k.startswith("optimizer_") and k != "optimizer_defaults"]:
+            section[key.removeprefix("optimizer_")] = data.pop(key)
+        data["optimizer"] = section
+    for flat, (part, key) in FLAT_PART_KEYS.items():  # migration 1
+        if flat in data:
+            data.setdefault(part, {}).setdefault(key, data.pop(flat))
+    for part in PARTS:
+        epochs = data.pop(f"train_{part}_epochs", None)
+        if epochs is not None:
+            data.setdefault(part, {}).update(stop_training_after=epochs,
+                                             stop_training_after_unit="EPOCH")
+    # migration 3: a noising weight meant a sigmoid timestep distribution
+    if "timestep_distribution" not in data and data.get("noising_weight"):
+        data["timestep_distribution"] = "SIGMOID"
+    for old, new in (("save_after", "save_every"), ("save_after_unit", "save_every_unit")):
+        if old in data:  # migration 5
+            data.setdefault(new, data.pop(old))
+    # migration 10: __version 10's offloading lived at the top and applied only with
+    # gradient_checkpointing CPU_OFFLOADED; each part's fraction is now its own
+    if "enable_activation_offloading" in data or "enable_async_offloading" in data:
+        if data.get("gradient_checkpointing") != "CPU_OFFLOADED":
+            data["layer_offload_fraction"] = 0.0
+    if "embeddings" in data:  # __version 1-3's list, which OneTrainer ignores since 4
+        data.setdefault("__set_aside", []).append(("embeddings", "method"))
+        data.pop("embeddings")
+
+
+def _older_layer_preset(data: dict, notes: list[str]) -> None:
+    """A LoRA file with no layer key at all (OneTrainer's presets before 2025-12, configs
+    before 2024-08) meant OneTrainer's hard-coded set then: `attentions` (its setup before the
+    presets existed, its LoRA tab's first preset after). `lora_layer_preset: null` is
+    OneTrainer's migration 6: full."""
+    if data.get("training_method", "FINE_TUNE") != "LORA":
+        return
+    if not any(key in data for key in LAYER_KEYS):
+        data["lora_layer_preset"] = "attn-mlp"
+        notes.append("No layer preset in this OneTrainer file: it trained OneTrainer's "
+                     "hard-coded layers of its time, 'attentions' (attn-mlp: every layer of "
+                     "the UNet's transformer blocks), and so does Atelier.")
+    elif "lora_layer_preset" in data and data["lora_layer_preset"] is None:
+        data["lora_layer_preset"] = "full"
+
+
+# --- Refusals -------------------------------------------------------------------------------
+
+def refuse(key: str, value: Any, why: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {value!r} cannot be trained here: {why}.")
+
+
+def _refuse_what_is_not_honoured(data: dict) -> None:
+    from trainer.config import ModelType, TrainingMethod
+    for key, kind in (("model_type", ModelType), ("training_method", TrainingMethod)):
+        value = data.get(key)
+        if isinstance(value, str) and value not in kind.__members__:
+            refuse(key, value, f"Atelier trains {', '.join(kind.__members__)}")
+    for key, (neutral, why) in keys.NEUTRAL.items():
+        if key in data and data[key] is not None and data[key] != neutral:
+            refuse(key, data[key], f"{why}; remove the key or set it to {neutral!r}")
+    peft = data.get("peft_type")
+    if data.get("training_method") == "LORA" and peft is not None and peft not in PEFT_TYPES:
+        refuse("peft_type", peft, f"Atelier's adapter types are {', '.join(PEFT_TYPES)}")
+    weight = data.get("loss_weight_fn")
+    if weight not in (None, "CONSTANT", "MIN_SNR_GAMMA"):
+        refuse("loss_weight_fn", weight, "Atelier weights the loss by min-SNR gamma "
+                                         "(MIN_SNR_GAMMA) or not at all (CONSTANT)")
+    optimizer = data.get("optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("optimizer") is not None:
+        name = optimizer["optimizer"]
+        if name not in Optimizer.__members__:
+            refuse("optimizer.optimizer", name,
+                   f"Atelier's optimizers are {', '.join(Optimizer.__members__)}")
+
+
+# --- Renamed keys ---------------------------------------------------------------------------
+
+def _renamed(data: dict, notes: list[str]) -> None:
+    """OneTrainer's names for settings Atelier has under its own."""
+    if "dropout_probability" in data:  # OneTrainer's LoRA dropout
+        data["lora_dropout"] = data.pop("dropout_probability")
+    for part, skip in (("text_encoder", "text_encoder_layer_skip"),
+                       ("text_encoder_2", "text_encoder_2_layer_skip")):
+        if skip in data:
+            value = data.pop(skip)
+            if value and isinstance(data.get(part, {}), dict):
+                data.setdefault(part, {})["clip_skip"] = value
+    weight, strength = data.pop("loss_weight_fn", None), data.pop("loss_weight_strength", None)
+    if weight == "MIN_SNR_GAMMA":
+        data["min_snr_gamma"] = strength if strength is not None else 5.0
+    lora_model = data.get("lora_model_name")
+    if lora_model and data.get("training_method") != "LORA":
+        data.pop("lora_model_name")  # OneTrainer loads it only for a LoRA
+
+
+def _parts(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
+    """Each model part's section: caption dropout and offloading under Atelier's names, the
+    keys SD parts never read set aside, the second text encoder dropped where the model has
+    none (OneTrainer writes one for every model type and ignores it there)."""
+    sdxl = data.get("model_type") in SDXL_TYPES
+    if not sdxl and isinstance(data.get("text_encoder_2"), dict):
+        data.pop("text_encoder_2")
+        aside["parts"].append("text_encoder_2")
+    fractions = {}
+    for part in (*PARTS, "vae"):
+        section = data.get(part)
+        if not isinstance(section, dict):
+            continue
+        for key in list(section):
+            path = f"{part}.{key}"
+            if part == "vae" and key not in keys.VAE_KEPT:
+                aside["parts"].append(path)
+                section.pop(key)
+            elif key in keys.PART_SET_ASIDE:
+                aside[keys.PART_SET_ASIDE[key]].append(path)
+                section.pop(key)
+            elif key == "dropout_probability":
+                value = section.pop(key)
+                if part == "unet":
+                    aside["parts"].append(path)
+                else:
+                    section["caption_dropout_probability"] = value
+            elif key == "train_embedding" and part == "unet":
+                aside["parts"].append(path)
+                section.pop(key)
+            elif key == "offload_fraction":
+                fractions[part] = section.pop(key)
+    _offload_fraction(data, fractions, notes)
+
+
+def _offload_fraction(data: dict, fractions: dict[str, Any], notes: list[str]) -> None:
+    """OneTrainer streams each part's frozen layers by its own fraction; Atelier has one
+    fraction for the UNet and each trained text encoder (layer_offload_fraction). Memory only:
+    the trained weights are the same either way."""
+    if not fractions:
+        return
+    trained = [p for p in PARTS if p in fractions and (
+        p == "unet" or (data.get(p) or {}).get("train", True))]
+    values = [float(fractions[p] or 0.0) for p in trained]
+    fraction = max(values, default=0.0)
+    data["layer_offload_fraction"] = fraction
+    if len(set(values)) > 1:
+        each = ", ".join(f"{p} {fractions[p]}" for p in trained)
+        notes.append(f"offload_fraction per part ({each}): "
+                     f"Atelier streams the UNet and each trained text encoder by one fraction, "
+                     f"{fraction} (layer_offload_fraction); memory only, the same weights.")
+
+
+# --- Concepts and samples -------------------------------------------------------------------
+
+def _read_list(beside: Beside | None, key: str, name: str, what: str) -> list | None:
+    found = beside(name) if beside is not None and name else None
+    if found is None:
+        return None
+    try:
+        value = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"{key}: '{name}' ({what}) is not a readable JSON file: "
+                          f"{error}.") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: '{name}' does not hold a list of {what}.")
+    return value
+
+
+def _concepts(data: dict, beside: Beside | None, aside: dict[str, list[str]],
+              notes: list[str]) -> None:
+    """A Save config keeps its concepts in `concept_file_name`: read it when it is beside the
+    config, else stop (a run without them, or with the page's, is not what the file means)."""
+    name = data.pop("concept_file_name", None)
+    if data.get("concepts") is None:
+        data.pop("concepts", None)
+        if name is not None:
+            concepts = _read_list(beside, "concept_file_name", name, "concepts")
+            if concepts is None:
+                raise ConfigError(
+                    f"concept_file_name: this OneTrainer config keeps its concepts in "
+                    f"'{name}', which is missing here. Put that file beside the config (on "
+                    "the page: select both files in Import), or use OneTrainer's Export, "
+                    "which packs the concepts into the config.")
+            data["concepts"] = concepts
+            notes.append(f"concepts: {len(concepts)} read from '{name}' (concept_file_name).")
+    elif name is not None:
+        aside["app"].append("concept_file_name")  # the concepts are packed in (Export)
+    if not isinstance(data.get("concepts"), list):
+        return
+    inpainting = str(data.get("model_type", "")).endswith("_INPAINTING")
+    data["concepts"] = [_concept(c, i, beside, inpainting, aside, notes) if isinstance(c, dict)
+                        else c for i, c in enumerate(data["concepts"])]
+
+
+def _concept(concept: dict, index: int, beside: Beside | None, inpainting: bool,
+             aside: dict[str, list[str]], notes: list[str]) -> dict:
+    where = f"concepts[{index}]"
+    concept = dict(concept)
+    kind = concept.pop("type", "STANDARD")
+    if kind not in (None, "STANDARD"):
+        refuse(f"{where}.type", kind, "Atelier trains STANDARD concepts only (validation and "
+                                      "prior-prediction concepts do not exist here yet)")
+    image = concept.pop("image", None) or {}
+    text = concept.pop("text", None) or {}
+    for path, neutral in keys.CONCEPT_NEUTRAL.items():
+        section, key = path.split(".")
+        value = (image if section == "image" else text).get(key, neutral)
+        if value != neutral:
+            refuse(f"{where}.{path}", value, keys.CONCEPT_NEUTRAL_REASON)
+    shrink = image.get("enable_random_circular_mask_shrink", False)
+    if shrink and not inpainting:
+        refuse(f"{where}.image.enable_random_circular_mask_shrink", shrink,
+               "Atelier uses each mask file as it is")
+    if inpainting:
+        notes.append(f"{where}: an image without a mask file is shown a random circle to "
+                     "inpaint (Atelier's rule for inpainting models); OneTrainer shows the "
+                     "whole image unless the concept's enable_random_circular_mask_shrink is "
+                     "on, and with it also shrinks mask files.")
+    if "enable_random_flip" in image:
+        concept["random_flip"] = image["enable_random_flip"]
+    if "enable_crop_jitter" in image:
+        concept["crop_jitter"] = image["enable_crop_jitter"]
+    if image.get("enable_resolution_override"):
+        concept["resolution"] = str(image.get("resolution_override", ""))
+    if text:
+        source = text.get("prompt_source", "sample")
+        concept["prompt_source"] = source
+        if source == "concept":
+            concept["prompt"] = _concept_prompt(text.get("prompt_path", ""), where, beside)
+    balancing = concept.pop("balancing", None)
+    strategy = concept.pop("balancing_strategy", "REPEATS")
+    if balancing is not None:
+        concept["repeats"] = _repeats(balancing, strategy, concept, where, notes)
+    for key in keys.CONCEPT_SET_ASIDE:
+        if key in concept:
+            aside["concepts"].append(f"{where}.{key}")
+            concept.pop(key)
+    return concept
+
+
+def _concept_prompt(name: str, where: str, beside: Beside | None) -> str:
+    """A concept whose caption source is 'concept' reads its prompt from a text file (its
+    first non-empty line, as OneTrainer reads one line of it)."""
+    found = beside(name) if beside is not None and name else None
+    if found is None:
+        raise ConfigError(f"{where}.text.prompt_path: the concept's prompt file '{name}' is "
+                          "missing here; put it beside the config, or set the prompt in the "
+                          "concepts table after importing.")
+    lines = found.read_text(encoding="utf-8", errors="replace").splitlines()
+    return next((line.strip() for line in lines if line.strip()), "")
+
+
+def _repeats(balancing: Any, strategy: str, concept: dict, where: str,
+             notes: list[str]) -> float:
+    """OneTrainer's balancing: REPEATS is Atelier's repeats; SAMPLES is that many images per
+    epoch whatever the folder holds, which is repeats = samples / images in the folder."""
+    if strategy == "REPEATS":
+        return balancing
+    if strategy != "SAMPLES":
+        refuse(f"{where}.balancing_strategy", strategy, "OneTrainer's strategies are "
+                                                         "REPEATS and SAMPLES")
+    from trainer.data.images import is_image_file
+    folder = Path(str(concept.get("path", ""))).expanduser()
+    recursive = bool(concept.get("include_subdirectories", False))
+    count = 0
+    if folder.is_dir():
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        count = sum(1 for p in found if p.is_file() and is_image_file(p))
+    if not count:
+        raise ConfigError(f"{where}.balancing_strategy: SAMPLES takes {balancing} images of "
+                          f"the concept per epoch, which needs its folder's images counted, and "
+                          f"'{folder}' holds none here; set its path, or repeats.")
+    repeats = float(balancing) / count
+    notes.append(f"{where}: balancing {balancing} SAMPLES = {balancing} of its {count} images "
+                 f"per epoch, repeats {repeats:g}.")
+    return repeats
+
+
+def _samples(data: dict, beside: Beside | None, aside: dict[str, list[str]],
+             notes: list[str]) -> None:
+    """Samples are packed in (Export) or kept in `sample_definition_file_name` (Save config):
+    read beside the config when there; without them the run draws none (samples never change
+    the trained weights). Disabled ones are left out."""
+    name = data.pop("sample_definition_file_name", None)
+    if data.get("samples") is None:
+        data.pop("samples", None)
+        if name is None:
+            return
+        samples = _read_list(beside, "sample_definition_file_name", name, "samples")
+        if samples is None:
+            notes.append(f"samples: kept in '{name}' (sample_definition_file_name), which is "
+                         "missing here; no samples are imported.")
+            return
+        data["samples"] = samples
+    elif name is not None:
+        aside["app"].append("sample_definition_file_name")
+    kept = []
+    for index, sample in enumerate(data.get("samples") or []):
+        if not isinstance(sample, dict) or sample.get("enabled", True) is False:
+            continue
+        for key in [k for k in sample if k not in keys.SAMPLE_KEYS]:
+            if key != "enabled":
+                aside["sampling"].append(f"samples[{index}].{key}")
+            sample = {k: v for k, v in sample.items() if k != key}
+        kept.append(sample)
+    if "samples" in data:
+        data["samples"] = kept
+
+
+# --- Optimizer, adapter ---------------------------------------------------------------------
+
+def _optimizer(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
+    """The chosen optimizer's parameters Atelier has pass (null = its default); its others must
+    hold OneTrainer's neutral value for it; every other optimizer's parameters (OneTrainer
+    writes them all, mostly null) are set aside."""
+    from trainer.optim.registry import optimizer_schema
+    section = data.get("optimizer")
+    if isinstance(section, dict) and section.get("optimizer") in Optimizer.__members__:
+        chosen = section["optimizer"]
+        own = {param.name for param in optimizer_schema(chosen)}
+        extra = keys.OPTIMIZER_EXTRA.get(chosen, {})
+        if chosen not in STOCHASTIC_ROUNDING and "stochastic_rounding" in section:
+            section.pop("stochastic_rounding")
+            aside["optimizers"].append("optimizer.stochastic_rounding")
+        for key in [k for k in section if k != "optimizer" and k not in own]:
+            value = section.pop(key)
+            if key == "fused_back_pass":
+                if value and chosen in FUSED_BACK_PASS:
+                    data["fused_backward_pass"] = True
+                elif value:
+                    notes.append(f"optimizer.fused_back_pass: OneTrainer has no fused back "
+                                 f"pass for {chosen} and trains it without one, as Atelier.")
+            elif key in extra:
+                neutral = extra[key]
+                if neutral is not None and value is not None and value != neutral:
+                    refuse(f"optimizer.{key}", value, f"Atelier's {chosen} has no {key}; "
+                                                      f"OneTrainer's default is {neutral!r}")
+                _optimizer_detail(chosen, key, value, notes)
+                aside["speed" if neutral is None else "optimizers"].append(f"optimizer.{key}")
+            else:
+                aside["optimizers"].append(f"optimizer.{key}")
+    remembered = data.get("optimizer_defaults")
+    if isinstance(remembered, dict):
+        kept = {}
+        for name, params in remembered.items():
+            if name in Optimizer.__members__ and isinstance(params, dict):
+                own = {param.name for param in optimizer_schema(name)}
+                values = {k: v for k, v in params.items() if k in own and v is not None}
+                if values:
+                    kept[name] = values
+            if name not in kept:
+                aside["optimizers"].append(f"optimizer_defaults.{name}")
+        data["optimizer_defaults"] = kept
+
+
+def _optimizer_detail(chosen: str, key: str, value: Any, notes: list[str]) -> None:
+    """Parameters that do not stop the import but differ in effect, said once."""
+    if chosen == "PRODIGY" and key == "slice_p" and value not in (None, 1):
+        notes.append(f"optimizer.slice_p {value}: OneTrainer's Prodigy estimates its step size "
+                     f"from every {value}th weight (a memory saving); Atelier's from every "
+                     "weight, so the estimate differs slightly.")
+
+
+def _adapter(data: dict, notes: list[str]) -> None:
+    """LoKr's rank is `lokr_dim` in OneTrainer (its LoKr tab never shows lora_rank), with
+    `lokr_decompose_factor` (Atelier's field of the same name). Its other LoKr switches must
+    hold their defaults."""
+    dim = data.pop("lokr_dim", None)
+    if data.get("training_method") != "LORA" or data.get("peft_type") != "LOKR":
+        return
+    for key, neutral in (("lokr_decompose_both", False), ("lokr_use_tucker", False),
+                         ("lokr_weight_decompose", False), ("lokr_full_matrix", False)):
+        if data.get(key, neutral) != neutral:
+            refuse(key, data[key], "Atelier's LoKr (peft's) splits only the second factor, "
+                                   "without Tucker factors or DoRA")
+    if dim is not None:
+        data["lora_rank"] = dim
+
+
+def _bundle_in_diffusers_file(data: dict, notes: list[str]) -> None:
+    """OneTrainer bundles additional embeddings into a DIFFUSERS_LORA file too, which diffusers'
+    load_lora_weights then refuses; Atelier writes them beside it instead."""
+    if (data.get("training_method") == "LORA"
+            and data.get("output_model_format") == "DIFFUSERS_LORA"
+            and data.get("additional_embeddings")
+            and data.get("bundle_additional_embeddings", True)):
+        data["bundle_additional_embeddings"] = False
+        notes.append("bundle_additional_embeddings: OneTrainer bundles the embeddings into its "
+                     "DIFFUSERS_LORA file (bundle_emb keys, which diffusers' load_lora_weights "
+                     "refuses); Atelier writes each one beside the LoRA as its own file "
+                     "(load_textual_inversion reads it).")
 
 
 def _dora_axis(data: dict, notes: list[str]) -> None:
     """OneTrainer normalises DoRA per input channel unless `lora_decompose_output_axis`;
     Atelier's DoRA is peft's, always per output channel (trainer/lora.py). Said, not refused:
-    both are DoRA, trained and loaded the same way, with a magnitude on another axis. Only
-    for OneTrainer's configs (its `__version`, or its axis key): Atelier's own mean peft's."""
-    from_onetrainer = "__version" in data or "lora_decompose_output_axis" in data
-    if (from_onetrainer and data.get("lora_decompose") is True
-            and not data.get("lora_decompose_output_axis")):
-        notes.append("lora_decompose: Atelier's DoRA (peft's) learns a magnitude per output "
-                     "channel; OneTrainer's default is per input channel "
-                     "(lora_decompose_output_axis false).")
+    both are DoRA, trained and loaded the same way, with a magnitude on another axis."""
+    if data.get("lora_decompose") is True and data.get("training_method") == "LORA":
+        if not data.get("lora_decompose_output_axis"):
+            notes.append("lora_decompose: Atelier's DoRA (peft's) learns a magnitude per "
+                         "output channel; OneTrainer's default is per input channel "
+                         "(lora_decompose_output_axis false).")
+        if data.get("lora_decompose_norm_epsilon", True):
+            notes.append("lora_decompose_norm_epsilon: peft divides by the weight's norm "
+                         "without OneTrainer's small epsilon (a difference in the 6th digit).")
 
 
-# OneTrainer keys that change what is trained, with the value that means what Atelier does.
-# Any other value stops the import: dropping the key as "unknown" would train something else.
-# (`peft_type` LORA/LOHA/LOKR, `lora_decompose` and the embedding keys are Atelier fields of
-# the same names.)
-SAME_AS_ATELIER: dict[str, tuple] = {}
+# --- Counting -------------------------------------------------------------------------------
+
+def _steps_in_batches(data: dict, notes: list[str]) -> None:
+    """OneTrainer counts STEP units (warm-up, sampling, backups, saves, stop-training counts)
+    in batches; Atelier in optimizer updates. With accumulation N, N batches are one update:
+    each count is converted on import, as OneTrainer itself divides the warm-up
+    (create_lr_scheduler: int(warm-up / accumulation))."""
+    steps = data.get("gradient_accumulation_steps", 1)
+    if not isinstance(steps, int) or steps <= 1:
+        return
+    converted = []
+    warmup = data.get("learning_rate_warmup_steps")
+    if isinstance(warmup, (int, float)) and warmup > 1:
+        updates = int(warmup / steps)
+        if updates == 1:  # Atelier reads 1 as "the whole run" (a fraction)
+            updates = 0
+            converted.append(f"learning_rate_warmup_steps {warmup:g} batches = 1 update, whose "
+                             "learning rate OneTrainer ramps from 0: no warm-up here")
+        else:
+            converted.append(f"learning_rate_warmup_steps {warmup:g} -> {updates}")
+        data["learning_rate_warmup_steps"] = updates
+    for key in ("sample_after", "backup_after", "save_every"):
+        every = data.get(key)
+        if data.get(f"{key}_unit") == "STEP" and isinstance(every, (int, float)) and every > 0:
+            updates = max(1, round(every / steps))
+            data[key] = updates
+            converted.append(f"{key} {every:g} -> {updates}")
+    sections = [(part, data.get(part)) for part in PARTS]
+    sections += [(f"additional_embeddings[{i}]", e)
+                 for i, e in enumerate(data.get("additional_embeddings") or [])]
+    for where, section in sections:
+        if not isinstance(section, dict) or section.get("stop_training_after_unit") != "STEP":
+            continue
+        stop = section.get("stop_training_after")
+        if isinstance(stop, (int, float)) and stop > 0:
+            section["stop_training_after"] = math.ceil(stop / steps)
+            converted.append(f"{where}.stop_training_after {stop:g} -> "
+                             f"{section['stop_training_after']}")
+    if converted:
+        notes.append(f"STEP counts: OneTrainer counts batches, Atelier optimizer updates "
+                     f"(gradient_accumulation_steps {steps}: {steps} batches per update); "
+                     + "; ".join(converted) + ".")
+
+
+def _time_units(data: dict, notes: list[str]) -> None:
+    """OneTrainer's ALWAYS (every batch) is every update here."""
+    for key in ("sample_after", "backup_after", "save_every"):
+        if data.get(f"{key}_unit") == "ALWAYS":
+            data[f"{key}_unit"], data[key] = "STEP", 1
+            notes.append(f"{key}_unit ALWAYS: every optimizer update here (STEP 1).")
+
+
+def _older_format_names(data: dict, version: Any) -> None:
+    """SAFETENSORS, OneTrainer's name before __version 11 for a LoRA or a whole model: its
+    migration 10 reads it as LEGACY_LORA / LEGACY_SAFETENSORS, the layout it wrote then."""
+    method = data.get("training_method", "FINE_TUNE")
+    if data.get("output_model_format") == "SAFETENSORS" and method in ONETRAINER_SAFETENSORS:
+        if version is None or version <= 10:
+            data["output_model_format"] = ONETRAINER_SAFETENSORS[method]
+
+
+def _not_done(data: dict, notes: list[str]) -> None:
+    for key, (neutral, what) in keys.NOT_DONE.items():
+        value = data.pop(key, neutral)
+        if value not in (neutral, None):
+            notes.append(f"{key} {value!r}: not done here: {what}; the trained weights are "
+                         "the same.")
+
+
+def _set_aside(data: dict, aside: dict[str, list[str]]) -> None:
+    for key, kind in data.pop("__set_aside", []):
+        aside[kind].append(key)
+    for key in list(data):
+        if key in keys.SET_ASIDE:
+            aside[keys.SET_ASIDE[key]].append(key)
+            data.pop(key)
+        elif key in keys.NEUTRAL:  # checked before: it holds its neutral value
+            aside["neutral"].append(key)
+            data.pop(key)
+        elif key in ("lokr_dim", "lokr_decompose_factor") and data.get("peft_type") != "LOKR":
+            aside["adapters"].append(key)
+            data.pop(key)
+        elif key == "embedding" and data.get("training_method") != "EMBEDDING":
+            aside["method"].append(key)  # OneTrainer trains its main embedding only then
+            data.pop(key)
+
+
+def summarize_set_aside(aside: dict[str, list[str]], shown: int = 3) -> str:
+    """One line: how many keys of each kind were set aside, with a few of their names."""
+    parts = []
+    for kind, names in aside.items():
+        if names:
+            listed = ", ".join(f"'{n}'" for n in names[:shown])
+            more = ", …" if len(names) > shown else ""
+            parts.append(f"{len(names)} {keys.KINDS[kind]} ({listed}{more})")
+    if not parts:
+        return ""
+    return ("OneTrainer settings with no effect on this run, set aside: "
+            + "; ".join(parts) + ".")
+
+
+# --- For every config (Atelier's older names too) ----------------------------------------
+
+def _checkpointing(data: dict) -> None:
+    """OneTrainer's `gradient_checkpointing` enum (__version 4-10): ON/OFF are the bool;
+    CPU_OFFLOADED is checkpointing with its layers streamed from the CPU, which
+    `layer_offload_fraction` says here (as it did there: the fraction picks how much)."""
+    value = data.get("gradient_checkpointing")
+    if value in ("ON", "CPU_OFFLOADED"):
+        data["gradient_checkpointing"] = True
+    elif value == "OFF":
+        data["gradient_checkpointing"] = False
 
 
 def _main_embedding(data: dict) -> None:
     """OneTrainer trains its `embedding` (the main one) only with EMBEDDING, together with the
     additional ones (its all_embedding_configs()); Atelier lists every embedding in
     `additional_embeddings`, the main one first (the file at the output path). Outside
-    EMBEDDING OneTrainer ignores `embedding`: it is left to be reported as unknown."""
+    EMBEDDING OneTrainer ignores `embedding`."""
     main = data.get("embedding")
     if data.get("training_method") != "EMBEDDING" or not isinstance(main, dict):
         return
@@ -95,19 +715,9 @@ def _main_embedding(data: dict) -> None:
     data["additional_embeddings"] = [main, *others]
 
 
-def _not_yet_trained(data: dict) -> None:
-    for key, (same, reason) in SAME_AS_ATELIER.items():
-        if key not in data:
-            continue
-        value = data.pop(key)
-        if value != same and value is not None:
-            raise ConfigError(f"{key}: {value!r} cannot be trained: {reason}; remove the key "
-                              f"or set it to {same!r}.")
-
-
 def _unset_values(data: dict, model: type[BaseModel]) -> None:
-    """OneTrainer saves an unset value as null (`concepts` kept in their own file, a part's
-    `stop_training_after`); where Atelier's field takes no null it is left out, so the default
+    """OneTrainer saves an unset value as null (a part's `stop_training_after`, an optional
+    optimizer parameter); where Atelier's field takes no null it is left out, so the default
     applies. A part with no stop count never stops."""
     for key, value in list(data.items()):
         field = model.model_fields.get(key)
@@ -123,15 +733,15 @@ def _unset_values(data: dict, model: type[BaseModel]) -> None:
 
 
 def _output_format(data: dict) -> None:
-    """The older name SAFETENSORS -> the method's current one; a format only other model
-    families have is refused by name. Whether a format fits the training method is
-    check_supported's question (trainer/config.py), asked where every config is run."""
+    """The older name SAFETENSORS -> the method's current one (Atelier's older configs); a
+    format only other model families have is refused by name. Whether a format fits the
+    training method is check_supported's question (trainer/config.py)."""
     value = data.get("output_model_format")
     if not isinstance(value, str):
         return
     method = data.get("training_method", "LORA")
-    if value in OLDER_FORMAT_NAMES and method in OLDER_FORMAT_NAMES[value]:
-        data["output_model_format"] = OLDER_FORMAT_NAMES[value][method]
+    if value == "SAFETENSORS" and method in ATELIER_SAFETENSORS:
+        data["output_model_format"] = ATELIER_SAFETENSORS[method]
     elif value in UNWRITTEN_FORMATS:
         fitting = OUTPUT_FORMATS.get(method, [*LORA_FORMATS, *FULL_FORMATS])
         raise ConfigError(
@@ -143,9 +753,10 @@ def _output_format(data: dict) -> None:
 def _layer_filter(data: dict, notes: list[str]) -> None:
     """OneTrainer's layer filter, both generations: `layer_filter_preset` / `layer_filter` /
     `layer_filter_regex` (older: `lora_layer_preset` / `lora_layers` / `lora_layers_regex`).
-    Training in OneTrainer reads the filter; its page fills the filter in from the preset, and
-    a partial preset carries only the preset. So a named preset is used as such, unless the
-    config also holds a different filter, which is then what OneTrainer trained with."""
+    OneTrainer trains the filter; its LoRA tab fills the filter in from the preset, and a
+    partial preset carries only the preset. So a named preset is used as such, unless the
+    config also holds a different filter, which is then what OneTrainer trained with (and is
+    that preset when it is another preset's filter)."""
     for old, new in (("lora_layers", "layer_filter"), ("lora_layers_regex", "layer_filter_regex")):
         if old in data:
             data.setdefault(new, data.pop(old))
@@ -159,11 +770,15 @@ def _layer_filter(data: dict, notes: list[str]) -> None:
     if preset not in LAYER_PRESETS:
         raise ConfigError(f"{key}: {preset!r} is not a layer preset; Atelier has "
                           f"{', '.join(LAYER_PRESETS)} (custom = the layer_filter).")
-    custom = str(data.get("layer_filter") or "").strip()
-    if preset != "custom" and custom and custom != PRESET_FILTERS[preset]:
-        data["lora_layer_preset"] = "custom"
-        notes.append(f"layer_filter_preset {preset} with layer_filter {custom!r}: OneTrainer "
-                     "trains the filter, so the layers are custom with that filter.")
+    custom = ",".join(p.strip() for p in str(data.get("layer_filter") or "").split(","))
+    if preset == "custom" or not custom or custom == PRESET_FILTERS[preset]:
+        return
+    same = [name for name, patterns in PRESET_FILTERS.items()
+            if patterns == custom and not data.get("layer_filter_regex")]
+    data["lora_layer_preset"] = same[0] if same else "custom"
+    notes.append(f"layer preset {preset} with layer_filter {custom!r}: OneTrainer trains the "
+                 f"filter, so the layers are {data['lora_layer_preset']}"
+                 + ("" if same else " with that filter") + ".")
 
 
 def _weight_dtypes(data: dict) -> None:
