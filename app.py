@@ -4,6 +4,8 @@
     python app.py --port 8000 --listen # on every interface (0.0.0.0)
     python app.py --auth user:secret   # ask for a username and password
     python app.py --auth ann:pw1,bob:pw2 --admin ann   # several users; ann sees every job
+    python app.py --listen --auth ... --max-jobs-per-user 2 --publish-namespace my-org
+                                       # a shared server's limits and Hub namespace (README)
 
     python app.py --print-settings     # what this start would use, as JSON, and exit
 
@@ -14,14 +16,17 @@ ATELIER_DATA_DIR names another folder than /data (a stand-in for tests).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from trainer.cli import CLI_ENV  # light: no torch, gradio or hub library yet
 from trainer.data.imports import GiB, ImportLimits  # light too: Pillow only
+from trainer.limits import LIMIT_OPTIONS, ServerLimits  # light: the standard library only
 
 # Set before gradio, torch, transformers or diffusers are imported: the CLI's environment
 # (without it gradio and the hub contact remote hosts at start, DESIGN.md), and one more.
@@ -84,6 +89,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                    limits.max_files)),
                         help=f"dataset uploads: files per upload (default {limits.max_files}; "
                              "env ATELIER_MAX_UPLOAD_FILES)")
+    shared_limits = ServerLimits.shared_defaults()
+    for key, flag in LIMIT_OPTIONS.items():
+        env = limit_env(key)
+        parser.add_argument(flag, type=int, dest=key, default=None, metavar="N",
+                            help=f"shared server: {LIMIT_HELP[key]} (default "
+                                 f"{getattr(shared_limits, key)}; 0 = no limit; env {env}; "
+                                 "a local start has none unless given)")
+    parser.add_argument("--publish-namespace", action="append", default=None, metavar="NAME",
+                        help="a Hugging Face user or organization the server's own token "
+                             "publishes to (repeatable or comma-separated; env "
+                             "ATELIER_PUBLISH_NAMESPACE; on a Space its owner). On a shared "
+                             "server any other repo needs the visitor's own token")
     parser.add_argument("--print-settings", action="store_true",
                         help="print what this start would use (shared mode, hub access, "
                              "workspace, hub cache) as JSON, and exit without serving")
@@ -98,7 +115,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--admin {', '.join(unknown)}: not a user of --auth")
     if args.max_jobs is not None and args.max_jobs < 1:
         parser.error("--max-jobs must be at least 1")
+    for key, flag in LIMIT_OPTIONS.items():
+        value = getattr(args, key)
+        if value is None and os.environ.get(limit_env(key), "").strip():
+            text = os.environ[limit_env(key)].strip()
+            if not re.fullmatch(r"[0-9]{1,12}", text):
+                parser.error(f"{limit_env(key)} must be a whole number (got '{text[:40]}')")
+            value = int(text)
+        if value is not None and value < 0:
+            parser.error(f"{flag} must be 0 (no limit) or more")
+        setattr(args, key, value)
+    names = args.publish_namespace or [os.environ.get("ATELIER_PUBLISH_NAMESPACE")
+                                       or os.environ.get("SPACE_AUTHOR_NAME") or ""]
+    args.publish_namespace = [n.strip() for item in names for n in item.split(",")
+                              if n.strip()]
+    bad = [n for n in args.publish_namespace if not NAMESPACE.fullmatch(n)]
+    if bad:
+        parser.error(f"--publish-namespace '{bad[0][:40]}' is not a Hugging Face user or "
+                     "organization name")
     return args
+
+
+# What each limit of trainer/limits.py counts (the options' help).
+LIMIT_HELP = {"max_steps_per_job": "optimizer steps of one job",
+              "max_jobs_per_user": "running + queued jobs of one user",
+              "try_max_size": "Try it's image width and height, pixels",
+              "try_max_steps": "Try it's diffusion steps",
+              "max_caption_chars": "characters of a caption after any edit"}
+NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def limit_env(key: str) -> str:
+    return "ATELIER_" + key.upper()
+
+
+def server_limits(args: argparse.Namespace, shared: bool) -> ServerLimits:
+    """The shared defaults on a shared server, none locally; each option given overrides
+    (0 = no limit)."""
+    base = ServerLimits.shared_defaults() if shared else ServerLimits()
+    given = {key: getattr(args, key) for key in LIMIT_OPTIONS
+             if getattr(args, key, None) is not None}
+    return dataclasses.replace(base, **{key: value or None for key, value in given.items()})
 
 
 def users(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]] | None:
@@ -141,7 +198,24 @@ def settings(shared: bool, workspace: Path) -> dict:
     return {"space_id": os.environ.get("SPACE_ID"), "shared": shared,
             "confine_paths": state.OPTIONS.confine_paths,
             "hub_offline": constants.is_offline_mode(), "workspace": str(workspace),
-            "hf_home": constants.HF_HOME, "hub_cache": constants.HF_HUB_CACHE}
+            "hf_home": constants.HF_HOME, "hub_cache": constants.HF_HUB_CACHE,
+            "limits": dataclasses.asdict(state.LIMITS),
+            "publish_namespaces": list(state.OPTIONS.publish_namespaces)}
+
+
+def app_kwargs(shared: bool, workspace: Path) -> dict:
+    """The FastAPI app's extra arguments: on a shared server, uploads waiting in gradio's
+    upload folder count against the workspace quota (ui/upload_room.py)."""
+    if not shared:
+        return {}
+    from gradio.utils import get_upload_folder
+    from starlette.middleware import Middleware
+
+    from ui import state
+    from ui.upload_room import UploadRoom
+    return {"middleware": [Middleware(
+        UploadRoom, quota=lambda: state.IMPORT_LIMITS.quota_bytes,
+        folders=lambda: [workspace, Path(get_upload_folder())])]}
 
 
 def warm_up() -> None:
@@ -186,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     state.configure(shared=shared, allow_any_path=args.allow_any_path,
                     online=args.online or on_space, login=bool(args.auth), admins=args.admin)
     state.IMPORT_LIMITS = upload_limits(args)
+    state.set_limits(server_limits(args, shared))
+    state.OPTIONS.publish_namespaces = tuple(args.publish_namespace)
     workspace = paths.workspace_root()
     workspace.mkdir(parents=True, exist_ok=True)
     if args.print_settings:
@@ -202,19 +278,23 @@ def main(argv: list[str] | None = None) -> None:
 
     import gradio as gr
 
-    from ui import footer
     from ui.page import CSS, build_page
-    footer.ALLOWED_ROOTS[:] = [workspace.resolve(), REPO_ROOT]
     demo = build_page()
     auth = args.auth  # [(user, password), ...] or None
     server_name = "0.0.0.0" if args.listen else os.environ.get("GRADIO_SERVER_NAME",
                                                                "127.0.0.1")
     demo.queue(default_concurrency_limit=4)
+    # No allowed_paths: the workspace is not served by gradio's file route; every file the
+    # page shows comes from a handler that checks who may read it (ui/footer.py servable).
+    # No run history: its routes skip --auth and use the server's token for loopback callers
+    # (a reverse proxy on the same host makes every visitor one). Raw exception text only
+    # for the owner of a local server: a visitor of a shared one sees one sentence.
     demo.launch(server_name=server_name, server_port=args.port, share=args.share, auth=auth,
-                allowed_paths=[str(workspace)], css=CSS, theme=gr.themes.Soft(),
+                css=CSS, theme=gr.themes.Soft(), run_history=False,
+                app_kwargs=app_kwargs(shared, workspace),
                 # one uploaded file: at most what one dataset upload may bring (a zip)
                 max_file_size=state.IMPORT_LIMITS.max_upload_bytes,
-                footer_links=["api", "settings"], show_error=True)
+                footer_links=["api", "settings"], show_error=not shared)
 
 
 if __name__ == "__main__":

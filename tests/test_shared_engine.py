@@ -396,3 +396,50 @@ def test_a_local_queue_writes_where_it_is_told_and_reads_anything(tmp_path):
     plant_backup(elsewhere / "run", 5)
     again = server.run(Viewer(), continue_last_backup=True, workspace_dir=str(elsewhere / "run"))
     assert (server.queue.store.folder(again.id) / "backup" / "step-5").is_dir()
+
+
+def test_folder_runs_stop_at_the_quota_and_keep_what_they_did_not_write(tmp_path):
+    """Automatic masks and captions over a folder charge each file to the quota: the run
+    writes what fits, then stops with the quota named; later images keep their files."""
+    from trainer.captions.generate import CaptionSettings, caption_folder
+    from trainer.captions.tiny import build_tiny_blip
+    from trainer.masks.generate import MaskSettings, generate_masks
+
+    folder = tmp_path / "ws" / "datasets" / "cats"
+    add_images(folder, 4)
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    settings = MaskSettings(method="color", color="#000000", mode="replace")
+    # room for one mask (16x16 PNGs of a few dozen bytes each), not for two
+    one_mask = 200
+    room = Room.measure(folder, ImportLimits(max_dataset_bytes=size + one_mask), tmp_path / "ws")
+    summary = generate_masks(folder, settings, room=room)
+    assert summary.stopped and "--max-dataset-gb" in summary.failed[0][1]
+    written = sorted(folder.glob("*-masklabel.png"))
+    assert [p.name for p in written] == [n.replace(".png", "-masklabel.png")
+                                         for n in summary.written] and 1 <= len(written) < 4
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= size + one_mask
+    room = Room.measure(folder, ImportLimits(), tmp_path / "ws")
+    assert len(generate_masks(folder, settings, room=room).written) == 4  # room enough
+
+    model = tmp_path / "captioner"
+    build_tiny_blip(str(model))
+    room = Room.measure(folder, ImportLimits(max_dataset_bytes=1), tmp_path / "ws")
+    texts = {p.name: p.read_bytes() for p in folder.glob("*.txt")}
+    summary = caption_folder(folder, CaptionSettings(model=str(model), mode="replace",
+                                                     prefix="x" * 50), room=room)
+    assert summary.stopped and not summary.captioned and "--max-dataset-gb" in summary.failed[0][1]
+    assert {p.name: p.read_bytes() for p in folder.glob("*.txt")} == texts
+
+
+def test_an_imported_dataset_has_its_owner_from_the_start(tmp_path):
+    from trainer.data.datasets import dataset_owner
+    from trainer.data.imports import import_dataset
+    source = tmp_path / "src"
+    add_images(source, 2)
+    report = import_dataset([source], "mine", tmp_path / "ws", owner="alice")
+    assert report.added and dataset_owner(report.dataset) == "alice"
+    assert Access(Realm(tmp_path / "ws", shared=True, confine=True),
+                  Viewer("bob", admin=False)).can_read(report.dataset) is False
+    # adding to an existing dataset never changes its owner
+    import_dataset([source], "mine", tmp_path / "ws", owner="bob", replace=True)
+    assert dataset_owner(report.dataset) == "alice"

@@ -3,11 +3,14 @@
 where everything is decided and prints it as the libraries see it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from trainer.limits import ServerLimits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the tests set for themselves (conftest) and a Space does not.
@@ -27,8 +30,12 @@ def start_settings(**env: str) -> dict:
 def test_a_space_is_shared_online_and_keeps_models_and_outputs_on_persistent_storage(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    space = start_settings(SPACE_ID="alice/atelier", ATELIER_DATA_DIR=str(data))
+    space = start_settings(SPACE_ID="alice/atelier", ATELIER_DATA_DIR=str(data),
+                           SPACE_AUTHOR_NAME="alice")
     assert space["shared"] and space["confine_paths"]
+    # A Space is a shared server: its limits, and its token publishes under its owner only.
+    assert space["limits"] == dataclasses.asdict(ServerLimits.shared_defaults())
+    assert space["publish_namespaces"] == ["alice"]
     assert space["hub_offline"] is False  # base models download from the hub there
     assert space["workspace"] == str(data / "workspace")
     assert space["hf_home"] == str(data / ".huggingface")
@@ -38,6 +45,7 @@ def test_a_space_is_shared_online_and_keeps_models_and_outputs_on_persistent_sto
     local = start_settings(ATELIER_DATA_DIR=str(data),
                            HF_HOME=str(tmp_path / "own-hf-home"))
     assert not local["shared"] and local["hub_offline"] is True
+    assert set(local["limits"].values()) == {None} and local["publish_namespaces"] == []
     assert local["hf_home"] == str(tmp_path / "own-hf-home")
     # A Space whose HF_HOME is set keeps it.
     kept = start_settings(SPACE_ID="alice/atelier", ATELIER_DATA_DIR=str(data),

@@ -106,15 +106,41 @@ def test_the_panel_lists_draws_and_refuses_by_name(workspace_with_lora, monkeypa
     assert "training job is running" in try_panel.generate(*args)["message"]
 
 
-def test_a_shared_server_tries_only_workspace_files(workspace_with_lora, trained, monkeypatch):
+def test_a_shared_server_tries_only_the_visitors_files(workspace_with_lora, trained, tmp_path,
+                                                       monkeypatch):
+    import json
+    import shutil
+
+    from trainer.limits import ServerLimits
+    from trainer.ownership import Access, Realm, Viewer
     from ui import state, try_panel
-    monkeypatch.setattr(state.OPTIONS, "confine_paths", True)
+    ws = workspace_with_lora.parents[2]
+    job = ws / "jobs" / "1"
+    (job / "output").mkdir(parents=True)
+    (job / "job.json").write_text(json.dumps({"owner": "alice"}))
+    alices = job / "output" / "lora.safetensors"
+    shutil.copy(workspace_with_lora, alices)
+    realm = Realm(ws, shared=True, confine=True)
+    alice, bob = Access(realm, Viewer("alice", False)), Access(realm, Viewer("bob", False))
+    assert [label for label, _ in try_panel.lora_choices(alice)] == [
+        "jobs/1/output/lora.safetensors"]
+    assert try_panel.lora_choices(bob) == []
+    assert try_panel.size_of(str(alices), bob) == {}
+    args = ["a cat", "", 1.0, 7, 4, 3.0, 64, 64]
     outside = trained[1].output_path  # the training run's own folder, outside the workspace
-    out = try_panel.generate(outside, "a cat", "", 1.0, 7, 4, 3.0, 64, 64)
-    assert "outside the workspace" in out["message"]
-    # its base model (the tiny model's folder) is outside the workspace too
-    out = try_panel.generate(str(workspace_with_lora), "a cat", "", 1.0, 7, 4, 3.0, 64, 64)
-    assert "base_model_name" in out["message"] and "outside the workspace" in out["message"]
+    for path in (str(alices), outside, str(workspace_with_lora)):  # (the last: the server's)
+        out = try_panel.generate(path, *args, access=bob)
+        assert "lora: " in out["message"] and "cannot be read by you" in out["message"]
+    # alice's own LoRA; its base model (the tiny model's folder) is outside the workspace
+    out = try_panel.generate(str(alices), *args, access=alice)
+    assert "base_model_name" in out["message"] and "cannot be read by you" in out["message"]
+    # the server's Try it limits, named with their options
+    monkeypatch.setattr(state, "LIMITS", ServerLimits(try_max_size=32, try_max_steps=3))
+    out = try_panel.generate(str(alices), *args, access=alice)
+    assert "width: 64 is above this server&#x27;s limit of 32 (--try-max-size)" in out["message"]
+    out = try_panel.generate(str(alices), *args[:6], 32, 32, access=alice)
+    assert "steps: 4 is above this server&#x27;s limit of 3 (--try-max-steps)" in out["message"]
+    assert "32 px" in try_panel.limits_text() and "3 steps" in try_panel.limits_text()
 
 
 def test_training_does_not_start_while_a_lora_is_drawn_and_frees_its_model(monkeypatch):

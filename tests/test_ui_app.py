@@ -102,3 +102,42 @@ def test_a_local_server_allows_any_path_and_custom_code(monkeypatch):
         assert state.SESSION.allow_custom_code is True
     finally:
         state.SESSION.allow_custom_code = False
+
+
+def test_limits_are_the_shared_defaults_on_a_shared_server_and_none_locally(app, monkeypatch):
+    from trainer.limits import LIMIT_OPTIONS, ServerLimits
+    for key in LIMIT_OPTIONS:
+        monkeypatch.delenv(app.limit_env(key), raising=False)
+    monkeypatch.delenv("ATELIER_PUBLISH_NAMESPACE", raising=False)
+    monkeypatch.delenv("SPACE_AUTHOR_NAME", raising=False)
+    args = app.parse_args([])
+    assert app.server_limits(args, shared=True) == ServerLimits.shared_defaults()
+    assert app.server_limits(args, shared=False) == ServerLimits()
+    # Each option overrides its limit (0: none); the env gives the option's default.
+    monkeypatch.setenv("ATELIER_TRY_MAX_SIZE", "768")
+    args = app.parse_args(["--max-steps-per-job", "100", "--max-jobs-per-user", "0"])
+    shared = app.server_limits(args, shared=True)
+    assert (shared.max_steps_per_job, shared.max_jobs_per_user, shared.try_max_size,
+            shared.try_max_steps) == (100, None, 768, ServerLimits.shared_defaults().try_max_steps)
+    local = app.server_limits(args, shared=False)
+    assert (local.max_steps_per_job, local.try_max_size, local.try_max_steps) == (100, 768, None)
+    for bad in (["--try-max-steps", "-1"], ["--try-max-size", "big"]):
+        with pytest.raises(SystemExit):
+            app.parse_args(bad)
+    monkeypatch.setenv("ATELIER_MAX_CAPTION_CHARS", "lots")
+    with pytest.raises(SystemExit):
+        app.parse_args([])
+
+
+def test_publish_namespaces_from_the_options_the_env_or_the_spaces_owner(app, monkeypatch):
+    monkeypatch.delenv("ATELIER_PUBLISH_NAMESPACE", raising=False)
+    monkeypatch.delenv("SPACE_AUTHOR_NAME", raising=False)
+    assert app.parse_args([]).publish_namespace == []
+    monkeypatch.setenv("SPACE_AUTHOR_NAME", "owner")
+    assert app.parse_args([]).publish_namespace == ["owner"]
+    monkeypatch.setenv("ATELIER_PUBLISH_NAMESPACE", "team, lab")
+    assert app.parse_args([]).publish_namespace == ["team", "lab"]
+    args = app.parse_args(["--publish-namespace", "a,b", "--publish-namespace", "c"])
+    assert args.publish_namespace == ["a", "b", "c"]
+    with pytest.raises(SystemExit):
+        app.parse_args(["--publish-namespace", "../x"])

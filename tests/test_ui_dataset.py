@@ -12,10 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import inspect
+from types import SimpleNamespace
+
+from two_users import request, shared_world, snapshot
+
 from trainer.data import browse
+from trainer.data.datasets import set_dataset_owner
+from trainer.data.imports import ImportLimits
 from trainer.demo import DEMO_DATASET_DIR
+from trainer.limits import ServerLimits
 from trainer.masks import painted
 from trainer.masks.store import existing_mask
+from trainer.ownership import ANONYMOUS
 from ui import auto_masks, dataset, state, tables
 
 NAMES = ["astronaut.jpg", "cat.jpg", "coffee.jpg", "photographer.jpg", "rocket.jpg"]
@@ -291,11 +300,13 @@ def test_a_failed_mask_write_keeps_the_old_mask_and_says_why(data, monkeypatch):
     assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_shared_server_confines_browsing_and_writing(data, shared):
+def test_a_shared_server_without_a_login_confines_browsing_and_writing(data, shared):
     outside = dataset.browse_folder(str(data))
-    assert outside["gallery"] == [] and "outside the workspace folder" in outside["info"]
-    assert "outside the workspace" in dataset.open_image(str(data / "cat.jpg"))["message"]
-    assert "outside the workspace" in dataset.save_caption(str(data / "cat.jpg"), "x")["message"]
+    assert outside["gallery"] == [] and "cannot be read by you" in outside["info"]
+    assert outside["info"].startswith("⚠ Concept folder: ")
+    assert "Image: " in dataset.open_image(str(data / "cat.jpg"))["message"]
+    refused = html.unescape(dataset.save_caption(str(data / "cat.jpg"), "x")["message"])
+    assert "Image: " in refused and "cannot be written by you" in refused
     assert (data / "cat.txt").read_text(encoding="utf-8") == "a photo of a cat\n"
     # The demo dataset may be browsed (training reads it too) but not written.
     demo = dataset.browse_folder(str(DEMO_DATASET_DIR))
@@ -303,12 +314,213 @@ def test_a_shared_server_confines_browsing_and_writing(data, shared):
     opened = dataset.open_image(str(DEMO_DATASET_DIR / "cat.jpg"))
     assert opened["caption"] == "a photo of a cat"
     refused = dataset.save_mask(opened["selected"], opened["editor"], opened["baseline"])
-    assert "read-only on a shared server" in refused["message"]
-    assert "read-only" in dataset.save_caption(opened["selected"], "x")["message"]
-    # Inside the workspace everything works.
-    inside = shared / "cats"
-    shutil.copytree(data, inside)
-    assert "Saved" in dataset.save_caption(str(inside / "cat.jpg"), "a cat")["message"]
+    assert "cannot be written by you" in refused["message"]
+    assert "cannot be written" in dataset.save_caption(opened["selected"], "x")["message"]
+    # The workspace's own files are the server's; a dataset the visitor made is theirs.
+    loose = shared / "cats"
+    shutil.copytree(data, loose)
+    assert "cannot be written" in dataset.save_caption(str(loose / "cat.jpg"), "a")["message"]
+    mine = shared / "datasets" / "cats"
+    shutil.copytree(data, mine)
+    set_dataset_owner(mine, ANONYMOUS)
+    assert "Saved" in dataset.save_caption(str(mine / "cat.jpg"), "a cat")["message"]
+
+
+# --- a shared server with two users (issue 23) ------------------------------------------------
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "THUMBNAIL_DIR", tmp_path / "thumbs")
+    return shared_world(tmp_path, monkeypatch)
+
+
+def test_another_users_dataset_is_neither_shown_nor_written(world):
+    cats = world.dataset("cats")
+    before = snapshot(cats)
+    mine = dataset.open_image(str(cats / "rocket.jpg"), world.alice)  # alice opens her image
+    assert mine["caption"] and mine["editor"] is not None
+    # bob names alice's folder and image in every tool of the section
+    listed = dataset.browse_folder(str(cats), access=world.bob)
+    assert listed["gallery"] == [] and listed["entries"] == []
+    assert listed["info"].startswith("⚠ Concept folder: ") and "cats" in listed["info"]
+    image = str(cats / "rocket.jpg")
+    for result in (dataset.open_image(image, world.bob),
+                   dataset.select_image([image], 0, world.bob),
+                   dataset.save_caption(image, "pwned", access=world.bob),
+                   dataset.save_mask(image, mine["editor"], mine["baseline"], world.bob),
+                   dataset.reset_mask(image, mine["editor"], mine["baseline"], "fill",
+                                      world.bob)):
+        message = html.unescape(result["message"])
+        assert message.startswith("<div class='atelier-error'>Image: ")
+        assert "cannot be" in message and "pwned" not in message
+        assert set(result) == {"message"}  # no pixels, caption or title of alice's image
+    assert not dataset.has_unsaved_paint(image, mine["editor"], None, world.bob)
+    for result in (auto_masks.preview_selected(image, world.bob, **color_settings()),
+                   auto_masks.apply_to_folder(str(cats), access=world.bob,
+                                              **color_settings(mode="replace"))):
+        assert "cannot be" in result["auto_message"] and result.get("auto_image") is None
+    assert snapshot(cats) == before  # byte for byte, nothing added or removed
+
+
+def test_each_user_edits_their_own_and_the_admin_edits_all(world):
+    cats, dogs = world.dataset("cats"), world.dataset("dogs")
+    assert len(dataset.browse_folder(str(cats), access=world.alice)["entries"]) == 5
+    assert "Saved" in dataset.save_caption(str(cats / "cat.jpg"), "alice's cat",
+                                           access=world.alice)["message"]
+    assert (cats / "cat.txt").read_text() == "alice's cat\n"
+    assert "cannot be" in dataset.save_caption(str(dogs / "cat.jpg"), "x",
+                                               access=world.alice)["message"]
+    # the admin browses and writes anyone's
+    assert len(dataset.browse_folder(str(dogs), access=world.root)["entries"]) == 5
+    assert "Saved" in dataset.save_caption(str(dogs / "cat.jpg"), "checked",
+                                           access=world.root)["message"]
+    result = auto_masks.apply_to_folder(str(dogs), access=world.root,
+                                        **color_settings(mode="replace"))
+    assert "Wrote 5 masks" in result["auto_message"]
+
+
+def test_a_cli_dataset_and_the_demo_are_read_by_all_and_written_by_admins(world):
+    cli = world.dataset("cli")
+    before = snapshot(cli)
+    for folder in (cli, DEMO_DATASET_DIR):
+        assert len(dataset.browse_folder(str(folder), access=world.bob)["entries"]) == 5
+        opened = dataset.open_image(str(folder / "rocket.jpg"), world.bob)
+        assert opened["caption"]
+        refused = dataset.save_mask(opened["selected"], opened["editor"], opened["baseline"],
+                                    world.bob)
+        assert "cannot be written by you" in refused["message"]
+        assert "cannot be written" in dataset.save_caption(str(folder / "rocket.jpg"), "x",
+                                                           access=world.bob)["message"]
+        assert "cannot be written" in auto_masks.apply_to_folder(
+            str(folder), access=world.bob, **color_settings(mode="replace"))["auto_message"]
+    assert snapshot(cli) == before
+    assert "Saved" in dataset.save_caption(str(cli / "rocket.jpg"), "fixed",
+                                           access=world.root)["message"]
+
+
+def test_job_folders_and_the_servers_files_are_their_owners(world):
+    job = world.workspace / "jobs" / "1"
+    shutil.copytree(DEMO_DATASET_DIR, job / "data")
+    (job / "job.json").write_text('{"owner": "alice"}')
+    assert len(dataset.browse_folder(str(job / "data"), access=world.alice)["entries"]) == 5
+    for folder in (job / "data", world.workspace, world.workspace / "jobs"):
+        assert "cannot be read" in dataset.browse_folder(str(folder),
+                                                         access=world.bob)["info"]
+
+
+def test_a_link_out_of_a_dataset_shows_nothing_of_the_other_users(world):
+    """A link inside alice's folder to bob's image (no page tool makes one; a server admin
+    might): not listed, not opened, its caption and mask not read through a link either."""
+    cats, dogs = world.dataset("cats"), world.dataset("dogs")
+    (cats / "stolen.jpg").symlink_to(dogs / "rocket.jpg")
+    listed = dataset.browse_folder(str(cats), access=world.alice)
+    assert len(listed["entries"]) == 5 and not any("stolen" in e for e in listed["entries"])
+    assert "cannot be read" in dataset.open_image(str(cats / "stolen.jpg"),
+                                                  world.alice)["message"]
+    (cats / "cat.txt").unlink()
+    (cats / "cat.txt").symlink_to(dogs / "cat.txt")
+    refused = html.unescape(dataset.open_image(str(cats / "cat.jpg"), world.alice)["message"])
+    assert refused.startswith("<div class='atelier-error'>Caption file: ")
+    # the admin's listing is the same: the link is followed only where its target is read
+    assert len(dataset.browse_folder(str(cats), access=world.root)["entries"]) == 6
+
+
+def test_refusals_are_one_sentence_naming_the_field(world):
+    for value in ("a\x00b", "/" + "x/" * 3000, "../../../etc"):
+        listed = dataset.browse_folder(value, access=world.bob)["info"]
+        opened = html.unescape(dataset.open_image(value + "/a.jpg", world.bob)["message"])
+        assert listed.startswith("⚠ Concept folder: ") and "Image: " in opened
+        for text in (listed, opened):
+            assert "null byte" not in text and "Errno" not in text and "Traceback" not in text
+            assert len(text) < 600
+
+
+def test_the_handlers_get_the_requests_visitor(world):
+    """`wire` gives a handler with an `access` parameter the Access of the request's login:
+    the same browse, called for alice and for bob, answers each their own."""
+    import gradio as gr
+
+    with gr.Blocks():
+        section = SimpleNamespace(**{name: gr.Textbox(render=False) for name in
+                                     ("concept", "only_unmasked", "concepts", "selected",
+                                      "gallery", "entries", "info")})
+    section.component = lambda name: getattr(section, name)
+    run, inputs, outputs = dataset.wire(section, dataset.refresh_gallery,
+                                        dataset.BROWSE_INPUTS, dataset.BROWSED)
+    table = tables.concepts_frame([{"path": str(world.dataset("cats"))}])
+    data = {section.concept: str(world.dataset("cats")), section.only_unmasked: False,
+            section.concepts: table, section.selected: None}
+    for user, count in (("alice", 5), ("bob", 0), ("root", 5)):
+        result = run(data, request(user))
+        assert len(result[section.entries]) == count, user
+    assert "request" in inspect.signature(run).parameters
+
+
+def test_a_caption_longer_than_the_servers_limit_is_refused(world, monkeypatch):
+    cats = world.dataset("cats")
+    monkeypatch.setattr(state, "LIMITS", ServerLimits(max_caption_chars=20))
+    before = (cats / "cat.txt").read_bytes()
+    refused = html.unescape(dataset.save_caption(str(cats / "cat.jpg"), "x" * 21,
+                                                 access=world.alice)["message"])
+    assert "Caption: 21 characters is more than the 20 this server allows " \
+           "(--max-caption-chars)" in refused
+    assert (cats / "cat.txt").read_bytes() == before
+    assert "Saved" in dataset.save_caption(str(cats / "cat.jpg"), "  " + "x" * 20 + "\n",
+                                           access=world.alice)["message"]
+
+
+def test_a_write_that_would_pass_the_dataset_quota_is_refused(world, monkeypatch):
+    cats = world.dataset("cats")
+    size = sum(len(data) for data in snapshot(cats).values())
+    monkeypatch.setattr(state, "IMPORT_LIMITS", ImportLimits(max_dataset_bytes=size + 5))
+    before = snapshot(cats)
+    opened = dataset.open_image(str(cats / "cat.jpg"), world.alice)
+    filled = dataset.reset_mask(opened["selected"], opened["editor"], opened["baseline"],
+                                "invert", world.alice)
+    for result in (dataset.save_mask(opened["selected"], filled["editor"], filled["baseline"],
+                                     world.alice),
+                   dataset.save_caption(str(cats / "cat.jpg"), "a much, much longer caption",
+                                        access=world.alice)):
+        assert "--max-dataset-gb" in html.unescape(result["message"])
+    assert snapshot(cats) == before
+    assert "Saved" in dataset.save_caption(str(cats / "cat.jpg"), "a cat",
+                                           access=world.alice)["message"]  # smaller: fine
+    # a full dataset takes no automatic masks either
+    monkeypatch.setattr(state, "IMPORT_LIMITS", ImportLimits(max_dataset_bytes=size - 100))
+    before = snapshot(cats)
+    refused = auto_masks.apply_to_folder(str(cats), access=world.alice,
+                                         **color_settings(mode="replace"))["auto_message"]
+    assert "Concept folder: not written" in refused and "--max-dataset-gb" in refused
+    assert snapshot(cats) == before
+
+
+def test_the_concept_summary_and_lr_preview_count_only_readable_folders(world, monkeypatch):
+    from trainer.config import config_from_dict
+    from ui import lr_preview
+    from ui.page import concepts_summary
+
+    counted = []
+    real = lr_preview.count_images
+    monkeypatch.setattr(lr_preview, "count_images",
+                        lambda folder, sub=False: counted.append(folder) or real(folder, sub))
+    cats = str(world.dataset("cats"))
+    for path in (cats, "/usr", "/"):
+        config = config_from_dict({"concepts": [{"path": path, "include_subdirectories": True}]})
+        summary = concepts_summary(config.concepts, world.bob)
+        frame, caption = lr_preview.curve_frame(config, access=world.bob)
+        assert summary.startswith("⚠ concepts[0].path: ") and "cannot be read" in summary
+        assert caption.startswith("No preview: concepts[0].path: ") and frame.empty
+        assert "images" not in summary and "images" not in caption  # no count, no oracle
+    assert counted == []  # nothing was walked
+    config = config_from_dict({"concepts": [{"path": cats}]})
+    assert concepts_summary(config.concepts, world.alice) == "`cats`: 5 images"
+    assert lr_preview.curve_frame(config, access=world.alice)[1].startswith("5 images per")
+
+
+def test_no_caption_limit_locally(data):
+    assert state.LIMITS.max_caption_chars is None
+    assert "Saved" in dataset.save_caption(str(data / "cat.jpg"), "a cat " * 5000)["message"]
+    assert len((data / "cat.txt").read_text()) > 20_000
 
 
 # --- automatic masks ------------------------------------------------------------------------------
@@ -425,14 +637,15 @@ def test_unsaved_paint_is_told_apart_from_a_saved_canvas(data):
 def test_auto_apply_errors(data, shared):
     assert "No concept folder" in auto_masks.apply_to_folder(None, **color_settings())[
         "auto_message"]
-    assert "outside the workspace" in auto_masks.apply_to_folder(
+    assert "Concept folder: " in auto_masks.apply_to_folder(
         str(data), **color_settings())["auto_message"]
-    assert "read-only" in auto_masks.apply_to_folder(
+    assert "cannot be written" in auto_masks.apply_to_folder(
         str(DEMO_DATASET_DIR), **color_settings())["auto_message"]
     model = auto_masks.preview_selected(
         str(DEMO_DATASET_DIR / "cat.jpg"),
         **color_settings(method="clipseg", prompt="a cat", model="/etc/models/clipseg"))
-    assert "CLIPSeg model" in model["auto_message"] and "outside" in model["auto_message"]
+    assert "CLIPSeg model: " in model["auto_message"] and "cannot be read" in model[
+        "auto_message"]
     assert "No mask run" in auto_masks.request_stop("nobody")["auto_message"]
 
 

@@ -69,6 +69,40 @@ def test_gallery_newest_first_and_download_only_when_done(tmp_path):
     assert [f.rsplit("/", 1)[1] for f in files] == ["lora.safetensors", "lora.json"]
 
 
+def test_the_files_shown_are_those_the_visitor_may_read(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from trainer.ownership import Access, Realm, Viewer
+    ws = tmp_path / "ws"
+    job = ws / "jobs" / "1"
+    (job / "samples").mkdir(parents=True)
+    (job / "job.json").write_text(json.dumps({"owner": "alice"}))
+    sample, model = job / "samples" / "step1-0.png", job / "lora.safetensors"
+    sample.write_bytes(b"png")
+    model.write_bytes(b"x")
+    state = running_state(status="finished", output_path=str(model),
+                          samples=[{"path": str(sample), "prompt": "p", "step": 1}])
+    realm = Realm(ws, shared=True, confine=True)
+    alice, bob = Access(realm, Viewer("alice", False)), Access(realm, Viewer("bob", False))
+    assert len(footer.gallery_items(state, alice)) == 1 and footer.download_files(state, alice)
+    assert footer.gallery_items(state, bob) == [] and footer.download_files(state, bob) is None
+    # A file outside the working folder and the temp folder (a workspace on /data) is
+    # copied where gradio takes files from; a dot-file of the working folder too.
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(footer.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(footer, "_SERVE_DIR", tmp_path / "tmp" / "atelier-serve")
+    copy = footer.servable(sample)
+    assert copy != str(sample) and open(copy, "rb").read() == b"png"
+    assert copy.startswith(str(tmp_path / "tmp"))
+    (elsewhere / ".hidden.png").write_bytes(b"h")
+    served = footer.servable(elsewhere / ".hidden.png")
+    assert not os.path.basename(served).startswith(".")
+    assert footer.servable(elsewhere / "x.png") == str(elsewhere / "x.png")
+
+
 def test_snapshot_changes_with_progress():
     a = footer.Snapshot.of(running_state())
     assert a == footer.Snapshot.of(running_state())

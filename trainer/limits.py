@@ -54,16 +54,19 @@ def count_images(folder: str, subfolders: bool = False) -> int:
     return count
 
 
-def epoch_images(concepts) -> int:
+def epoch_images(concepts, count=None) -> int:
     """Samples one epoch visits: each enabled concept's images x its repeats, a fractional
-    repeat taking that share of the images (at least one), as the dataset expands them."""
+    repeat taking that share of the images (at least one), as the dataset expands them.
+    `count(concept, index)` counts a concept's images (None: not a folder); by default
+    `count_images` of its folder (the page's count checks who may read it first)."""
     total, counted = 0, {}
-    for concept in concepts:
+    for index, concept in enumerate(concepts):
         if not concept.enabled or concept.repeats <= 0:
             continue
         where = (concept.path, bool(concept.include_subdirectories))
         if where not in counted:  # one folder named by many concepts is walked once
-            counted[where] = count_images(*where)
+            counted[where] = (count(concept, index) if count is not None
+                              else count_images(*where)) or 0
         n = counted[where]
         whole = int(math.floor(concept.repeats))
         extra = int(math.floor((concept.repeats - whole) * n + 0.5))
@@ -73,10 +76,11 @@ def epoch_images(concepts) -> int:
     return total
 
 
-def estimate_steps(config) -> tuple[int, int, int]:
+def estimate_steps(config, count=None) -> tuple[int, int, int]:
     """(total optimizer steps, steps per epoch, samples per epoch) of `config` on one
-    process: samples divided into batches, batches into accumulation groups, times epochs."""
-    images = epoch_images(config.concepts)
+    process: samples divided into batches, batches into accumulation groups, times epochs.
+    `count`: as for `epoch_images`."""
+    images = epoch_images(config.concepts, count)
     batches = math.ceil(images / config.batch_size) if images else 0
     per_epoch = math.ceil(batches / config.gradient_accumulation_steps) if batches else 0
     return per_epoch * config.epochs, per_epoch, images

@@ -7,7 +7,12 @@ output's step) and a README.md model card (trainer/model_card.py).
 
 The token comes from the caller (the page's password field), else `HF_TOKEN`, else the
 login `hf auth login` saved. It is handed to huggingface_hub and nowhere else: it is never
-written to disk, a config, a log or a message (messages are scrubbed of it as well).
+written to disk, a config, a log or a message (messages are scrubbed of it as well). A shared
+server lends its own token only for repos under the namespaces it names
+(`check_server_namespace`); a visitor publishing elsewhere types theirs.
+
+`may_read` (a shared server's ownership rule) keeps files the caller may not read (a sample
+or an embedding file a config points at) out of the upload.
 
 Errors: PublishError for input the user must fix (the CLI exits 2), UploadError when the
 upload itself failed, the network included (the CLI exits 1).
@@ -113,6 +118,21 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def check_server_namespace(repo_id: str, namespaces) -> str:
+    """`repo_id` when the server's own token may publish there: its namespace (the user or
+    organization before '/') is one of `namespaces`. PublishError naming repo_id otherwise,
+    which asks for the visitor's own token."""
+    repo_id = check_repo_id(repo_id)
+    owner = repo_id.split("/", 1)[0].casefold()
+    if any(owner == name.casefold() for name in namespaces):
+        return repo_id
+    where = (f"only under {', '.join(namespaces)}" if namespaces
+             else "under no namespace")
+    raise PublishError(f"Repo id '{repo_id}': this server publishes with its own token "
+                       f"{where}; type your own Hugging Face token (one with write access) "
+                       "to publish there.")
+
+
 def hub_id_of(base_model_name: str, local: Path | None = None) -> str | None:
     """The hub id of the base model: the name itself when it is one (the engine's rule,
     and not a path that exists where the run took it from, `local`), or the repo a local
@@ -183,7 +203,8 @@ def instance_prompt_of(config: TrainConfig) -> str | None:
 
 def build_upload_folder(output: str | Path, folder: str | Path, *, repo_id: str,
                         base_model: str | None = None, instance_prompt: str | None = None,
-                        link: bool = False) -> list[str]:
+                        link: bool = False,
+                        may_read: Callable[[Path], bool] | None = None) -> list[str]:
     """Write the folder the repo gets to `folder` (which must not exist or be empty):
     built in a staging folder beside it, then renamed into place, so it is whole or absent.
     `link` hard-links the weights where the filesystem allows (a temporary upload folder),
@@ -198,7 +219,8 @@ def build_upload_folder(output: str | Path, folder: str | Path, *, repo_id: str,
     staging.mkdir()
     try:
         _fill(staging, found, repo_id=repo_id, base_model=base_model,
-              instance_prompt=instance_prompt, link=link)
+              instance_prompt=instance_prompt, link=link,
+              may_read=may_read or (lambda path: True))
         if folder.exists():
             folder.rmdir()  # empty (checked above); rename does not replace a folder elsewhere
         os.replace(staging, folder)
@@ -209,7 +231,8 @@ def build_upload_folder(output: str | Path, folder: str | Path, *, repo_id: str,
 
 
 def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None,
-          instance_prompt: str | None, link: bool) -> None:
+          instance_prompt: str | None, link: bool,
+          may_read: Callable[[Path], bool]) -> None:
     config = output.config
     name = repo_id.split("/", 1)[1]
     copy = _link_or_copy if link else shutil.copy2
@@ -226,7 +249,7 @@ def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None
     for placeholder, file in embedding_file_paths(config, output.path):
         if file == output.path:
             embeddings.append(CardEmbedding(placeholder, weights))
-        elif file.is_file():
+        elif file.is_file() and may_read(file):
             target = f"{name}{file.name.removeprefix(output.path.stem)}"
             copy(file, staging / target)
             embeddings.append(CardEmbedding(placeholder, target))
@@ -239,6 +262,8 @@ def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None
     steps = _as_int(header.get("ss_steps"))
     samples = []
     for file, index in pick_samples(config, output.run_path(config.workspace_dir), steps):
+        if not may_read(file):
+            continue
         (staging / "samples").mkdir(exist_ok=True)
         shutil.copy2(file, staging / "samples" / file.name)
         spec = config.samples[index]
@@ -292,7 +317,8 @@ def check_online() -> None:
 def publish(output: str | Path, repo_id: str, *, private: bool = False,
             token: str | None = None, endpoint: str | None = None,
             base_model: str | None = None, instance_prompt: str | None = None,
-            on_status: Callable[[str], None] = lambda message: None) -> str:
+            on_status: Callable[[str], None] = lambda message: None,
+            may_read: Callable[[Path], bool] | None = None) -> str:
     """Create the repo (if needed) and upload the output's folder; returns the repo's URL."""
     import tempfile
 
@@ -305,7 +331,8 @@ def publish(output: str | Path, repo_id: str, *, private: bool = False,
         folder = Path(temp) / "repo"
         on_status("Building the model card")
         files = build_upload_folder(output, folder, repo_id=repo_id, base_model=base_model,
-                                    instance_prompt=instance_prompt, link=True)
+                                    instance_prompt=instance_prompt, link=True,
+                                    may_read=may_read)
         on_status(f"Uploading {len(files)} files to {repo_id}")
         return upload_folder(folder, repo_id, private=private, token=token, endpoint=endpoint)
 

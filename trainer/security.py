@@ -29,8 +29,17 @@ def names_local_path(value: str) -> bool:
     """True when a model source names a file or folder on this machine rather than a hub id
     ('owner/name' that does not exist locally): absolute, ./ or ~ paths, existing paths, and
     anything not shaped like a hub id."""
-    return (os.path.isabs(value) or value.startswith((".", "~")) or Path(value).exists()
+    return (os.path.isabs(value) or value.startswith((".", "~")) or _exists(value)
             or not _HUB_ID.match(value))
+
+
+def _exists(value: str) -> bool:
+    """Path.exists, False for a name no file can have (a part over 255 bytes, a NUL):
+    those raise OSError / ValueError rather than answer."""
+    try:
+        return Path(value).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def is_inside(path: Path, roots: list[Path]) -> bool:

@@ -13,10 +13,16 @@
 A refused config raises gradio_client's AppError with the message naming the key. The older
 `/start` (returns "started", "queued: ..." or "error: ...") and `/state` (the job the caller
 follows, as the footer shows it) remain.
+
+Every endpoint answers for the caller only (their own jobs; an admin's: all), and every
+refusal is one sentence: a bug's raw exception text goes to the server's log, never to the
+caller.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 
 import gradio as gr
 
@@ -25,7 +31,10 @@ from trainer.errors import AtelierError, ConfigError
 from trainer.jobs.queue import space_defaults
 from trainer.jobs.store import Job
 from ui import paths, presets
+from ui.jobs_panel import job_number
 from ui.state import SESSION, check_paths, start_training, viewer
+
+log = logging.getLogger(__name__)
 
 
 def parse_config(config_json: str) -> TrainConfig:
@@ -73,20 +82,19 @@ def submit_job(config_json: str, request: gr.Request) -> dict:
     return {"id": job.id, "queue_position": position}
 
 
-def _job_call(action, *args):
+def _job_call(action, job_id):
+    """`action(job number)`; gr.Error with one sentence for a value that is no job number
+    (text, 10**30) or a job the caller may not see."""
     try:
-        return action(*args)
+        return action(job_number(job_id))
     except AtelierError as error:
         raise gr.Error(str(error), print_exception=False) from None
-    except (TypeError, ValueError):
-        raise gr.Error(f"job_id: '{args[0]}' is not a job number.",
-                       print_exception=False) from None
 
 
 def job_status(job_id: int, request: gr.Request) -> dict:
     """{"id", "status", "step", "total_steps", "loss", "outputs", "queue_position", ...};
     status is queued, running, finished, stopped, failed or interrupted."""
-    return job_dict(_job_call(lambda i: SESSION.get(int(i), viewer(request)), job_id))
+    return job_dict(_job_call(lambda i: SESSION.get(i, viewer(request)), job_id))
 
 
 def list_jobs(request: gr.Request) -> list:
@@ -96,19 +104,22 @@ def list_jobs(request: gr.Request) -> list:
 
 def cancel_job(job_id: int, request: gr.Request) -> dict:
     """Cancel a queued job, or stop a running one after its current step (it saves)."""
-    return job_dict(_job_call(lambda i: SESSION.cancel(int(i), viewer(request)), job_id))
+    return job_dict(_job_call(lambda i: SESSION.cancel(i, viewer(request)), job_id))
 
 
 def move_job(job_id: int, direction: str, request: gr.Request) -> dict:
     """Move a queued job one place 'up' or 'down' in the queue."""
-    _job_call(lambda i: SESSION.move(int(i), direction, viewer(request)), job_id)
-    return job_dict(SESSION.get(int(job_id), viewer(request)))
+    if direction not in ("up", "down"):
+        raise gr.Error("direction: write 'up' or 'down'.", print_exception=False)
+    _job_call(lambda i: SESSION.move(i, direction, viewer(request)), job_id)
+    return job_dict(_job_call(lambda i: SESSION.get(i, viewer(request)), job_id))
 
 
 def delete_job(job_id: int, request: gr.Request) -> dict:
     """Delete an ended job with its folder."""
-    _job_call(lambda i: SESSION.delete(int(i), viewer(request)), job_id)
-    return {"id": int(job_id), "deleted": True}
+    number = _job_call(lambda i: i, job_id)
+    _job_call(lambda i: SESSION.delete(i, viewer(request)), number)
+    return {"id": number, "deleted": True}
 
 
 def state(request: gr.Request) -> dict:
@@ -131,8 +142,26 @@ def default_config() -> str:
     return json.dumps(presets.export_dict(config, memory))
 
 
+def one_sentence(fn):
+    """`fn` whose failures reach the caller as one sentence: a refusal's own message, and for
+    anything else (a bug, a library's error) a line saying so, its details in the log only."""
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except AtelierError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception:
+            log.exception("The API call %s failed", fn.__name__)
+            raise gr.Error(f"{fn.__name__} failed on the server (the server's log says why); "
+                           "check the values sent.", print_exception=False) from None
+    return guarded
+
+
 def register() -> None:
     """Name every endpoint (inside the page's Blocks)."""
     for fn in (start, state, default_config, submit_job, job_status, list_jobs, cancel_job,
                move_job, delete_job):
-        gr.api(fn, api_name=fn.__name__)
+        gr.api(one_sentence(fn), api_name=fn.__name__)

@@ -5,6 +5,8 @@ caption at once (add or remove a trigger word, find and replace).
 The work is trainer.captions'; this module collects the settings and shows the results. Like
 the automatic masks, a run refuses while training runs (training reads the captions), and
 training does not start while a run writes them (state.MASK_RUNS holds both kinds of run).
+Every folder, image and model is checked with the visitor's Access first (ui.files), and a
+bulk edit never makes a caption longer than the server's limit (state.LIMITS).
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ from trainer.captions.generate import (CaptionMode, CaptionSettings, caption_fol
                                        preview_caption)
 from trainer.captions.models import DEFAULT_CAPTION_MODEL
 from trainer.errors import AtelierError, DatasetError
+from trainer.limits import LIMIT_OPTIONS
+from trainer.ownership import Access
 from ui import state
-from ui.dataset import (BROWSE_INPUTS, BROWSED, NO_IMAGE, DatasetSection, call_safely,
-                        current_folder, refresh_gallery, wire)
-from ui.files import check_allowed, check_model_source, failed, message_html
+from ui.dataset import (BROWSE_INPUTS, BROWSED, FOLDER_FIELD, IMAGE_FIELD, NO_IMAGE,
+                        DatasetSection, call_safely, current_folder, refresh_gallery, wire)
+from ui.files import (check_model_source, failed, message_html, readable, room_left,
+                      writable, write_bounds)
 
 MODES = [("Only images without a caption", CaptionMode.FILL.value),
          ("Replace every caption", CaptionMode.REPLACE.value)]
@@ -36,10 +41,16 @@ _stop_requests: set[str] = set()
 _stop_lock = state.MASK_RUNS_LOCK
 
 
-def settings_from(values: dict[str, Any]) -> CaptionSettings:
+def settings_from(values: dict[str, Any], access: Access | None = None) -> CaptionSettings:
     """The panel's values as CaptionSettings (the model's source checked on a shared server)."""
     model = str(values.get("caption_model") or "").strip() or DEFAULT_CAPTION_MODEL
-    check_model_source(model, "Captioning model")
+    check_model_source(model, "Captioning model", access or state.access())
+    limit = state.LIMITS.max_caption_chars
+    added = len(values.get("caption_prefix") or "") + len(values.get("caption_suffix") or "")
+    if limit is not None and added > limit:  # every caption of the run would be too long
+        raise DatasetError(f"Prefix and suffix: {added:,} characters together, more than "
+                           f"the {limit:,} a caption may have on this server "
+                           f"({LIMIT_OPTIONS['max_caption_chars']}).")
     length = values.get("caption_max_length")
     return CaptionSettings(model=model, mode=values.get("caption_mode") or "fill",
                            style=values.get("caption_style") or "short",
@@ -49,21 +60,23 @@ def settings_from(values: dict[str, Any]) -> CaptionSettings:
                            online=state.OPTIONS.online)
 
 
-def _writable_folder(concept: str | None) -> Path:
+def _writable_folder(concept: str | None, access: Access | None) -> Path:
     if state.SESSION.running:
         raise DatasetError("A training job is running and reads these captions: stop it or "
                            "wait for it to finish, then edit them.")
     if not concept:
         raise DatasetError("No concept folder: add one in the Data table.")
-    return check_allowed(concept, write=True)
+    return writable(concept, FOLDER_FIELD, access)
 
 
-def preview_selected(selected: str | None, **values: Any) -> dict:
+def preview_selected(selected: str | None, access: Access | None = None,
+                     **values: Any) -> dict:
     """The caption a run would write for the image open in the canvas; writes nothing."""
     try:
         if not selected:
             raise DatasetError(NO_IMAGE)
-        result = preview_caption(check_allowed(selected), settings_from(values))
+        result = preview_caption(readable(selected, IMAGE_FIELD, access),
+                                 settings_from(values, access))
     except AtelierError as error:
         return failed(error, "caption_message")
     old = f" (now: “{result.old.strip()}”)" if result.old and result.old.strip() else ""
@@ -72,32 +85,37 @@ def preview_selected(selected: str | None, **values: Any) -> dict:
 
 
 def caption_concept(concept: str | None, progress: Callable | None = None,
-                    should_stop: Callable[[], bool] | None = None, **values: Any) -> dict:
+                    should_stop: Callable[[], bool] | None = None,
+                    access: Access | None = None, **values: Any) -> dict:
     try:
-        folder = _writable_folder(concept)
-        summary = caption_folder(folder, settings_from(values), progress=progress,
-                                 should_stop=should_stop)
+        folder = _writable_folder(concept, access)
+        room = room_left(folder, FOLDER_FIELD)
+        summary = caption_folder(folder, settings_from(values, access), progress=progress,
+                                 should_stop=should_stop, room=room)
     except AtelierError as error:
         return failed(error, "caption_message")
     return {"caption_message": message_html(summary.text(), ok=not summary.failed)}
 
 
 def edit_concept(concept: str | None, action: str, caption_trigger: str = "",
-                 caption_find: str = "", caption_replace_with: str = "") -> dict:
+                 caption_find: str = "", caption_replace_with: str = "",
+                 access: Access | None = None) -> dict:
     """One bulk edit of every caption of the folder: add_trigger, remove_trigger, replace."""
     try:
-        folder = _writable_folder(concept)
+        folder = _writable_folder(concept, access)
         word = (caption_trigger or "").strip()
         if action in ("add_trigger", "remove_trigger") and not word:
             raise DatasetError("Type the trigger word first.")
+        # No caption may grow past the server's limit, nor the dataset past its quota.
+        bounds = {"max_chars": state.LIMITS.max_caption_chars, **write_bounds()}
         if action == "add_trigger":
-            summary = add_trigger(folder, word)
+            summary = add_trigger(folder, word, **bounds)
         elif action == "remove_trigger":
-            summary = remove_trigger(folder, word)
+            summary = remove_trigger(folder, word, **bounds)
         else:
             if not caption_find:
                 raise DatasetError("Type the text to find first.")
-            summary = find_replace(folder, caption_find, caption_replace_with or "")
+            summary = find_replace(folder, caption_find, caption_replace_with or "", **bounds)
     except AtelierError as error:
         return failed(error, "caption_message")
     return {"caption_message": message_html(summary.text(), ok=not summary.failed)}
@@ -209,7 +227,8 @@ def _bind(p: CaptionPanel) -> None:
         try:
             result = call_safely(caption_concept,
                                  {"concept": concept, "progress": report,
-                                  "should_stop": lambda: session in _stop_requests, **values},
+                                  "should_stop": lambda: session in _stop_requests,
+                                  "access": state.access(request), **values},
                                  "caption_message")
         finally:
             with _stop_lock:
@@ -229,11 +248,12 @@ def _bind(p: CaptionPanel) -> None:
     for button, action in ((p.caption_add_trigger, "add_trigger"),
                            (p.caption_remove_trigger, "remove_trigger"),
                            (p.caption_replace, "replace")):
-        def run_edit(data: dict, action=action) -> dict:
+        def run_edit(data: dict, request: gr.Request, action=action) -> dict:
             values = {name: data[component] for component, name in edit_inputs.items()}
             concept = current_folder(values.pop("concept"), values.pop("concepts"))
             result = call_safely(edit_concept, {"concept": concept, "action": action,
-                                                **values}, "caption_message")
+                                                "access": state.access(request), **values},
+                                 "caption_message")
             return {p.caption_message: result.get("caption_message", gr.skip())}
         button.click(run_edit, set(edit_inputs), [p.caption_message],
                      api_name=f"caption_{action}").then(*refresh, show_progress="hidden")

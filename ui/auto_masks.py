@@ -5,6 +5,7 @@ all / create only missing / add / subtract) with threshold, smoothing and grow; 
 what the settings make of the image open in the canvas, "Apply to folder" runs them over the
 chosen concept folder with a progress bar and reports what was written, skipped and failed.
 The work is trainer.masks.generate's; this module only collects the settings and shows results.
+The folder, the open image and the CLIPSeg model are checked with the visitor's Access first.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 
+from trainer.data.images import mask_path_for
 from trainer.errors import AtelierError, DatasetError
 from trainer.masks import painted
 from trainer.masks.generate import (
@@ -25,10 +27,13 @@ from trainer.masks.generate import (
     generate_masks,
     preview_mask,
 )
+from trainer.ownership import Access
 from ui import state
 from ui.dataset import (
     BROWSE_INPUTS,
     BROWSED,
+    FOLDER_FIELD,
+    IMAGE_FIELD,
     NO_IMAGE,
     OPENED,
     DatasetSection,
@@ -39,7 +44,8 @@ from ui.dataset import (
     refresh_gallery,
     wire,
 )
-from ui.files import check_allowed, check_model_source, failed, message_html
+from ui.files import (check_model_source, failed, message_html, readable, room_left,
+                      writable)
 
 PREVIEW_SIZE = 256  # px, the long side of each preview image
 
@@ -61,23 +67,26 @@ _stop_requests: set[str] = set()
 _stop_lock = state.MASK_RUNS_LOCK
 
 
-def settings_from(values: dict[str, Any]) -> MaskSettings:
+def settings_from(values: dict[str, Any], access: Access | None = None) -> MaskSettings:
     """The panel's values as MaskSettings, checked (MaskError names the bad field)."""
     settings = MaskSettings(**{name: values[name] for name in SETTINGS})
     if values.get("method") == MaskMethod.CLIPSEG.value:
-        check_model_source(str(values.get("model") or ""), "CLIPSeg model")
+        check_model_source(str(values.get("model") or ""), "CLIPSeg model",
+                           access or state.access())
     settings.check()
     return settings
 
 
-def preview_selected(selected: str | None, **values: Any) -> dict:
+def preview_selected(selected: str | None, access: Access | None = None,
+                     **values: Any) -> dict:
     """Image, old mask, new mask and overlay for the image open in the canvas; writes
     nothing."""
     try:
         if not selected:
             raise DatasetError(NO_IMAGE)
-        path = check_allowed(selected)
-        result = preview_mask(path, settings_from(values))
+        path = readable(selected, IMAGE_FIELD, access)
+        readable(mask_path_for(path), "Mask file", access)  # its old mask is shown too
+        result = preview_mask(path, settings_from(values, access))
     except AtelierError as error:
         return {**failed(error, "auto_message"), "auto_note": ""}
     small = painted.shrink(result.image, PREVIEW_SIZE)
@@ -98,7 +107,7 @@ def apply_to_folder(concept: str | None,
                     progress: Callable[[int, int, str], None] | None = None,
                     should_stop: Callable[[], bool] | None = None,
                     selected: str | None = None, editor: Any = None, baseline: Any = None,
-                    **values: Any) -> dict:
+                    access: Access | None = None, **values: Any) -> dict:
     """Run the settings over the chosen concept folder; the summary names what was written,
     skipped and failed (with reasons).
 
@@ -111,17 +120,19 @@ def apply_to_folder(concept: str | None,
                                "stop it or wait for it to finish, then apply.")
         if not concept:
             raise DatasetError("No concept folder: add one in the Data table.")
-        folder = check_allowed(concept, write=True)
-        settings = settings_from(values)
-        unsaved = has_unsaved_paint(selected, editor, baseline)
-        summary = generate_masks(folder, settings, progress=progress, should_stop=should_stop)
+        folder = writable(concept, FOLDER_FIELD, access)
+        room = room_left(folder, FOLDER_FIELD)
+        settings = settings_from(values, access)
+        unsaved = has_unsaved_paint(selected, editor, baseline, access)
+        summary = generate_masks(folder, settings, progress=progress, should_stop=should_stop,
+                                 room=room)
     except AtelierError as error:
         return failed(error, "auto_message")
     text = summary.text()
     result = {}
     open_name = _name_in(folder, selected)
     if open_name is not None and open_name in summary.written:
-        result = {key: value for key, value in open_image(selected).items()
+        result = {key: value for key, value in open_image(selected, access).items()
                   if key != "message"}
         text += (f" The canvas now shows the new mask of {open_name}"
                  + ("; the paint you had not saved on it was replaced." if unsaved else "."))
@@ -277,8 +288,8 @@ def _bind(p: AutoMaskPanel) -> None:
             result = call_safely(apply_to_folder,
                                  {"concept": current_folder(values.pop("concept"),
                                                             values.pop("concepts")),
-                                  "progress": report,
-                                  "should_stop": should_stop, **values}, "auto_message")
+                                  "progress": report, "should_stop": should_stop,
+                                  "access": state.access(request), **values}, "auto_message")
         finally:
             with _stop_lock:
                 _stop_requests.discard(session)

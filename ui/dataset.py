@@ -9,10 +9,17 @@ writes `<stem>-masklabel.png` at the image's size through trainer.masks.store (a
 Handlers are plain functions of named values returning `{name: value}` (names of
 `DatasetSection`'s fields), so tests call them directly; `wire` binds them to components.
 Pixel work lives in trainer.masks.painted and trainer.data.browse, never here.
+
+Every folder and image a handler touches is checked first with the visitor's `Access` (the
+`access` argument; `wire` gives each handler the one of the request's visitor): on a shared
+server a visitor browses and edits their own datasets only, reads the shared demo dataset and
+the datasets imported with the CLI, and an admin reaches everything.
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +33,9 @@ from trainer.data.images import load_image_rgb, mask_path_for, oriented_size
 from trainer.errors import AtelierError, DatasetError
 from trainer.masks import painted
 from trainer.masks.store import existing_mask, write_mask
-from ui import tables
-from ui.files import check_allowed, failed, message_html
+from trainer.ownership import Access
+from ui import state, tables
+from ui.files import failed, message_html, readable, writable, write_bounds
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,8 @@ THUMBNAIL_DIR = Path(tempfile.gettempdir()) / "atelier-thumbnails"
 PREVIEW_SIZE = 384  # the saved-mask preview beside the canvas, long side in px
 EDITOR_HEIGHT = 520
 NO_IMAGE = "Select an image in the gallery first."
+FOLDER_FIELD = "Concept folder"   # the names refusals give the values checked
+IMAGE_FIELD = "Image"
 
 CSS = """
 #dataset-gallery .caption-label { font-size: 11px; white-space: normal; overflow: hidden;
@@ -73,15 +83,16 @@ def _caption_source(frame: Any, folder: str) -> str:
 # --- Browsing ---------------------------------------------------------------------------------------
 
 def browse_folder(folder: str | None, only_unmasked: bool = False, frame: Any = None,
-                  selected: str | None = None) -> dict:
+                  selected: str | None = None, access: Access | None = None) -> dict:
     """The gallery of `folder`: thumbnails labelled with mask state and caption."""
     empty = {"gallery": [], "entries": []}
     if not folder:
         return {**empty, "info": "No enabled concept: add a folder of images in the Data "
                                  "table above, then press Refresh."}
     try:
-        path = check_allowed(folder)
-        all_entries = browse.list_entries(path)
+        path = readable(folder, FOLDER_FIELD, access)
+        all_entries = [e for e in browse.list_entries(path)
+                       if _stays_in(e.image, path, access)]
     except AtelierError as error:
         return {**empty, "info": f"⚠ {error}"}
     shown = [e for e in all_entries if not (only_unmasked and e.has_mask)]
@@ -107,12 +118,25 @@ def browse_folder(folder: str | None, only_unmasked: bool = False, frame: Any = 
             "info": info}
 
 
+def _stays_in(image: Path, folder: Path, access: Access | None) -> bool:
+    """Whether a listed image may be shown: it lies in the (resolved) folder, or it is a link
+    to a file the visitor may read anyway. A link out of a folder never shows another
+    user's picture."""
+    target = Path(os.path.realpath(image))
+    return target.parent == folder or (state.access() if access is None else access).can_read(
+        target)
+
+
 # --- Opening an image -------------------------------------------------------------------------------
 
-def _existing_image(selected: str | None, write: bool = False) -> Path:
+def _existing_image(selected: str | None, write: bool = False,
+                    access: Access | None = None) -> Path:
     if not selected:
         raise DatasetError(NO_IMAGE)
-    path = check_allowed(selected, write=write)
+    path = (writable if write else readable)(selected, IMAGE_FIELD, access)
+    # Its caption and mask are read with it: a link out of the folder is checked too.
+    readable(browse.caption_path(path), "Caption file", access)
+    readable(mask_path_for(path), "Mask file", access)
     if not path.parent.is_dir():
         raise DatasetError(f"The folder '{path.parent}' no longer exists; press Refresh.")
     if not path.is_file():
@@ -129,11 +153,11 @@ def title_for(path: Path) -> str:
     return f"**{path.name}** · {width}×{height} · {state}{note}"
 
 
-def open_image(selected: str | None) -> dict:
+def open_image(selected: str | None, access: Access | None = None) -> dict:
     """The image in the canvas with its saved mask as the editable layer, its caption in the
     caption box, and the saved mask's overlay as the preview."""
     try:
-        path = _existing_image(selected)
+        path = _existing_image(selected, access=access)
         image = load_image_rgb(path)
         mask = existing_mask(path)
         caption = browse.read_caption(path)
@@ -147,24 +171,27 @@ def open_image(selected: str | None) -> dict:
             "preview": shown, "message": ""}
 
 
-def select_image(entries: list[str] | None, index: int | None) -> dict:
+def select_image(entries: list[str] | None, index: int | None,
+                 access: Access | None = None) -> dict:
     entries = entries or []
     if index is None or not 0 <= index < len(entries):
         return failed(DatasetError(NO_IMAGE))
-    return open_image(entries[index])
+    return open_image(entries[index], access)
 
 
 # --- Captions ---------------------------------------------------------------------------------------
 
 def save_caption(selected: str | None, caption: str | None,
-                 caption_for: str | None = None) -> dict:
+                 caption_for: str | None = None, access: Access | None = None) -> dict:
     try:
-        path = _existing_image(selected, write=True)
+        path = _existing_image(selected, write=True, access=access)
         if caption_for and Path(caption_for) != path:
             raise DatasetError(f"The caption box still holds the caption of "
-                               f"'{Path(caption_for).name}', not of '{path.name}': wait until "
+                               f"'{_name(caption_for)}', not of '{path.name}': wait until "
                                "the image has opened, then save.")
-        written = browse.save_caption(path, caption or "")
+        written = browse.save_caption(path, caption or "",
+                                      max_chars=state.LIMITS.max_caption_chars,
+                                      **write_bounds())
     except AtelierError as error:
         return failed(error)
     return {"message": message_html(f"Saved the caption to {written.name}."),
@@ -177,10 +204,16 @@ def _editor_holds_image(value: Any) -> bool:
     return isinstance(value, dict) and value.get("background") is not None
 
 
-def save_mask(selected: str | None, editor: Any, baseline: Any) -> dict:
+def _name(path: str) -> str:
+    """A file name for a message (a browser-sent value may hold anything)."""
+    return path.replace("\x00", "").rsplit("/", 1)[-1][:120]
+
+
+def save_mask(selected: str | None, editor: Any, baseline: Any,
+              access: Access | None = None) -> dict:
     """Write the painted mask as `<stem>-masklabel.png` (the image's size, atomic)."""
     try:
-        path = _existing_image(selected, write=True)
+        path = _existing_image(selected, write=True, access=access)
         if not _editor_holds_image(editor):
             raise DatasetError("The canvas is empty: select the image again in the gallery.")
         image = load_image_rgb(path)
@@ -188,12 +221,12 @@ def save_mask(selected: str | None, editor: Any, baseline: Any) -> dict:
             raise DatasetError(f"The canvas does not show '{path.name}' (still loading, or "
                                "the file changed): select the image again, then paint.")
         mask = painted.mask_from_editor(editor, image.size, baseline)
-        written = write_mask(path, mask)
+        written = write_mask(path, mask, access=access, **write_bounds())
     except AtelierError as error:
         return failed(error)
     except OSError as error:  # a read-only folder, a full disk: the old mask is kept
-        return failed(DatasetError(f"Cannot write the mask of '{Path(selected).name}': "
-                                   f"{error.strerror or error}"))
+        return failed(DatasetError(f"Cannot write the mask of '{_name(selected or '')}': "
+                                   f"{error.strerror or 'the file system refused'}."))
     coverage = painted.coverage(mask)
     # The baseline stays the mask the canvas was opened with: the layer is unchanged, so the
     # next Save reads it the same way.
@@ -202,10 +235,11 @@ def save_mask(selected: str | None, editor: Any, baseline: Any) -> dict:
             "preview": painted.preview(image, mask, PREVIEW_SIZE), "title": title_for(path)}
 
 
-def reset_mask(selected: str | None, editor: Any, baseline: Any, how: str) -> dict:
+def reset_mask(selected: str | None, editor: Any, baseline: Any, how: str,
+               access: Access | None = None) -> dict:
     """Clear / Fill all / Invert: a new mask drawn into the canvas (saved only by Save)."""
     try:
-        path = _existing_image(selected)
+        path = _existing_image(selected, access=access)
         image = load_image_rgb(path)
         if how == "clear":
             mask = painted.cleared(image.size)
@@ -267,27 +301,38 @@ class DatasetSection:
 
 def call_safely(fn: Callable[..., dict], kwargs: dict, message: str | None) -> dict:
     """`fn(**kwargs)`; a bug shows as a short message in the output named `message` (or an
-    error toast), never as a stack trace in the page: the trace goes to the server log."""
+    error toast), never as a stack trace in the page: the trace goes to the server log. On a
+    shared server the visitor sees no exception text (it may name other users' files)."""
     try:
         return fn(**kwargs) or {}
     except Exception as error:
         log.exception("%s failed", getattr(fn, "__name__", fn))
-        text = f"Unexpected error ({type(error).__name__}: {error}); see the server log."
+        text = ("An unexpected error stopped this action; the server log has the details."
+                if state.OPTIONS.shared else
+                f"Unexpected error ({type(error).__name__}: {error}); see the server log.")
         if message is None:
             raise gr.Error(text) from None
         return failed(RuntimeError(text), message)
 
 
+def takes_access(fn: Callable) -> bool:
+    return "access" in inspect.signature(fn).parameters
+
+
 def wire(section: Any, fn: Callable[..., dict], inputs: list[str],
          outputs: list[str]) -> tuple[Callable, set, list]:
     """(handler, input set, output list) for Gradio: the handler reads its inputs by name and
-    returns `{name: value}`; names missing from the result leave their component as it is."""
+    returns `{name: value}`; names missing from the result leave their component as it is.
+    A handler with an `access` parameter gets the Access of the request's visitor."""
     components = {name: section.component(name) for name in inputs}
     out = [section.component(name) for name in outputs]
     message = next((name for name in outputs if name.endswith("message")), None)
+    with_access = takes_access(fn)
 
-    def run(data: dict) -> dict:
+    def run(data: dict, request: gr.Request) -> dict:
         kwargs = {name: data[component] for name, component in components.items()}
+        if with_access:
+            kwargs["access"] = state.access(request)
         result = call_safely(fn, kwargs, message)
         return {section.component(name): result.get(name, gr.skip()) for name in outputs}
 
@@ -383,17 +428,20 @@ def current_folder(concept: str | None, concepts: Any) -> str | None:
     return concept
 
 
-def refresh_gallery(concept, only_unmasked, concepts, selected) -> dict:
+def refresh_gallery(concept, only_unmasked, concepts, selected,
+                    access: Access | None = None) -> dict:
     """browse_folder under the section's component names (for `wire`)."""
-    return browse_folder(current_folder(concept, concepts), only_unmasked, concepts, selected)
+    return browse_folder(current_folder(concept, concepts), only_unmasked, concepts, selected,
+                         access)
 
 
-def has_unsaved_paint(selected: str | None, editor: Any, baseline: Any) -> bool:
+def has_unsaved_paint(selected: str | None, editor: Any, baseline: Any,
+                      access: Access | None = None) -> bool:
     """Whether the canvas holds paint that differs from the open image's saved mask."""
     if not selected:
         return False
     try:
-        path = _existing_image(selected)
+        path = _existing_image(selected, access=access)
         image = load_image_rgb(path)
         saved = existing_mask(path)
     except AtelierError:
@@ -420,10 +468,10 @@ def _bind(s: DatasetSection) -> None:
     opened = s.components(OPENED)
     entries = s.entries
 
-    def on_select(data: dict, evt: gr.SelectData) -> dict:
+    def on_select(data: dict, evt: gr.SelectData, request: gr.Request) -> dict:
         index = evt.index if evt is not None else None
-        result = call_safely(select_image, {"entries": data[entries], "index": index},
-                             "message")
+        result = call_safely(select_image, {"entries": data[entries], "index": index,
+                                            "access": state.access(request)}, "message")
         return {component: result.get(name, gr.skip()) for name, component in
                 zip(OPENED, opened)}
 
@@ -438,8 +486,8 @@ def _bind(s: DatasetSection) -> None:
         show_progress="hidden")
 
     for button, how in ((s.clear, "clear"), (s.fill, "fill"), (s.invert, "invert")):
-        def action(selected, editor, baseline, how=how) -> dict:
-            return reset_mask(selected, editor, baseline, how)
+        def action(selected, editor, baseline, access=None, how=how) -> dict:
+            return reset_mask(selected, editor, baseline, how, access)
         action.__name__ = f"mask_{how}"
         button.click(*wire(s, action, ["selected", "editor", "baseline"],
                            ["editor", "baseline", "message"]), api_name=f"mask_{how}")

@@ -8,11 +8,15 @@ code as `python -m trainer dataset import`; this module only draws it and report
 Handlers are plain functions of named values returning `{name: value}` (names of the panel's
 components), so tests call them directly; `build_panel` binds them.
 
-With a login (--auth), a dataset records who created it: a visitor sees the datasets they
-created and those made without a login, and changes only their own (an admin: all).
+On a shared server a dataset records who created it (the login name; ":anonymous" for the
+visitor of a server without a login), and the one ownership rule (trainer/ownership.py, through
+the visitor's Access) decides the rest: a visitor lists, reads and uses as a concept their own
+datasets and those imported with the CLI (no owner), and changes only their own; an admin
+reaches all. A local server is unchanged: everything is the user's.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,11 @@ from trainer.data import datasets
 from trainer.data.images import is_image_file
 from trainer.data.imports import import_dataset
 from trainer.errors import AtelierError
-from trainer.jobs.queue import LOCAL, Viewer
+from trainer.ownership import Access, Viewer
 from ui import paths, state, tables
-from ui.files import message_html
+from ui.files import discard_uploads, message_html
+
+FIELD = "Dataset"  # the name refusals give the dataset chosen
 
 REPORT_LINES = 20  # skipped files listed by name; the rest counted
 
@@ -49,26 +55,33 @@ def summary_markdown(summaries: list) -> str:
     return "\n".join(rows)
 
 
-def visible(folder: Path, viewer: Viewer) -> bool:
-    if viewer.admin:
-        return True
-    return datasets.dataset_owner(folder) in (None, viewer.name)
+def _access(access: Access | None) -> Access:
+    # No request (a test, a caller without one): the visitor of a server without a login.
+    return access if access is not None else state.access()
 
 
-def check_may_change(folder: Path, viewer: Viewer) -> None:
-    """AtelierError unless the viewer created the dataset (or is an admin)."""
-    if viewer.admin or not folder.is_dir():
-        return
-    owner = datasets.dataset_owner(folder)
-    if owner != viewer.name:
-        if owner is None:
-            raise AtelierError(f"Dataset '{folder.name}' was added without a login; only an "
-                               "admin changes it. Choose another name for yours.")
-        raise AtelierError(f"There is no dataset '{folder.name}' of yours; choose another "
-                           "name.")
+def dataset_folders() -> list[Path]:
+    """The workspace's dataset folders, by name, not yet walked (datasets.list_datasets
+    counts every file of every dataset; the panel counts only those the visitor may read)."""
+    root = datasets.datasets_root(_workspace())
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.is_symlink()
+                   and not p.name.startswith(datasets.HIDDEN_PREFIX)), key=lambda p: p.name)
 
 
-def image_names(name: str | None, viewer: Viewer = LOCAL) -> list[str]:
+def visible(folder: Path, access: Access | None = None) -> bool:
+    return _access(access).can_read(folder)
+
+
+def check_may_change(folder: Path, access: Access | None = None) -> None:
+    """ConfigError naming the dataset unless the visitor may change it (their own, or they
+    are an admin). A dataset that does not exist yet is anyone's to create."""
+    if os.path.lexists(folder):
+        _access(access).check_write(folder, FIELD)
+
+
+def image_names(name: str | None, access: Access | None = None) -> list[str]:
     """The dataset's images, relative to it ('/'-separated), for the remove chooser."""
     if not name:
         return []
@@ -76,16 +89,20 @@ def image_names(name: str | None, viewer: Viewer = LOCAL) -> list[str]:
         folder = datasets.dataset_path(_workspace(), name)
     except AtelierError:
         return []
-    if not folder.is_dir() or not visible(folder, viewer):
+    if not folder.is_dir() or not visible(folder, access):
         return []
     return sorted(file.relative_to(folder).as_posix() for file, _ in datasets.walk_files(folder)
                   if is_image_file(file))
 
 
-def refresh(selected: str | None = None, viewer: Viewer = LOCAL) -> dict:
-    """The table of datasets and the choosers, `selected` kept when it still exists."""
+def refresh(selected: str | None = None, access: Access | None = None) -> dict:
+    """The table of datasets and the choosers (the visitor's), `selected` kept when it still
+    exists."""
+    access = _access(access)
     try:
-        summaries = [s for s in datasets.list_datasets(_workspace()) if visible(s.path, viewer)]
+        # Only the visitor's datasets are walked and counted: never another user's files.
+        summaries = [datasets.summarize(folder) for folder in dataset_folders()
+                     if visible(folder, access)]
     except AtelierError as error:
         return {"table": f"⚠ {error}", "dataset": gr.update(choices=[]),
                 "images": gr.update(choices=[], value=[])}
@@ -94,7 +111,7 @@ def refresh(selected: str | None = None, viewer: Viewer = LOCAL) -> dict:
     value = selected if selected else (names[0] if names else None)
     return {"table": summary_markdown(summaries),
             "dataset": gr.update(choices=names, value=value),
-            "images": gr.update(choices=image_names(value, viewer), value=[])}
+            "images": gr.update(choices=image_names(value, access), value=[])}
 
 
 def report_html(report) -> str:
@@ -111,7 +128,7 @@ def report_html(report) -> str:
 
 
 def upload(name: str | None, files: list | None, replace: bool,
-           viewer: Viewer = LOCAL) -> dict:
+           access: Access | None = None) -> dict:
     """Import the uploaded files (images, captions, masks, zips) into dataset `name`."""
     name = (name or "").strip()
     if not name:
@@ -122,17 +139,25 @@ def upload(name: str | None, files: list | None, replace: bool,
                                         "upload box first.", ok=False)}
     # gradio keeps each upload's own file name as the last part of its temporary path.
     sources = [Path(getattr(f, "name", f)) for f in files]
+    access = _access(access)
     try:
         folder = datasets.dataset_path(_workspace(), name)
-        check_may_change(folder, viewer)
-        new = not folder.exists()
+        check_may_change(folder, access)
         report = import_dataset(sources, name, _workspace(), limits=state.IMPORT_LIMITS,
-                                replace=bool(replace))
-        if new and viewer.name and report.dataset.is_dir():
-            datasets.set_dataset_owner(report.dataset, viewer.name)
+                                replace=bool(replace),
+                                owner=access.viewer.owner_token if records_owner(access)
+                                else None)
     except AtelierError as error:
-        return {"message": message_html(str(error), ok=False)}
-    return {**refresh(name, viewer), "message": report_html(report), "files": None}
+        return {"message": message_html(str(error), ok=False), "files": None}
+    finally:  # taken or refused: the uploaded files leave gradio's upload folder now
+        discard_uploads(files)
+    return {**refresh(name, access), "message": report_html(report), "files": None}
+
+
+def records_owner(access: Access) -> bool:
+    """Whether a new dataset records who made it: on a shared server, and with a login (as
+    before; a local server without one leaves it unowned, like a CLI import)."""
+    return access.realm.shared or bool(access.viewer.name)
 
 
 def has_subfolder_images(folder: Path) -> bool:
@@ -140,7 +165,7 @@ def has_subfolder_images(folder: Path) -> bool:
                if is_image_file(file))
 
 
-def use_as_concept(name: str | None, frame: Any, viewer: Viewer = LOCAL) -> dict:
+def use_as_concept(name: str | None, frame: Any, access: Access | None = None) -> dict:
     """Add dataset `name` to the Data table as a concept (once)."""
     if not name:
         return {"message": message_html("Choose a dataset first.", ok=False)}
@@ -148,7 +173,7 @@ def use_as_concept(name: str | None, frame: Any, viewer: Viewer = LOCAL) -> dict
         folder = datasets.dataset_path(_workspace(), name)
     except AtelierError as error:
         return {"message": message_html(str(error), ok=False)}
-    if not folder.is_dir() or not visible(folder, viewer):
+    if not folder.is_dir() or not visible(folder, access):
         return {"message": message_html(f"There is no dataset '{name}' yet: upload its "
                                         "images first.", ok=False)}
     concepts = tables.concepts_from_frame(frame)
@@ -162,45 +187,53 @@ def use_as_concept(name: str | None, frame: Any, viewer: Viewer = LOCAL) -> dict
             "message": message_html(f"'{name}' added to the Data table as a concept.")}
 
 
-def remove(name: str | None, images: list[str] | None, viewer: Viewer = LOCAL) -> dict:
+def remove(name: str | None, images: list[str] | None, access: Access | None = None) -> dict:
     if not name or not images:
         return {"message": message_html("Choose a dataset and the images to remove.",
                                         ok=False)}
     try:
-        check_may_change(datasets.dataset_path(_workspace(), name), viewer)
+        check_may_change(datasets.dataset_path(_workspace(), name), access)
         removed = datasets.remove_images(_workspace(), name, images)
     except AtelierError as error:
         return {"message": message_html(str(error), ok=False)}
-    return {**refresh(name, viewer),
+    return {**refresh(name, access),
             "message": message_html(f"Removed {len(removed)} file(s) from '{name}' "
                                     "(images with their captions and masks).")}
 
 
-def ask_delete(name: str | None, viewer: Viewer = LOCAL) -> dict:
+def ask_delete(name: str | None, access: Access | None = None) -> dict:
     if not name:
         return {"message": message_html("Choose a dataset first.", ok=False)}
-    return {"confirm_row": gr.update(visible=True),
+    try:  # refused now, not after the confirmation
+        check_may_change(datasets.dataset_path(_workspace(), name), access)
+    except AtelierError as error:
+        return {"message": message_html(str(error), ok=False)}
+    return {"message": "", "confirm_row": gr.update(visible=True),
             "confirm_text": f"Delete dataset **{name}** and all its files? This cannot be "
                             "undone."}
 
 
-def confirm_delete(name: str | None, viewer: Viewer = LOCAL) -> dict:
+def confirm_delete(name: str | None, access: Access | None = None) -> dict:
     hidden = {"confirm_row": gr.update(visible=False)}
     if not name:
         return {**hidden, "message": message_html("Choose a dataset first.", ok=False)}
     try:
-        check_may_change(datasets.dataset_path(_workspace(), name), viewer)
+        check_may_change(datasets.dataset_path(_workspace(), name), access)
         datasets.delete_dataset(_workspace(), name)
     except AtelierError as error:
         return {**hidden, "message": message_html(str(error), ok=False)}
-    return {**hidden, **refresh(None, viewer),
+    return {**hidden, **refresh(None, access),
             "message": message_html(f"Deleted dataset '{name}'.")}
 
 
 def build_panel(concepts_table: gr.Dataframe):
-    """Draw the panel (inside the Data section) and bind its events. Returns (fn, outputs)
-    for the page's load event: with a login, the list is the visitor's, drawn on load."""
-    first = refresh(None, Viewer(name="\0", admin=False) if state.OPTIONS.login else LOCAL)
+    """Draw the panel (inside the Data section) and bind its events. Returns (fn, inputs,
+    outputs) for the page's load event (`demo.load(*returned)`): the visitor's list, drawn
+    when the page opens."""
+    # Drawn once at start for every visitor: with a login, only what every user may read
+    # (the datasets imported with the CLI); the page's load event lists the visitor's own.
+    first = refresh(None, Access(state.realm(), Viewer(name=":nobody", admin=False))
+                    if state.OPTIONS.login else state.access())
     limits = state.IMPORT_LIMITS
     with gr.Accordion("Workspace datasets: upload your images", open=False,
                       elem_id="section-datasets"):
@@ -244,7 +277,7 @@ def build_panel(concepts_table: gr.Dataframe):
 
     def bind(handler, inputs: list[str], outputs: list[str]):
         def run(request: gr.Request, *args):
-            result = handler(*args, viewer=state.viewer(request))
+            result = handler(*args, access=state.access(request))
             return {names[k]: v for k, v in result.items() if k in outputs}
         return run, [names[k] for k in inputs], [names[k] for k in outputs]
 
@@ -266,11 +299,12 @@ def build_panel(concepts_table: gr.Dataframe):
         event(fn, ins, outs, api_name=api or False, show_progress="minimal")
     cancel.click(lambda: gr.update(visible=False), None, confirm_row, api_name=False)
     def chosen(name: str | None, request: gr.Request):
-        return gr.update(choices=image_names(name, state.viewer(request)), value=[])
+        return gr.update(choices=image_names(name, state.access(request)), value=[])
 
     dataset.change(chosen, dataset, images, api_name=False, show_progress="hidden")
 
     def on_load(request: gr.Request):
-        result = refresh(None, state.viewer(request))
+        result = refresh(None, state.access(request))
         return [result[k] for k in listing]
-    return on_load, [names[k] for k in listing]
+    # (fn, inputs, outputs): the load event takes no input, only the request.
+    return on_load, None, [names[k] for k in listing]

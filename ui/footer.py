@@ -6,6 +6,7 @@ reloaded page or a second browser shows the running job as it is.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import os
@@ -123,44 +124,80 @@ def lr_frame(state: JobState) -> pd.DataFrame:
 
 
 # --- Files the browser may fetch ----------------------------------------------------------------
+#
+# The workspace is not a folder gradio's file route serves (app.py gives it no allowed_paths):
+# a file reaches the browser only when a handler returns it, after asking `access.can_read`
+# whether this visitor may see it. Gradio then copies it into its cache under a name made of
+# a hash of its content, and serves that copy; nobody can name another user's file there.
 
-ALLOWED_ROOTS: list[Path] = []  # set by the page: folders Gradio serves (launch allowed_paths)
 _SERVE_DIR = Path(tempfile.gettempdir()) / "atelier-serve"
 
 
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 def servable(path: str | os.PathLike) -> str:
-    """A path Gradio will serve: as is inside an allowed folder, else a copy in a temp folder
-    (a run whose workspace the user put elsewhere still shows its samples and download)."""
+    """A path gradio accepts to copy into its cache: as is inside the working folder or the
+    temp folder (gradio's own rule), else a copy in a temp folder (a workspace elsewhere, such
+    as /data on a Space, still shows its samples and downloads)."""
     source = Path(path).resolve()
-    roots = ALLOWED_ROOTS + [Path(tempfile.gettempdir()).resolve(), Path.cwd().resolve()]
-    if any(source == r or r in source.parents for r in roots):
+    roots = [Path(tempfile.gettempdir()).resolve(), Path.cwd().resolve()]
+    # gradio refuses a dot-file of the working folder; a copy has no such rule
+    if any(_inside(source, root) for root in roots) and not source.name.startswith("."):
         return str(source)
-    target = _SERVE_DIR / f"{abs(hash(str(source.parent))):x}" / source.name
+    digest = hashlib.sha256(str(source.parent).encode("utf-8")).hexdigest()[:16]
+    target = _SERVE_DIR / digest / source.name.lstrip(".")
     if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
     return str(target)
 
 
-def gallery_items(state: JobState) -> list[tuple[str, str]]:
+def _readable(path: str | os.PathLike, access) -> bool:
+    """`path` is a file this visitor may see (no `access`: a local caller, every file)."""
+    return os.path.isfile(path) and (access is None or access.can_read(path))
+
+
+def gallery_items(state: JobState, access=None) -> list[tuple[str, str]]:
+    """The job's samples, newest first, those `access` may read."""
     items = []
     for sample in reversed(state.samples):  # newest first
-        if os.path.isfile(sample["path"]):
+        if _readable(sample["path"], access):
             caption = f"step {sample['step']} · {sample['prompt']}"
             items.append((servable(sample["path"]), caption))
     return items
 
 
-def download_files(state: JobState) -> list[str] | None:
-    """The finished (or stopped) model and the config beside it, when they exist."""
+def download_files(state: JobState, access=None) -> list[str] | None:
+    """The finished (or stopped) model and the config beside it, when they exist (and
+    `access` may read them)."""
     if state.status not in ("finished", "stopped") or not state.output_path:
         return None
     files = []
     model = Path(state.output_path)
     for candidate in (model, model.with_suffix(".json")):
-        if candidate.is_file():
+        if _readable(candidate, access):
             files.append(servable(candidate))
     return files or None
+
+
+def limits_line(limits, import_limits) -> str:
+    """What a shared server allows one visitor (trainer/limits.py, app.py's options), as the
+    footer's one line."""
+    parts = []
+    if limits.max_steps_per_job:
+        parts.append(f"{limits.max_steps_per_job:,} steps per job")
+    if limits.max_jobs_per_user:
+        parts.append(f"{limits.max_jobs_per_user} running or queued jobs per user")
+    if limits.try_max_size or limits.try_max_steps:
+        what = [f"{limits.try_max_size} px" if limits.try_max_size else "",
+                f"{limits.try_max_steps} steps" if limits.try_max_steps else ""]
+        parts.append("Try it " + ", ".join(w for w in what if w))
+    if limits.max_caption_chars:
+        parts.append(f"captions of {limits.max_caption_chars:,} characters")
+    parts.append(f"uploads {import_limits.describe()}")
+    return "<small>This shared server's limits: " + html.escape(" · ".join(parts)) + ".</small>"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ from trainer.finetune import config_path
 from trainer.jobs.queue import Viewer
 from trainer.jobs.resume import METRICS_NAME
 from trainer.jobs.store import Job
+from trainer.ownership import Access
 from ui import footer
 from ui.files import message_html
-from ui.state import OPTIONS, SESSION, viewer as viewer_of
+from ui.state import OPTIONS, SESSION, realm, viewer as viewer_of
 
 REFRESH_SECONDS = 2.0
 MAX_ROWS = 200
@@ -36,6 +38,36 @@ CSS = """
   var(--border-color-primary); text-align: left; vertical-align: top; }
 #jobs-table .job-note { opacity: .75; font-size: 12px; }
 """
+
+
+MAX_JOB_ID = 2 ** 63 - 1  # SQLite's largest INTEGER: the store's job ids
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def job_number(value) -> int:
+    """A job id as the store keys it, from what a page or a program sent (an int, a string
+    of digits); AtelierError naming job_id for anything else (text, 10**30, a NUL byte)."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        number = int(value.strip())
+    if number is None or not 1 <= number <= MAX_JOB_ID:
+        shown = value if isinstance(value, str) and value.isprintable() else repr(value)
+        shown = shown.strip("'") if isinstance(value, str) else shown
+        shown = shown if len(shown) <= 40 else shown[:40] + "…"
+        raise AtelierError(f"job_id: '{shown}' is not a job number.")
+    return number
+
+
+def _chosen(selected) -> int | None:
+    """The chooser's job, None when none is chosen or the value is no job number."""
+    try:
+        return None if selected in (None, "") else job_number(selected)
+    except AtelierError:
+        return None
 
 
 def _when(stamp: float | None) -> str:
@@ -78,8 +110,7 @@ def table_html(jobs: list[Job], show_owner: bool) -> str:
 def refresh(viewer: Viewer, selected=None) -> dict:
     jobs = SESSION.jobs(viewer)
     ids = [job.id for job in jobs]
-    value = int(selected) if selected not in (None, "") and int(selected) in ids else (
-        ids[0] if ids else None)
+    value = _chosen(selected) if _chosen(selected) in ids else (ids[0] if ids else None)
     notice = SESSION.store.notice if SESSION.store is not None and viewer.admin else ""
     return {"table": table_html(jobs, show_owner=OPTIONS.login and viewer.admin),
             "choice": gr.update(choices=[(f"Job {i}", i) for i in ids], value=value),
@@ -90,7 +121,7 @@ def _act(action, done, viewer: Viewer, selected) -> dict:
     if selected in (None, ""):
         return {"message": message_html("Choose a job first.", ok=False)}
     try:
-        text = done(action(int(selected), viewer))
+        text = done(action(job_number(selected), viewer))
     except AtelierError as error:
         return {**refresh(viewer, selected), "message": message_html(str(error), ok=False)}
     return {**refresh(viewer, selected), "message": message_html(text)}
@@ -138,21 +169,25 @@ def curves(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def open_job(viewer: Viewer, selected) -> dict:
-    """The job's curves, samples, config and outputs."""
+    """The job's curves, samples, config and outputs (the files among them that the viewer
+    may read: an output written outside the job's folder is checked on its own)."""
     if selected in (None, ""):
         return {"message": message_html("Choose a job first.", ok=False)}
     try:
-        job = SESSION.get(int(selected), viewer)
+        job = SESSION.get(job_number(selected), viewer)
     except AtelierError as error:
         return {"message": message_html(str(error), ok=False)}
+    access = Access(realm(), viewer)
     folder = SESSION.store.folder(job.id)
-    loss, lr = curves(read_metrics(folder))
-    samples = sorted((folder / "samples").glob("**/*.png"), key=lambda p: p.stat().st_mtime)
+    loss, lr = curves(read_metrics(folder) if access.can_read(folder) else [])
+    samples = sorted((p for p in (folder / "samples").glob("**/*.png")
+                      if access.can_read(p)), key=lambda p: p.stat().st_mtime)
     gallery = [(footer.servable(p), p.stem) for p in reversed(samples)]
     files = []
     for output in job.outputs:
         for candidate in (Path(output), config_path(Path(output))):
-            if candidate.is_file() and footer.servable(candidate) not in files:
+            if (candidate.is_file() and access.can_read(candidate)
+                    and footer.servable(candidate) not in files):
                 files.append(footer.servable(candidate))
     facts = [f"**Job {job.id}** · {job.status}",
              f"step {job.step} / {job.total_steps}" if job.total_steps else "",

@@ -4,7 +4,9 @@ factor times that group's own learning rate.
 
 Total steps are estimated as the loop counts them: images of the enabled concepts x repeats per
 epoch, divided into batches, then into accumulation groups, times the epochs. Images are counted,
-not decoded (a corrupt file the loop would skip makes the estimate a little long).
+not decoded (a corrupt file the loop would skip makes the estimate a little long). Only folders
+the visitor may read are counted (`concept_images`): on a shared server the preview is no way
+to learn what another user's folder, or any folder on the disk, holds.
 """
 from __future__ import annotations
 
@@ -15,33 +17,33 @@ import pandas as pd
 from trainer.advice import warmup_longer_than_run
 from trainer.config import TrainConfig, TrainingMethod
 from trainer.errors import AtelierError
+from trainer import limits
 from trainer.optim.schedules import lr_curve
+from trainer.ownership import Access
+from ui.files import readable
 from ui.tables import count_images
 
 MAX_POINTS = 400
 
 
-def epoch_images(concepts) -> int:
-    """Images one epoch visits, with repeats (as the dataset expands them)."""
-    total = 0
-    for concept in concepts:
-        if not concept.enabled or concept.repeats <= 0:
-            continue
-        n = count_images(concept.path, concept.include_subdirectories) or 0
-        whole = int(math.floor(concept.repeats))
-        extra = int(math.floor((concept.repeats - whole) * n + 0.5))
-        if n and whole == 0 and extra == 0:
-            extra = 1
-        total += n * whole + extra
-    return total
+def concept_images(concept, index: int, access: Access | None = None) -> int | None:
+    """The image files of concept number `index` (0-based) without decoding them; None when
+    its folder does not exist. ConfigError naming the concept when the visitor may not read
+    its folder: then nothing is looked at (not even whether it exists)."""
+    readable(concept.path, f"concepts[{index}].path", access)
+    return count_images(concept.path, concept.include_subdirectories)
 
 
-def estimate_steps(config: TrainConfig) -> tuple[int, int, int]:
-    """(total optimizer steps, steps per epoch, images per epoch)."""
-    images = epoch_images(config.concepts)
-    batches = math.ceil(images / config.batch_size) if images else 0
-    steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps) if batches else 0
-    return steps_per_epoch * config.epochs, steps_per_epoch, images
+def epoch_images(concepts, access: Access | None = None) -> int:
+    """Images one epoch visits, with repeats (as the dataset expands them); only folders the
+    visitor may read are counted (ConfigError naming the first other one)."""
+    return limits.epoch_images(concepts, lambda c, i: concept_images(c, i, access))
+
+
+def estimate_steps(config: TrainConfig, access: Access | None = None) -> tuple[int, int, int]:
+    """(total optimizer steps, steps per epoch, images per epoch): the engine's estimate
+    (the one a shared server's step limit is checked with), counting only readable folders."""
+    return limits.estimate_steps(config, lambda c, i: concept_images(c, i, access))
 
 
 GROUP_LABELS = {"text_encoder": "text encoder", "text_encoder_2": "text encoder 2",
@@ -62,10 +64,14 @@ def parameter_groups(config: TrainConfig) -> dict[str, float]:
     return groups or {"base": config.learning_rate}
 
 
-def curve_frame(config: TrainConfig, allow_custom_code: bool = False
-                ) -> tuple[pd.DataFrame, str]:
-    """(a DataFrame of step / learning rate / group, a one-line caption)."""
-    total, per_epoch, images = estimate_steps(config)
+def curve_frame(config: TrainConfig, allow_custom_code: bool = False,
+                access: Access | None = None) -> tuple[pd.DataFrame, str]:
+    """(a DataFrame of step / learning rate / group, a one-line caption). `access`: whose
+    folders may be counted (None: the visitor of a server without a login)."""
+    try:
+        total, per_epoch, images = estimate_steps(config, access)
+    except AtelierError as error:  # a concept folder the visitor may not read
+        return empty_frame(), f"No preview: {error}"
     if total == 0:
         return empty_frame(), ("No images found in the enabled concepts yet; the curve needs "
                                "the step count.")

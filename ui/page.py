@@ -26,10 +26,12 @@ from trainer.jobs.queue import SPACE_BACKUP_MINUTES, on_space
 from trainer.session import JobState
 from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, jobs_panel,
                 lr_preview, optimizers, presets, publish_panel, tables, try_panel)
+from ui import state as state_module
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
                            make_parameter_box, page_value, parameter_box_update, slug)
 from ui.state import OPTIONS, SESSION, check_paths, start_training, viewer
+from ui.state import access as access_of
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ LR_KEYS = ("learning_rate", "learning_rate_scheduler", "learning_rate_warmup_ste
            "unet.learning_rate", "embedding_learning_rate")
 OPEN_SECTIONS = {"Optimizer", "Learning-rate scheduler", "Main settings"}
 POLL_SECONDS = 1.0
+# gradio's own cache (uploads, and the copies of files the page shows): every hour, what is
+# older than six hours goes (a page open that long refreshes its images on the next change
+# or reload). An upload the dataset import took or refused is deleted at once.
+DELETE_CACHE = (3600, 6 * 3600)
 
 __all__ = ["build_page", "CSS", "field_elem_id", "slug"]
 
@@ -98,10 +104,15 @@ def complete(updates: dict, outputs: list) -> dict:
     return {component: updates.get(component, gr.skip()) for component in outputs}
 
 
-def partial(fn, outputs: list):
-    """Wrap a handler returning a partial dict so that Gradio gets every output."""
-    def run(data):
-        return complete(fn(data) or {}, outputs)
+def partial(fn, outputs: list, with_request: bool = False):
+    """Wrap a handler returning a partial dict so that Gradio gets every output; with
+    `with_request`, the handler also gets the gradio request (who asks)."""
+    if with_request:
+        def run(data, request: gr.Request):
+            return complete(fn(data, request) or {}, outputs)
+    else:
+        def run(data):
+            return complete(fn(data) or {}, outputs)
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
     return run
@@ -115,10 +126,16 @@ def ok_html(message: str) -> str:
     return f"<div class='atelier-ok'>{html.escape(message)}</div>"
 
 
-def concepts_summary(concepts) -> str:
+def concepts_summary(concepts, access=None) -> str:
+    """One line: each concept's image count. Only folders `access` may read are counted (None:
+    the visitor of a server without a login); another's shows the refusal, not a count."""
     parts = []
     for i, concept in enumerate(concepts):
-        count = tables.count_images(concept.path, concept.include_subdirectories)
+        try:
+            count = lr_preview.concept_images(concept, i, access)
+        except AtelierError as error:
+            parts.append(f"⚠ {error}")
+            continue
         name = Path(concept.path).name or concept.path
         if count is None:
             parts.append(f"⚠ concept {i + 1}: folder `{concept.path}` not found")
@@ -202,7 +219,8 @@ def build_page() -> gr.Blocks:
     shown_params = shown_optimizer_values(config, memory)
     allow_custom = SESSION.allow_custom_code
 
-    with gr.Blocks(title="Atelier — Stable Diffusion LoRA trainer") as demo:
+    with gr.Blocks(title="Atelier — Stable Diffusion LoRA trainer",
+                   delete_cache=DELETE_CACHE) as demo:
         page.opt_memory = gr.State(memory)
         page.opt_current = gr.State(current_optimizer)
         seen = gr.State(None)
@@ -211,14 +229,19 @@ def build_page() -> gr.Blocks:
 
         # 1. Top bar
         with gr.Row(elem_id="topbar", equal_height=False):
-            preset_dd = gr.Dropdown(choices=presets.choices(), value=presets.DEFAULT_PRESET,
+            # a shared server's page holds the built-in presets; a visitor's own come with
+            # their page load
+            preset_dd = gr.Dropdown(choices=presets.builtin_choices() if OPTIONS.shared
+                                    else presets.choices(), value=presets.DEFAULT_PRESET,
                                     label="Preset", elem_id="preset", scale=3, min_width=220)
             load_btn = gr.Button("Load", elem_id="preset-load", scale=0, min_width=64)
             preset_name = gr.Textbox(label="Preset name", placeholder="my preset",
                                      elem_id="preset-name", scale=2, min_width=120, max_lines=1)
             save_btn = gr.Button("Save as…", elem_id="preset-save", scale=0, min_width=84)
             export_btn = gr.Button("Export config", elem_id="export", scale=0, min_width=112)
-            import_btn = gr.UploadButton("Import", file_types=[".json"], file_count="single",
+            # several files: a OneTrainer Save config with the concepts file it names
+            import_btn = gr.UploadButton("Import", file_types=[".json", ".txt"],
+                                         file_count="multiple",
                                          elem_id="import", scale=0, min_width=72)
             for key in TOP_BAR_KEYS:
                 fields[key] = make_component(F.SPECS[key], values[key], scale=2,
@@ -297,8 +320,8 @@ def build_page() -> gr.Blocks:
                                  interactive=False)
 
         # Try a trained LoRA beside its base model.
-        try_panel.build_panel(fields["base_model_name"], fields["model_type"])
-        publish_panel.build_panel()
+        try_on_load = try_panel.build_panel(fields["base_model_name"], fields["model_type"])
+        publish_on_load = publish_panel.build_panel()
         jobs = jobs_panel.build_panel()
 
         # 6. Backup and save
@@ -323,9 +346,9 @@ def build_page() -> gr.Blocks:
                 close_btn = gr.Button("Close", variant="primary", elem_id="optimizer-close")
 
         # Progress: plots, warnings, download (the fixed footer bar is below)
-        # With a login, the first paint shows no one's job: the first poll shows the
-        # visitor's own.
-        state = JobState() if OPTIONS.login else SESSION.state()
+        # On a shared server the first paint shows no one's job (the page's config is the
+        # same for every visitor): the first poll shows the visitor's own.
+        state = JobState() if OPTIONS.login or OPTIONS.shared else SESSION.state()
         with gr.Accordion("Progress", open=True, elem_id="section-progress"):
             with gr.Row():
                 loss_plot = gr.LinePlot(footer.loss_frame(state), x="step", y="loss",
@@ -357,6 +380,10 @@ def build_page() -> gr.Blocks:
             with gr.Row():
                 status = gr.HTML(footer.status_html(state), elem_id="status-box", scale=3)
                 notice = gr.HTML("", elem_id="notice", scale=2)
+            if OPTIONS.shared:
+                gr.Markdown(footer.limits_line(state_module.LIMITS,
+                                               state_module.IMPORT_LIMITS),
+                            elem_id="server-limits")
 
         timer = gr.Timer(POLL_SECONDS)
 
@@ -408,14 +435,15 @@ def build_page() -> gr.Blocks:
         lr_tables = {k: page.tables[k] for k in ("concepts", "scheduler_params",
                                                  "additional_embeddings") if k in page.tables}
 
-        def redraw_lr(data: dict) -> tuple:
+        def redraw_lr(data: dict, request: gr.Request) -> tuple:
             try:
                 raw = F.values_to_dict({k: data[c] for k, c in lr_fields.items()})
                 for key, table in lr_tables.items():
                     spec = F.LISTS[key]
                     raw[key] = tables.from_frame(spec.item, data[table], spec.required)
                 return lr_preview.curve_frame(config_from_dict(raw, warn=lambda m: None),
-                                              SESSION.allow_custom_code)
+                                              SESSION.allow_custom_code,
+                                              access_of(request))
             except ConfigError as error:
                 return lr_preview.empty_frame(), f"No preview: {error}"
             except Exception as error:  # a custom scheduler class that fails when stepped
@@ -426,13 +454,13 @@ def build_page() -> gr.Blocks:
               outputs=[lr_parts["plot"], lr_parts["caption"]], api_name="lr_curve",
               trigger_mode="always_last", show_progress="hidden")
 
-        def summarize_concepts(frame) -> str:
+        def summarize_concepts(frame, request: gr.Request) -> str:
             items = tables.concepts_from_frame(frame)
             try:
                 concepts = [ConceptConfig.model_validate(item) for item in items]
             except Exception as error:  # a bad cell: Start names it
                 return f"Check the table: {error}".splitlines()[0]
-            return concepts_summary(concepts)
+            return concepts_summary(concepts, access_of(request))
 
         page.tables["concepts"].change(summarize_concepts, page.tables["concepts"],
                                        concepts_info, api_name="concepts_summary",
@@ -493,7 +521,9 @@ def build_page() -> gr.Blocks:
                         + dialog_outputs + [lr_parts["plot"], lr_parts["caption"],
                                             concepts_info, report])
 
-        def fill(config: TrainConfig, memory: dict, message: str) -> dict:
+        def fill(config: TrainConfig, memory: dict, message: str, access=None) -> dict:
+            """The page's values for `config`; `access` (the visitor's) decides which concept
+            folders the summary and the LR preview may count."""
             new_values = F.config_to_values(config)
             data = config.model_dump(mode="json")
             memory = memory or dict(config.optimizer_defaults or {})
@@ -503,36 +533,40 @@ def build_page() -> gr.Blocks:
                         for k, table in page.tables.items()})
             out.update(dialog_updates(optimizer, shown_optimizer_values(config, memory),
                                       memory))
-            frame, caption = lr_preview.curve_frame(config, SESSION.allow_custom_code)
+            frame, caption = lr_preview.curve_frame(config, SESSION.allow_custom_code, access)
             out.update({lr_parts["plot"]: frame, lr_parts["caption"]: caption,
-                        concepts_info: concepts_summary(config.concepts), report: message})
+                        concepts_info: concepts_summary(config.concepts, access),
+                        report: message})
             return out
 
-        def load_preset(data: dict) -> dict:
+        def load_preset(data: dict, request: gr.Request) -> dict:
             choice = data[preset_dd]
+            access = access_of(request)
             try:
-                preset = presets.read_preset(choice)
+                preset = presets.read_preset(choice, access)
                 config, memory, messages = presets.merge_preset(preset, page.lists(data))
             except AtelierError as error:
                 gr.Warning(str(error))
                 return {report: f"⚠ {error}"}
-            label = dict((v, l) for l, v in presets.choices()).get(choice, choice)
+            label = dict((v, l) for l, v in presets.choices(access)).get(choice, choice)
             text = f"Loaded preset **{label}**."
             if messages:
                 text += "\n" + "\n".join(f"- {m}" for m in presets.summarize(messages))
-            return fill(config, memory, text)
+            return fill(config, memory, text, access)
 
-        load_btn.click(partial(load_preset, fill_outputs), inputs=page.inputs() | {preset_dd},
+        load_btn.click(partial(load_preset, fill_outputs, with_request=True),
+                       inputs=page.inputs() | {preset_dd},
                        outputs=fill_outputs, api_name="load_preset")
 
-        def import_file(data: dict) -> dict:
-            upload = data[import_btn]
-            if upload is None:
+        def import_file(data: dict, request: gr.Request) -> dict:
+            uploads = data[import_btn]
+            if not uploads:
                 return {}
-            path = upload if isinstance(upload, str) else getattr(upload, "name", str(upload))
+            uploads = uploads if isinstance(uploads, list) else [uploads]
+            files = [u if isinstance(u, str) else getattr(u, "name", str(u)) for u in uploads]
             try:
-                raw = presets.read_json_file(path)
-                config, memory, messages, kind = presets.import_config(raw, page.lists(data))
+                config, memory, messages, kind, path = presets.import_files(
+                    files, page.lists(data))
             except AtelierError as error:
                 gr.Warning(str(error))
                 return {report: f"⚠ Import failed: {error}"}
@@ -542,22 +576,26 @@ def build_page() -> gr.Blocks:
                          + "\n".join(f"- {m}" for m in presets.summarize(messages)))
                 gr.Warning(f"Import: {len(messages)} key(s) ignored or reset; see the report "
                            "under the top bar.")
-            return fill(config, memory, text)
+            return fill(config, memory, text, access_of(request))
 
-        import_btn.upload(partial(import_file, fill_outputs), inputs=page.inputs() | {import_btn},
+        import_btn.upload(partial(import_file, fill_outputs, with_request=True),
+                          inputs=page.inputs() | {import_btn},
                           outputs=fill_outputs, api_name="import_config")
 
-        def save_preset(data: dict) -> dict:
+        def save_preset(data: dict, request: gr.Request) -> dict:
+            access = access_of(request)
             try:
                 config, memory = page.config(data)
-                value, path = presets.save_user_preset(data[preset_name], config, memory)
+                value, path = presets.save_user_preset(data[preset_name], config, memory,
+                                                       access)
             except AtelierError as error:
                 gr.Warning(str(error))
                 return {report: f"⚠ {error}"}
-            return {preset_dd: gr.update(choices=presets.choices(), value=value),
-                    report: f"Saved preset **{value.split(':', 1)[1]}** to `{path}`."}
+            shown = path.name if OPTIONS.shared else str(path)  # no server paths for visitors
+            return {preset_dd: gr.update(choices=presets.choices(access), value=value),
+                    report: f"Saved preset **{value.split(':', 1)[1]}** to `{shown}`."}
 
-        save_btn.click(partial(save_preset, [preset_dd, report]),
+        save_btn.click(partial(save_preset, [preset_dd, report], with_request=True),
                        inputs=page.inputs() | {preset_name}, outputs=[preset_dd, report],
                        api_name="save_preset")
 
@@ -587,8 +625,13 @@ def build_page() -> gr.Blocks:
                 return error_html(str(error))
             except Exception as error:  # a bug: the trace goes to the server log only
                 log.exception("Start failed")
-                gr.Warning(f"Could not start: {error}")
-                return error_html(f"Could not start: {type(error).__name__}: {error}")
+                # a local page is its owner's, who may read the raw error; a visitor of a
+                # shared server reads one sentence
+                text = ("Could not start: an unexpected error on the server (its log says "
+                        "why)." if OPTIONS.shared
+                        else f"Could not start: {type(error).__name__}: {error}")
+                gr.Warning(text)
+                return error_html(text)
             if position == 0:
                 return ok_html(f"Started job {job.id}.")
             return ok_html(f"Queued as job {job.id}, position {position} in the queue; it "
@@ -628,12 +671,13 @@ def build_page() -> gr.Blocks:
                         seen]
 
         def poll(last: footer.Snapshot | None, request: gr.Request) -> list:
-            out = follow(last, viewer(request))
+            out = follow(last, access_of(request))
             return [out.get(component, gr.skip()) for component in poll_outputs]
 
-        def follow(last: footer.Snapshot | None, who) -> dict:
-            """The footer of the visitor's followed job (its newest running one)."""
-            state = SESSION.state(who)
+        def follow(last: footer.Snapshot | None, access) -> dict:
+            """The footer of the visitor's followed job (its newest running one); its files
+            those the visitor may read."""
+            state = SESSION.state(access.viewer)
             snap = footer.Snapshot.of(state)
             if last == snap:
                 return {}
@@ -653,9 +697,9 @@ def build_page() -> gr.Blocks:
             if snap.plots_due(last):
                 out.update({loss_plot: footer.loss_frame(state), lr_live: footer.lr_frame(state)})
             if first or last.samples != snap.samples:
-                out[gallery] = footer.gallery_items(state)
+                out[gallery] = footer.gallery_items(state, access)
             if first or last.output != snap.output or last.status != snap.status:
-                files = footer.download_files(state)
+                files = footer.download_files(state, access)
                 out[download] = gr.update(value=files, visible=bool(files))
             return out
 
@@ -674,11 +718,22 @@ def build_page() -> gr.Blocks:
 
         demo.load(show_running_job, None, fill_outputs, api_name="attach_settings",
                   show_progress="hidden")
-        demo.load(lambda: gr.update(choices=presets.choices()), None, preset_dd,
-                  api_name="refresh_presets", show_progress="hidden")
+        def refresh_presets(request: gr.Request):
+            return gr.update(choices=presets.choices(access_of(request)))
 
-        if OPTIONS.login:  # the visitor's own datasets, once the page knows who it is
-            demo.load(*datasets_on_load, api_name="datasets_attach", show_progress="hidden")
+        demo.load(refresh_presets, None, preset_dd, api_name="refresh_presets",
+                  show_progress="hidden")
+        # Try it's and Publish's lists on a shared server: the visitor's own files, once
+        # the page knows who it is (never in the page's config, which every visitor
+        # fetches). A local page keeps the lists it was built with, as before.
+        if OPTIONS.shared:
+            for (fn, outputs), name in ((try_on_load, "try_attach"),
+                                        (publish_on_load, "publish_attach")):
+                demo.load(fn, None, outputs, api_name=name, show_progress="hidden")
+
+        # The visitor's own datasets, once the page knows who it is (and, without a login,
+        # those made since the server started: the page's first list is drawn at start).
+        demo.load(*datasets_on_load, api_name="datasets_attach", show_progress="hidden")
 
         # The Jobs panel: its list when the page opens, and "Load these settings".
         demo.load(jobs.refresh, jobs.refresh_inputs, jobs.refresh_outputs,
@@ -686,7 +741,7 @@ def build_page() -> gr.Blocks:
 
         def load_job_settings(selected, request: gr.Request) -> dict:
             try:
-                job = SESSION.get(int(selected), viewer(request))
+                job = SESSION.get(jobs_panel.job_number(selected), viewer(request))
                 config = config_from_dict(job.config, warn=lambda message: None)
             except (AtelierError, TypeError, ValueError) as error:
                 text = str(error) if isinstance(error, AtelierError) else "Choose a job first."

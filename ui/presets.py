@@ -1,7 +1,11 @@
 """Presets, export and import: the page's settings as JSON files.
 
-- Built-in presets are the partial configs in `presets/*.json`, layered over the defaults.
-- A user's presets are full configs saved under `<workspace>/presets/`.
+- Built-in presets are the partial configs in `presets/*.json`, layered over the defaults;
+  they are read-only for every visitor.
+- A user's presets are full configs saved under `<workspace>/presets/` on a local server. On
+  a shared server each visitor's live in their own folder, `<workspace>/users/<name>/presets/`
+  (trainer/ownership.py), listed, loaded and overwritten by them only; an admin also sees the
+  older shared `<workspace>/presets/`.
 - Export writes the full config (plus `optimizer_defaults`) as a file that
   `python -m trainer train --config FILE` accepts.
 - Import reads an Atelier or a OneTrainer JSON config. OneTrainer's keys are Atelier's keys;
@@ -22,13 +26,15 @@ from pydantic import ValidationError
 
 from trainer.config import TrainConfig, unknown_keys
 from trainer.errors import ConfigError
-from trainer.onetrainer import FULL_FORMATS, LORA_FORMATS, translate
+from trainer.onetrainer import FULL_FORMATS, LORA_FORMATS, is_onetrainer, translate
 from trainer.io import atomic_write_text
+from trainer.ownership import Access
 from ui import paths
 from ui.optimizers import parameter_names
 
 BUILTIN = "builtin:"
 USER = "user:"
+SHARED = "shared:"  # an admin's view of the shared <workspace>/presets/ of a shared server
 DEFAULT_PRESET = BUILTIN + "demo"
 # Lists that describe the user's data, not the training recipe: a preset that does not set
 # them leaves the page's own.
@@ -59,25 +65,63 @@ def builtin_presets() -> dict[str, Path]:
     return ordered
 
 
-def user_presets() -> dict[str, Path]:
-    folder = paths.user_presets_dir()
-    if not folder.is_dir():
+def _access(access: Access | None) -> Access:
+    if access is not None:
+        return access
+    from ui import state  # the visitor of a request-less call (a test, a local page)
+    return state.access()
+
+
+def user_presets_dir(access: Access | None = None) -> Path:
+    """Where the visitor's saved presets live: `<workspace>/presets` on a local server, their
+    own `<workspace>/users/<name>/presets` on a shared one."""
+    access = _access(access)
+    if not access.realm.shared:
+        return paths.user_presets_dir()
+    return access.user_folder() / "presets"
+
+
+def _presets_in(folder: Path, access: Access) -> dict[str, Path]:
+    if not folder.is_dir() or not access.can_read(folder):
         return {}
-    return {p.stem: p for p in sorted(folder.glob("*.json"))}
+    return {p.stem: p for p in sorted(folder.glob("*.json")) if access.can_read(p)}
 
 
-def choices() -> list[tuple[str, str]]:
-    """Dropdown choices: (label, value) with value 'builtin:NAME' or 'user:NAME'."""
-    items = [(_title(path), BUILTIN + name) for name, path in builtin_presets().items()]
-    items += [(f"{name} (saved)", USER + name) for name in user_presets()]
+def user_presets(access: Access | None = None) -> dict[str, Path]:
+    access = _access(access)
+    return _presets_in(user_presets_dir(access), access)
+
+
+def shared_presets(access: Access | None = None) -> dict[str, Path]:
+    """The older shared `<workspace>/presets/` of a shared server: an admin's only."""
+    access = _access(access)
+    if not access.realm.shared or not access.viewer.admin:
+        return {}
+    return _presets_in(paths.user_presets_dir(), access)
+
+
+def builtin_choices() -> list[tuple[str, str]]:
+    """The built-in presets only (what a shared server's page is built with: a visitor's own
+    come with their page load)."""
+    return [(_title(path), BUILTIN + name) for name, path in builtin_presets().items()]
+
+
+def choices(access: Access | None = None) -> list[tuple[str, str]]:
+    """Dropdown choices: (label, value) with value 'builtin:NAME', 'user:NAME' (the
+    visitor's own) or, for an admin of a shared server, 'shared:NAME'."""
+    items = builtin_choices()
+    items += [(f"{name} (saved)", USER + name) for name in user_presets(access)]
+    items += [(f"{name} (shared folder)", SHARED + name) for name in shared_presets(access)]
     return items
 
 
-def preset_path(value: str) -> Path:
+def preset_path(value: str, access: Access | None = None) -> Path:
     if value.startswith(BUILTIN):
         table, name = builtin_presets(), value[len(BUILTIN):]
     elif value.startswith(USER):
-        table, name = user_presets(), value[len(USER):]
+        table, name = user_presets(access), value[len(USER):]
+    elif value.startswith(SHARED):
+        table, name = shared_presets(access), value[len(SHARED):]
     else:
         raise ConfigError(f"Unknown preset '{value}'.")
     if name not in table:
@@ -96,8 +140,8 @@ def read_json_file(path: str | Path) -> Any:
         raise ConfigError(f"File '{Path(path).name}' is not valid JSON: {error}") from None
 
 
-def read_preset(value: str) -> dict:
-    data = read_json_file(preset_path(value))
+def read_preset(value: str, access: Access | None = None) -> dict:
+    data = read_json_file(preset_path(value, access))
     if not isinstance(data, dict):
         raise ConfigError(f"Preset '{value}' is not a JSON object of keys and values.")
     return paths.localize_config(data)
@@ -129,7 +173,13 @@ def _drop_path(data: dict, loc: tuple) -> bool:
 # (An embedding's bad value too: its default, e.g. an input embedding for an output one, would
 # train something else.)
 JOB_KEYS = ("model_type", "training_method", "base_model_name", "output_model_format",
-            "additional_embeddings")
+            "additional_embeddings", "peft_type", "lokr_decompose_factor", "lora_model_name",
+            "concepts")
+
+
+def _defines_the_job(loc: tuple) -> bool:
+    """A JOB_KEYS value, or the optimizer's choice (its parameters are tuning values)."""
+    return bool(loc) and (loc[0] in JOB_KEYS or tuple(loc[:2]) == ("optimizer", "optimizer"))
 
 
 def lenient_config(data: dict) -> tuple[TrainConfig, list[str]]:
@@ -148,7 +198,7 @@ def lenient_config(data: dict) -> tuple[TrainConfig, list[str]]:
                 loc = tuple(item["loc"])
                 key = ".".join(str(p) for p in loc)
                 message = item["msg"].removeprefix("Value error, ")
-                if loc and loc[0] in JOB_KEYS:  # what the job is: never a default instead
+                if _defines_the_job(loc):  # what the job is: never a default instead
                     raise ConfigError(f"{key}: {message} (got {item.get('input')!r}). This "
                                       "decides what the job is, so nothing was imported.")
                 if _drop_path(data, loc):
@@ -194,57 +244,13 @@ ATELIER_MARKS = ("__atelier", "__name")
 
 
 def looks_like_onetrainer(data: dict) -> bool:
-    """A saved OneTrainer config, or one of its current partial presets (which carry none of
-    the saved-config keys, but OneTrainer's current names)."""
-    markers = ("__version", "concept_file_name", "sample_definition_file_name", "train_device",
-               "cache_dir", "debug_mode", "layer_filter_preset")
-    if any(key in data for key in markers):
+    """A file OneTrainer wrote (trainer/onetrainer.py's markers), or one of its current partial
+    presets (which carry none of them, but OneTrainer's current format names)."""
+    if is_onetrainer(data):
         return True
     if any(key in data for key in ATELIER_MARKS):  # both now share their format names
         return False
     return data.get("output_model_format") in (*LORA_FORMATS, *FULL_FORMATS)
-
-
-def adapt_onetrainer(data: dict) -> tuple[dict, list[str]]:
-    """OneTrainer's shapes -> Atelier's (same key names; a few nestings differ)."""
-    data = json.loads(json.dumps(data))
-    notes: list[str] = []
-    for key in DATA_KEYS:
-        if data.get(key) is None:
-            data.pop(key, None)
-    if isinstance(data.get("optimizer"), dict):  # null = "unset" in OneTrainer
-        data["optimizer"] = {k: v for k, v in data["optimizer"].items() if v is not None}
-    concepts = []
-    for i, concept in enumerate(data.get("concepts") or []):
-        if not isinstance(concept, dict):
-            continue
-        concept = dict(concept)
-        text = concept.pop("text", None)
-        if isinstance(text, dict) and "prompt_source" in text:
-            concept.setdefault("prompt_source", text["prompt_source"])
-            if text.get("prompt_source") == "concept" and text.get("prompt_path"):
-                prompt_file = Path(text["prompt_path"])
-                if prompt_file.is_file():
-                    lines = prompt_file.read_text(encoding="utf-8", errors="replace").split("\n")
-                    concept.setdefault("prompt", next((l.strip() for l in lines if l.strip()), ""))
-                else:
-                    notes.append(f"concepts[{i}]: its prompt file '{prompt_file}' was not "
-                                 "found; set the prompt in the concepts table.")
-        if isinstance(concept.pop("image", None), dict):
-            notes.append(f"concepts[{i}].image (OneTrainer's augmentation settings) ignored.")
-        concepts.append(concept)
-    if "concepts" in data:
-        data["concepts"] = concepts
-    samples = []
-    for sample in data.get("samples") or []:
-        if isinstance(sample, dict):
-            if sample.get("enabled", True) is False:
-                continue
-            sample = {k: v for k, v in sample.items() if k != "enabled"}
-            samples.append(sample)
-    if "samples" in data:
-        data["samples"] = samples
-    return data, notes
 
 
 # --- Import and export ------------------------------------------------------------------------
@@ -263,20 +269,42 @@ def summarize(messages: list[str]) -> list[str]:
     return other + unknown
 
 
-def import_config(raw: Any, page_data: dict | None = None
+def import_config(raw: Any, page_data: dict | None = None, beside=None
                   ) -> tuple[TrainConfig, dict[str, dict], list[str], str]:
-    """An imported file's contents -> (config, optimizer_defaults, messages, kind)."""
+    """An imported file's contents -> (config, optimizer_defaults, messages, kind). A OneTrainer
+    file goes through the engine's translation, as on the CLI and the API (trainer/
+    onetrainer.py): what Atelier cannot honour stops the import with the key and value;
+    `beside` finds the files uploaded with it (a Save config's concepts)."""
     if not isinstance(raw, dict):
         raise ConfigError("The imported file must hold a JSON object of config keys.")
     kind = "OneTrainer" if looks_like_onetrainer(raw) else "Atelier"
-    notes: list[str] = []
-    data = raw
-    if kind == "OneTrainer":
-        data, notes = adapt_onetrainer(raw)
+    data, notes = translate(raw, beside)
     opt_defaults = optimizer_defaults_of(data)
     data = {k: v for k, v in data.items() if k != OPTIMIZER_DEFAULTS}
     config, messages = lenient_config(layered(data, page_data))
     return config, opt_defaults, notes + messages, kind
+
+
+def import_files(files: list[str | Path], page_data: dict | None = None
+                 ) -> tuple[TrainConfig, dict[str, dict], list[str], str, Path]:
+    """The page's Import of one or more files: the config (the one JSON object among them)
+    and the files it names, uploaded with it and found by their file names (a OneTrainer Save
+    config's concepts and samples, a concept's prompt file). Returns import_config's answer
+    and the config file's path."""
+    files = [Path(f) for f in files]
+    readable = [f for f in files if f.suffix.lower() == ".json"]
+    configs = [(f, data) for f in readable if isinstance(data := read_json_file(f), dict)]
+    if len(configs) != 1:
+        names = ", ".join(f.name for f, _ in configs) or "none of the files"
+        raise ConfigError(f"Import: select one config file (a JSON object) and the files it "
+                          f"names; found {len(configs)} configs ({names}).")
+    path, raw = configs[0]
+    by_name = {f.name: f for f in files if f != path}
+
+    def beside(name: str) -> Path | None:
+        return by_name.get(Path(str(name).replace("\\", "/")).name)
+    config, memory, messages, kind = import_config(raw, page_data, beside)
+    return config, memory, messages, kind, path
 
 
 def export_dict(config: TrainConfig, optimizer_defaults: dict[str, dict]) -> dict:
@@ -314,11 +342,13 @@ def safe_name(name: str) -> str:
     return cleaned[:80]
 
 
-def save_user_preset(name: str, config: TrainConfig,
-                     optimizer_defaults: dict[str, dict]) -> tuple[str, Path]:
-    """Save the page's full config as a user preset; returns (dropdown value, path)."""
+def save_user_preset(name: str, config: TrainConfig, optimizer_defaults: dict[str, dict],
+                     access: Access | None = None) -> tuple[str, Path]:
+    """Save the page's full config as the visitor's preset (in their own folder on a shared
+    server); returns (dropdown value, path)."""
+    access = _access(access)
     name = safe_name(name)
-    path = paths.user_presets_dir() / f"{name}.json"
+    path = access.check_write(user_presets_dir(access) / f"{name}.json", "Preset name")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(export_dict(config, optimizer_defaults), indent=2))
     return USER + name, path

@@ -23,7 +23,8 @@ from ui import paths
 # The job queue. Custom scheduler code is off until app.py says the server is the user's own
 # (local). app.py opens its store in the workspace at start (a restart resumes what ran);
 # anything else that submits a job opens it there on first use.
-SESSION = JobQueue(allow_custom_code=False, default_workspace=paths.workspace_root)
+SESSION = JobQueue(allow_custom_code=False, default_workspace=paths.workspace_root,
+                   default_realm=lambda: realm())
 JOBS = SESSION
 
 # The browser sessions whose "Apply to folder" (ui.auto_masks) is writing masks now: no
@@ -68,6 +69,9 @@ class ServerOptions:
     # sees only their own jobs and datasets, except the admins (--admin).
     login: bool = False
     admins: frozenset[str] = frozenset()
+    # Hub namespaces (users or organizations) the server's own Hugging Face token publishes
+    # to (--publish-namespace; on a Space, its owner): any other repo needs the visitor's.
+    publish_namespaces: tuple[str, ...] = ()
 
 
 OPTIONS = ServerOptions()
@@ -75,6 +79,13 @@ OPTIONS = ServerOptions()
 LIMITS = ServerLimits()
 # What one dataset upload may bring (app.py's --max-upload-gb etc.; the page shows them).
 IMPORT_LIMITS = ImportLimits()
+
+
+def set_limits(limits: ServerLimits) -> None:
+    """The server's limits (app.py), for the page and the job queue alike."""
+    global LIMITS
+    LIMITS = limits
+    SESSION.limits = limits
 
 
 def configure(shared: bool, allow_any_path: bool = False, online: bool = False,
@@ -85,6 +96,9 @@ def configure(shared: bool, allow_any_path: bool = False, online: bool = False,
     OPTIONS.admins = frozenset(admins)
     OPTIONS.confine_paths = shared and not allow_any_path
     SESSION.allow_custom_code = not shared
+    SESSION.admins = OPTIONS.admins  # their jobs keep their chosen output path
+    if SESSION.store is not None:  # opened already: its checks follow the new options
+        SESSION.realm = realm()
 
 
 def viewer(request=None) -> Viewer:
@@ -112,7 +126,8 @@ def access(request=None) -> Access:
 
 def open_jobs(workspace: Path, concurrency: int | None = None) -> str:
     """Open the job store in the workspace (app.py, at start); returns its notice."""
-    return SESSION.open(workspace, concurrency=concurrency, confine=OPTIONS.confine_paths)
+    return SESSION.open(workspace, concurrency=concurrency, confine=OPTIONS.confine_paths,
+                        realm=realm(), limits=LIMITS)
 
 
 def check_paths(config: TrainConfig) -> None:

@@ -13,7 +13,6 @@ import pandas as pd
 from pydantic import BaseModel
 
 from trainer.config import ConceptConfig, SampleConfig
-from trainer.data.images import is_image_file
 from ui.fields import _kind, _unwrap_optional
 
 
@@ -156,11 +155,8 @@ def samples_from_frame(frame: Any) -> list[dict]:
 def count_images(folder: str, subfolders: bool = False) -> int | None:
     """Image files in `folder` (and its subfolders, not hidden ones, when asked; None when it
     is not a folder). Not decoded: this is for estimates (the LR preview, the concept
-    summary); training checks every file."""
+    summary); training checks every file. The engine's count (trainer/limits.py)."""
     from pathlib import Path
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        return None
-    files = path.rglob("*") if subfolders else path.iterdir()
-    return sum(1 for p in files if p.is_file() and is_image_file(p)
-               and not any(part.startswith(".") for part in p.relative_to(path).parts[:-1]))
+
+    from trainer.limits import count_images as engine_count
+    return engine_count(folder, subfolders) if Path(folder).expanduser().is_dir() else None

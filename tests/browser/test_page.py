@@ -10,8 +10,9 @@ import json
 import time
 
 import pytest
-from atelier_page import (bar_value, choose, field, job_message, job_status, open_section,
-                          pick, section, set_value, value_of, wait_for, wait_idle)
+from atelier_page import (bar_value, choose, field, input_of, job_message, job_status,
+                          open_section, pick, section, set_value, value_of, wait_for,
+                          wait_idle)
 
 from ui import fields as F
 from ui import optimizers
@@ -19,7 +20,8 @@ from ui.page import DIALOG_KEYS
 
 UI = 30  # seconds a page update may take on a busy machine (waits end as soon as it shows)
 SD15_LORA = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
-             "learning_rate_scheduler": "CONSTANT", "lora_layer_preset": "attn-only"}
+             "peft_type": "LORA", "learning_rate_scheduler": "CONSTANT",
+             "lora_layer_preset": "attn-only"}
 
 
 def test_page_loads_with_every_section_and_tooltip(page, screenshot_dir):
@@ -103,7 +105,11 @@ def test_optimizer_dialog_edits_persist_per_optimizer(page):
         box = field(page, f"optimizer.{param.name}")
         assert box.is_visible() and param.label in box.inner_text()
         assert param.tooltip[:30] in box.locator(".info-text").inner_text()
-        assert float(value_of(page, f"optimizer.{param.name}")) == pytest.approx(param.default)
+        if param.kind == "bool":  # a checkbox
+            assert input_of(page, f"optimizer.{param.name}").is_checked() == param.default
+        else:
+            assert float(value_of(page, f"optimizer.{param.name}")) == pytest.approx(
+                param.default)
     assert not field(page, "optimizer.momentum").is_visible()  # SGD's, not AdamW's
     assert dialog_value(page, "weight_decay") == pytest.approx(0.01)
     set_value(page, "optimizer.weight_decay", "0.05")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from trainer.captions.tiny import build_tiny_blip
 from trainer.demo import DEMO_DATASET_DIR
+from trainer.ownership import ANONYMOUS, user_folder_name
 
 UI = 60  # seconds a page update may take on a busy machine (waits end as soon as it shows)
 CAT = (192, 128)  # cat.jpg's size
@@ -20,7 +21,10 @@ CAT = (192, 128)  # cat.jpg's size
 
 def test_upload_caption_mask_train_try_and_download(shared_page, shared_server, tmp_path):
     page, (_, workspace) = shared_page, shared_server
-    captioner = build_tiny_blip(workspace / "models" / "captioner")  # models live there too
+    # A visitor's own models live in their user folder (the anonymous visitor's, here: a
+    # shared server without a login); the rest of the workspace is the server's own.
+    captioner = build_tiny_blip(workspace / "users" / user_folder_name(ANONYMOUS) / "models"
+                                / "captioner")
     # The visitor's photos: images and masks, no captions, and no mask for the cat.
     archive = tmp_path / "photos.zip"
     with zipfile.ZipFile(archive, "w") as out:
@@ -106,6 +110,7 @@ def test_upload_caption_mask_train_try_and_download(shared_page, shared_server, 
         link.click()
     saved = tmp_path / "downloaded.safetensors"
     download.value.save_as(saved)
-    assert saved.read_bytes() == (workspace / "demo" / "output" /
-                                  "demo-lora.safetensors").read_bytes()
+    # On a shared server a visitor's output lands in their job's own folder.
+    written = list((workspace / "jobs").glob("*/output/demo-lora.safetensors"))
+    assert len(written) == 1 and saved.read_bytes() == written[0].read_bytes()
     assert not page.errors

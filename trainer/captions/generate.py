@@ -32,7 +32,7 @@ from trainer.data.images import (
     is_image_file,
     load_image_rgb,
 )
-from trainer.errors import CaptionError
+from trainer.errors import CaptionError, DatasetError
 from trainer.folder_runs import folder_images, summary_text
 from trainer.io import atomic_write_text
 
@@ -256,6 +256,7 @@ def caption_folder(
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     recursive: bool = False,
+    room=None,
 ) -> CaptionSummary:
     """Caption every image of `folder` with `settings`; returns what was captioned, skipped
     and failed (names relative to the folder, with reasons).
@@ -263,7 +264,9 @@ def caption_folder(
     progress(done, total, name) is called after each image; should_stop() is asked before
     each one. Bad settings, a missing folder or model raise CaptionError before anything is
     written; an unreadable image, a model error or a failed write is listed in `failed`, its
-    caption left as it was, and the run goes on.
+    caption left as it was, and the run goes on. `room` (trainer.data.imports.Room: a
+    shared server's quotas) is charged caption by caption: a caption that would pass a
+    quota is not written, and the run stops there.
     """
     plan = _resolve(settings)
     images = list_images(folder, recursive)
@@ -281,10 +284,19 @@ def caption_folder(
             if plan.mode is CaptionMode.FILL and _has_caption(path):
                 summary.skipped.append((name, SKIP_HAS_CAPTION))
             else:
-                write_caption(path, _new_caption(path, plan, captioner))
+                text = _new_caption(path, plan, captioner)
+                if room is not None:
+                    old = caption_path(path)
+                    room.take(len(text.encode("utf-8")) + 1
+                              - (old.stat().st_size if old.is_file() else 0), old.name)
+                write_caption(path, text)
                 summary.captioned.append(name)
         except UnreadableImageError as error:
             summary.failed.append((name, f"cannot read the image: {error.reason}"))
+        except DatasetError as error:  # a quota (after its subclass above): nothing more fits
+            summary.failed.append((name, str(error)))
+            summary.stopped = True
+            break
         except CaptionError as error:
             summary.failed.append((name, str(error)))
         except OSError as error:  # reading or writing its caption: no permission, full disk ...

@@ -23,8 +23,10 @@ from trainer.data.images import (
     mask_path_for,
     to_rgb,
 )
+from trainer.data.imports import check_room
 from trainer.errors import DatasetError
 from trainer.io import atomic_save_png, atomic_write_text
+from trainer.limits import LIMIT_OPTIONS
 from trainer.masks import painted
 from trainer.masks.store import existing_mask
 
@@ -100,20 +102,33 @@ def list_entries(folder: Path | str, only_unmasked: bool = False) -> list[Entry]
     return entries
 
 
-def save_caption(image: Path | str, text: str) -> Path:
+def save_caption(image: Path | str, text: str, max_chars: int | None = None, *,
+                 limits=None, workspace: Path | str | None = None) -> Path:
     """Write `text` to the image's `<stem>.txt` atomically (never a half-written caption).
 
     Surrounding whitespace goes (training strips it anyway); line breaks stay, since several
     lines are alternative captions; Windows line endings become plain ones. A non-empty
     caption ends with a newline, as the text files of other tools (and the demo's) do.
+    A shared server's bounds (None: none) refuse the write and keep the old caption: a
+    caption longer than `max_chars` characters, or one that would pass the dataset's size
+    limit or (with `workspace`) the workspace quota of `limits` (ImportLimits).
     """
     image = Path(image)
     if not image.is_file():
-        raise DatasetError(f"Image '{image}' no longer exists; refresh the list.")
+        raise DatasetError(f"Image '{image.name}' no longer exists; refresh the list.")
     text = "\n".join(line.rstrip() for line in (text or "").replace("\r\n", "\n").split("\n"))
+    if max_chars is not None and len(text.strip()) > max_chars:
+        raise DatasetError(f"Caption: {len(text.strip()):,} characters is more than the "
+                           f"{max_chars:,} this server allows "
+                           f"({LIMIT_OPTIONS['max_caption_chars']}); shorten it.")
     path = caption_path(image)
+    content = text.strip() + "\n" if text.strip() else ""
+    if limits is not None:
+        old_size = path.stat().st_size if path.is_file() else 0
+        check_room(image.parent, len(content.encode("utf-8")) - old_size, limits, workspace,
+                   what=path.name)
     try:
-        atomic_write_text(path, text.strip() + "\n" if text.strip() else "")
+        atomic_write_text(path, content)
     except OSError as error:
         raise DatasetError(f"Cannot write caption '{path}': {error.strerror or error}") from None
     return path

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from trainer.data.datasets import HIDDEN_PREFIX, dataset_path, datasets_root, folder_bytes
+from trainer.data.datasets import (HIDDEN_PREFIX, dataset_path, datasets_root, folder_bytes,
+                                   set_dataset_owner)
 from trainer.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, is_mask_file, is_misnamed_mask
 from trainer.data.import_sources import (
     Entry,
@@ -487,13 +488,16 @@ def _move_no_clobber(source: Path, target: Path) -> None:
 
 
 def import_dataset(sources: Iterable[Path | str], name: str, workspace: Path | str, *,
-                   limits: ImportLimits | None = None, replace: bool = False) -> ImportReport:
+                   limits: ImportLimits | None = None, replace: bool = False,
+                   owner: str | None = None) -> ImportReport:
     """Import `sources` (image, caption and mask files, folders, zip files) into
     `<workspace>/datasets/<name>/`, creating it or adding to it. Subfolders are kept.
 
     Files already in the dataset are skipped unless `replace`. Bad arguments (a bad name, a
     missing source) raise DatasetError before anything is written; everything else is
-    reported per file in the returned report.
+    reported per file in the returned report. `owner` (a shared server's visitor) is
+    recorded in a dataset the import creates, inside the staging folder, so the dataset never
+    appears without its owner (for a moment it would read as a CLI import, open to all).
     """
     limits = limits or ImportLimits()
     workspace = Path(workspace)
@@ -513,6 +517,8 @@ def import_dataset(sources: Iterable[Path | str], name: str, workspace: Path | s
     # leading dot keeps it out of the dataset list while it exists.
     staging = Path(tempfile.mkdtemp(prefix=f"{HIDDEN_PREFIX}import-", dir=root))
     try:
+        if owner is not None:
+            set_dataset_owner(staging, owner)
         importer = _Importer(staging, dataset, limits, replace, report, budget)
         for path in paths:
             importer.source(path)

@@ -30,7 +30,7 @@ from trainer.data.images import (
     open_image,
     to_rgb,
 )
-from trainer.errors import MaskError
+from trainer.errors import DatasetError, MaskError
 from trainer.folder_runs import folder_images, summary_text
 from trainer.masks import ops
 from trainer.masks.clipseg import DEFAULT_CLIPSEG_MODEL, ClipSegmenter, load_clipseg
@@ -318,6 +318,7 @@ def generate_masks(
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     recursive: bool = False,
+    room=None,
 ) -> MaskSummary:
     """Make masks for every image of `folder` with `settings`; returns what was written,
     skipped and failed (names relative to the folder, with reasons).
@@ -325,6 +326,9 @@ def generate_masks(
     progress(done, total, name) is called after each image; should_stop() is asked before
     each one. Bad settings, a missing folder or model raise MaskError before anything is
     written; an unreadable image or a failed write is listed in `failed` and the run goes on.
+    `room` (trainer.data.imports.Room: a shared server's quotas) is charged mask by mask: a
+    mask that would pass a quota is not written, and the run stops there (every later one
+    would be refused too).
     """
     plan = _resolve(settings)
     images = list_images(folder, recursive)
@@ -341,11 +345,15 @@ def generate_masks(
             if mask is None:
                 summary.skipped.append((name, skip))
             else:
-                write_mask(path, mask)
+                write_mask(path, mask, room=room)
                 summary.written.append(name)
         except UnreadableImageError as error:
             what = "its mask" if error.path == mask_path_for(path) else "the image"
             summary.failed.append((name, f"cannot read {what}: {error.reason}"))
+        except DatasetError as error:  # a quota (after its subclass above): nothing more fits
+            summary.failed.append((name, str(error)))
+            summary.stopped = True
+            break
         except OSError as error:  # writing: full disk, no permission ...
             summary.failed.append((name, f"cannot write its mask: {error.strerror or error}"))
         if progress is not None:
