@@ -300,6 +300,53 @@ def test_the_page_built_on_a_workspace_with_alices_files_holds_none(server, alic
         assert text not in config, text
 
 
+def test_bob_cannot_aim_a_job_at_alices_things(server, alice):
+    """Through /submit_job, what a config can name: another user's dataset (4), backup (5)
+    and files as an embedding (6), absurd sizes (7) are refused naming the key; an output
+    aimed at her LoRA or at the shared demo model lands in bob's own job folder (2)."""
+    import shutil
+
+    from trainer.data.datasets import set_dataset_owner
+    from trainer.demo import DEMO_DATASET_DIR
+    url, workspace = server
+    cats = workspace / "datasets" / "alices-cats"  # as her upload would have made it
+    shutil.copytree(DEMO_DATASET_DIR, cats)
+    set_dataset_owner(cats, "alice")
+    demo_model = workspace / "tiny-sd15"
+    before = fingerprint(cats, demo_model)
+    bob = client_of(url, "bob")
+    base = json.loads(bob.predict(api_name="/default_config"))
+    base.update({"epochs": 1, "backup_after_unit": "NEVER", "sample_after_unit": "NEVER"})
+    alice_job = workspace / "jobs" / str(alice["id"])
+    attempts = {
+        "concepts[0].path": {"concepts": [{"path": str(cats)}]},
+        "workspace_dir": {"continue_last_backup": True, "workspace_dir": str(alice_job)},
+        "additional_embeddings[0].model_name": {"additional_embeddings": [
+            {"placeholder": "<x>", "model_name": str(alice["files"]["output"])}]},
+        "--max-steps-per-job": {"epochs": 1_000_000},
+        "epochs": {"epochs": 10 ** 30},
+    }
+    for key, update in attempts.items():
+        with pytest.raises(AppError) as refused:
+            bob.predict(json.dumps({**base, **update}), api_name="/submit_job")
+        assert key in str(refused.value), (key, str(refused.value))
+    # the same refusal whether the named file exists or not: no oracle of her files
+    missing = {"additional_embeddings": [{"placeholder": "<x>", "model_name": str(
+        alice_job / "output" / "no-such.safetensors")}]}
+    with pytest.raises(AppError) as refused_missing:
+        bob.predict(json.dumps({**base, **missing}), api_name="/submit_job")
+    assert "does not exist" not in str(refused_missing.value)
+    for target in (alice["files"]["output"], demo_model):
+        job = bob.predict(json.dumps({**base, "output_model_destination": str(target)}),
+                          api_name="/submit_job")
+        status = wait_until(
+            lambda: (s := bob.predict(job["id"], api_name="/job_status"))["status"]
+            not in ("queued", "running") and s, 300, "bob's job to end")
+        assert status["status"] == "finished", status
+        assert Path(status["outputs"][0]).parent == workspace / "jobs" / str(job["id"]) / "output"
+    assert fingerprint(cats, demo_model) == before
+
+
 def test_zz_alices_files_are_byte_for_byte_unchanged(server, alice):
     """Last in the module: after every attempt above."""
     _, workspace = server
