@@ -10,11 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -22,38 +17,11 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 httpx = pytest.importorskip("httpx")
+from app_server import serve, wait_until  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 USERS = {"alice": "pw1", "bob": "pw2", "root": "pw3"}
-START_TIMEOUT = 240
 TRY_MAX_SIZE = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def answering(url: str, process: subprocess.Popen, log: Path) -> bool:
-    if process.poll() is not None:
-        raise RuntimeError(f"app.py exited:\n{log.read_text(errors='replace')[-4000:]}")
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +29,11 @@ def server(tmp_path_factory):
     """(url, workspace) of `python app.py --listen --auth alice,bob,root --admin root`."""
     workspace = tmp_path_factory.mktemp("shared-ws")
     log = tmp_path_factory.mktemp("shared-log") / "server.log"
-    port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
-    env.pop("ATELIER_WORKSPACE", None)
     users = ",".join(f"{user}:{password}" for user, password in USERS.items())
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port), "--listen",
-             "--auth", users, "--admin", "root", "--workspace", str(workspace),
-             "--publish-namespace", "alice", "--try-max-size", str(TRY_MAX_SIZE)],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until(lambda: answering(url, process, log), START_TIMEOUT, "app.py to answer")
+    for url in serve(workspace, log, "--listen", "--auth", users, "--admin", "root",
+                     "--workspace", str(workspace), "--publish-namespace", "alice",
+                     "--try-max-size", str(TRY_MAX_SIZE)):
         yield url, workspace
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def client_of(url: str, user: str):

@@ -201,3 +201,15 @@ def paint_stroke(page, points: list[tuple[float, float]], image_size: tuple[int,
             if _brighter(page, before, px, py):
                 return
     raise AssertionError(f"the stroke did not stay on the canvas after {attempts} attempts")
+
+
+def new_tab(context, url: str):
+    """A tab of `context` on the app, loaded, with console errors collected in `tab.errors`."""
+    tab = context.new_page()
+    tab.set_default_timeout(20_000)
+    tab.errors = []
+    tab.on("pageerror", lambda error: tab.errors.append(str(error)))
+    tab.goto(url)
+    tab.wait_for_selector("#start", timeout=60_000)
+    tab.wait_for_selector("#job-status", timeout=30_000)
+    return tab

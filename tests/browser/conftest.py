@@ -10,54 +10,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from app_server import SERVER_START_TIMEOUT, free_port, serve, spawn, wait_http
+from atelier_page import new_tab
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-SERVER_START_TIMEOUT = 180
 USERS = {"ann": "a-secret", "bob": "b-secret", "root": "r-secret"}  # auth_server's logins
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with {process.returncode}:\n"
-                               + log.read_text(errors="replace")[-4000:])
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"app.py did not answer within {timeout} s:\n"
-                       + log.read_text(errors="replace")[-4000:])
-
-
-def spawn(log: Path, port: int, *extra: str) -> subprocess.Popen:
-    """`python app.py --port PORT *extra`, its output appended to `log` (not yet answering)."""
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
-    env.pop("ATELIER_WORKSPACE", None)
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port), *extra],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture
@@ -81,23 +45,6 @@ def start_app():
 @pytest.fixture
 def port() -> int:
     return free_port()
-
-
-def serve(workspace: Path, log: Path, *extra: str):
-    """`python app.py` on a free port with `workspace`; yields its URL, stops it after."""
-    port = free_port()
-    process = spawn(log, port, *extra)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_http(url, SERVER_START_TIMEOUT, process, log)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -153,17 +100,10 @@ def chromium():
 
 
 def open_tab(chromium, url: str):
-    """A fresh tab on the app, loaded, with console errors collected in `tab.errors`."""
+    """A fresh tab on the app in a context of its own (its own cookies)."""
     context = chromium.new_context(viewport={"width": 1400, "height": 1000},
                                    accept_downloads=True)
-    tab = context.new_page()
-    tab.set_default_timeout(20_000)
-    tab.errors = []
-    tab.on("pageerror", lambda error: tab.errors.append(str(error)))
-    tab.goto(url)
-    tab.wait_for_selector("#start", timeout=60_000)
-    tab.wait_for_selector("#job-status", timeout=30_000)
-    yield tab
+    yield new_tab(context, url)
     context.close()
 
 

@@ -7,25 +7,15 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
+from app_server import wait_until  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 USERS = {"ann": "a-secret", "bob": "b-secret", "root": "r-secret"}  # as conftest's auth_server
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def job_config(client, **changes) -> str:

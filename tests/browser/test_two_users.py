@@ -7,7 +7,7 @@ from __future__ import annotations
 import zipfile
 
 import pytest
-from atelier_page import open_section, set_value, wait_for
+from atelier_page import new_tab, open_section, set_value, wait_for
 
 from trainer.demo import DEMO_DATASET_DIR
 
@@ -36,13 +36,7 @@ def logged_in_tab(chromium, url: str, user: str):
     response = context.request.post(url + "login",
                                     form={"username": user, "password": USERS[user]})
     assert response.ok, f"login of {user}: {response.status} {response.text()}"
-    tab = context.new_page()
-    tab.set_default_timeout(20_000)
-    tab.errors = []
-    tab.on("pageerror", lambda error: tab.errors.append(str(error)))
-    tab.goto(url)
-    tab.wait_for_selector("#start", timeout=60_000)
-    tab.wait_for_selector("#job-status", timeout=30_000)
+    tab = new_tab(context, url)
     return context, tab
 
 
