@@ -145,6 +145,7 @@ def fake_output(folder: Path, config: dict, *, diffusers: bool) -> Path:
         output = folder / "model"
         (output / "unet").mkdir(parents=True)
         (output / "model_index.json").write_text("{}")
+        (output / ".atelier-model").write_text("written by a model save")  # trainer.io's marker
         save_file(tensors, str(output / "unet" / "diffusion_pytorch_model.safetensors"), metadata)
     else:
         output = folder / "model.safetensors"

@@ -30,6 +30,7 @@ from pathlib import Path
 from trainer.config import PromptSource, TrainConfig, config_from_dict, read_json
 from trainer.errors import AtelierError
 from trainer.embedding_files import embedding_file_paths
+from trainer.io import MODEL_MARKER
 from trainer.model_card import CardEmbedding, CardFacts, CardSample, build_model_card
 
 SAMPLE_NAME = re.compile(r"step(\d+)-(\d+)\.png")
@@ -238,7 +239,9 @@ def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None
     copy = _link_or_copy if link else shutil.copy2
     if output.is_folder:
         # A diffusers folder's files at the repo's root: from_pretrained(repo_id) loads it.
-        shutil.copytree(output.path, staging, dirs_exist_ok=True, copy_function=copy)
+        # (Not Atelier's own marker file: it says only that a later save may replace it.)
+        shutil.copytree(output.path, staging, dirs_exist_ok=True, copy_function=copy,
+                        ignore=shutil.ignore_patterns(MODEL_MARKER))
         weights = ""
     else:
         weights = f"{name}.safetensors"
