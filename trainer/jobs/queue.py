@@ -401,6 +401,11 @@ class JobQueue:
                 values["outputs"] = outputs
             elif error:
                 values["message"] = error
+            # The folder is free before the job reads as ended: whoever sees "stopped" may use
+            # it at once (the CLI, a continued run).
+            lock = self._locks.pop(job_id, None)
+            if lock is not None:
+                lock.release()
             try:
                 self.store.update(job_id, **values)
             except sqlite3.Error as store_error:  # the slot is freed and the queue goes on
@@ -409,9 +414,6 @@ class JobQueue:
             self._slots.pop(job_id, None)
             self._children.pop(job_id, None)
             self._written.pop(job_id, None)
-            lock = self._locks.pop(job_id, None)
-            if lock is not None:
-                lock.release()
             self._ended.append(job_id)
             for old in self._ended[:-KEEP_ENDED_SESSIONS]:
                 self._sessions.pop(old, None)
