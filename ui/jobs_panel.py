@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 from trainer.errors import AtelierError
 from trainer.finetune import config_path
 from trainer.jobs.queue import Viewer
+from trainer.jobs.queue import job_number as engine_job_number
 from trainer.jobs.resume import METRICS_NAME
 from trainer.jobs.store import Job
 from trainer.ownership import Access
@@ -40,21 +40,15 @@ CSS = """
 """
 
 
-MAX_JOB_ID = 2 ** 63 - 1  # SQLite's largest INTEGER: the store's job ids
-_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 def job_number(value) -> int:
-    """A job id as the store keys it, from what a page or a program sent (an int, a string
-    of digits); AtelierError naming job_id for anything else (text, 10**30, a NUL byte)."""
-    number = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
-        number = int(value.strip())
-    if number is None or not 1 <= number <= MAX_JOB_ID:
+    """A job id as the store keys it, from what a page or a program sent (an int, a whole
+    float, a string of digits: the engine's `job_number`); AtelierError naming job_id for
+    anything else (text, 10**30, a NUL byte)."""
+    number = engine_job_number(int(value) if isinstance(value, float) and value.is_integer()
+                               else value)
+    if number is None:
         shown = value if isinstance(value, str) and value.isprintable() else repr(value)
         shown = shown.strip("'") if isinstance(value, str) else shown
         shown = shown if len(shown) <= 40 else shown[:40] + "…"
