@@ -53,11 +53,19 @@ def test_upload_caption_mask_train_try_and_download(shared_page, shared_server, 
     wait_for(lambda: len(gallery_labels(page)) == 5 and str(folder) in
              page.locator("#dataset-info").inner_text(), UI, what="the dataset's gallery")
     open_section(page, "auto-captions")
-    model = page.locator("#caption-model input")
-    model.fill(str(captioner))
-    model.press("Tab")
-    page.locator("#caption-prefix input").fill("ohwx")
-    page.locator("#caption-prefix input").press("Tab")
+    # A box drawn a moment ago (its accordion just opened) can still get its initial value
+    # from the frontend after the typing: type again until both boxes keep what was typed.
+    boxes = {"#caption-model input": str(captioner), "#caption-prefix input": "ohwx"}
+
+    def typed() -> bool:
+        for selector, text in boxes.items():
+            box = page.locator(selector)
+            if box.input_value() != text:
+                box.fill(text)
+                box.press("Tab")
+                return False
+        return True
+    wait_for(typed, UI, what="the caption settings to keep their values")
     page.click("#caption-run")
     outcome = page.locator("#caption-message")
     wait_for(lambda: outcome.locator(".atelier-ok, .atelier-error").count(), 2 * UI,
