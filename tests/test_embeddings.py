@@ -118,14 +118,14 @@ def test_the_standalone_embedding_loads_in_diffusers(ti_run, tiny_sd15_dir):
 
 def test_captions_with_the_placeholder_expand_to_its_tokens(tiny_sd15_dir, tmp_path):
     from trainer.embeddings import AdditionalEmbeddings
-    from trainer.models.family import _tokenize, load_family
+    from trainer.models.family import load_family, tokenize
     config = tiny_config(tiny_sd15_dir, tmp_path, additional_embeddings=[
         {"placeholder": "<zq>", "token_count": 3}, {"placeholder": "<w>", "token_count": 1}])
     family = load_family(config)
     tokenizer = family.components.tokenizer
     vocabulary = len(tokenizer)
     AdditionalEmbeddings(family, config, torch.device("cpu"))
-    ids = _tokenize(tokenizer, ["a photo of <zq> with <w>", "a photo"], "cpu")
+    ids = tokenize(tokenizer, ["a photo of <zq> with <w>", "a photo"], "cpu")
     new = [i for i in ids[0].tolist() if i >= vocabulary]
     assert new == [vocabulary, vocabulary + 1, vocabulary + 2, vocabulary + 3]
     assert not (ids[1] >= vocabulary).any()

@@ -135,7 +135,7 @@ def two_images(tmp_path):
 def spy_on_the_step(monkeypatch):
     """Record each step's batch image paths, the UNet's input and the loss mask."""
     import trainer.loop as loop
-    from trainer.models.family import SD15Family
+    from trainer.models.sd15 import SD15Family
     seen = {"paths": [], "inputs": [], "loss_masks": []}
     real_to_device, real_predict, real_loss = (loop.to_device, SD15Family.predict,
                                                loop.masked_sample_loss)

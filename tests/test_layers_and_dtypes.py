@@ -8,7 +8,7 @@ from helpers import LAST_STEP_SAMPLE, tiny_config
 from trainer.config import config_from_dict
 from trainer.control import Control
 from trainer.errors import ConfigError, TrainingError
-from trainer.lora import text_encoder_targets, unet_targets
+from trainer.lora import denoiser_targets as unet_targets, text_encoder_targets
 from trainer.loop import train
 
 

@@ -93,7 +93,7 @@ def test_huber_settings_are_validated():
 
 def test_v_prediction_model_trains_with_huber_and_min_snr(tiny_sd15_dir, tmp_path, monkeypatch):
     """A v-prediction copy of the tiny model: the loop trains it against the velocity."""
-    import trainer.loop
+    import trainer.models.objectives
     from trainer.loop import train
 
     model = tmp_path / "v-model"
@@ -103,7 +103,7 @@ def test_v_prediction_model_trains_with_huber_and_min_snr(tiny_sd15_dir, tmp_pat
     values["prediction_type"] = "v_prediction"
     scheduler_config.write_text(json.dumps(values))
     targets = []
-    original = trainer.loop.training_target
+    original = trainer.models.objectives.training_target
 
     def spy(scheduler, latents, noise, timesteps):
         target = original(scheduler, latents, noise, timesteps)
@@ -111,7 +111,7 @@ def test_v_prediction_model_trains_with_huber_and_min_snr(tiny_sd15_dir, tmp_pat
         assert torch.all((timesteps >= 100) & (timesteps < 500))
         return target
 
-    monkeypatch.setattr(trainer.loop, "training_target", spy)
+    monkeypatch.setattr(trainer.models.objectives, "training_target", spy)
     from trainer.demo import DEMO_DATASET_DIR
     config = config_from_dict({
         "base_model_name": str(model), "workspace_dir": str(tmp_path / "ws"),

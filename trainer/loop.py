@@ -35,9 +35,9 @@ from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
 from trainer.layer_offload import check_layer_offload, offload_parts, streamed_parts
 from trainer.lora import continue_from_file
-from trainer.loss import (masked_sample_loss, min_snr_weight, pixel_loss, sample_noise,
-                          timestep_range, training_target)
+from trainer.loss import masked_sample_loss, pixel_loss, sample_noise
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
+from trainer.models import registry
 from trainer.models.family import load_family
 from trainer.ema import WeightEMA
 from trainer.optim.clipping import clip_gradients
@@ -91,10 +91,7 @@ def mixed_precision(config: TrainConfig, device_type: str, warn) -> str:
 def weight_dtypes(config: TrainConfig, device_type: str) -> dict[str, torch.dtype]:
     """The storage type of each model part's frozen weights (`<part>.weight_dtype`)."""
     dtypes = {}
-    parts = ["text_encoder", "unet", "vae"]
-    if config.model_type.is_sdxl:
-        parts.append("text_encoder_2")
-    for part in parts:
+    for part in (*registry.facts(config.model_type).parts, "vae"):
         dtype = TORCH_DTYPES[getattr(config, part).weight_dtype]
         if dtype == torch.float16 and device_type != "cuda":
             raise TrainingError(f"{part}.weight_dtype FLOAT_16 needs a CUDA GPU; on the CPU "
@@ -176,11 +173,12 @@ def train(config: TrainConfig, control: Control | None = None, *,
     check_layer_offload(config)
     # EMBEDDING (textual inversion) keeps the whole model frozen: only the embeddings train.
     embedding_only = config.training_method == TrainingMethod.EMBEDDING
-    parts = [] if embedding_only else [p for p in ("text_encoder", "text_encoder_2", "unet")
-                                       if getattr(config, p).train]
+    facts = registry.facts(config.model_type)  # the family's parts, its denoiser ("unet", "transformer")
+    parts = [] if embedding_only else [p for p in facts.parts if getattr(config, p).train]
     trains_embeddings = any(e.train for e in config.additional_embeddings)
     if not parts and not trains_embeddings:
-        raise ConfigError("Nothing to train: switch on text_encoder.train or unet.train.")
+        raise ConfigError(f"Nothing to train: switch on text_encoder.train or "
+                          f"{facts.denoiser}.train.")
     # An embedding's vectors get no gradient in a batch without its placeholder: DDP must
     # allow unused parameters then, as for a part that stops training part-way.
     stops_early = trains_embeddings or any(
@@ -219,15 +217,15 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     status(f"Loading {config.base_model_name}")
     family = load_family(config)
-    vae, noise_scheduler = family.vae, family.noise_scheduler
+    vae = family.vae
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtypes["vae"])
     streamed = streamed_parts(config, parts)
     # Parts held on the CPU for now: a streamed one until its blocks are chosen
-    # (layer_offload.py); the UNet while the caches fill first (residency.py), so that it and
-    # the VAE and frozen text encoders are never on the GPU together.
+    # (layer_offload.py); the UNet (transformer) while the caches fill first (residency.py), so
+    # that it and the VAE and frozen text encoders are never on the GPU together.
     caches_first = fill_caches_first(config, accelerator.device, accelerator.num_processes)
-    held_back = set(streamed) | ({"unet"} if caches_first else set())
+    held_back = set(streamed) | ({facts.denoiser} if caches_first else set())
     for name, module in family.parts.items():
         module.requires_grad_(False)
         module.to(None if name in held_back else accelerator.device, dtypes[name])
@@ -278,7 +276,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
                f"CPU memory ({len(offload.units)} blocks)")
     compiling = compile_wanted(config)
     if compiling:
-        blocks = compile_blocks(family.parts["unet"], data.bucket_count())
+        blocks = compile_blocks(family.parts[facts.denoiser], data.bucket_count())
         status(f"Compiling the UNet's {blocks} blocks with torch.compile (on the first step "
                "of each bucket)")
 
@@ -334,10 +332,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
     if is_main:
         atomic_write_text(workspace / "config.json", config.to_json())
     destination = output_path(config)
-    timesteps_low, timesteps_high = timestep_range(noise_scheduler.config.num_train_timesteps,
-                                                   config.min_noising_strength,
-                                                   config.max_noising_strength)
-    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    objective = family.objective  # DDPM's ε / v, or flow matching (models/objectives.py)
     noise_generator = torch.Generator(accelerator.device).manual_seed(
         config.seed + accelerator.process_index)
 
@@ -354,24 +349,21 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
         noise = sample_noise(latents.shape, noise_generator, latents.device,
                              config.offset_noise_weight)
-        timesteps = torch.randint(timesteps_low, timesteps_high, (latents.shape[0],),
-                                  generator=noise_generator, device=latents.device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(noise_scheduler, latents, noise, timesteps)
+        noised = objective.noised(latents, noise, noise_generator)
         # Per sample: trained without its mask with probability unmasked_probability (with
         # masked training; for an inpainting model always, as OneTrainer).
         unmasked = None
         if config.masked_training or inpainting is not None:
             unmasked = torch.rand(latents.shape[0]) < config.unmasked_probability
-        model_input, inpaint_mask = noisy, None
+        model_input, inpaint_mask = noised.noisy, None
         if inpainting is not None:  # 9 channels: latents, mask, masked image's latents
             inpaint_mask, masked_latents = inpainting(batch, latents.shape[-2:],
                                                       accelerator.device, unmasked)
-            model_input = torch.cat([noisy, inpaint_mask.to(noisy.dtype),
-                                     masked_latents.to(noisy.dtype)], dim=1)
-        prediction = family.predict(model_input, timesteps, conditioning)
+            model_input = torch.cat([model_input, inpaint_mask.to(model_input.dtype),
+                                     masked_latents.to(model_input.dtype)], dim=1)
+        prediction = family.predict(model_input, noised.timesteps, conditioning)
 
-        per_pixel = pixel_loss(prediction, target, mse_strength=config.mse_strength,
+        per_pixel = pixel_loss(prediction, noised.target, mse_strength=config.mse_strength,
                                mae_strength=config.mae_strength,
                                huber_strength=config.huber_strength,
                                huber_delta=config.huber_delta)
@@ -385,9 +377,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
             mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="area")
         loss = masked_sample_loss(per_pixel, mask, unmasked_weight=config.unmasked_weight,
                                   normalize=config.normalize_masked_area_loss)
-        if config.min_snr_gamma > 0:
-            loss = loss * min_snr_weight(timesteps, noise_scheduler.alphas_cumprod,
-                                         config.min_snr_gamma, v_prediction)
+        if noised.weight is not None:  # min-SNR-γ, or flow matching's SIGMA weighting
+            loss = loss * noised.weight
         weights = batch["loss_weight"]  # per sample, from the concepts; usually all 1
         if bool((weights != 1).any()):  # decided on the host copy: no GPU read
             loss = loss * weights.to(loss.device, loss.dtype, non_blocking=True)

@@ -40,23 +40,24 @@ from peft.utils import get_peft_model_state_dict
 
 from trainer.config import LoraLayerPreset, PeftType, TrainConfig, TrainingMethod
 from trainer.errors import ConfigError
+from trainer.models import registry
 
-# OneTrainer's layer presets: parts of UNet layer names (BaseStableDiffusion(XL)Setup's
-# LAYER_PRESETS; docs/notes/onetrainer-configs.md). "attentions" is every layer of the
-# transformer blocks, "attn" only their attention projections, no pattern every layer.
-LAYER_PRESETS = {
-    LoraLayerPreset.ATTN_ONLY: ["attn"],
-    LoraLayerPreset.ATTN_MLP: ["attentions"],
-    LoraLayerPreset.FULL: [],
-}
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 
 
 def layer_patterns(config: TrainConfig) -> tuple[list[str], bool]:
-    """(the UNet layer-name patterns, whether they are regular expressions)."""
+    """(the denoiser's layer-name patterns, whether they are regular expressions): the
+    family's OneTrainer preset (its LAYER_PRESETS; docs/notes/onetrainer-configs.md), or the
+    config's own filter."""
     if config.lora_layer_preset == LoraLayerPreset.CUSTOM:
         return [p.strip() for p in config.layer_filter.split(",")], config.layer_filter_regex
-    return LAYER_PRESETS[config.lora_layer_preset], False
+    presets = registry.family_class(config.model_type).LAYER_PRESETS
+    preset = config.lora_layer_preset.value
+    if preset not in presets:
+        raise ConfigError(f"lora_layer_preset: {preset} is not a preset of "
+                          f"{registry.facts(config.model_type).label}; choose one of "
+                          f"{', '.join(presets)} or custom.")
+    return presets[preset], False
 
 
 def _matcher(pattern: str, regex: bool):
@@ -75,15 +76,16 @@ def _matcher(pattern: str, regex: bool):
     return lambda name: compiled.search(name) is not None
 
 
-def unet_targets(unet: torch.nn.Module, config: TrainConfig) -> list[str]:
-    """The UNet layers that get adapters: its linear and conv layers whose name contains (or,
+def denoiser_targets(denoiser: torch.nn.Module, config: TrainConfig) -> list[str]:
+    """The UNet's (transformer's) layers that get adapters: its linear and conv layers whose
+    name contains (or,
     as regular expressions, has a match for) any pattern, as OneTrainer's ModuleFilter picks
     them. A pattern that matches no layer is refused (a typo would silently train less)."""
     patterns, regex = layer_patterns(config)
     matchers = [(p, _matcher(p, regex)) for p in patterns]
     used: set[str] = set()
     targets = []
-    for name, module in unet.named_modules():
+    for name, module in denoiser.named_modules():
         if not isinstance(module, ADAPTABLE):
             continue
         hits = [p for p, matches in matchers if matches(name)]
@@ -92,9 +94,12 @@ def unet_targets(unet: torch.nn.Module, config: TrainConfig) -> list[str]:
             targets.append(name)
     unused = [p for p in patterns if p not in used]
     if unused:
+        denoiser = {"unet": "UNet"}.get(registry.facts(config.model_type).denoiser,
+                                        "transformer")
+        example = registry.family_class(config.model_type).LAYER_NAME_EXAMPLE
         raise ConfigError(
-            "layer_filter: " + ", ".join(repr(p) for p in unused) + " matched no UNet layer "
-            "(names look like down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q).")
+            "layer_filter: " + ", ".join(repr(p) for p in unused) + f" matched no {denoiser} "
+            f"layer (names look like {example}).")
     return targets
 
 
@@ -149,7 +154,8 @@ def lyc_factor_order():
 
 def add_lora(model: torch.nn.Module, config: TrainConfig, part: str) -> list[torch.nn.Parameter]:
     """Attach an adapter to `model` and return its trainable parameters (kept in float32)."""
-    targets = unet_targets(model, config) if part == "unet" else text_encoder_targets(model)
+    denoiser = part == registry.facts(config.model_type).denoiser
+    targets = denoiser_targets(model, config) if denoiser else text_encoder_targets(model)
     with lyc_factor_order():
         model.add_adapter(adapter_config(config, targets))
     params = lora_parameters_of(model)
@@ -198,7 +204,7 @@ def trained_adapters(model: torch.nn.Module, part: str) -> dict[str, Adapter]:
     # transformers >= 5.6 flattened CLIPTextModel (no 'text_model.' prefix); the files people
     # share always spell it out, so A1111/ComfyUI/diffusers expect it. CLIPTextModelWithProjection
     # kept it, and its `text_projection` sits beside `text_model`, not inside it.
-    flattened = part != "unet" and not hasattr(model, "text_model")
+    flattened = part.startswith("text_encoder") and not hasattr(model, "text_model")
     found: dict[str, Adapter] = {}
     for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items():
         match = ADAPTER_KEY.match(key)

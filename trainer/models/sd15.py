@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,9 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from trainer.errors import ModelLoadError
+from trainer.inpainting import check_unet_channels
+from trainer.models.family import ModelFamily, hidden_states_before_last, tokenize
+from trainer.models.objectives import DDPMObjective
 from trainer.models import loading
 from trainer.models.loading import BASE_FIELD, VAE_FIELD, load_vae  # noqa: F401 (re-exported)
 
@@ -149,3 +153,64 @@ def make_sd15_pipeline(components: SD15Components,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class SD15Family(ModelFamily):
+    # OneTrainer's BaseStableDiffusion(XL)Setup presets: "attentions" is every layer of the
+    # UNet's transformer blocks, "attn" only their attention projections.
+    LAYER_PRESETS = {"attn-only": ["attn"], "attn-mlp": ["attentions"], "full": []}
+    LAYER_NAME_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+
+    @classmethod
+    def load(cls, config):
+        """The model of config.base_model_name (+ VAE override), refused when its UNet does not
+        fit the type (a plain model for an inpainting type, or the other way round)."""
+        c = load_sd15(config.base_model_name, config.vae_model_name or None)
+        family = cls(
+            components=c, vae=c.vae, noise_scheduler=c.noise_scheduler,
+            parts={"text_encoder": c.text_encoder, "unet": c.unet},
+            kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te_"},
+            base_model_version="sd_v1", lora_architecture="stable-diffusion-v1/lora",
+            config=config, inpainting=config.model_type.is_inpainting,
+            objective=DDPMObjective(c.noise_scheduler, config))
+        check_unet_channels(c.unet, config.model_type, config.base_model_name)
+        return family
+
+    def encode_text(self, captions, batch, *, clip_skip, device, grad):
+        ids = tokenize(self.components.tokenizer, captions, device)
+        encoder = self.module("text_encoder")
+        with torch.set_grad_enabled(grad.get("text_encoder", False)):
+            out = encoder(ids, output_hidden_states=clip_skip > 0)
+            if clip_skip == 0:
+                return {"encoder_hidden_states": out[0]}
+            # Clip skip: an earlier layer's states through the final layer norm, as A1111 does.
+            plain = self.parts["text_encoder"]
+            final_norm = (getattr(plain, "final_layer_norm", None)
+                          or plain.text_model.final_layer_norm)
+            hidden = hidden_states_before_last(out, clip_skip, 0, "text_encoder")
+            return {"encoder_hidden_states": final_norm(hidden)}
+
+    def caption_dropout(self, captions, encode):
+        # SD 1.5 was trained (and is sampled) with the empty caption as its unconditional input.
+        probability = self._setting("text_encoder", "caption_dropout_probability", 0.0)
+        return encode(["" if random.random() < probability else c for c in captions])
+
+    def predict(self, noisy, timesteps, conditioning):
+        unet = self.module("unet")
+        dtype = next(self.parts["unet"].parameters()).dtype
+        # The text encoder's weights may be stored in another type than the UNet's.
+        return unet(noisy.to(dtype), timesteps,
+                    conditioning["encoder_hidden_states"].to(dtype)).sample
+
+    def pipeline(self):
+        return make_sd15_pipeline(self.components, inpainting=self.inpainting)
+
+    def export_pipeline(self):
+        from diffusers import PNDMScheduler
+        pipe = self.pipeline()
+        pipe.scheduler = PNDMScheduler.from_config(self.noise_scheduler.config)  # SD 1.5's own
+        return pipe
+
+    def save_single_file(self, path, dtype, metadata):
+        from trainer.models.single_file import save_sd15_single_file
+        save_sd15_single_file(self.components, path, dtype, metadata)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,10 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.errors import ModelLoadError
+from trainer.inpainting import check_unet_channels
+from trainer.models.family import (ModelFamily, hidden_states_before_last, to_device,
+                                   tokenize)
+from trainer.models.objectives import DDPMObjective
 from trainer.models import loading
 from trainer.models.loading import BASE_FIELD
 
@@ -166,3 +171,113 @@ def make_sdxl_pipeline(components: SDXLComponents,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class SDXLFamily(ModelFamily):
+    """SDXL: TE1's and TE2's penultimate hidden states side by side as the cross-attention
+    input, TE2's pooled projection plus six "time ids" (original size, crop top-left, target
+    size) as the UNet's added conditioning."""
+
+    # OneTrainer's BaseStableDiffusion(XL)Setup presets: "attentions" is every layer of the
+    # UNet's transformer blocks, "attn" only their attention projections.
+    LAYER_PRESETS = {"attn-only": ["attn"], "attn-mlp": ["attentions"], "full": []}
+    LAYER_NAME_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+
+    @classmethod
+    def load(cls, config):
+        """As SD15Family.load, for SDXL."""
+        c = load_sdxl(config.base_model_name, config.vae_model_name or None)
+        family = cls(
+            components=c, vae=c.vae, noise_scheduler=c.noise_scheduler,
+            parts={"text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder_2,
+                   "unet": c.unet},
+            kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te1_",
+                            "text_encoder_2": "lora_te2_"},
+            base_model_version="sdxl_base_v1-0",
+            lora_architecture="stable-diffusion-xl-v1-base/lora",
+            config=config, text_cache_keys=("encoder_hidden_states", "text_embeds"),
+            inpainting=config.model_type.is_inpainting,
+            objective=DDPMObjective(c.noise_scheduler, config))
+        check_unet_channels(c.unet, config.model_type, config.base_model_name)
+        return family
+
+    ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+
+    def encode_text(self, captions, batch, *, clip_skip, device, grad):
+        """`clip_skip` is TE1's (the loop's); TE2's comes from `config.text_encoder_2`. SDXL
+        uses the penultimate layer, unnormalised: clip skip counts from there."""
+        skips = {"text_encoder": clip_skip,
+                 "text_encoder_2": self._setting("text_encoder_2", "clip_skip", 0)}
+        hidden, pooled = [], None
+        for part, tokenizer_name in self.ENCODERS:
+            ids = tokenize(getattr(self.components, tokenizer_name), captions, device)
+            with torch.set_grad_enabled(grad.get(part, False)):
+                out = self.module(part)(ids, output_hidden_states=True)
+                hidden.append(hidden_states_before_last(out, skips[part], 1, part))
+                if part == "text_encoder_2":
+                    pooled = out.text_embeds
+        conditioning = {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+        conditioning.update(self.batch_conditioning(batch, device))
+        return conditioning
+
+    def batch_conditioning(self, batch, device):
+        out = {}
+        for key in ("original_size", "crop_top_left"):  # (height, width), (top, left)
+            if batch.get(key) is not None:
+                out[key] = to_device([list(v) for v in batch[key]], torch.float32, device)
+        return out
+
+    def caption_dropout(self, captions, encode):
+        """Each encoder's output is zeroed on its own with its probability, as SDXL itself was
+        trained (and as diffusers samples an empty negative prompt: zeros)."""
+        conditioning = encode(captions)
+        p1 = self._setting("text_encoder", "caption_dropout_probability", 0.0)
+        p2 = self._setting("text_encoder_2", "caption_dropout_probability", 0.0)
+        keep1 = [random.random() >= p1 for _ in captions]
+        keep2 = [random.random() >= p2 for _ in captions]
+        if all(keep1) and all(keep2):
+            return conditioning
+        hidden = conditioning["encoder_hidden_states"]
+        width1 = self.parts["text_encoder"].config.hidden_size
+        mask = torch.ones(hidden.shape[0], 1, hidden.shape[-1], device=hidden.device,
+                          dtype=hidden.dtype)
+        mask[:, :, :width1] *= to_device(keep1, hidden.dtype, hidden.device)[:, None, None]
+        mask[:, :, width1:] *= to_device(keep2, hidden.dtype, hidden.device)[:, None, None]
+        pooled = conditioning["text_embeds"]
+        keep_pooled = to_device(keep2, pooled.dtype, pooled.device)[:, None]
+        return dict(conditioning, encoder_hidden_states=hidden * mask,
+                    text_embeds=pooled * keep_pooled)
+
+    def time_ids(self, conditioning: dict, latents: torch.Tensor) -> torch.Tensor:
+        """[original h, w, crop top, left, target h, w] per sample; the target is the size
+        trained at (the latents' size in pixels). Missing sizes: uncropped at the target."""
+        n = latents.shape[0]
+        scale = self.vae_scale_factor
+        target = to_device([latents.shape[-2] * scale, latents.shape[-1] * scale],
+                            torch.float32, latents.device).expand(n, 2)
+        original = conditioning.get("original_size")
+        crop = conditioning.get("crop_top_left")
+        original = target if original is None else original.to(latents.device, torch.float32)
+        crop = torch.zeros_like(target) if crop is None else crop.to(latents.device, torch.float32)
+        return torch.cat([original, crop, target], dim=1)
+
+    def predict(self, noisy, timesteps, conditioning):
+        unet = self.module("unet")
+        dtype = next(self.parts["unet"].parameters()).dtype
+        added = {"text_embeds": conditioning["text_embeds"].to(dtype),
+                 "time_ids": self.time_ids(conditioning, noisy).to(dtype)}
+        return unet(noisy.to(dtype), timesteps, conditioning["encoder_hidden_states"].to(dtype),
+                    added_cond_kwargs=added).sample
+
+    def pipeline(self):
+        return make_sdxl_pipeline(self.components, inpainting=self.inpainting)
+
+    def export_pipeline(self):
+        from diffusers import EulerDiscreteScheduler
+        pipe = self.pipeline()
+        pipe.scheduler = EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
+        return pipe
+
+    def save_single_file(self, path, dtype, metadata):
+        from trainer.models.single_file import save_sdxl_single_file
+        save_sdxl_single_file(self.components, path, dtype, metadata)
