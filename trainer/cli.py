@@ -2,6 +2,7 @@
 
     python -m trainer train --config my.json [--set key=value ...]
     python -m trainer make-tiny-model sd15 OUT_DIR        (or sdxl, sd15-inpaint, sdxl-inpaint,
+                                                           flux, flux-schnell, chroma, sd3, sd35,
                                                            or clipseg, or captioner
                                                            (Florence-2), captioner-blip)
     python -m trainer masks --folder DIR --method clipseg --prompt "a cat" [--mode fill ...]
@@ -22,6 +23,7 @@ step and saves, twice aborts. `masks` exits 1 when some image failed (the others
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -62,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model",
                           help="write a tiny random SD model, CLIPSeg for masks or a captioner "
                                "(offline demo)")
+    # The flow kinds are trainer.models.tiny_flow.TINY_FLOW_KINDS, written out here so that
+    # parsing the command line does not import diffusers (a test keeps the two lists equal).
     tiny.add_argument("family", choices=["sd15", "sdxl", "sd15-inpaint", "sdxl-inpaint",
+                                         "flux", "flux-schnell", "chroma", "sd3", "sd35",
                                          "clipseg", "captioner", "captioner-blip"])
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -247,6 +252,10 @@ def run_make_tiny_model(args) -> int:
         build, name = ((tiny_captioners.build_tiny_florence2, "Florence-2 captioning")
                        if args.family == "captioner"
                        else (tiny_captioners.build_tiny_blip, "BLIP captioning"))
+    elif args.family in ("flux", "flux-schnell", "chroma", "sd3", "sd35"):
+        from trainer.models import tiny_flow
+        build = functools.partial(tiny_flow.build_tiny_flow_model, args.family)
+        name = tiny_flow.TINY_FLOW_LABELS[args.family]
     else:
         from trainer.models import tiny
         build, name = {"sd15": (tiny.build_tiny_sd15, "SD 1.5"),

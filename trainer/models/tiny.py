@@ -161,10 +161,10 @@ def build_tiny_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 def build_tiny_sd15(out_dir, seed: int = 0) -> pathlib.Path:
     """Write the tiny model as a diffusers folder (safetensors weights) and return its path."""
-    return _write_pipeline(build_tiny_sd15_pipeline(seed), out_dir)
+    return write_pipeline(build_tiny_sd15_pipeline(seed), out_dir)
 
 
-def _write_pipeline(pipe, out_dir) -> pathlib.Path:
+def write_pipeline(pipe, out_dir) -> pathlib.Path:
     """The folder is written next to its destination and renamed into place, so a crash never
     leaves a half-written model that would later be loaded as if it were whole."""
     out_dir = pathlib.Path(out_dir)
@@ -242,7 +242,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 
 def build_tiny_sdxl(out_dir, seed: int = 0) -> pathlib.Path:
     """Write the tiny SDXL as a diffusers folder (safetensors weights) and return its path."""
-    return _write_pipeline(build_tiny_sdxl_pipeline(seed), out_dir)
+    return write_pipeline(build_tiny_sdxl_pipeline(seed), out_dir)
 
 
 # --- Tiny inpainting models -----------------------------------------------------------------
@@ -270,7 +270,7 @@ def build_tiny_sd15_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPip
 
 def build_tiny_sd15_inpaint(out_dir, seed: int = 0) -> pathlib.Path:
     """Write the tiny SD 1.5 inpainting model as a diffusers folder."""
-    return _write_pipeline(build_tiny_sd15_inpaint_pipeline(seed), out_dir)
+    return write_pipeline(build_tiny_sd15_inpaint_pipeline(seed), out_dir)
 
 
 def build_tiny_sdxl_inpaint_pipeline(seed: int = 0) -> StableDiffusionXLInpaintPipeline:
@@ -290,4 +290,4 @@ def build_tiny_sdxl_inpaint_pipeline(seed: int = 0) -> StableDiffusionXLInpaintP
 
 def build_tiny_sdxl_inpaint(out_dir, seed: int = 0) -> pathlib.Path:
     """Write the tiny SDXL inpainting model as a diffusers folder."""
-    return _write_pipeline(build_tiny_sdxl_inpaint_pipeline(seed), out_dir)
+    return write_pipeline(build_tiny_sdxl_inpaint_pipeline(seed), out_dir)
