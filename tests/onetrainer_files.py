@@ -22,17 +22,26 @@ REFUSED = {
     "sd15_lora_oft.saved": "peft_type",                    # OFT_2 is not built here
     "sd15_lora_came.saved": "optimizer.optimizer",         # CAME is not one of Atelier's
     "sd15_lora_validation_concept.exported": "concepts[1].type",  # VALIDATION
+    # quantized frozen weights: issue 26 (the key and value named; the first is the denoiser's)
+    "preset.flux_lora.saved": "transformer.weight_dtype",  # NFLOAT_4 (and T5's)
+    "preset.chroma_lora_8gb.saved": "transformer.weight_dtype",   # FLOAT_8 (and T5's)
+    "preset.chroma_lora_16gb.saved": "transformer.weight_dtype",  # FLOAT_8
 }
 # Accepted by the translation, refused when the run starts (check_supported), with the key.
 REFUSED_AT_START = {
     "sd15_lokr_default_format.saved": "output_model_format",  # a LoKr in DIFFUSERS_LORA
 }
-TRAINED = [name for name in ALL if name not in REFUSED and name not in REFUSED_AT_START]
+ACCEPTED = [name for name in ALL if name not in REFUSED and name not in REFUSED_AT_START]
 
 TINY_MODELS = {"STABLE_DIFFUSION_15": "tiny_sd15_dir",
                "STABLE_DIFFUSION_15_INPAINTING": "tiny_sd15_inpaint_dir",
                "STABLE_DIFFUSION_XL_10_BASE": "tiny_sdxl_dir",
                "STABLE_DIFFUSION_XL_10_BASE_INPAINTING": "tiny_sdxl_inpaint_dir"}
+# The accepted files of the flow-matching families (Flux.1, Chroma, SD 3) are read and checked
+# key by key here (tests/test_onetrainer_flow.py); the others also train on the tiny models.
+TRAINED = [name for name in ACCEPTED
+           if json.loads((FIXTURES / MANIFEST["fixtures"][name]["file"]).read_text(
+               encoding="utf-8")).get("model_type", "STABLE_DIFFUSION_15") in TINY_MODELS]
 # A UNet layer's kohya name by the diffusers UNet (SD 1.5, LEGACY_LORA) or by the original SGM
 # one (SDXL's KOHYA_LORA: an attention block is the second module of its input/output block).
 ATTENTION_BLOCK = re.compile(

@@ -162,3 +162,143 @@ def test_a_second_text_encoder_switch_is_ignored_where_the_model_has_none():
 ])
 def test_sdxl_and_fine_tuning_are_accepted(data):
     check_supported(config_from_dict(data))
+
+
+# --- The flow-matching families (issue 25) --------------------------------------------------
+
+FLUX = {"model_type": "FLUX_DEV_1"}
+CHROMA = {"model_type": "CHROMA_1"}
+SD3 = {"model_type": "STABLE_DIFFUSION_3"}
+SD35 = {"model_type": "STABLE_DIFFUSION_35"}
+
+
+def test_a_model_type_reads_its_facts_from_the_registry():
+    from trainer.config import ModelType
+    from trainer.models import registry
+    assert {m.value for m in ModelType} == set(registry.FAMILIES)  # one list, both ways
+    for model in ModelType:
+        assert model.facts is registry.facts(model)
+        assert model.is_inpainting == model.facts.inpainting
+        assert model.plain.value == model.facts.plain_type
+    for value in ("FLUX_DEV_1", "CHROMA_1", "STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35"):
+        model = ModelType(value)
+        assert not model.is_sdxl and not model.is_inpainting and model.plain is model
+    assert ModelType.STABLE_DIFFUSION_XL_10_BASE_INPAINTING.plain.value == \
+        "STABLE_DIFFUSION_XL_10_BASE"
+
+
+def test_new_parts_and_flow_settings_have_onetrainers_defaults():
+    c = TrainConfig()
+    assert (c.transformer.learning_rate, c.transformer.stop_training_after,
+            c.transformer.stop_training_after_unit.value) == (None, 0, "NEVER")
+    assert c.transformer.guidance_scale == 1.0 and c.transformer.attention_mask is False
+    assert c.transformer.model_name == "" and c.transformer.gradient_checkpointing
+    assert c.text_encoder_3.stop_training_after == 30
+    assert (c.text_encoder_sequence_length, c.text_encoder_2_sequence_length) == (512, 77)
+    assert (c.timestep_distribution.value, c.noising_weight, c.noising_bias,
+            c.timestep_shift, c.dynamic_timestep_shifting,
+            c.loss_weight_fn.value) == ("UNIFORM", 0.0, 0.0, 1.0, False, "CONSTANT")
+    flux = config_from_dict(FLUX)
+    assert flux.transformer.train and not flux.text_encoder_2.train  # T5 frozen by default
+    chroma = config_from_dict(CHROMA)  # its only text encoder is T5: off unless a config says
+    assert not chroma.text_encoder.train and config_from_dict({}).text_encoder.train
+    check_supported(chroma)
+    with pytest.raises(ConfigError, match="timestep_shift:"):
+        config_from_dict({"timestep_shift": 0})
+
+
+@pytest.mark.parametrize("model, trained, absent", [
+    ("STABLE_DIFFUSION_15", "unet", ("transformer", "text_encoder_2", "text_encoder_3")),
+    ("FLUX_DEV_1", "transformer", ("unet", "text_encoder_3")),
+    ("CHROMA_1", "transformer", ("unet", "text_encoder_2", "text_encoder_3")),
+    ("STABLE_DIFFUSION_35", "transformer", ("unet",)),
+])
+def test_a_part_the_family_lacks_is_read_as_not_trained(model, trained, absent):
+    """OneTrainer writes every part's switch, on, for every model type: where the family has
+    no such part it is read as off, given or not; a dump reloads to the same config."""
+    config = config_from_dict({"model_type": model, **{p: {"train": True} for p in absent}})
+    assert getattr(config, trained).train
+    assert not any(getattr(config, part).train for part in absent)
+    assert TrainConfig.model_validate_json(config.to_json()) == config
+
+
+def test_a_family_gets_its_own_default_output_format():
+    assert config_from_dict(FLUX).output_model_format.value == "DIFFUSERS_LORA"
+    assert config_from_dict({**SD3, "training_method": "FINE_TUNE"}).output_model_format.value \
+        == "DIFFUSERS"
+    assert config_from_dict({}).output_model_format.value == "KOHYA_LORA"  # SD unchanged
+    assert config_from_dict({"training_method": "FINE_TUNE"}).output_model_format.value == \
+        "ORIGINAL_SINGLE_FILE"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({**FLUX, "min_snr_gamma": 5}, "min_snr_gamma = 5: min-SNR weighting is a DDPM"),
+    ({**CHROMA, "loss_weight_fn": "P2"}, "loss_weight_fn = P2: Chroma is a flow-matching"),
+    ({**SD3, "loss_weight_fn": "MIN_SNR_GAMMA"}, "loss_weight_fn = MIN_SNR_GAMMA: Stable "
+                                                 "Diffusion 3 is a flow-matching"),
+    ({"loss_weight_fn": "SIGMA"}, "loss_weight_fn = SIGMA is not supported for Stable "
+                                  "Diffusion 1.5"),
+    ({"loss_weight_fn": "MIN_SNR_GAMMA"}, "set min_snr_gamma"),
+    ({**FLUX, "text_encoder_2": {"train": True}}, "text_encoder_2.train: T5 training is not "
+                                                  "supported: Flux.1's text_encoder_2 is T5"),
+    ({**SD35, "text_encoder_3": {"train": True}}, "text_encoder_3.train: T5 training"),
+    ({**CHROMA, "text_encoder": {"train": True}}, "text_encoder.train: T5 training"),
+    ({**FLUX, "text_encoder": {"train": False}, "text_encoder_2": {"clip_skip": 1}},
+     "text_encoder_2.clip_skip = 1: Flux.1's text_encoder_2 is T5"),
+    ({**FLUX, "training_method": "EMBEDDING"}, "training_method = EMBEDDING: additional_"
+                                               "embeddings are not available for Flux.1 yet"),
+    ({**SD3, "additional_embeddings": [{"placeholder": "<me>"}]},
+     "additional_embeddings: not available for Stable Diffusion 3 yet"),
+    ({**FLUX, "output_model_format": "LEGACY_LORA"}, "output_model_format = LEGACY_LORA: "
+                                                     "Atelier writes no LEGACY_LORA for Flux.1"),
+    ({**CHROMA, "training_method": "FINE_TUNE", "output_model_format": "LEGACY_SAFETENSORS"},
+     "writes no LEGACY_SAFETENSORS for Chroma; for training_method FINE_TUNE it writes "
+     "DIFFUSERS, ORIGINAL_SINGLE_FILE"),
+    ({**FLUX, "peft_type": "LOHA", "output_model_format": "DIFFUSERS_LORA"},
+     "peft_type LOHA is not available for Flux.1"),
+    ({**FLUX, "layer_offload_fraction": 0.5}, "layer_offload_fraction = 0.5: streaming Flux.1's "
+                                              "layers from the CPU needs offloading"),
+    ({**SD3, "dynamic_timestep_shifting": True}, "dynamic_timestep_shifting: Stable Diffusion "
+                                                 "3's scheduler has no resolution-dependent"),
+    ({"dynamic_timestep_shifting": True}, "dynamic_timestep_shifting"),
+    ({"timestep_distribution": "LOGIT_NORMAL", "noising_weight": -1.5},
+     "noising_weight must be above -1 for LOGIT_NORMAL"),  # tried at Start, not at step 1
+    ({"noising_bias": float("inf")}, "noising_bias must be a finite number"),
+    ({"lora_layer_preset": "blocks"}, "lora_layer_preset = blocks is not a layer preset of "
+                                      "Stable Diffusion 1.5; it has attn-only, attn-mlp, full"),
+    ({**SD3, "lora_layer_preset": "attn-mlp"}, "attn-mlp is not a layer preset of Stable "
+                                               "Diffusion 3"),
+])
+def test_what_a_family_cannot_do_is_refused_naming_the_key(data, message):
+    with pytest.raises(ConfigError) as error:
+        check_supported(config_from_dict({"text_encoder": {"train": False}, **data},
+                                         warn=lambda m: None))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("data", [
+    {**FLUX, "loss_weight_fn": "SIGMA", "timestep_distribution": "LOGIT_NORMAL",
+     "dynamic_timestep_shifting": True, "transformer": {"guidance_scale": 3.5},
+     "text_encoder": {"train": True}},                    # CLIP-L trains, as OneTrainer allows
+    {**SD35, "text_encoder_2": {"train": True}, "timestep_shift": 3.0,
+     "output_model_format": "COMFY_LORA"},                 # the CLIPs train
+    {**CHROMA, "lora_layer_preset": "blocks"},
+    {**CHROMA, "text_encoder": {"train": False}, "training_method": "FINE_TUNE",
+     "output_model_format": "ORIGINAL_SINGLE_FILE"},
+    # the distributions apply to SD too (OneTrainer's), min-SNR stays SD's weighting
+    {"timestep_distribution": "SIGMOID", "noising_weight": 2.0, "noising_bias": -0.1,
+     "timestep_shift": 2.0, "min_snr_gamma": 5.0},
+])
+def test_what_the_families_can_do_is_accepted(data):
+    check_supported(config_from_dict(data, warn=lambda m: None))
+
+
+@pytest.mark.parametrize("dtype", ["FLOAT_8", "NFLOAT_4", "INT_8"])
+def test_quantized_weights_are_refused_naming_key_and_value(dtype):
+    """Issue 26's weight types, in Atelier's own config too: named, never replaced."""
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({**FLUX, "transformer": {"weight_dtype": dtype}})
+    assert str(error.value) == (
+        f"transformer.weight_dtype: {dtype} needs quantized weights (issue 26), not available "
+        "yet; set transformer.weight_dtype to BFLOAT_16 to train unquantized.")
+

@@ -16,20 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from onetrainer_files import (ALL, MANIFEST, REFUSED, TRAINED, copy_with_concept_file, entry,
+from onetrainer_files import (ACCEPTED, ALL, MANIFEST, REFUSED, copy_with_concept_file, entry,
                               few_images, path, raw, tiny_overrides)
 from trainer import lora
 from trainer.config import check_supported, config_from_dict, load_config
 from trainer.errors import ConfigError
+from trainer.models import registry
 from trainer.onetrainer_keys import NEUTRAL
 from trainer.optim.registry import optimizer_schema
 from trainer.optim.schedules import lr_multiplier
 
-SDXL = ("STABLE_DIFFUSION_XL_10_BASE", "STABLE_DIFFUSION_XL_10_BASE_INPAINTING")
 # OneTrainer's current defaults, as its code wrote them (for keys older versions lacked)
 DEFAULTS = raw("sd15_lora.saved")
-FULL = [n for n in TRAINED if "version" in entry(n) and entry(n)["version"] is not None]
-PARTIAL = [n for n in TRAINED if n not in FULL]
+FULL = [n for n in ACCEPTED if "version" in entry(n) and entry(n)["version"] is not None]
+PARTIAL = [n for n in ACCEPTED if n not in FULL]
 
 
 def load(name: str, tmp_path: Path, extra: list[str] = ()) -> tuple:
@@ -94,7 +94,16 @@ def every(key: str):
 
 
 def trained_part(d: dict, part: str) -> bool:
-    return part != "text_encoder_2" or d["model_type"] in SDXL
+    """Whether the model type has the part (OneTrainer writes every part for every type)."""
+    return part in registry.facts(d["model_type"]).parts
+
+
+def denoiser(d: dict) -> str:
+    return registry.facts(d["model_type"]).denoiser
+
+
+def encoder_kind(d: dict, part: str) -> str:
+    return registry.text_encoder_kinds(d["model_type"]).get(part, "")
 
 
 def part_train(part: str):
@@ -143,11 +152,11 @@ def checkpointing(part: str):
 
 
 def offload_fraction(d: dict) -> float:
-    """__version 11: per part; Atelier's one fraction is the largest of the UNet's and the
+    """__version 11: per part; Atelier's one fraction is the largest of the denoiser's and the
     trained text encoders'. Before: one fraction, used only with CPU_OFFLOADED (migration 10)."""
     if version(d) >= 11:
-        parts = ["unet"] + [p for p in ("text_encoder", "text_encoder_2")
-                            if trained_part(d, p) and d[p]["train"]]
+        parts = [denoiser(d)] + [p for p in registry.facts(d["model_type"]).text_encoders
+                                 if d[p]["train"]]
         return max(d[p]["offload_fraction"] for p in parts)
     return d["layer_offload_fraction"] if d["gradient_checkpointing"] == "CPU_OFFLOADED" else 0.0
 
@@ -178,6 +187,40 @@ def embeddings(d: dict):
             for e in listed]
 
 
+def clip_skip(part: str):
+    """OneTrainer's `<part>_layer_skip` of a CLIP encoder the model has (on a T5 a skip is
+    refused; the fixtures have none)."""
+    def meaning(d: dict):
+        return d.get(f"{part}_layer_skip", 0) if encoder_kind(d, part).startswith("CLIP") else 0
+    return meaning
+
+
+def family_switch(key: str, default):
+    """A setting only some families read (Flux.1's guidance input, dynamic shifting; Flux.1's
+    and SD 3's T5 mask): the file's value there, Atelier's default elsewhere (set aside)."""
+    def meaning(d: dict):
+        if not registry.reads_switch(d["model_type"], key):
+            return default
+        return get(d, key, get(DEFAULTS, key))
+    return meaning
+
+
+def sequence_length(key: str, part: str, default: int):
+    """OneTrainer reads text_encoder_2_sequence_length for Flux.1's T5; Chroma's T5 takes its
+    tokenizer's maximum (Atelier: empty = that); elsewhere the key is set aside."""
+    def meaning(d: dict):
+        if encoder_kind(d, part) != "T5":
+            return default
+        return d.get(key, DEFAULTS[key]) if key == "text_encoder_2_sequence_length" else None
+    return meaning
+
+
+def loss_weight_fn(d: dict) -> str:
+    """CONSTANT or SIGMA as they are; MIN_SNR_GAMMA is Atelier's min_snr_gamma."""
+    weight = d.get("loss_weight_fn", "CONSTANT")
+    return "CONSTANT" if weight == "MIN_SNR_GAMMA" else weight
+
+
 def bundle(d: dict) -> bool:
     """OneTrainer bundles into a DIFFUSERS_LORA file too; Atelier writes the embeddings beside
     it there (diffusers' loader refuses the bundle keys). Elsewhere: as set."""
@@ -199,7 +242,20 @@ MEANING: dict[str, object] = {
         "huber_strength", "huber_delta", "rolling_backup", "rolling_backup_count",
         "backup_before_save", "continue_last_backup", "embedding_learning_rate",
         "preserve_embedding_norm", "lora_alpha", "lora_decompose", "peft_type",
-        "sample_after_unit", "backup_after_unit", "save_every_unit")},
+        "sample_after_unit", "backup_after_unit", "save_every_unit",
+        # timestep distributions (all families, as in OneTrainer; migration 3 for older files:
+        # none here is older than __version 6)
+        "timestep_distribution", "noising_weight", "noising_bias", "timestep_shift")},
+    "loss_weight_fn": loss_weight_fn,
+    "dynamic_timestep_shifting": family_switch("dynamic_timestep_shifting", False),
+    "transformer.guidance_scale": family_switch("transformer.guidance_scale", 1.0),
+    "transformer.attention_mask": family_switch("transformer.attention_mask", False),
+    "transformer.model_name": lambda d: (get(d, "transformer.model_name", "")
+                                         if trained_part(d, "transformer") else ""),
+    "text_encoder_sequence_length": sequence_length("text_encoder_sequence_length",
+                                                    "text_encoder", 512),
+    "text_encoder_2_sequence_length": sequence_length("text_encoder_2_sequence_length",
+                                                      "text_encoder_2", 77),
     "output_model_format": output_format,
     "learning_rate_warmup_steps": warmup,
     "sample_after": every("sample_after"),
@@ -217,23 +273,24 @@ MEANING: dict[str, object] = {
     "layer_offload_fraction": offload_fraction,
     "fused_backward_pass": fused,
     "bundle_additional_embeddings": bundle,
-    "text_encoder.clip_skip": lambda d: d["text_encoder_layer_skip"],
-    "text_encoder_2.clip_skip": lambda d: (d["text_encoder_2_layer_skip"]
-                                           if d["model_type"] in SDXL else 0),
+    **{f"{part}.clip_skip": clip_skip(part)
+       for part in ("text_encoder", "text_encoder_2", "text_encoder_3")},
     "optimizer.optimizer": lambda d: d["optimizer"]["optimizer"],
     **{f"{part}.{key}": meaning(part)
-       for part in ("unet", "text_encoder", "text_encoder_2")
+       for part in registry.ALL_PARTS
        for key, meaning in (("train", part_train), ("weight_dtype", part_dtype),
                             ("stop_training_after_unit", stop_unit),
                             ("gradient_checkpointing", checkpointing))},
-    **{f"{part}.stop_training_after": stop_after(part)
-       for part in ("unet", "text_encoder", "text_encoder_2")},
+    **{f"{part}.stop_training_after": stop_after(part) for part in registry.ALL_PARTS},
     **{f"{part}.learning_rate": (lambda p: lambda d: d[p]["learning_rate"])(part)
-       for part in ("unet", "text_encoder", "text_encoder_2")},
+       for part in registry.ALL_PARTS},
     **{f"{part}.caption_dropout_probability":
        (lambda p: lambda d: d[p]["dropout_probability"])(part)
-       for part in ("text_encoder", "text_encoder_2")},
+       for part in ("text_encoder", "text_encoder_2", "text_encoder_3")},
 }
+# The settings of a part (beyond its train switch, read as off) that a model without the part
+# does not have: not compared there.
+PART_KEYS = tuple(registry.ALL_PARTS)
 
 
 def atelier_value(config, dotted: str):
@@ -249,9 +306,9 @@ def test_each_setting_means_what_it_meant_in_onetrainer(name, tmp_path):
     d = raw(name)
     differ = {}
     for key, meaning in MEANING.items():
-        if key.startswith("text_encoder_2.") and d["model_type"] not in SDXL and key != \
-                "text_encoder_2.train":
-            continue  # a model with one text encoder: OneTrainer ignores the section
+        part = key.split(".")[0]
+        if part in PART_KEYS and not trained_part(d, part) and not key.endswith(".train"):
+            continue  # a part the model lacks: OneTrainer ignores its section
         # a key an older version did not write: OneTrainer's loader keeps its default
         expected = (d.get(meaning, DEFAULTS[meaning]) if isinstance(meaning, str)
                     else meaning(d))
@@ -357,7 +414,8 @@ def test_what_atelier_cannot_honour_is_refused_with_key_and_value(name, key, tmp
     message = str(error.value)
     assert message.startswith(key) or f"{key}:" in message, message
     value = {"model_type": raw(name)["model_type"], "peft_type": "OFT_2",
-             "optimizer.optimizer": "CAME", "concepts[1].type": "VALIDATION"}[key]
+             "optimizer.optimizer": "CAME", "concepts[1].type": "VALIDATION",
+             "transformer.weight_dtype": get(raw(name), key)}[key]
     assert value in message
 
 

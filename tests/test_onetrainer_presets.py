@@ -1,8 +1,10 @@
 """Atelier's "OneTrainer: ..." presets are OneTrainer's own training presets (SD 1.5 and SDXL:
-LoRA, fine-tune, masked, inpainting, embedding): for every key OneTrainer's preset sets, the
-same value as OneTrainer's file gives (its values as git holds them at the fixtures' commit,
-in tests/fixtures/onetrainer/manifest.json), and each of them trains: a few steps on the tiny
-model of its type write what the preset asks for (the layers, the file layout). OneTrainer's
+LoRA, fine-tune, masked, inpainting, embedding; Flux.1 LoRA, Chroma LoRA, SD 3 LoRA and
+fine-tune): for every key OneTrainer's preset sets, the same value as OneTrainer's file gives
+(its values as git holds them at the fixtures' commit, in tests/fixtures/onetrainer/
+manifest.json), apart from quantized weights (issue 26), which a mirror trains in BFLOAT_16 and
+says so; and the SD ones train: a few steps on the tiny model of its type write what the
+preset asks for (the layers, the file layout). OneTrainer's
 presets themselves, loaded and saved by its code, train in tests/test_onetrainer_training.py."""
 import json
 
@@ -10,7 +12,8 @@ import pytest
 from safetensors import safe_open
 
 from onetrainer_files import ATTENTION_BLOCK, MANIFEST, entry
-from trainer.config import config_from_dict
+from trainer.config import check_supported, config_from_dict, deep_merge
+from trainer.errors import ConfigError
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.loop import train
 from ui.paths import PRESETS_DIR
@@ -26,9 +29,22 @@ ONETRAINER = {
     "onetrainer_sdxl_inpaint_lora": "preset.sdxl_inpaint_lora.saved",
     "onetrainer_sd15_embedding": "preset.sd15_embedding.saved",
     "onetrainer_sdxl_finetune": "preset.sdxl_finetune.saved",
+    "onetrainer_flux_lora": "preset.flux_lora.saved",
+    "onetrainer_chroma_lora": "preset.chroma_lora_24gb.saved",
+    "onetrainer_sd3_lora": "preset.sd3_lora.saved",
+    "onetrainer_sd3_finetune": "preset.sd3_finetune.saved",
 }
 # Where each preset's output goes is the user's: Atelier's write into their workspace.
 PLACES = {"workspace_dir", "output_model_destination"}
+# What a mirror sets differently from OneTrainer's preset, each said in its description:
+# quantized weights wait for issue 26 (the mirror trains them in BFLOAT_16).
+UNQUANTIZED = {"onetrainer_flux_lora": {"transformer": {"weight_dtype": "BFLOAT_16"},
+                                        "text_encoder_2": {"weight_dtype": "BFLOAT_16"}}}
+# OneTrainer's keys with no Atelier setting of their own: its one weight type for every part
+# (each part's own is compared), and the quantization filter, which with no part quantized
+# changes nothing.
+NOT_SETTINGS = ("weight_dtype",)
+NOT_SETTING_SECTIONS = ("quantization.",)
 
 
 def preset(name):
@@ -51,7 +67,8 @@ def keys_set_by(values: dict) -> list[str]:
             out += [f"{key}.{inner}" for inner in value]
         elif key not in PLACES:
             out.append(renamed.get(key, key))
-    return out
+    return [key for key in out
+            if key not in NOT_SETTINGS and not key.startswith(NOT_SETTING_SECTIONS)]
 
 
 def value(config, dotted):
@@ -70,8 +87,14 @@ def test_every_mirror_is_a_onetrainer_preset_of_the_fixtures():
 def test_the_preset_is_onetrainers_key_by_key(name):
     ours, our_notes = load(preset(name))
     values = entry(ONETRAINER[name])["preset_values"]
+    if name in UNQUANTIZED:  # OneTrainer's own values are refused until issue 26: say so
+        with pytest.raises(ConfigError, match="needs quantized weights"):
+            load(values, onetrainer=True)
+        values = deep_merge(values, UNQUANTIZED[name])
+        assert "BFLOAT_16" in preset(name)["__comment"] and "issue 26" in preset(name)["__comment"]
     theirs, _ = load(values, onetrainer=True)
     assert not our_notes, our_notes
+    check_supported(ours)
     differ = {k: (value(ours, k), value(theirs, k)) for k in keys_set_by(values)
               if value(ours, k) != value(theirs, k)}
     assert not differ, differ

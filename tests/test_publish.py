@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -361,3 +362,143 @@ def test_embeddings_travel_with_their_card(tiny_sd15_dir, tmp_path):
     assert 'pipe.load_lora_weights("alice/cat", weight_name="cat.safetensors")' in card.text
     assert 'weight_name="cat-zq.safetensors", token="<zq>")' in card.text
     assert "`<zq>` in `cat-zq.safetensors`" in card.text
+
+
+# --- The transformer families (Flux.1, Chroma, SD 3): the card asks the family ------------------
+
+FLUX_ID = "atelier-tests/tiny-flux"
+
+
+@pytest.fixture(scope="module")
+def flux_trained(tmp_path_factory):
+    """A Flux.1 DIFFUSERS_LORA trained on the tiny Flux.1-dev (its base model where the hub
+    cache puts `atelier-tests/tiny-flux`), sampled at its last step."""
+    from helpers import LAST_STEP_SAMPLE
+
+    from trainer.control import Control
+    from trainer.loop import train
+    from trainer.models.tiny_flow import tiny_flow_model
+    root = tmp_path_factory.mktemp("flux-publish")
+    model = root / "hub" / "models--atelier-tests--tiny-flux" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_flow_model("flux"), model)
+    config = tiny_config(model, root, model_type="FLUX_DEV_1", text_encoder={"train": False},
+                         output_model_format="DIFFUSERS_LORA", epochs=2,
+                         samples=[LAST_STEP_SAMPLE], sample_after=2, sample_after_unit="EPOCH")
+    events = []
+    result = train(config, Control(on_event=events.append))
+    sample = [e for e in events if e.get("type") == "sample"][-1]["path"]
+    return model, Path(result.output_path), sample
+
+
+def diffusers_recipe(card_text: str) -> str:
+    start = card_text.index("```python\n") + len("```python\n")
+    return card_text[start:card_text.index("```", start)]
+
+
+def test_a_flux_lora_card_names_its_base_and_a_recipe_that_draws_its_sample(flux_trained,
+                                                                             tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    model, output, sample = flux_trained
+    folder = tmp_path / "repo"
+    publish.build_upload_folder(output, folder, repo_id="alice/flux-cat")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == FLUX_ID
+    assert card.data.tags == ["text-to-image", "lora", "template:sd-lora", "flux", "diffusers",
+                              "atelier"]
+    text = card.text
+    assert f"A LoRA of Flux.1 ([{FLUX_ID}]" in text
+    # The family's part names and settings; nothing of SD's.
+    assert "| Trained parts | transformer |" in text
+    assert "| Learning rate | transformer 0.01 |" in text
+    assert "| Guidance input (training) | 1 |" in text  # a dev model: it has the input
+    assert "| T5 sequence length | 77 |" in text and "| Timesteps | UNIFORM |" in text
+    assert "| a photo of a cat | 64×64 | 4 | 3 | 7 |" in text  # the gallery's settings
+    assert "unet" not in text.lower() and "A1111" not in text and "AUTOMATIC" not in text
+    recipe = diffusers_recipe(text)
+    assert f'FluxPipeline.from_pretrained("{FLUX_ID}", torch_dtype=torch.bfloat16)' in recipe
+    assert 'pipe.load_lora_weights("alice/flux-cat", weight_name="flux-cat.safetensors")' in recipe
+    assert "max_sequence_length=77" in recipe  # the run's T5 length, not the pipeline's 512
+    assert "ComfyUI/models/loras/" in text and "(LoraLoaderModelOnly)" in text
+
+    # The recipe runs as written, on the local tiny model and the folder the repo would get
+    # (float32 on the CPU), and draws the image training sampled at its last step.
+    runnable = (recipe.replace(json.dumps(FLUX_ID), json.dumps(str(model)))
+                .replace('"alice/flux-cat"', json.dumps(str(folder)))
+                .replace("torch.bfloat16", "torch.float32").replace('.to("cuda")', ""))
+    names: dict = {}
+    with warnings.catch_warnings():
+        # diffusers 0.42 deprecates `torch_dtype` for `dtype` (removed in 1.0); the card keeps
+        # the name every diffusers version reads.
+        warnings.simplefilter("ignore", FutureWarning)
+        exec(compile(runnable, "recipe", "exec"), names)  # noqa: S102 - the card's own code
+    drawn = np.asarray(names["image"], dtype=np.int16)
+    trained = np.asarray(Image.open(sample).convert("RGB"), dtype=np.int16)
+    assert np.abs(drawn - trained).max() <= 2
+
+
+def test_a_flux_fine_tune_card_loads_the_transformer_beside_its_base(tmp_path):
+    base = {"base_model_name": "black-forest-labs/FLUX.1-schnell", "model_type": "FLUX_DEV_1",
+            "training_method": "FINE_TUNE", "output_model_format": "ORIGINAL_SINGLE_FILE",
+            "text_encoder": {"train": False}, "timestep_shift": 3.0,
+            "workspace_dir": str(tmp_path / "ws")}
+    single = fake_output(tmp_path / "a", base, diffusers=False)
+    publish.build_upload_folder(single, tmp_path / "up-a", repo_id="bob/flux-tune")
+    card = ModelCard.load(tmp_path / "up-a" / "README.md")
+    assert card.data.base_model == "black-forest-labs/FLUX.1-schnell"
+    assert "flux" in card.data.tags and "lora" not in card.data.tags
+    text = card.text
+    assert "A full fine-tune of Flux.1 (" in text and "| Trained parts | transformer |" in text
+    assert "| Timesteps | UNIFORM, shift 3 |" in text
+    url = "https://huggingface.co/bob/flux-tune/blob/main/flux-tune.safetensors"
+    # The file is the transformer alone: its class reads it, the base model gives the rest.
+    assert (f'transformer = FluxTransformer2DModel.from_single_file("{url}", '
+            'config="black-forest-labs/FLUX.1-schnell", subfolder="transformer", '
+            "torch_dtype=torch.bfloat16)") in text
+    assert ('pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell", '
+            "transformer=transformer, torch_dtype=torch.bfloat16)") in text
+    assert "`ComfyUI/models/diffusion_models/`" in text and "*Load Diffusion Model*" in text
+    assert "*DualCLIPLoader* (type flux: clip_l and t5xxl)" in text
+    assert "checkpoints/" not in text and "A1111" not in text
+
+    folder = fake_output(tmp_path / "b", dict(base, output_model_format="DIFFUSERS"),
+                         diffusers=True)
+    publish.build_upload_folder(folder, tmp_path / "up-b", repo_id="bob/flux-folder")
+    text = (tmp_path / "up-b" / "README.md").read_text()
+    assert ('FluxPipeline.from_pretrained("bob/flux-folder", torch_dtype=torch.bfloat16)'
+            in text)
+
+
+def test_each_transformer_family_gets_its_pipeline_tags_and_loaders(tmp_path):
+    """Chroma and SD 3.5 cards name their own pipeline and tags; SD 3's loader reads only
+    diffusers' own LoRA names, so its KOHYA_LORA card offers ComfyUI alone and says so."""
+    cards = {}
+    for name, model_type, output_format in (("chroma", "CHROMA_1", "KOHYA_LORA"),
+                                            ("sd35", "STABLE_DIFFUSION_35", "KOHYA_LORA")):
+        config = {"base_model_name": f"org/{name}", "model_type": model_type,
+                  "output_model_format": output_format, "workspace_dir": str(tmp_path / "ws")}
+        output = fake_output(tmp_path / name, config, diffusers=False)
+        publish.build_upload_folder(output, tmp_path / f"up-{name}", repo_id=f"bob/{name}")
+        cards[name] = ModelCard.load(tmp_path / f"up-{name}" / "README.md")
+    chroma, sd35 = cards["chroma"], cards["sd35"]
+    assert "chroma" in chroma.data.tags and {"sd3", "sd3.5"} <= set(sd35.data.tags)
+    assert 'ChromaPipeline.from_pretrained("org/chroma"' in chroma.text
+    assert "converts them to diffusers' itself" in chroma.text  # kohya names, read by diffusers
+    assert "| T5 sequence length | 512 |" in chroma.text
+    assert "Guidance input" not in chroma.text  # Chroma has no guidance input
+    assert "### diffusers" not in sd35.text and "### ComfyUI" in sd35.text
+    assert "diffusers do not load this file (a LoRA in the `KOHYA_LORA` layout)" in sd35.text
+
+
+def test_every_family_has_card_facts_naming_real_diffusers_classes():
+    import diffusers
+
+    from trainer.model_card import family_card
+    from trainer.models import registry
+    for model_type, facts in registry.FAMILIES.items():
+        card = family_card(model_type)
+        for name in (card.pipeline, card.single_file, card.inpaint_pipeline,
+                     card.inpaint_single_file):
+            assert not name or hasattr(diffusers, name), (model_type, name)
+        assert card.transformer_only == (facts.denoiser == "transformer"), model_type

@@ -188,3 +188,97 @@ def test_a_lycoris_file_says_diffusers_cannot_try_it(tiny_sd15_dir, tmp_path):
     loha = train(tiny_config(tiny_sd15_dir, tmp_path, epochs=1, peft_type="LOHA"))
     with pytest.raises(ConfigError, match="LOHA \\(LyCORIS\\) file, which diffusers does not"):
         read_lora(loha.output_path)
+
+
+# --- The transformer families ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flux_trained(tmp_path_factory):
+    """A Flux.1 DIFFUSERS_LORA of the tiny Flux.1-dev, sampled at its last step."""
+    from trainer.control import Control
+    from trainer.loop import train
+    from trainer.models.tiny_flow import tiny_flow_model
+    tmp_path = tmp_path_factory.mktemp("try-flux")
+    config = tiny_config(tiny_flow_model("flux"), tmp_path, model_type="FLUX_DEV_1",
+                         text_encoder={"train": False}, output_model_format="DIFFUSERS_LORA",
+                         epochs=2, samples=[LAST_STEP_SAMPLE], sample_after=2,
+                         sample_after_unit="EPOCH")
+    events = []
+    result = train(config, Control(on_event=events.append))
+    sample = [e for e in events if e.get("type") == "sample"][-1]["path"]
+    return config, result, sample
+
+
+def test_a_flux_lora_is_drawn_by_the_flux_pipeline_before_and_after(flux_trained):
+    from PIL import Image
+    config, result, sample = flux_trained
+    lora = read_lora(result.output_path)
+    assert (lora.model_type, lora.base_model_name, lora.resolution) == (
+        "FLUX_DEV_1", config.base_model_name, 64)
+    # samples encode the prompt at the trained T5 length (77), not the tokenizer's 512
+    assert lora.settings["text_encoder_2_sequence_length"] == 77
+    model = TryModel()
+    without, with_lora = model.images(lora, SampleConfig(**LAST_STEP_SAMPLE), 1.0)
+    assert type(model._pipeline).__name__ == "FluxPipeline"
+    trained_sample = pixels(Image.open(sample).convert("RGB"))
+    assert np.abs(pixels(with_lora) - trained_sample).max() <= 2  # what training drew
+    assert np.abs(pixels(without) - pixels(with_lora)).mean() > 1  # the LoRA changes it
+    model.release()
+
+
+def fake_lora(path, keys, metadata=None):
+    import torch
+    from safetensors.torch import save_file
+    save_file({k: torch.zeros(2, 2) for k in keys}, str(path), metadata)
+    return path
+
+
+def test_other_trainers_flow_loras_are_recognised_by_their_header_or_names(tmp_path):
+    from trainer.try_lora import _fitting
+    kohya = {"ss_network_module": "networks.lora"}
+    flux = fake_lora(tmp_path / "flux.safetensors",
+                     ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"],
+                     {**kohya, "ss_base_model_version": "flux1", "ss_sd_model_name": "flux1-dev"})
+    assert (read_lora(flux).model_type, read_lora(flux).base_model_name) == (
+        "FLUX_DEV_1", "flux1-dev")
+    chroma = fake_lora(tmp_path / "chroma.safetensors",
+                       ["lora_unet_single_blocks_0_linear1.lora_down.weight"],
+                       {**kohya, "modelspec.architecture": "chroma/lora"})
+    assert read_lora(chroma).model_type == "CHROMA_1"
+    # No header: the layer names say Flux-shaped; the page's model type picks Chroma or Flux.1
+    bare = read_lora(fake_lora(tmp_path / "bare.safetensors",
+                               ["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]))
+    assert (bare.model_type, bare.fits) == ("", ("FLUX_DEV_1", "CHROMA_1"))
+    assert _fitting("CHROMA_1", bare.fits) == "CHROMA_1"
+    assert _fitting("STABLE_DIFFUSION_15", bare.fits) == "FLUX_DEV_1"
+    assert _fitting("STABLE_DIFFUSION_15", ()) == "STABLE_DIFFUSION_15"
+    # ComfyUI's names of Flux.1: diffusers' Flux loader reads them (not SD's, not SD 3's)
+    comfy = fake_lora(tmp_path / "comfy.safetensors",
+                      ["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"],
+                      {**kohya, "ss_base_model_version": "flux1"})
+    assert read_lora(comfy).model_type == "FLUX_DEV_1"
+    sd3 = fake_lora(tmp_path / "sd3.safetensors",
+                    ["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"],
+                    {**kohya, "modelspec.architecture": "stable-diffusion-3-5-large/lora"})
+    with pytest.raises(ConfigError, match="'sd3.safetensors' is a KOHYA_LORA file, which "
+                                          "diffusers does not read for Stable Diffusion 3.5; "
+                                          "train with DIFFUSERS_LORA to try it here."):
+        read_lora(sd3)
+
+
+def test_a_transformer_file_the_lora_names_must_be_the_visitors(tmp_path):
+    import json
+
+    from trainer.ownership import Access, Realm, Viewer
+    from trainer.try_lora import LoraFile, check_try_paths
+    ws = tmp_path / "ws"
+    (ws / "jobs" / "1" / "output").mkdir(parents=True)
+    (ws / "jobs" / "1" / "job.json").write_text(json.dumps({"owner": "alice"}))
+    path = fake_lora(ws / "jobs" / "1" / "output" / "lora.safetensors", ["x.lora_A.weight"])
+    alice = Access(Realm(ws, shared=True, confine=True), Viewer("alice", False))
+    mine = LoraFile(path, "org/flux", "FLUX_DEV_1", "", 64)
+    check_try_paths(mine, alice)  # a hub id and no transformer file: fine
+    elsewhere = LoraFile(path, "org/flux", "FLUX_DEV_1", "", 64, settings={
+        "transformer": {"model_name": str(tmp_path / "theirs.safetensors")}})
+    with pytest.raises(ConfigError, match="^transformer.model_name: .*outside the workspace"):
+        check_try_paths(elsewhere, alice)

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from trainer.config import ConceptConfig, TrainConfig, config_from_dict
 from trainer.errors import ConfigError
+from trainer.models import registry
 from ui import fields as F
 from ui import optimizers, tables
 from ui.components import ConfigNumber, page_value
@@ -129,17 +130,47 @@ def test_every_fitted_output_format_passes_the_config_check():
     from trainer.config import (ModelFormat, PeftType, TrainingMethod, check_adapter_type,
                                 check_output_format, config_from_dict)
     spec = F.SPECS["output_model_format"]
-    for method in TrainingMethod:
-        for peft_type in PeftType:
-            chosen = {"model_type": "STABLE_DIFFUSION_15", "training_method": method.value,
-                      "peft_type": peft_type.value}
-            for previous in ModelFormat:
-                fitted = F.fitting_choice(spec, previous.value, chosen)
-                config = config_from_dict({"training_method": method.value,
-                                           "peft_type": peft_type.value,
-                                           "output_model_format": fitted})
-                check_output_format(config)
-                check_adapter_type(config)
+    for model_type in registry.FAMILIES:
+        for method in TrainingMethod:
+            if method == TrainingMethod.EMBEDDING and registry.facts(model_type).flow_matching:
+                continue  # no embeddings for these families yet: check_family refuses them
+            offered = F.fitting_choices(F.SPECS["peft_type"], {"model_type": model_type})
+            for peft_type in PeftType:
+                if peft_type.value not in offered:
+                    continue  # the page does not offer it for this family
+                chosen = {"model_type": model_type, "training_method": method.value,
+                          "peft_type": peft_type.value}
+                for previous in ModelFormat:
+                    fitted = F.fitting_choice(spec, previous.value, chosen)
+                    config = config_from_dict({**chosen, "output_model_format": fitted})
+                    check_output_format(config)
+                    check_adapter_type(config)
+
+
+def test_a_flow_family_offers_lora_as_its_only_adapter_type():
+    assert F.fitting_choices(F.SPECS["peft_type"], {"model_type": "FLUX_DEV_1"}) == ["LORA"]
+    assert "LOHA" in F.fitting_choices(F.SPECS["peft_type"], {"model_type": "STABLE_DIFFUSION_15"})
+    assert F.fitting_choice(F.SPECS["peft_type"], "LOKR", {"model_type": "CHROMA_1"}) == "LORA"
+
+
+def test_a_flow_family_offers_its_own_formats_diffusers_lora_first():
+    """Flux.1, Chroma, SD 3: DIFFUSERS_LORA (their default, OneTrainer's), KOHYA_LORA,
+    COMFY_LORA; a fine-tune DIFFUSERS or ORIGINAL_SINGLE_FILE. Switching from SD keeps a
+    format that fits and turns LEGACY_LORA (no such layout there) into the default."""
+    spec = F.SPECS["output_model_format"]
+    for model_type in ("FLUX_DEV_1", "CHROMA_1", "STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35"):
+        lora = {"model_type": model_type, "training_method": "LORA", "peft_type": "LORA"}
+        assert F.fitting_choices(spec, lora) == ["DIFFUSERS_LORA", "KOHYA_LORA", "COMFY_LORA"]
+        assert F.fitting_choice(spec, "LEGACY_LORA", lora) == "DIFFUSERS_LORA"
+        assert F.fitting_choice(spec, "KOHYA_LORA", lora) == "KOHYA_LORA"
+        assert F.fitting_choices(spec, {**lora, "peft_type": "LOHA"}) == ["KOHYA_LORA",
+                                                                          "COMFY_LORA"]
+        fine_tune = {**lora, "training_method": "FINE_TUNE"}
+        assert F.fitting_choices(spec, fine_tune) == ["DIFFUSERS", "ORIGINAL_SINGLE_FILE"]
+        assert F.fitting_choice(spec, "LEGACY_SAFETENSORS", fine_tune) == "DIFFUSERS"
+    sd15 = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA", "peft_type": "LORA"}
+    assert F.fitting_choices(spec, sd15) == ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA",
+                                             "DIFFUSERS_LORA"]  # SD unchanged
 
 
 def test_text_encoders_follow_the_model_type():
@@ -147,8 +178,86 @@ def test_text_encoders_follow_the_model_type():
     sdxl = {**sd15, "model_type": "STABLE_DIFFUSION_XL_10_BASE"}
     assert not F.section_applies("Text encoder 2", sd15)
     assert F.section_applies("Text encoder 2", sdxl)
-    assert F.section_label("Text encoder", "STABLE_DIFFUSION_15") == "Text encoder"
-    assert F.section_label("Text encoder", "STABLE_DIFFUSION_XL_10_BASE") == "Text encoder 1"
+    assert F.section_label("Text encoder", "STABLE_DIFFUSION_15") == "Text encoder (CLIP)"
+    assert F.section_label("Text encoder", "STABLE_DIFFUSION_XL_10_BASE") == \
+        "Text encoder 1 (CLIP-L)"
+    assert F.section_label("Text encoder 2", "STABLE_DIFFUSION_XL_10_BASE") == \
+        "Text encoder 2 (CLIP-G)"
+
+
+@pytest.mark.parametrize("model_type", list(registry.FAMILIES))
+def test_each_family_shows_the_sections_of_its_own_parts(model_type):
+    """UNet for SD 1.5 / SDXL, Transformer for Flux.1, Chroma, SD 3; each text encoder where
+    the family has it (the registry's parts); the others hidden, their fields too."""
+    chosen = {"model_type": model_type, "training_method": "LORA"}
+    parts = registry.facts(model_type).parts
+    for section, part in F.PART_SECTIONS.items():
+        assert F.section_applies(section, chosen) == (part in parts), section
+        for key in F.keys_in_section(section):
+            if key.startswith(f"{part}.") and part not in parts:
+                assert not F.applies(key, chosen), key
+    # a part's weight type (drawn with the other data types) follows its part
+    for part in registry.ALL_PARTS:
+        assert F.applies(f"{part}.weight_dtype", chosen) == (part in parts)
+
+
+def test_section_labels_say_what_each_text_encoder_is():
+    label = F.section_label
+    assert label("Text encoder", "FLUX_DEV_1") == "Text encoder 1 (CLIP-L)"
+    assert label("Text encoder 2", "FLUX_DEV_1") == "Text encoder 2 (T5)"
+    assert label("Text encoder", "CHROMA_1") == "Text encoder (T5)"
+    assert label("Text encoder 3", "STABLE_DIFFUSION_35") == "Text encoder 3 (T5)"
+    assert label("Transformer", "FLUX_DEV_1") == "Transformer"
+    assert label("Text encoder 2", "STABLE_DIFFUSION_15") == "Text encoder 2"  # hidden there
+
+
+def test_family_settings_show_where_the_family_reads_them():
+    """The flow settings only for the flow-matching families where only they read them;
+    the timestep distribution for every family (OneTrainer applies it to SD too)."""
+    def shown(key, model_type):
+        return F.applies(key, {"model_type": model_type, "training_method": "LORA"})
+    flow = [t for t, f in registry.FAMILIES.items() if f.flow_matching]
+    for model_type in registry.FAMILIES:
+        is_flow = model_type in flow
+        for key in ("timestep_distribution", "noising_weight", "noising_bias",
+                    "timestep_shift"):
+            assert shown(key, model_type), (key, model_type)
+        assert shown("loss_weight_fn", model_type) == is_flow
+        assert shown("min_snr_gamma", model_type) == (not is_flow)
+        assert shown("dynamic_timestep_shifting", model_type) == (model_type == "FLUX_DEV_1")
+        assert shown("transformer.guidance_scale", model_type) == (model_type == "FLUX_DEV_1")
+        assert shown("transformer.attention_mask", model_type) == (
+            model_type in ("FLUX_DEV_1", "STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35"))
+        assert shown("transformer.model_name", model_type) == is_flow
+        kinds = registry.text_encoder_kinds(model_type)
+        assert shown("text_encoder_sequence_length", model_type) == (
+            kinds.get("text_encoder") == "T5")
+        assert shown("text_encoder_2_sequence_length", model_type) == (
+            model_type == "FLUX_DEV_1")
+        for part, kind in kinds.items():  # no clip skip on a T5
+            assert shown(f"{part}.clip_skip", model_type) == kind.startswith("CLIP")
+    spec = F.SPECS["loss_weight_fn"]
+    assert F.fitting_choices(spec, {"model_type": "FLUX_DEV_1"}) == ["CONSTANT", "SIGMA"]
+    assert F.fitting_choices(spec, {"model_type": "STABLE_DIFFUSION_15"}) == ["CONSTANT"]
+    assert F.fitting_choice(spec, "SIGMA", {"model_type": "STABLE_DIFFUSION_XL_10_BASE"}) == \
+        "CONSTANT"
+
+
+def test_switching_the_model_type_keeps_what_applies():
+    """A part the family lacks is read as off (the config), but the page keeps its switch at
+    the part's own default: an SD config shown, then Flux.1 chosen, trains the transformer;
+    the values the page holds for SD reach the SD config unchanged."""
+    sd15 = config_from_dict({"learning_rate": 2e-4, "unet": {"learning_rate": 1e-4}})
+    assert not sd15.transformer.train  # read as off: SD 1.5 has no transformer
+    values = F.config_to_values(sd15)
+    assert values["transformer.train"] is True and values["unet.train"] is True
+    flux = F.round_trip({**page_values_of(sd15), "model_type": "FLUX_DEV_1",
+                         "output_model_format": "DIFFUSERS_LORA"})
+    assert flux.transformer.train and not flux.unet.train
+    assert not flux.text_encoder_2.train  # T5 stays frozen by default
+    assert F.config_to_values(flux)["unet.train"] is True
+    again = F.round_trip(page_values_of(sd15))
+    assert again == sd15
 
 
 def test_custom_scheduler_fields_show_only_for_custom():

@@ -17,7 +17,8 @@ dependencies) and does what OneTrainer's UI does:
 - Export (train tab)     = `TrainConfig.to_pack_dict(secrets=False)`: concepts and samples
   read from their files and packed in; files `*.exported.json`;
 - a preset loaded        = `TopBarController.load_config_from_file` (built-in '#' presets are
-  not migrated), then saved as above; files `preset.*.saved.json`;
+  not migrated), then saved as above; files `preset.*.saved.json` (a fixture with `start`
+  begins from a preset so loaded, then takes the user's edits);
 - what the UI's widgets write into the config when it shows it: the model tab picks the first
   allowed output format when the config's is not allowed for the method (its options_kv); the
   LoRA tab writes the layer preset's patterns into the layer filter (its layer widget, with
@@ -68,6 +69,7 @@ FIXED_UUID = "00000000-0000-4000-8000-000000000001"
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SD15_LORA = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA"}
 SDXL_LORA = {"model_type": "STABLE_DIFFUSION_XL_10_BASE", "training_method": "LORA"}
+FLUX_LORA = {"model_type": "FLUX_DEV_1", "training_method": "LORA"}
 
 
 def concept(path: str, **values) -> dict:
@@ -203,6 +205,13 @@ FIXTURES: dict[str, dict] = {
         "commit": "current", "save": "settings",
         "choose": SD15_LORA,
         "edits": {"optimizer": {"optimizer": "CAME"}}},
+    # OneTrainer's Flux LoRA preset loaded, its quantized weights set to BFLOAT_16 by the user
+    # (the model tab's weight types), saved
+    "flux_lora_bf16.saved": {
+        "commit": "current", "save": "settings", "start": "Flux Dev.1/#flux LoRA.json",
+        "choose": FLUX_LORA,
+        "edits": {"transformer": {"weight_dtype": "BFLOAT_16"},
+                  "text_encoder_2": {"weight_dtype": "BFLOAT_16"}}},
     # --- older OneTrainer versions -----------------------------------------------------------
     "sd15_lora.v10.saved": {"commit": "v10", "save": "settings",
                             "choose": SD15_LORA,
@@ -244,6 +253,13 @@ PRESETS = {
     ("SDXL", "#sdxl 1.0.json"): "preset.sdxl_finetune.saved",
     ("SD2.0", "#sd 2.0 inpaint LoRA.json"): "preset.sd20_inpaint_lora.saved",
     ("SD2.1", "#sd 2.1 LoRA.json"): "preset.sd21_lora.saved",
+    # the flow-matching families (issue 25)
+    ("Flux Dev.1", "#flux LoRA.json"): "preset.flux_lora.saved",
+    ("Chroma", "#chroma LoRA 8GB.json"): "preset.chroma_lora_8gb.saved",
+    ("Chroma", "#chroma LoRA 16GB.json"): "preset.chroma_lora_16gb.saved",
+    ("Chroma", "#chroma LoRA 24GB.json"): "preset.chroma_lora_24gb.saved",
+    ("SD3", "#sd 3 LoRA.json"): "preset.sd3_lora.saved",
+    ("SD3", "#sd 3.json"): "preset.sd3_finetune.saved",
 }
 # OneTrainer's LoRA presets as they were before they named a layer preset (2025-12-04), as
 # git holds them at the v6 commit (partial configs, no __version).
@@ -371,6 +387,8 @@ def make_config(tree: Path, spec: dict, out: Path, name: str) -> dict:
     config = TrainConfig.default_values()
     steps = ["TrainConfig.default_values()"]
     version = config.config_version
+    if spec.get("start"):  # the user starts from one of OneTrainer's presets
+        steps += load_preset(tree, config, spec["start"])
     # the top bar's model type and training method, as the UI's variables write them
     # (from_dict of the current version: no migration), and what the UI then shows
     config.from_dict({"__version": version, **spec["choose"]})
@@ -431,6 +449,22 @@ def make_preset(tree: Path, preset: str, path: Path) -> dict:
     from modules.util.config.TrainConfig import TrainConfig
 
     config = TrainConfig.default_values()
+    steps = load_preset(tree, config, preset)
+    config.embedding.uuid = FIXED_UUID
+    config.train_device = "cuda"
+    steps += show_in_ui(tree, config, lora_tab=True)
+    write_json(path, config.to_settings_dict(secrets=False))
+    steps.append("to_settings_dict(secrets=False) (Save config)")
+    # what the preset itself sets (the keys a mirror of it must give the same values)
+    values = json.loads((tree / "training_presets" / preset).read_text())
+    return {"file": path.name, "version": json.loads(path.read_text())["__version"],
+            "how": steps, "preset": preset, "preset_values": values}
+
+
+def load_preset(tree: Path, config, preset: str) -> list[str]:
+    """One of OneTrainer's presets loaded into `config` as its top bar loads it."""
+    from modules.util.config.TrainConfig import TrainConfig
+
     config.embedding.uuid = FIXED_UUID
     config.train_device = "cuda"
     source = tree / "training_presets" / preset
@@ -456,13 +490,7 @@ def make_preset(tree: Path, preset: str, path: Path) -> dict:
                  "to_unpacked_config()"]
     config.embedding.uuid = FIXED_UUID
     config.train_device = "cuda"
-    steps += show_in_ui(tree, config, lora_tab=True)
-    write_json(path, config.to_settings_dict(secrets=False))
-    steps.append("to_settings_dict(secrets=False) (Save config)")
-    # what the preset itself sets (the keys a mirror of it must give the same values)
-    values = json.loads((tree / "training_presets" / preset).read_text())
-    return {"file": path.name, "version": json.loads(path.read_text())["__version"],
-            "how": steps, "preset": preset, "preset_values": values}
+    return steps
 
 
 def show_in_ui(tree: Path, config, *, lora_tab: bool) -> list[str]:
@@ -503,11 +531,19 @@ def layer_widget(tree: Path, config) -> str:
     return f"LoRA tab: layer preset {preset} writes lora_layers {config.lora_layers!r}"
 
 
+# OneTrainer's setup module that holds the LAYER_PRESETS of each family Atelier trains beyond
+# SD 1.5 (by its ModelType predicate).
+SETUP_MODULES = {"is_stable_diffusion_xl": "BaseStableDiffusionXLSetup.py",
+                 "is_flux_1": "BaseFluxSetup.py", "is_chroma": "BaseChromaSetup.py",
+                 "is_stable_diffusion_3": "BaseStableDiffusion3Setup.py"}
+
+
 def layer_presets(tree: Path, model_type) -> dict:
     """The model's LAYER_PRESETS (PRESETS in older commits), read from OneTrainer's source."""
     xl = model_type.is_stable_diffusion_xl()
-    candidates = [("BaseStableDiffusionXLSetup.py" if xl else "BaseStableDiffusionSetup.py",
-                   "LAYER_PRESETS"),
+    setup = next((file for test, file in SETUP_MODULES.items()
+                  if getattr(model_type, test, lambda: False)()), "BaseStableDiffusionSetup.py")
+    candidates = [(setup, "LAYER_PRESETS"),
                   ("StableDiffusionXLLoRASetup.py" if xl else "StableDiffusionLoRASetup.py",
                    "PRESETS")]
     for file, name in candidates:

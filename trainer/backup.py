@@ -62,8 +62,7 @@ def _fingerprint(config: TrainConfig) -> dict[str, Any]:
         for part in key.split("."):
             value = value[part]
         out[key] = value
-    out["trained_parts"] = [p for p in ("text_encoder", "text_encoder_2", "unet")
-                            if data[p]["train"]]
+    out["trained_parts"] = [p for p in config.model_type.facts.parts if data[p]["train"]]
     # the embeddings' tokens shape their vectors
     out["additional_embeddings"] = [[e["placeholder"], e["token_count"]]
                                     for e in data.get("additional_embeddings", [])]

@@ -19,8 +19,11 @@ from trainer.config import CompileMode, TrainConfig
 from trainer.errors import ConfigError
 
 # The units compiled one by one: the blocks gradient checkpointing recomputes (diffusers'
-# ResnetBlock2D and BasicTransformerBlock).
-BLOCK_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock")
+# ResnetBlock2D and BasicTransformerBlock in a UNet; the flow transformers' double/joint and
+# single blocks).
+BLOCK_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "FluxTransformerBlock",
+                 "FluxSingleTransformerBlock", "ChromaTransformerBlock",
+                 "ChromaSingleTransformerBlock", "JointTransformerBlock")
 # Distinct block shapes of one bucket: SD 1.5's UNet has ~12 (channel counts of the resnets,
 # the transformer widths), SDXL's a few more; each bucket shape adds that many graphs.
 GRAPHS_PER_BUCKET = 24

@@ -19,6 +19,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from trainer.errors import ConfigError
+from trainer.flow_matching import FLOW_LOSS_WEIGHTS, LossWeight, TimestepDistribution
+from trainer.models import registry
 
 
 # Upper bounds of the counting fields (issue 23): far beyond any real run, low enough that no
@@ -53,10 +55,20 @@ def setting(default: Any, *, section: str, label: str, tooltip: str,
 # --- Enums (OneTrainer's upper-case names) ------------------------------------------------
 
 class ModelType(str, Enum):
+    """OneTrainer's model types that Atelier trains; what each one is (its parts, objective,
+    label) is trainer/models/registry.py's, read through `facts`."""
     STABLE_DIFFUSION_15 = "STABLE_DIFFUSION_15"
     STABLE_DIFFUSION_15_INPAINTING = "STABLE_DIFFUSION_15_INPAINTING"
     STABLE_DIFFUSION_XL_10_BASE = "STABLE_DIFFUSION_XL_10_BASE"
     STABLE_DIFFUSION_XL_10_BASE_INPAINTING = "STABLE_DIFFUSION_XL_10_BASE_INPAINTING"
+    FLUX_DEV_1 = "FLUX_DEV_1"  # Flux.1 dev and schnell
+    CHROMA_1 = "CHROMA_1"
+    STABLE_DIFFUSION_3 = "STABLE_DIFFUSION_3"
+    STABLE_DIFFUSION_35 = "STABLE_DIFFUSION_35"
+
+    @property
+    def facts(self) -> registry.FamilyFacts:
+        return registry.facts(self)
 
     @property
     def is_sdxl(self) -> bool:
@@ -66,14 +78,13 @@ class ModelType(str, Enum):
 
     @property
     def is_inpainting(self) -> bool:
-        """An inpainting UNet: 9 input channels (latents, mask, masked image's latents)."""
-        return self in (ModelType.STABLE_DIFFUSION_15_INPAINTING,
-                        ModelType.STABLE_DIFFUSION_XL_10_BASE_INPAINTING)
+        """An inpainting denoiser: it also reads the mask and the masked image's latents."""
+        return self.facts.inpainting
 
     @property
     def plain(self) -> "ModelType":
-        """The same family without inpainting."""
-        return ModelType.STABLE_DIFFUSION_XL_10_BASE if self.is_sdxl else ModelType.STABLE_DIFFUSION_15
+        """The same family without inpainting (itself when it is not an inpainting model)."""
+        return ModelType(self.facts.plain_type)
 
 
 class TrainingMethod(str, Enum):
@@ -83,9 +94,10 @@ class TrainingMethod(str, Enum):
 
 
 class ModelFormat(str, Enum):
-    """OneTrainer's current output formats for SD 1.5 / SDXL (trainer/lora_formats.py and
-    trainer/finetune.py write them; the README's table says who loads which). Its older name
-    SAFETENSORS is read as KOHYA_LORA or ORIGINAL_SINGLE_FILE (trainer/onetrainer.py)."""
+    """OneTrainer's current output formats (trainer/lora_formats.py and trainer/finetune.py
+    write them; each family writes those of `output_formats`; the README's table says who loads
+    which). Its older name SAFETENSORS is read as KOHYA_LORA or ORIGINAL_SINGLE_FILE
+    (trainer/onetrainer.py)."""
     # LoRA
     KOHYA_LORA = "KOHYA_LORA"
     LEGACY_LORA = "LEGACY_LORA"
@@ -99,12 +111,41 @@ class ModelFormat(str, Enum):
     SAFETENSORS = "SAFETENSORS"
 
 
-# The formats each training method writes; the first is the method's default (OneTrainer's).
+# The formats each training method writes for SD 1.5 / SDXL; the first is the method's default
+# (OneTrainer's).
 OUTPUT_FORMATS: dict[str, list[str]] = {
     "LORA": ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA"],
     "FINE_TUNE": ["ORIGINAL_SINGLE_FILE", "DIFFUSERS", "LEGACY_SAFETENSORS"],
     "EMBEDDING": ["SAFETENSORS"],
 }
+# ... and for the flow-matching families (Flux.1, Chroma, SD 3 / 3.5): DIFFUSERS_LORA first, the
+# format of OneTrainer's presets for them; their kohya layout has no LEGACY variant, and
+# ORIGINAL_SINGLE_FILE is the model's original layout. Embeddings are not built for them yet.
+FLOW_OUTPUT_FORMATS: dict[str, list[str]] = {
+    "LORA": ["DIFFUSERS_LORA", "KOHYA_LORA", "COMFY_LORA"],
+    "FINE_TUNE": ["DIFFUSERS", "ORIGINAL_SINGLE_FILE"],
+    "EMBEDDING": [],
+}
+
+
+def output_formats(model_type: Any, method: Any) -> list[str]:
+    """The formats `model_type` writes for a training method; the first is the default."""
+    flow = registry.facts(model_type).flow_matching
+    table = FLOW_OUTPUT_FORMATS if flow else OUTPUT_FORMATS
+    return list(table.get(getattr(method, "value", method), []))
+
+
+# Every format of each method, for the page's choices_for (model_type picks among them).
+OUTPUT_FORMATS_ANY = {method: list(dict.fromkeys([*OUTPUT_FORMATS[method],
+                                                  *FLOW_OUTPUT_FORMATS[method]]))
+                      for method in OUTPUT_FORMATS}
+
+
+def _formats_by_model_type() -> dict[str, list[str]]:
+    """Every format each model type writes, its defaults first (for the page's choices)."""
+    return {value: [f for method in TrainingMethod for f in output_formats(value, method)]
+            for value in registry.FAMILIES}
+
 
 # The LoRA formats that can hold each adapter type (peft_type). diffusers' SD 1.5 / SDXL loaders
 # read LoRA and DoRA (peft's lora_magnitude_vector) but no LoHa or LoKr, so DIFFUSERS_LORA has
@@ -115,6 +156,23 @@ ADAPTER_FORMATS: dict[str, list[str]] = {
     "LOHA": ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"],
     "LOKR": ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA"],
 }
+
+
+# The model types of each training objective (their settings apply only there).
+FLOW_TYPES = registry.types_where(lambda f: f.flow_matching)
+DDPM_TYPES = registry.types_where(lambda f: not f.flow_matching)
+
+
+def types_reading(key: str) -> list[str]:
+    """The model types whose family reads the family-specific setting `key`."""
+    return registry.types_where(lambda f: registry.reads_switch(f.model_type, key))
+
+
+# The model types whose text encoder `part` is a T5 (never trained here; its sequence length).
+T5_AS: dict[str, list[str]] = {
+    part: registry.types_where(lambda f, part=part: registry.text_encoder_kinds(
+        f.model_type).get(part) == "T5")
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3")}
 
 
 class CompileMode(str, Enum):
@@ -180,9 +238,11 @@ class PeftType(str, Enum):
 
 
 class LoraLayerPreset(str, Enum):
-    """OneTrainer's layer presets, matched as OneTrainer matches them (trainer/lora.py)."""
+    """OneTrainer's layer presets, matched as OneTrainer matches them (trainer/lora.py); each
+    family has its own (its LAYER_PRESETS): `blocks` only the transformer families."""
     ATTN_ONLY = "attn-only"
     ATTN_MLP = "attn-mlp"
+    BLOCKS = "blocks"
     FULL = "full"
     CUSTOM = "custom"
 
@@ -233,9 +293,10 @@ def part_weight_dtype(name: str) -> Any:
                 "CUDA GPU.")
 
 
-def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
-          text_encoder: bool) -> type[Strict]:
-    """One model part's settings (TE1, TE2, UNet share a shape, differ in defaults)."""
+def _part(key: str, name: str, *, train: bool, stop_after: int,
+          stop_unit: TimeUnit) -> type[Strict]:
+    """One model part's settings (every part shares a shape; text encoders add their own keys,
+    the transformer OneTrainer's switches). `key` is the config key, `name` its section."""
     section = name
     fields: dict[str, Any] = {
         "train": (bool, setting(train, section=section, label="Train",
@@ -257,7 +318,9 @@ def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
         # training switches.
         "weight_dtype": (DataType, part_weight_dtype(name)),
     }
-    if text_encoder:
+    if key.startswith("text_encoder"):
+        clip = registry.types_where(
+            lambda f: registry.text_encoder_kinds(f.model_type).get(key, "").startswith("CLIP"))
         fields["train_embedding"] = (bool, setting(
             True, section=section, label="Train embeddings",
             applies_to={"training_method": ["LORA", "EMBEDDING"]},
@@ -267,19 +330,50 @@ def _part(name: str, *, train: bool, stop_after: int, stop_unit: TimeUnit,
             0.0, section=section, label="Caption dropout", ge=0, le=1,
             tooltip="Probability of training a sample with an empty caption (helps CFG)."))
         fields["clip_skip"] = (int, setting(
-            0, section=section, label="Clip skip", ge=0, le=10,
+            0, section=section, label="Clip skip", ge=0, le=10, applies_to={"model_type": clip},
             tooltip="Use the hidden states this many layers earlier (0 = the model's usual "
-                    "layer: the last for SD 1.5, the penultimate for SDXL)."))
+                    "layer: the last for SD 1.5, the penultimate for SDXL). CLIP encoders only."))
+    if key == "transformer":
+        reading = {switch: {"model_type": types_reading(f"transformer.{switch}")}
+                   for switch in ("guidance_scale", "attention_mask")}
+        fields["model_name"] = (str, setting(
+            "", section="Model", label="Transformer file",
+            tooltip="Optional: the transformer as one .safetensors file in its original layout "
+                    "(BFL's Flux.1 and Chroma files, SAI's SD 3 ones), in place of the base "
+                    "model's; the text encoders and VAE still come from the base model. Empty "
+                    "= the base model's transformer."))
+        fields["guidance_scale"] = (float, setting(
+            1.0, section=section, label="Guidance scale", ge=0, le=100,
+            applies_to=reading["guidance_scale"],
+            tooltip="The constant guidance input while training a model with a guidance "
+                    "embedding (Flux.1 dev); 1.0 is OneTrainer's and most Flux trainers' value. "
+                    "A model without one (Flux.1 schnell) ignores it."))
+        fields["attention_mask"] = (bool, setting(
+            False, section=section, label="Attention mask",
+            applies_to=reading["attention_mask"],
+            tooltip="Mask T5's padding tokens in the transformer's attention (OneTrainer's Force "
+                    "Attention Mask); can help short captions. Chroma always masks them."))
     from pydantic import create_model
     return create_model(f"{name.replace(' ', '')}Config", __base__=Strict, **fields)
 
 
-TextEncoderConfig = _part("Text encoder", train=True, stop_after=30, stop_unit=TimeUnit.EPOCH,
-                          text_encoder=True)
-TextEncoder2Config = _part("Text encoder 2", train=False, stop_after=30,
-                           stop_unit=TimeUnit.EPOCH, text_encoder=True)
-UNetConfig = _part("UNet", train=True, stop_after=0, stop_unit=TimeUnit.NEVER,
-                   text_encoder=False)
+# The model parts, OneTrainer's keys and defaults. Each family has some of them
+# (trainer/models/registry.py); the page shows the sections of the chosen one.
+TextEncoderConfig = _part("text_encoder", "Text encoder", train=True, stop_after=30,
+                          stop_unit=TimeUnit.EPOCH)
+TextEncoder2Config = _part("text_encoder_2", "Text encoder 2", train=False, stop_after=30,
+                           stop_unit=TimeUnit.EPOCH)
+TextEncoder3Config = _part("text_encoder_3", "Text encoder 3", train=False, stop_after=30,
+                           stop_unit=TimeUnit.EPOCH)
+UNetConfig = _part("unet", "UNet", train=True, stop_after=0, stop_unit=TimeUnit.NEVER)
+TransformerConfig = _part("transformer", "Transformer", train=True, stop_after=0,
+                          stop_unit=TimeUnit.NEVER)
+
+
+def part_field(config_class: type[Strict], part: str) -> Any:
+    """A part's section in TrainConfig, shown for the families that have the part."""
+    return Field(default_factory=config_class,
+                 json_schema_extra={"applies_to": {"model_type": registry.types_with_part(part)}})
 
 
 class VAEConfig(Strict):
@@ -424,7 +518,8 @@ class TrainConfig(Strict):
     model_type: ModelType = setting(
         ModelType.STABLE_DIFFUSION_15, section="Model", label="Model type",
         tooltip="Stable Diffusion 1.5 or SDXL 1.0, plain or inpainting (an inpainting "
-                "model's UNet also reads a mask and the masked image).")
+                "model's UNet also reads a mask and the masked image); Flux.1 (dev or schnell), "
+                "Chroma, SD 3 or SD 3.5, the flow-matching transformer models.")
     training_method: TrainingMethod = setting(
         TrainingMethod.LORA, section="Model", label="Training method",
         tooltip="LoRA trains small adapter matrices; Fine-tune trains the weights themselves.")
@@ -437,11 +532,14 @@ class TrainConfig(Strict):
     output_model_destination: str = setting(
         "", section="Model", label="Output file",
         tooltip="Where the trained model is written. Empty = <workspace>/output/<name>.")
-    # The default follows training_method (`_default_output_format`): a new fine-tune config
-    # gets ORIGINAL_SINGLE_FILE, not a LoRA format it cannot write.
+    # The default follows the model type and training method (`_default_output_format`): a
+    # new fine-tune config gets ORIGINAL_SINGLE_FILE, not a LoRA format it cannot write, and a
+    # Flux.1 LoRA DIFFUSERS_LORA. The model type's list comes first in choices_for: its order
+    # is the page's (its first fitting value, the default).
     output_model_format: ModelFormat = setting(
         ModelFormat.KOHYA_LORA, section="Model", label="Output format",
-        choices_for={"training_method": OUTPUT_FORMATS, "peft_type": ADAPTER_FORMATS},
+        choices_for={"model_type": _formats_by_model_type(),
+                     "training_method": OUTPUT_FORMATS_ANY, "peft_type": ADAPTER_FORMATS},
         tooltip="LoRA: KOHYA_LORA for A1111/Forge, ComfyUI and diffusers (SDXL's UNet under "
                 "the original input_blocks_… names, as kohya's scripts write them); "
                 "LEGACY_LORA the same with diffusers' UNet names (down_blocks_…; for SD 1.5 "
@@ -449,7 +547,9 @@ class TrainConfig(Strict):
                 "COMFY_LORA (ComfyUI's own key names); DIFFUSERS_LORA (peft keys, alpha folded "
                 "in, for diffusers' load_lora_weights). Fine-tune: ORIGINAL_SINGLE_FILE (= "
                 "LEGACY_SAFETENSORS), one checkpoint for ComfyUI, A1111/Forge and diffusers' "
-                "from_single_file; DIFFUSERS, a from_pretrained folder.")
+                "from_single_file; DIFFUSERS, a from_pretrained folder. Flux.1, Chroma, SD 3: "
+                "DIFFUSERS_LORA (their default), KOHYA_LORA or COMFY_LORA (the original layer "
+                "names); fine-tune DIFFUSERS or ORIGINAL_SINGLE_FILE (the original layout).")
     output_dtype: DataType = setting(
         DataType.FLOAT_32, section="Model", label="Output data type",
         tooltip="Precision of the saved weights. FLOAT_16 halves the file size.")
@@ -545,14 +645,26 @@ class TrainConfig(Strict):
                 "scaling); FLOAT_32 the most precise; BFLOAT_16 works on CPUs and recent GPUs.")
 
     # Model parts
-    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)  # type: ignore
-    text_encoder_2: TextEncoder2Config = Field(  # type: ignore
-        default_factory=TextEncoder2Config,
-        json_schema_extra={"applies_to": {"model_type": [
-            ModelType.STABLE_DIFFUSION_XL_10_BASE.value,
-            ModelType.STABLE_DIFFUSION_XL_10_BASE_INPAINTING.value]}})
-    unet: UNetConfig = Field(default_factory=UNetConfig)  # type: ignore
+    text_encoder: TextEncoderConfig = part_field(TextEncoderConfig, "text_encoder")  # type: ignore
+    text_encoder_2: TextEncoder2Config = part_field(  # type: ignore
+        TextEncoder2Config, "text_encoder_2")
+    text_encoder_3: TextEncoder3Config = part_field(  # type: ignore
+        TextEncoder3Config, "text_encoder_3")
+    unet: UNetConfig = part_field(UNetConfig, "unet")  # type: ignore
+    transformer: TransformerConfig = part_field(TransformerConfig, "transformer")  # type: ignore
     vae: VAEConfig = Field(default_factory=VAEConfig)
+    # T5's token count (OneTrainer's keys, top level as there): longer captions are cut there.
+    text_encoder_sequence_length: Optional[int] = setting(
+        512, section="Text encoder", label="Sequence length", ge=1, le=4096,
+        applies_to={"model_type": T5_AS["text_encoder"]},
+        tooltip="Tokens of T5's input (Chroma's only text encoder): longer captions are cut "
+                "there, shorter ones padded. Empty = the tokenizer's maximum.")
+    text_encoder_2_sequence_length: Optional[int] = setting(
+        77, section="Text encoder 2", label="Sequence length", ge=1, le=4096,
+        applies_to={"model_type": T5_AS["text_encoder_2"]},
+        tooltip="Tokens of T5's input (Flux.1's second text encoder). OneTrainer's default 77 "
+                "is fast and fits short captions; Flux.1 itself was trained with 512. Empty = "
+                "the tokenizer's maximum.")
 
     # Masked training
     masked_training: bool = setting(
@@ -598,7 +710,42 @@ class TrainConfig(Strict):
         tooltip="Adds per-channel constant noise: helps very dark/bright images.")
     min_snr_gamma: float = setting(
         0.0, section="Noise and loss", label="Min-SNR gamma", ge=0,
+        applies_to={"model_type": DDPM_TYPES},
         tooltip="Min-SNR loss weighting (5 is typical); 0 = off.")
+    timestep_distribution: TimestepDistribution = setting(
+        TimestepDistribution.UNIFORM, section="Noise and loss", label="Timestep distribution",
+        tooltip="How the noise level of each training sample is drawn (OneTrainer's "
+                "distributions). UNIFORM draws every level alike; LOGIT_NORMAL, SIGMOID, "
+                "INVERTED_PARABOLA and COS_MAP favour the middle levels, HEAVY_TAIL and BETA "
+                "the ends, shaped by the noising weight and bias.")
+    noising_weight: float = setting(
+        0.0, section="Noise and loss", label="Noising weight",
+        tooltip="The distribution's shape: SIGMOID's steepness, the spread of LOGIT_NORMAL "
+                "(weight + 1), INVERTED_PARABOLA's curvature, HEAVY_TAIL's scale, BETA's alpha. "
+                "UNIFORM and COS_MAP ignore it.")
+    noising_bias: float = setting(
+        0.0, section="Noise and loss", label="Noising bias",
+        tooltip="Where the distribution centres: added to the middle (0.5) for SIGMOID and "
+                "INVERTED_PARABOLA, LOGIT_NORMAL's mean, BETA's beta. UNIFORM, COS_MAP and "
+                "HEAVY_TAIL ignore it.")
+    timestep_shift: float = setting(
+        1.0, section="Noise and loss", label="Timestep shift", gt=0, le=100,
+        tooltip="Moves the drawn timesteps toward more noise (above 1) or less (below 1); "
+                "1 = no shift. Ignored when dynamic timestep shifting is on.")
+    dynamic_timestep_shifting: bool = setting(
+        False, section="Noise and loss", label="Dynamic timestep shifting",
+        applies_to={"model_type": types_reading("dynamic_timestep_shifting")},
+        tooltip="Shift by the image size as the model's scheduler config defines it (larger "
+                "images get more noise), instead of the timestep shift above (Flux.1, as "
+                "OneTrainer).")
+    loss_weight_fn: LossWeight = setting(
+        LossWeight.CONSTANT, section="Noise and loss", label="Loss weight function",
+        applies_to={"model_type": FLOW_TYPES},
+        choices_for={"model_type": {value: [w.value for w in (
+            FLOW_LOSS_WEIGHTS if value in FLOW_TYPES else (LossWeight.CONSTANT,))]
+            for value in registry.FAMILIES}},
+        tooltip="CONSTANT weighs every sample's loss alike; SIGMA multiplies it by the "
+                "sample's noise level σ. (SD 1.5 / SDXL weigh by min-SNR gamma instead.)")
     min_noising_strength: float = setting(
         0.0, section="Noise and loss", label="Min noising strength", ge=0, le=1,
         tooltip="Lowest timestep trained, as a fraction of all timesteps.")
@@ -621,6 +768,10 @@ class TrainConfig(Strict):
     peft_type: PeftType = setting(
         PeftType.LORA, section="LoRA", label="Adapter type",
         applies_to={"training_method": ["LORA"]},
+        # the flow-matching families' files name fused layers: LoRA only (check_adapter_type)
+        choices_for={"model_type": {value: ["LORA"] if value in FLOW_TYPES
+                                    else [p.value for p in PeftType]
+                                    for value in registry.FAMILIES}},
         tooltip="LORA: two low-rank matrices (up @ down). LOHA (LyCORIS LoHa): the Hadamard "
                 "product of two low-rank products, more expressive at the same rank. LOKR "
                 "(LyCORIS LoKr): a Kronecker product of two small factors, smallest files. All "
@@ -644,10 +795,14 @@ class TrainConfig(Strict):
     lora_layer_preset: LoraLayerPreset = setting(
         LoraLayerPreset.ATTN_ONLY, section="LoRA", label="Layers",
         applies_to={"training_method": ["LORA"]},
-        tooltip="UNet layers with adapters, as OneTrainer picks them: attn-only = the "
-                "attention projections; attn-mlp = all of each transformer block (+ its "
-                "feed-forward, proj_in/out); full = every linear and conv layer; custom = the "
-                "filter below. The text encoders' adapters cover all their linear layers.")
+        tooltip="Denoiser layers with adapters, OneTrainer's presets per family. SD 1.5 / "
+                "SDXL UNet: attn-only = the attention projections, attn-mlp = all of each "
+                "transformer block (+ feed-forward, proj_in/out), full = every linear and conv "
+                "layer. Flux.1 / Chroma: attn-only = the attention layers, attn-mlp = + the "
+                "feed-forward and proj_mlp, blocks = every layer of the transformer blocks "
+                "(not the embedders or the final layer), full = every linear layer; SD 3 / 3.5: "
+                "attn-only, blocks, full. custom = the filter below; text encoders get adapters "
+                "on all their linear layers.")
     layer_filter: str = setting(
         "", section="LoRA", label="Layer filter",
         applies_to={"training_method": ["LORA"], "lora_layer_preset": ["custom"]},
@@ -781,16 +936,34 @@ class TrainConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _one_text_encoder_has_no_second(cls, data: Any) -> Any:
-        """A model with one text encoder ignores the second one's train switch, as OneTrainer
-        does (it writes the switch, on, for every model type)."""
-        if isinstance(data, dict) and isinstance(data.get("text_encoder_2"), dict):
-            model = data.get("model_type", ModelType.STABLE_DIFFUSION_15)
-            if ModelType(getattr(model, "value", model)) not in (
-                    ModelType.STABLE_DIFFUSION_XL_10_BASE,
-                    ModelType.STABLE_DIFFUSION_XL_10_BASE_INPAINTING) \
-                    and data["text_encoder_2"].get("train"):
-                data = {**data, "text_encoder_2": {**data["text_encoder_2"], "train": False}}
+    def _absent_parts_do_not_train(cls, data: Any) -> Any:
+        """A part the family lacks (a UNet in Flux.1, a second text encoder in SD 1.5) has its
+        train switch read as off, as OneTrainer does (it writes every part's switch, on, for
+        every model type). A T5 (Chroma's only text encoder) is off unless a config says
+        otherwise, which check_family then refuses with the reason."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model_type", ModelType.STABLE_DIFFUSION_15)
+        try:
+            parts = registry.facts(model).parts
+        except ValueError:
+            return data  # an unknown model type: its field's validation names it
+        for part, kind in registry.text_encoder_kinds(model).items():
+            section = data.get(part)
+            if kind == "T5" and (section is None or (
+                    isinstance(section, dict) and "train" not in section)):
+                # T5 is never trained here (check_family): not given, it is off
+                data = {**data, part: {**(section or {}), "train": False}}
+        for part in registry.ALL_PARTS:
+            if part in parts:
+                continue
+            section = data.get(part)
+            if section is None:  # read as off even when not given: a dump reloads the same
+                data = {**data, part: {"train": False}}
+            elif isinstance(section, dict) and section.get("train", True):
+                data = {**data, part: {**section, "train": False}}
+            elif isinstance(section, BaseModel) and getattr(section, "train", False):
+                data = {**data, part: section.model_copy(update={"train": False})}
         return data
 
     @model_validator(mode="before")
@@ -801,7 +974,11 @@ class TrainConfig(Strict):
         as it is, even a wrong one: check_supported refuses that by name."""
         if isinstance(data, dict) and "output_model_format" not in data:
             method = data.get("training_method", TrainingMethod.LORA)
-            formats = OUTPUT_FORMATS.get(getattr(method, "value", method))
+            model = data.get("model_type", ModelType.STABLE_DIFFUSION_15)
+            try:
+                formats = output_formats(model, method)
+            except ValueError:
+                return data  # an unknown model type: its field's validation names it
             if formats:
                 data = {**data, "output_model_format": formats[0]}
         return data
@@ -1015,18 +1192,21 @@ def check_supported(config: TrainConfig) -> None:
         shown = value.value if isinstance(value, Enum) else value
         raise ConfigError(f"{key} = {shown} is not supported yet.{(' ' + hint) if hint else ''}")
 
+    check_family(config)
     check_output_format(config)
     check_optimizer_and_scheduler(config)
     counted = (TimeUnit.EPOCH, TimeUnit.STEP, TimeUnit.NEVER)
-    for key in ("text_encoder", "text_encoder_2", "unet"):
+    for key in registry.ALL_PARTS:
         unit = getattr(config, key).stop_training_after_unit
         if unit not in counted:
             raise ConfigError(f"{key}.stop_training_after_unit: {unit.value} is not a count; "
                               "use EPOCH, STEP or NEVER.")
-    for name in ("learning_rate", "lora_alpha"):
+    for name in ("learning_rate", "lora_alpha", "noising_weight", "noising_bias",
+                 "timestep_shift"):
         value = getattr(config, name)
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number (got {value}).")
+    check_timestep_draw(config)
     check_adapter_type(config)
     check_embeddings(config)
     from trainer.optim.stochastic_rounding import check_stochastic_rounding
@@ -1052,7 +1232,7 @@ def check_embeddings(config: TrainConfig) -> None:
         raise ConfigError("additional_embeddings: embeddings train with training_method LORA "
                           "(pivotal tuning) or EMBEDDING; a fine-tuned checkpoint has no place "
                           "for them. Remove them or choose LORA.")
-    encoders = ["text_encoder"] + (["text_encoder_2"] if config.model_type.is_sdxl else [])
+    encoders = config.model_type.facts.text_encoders
     trains = any(e.train for e in embeddings) and any(
         getattr(config, part).train_embedding for part in encoders)
     if method == TrainingMethod.EMBEDDING and not trains:
@@ -1076,21 +1256,113 @@ def check_adapter_type(config: TrainConfig) -> None:
     if config.lora_decompose and peft_type != PeftType.LORA:
         raise ConfigError(f"lora_decompose (DoRA) works only with peft_type LORA, not "
                           f"{peft_type.value}; switch one of them off.")
-    fitting = ADAPTER_FORMATS[peft_type.value]
+    facts = config.model_type.facts
+    if facts.flow_matching and peft_type != PeftType.LORA:
+        # KOHYA_LORA / COMFY_LORA name the original fused layers (q, k, v as one), on which
+        # a LoHa or LoKr of diffusers' separate layers has no exact form; diffusers loads
+        # neither for these models.
+        raise ConfigError(f"peft_type {peft_type.value} is not available for {facts.label} "
+                          "yet: its LoRA files name the original fused q/k/v layers, where a "
+                          "LoHa or LoKr trained on the separate layers has no exact form. "
+                          "Use peft_type LORA (DoRA with DIFFUSERS_LORA).")
+    if (facts.flow_matching and config.lora_decompose
+            and config.output_model_format != ModelFormat.DIFFUSERS_LORA):
+        raise ConfigError(f"lora_decompose (DoRA) on {facts.label} is written as "
+                          "DIFFUSERS_LORA only (a magnitude per separate q/k/v layer has no "
+                          "place on the fused layers that KOHYA_LORA / COMFY_LORA name); "
+                          "choose output_model_format DIFFUSERS_LORA.")
+    fitting = [f for f in output_formats(config.model_type, TrainingMethod.LORA)
+               if f in ADAPTER_FORMATS[peft_type.value]]
     if config.output_model_format.value not in fitting:
         raise ConfigError(f"output_model_format = {config.output_model_format.value} cannot "
                           f"hold peft_type {peft_type.value} (diffusers loads no LoHa/LoKr for "
-                          f"SD 1.5 / SDXL); use {', '.join(fitting)}.")
+                          f"{config.model_type.facts.label}); use {', '.join(fitting)}.")
 
 
 def check_output_format(config: TrainConfig) -> None:
-    """A LoRA is written in a LoRA format, a fine-tune as a whole model."""
+    """A LoRA is written in a LoRA format, a fine-tune as a whole model, each in a format the
+    family writes."""
     method = config.training_method.value
-    fitting = OUTPUT_FORMATS.get(method, [])
     value = config.output_model_format.value
-    if value not in fitting:
-        raise ConfigError(f"output_model_format = {value} does not fit training_method "
-                          f"{method}; it writes {', '.join(fitting)}.")
+    fitting = output_formats(config.model_type, method)
+    if value in fitting:
+        return
+    label = config.model_type.facts.label
+    if value in OUTPUT_FORMATS_ANY.get(method, []):
+        raise ConfigError(f"output_model_format = {value}: Atelier writes no {value} for "
+                          f"{label}; for training_method {method} it writes "
+                          f"{', '.join(fitting)}.")
+    raise ConfigError(f"output_model_format = {value} does not fit training_method "
+                      f"{method}; it writes {', '.join(fitting)}.")
+
+
+def check_timestep_draw(config: TrainConfig) -> None:
+    """The timestep distribution's settings draw (a LOGIT_NORMAL spread above 0, a discrete
+    density with weight somewhere): tried once here, so that Start names the key, not step 1."""
+    import torch
+
+    from trainer.flow_matching import draw_timesteps
+    draw_timesteps(2, distribution=config.timestep_distribution,
+                   noising_weight=config.noising_weight, noising_bias=config.noising_bias,
+                   min_strength=config.min_noising_strength,
+                   max_strength=config.max_noising_strength, shift=config.timestep_shift,
+                   generator=torch.Generator().manual_seed(0))  # its own: the run's stays
+
+
+def check_family(config: TrainConfig) -> None:
+    """What the chosen family cannot do (yet), refused naming the key and why: its training
+    objective's loss weights, its T5 encoder trained, clip skip on a T5, embeddings on the
+    flow-matching families, the layer streaming that only the SD families have."""
+    facts = config.model_type.facts
+    label = facts.label
+    flow = facts.flow_matching
+    weight = config.loss_weight_fn
+    if flow:
+        if config.min_snr_gamma > 0:
+            raise ConfigError(f"min_snr_gamma = {config.min_snr_gamma:g}: min-SNR weighting is "
+                              f"a DDPM (SD 1.5 / SDXL) rule; {label} is a flow-matching model. "
+                              "Set it to 0 (loss_weight_fn SIGMA weights by noise level).")
+        if weight not in FLOW_LOSS_WEIGHTS:
+            raise ConfigError(f"loss_weight_fn = {weight.value}: {label} is a flow-matching "
+                              "model, weighted by CONSTANT or SIGMA only.")
+    elif weight != LossWeight.CONSTANT:
+        hint = ("set min_snr_gamma (the gamma) instead" if weight == LossWeight.MIN_SNR_GAMMA
+                else "SD 1.5 / SDXL weigh by min_snr_gamma or CONSTANT")
+        raise ConfigError(f"loss_weight_fn = {weight.value} is not supported for {label}; "
+                          f"{hint}.")
+    for part, kind in registry.text_encoder_kinds(config.model_type).items():
+        section = getattr(config, part)
+        if kind != "T5":
+            continue
+        if section.train:
+            raise ConfigError(f"{part}.train: T5 training is not supported: {label}'s {part} "
+                              "is T5, which Atelier keeps frozen (as OneTrainer's presets "
+                              "do); switch it off.")
+        if section.clip_skip:
+            raise ConfigError(f"{part}.clip_skip = {section.clip_skip}: {label}'s {part} is "
+                              "T5; clip skip is for CLIP encoders. Set it to 0.")
+    if flow and config.training_method == TrainingMethod.EMBEDDING:
+        raise ConfigError(f"training_method = EMBEDDING: additional_embeddings are not "
+                          f"available for {label} yet; train a LoRA or fine-tune.")
+    if flow and config.additional_embeddings:
+        raise ConfigError(f"additional_embeddings: not available for {label} yet; remove "
+                          "them.")
+    if config.dynamic_timestep_shifting and not registry.reads_switch(
+            config.model_type, "dynamic_timestep_shifting"):
+        raise ConfigError(f"dynamic_timestep_shifting: {label}'s scheduler has no "
+                          "resolution-dependent shift here (it applies to "
+                          f"{', '.join(types_reading('dynamic_timestep_shifting'))}, as in "
+                          "OneTrainer); switch it off and set timestep_shift instead.")
+    preset = config.lora_layer_preset
+    if config.training_method == TrainingMethod.LORA and preset != LoraLayerPreset.CUSTOM:
+        presets = registry.family_class(config.model_type).LAYER_PRESETS  # OneTrainer's
+        if preset.value not in presets:
+            raise ConfigError(f"lora_layer_preset = {preset.value} is not a layer preset of "
+                              f"{label}; it has {', '.join(presets)} (or custom).")
+    if flow and config.layer_offload_fraction > 0:
+        raise ConfigError(f"layer_offload_fraction = {config.layer_offload_fraction:g}: "
+                          f"streaming {label}'s layers from the CPU needs offloading for every "
+                          "part (issue 26), not available yet; set it to 0.")
 
 
 def check_optimizer_and_scheduler(config: TrainConfig) -> None:

@@ -142,9 +142,7 @@ def checkpoint_metadata(config: TrainConfig, family, *, steps: int, epochs: int,
     """Stability's model-spec fields, a few kohya-style facts, and the exact config."""
     return {
         "modelspec.architecture": family.checkpoint_architecture,
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
-                                     if "xl" in family.checkpoint_architecture
-                                     else "https://github.com/CompVis/stable-diffusion"),
+        "modelspec.implementation": family.implementation,
         "modelspec.title": title,
         **_run_metadata(config, family, steps, epochs, "full fine-tune"),
     }

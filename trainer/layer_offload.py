@@ -106,13 +106,14 @@ def _move_except(module: torch.nn.Module, device: torch.device, kept: set[int]) 
 
 
 def streamed_parts(config: TrainConfig, parts: list[str]) -> list[str]:
-    """The parts whose blocks stream: the UNet, and each trained text encoder whose own
-    checkpointing is on (a frozen one's outputs are cached, and it leaves the GPU whole:
-    trainer/residency.py)."""
+    """The parts whose blocks stream: the UNet (transformer), and each trained text encoder
+    whose own checkpointing is on (a frozen one's outputs are cached, and it leaves the GPU
+    whole: trainer/residency.py)."""
     if config.layer_offload_fraction <= 0:
         return []
-    return ["unet"] + [p for p in parts if p != "unet"
-                       and getattr(config, p).gradient_checkpointing]
+    denoiser = config.model_type.facts.denoiser
+    return [denoiser] + [p for p in parts if p != denoiser
+                         and getattr(config, p).gradient_checkpointing]
 
 
 def offload_parts(config: TrainConfig, family, parts: list[str],

@@ -277,8 +277,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     compiling = compile_wanted(config)
     if compiling:
         blocks = compile_blocks(family.parts[facts.denoiser], data.bucket_count())
-        status(f"Compiling the UNet's {blocks} blocks with torch.compile (on the first step "
-               "of each bucket)")
+        status(f"Compiling the {'UNet' if facts.denoiser == 'unet' else 'transformer'}'s "
+               f"{blocks} blocks with torch.compile (on the first step of each bucket)")
 
     optimizer = build_optimizer(config.optimizer.optimizer,
                                 config.optimizer.model_dump(exclude={"optimizer"}), param_groups)

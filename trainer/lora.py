@@ -343,7 +343,8 @@ def continue_from_file(config: TrainConfig, family, parts: list[str]) -> None:
                               f"{part}.train is off here; switch it on to continue them too, "
                               "or start from a file without them.")
     try:
-        load_lora_file(path, {p: family.parts[p] for p in parts}, family.kohya_prefixes)
+        flow = family.facts.model_type if family.facts.flow_matching else ""
+        load_lora_file(path, {p: family.parts[p] for p in parts}, family.kohya_prefixes, flow)
     except ConfigError as error:
         raise ConfigError(f"lora_model_name: {error}") from None
 

@@ -47,6 +47,15 @@ def lora_state_dict(output_format: ModelFormat, models: dict[str, torch.nn.Modul
                     family, alpha: float, dtype: torch.dtype, *,
                     sdxl: bool = False) -> dict[str, torch.Tensor]:
     """The file's tensors for the trained adapters of `models` (part name -> module)."""
+    transformer = models.get("transformer")
+    if transformer is not None and output_format in (*KOHYA_FORMATS, ModelFormat.COMFY_LORA):
+        # A flow transformer's layers under their original (fused) names; its text encoders
+        # as the SD families name theirs.
+        others = {p: m for p, m in models.items() if p != "transformer"}
+        tensors = lora_state_dict(output_format, others, family, alpha, dtype)
+        tensors.update(flow_transformer_tensors(output_format, transformer, family, alpha,
+                                                dtype))
+        return tensors
     if output_format in KOHYA_FORMATS:
         return kohya_state_dict(models, family.kohya_prefixes, alpha, dtype,
                                 sgm_unet=sgm_unet_names(output_format, sdxl))
@@ -55,6 +64,26 @@ def lora_state_dict(output_format: ModelFormat, models: dict[str, torch.nn.Modul
     if output_format == ModelFormat.DIFFUSERS_LORA:
         return diffusers_state_dict(models, alpha, dtype)
     raise ValueError(f"output_model_format {output_format.value} is not a LoRA format")
+
+
+def flow_transformer_tensors(output_format: ModelFormat, transformer: torch.nn.Module, family,
+                             alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """KOHYA_LORA / COMFY_LORA tensors of a flow-matching transformer's LoRA: diffusers' separate
+    q/k/v written exactly on the original fused layers (trainer/flow_lora_names.py says how)."""
+    from trainer import flow_lora_names
+    from trainer.models.transformer_layouts import module_shapes
+    loras = {}
+    for module, adapter in lora.trained_adapters(transformer, "transformer").items():
+        if adapter.kind != "lora" or "lora_magnitude_vector" in adapter.tensors:
+            # check_supported refuses it before training
+            raise ValueError(f"{output_format.value} holds only plain LoRA layers for "
+                             f"{family.facts.label}, not {adapter.kind}")
+        loras[module] = flow_lora_names.LoraWeights(adapter.tensors["lora_A"].float(),
+                                                    adapter.tensors["lora_B"].float(), alpha)
+    write = (flow_lora_names.comfy_lora if output_format == ModelFormat.COMFY_LORA
+             else flow_lora_names.kohya_lora)
+    tensors = write(family.facts.model_type, module_shapes(transformer), loras)
+    return {k: _cpu(v, dtype) for k, v in tensors.items()}
 
 
 def sgm_unet_names(output_format: ModelFormat, sdxl: bool) -> bool:

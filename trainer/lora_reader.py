@@ -43,10 +43,12 @@ KIND_OF_FILE_LAYER = (("hada_w1_a", "loha"), ("lokr_", "lokr"), ("lora_down.weig
 
 
 def load_lora_file(path: str | Path, models: dict[str, torch.nn.Module],
-                   prefixes: dict[str, str]) -> None:
+                   prefixes: dict[str, str], flow_model_type: str = "") -> None:
     """Load the file at `path` into the adapters of `models` (part -> module, each given its
     adapters by `lora.add_lora` with the config that trained the file); `prefixes` are the
-    family's kohya prefixes ('lora_unet_', 'lora_te_', ...)."""
+    family's kohya prefixes ('lora_unet_', 'lora_te_', ...). `flow_model_type`: the model type
+    of a flow-matching transformer, whose layers the file names by the original fused layers
+    (trainer/flow_lora_names.py)."""
     path = Path(path)
     try:
         tensors = load_file(str(path))
@@ -54,6 +56,13 @@ def load_lora_file(path: str | Path, models: dict[str, torch.nn.Module],
         raise ConfigError(f"'{path.name}' is not a readable .safetensors file ({error}).") \
             from None
     try:
+        if flow_model_type and "transformer" in models:
+            from trainer.flow_lora_names import COMFY_PREFIX, KOHYA_PREFIX
+            mine = {k: v for k, v in tensors.items()
+                    if k.startswith((KOHYA_PREFIX, COMFY_PREFIX))}
+            tensors = {k: v for k, v in tensors.items() if k not in mine}
+            load_flow_transformer(mine, models["transformer"], flow_model_type)
+            models = {p: m for p, m in models.items() if p != "transformer"}
         load_kohya_tensors(tensors, models, prefixes)
     except ConfigError as error:
         raise ConfigError(f"'{path.name}': {error}") from None
@@ -91,6 +100,40 @@ def load_kohya_tensors(tensors: dict[str, torch.Tensor], models: dict[str, torch
     if left:
         raise ConfigError(f"the file's layer {left[0]} has no adapter here: it was trained "
                           "on other layers (lora_layer_preset / layer_filter).")
+    for parameter, value in copies:
+        parameter.copy_(value.to(parameter.device, parameter.dtype))
+
+
+@torch.no_grad()
+def load_flow_transformer(tensors: dict[str, torch.Tensor], model: torch.nn.Module,
+                          model_type: str) -> None:
+    """A flow transformer's LoRA layers (KOHYA_LORA or COMFY_LORA names of the original fused
+    layers) into its peft LoRA adapters: each module gets back its own down and up, with the
+    file's scale turned into peft's (alpha / r) in up. Every adapter must be in the file."""
+    from trainer.flow_lora_names import read_flow_lora
+    from trainer.models.transformer_layouts import module_shapes
+    adapters = lora.trained_adapters(model, "transformer")
+    if any(a.kind != "lora" for a in adapters.values()):
+        raise ConfigError("only plain LoRA files of this model type are read back.")
+    loras = read_flow_lora(model_type, module_shapes(model), tensors,
+                           ranks={m: a.rank for m, a in adapters.items()})
+    missing = [m for m in adapters if m not in loras]
+    if missing:
+        raise ConfigError(f"the file has no layer for {missing[0]}: it was trained on other "
+                          "layers (lora_layer_preset / layer_filter).")
+    extra = [m for m in loras if m not in adapters and bool(loras[m].up.any())]
+    if extra:
+        raise ConfigError(f"the file's layer for {extra[0]} has no adapter here: it was "
+                          "trained on other layers (lora_layer_preset / layer_filter).")
+    copies = []
+    for module, adapter in adapters.items():
+        weights = loras[module]
+        if weights.down.shape != adapter.tensors["lora_A"].shape:
+            raise ConfigError(f"{module} has rank {weights.rank} in the file, "
+                              f"{adapter.rank} here (another lora_rank?).")
+        up = weights.up.float() * (weights.scale / adapter.scaling)
+        copies += [(_parameter(adapter.layer, "lora_A"), weights.down),
+                   (_parameter(adapter.layer, "lora_B"), up)]
     for parameter, value in copies:
         parameter.copy_(value.to(parameter.device, parameter.dtype))
 

@@ -10,13 +10,16 @@ the HTTP API (all via `config_from_dict`). The rules, in short:
 - what OneTrainer counts differently is converted, with a note: its STEP units are batches,
   Atelier's optimizer updates; an older file's layer preset is what OneTrainer meant then;
 - what Atelier cannot honour is refused with the key and its value, never replaced by a
-  default or dropped as an unknown key;
-- what has no effect on an SD 1.5 / SDXL run (other model families, cloud, OneTrainer's app
-  and logging, optimizers not chosen, ...) is set aside and counted by kind in one note
-  (trainer/onetrainer_keys.py lists them).
+  default or dropped as an unknown key (quantized weights, per-part offloading of the
+  flow-matching families: issue 26);
+- what has no effect on the run (parts and keys the model's family does not have, cloud,
+  OneTrainer's app and logging, optimizers not chosen, ...) is set aside and counted by kind
+  in one note (trainer/onetrainer_keys.py lists them). Which family has which parts and
+  switches is trainer/models/registry.py's.
 
 Atelier's own configs pass through unchanged apart from the few older names they once shared
-with OneTrainer (`translate` is idempotent on them).
+with OneTrainer (`translate` is idempotent on them), and quantized weight types are refused in
+them too.
 """
 from __future__ import annotations
 
@@ -30,8 +33,11 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from trainer import onetrainer_keys as keys
-from trainer.config import OUTPUT_FORMATS, Optimizer, TrainConfig
+from trainer.config import (OUTPUT_FORMATS_ANY, T5_AS, LoraLayerPreset, Optimizer,
+                            TrainConfig, output_formats)
 from trainer.errors import ConfigError
+from trainer.flow_matching import FLOW_LOSS_WEIGHTS
+from trainer.models import registry
 
 # Finds a file a OneTrainer config names (its concepts, samples, a concept's prompt file) among
 # the files that came with it; None when it is not there.
@@ -45,27 +51,45 @@ MARKERS = ("__version", "concept_file_name", "sample_definition_file_name", "tra
 # An exported Atelier config says so; its presets have a name.
 ATELIER_MARKS = ("__atelier", "__name")
 
-# Output formats by OneTrainer's current names: Atelier writes each of them as itself for SD 1.5
-# and SDXL (trainer/config.py OUTPUT_FORMATS). The older name SAFETENSORS still names the
+# Output formats by OneTrainer's current names: Atelier writes each of them as itself where the
+# family has it (trainer/config.py output_formats). The older name SAFETENSORS still names the
 # embedding file (EMBEDDING's only format).
-LORA_FORMATS = tuple(OUTPUT_FORMATS["LORA"])
-FULL_FORMATS = tuple(OUTPUT_FORMATS["FINE_TUNE"])
+LORA_FORMATS = tuple(OUTPUT_FORMATS_ANY["LORA"])
+FULL_FORMATS = tuple(OUTPUT_FORMATS_ANY["FINE_TUNE"])
 # SAFETENSORS for a LoRA or a fine-tune: in a OneTrainer file, its migration 10 reads it as the
 # LEGACY formats (the layout it wrote then); Atelier's own older configs meant the current name.
 ONETRAINER_SAFETENSORS = {"LORA": "LEGACY_LORA", "FINE_TUNE": "LEGACY_SAFETENSORS"}
 ATELIER_SAFETENSORS = {"LORA": "KOHYA_LORA", "FINE_TUNE": "ORIGINAL_SINGLE_FILE"}
-# OneTrainer's formats for other model families (Flux, SD3, ...), and CKPT (a pickled
-# checkpoint it no longer writes either): nothing Atelier writes for SD 1.5 / SDXL.
-UNWRITTEN_FORMATS = {"ORIGINAL_LORA": "OneTrainer writes it for other model families",
-                     "ORIGINAL_TRANSFORMER": "OneTrainer writes it for other model families",
-                     "COMFY_TRANSFORMER": "OneTrainer writes it for other model families",
+# OneTrainer's formats that Atelier writes for no family, and CKPT (a pickled checkpoint it no
+# longer writes either).
+UNWRITTEN_FORMATS = {"ORIGINAL_LORA": "OneTrainer's original-namespace LoRA with fused qkv",
+                     "ORIGINAL_TRANSFORMER": "OneTrainer's transformer-only single file",
+                     "COMFY_TRANSFORMER": "OneTrainer's transformer-only single file for ComfyUI",
                      "CKPT": "a pickled checkpoint, which OneTrainer no longer writes either"}
-PARTS = ("unet", "text_encoder", "text_encoder_2")
-SDXL_TYPES = ("STABLE_DIFFUSION_XL_10_BASE", "STABLE_DIFFUSION_XL_10_BASE_INPAINTING")
-LAYER_PRESETS = ("attn-only", "attn-mlp", "full", "custom")
-# OneTrainer's presets as the layer_filter its LoRA tab fills in for them (trainer/lora.py
-# matches both the same way).
-PRESET_FILTERS = {"attn-only": "attn", "attn-mlp": "attentions", "full": ""}
+# The model parts of every family (trainer/models/registry.py), and the three whose flat keys
+# OneTrainer's migration 1 moved (2024-03: before the transformer families).
+PARTS = registry.ALL_PARTS
+FLAT_PARTS = ("unet", "text_encoder", "text_encoder_2")
+LAYER_PRESETS = tuple(preset.value for preset in LoraLayerPreset)
+# OneTrainer's weight types that store frozen weights quantized (its DataType.is_quantized, and
+# GGUF files): issue 26. Refused by key and value until then, never replaced.
+# OneTrainer's loss weights that each objective takes here (MIN_SNR_GAMMA is min_snr_gamma).
+FLOW_WEIGHTS = tuple(weight.value for weight in FLOW_LOSS_WEIGHTS)
+DDPM_WEIGHTS = ("CONSTANT", "MIN_SNR_GAMMA")
+QUANTIZED_DTYPES = ("FLOAT_8", "INT_8", "NFLOAT_4", "FLOAT_W8A8", "INT_W8A8",
+                    "FLOAT_W8A8_COMPRESSED", "INT_W8A8_COMPRESSED", "GGUF", "GGUF_A8_FLOAT",
+                    "GGUF_A8_INT")
+# OneTrainer's QuantizationConfig defaults: its layer filter picks which layers of a quantized
+# part are quantized, and does nothing where no part is.
+QUANTIZATION_DEFAULTS = {"layer_filter": "", "layer_filter_preset": "full",
+                         "layer_filter_regex": False, "svd_dtype": "NONE", "svd_rank": 16,
+                         "cache_dir": None}
+# Of the T5 sequence lengths, OneTrainer reads only text_encoder_2's (Flux.1) for the families
+# Atelier trains; Chroma's T5 takes its tokenizer's maximum whatever text_encoder_sequence_length
+# says.
+READ_SEQUENCE_LENGTHS = ("text_encoder_2_sequence_length",)
+SEQUENCE_LENGTH_PART = {"text_encoder_sequence_length": "text_encoder",
+                        "text_encoder_2_sequence_length": "text_encoder_2"}
 LAYER_KEYS = ("layer_filter", "layer_filter_preset", "layer_filter_regex", "lora_layers",
               "lora_layer_preset", "lora_layers_regex")
 PEFT_TYPES = ("LORA", "LOHA", "LOKR")
@@ -107,6 +131,7 @@ def translate(data: dict, beside: Beside | None = None, *,
     notes: list[str] = []
     if isinstance(data.get("resolution"), int):  # the oldest configs wrote 512, not "512"
         data["resolution"] = str(data["resolution"])
+    _refuse_quantized_weights(data)
     if onetrainer if onetrainer is not None else is_onetrainer(data):
         _from_onetrainer(data, beside, notes)
     _unset_values(data, TrainConfig)
@@ -127,13 +152,14 @@ def _from_onetrainer(data: dict, beside: Beside | None, notes: list[str]) -> Non
         notes.append(f"__version {version}: newer than the newest OneTrainer config Atelier "
                      f"knows ({NEWEST_VERSION}); its new keys are reported as unknown.")
     _drop_versions(data)
-    _older_shapes(data)
+    _older_shapes(data, version)
     _onetrainer_defaults(data)
     _older_layer_preset(data, notes)
     _refuse_what_is_not_honoured(data)
     aside: dict[str, list[str]] = {kind: [] for kind in keys.KINDS}
-    _renamed(data, notes)
+    _renamed(data, aside)
     _parts(data, aside, notes)
+    _family_settings(data, aside, notes)
     _concepts(data, beside, aside, notes)
     _samples(data, beside, aside, notes)
     _optimizer(data, aside, notes)
@@ -141,6 +167,7 @@ def _from_onetrainer(data: dict, beside: Beside | None, notes: list[str]) -> Non
     _steps_in_batches(data, notes)
     _time_units(data, notes)
     _older_format_names(data, version)
+    _transformer_files(data, notes)
     _bundle_in_diffusers_file(data, notes)
     _dora_axis(data, notes)
     _not_done(data, notes)
@@ -163,28 +190,39 @@ def _drop_versions(node: Any) -> None:
             _drop_versions(value)
 
 
+def _family(data: dict) -> registry.FamilyFacts | None:
+    """The facts of the file's model type (OneTrainer's default SD 1.5 when it names none);
+    None for one Atelier does not train (refused by name in `_refuse_what_is_not_honoured`)."""
+    try:
+        return registry.facts(data.get("model_type") or "STABLE_DIFFUSION_15")
+    except ValueError:
+        return None
+
+
 def _onetrainer_defaults(data: dict) -> None:
     """OneTrainer's defaults where they differ from Atelier's, for the keys a partial file (a
-    preset) leaves out: a fine-tune, samples every 10 minutes, no compiling, and an SDXL's
-    second text encoder trained."""
+    preset) leaves out: a fine-tune, samples every 10 minutes, no compiling, and every text
+    encoder of the family trained (Atelier's second and third are off by default)."""
     data.setdefault("training_method", "FINE_TUNE")
     data.setdefault("sample_after_unit", "MINUTE")
     data.setdefault("compile", False)
-    second = data.setdefault("text_encoder_2", {}) if data.get("model_type") in SDXL_TYPES else None
-    if isinstance(second, dict):
-        second.setdefault("train", True)
+    family = _family(data)
+    for part in family.text_encoders[1:] if family else ():
+        section = data.setdefault(part, {})
+        if isinstance(section, dict):
+            section.setdefault("train", True)
 
 
 # OneTrainer's config migration 1 (2024-03): flat part keys -> the part's section.
 FLAT_PART_KEYS = {f"{prefix}{part}{suffix}": (part, key)
-                  for part in PARTS
+                  for part in FLAT_PARTS
                   for prefix, suffix, key in (("train_", "", "train"),
                                               ("", "_learning_rate", "learning_rate"))}
 
 
-def _older_shapes(data: dict) -> None:
-    """OneTrainer's own migrations 0-5 and 10 where they move a key Atelier reads (the weight
-    types' migration 9 is `_weight_dtypes`, for every config)."""
+def _older_shapes(data: dict, version: Any) -> None:
+    """OneTrainer's own migrations 0-5, 8 and 10 where they move a key Atelier reads (the
+    weight types' migration 9 is `_weight_dtypes`, for every config)."""
     if isinstance(data.get("optimizer"), str):  # migration 0: flat optimizer_* keys
         section = {"optimizer": data.pop("optimizer")}
         for key in [k for k in data if k.startswith("optimizer_") and k != "optimizer_defaults"]:
@@ -193,14 +231,12 @@ def _older_shapes(data: dict) -> None:
     for flat, (part, key) in FLAT_PART_KEYS.items():  # migration 1
         if flat in data:
             data.setdefault(part, {}).setdefault(key, data.pop(flat))
-    for part in PARTS:
+    for part in FLAT_PARTS:
         epochs = data.pop(f"train_{part}_epochs", None)
         if epochs is not None:
             data.setdefault(part, {}).update(stop_training_after=epochs,
                                              stop_training_after_unit="EPOCH")
-    # migration 3: a noising weight meant a sigmoid timestep distribution
-    if "timestep_distribution" not in data and data.get("noising_weight"):
-        data["timestep_distribution"] = "SIGMOID"
+    _noising_before_distributions(data, version)
     for old, new in (("save_after", "save_every"), ("save_after_unit", "save_every_unit")):
         if old in data:  # migration 5
             data.setdefault(new, data.pop(old))
@@ -209,19 +245,49 @@ def _older_shapes(data: dict) -> None:
     if "enable_activation_offloading" in data or "enable_async_offloading" in data:
         if data.get("gradient_checkpointing") != "CPU_OFFLOADED":
             data["layer_offload_fraction"] = 0.0
+    # migration 8 (__version 8 -> 9): the transformer families' denoiser was `prior`
+    older = version is None or (isinstance(version, int) and version <= 8)
+    if older and isinstance(data.get("prior"), dict) and "transformer" not in data:
+        if _family(data) is not None and _family(data).denoiser == "transformer":
+            data["transformer"] = data.pop("prior")
     if "embeddings" in data:  # __version 1-3's list, which OneTrainer ignores since 4
         data.setdefault("__set_aside", []).append(("embeddings", "method"))
         data.pop("embeddings")
 
 
+def _noising_before_distributions(data: dict, version: Any) -> None:
+    """OneTrainer's migration 3 (__version 3 -> 4): before timestep distributions, a noising
+    weight other than 0 drew timesteps from a sigmoid, whose bias (default 0.5) was the
+    centre; now SIGMOID with the bias counted from 0.5. A weight of 0 was uniform. A file
+    without __version is taken as that old when it has no distribution and a weight (a
+    current preset always names its distribution)."""
+    if isinstance(version, int):
+        if version >= 4:
+            return
+    elif "timestep_distribution" in data or not data.get("noising_weight"):
+        return
+    weight = data.pop("noising_weight", 0.0) or 0.0
+    bias = data.pop("noising_bias", 0.5)
+    if weight != 0:
+        data.update(timestep_distribution="SIGMOID", noising_weight=weight,
+                    noising_bias=(0.5 if bias is None else bias) - 0.5)
+    else:
+        data.update(timestep_distribution="UNIFORM", noising_weight=0.0, noising_bias=0.0)
+
+
 def _older_layer_preset(data: dict, notes: list[str]) -> None:
-    """A LoRA file with no layer key at all (OneTrainer's presets before 2025-12, configs
-    before 2024-08) meant OneTrainer's hard-coded set then: `attentions` (its setup before the
-    presets existed, its LoRA tab's first preset after). `lora_layer_preset: null` is
-    OneTrainer's migration 6: full."""
+    """A LoRA file with no layer key at all. For SD 1.5 / SDXL (whose current presets name
+    their layers) that is OneTrainer's presets before 2025-12 and configs before 2024-08, which
+    meant its hard-coded set then: `attentions` (its setup before the presets existed, its LoRA
+    tab's first preset after). The transformer families' current presets (#flux LoRA, #sd 3
+    LoRA) name none: OneTrainer's LoRA tab keeps its default, full, and so does Atelier.
+    `lora_layer_preset: null` is OneTrainer's migration 6: full."""
     if data.get("training_method", "FINE_TUNE") != "LORA":
         return
-    if not any(key in data for key in LAYER_KEYS):
+    family = _family(data)
+    if not any(key in data for key in LAYER_KEYS) and family and family.denoiser != "unet":
+        data["lora_layer_preset"] = "full"
+    elif not any(key in data for key in LAYER_KEYS):
         data["lora_layer_preset"] = "attn-mlp"
         notes.append("No layer preset in this OneTrainer file: it trained OneTrainer's "
                      "hard-coded layers of its time, 'attentions' (attn-mlp: every layer of "
@@ -248,10 +314,16 @@ def _refuse_what_is_not_honoured(data: dict) -> None:
     peft = data.get("peft_type")
     if data.get("training_method") == "LORA" and peft is not None and peft not in PEFT_TYPES:
         refuse("peft_type", peft, f"Atelier's adapter types are {', '.join(PEFT_TYPES)}")
+    family = _family(data)
     weight = data.get("loss_weight_fn")
-    if weight not in (None, "CONSTANT", "MIN_SNR_GAMMA"):
-        refuse("loss_weight_fn", weight, "Atelier weights the loss by min-SNR gamma "
-                                         "(MIN_SNR_GAMMA) or not at all (CONSTANT)")
+    if family is not None and family.flow_matching and weight not in (None, *FLOW_WEIGHTS):
+        refuse("loss_weight_fn", weight, f"{family.label} is a flow-matching model, which "
+                                         "OneTrainer too weights by CONSTANT or SIGMA only")
+    if family is not None and not family.flow_matching and weight not in (None, *DDPM_WEIGHTS):
+        refuse("loss_weight_fn", weight, f"Atelier weights {family.label}'s loss by min-SNR "
+                                         "gamma (MIN_SNR_GAMMA) or not at all (CONSTANT)")
+    if family is not None:
+        _refuse_for_family(data, family)
     optimizer = data.get("optimizer")
     if isinstance(optimizer, dict) and optimizer.get("optimizer") is not None:
         name = optimizer["optimizer"]
@@ -260,21 +332,73 @@ def _refuse_what_is_not_honoured(data: dict) -> None:
                    f"Atelier's optimizers are {', '.join(Optimizer.__members__)}")
 
 
+def _refuse_quantized_weights(data: dict) -> None:
+    """A part whose frozen weights OneTrainer would store quantized (FLOAT_8, NFLOAT_4, ...):
+    that needs quantized layers, which come with issue 26. Every config, OneTrainer's or not;
+    the parts the family has, the older files' one type for all parts among them."""
+    family = _family(data)
+    if family is None:
+        return
+    parts = (family.denoiser, *family.text_encoders)
+    found = [(key, data.get(key)) for key in ("weight_dtype", *(
+        f"{part}_weight_dtype" for part in parts))]
+    found += [(f"{part}.weight_dtype", data[part].get("weight_dtype"))
+              for part in parts if isinstance(data.get(part), dict)]
+    quantized = [(key, value) for key, value in found if value in QUANTIZED_DTYPES]
+    if quantized:
+        (key, value), others = quantized[0], quantized[1:]
+        also = "".join(f"; so does {k}: {v}" for k, v in others)
+        raise ConfigError(f"{key}: {value} needs quantized weights (issue 26), not available "
+                          f"yet; set {key} to BFLOAT_16 to train unquantized{also}.")
+
+
+def _refuse_for_family(data: dict, family: registry.FamilyFacts) -> None:
+    """What a family's parts would do in OneTrainer that Atelier does not (yet): skip layers of
+    a T5; in a flow-matching family, stream layers from the CPU (issue 26) or leave out a text
+    encoder (`include`)."""
+    kinds = registry.text_encoder_kinds(family.model_type)
+    for part, kind in kinds.items():
+        skip = data.get(f"{part}_layer_skip")
+        if kind == "T5" and skip:
+            refuse(f"{part}_layer_skip", skip, f"{family.label}'s {part} is T5; Atelier skips "
+                                               "layers of CLIP encoders only")
+    if not family.flow_matching:
+        return
+    for part in family.parts:
+        section = data.get(part)
+        if not isinstance(section, dict):
+            continue
+        fraction = section.get("offload_fraction")
+        if fraction:
+            raise ConfigError(f"{part}.offload_fraction: {fraction!r} needs offloading for "
+                              f"{family.label}'s parts (issue 26), not available yet; set "
+                              f"{part}.offload_fraction to 0 to train without it.")
+        if part in kinds and len(kinds) > 1 and section.get("include") is False:
+            refuse(f"{part}.include", False, f"Atelier encodes every caption with each of "
+                                             f"{family.label}'s text encoders")
+
+
 # --- Renamed keys ---------------------------------------------------------------------------
 
-def _renamed(data: dict, notes: list[str]) -> None:
+def _renamed(data: dict, aside: dict[str, list[str]]) -> None:
     """OneTrainer's names for settings Atelier has under its own."""
     if "dropout_probability" in data:  # OneTrainer's LoRA dropout
         data["lora_dropout"] = data.pop("dropout_probability")
-    for part, skip in (("text_encoder", "text_encoder_layer_skip"),
-                       ("text_encoder_2", "text_encoder_2_layer_skip")):
-        if skip in data:
-            value = data.pop(skip)
-            if value and isinstance(data.get(part, {}), dict):
-                data.setdefault(part, {})["clip_skip"] = value
+    family = _family(data)
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"):
+        skip = f"{part}_layer_skip"
+        if skip not in data:
+            continue
+        value = data.pop(skip)
+        if family is None or part not in family.text_encoders:
+            aside["parts"].append(skip)
+        elif value and isinstance(data.get(part, {}), dict):
+            data.setdefault(part, {})["clip_skip"] = value
     weight, strength = data.pop("loss_weight_fn", None), data.pop("loss_weight_strength", None)
     if weight == "MIN_SNR_GAMMA":
         data["min_snr_gamma"] = strength if strength is not None else 5.0
+    elif weight is not None:
+        data["loss_weight_fn"] = weight  # CONSTANT or SIGMA, Atelier's values too
     lora_model = data.get("lora_model_name")
     if lora_model and data.get("training_method") != "LORA":
         data.pop("lora_model_name")  # OneTrainer loads it only for a LoRA
@@ -282,14 +406,16 @@ def _renamed(data: dict, notes: list[str]) -> None:
 
 def _parts(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
     """Each model part's section: caption dropout and offloading under Atelier's names, the
-    keys SD parts never read set aside, the second text encoder dropped where the model has
-    none (OneTrainer writes one for every model type and ignores it there)."""
-    sdxl = data.get("model_type") in SDXL_TYPES
-    if not sdxl and isinstance(data.get("text_encoder_2"), dict):
-        data.pop("text_encoder_2")
-        aside["parts"].append("text_encoder_2")
+    keys a part never reads set aside, and the parts the family lacks dropped (OneTrainer
+    writes every part for every model type and ignores the others)."""
+    family = _family(data)
+    parts = family.parts if family else PARTS
+    for part in PARTS:
+        if part not in parts and isinstance(data.get(part), dict):
+            data.pop(part)
+            aside["parts"].append(part)
     fractions = {}
-    for part in (*PARTS, "vae"):
+    for part in (*sorted(parts, key=lambda p: p.startswith("text_encoder")), "vae"):
         section = data.get(part)
         if not isinstance(section, dict):
             continue
@@ -298,21 +424,59 @@ def _parts(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
             if part == "vae" and key not in keys.VAE_KEPT:
                 aside["parts"].append(path)
                 section.pop(key)
+            elif part == "transformer" and family and (key == "model_name" or (
+                    key in keys.TRANSFORMER_SWITCHES
+                    and registry.reads_switch(family.model_type, path))):
+                continue  # its own file; Flux.1's guidance input, its and SD 3's T5 mask
             elif key in keys.PART_SET_ASIDE:
                 aside[keys.PART_SET_ASIDE[key]].append(path)
                 section.pop(key)
             elif key == "dropout_probability":
                 value = section.pop(key)
-                if part == "unet":
+                if part == (family.denoiser if family else "unet"):
                     aside["parts"].append(path)
                 else:
                     section["caption_dropout_probability"] = value
-            elif key == "train_embedding" and part == "unet":
+            elif key == "train_embedding" and not part.startswith("text_encoder"):
                 aside["parts"].append(path)
                 section.pop(key)
             elif key == "offload_fraction":
                 fractions[part] = section.pop(key)
     _offload_fraction(data, fractions, notes)
+
+
+def _family_settings(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
+    """The top-level keys only some families read: T5's sequence lengths, dynamic timestep
+    shifting (a flow-matching scheduler's), the quantization layer filter."""
+    family = _family(data)
+    model_type = family.model_type if family else None
+    for key, part in SEQUENCE_LENGTH_PART.items():
+        if model_type not in T5_AS[part]:
+            if key in data:
+                aside["family"].append(key)
+                data.pop(key)
+        elif key not in READ_SEQUENCE_LENGTHS:
+            value = data.pop(key, None)
+            data[key] = None  # the tokenizer's maximum, as OneTrainer takes it
+            if value not in (None, 512):
+                notes.append(f"{key} {value}: OneTrainer reads no sequence length for "
+                             f"{family.label}'s T5 (it takes the tokenizer's maximum), and "
+                             "neither does this import.")
+    if "dynamic_timestep_shifting" in data and not (
+            family and registry.reads_switch(family.model_type, "dynamic_timestep_shifting")):
+        aside["family"].append("dynamic_timestep_shifting")
+        data.pop("dynamic_timestep_shifting")
+    quantization = data.pop("quantization", None)
+    if isinstance(quantization, dict):
+        changed = {k: v for k, v in quantization.items()
+                   if k in QUANTIZATION_DEFAULTS and v != QUANTIZATION_DEFAULTS[k]}
+        if changed:  # a quantized part was refused before: none is here
+            listed = ", ".join(f"quantization.{k} {v!r}" for k, v in changed.items())
+            notes.append(f"{listed}: these pick which layers of a quantized part are "
+                         "quantized; no part's weights are quantized in this file, so they "
+                         "change nothing, in OneTrainer as here.")
+        else:
+            aside["neutral"].append("quantization")
 
 
 def _offload_fraction(data: dict, fractions: dict[str, Any], notes: list[str]) -> None:
@@ -321,8 +485,10 @@ def _offload_fraction(data: dict, fractions: dict[str, Any], notes: list[str]) -
     the trained weights are the same either way."""
     if not fractions:
         return
+    family = _family(data)
+    denoiser = family.denoiser if family else "unet"
     trained = [p for p in PARTS if p in fractions and (
-        p == "unet" or (data.get(p) or {}).get("train", True))]
+        p == denoiser or (data.get(p) or {}).get("train", True))]
     values = [float(fractions[p] or 0.0) for p in trained]
     fraction = max(values, default=0.0)
     data["layer_offload_fraction"] = fraction
@@ -649,6 +815,27 @@ def _older_format_names(data: dict, version: Any) -> None:
             data["output_model_format"] = ONETRAINER_SAFETENSORS[method]
 
 
+def _transformer_files(data: dict, notes: list[str]) -> None:
+    """A flow-matching family's single file: OneTrainer's ORIGINAL_TRANSFORMER (the transformer
+    alone in its original layout) is what Atelier's ORIGINAL_SINGLE_FILE writes for these
+    families; OneTrainer's ORIGINAL_SINGLE_FILE of SD 3 also packs the text encoders and VAE,
+    which Atelier leaves in the base model."""
+    family = _family(data)
+    if family is None or not family.flow_matching or data.get("training_method") != "FINE_TUNE":
+        return
+    value = data.get("output_model_format")
+    if value == "ORIGINAL_TRANSFORMER":
+        data["output_model_format"] = "ORIGINAL_SINGLE_FILE"
+        notes.append(f"output_model_format ORIGINAL_TRANSFORMER: {family.label}'s transformer "
+                     "alone in its original layout, which is Atelier's ORIGINAL_SINGLE_FILE "
+                     "for it.")
+    elif value == "ORIGINAL_SINGLE_FILE":
+        notes.append(f"output_model_format ORIGINAL_SINGLE_FILE: Atelier writes {family.label}'s "
+                     "transformer alone in its original layout (what ComfyUI loads as a "
+                     "diffusion model); OneTrainer's file also packs the text encoders and VAE, "
+                     "which stay those of the base model.")
+
+
 def _not_done(data: dict, notes: list[str]) -> None:
     for key, (neutral, what) in keys.NOT_DONE.items():
         value = data.pop(key, neutral)
@@ -734,8 +921,8 @@ def _unset_values(data: dict, model: type[BaseModel]) -> None:
 
 def _output_format(data: dict) -> None:
     """The older name SAFETENSORS -> the method's current one (Atelier's older configs); a
-    format only other model families have is refused by name. Whether a format fits the
-    training method is check_supported's question (trainer/config.py)."""
+    format Atelier writes for no family is refused by name. Whether a format fits the
+    family and the training method is check_supported's question (trainer/config.py)."""
     value = data.get("output_model_format")
     if not isinstance(value, str):
         return
@@ -743,11 +930,13 @@ def _output_format(data: dict) -> None:
     if value == "SAFETENSORS" and method in ATELIER_SAFETENSORS:
         data["output_model_format"] = ATELIER_SAFETENSORS[method]
     elif value in UNWRITTEN_FORMATS:
-        fitting = OUTPUT_FORMATS.get(method, [*LORA_FORMATS, *FULL_FORMATS])
+        family = _family(data)
+        label = family.label if family else "this model"
+        fitting = output_formats(family.model_type, method) if family else []
         raise ConfigError(
-            f"output_model_format: {value} is not a format Atelier writes for SD 1.5 or SDXL "
-            f"({UNWRITTEN_FORMATS[value]}); for training_method {method} it writes "
-            f"{', '.join(fitting)}.")
+            f"output_model_format: {value} ({UNWRITTEN_FORMATS[value]}) is not a format "
+            f"Atelier writes; for {label} and training_method {method} it writes "
+            f"{', '.join(fitting) or 'nothing'}.")
 
 
 def _layer_filter(data: dict, notes: list[str]) -> None:
@@ -771,9 +960,12 @@ def _layer_filter(data: dict, notes: list[str]) -> None:
         raise ConfigError(f"{key}: {preset!r} is not a layer preset; Atelier has "
                           f"{', '.join(LAYER_PRESETS)} (custom = the layer_filter).")
     custom = ",".join(p.strip() for p in str(data.get("layer_filter") or "").split(","))
-    if preset == "custom" or not custom or custom == PRESET_FILTERS[preset]:
+    if preset == "custom" or not custom:
         return
-    same = [name for name, patterns in PRESET_FILTERS.items()
+    filters = _preset_filters(data)
+    if custom == filters.get(preset):
+        return
+    same = [name for name, patterns in filters.items()
             if patterns == custom and not data.get("layer_filter_regex")]
     data["lora_layer_preset"] = same[0] if same else "custom"
     notes.append(f"layer preset {preset} with layer_filter {custom!r}: OneTrainer trains the "
@@ -781,15 +973,27 @@ def _layer_filter(data: dict, notes: list[str]) -> None:
                  + ("" if same else " with that filter") + ".")
 
 
+def _preset_filters(data: dict) -> dict[str, str]:
+    """The family's layer presets (its LAYER_PRESETS, OneTrainer's) as the layer_filter
+    OneTrainer's LoRA tab writes for each."""
+    family = _family(data)
+    if family is None:
+        return {}
+    presets = registry.family_class(family.model_type).LAYER_PRESETS
+    return {name: ",".join(patterns) for name, patterns in presets.items()}
+
+
 def _weight_dtypes(data: dict) -> None:
     """A `weight_dtype` per part (OneTrainer's current shape, and Atelier's). The older
     generation had one at the top (and before it `unet_weight_dtype`, ...): each part without
     its own takes it, as OneTrainer's config migration 9 does; NONE means the same."""
     top = data.pop("weight_dtype", None)
+    family = _family(data)
+    parts = family.parts if family else PARTS
     for part in (*PARTS, "vae"):
         flat = data.pop(f"{part}_weight_dtype", None)
         section = data.get(part)
-        if section is None and (flat or (top and part != "vae")):
+        if section is None and (flat or (top and part in parts)):
             section = data[part] = {}
         if not isinstance(section, dict):
             continue

@@ -1,6 +1,6 @@
-"""Every key OneTrainer writes that Atelier has no field for, and what it means for an SD 1.5 /
-SDXL run (read from OneTrainer's config classes, __version 6 to 11; tests/fixtures/onetrainer
-holds files its code wrote).
+"""Every key OneTrainer writes that Atelier has no field for, and what it means for a run of the
+families Atelier trains (read from OneTrainer's config classes, __version 6 to 11;
+tests/fixtures/onetrainer holds files its code wrote).
 
 trainer/onetrainer.py uses these tables: a key whose value cannot change what Atelier trains
 is set aside and counted by kind in one line; a key that would change the run unless it holds
@@ -20,22 +20,19 @@ KINDS = {
     "optimizers": "of optimizers not chosen",
     "adapters": "of adapter types not chosen",
     "method": "of training methods not chosen",
-    "parts": "of model parts SD 1.5 / SDXL do not use",
+    "parts": "of model parts this model does not use",
     "sampling": "sample rendering",
     "output": "output naming and metadata",
     "concepts": "concept details with no effect here",
     "neutral": "at OneTrainer's default, which is what Atelier does",
 }
 
-# Top-level keys whose value does not change what an SD 1.5 / SDXL run trains.
+# Top-level keys whose value does not change what a run of Atelier's families trains (the
+# parts, sequence lengths and quantization filter of the families: trainer/onetrainer.py).
 SET_ASIDE: dict[str, str] = {
     **dict.fromkeys((
-        "prior", "transformer", "unconditional_transformer", "quantization", "text_encoder_3",
-        "text_encoder_3_layer_skip", "text_encoder_4", "text_encoder_4_layer_skip",
-        "effnet_encoder", "decoder", "decoder_text_encoder", "decoder_vqgan",
-        "text_encoder_sequence_length", "text_encoder_2_sequence_length", "frames",
-        "vb_loss_strength", "timestep_shift", "dynamic_timestep_shifting",
-        "noising_weight", "noising_bias"), "family"),
+        "prior", "unconditional_transformer", "text_encoder_4", "effnet_encoder", "decoder",
+        "decoder_text_encoder", "decoder_vqgan", "frames", "vb_loss_strength"), "family"),
     **dict.fromkeys((
         "debug_mode", "debug_dir", "cache_dir", "huggingface_cache_dir", "offline_mode",
         "tensorboard", "tensorboard_expose", "tensorboard_always_on", "tensorboard_port",
@@ -70,8 +67,6 @@ NEUTRAL: dict[str, tuple[object, str]] = {
     "force_epsilon_prediction": (False, "Atelier trains the model's own prediction type"),
     "rescale_noise_scheduler_to_zero_terminal_snr": (
         False, "Atelier keeps the model's noise schedule"),
-    "timestep_distribution": ("UNIFORM", "Atelier draws timesteps uniformly (between the "
-                                         "min and max noising strength)"),
     "generalized_offset_noise": (False, "Atelier's offset noise is the plain kind "
                                         "(offset_noise_weight)"),
     "perturbation_noise_weight": (0.0, "Atelier has no perturbation (input) noise"),
@@ -94,12 +89,15 @@ NOT_DONE: dict[str, tuple[object, str]] = {
     "save_skip_first": (0, "intermediate saves start at the first interval"),
 }
 
-# Keys of a model part (unet, text_encoder, text_encoder_2, vae) with no effect on SD 1.5 /
-# SDXL: OneTrainer reads them only for other families (model_name, include, attention_mask,
-# guidance_scale) or for no SD part at all.
+# Keys of a model part with no effect on the run: OneTrainer reads them only for other families
+# or parts (model_name, include: refused where they would matter, trainer/onetrainer.py), or
+# for memory and speed only.
 PART_SET_ASIDE = {"__version": "parts", "model_name": "parts", "include": "parts",
                   "attention_mask": "family", "guidance_scale": "family",
                   "activation_offloading": "speed"}
+# The transformer's switches that Atelier reads where the family does (Flux.1's guidance input,
+# its and SD 3's T5 attention mask: trainer/models/registry.py).
+TRANSFORMER_SWITCHES = ("guidance_scale", "attention_mask")
 # ... and of the parts that are never trained here: the VAE (OneTrainer trains it only with
 # FINE_TUNE_VAE, which is refused) keeps only its weight type and model file.
 VAE_KEPT = ("weight_dtype", "model_name")

@@ -270,7 +270,10 @@ def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None
         (staging / "samples").mkdir(exist_ok=True)
         shutil.copy2(file, staging / "samples" / file.name)
         spec = config.samples[index]
-        samples.append(CardSample(f"samples/{file.name}", spec.prompt, spec.negative_prompt))
+        samples.append(CardSample(f"samples/{file.name}", spec.prompt, spec.negative_prompt,
+                                  width=spec.width, height=spec.height,
+                                  steps=spec.diffusion_steps, cfg_scale=spec.cfg_scale,
+                                  seed=spec.seed))
     facts = CardFacts(
         repo_id=repo_id, weights=weights, config_file=config_file,
         base_model=(base_model.strip() if base_model and base_model.strip()
@@ -281,7 +284,8 @@ def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None
                          else instance_prompt_of(config)
                          or ", ".join(e.placeholder for e in embeddings) or None),
         samples=tuple(samples), steps=steps, epochs=_as_int(header.get("ss_num_epochs")),
-        embeddings=tuple(embeddings))
+        embeddings=tuple(embeddings),
+        architecture=header.get("modelspec.architecture", ""))
     build_model_card(config, facts).save(staging / "README.md")
 
 

@@ -99,6 +99,6 @@ def cache_served(config, family, data, parts: list[str], embeddings) -> dict[str
     if data.text_cache is not None:
         trained_vectors = set(embeddings.encoders_with_trained_vectors()) if embeddings else set()
         for name, module in family.parts.items():
-            if name != "unet" and name not in parts and name not in trained_vectors:
+            if name != family.denoiser and name not in parts and name not in trained_vectors:
                 served[name] = module
     return served

@@ -30,7 +30,7 @@ def render_samples(family, samples, folder: Path, *, step: int, device: torch.de
     casts = inputs_in_own_dtype(_pipeline_modules(family))
     try:
         for index, spec in enumerate(samples):
-            inputs = {}
+            inputs = dict(family.sample_inputs())  # e.g. a T5's sequence length
             if family.inpainting:
                 image, mask = sample_image_and_mask(inpaint_item, spec.width, spec.height)
                 save_sample_input(folder, index, image, mask)
@@ -60,12 +60,12 @@ def draw(pipeline, spec, device: torch.device, **inputs):
 
 
 def _pipeline_modules(family) -> list[torch.nn.Module]:
-    """The modules a pipeline calls with tensors made by another part: the UNet (the text
-    encoders' states, latents in their type) and the VAE's halves (latents, images)."""
+    """The modules a pipeline calls with tensors made by another part: the UNet or transformer
+    (the text encoders' states, latents in their type) and the VAE's halves (latents, images)."""
     vae = family.vae
     halves = [getattr(vae, name, None) for name in
               ("encoder", "quant_conv", "post_quant_conv", "decoder")]
-    return [family.parts["unet"], *[m for m in halves if m is not None]]
+    return [family.parts[family.denoiser], *[m for m in halves if m is not None]]
 
 
 def inputs_in_own_dtype(modules) -> list:

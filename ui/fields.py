@@ -23,8 +23,9 @@ from typing import Any, Iterable
 import annotated_types
 from pydantic import BaseModel
 
-from trainer.config import ModelType, TrainConfig, config_from_dict
+from trainer.config import TrainConfig, config_from_dict
 from trainer.errors import ConfigError
+from trainer.models import registry
 
 # The documented order of the sections (SPEC §1). A section the config gains later and that is
 # not named here is drawn after these, so new fields are never lost from the page.
@@ -35,7 +36,9 @@ TRAINING_SECTIONS = [
     "Main settings",
     "Text encoder",
     "Text encoder 2",
+    "Text encoder 3",
     "UNet",
+    "Transformer",
     "Masked training",
     "Train data type",
     "Epochs / batch size",
@@ -49,17 +52,31 @@ TRAINING_SECTIONS = [
 BACKUP_SECTION = "Backup and save"
 OWN_PLACE_SECTIONS = {MODEL_SECTION, "Data", "Sampling", BACKUP_SECTION}
 
-# The SDXL model types, plain and inpainting (ModelType.is_sdxl says which they are).
-SDXL_TYPES = [m.value for m in ModelType if m.is_sdxl]
-# Where a whole nested section applies, when its config field does not say it itself.
-# SD 1.5 has one text encoder; the second exists only in SDXL.
+
+
+def _part_sections() -> dict[str, str]:
+    """{section: model part} of each part's own section ("Text encoder 2": text_encoder_2)."""
+    found = {}
+    for part in registry.ALL_PARTS:
+        section_model = TrainConfig.model_fields[part].annotation
+        extra = section_model.model_fields["train"].json_schema_extra
+        found[extra["section"]] = part
+    return found
+
+
+# Each model part's section, shown for the families that have the part (the registry's
+# parts): UNet for SD 1.5 / SDXL, Transformer for Flux.1, Chroma, SD 3; each text encoder
+# where the family has it.
+PART_SECTIONS = _part_sections()
 SECTION_APPLIES_TO: dict[str, dict[str, list[str]]] = {
-    "Text encoder 2": {"model_type": SDXL_TYPES},
-}
+    section: {"model_type": registry.types_with_part(part)}
+    for section, part in PART_SECTIONS.items()}
 
 
-# Friendlier names for a few enum values in dropdowns (the value stays the config's).
+# Friendlier names for a few enum values in dropdowns (the value stays the config's); a model
+# type not named here shows its family's label.
 CHOICE_LABELS = {
+    **{model_type: facts.label for model_type, facts in registry.FAMILIES.items()},
     "STABLE_DIFFUSION_15": "SD 1.5",
     "STABLE_DIFFUSION_XL_10_BASE": "SDXL 1.0",
     "STABLE_DIFFUSION_15_INPAINTING": "SD 1.5 inpainting",
@@ -300,12 +317,30 @@ def section_applies(section: str, choices: dict[str, Any]) -> bool:
     return any(applies(spec, choices) for spec in specs)
 
 
-def section_label(section: str, model_type: Any) -> str:
-    """SD 1.5 has "Text encoder"; SDXL has "Text encoder 1" and "Text encoder 2"."""
+# The text-encoder parts any family has (the registry's part names), in the page's order.
+ENCODER_PARTS = tuple(p for p in registry.ALL_PARTS if p.startswith("text_encoder"))
+
+
+def encoder_kinds(model_type: Any) -> dict[str, str]:
+    """{text encoder part: "CLIP-L", "T5", ...} of a model type; {} for an unknown one."""
     model_type = model_type.value if isinstance(model_type, Enum) else model_type
-    if section == "Text encoder" and model_type in SDXL_TYPES:
-        return "Text encoder 1"
-    return section
+    if model_type not in registry.FAMILIES:
+        return {}
+    return registry.text_encoder_kinds(model_type)
+
+
+def section_label(section: str, model_type: Any) -> str:
+    """A text encoder's section says which encoder it is for the family: "Text encoder
+    (CLIP)" in SD 1.5, "Text encoder 1 (CLIP-L)" and "Text encoder 2 (T5)" in Flux.1."""
+    model_type = model_type.value if isinstance(model_type, Enum) else model_type
+    part = PART_SECTIONS.get(section, "")
+    if model_type not in registry.FAMILIES or not part.startswith("text_encoder"):
+        return section
+    kinds = registry.text_encoder_kinds(model_type)
+    if part not in kinds:
+        return section
+    name = "Text encoder 1" if section == "Text encoder" and len(kinds) > 1 else section
+    return f"{name} ({kinds[part]})"
 
 
 # --- Values <-> config ------------------------------------------------------------------------
@@ -364,6 +399,14 @@ def config_to_values(config: TrainConfig | dict) -> dict[str, Any]:
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         values[key] = node
+    # A part the family lacks is stored switched off (the config reads it so); its hidden
+    # switch keeps the part's own default, so that choosing a family that has it starts there.
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type in registry.FAMILIES:
+        for part in registry.ALL_PARTS:
+            key = f"{part}.train"
+            if part not in registry.facts(model_type).parts and key in SPECS:
+                values[key] = SPECS[key].default
     return values
 
 

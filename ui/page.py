@@ -25,7 +25,8 @@ from trainer.errors import AtelierError, ConfigError
 from trainer.jobs.queue import SPACE_BACKUP_MINUTES, on_space
 from trainer.session import JobState
 from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, jobs_panel,
-                lr_preview, optimizers, presets, publish_panel, tables, try_panel)
+                lr_preview, optimizers, presets, publish_panel, tables, timestep_preview,
+                try_panel)
 from ui import state as state_module
 from ui import fields as F
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
@@ -45,6 +46,9 @@ LR_KEYS = ("learning_rate", "learning_rate_scheduler", "learning_rate_warmup_ste
            "model_type", "training_method", "text_encoder.train", "text_encoder.learning_rate",
            "text_encoder_2.train", "text_encoder_2.learning_rate", "unet.train",
            "unet.learning_rate", "embedding_learning_rate")
+# The timestep-distribution preview sits in the section of the fields it shows (the
+# distribution, its weight/bias/window, the shift), as the LR curve does in its own.
+TIMESTEP_SECTION = "Noise and loss"
 OPEN_SECTIONS = {"Optimizer", "Learning-rate scheduler", "Main settings"}
 POLL_SECONDS = 1.0
 # gradio's own cache (uploads, and the copies of files the page shows): every hour, what is
@@ -279,6 +283,7 @@ def build_page() -> gr.Blocks:
         gr.Markdown("## Training", elem_id="training-heading")
         opt_parts: dict[str, Any] = {}
         lr_parts: dict[str, Any] = {}
+        timestep_parts: dict[str, Any] = {}
         for section in F.sections():
             keys = [k for k in F.keys_in_section(section) if k not in DIALOG_KEYS]
             with gr.Accordion(F.section_label(section, values["model_type"]),
@@ -308,6 +313,15 @@ def build_page() -> gr.Blocks:
                                                    x_title="optimizer step",
                                                    y_title="learning rate")
                     lr_parts["caption"] = gr.Markdown(caption, elem_id="lr-curve-caption")
+                if section == TIMESTEP_SECTION:  # drawn as the LR curve, beside its fields
+                    frame, caption = timestep_preview.histogram_frame(config)
+                    timestep_parts["plot"] = gr.LinePlot(
+                        frame, x=timestep_preview.X, y=timestep_preview.Y,
+                        title="Timesteps the run draws", height=220, elem_id="timestep-curve",
+                        x_title=timestep_preview.axis_title(config.model_type),
+                        y_title=timestep_preview.Y, x_lim=[0, timestep_preview.NUM_TRAIN_TIMESTEPS])
+                    timestep_parts["caption"] = gr.Markdown(caption,
+                                                            elem_id="timestep-curve-caption")
 
         # 5. Sampling
         with gr.Accordion("Sampling", open=True, elem_id="section-sampling"):
@@ -430,6 +444,20 @@ def build_page() -> gr.Blocks:
               outputs=list(restricted.values()), api_name="fit_choices",
               show_progress="hidden", queue=False)
 
+        # A T5 is never trained (the config refuses it): choosing a family whose encoder is a
+        # T5 (Chroma's text_encoder, Flux's 2nd, SD 3's 3rd) switches that encoder's Train
+        # off, instead of keeping the last family's switch for a CLIP in the same place.
+        train_switches = {part: fields[f"{part}.train"] for part in F.ENCODER_PARTS
+                          if f"{part}.train" in fields}
+
+        def t5_off(model_type) -> dict:
+            kinds = F.encoder_kinds(model_type)
+            return {switch: gr.update(value=False) if kinds.get(part) == "T5" else gr.update()
+                    for part, switch in train_switches.items()}
+
+        fields["model_type"].change(t5_off, fields["model_type"], list(train_switches.values()),
+                                    api_name="t5_off", show_progress="hidden", queue=False)
+
         # The LR curve of the current settings
         lr_fields = {k: fields[k] for k in LR_KEYS if k in fields}
         lr_tables = {k: page.tables[k] for k in ("concepts", "scheduler_params",
@@ -453,6 +481,27 @@ def build_page() -> gr.Blocks:
               inputs={*lr_fields.values(), *lr_tables.values()},
               outputs=[lr_parts["plot"], lr_parts["caption"]], api_name="lr_curve",
               trigger_mode="always_last", show_progress="hidden")
+
+        # The timestep distribution of the current settings (the engine's numbers)
+        timestep_fields = {k: fields[k] for k in timestep_preview.KEYS if k in fields}
+
+        def redraw_timesteps(data: dict, request: gr.Request) -> tuple:
+            try:
+                raw = F.values_to_dict({k: data[c] for k, c in timestep_fields.items()})
+                config = config_from_dict(raw, warn=lambda m: None)
+            except ConfigError as error:  # a shift <= 0, an unparsable resolution, ...
+                return timestep_preview.empty_frame(), f"No preview: {error}"
+            return timestep_preview.histogram_frame(config, access_of(request))
+
+        # The axis names σ for the flow-matching families. A separate update after the data's:
+        # gradio 6.31 drops the new data of a plot update that also changes x_title.
+        gr.on([c.change for c in timestep_fields.values()], redraw_timesteps,
+              inputs=set(timestep_fields.values()),
+              outputs=[timestep_parts["plot"], timestep_parts["caption"]],
+              api_name="timestep_preview", trigger_mode="always_last", show_progress="hidden"
+              ).then(lambda model_type: gr.update(x_title=timestep_preview.axis_title(model_type)),
+                     fields["model_type"], timestep_parts["plot"], api_name="timestep_axis",
+                     show_progress="hidden")
 
         def summarize_concepts(frame, request: gr.Request) -> str:
             items = tables.concepts_from_frame(frame)
@@ -519,6 +568,7 @@ def build_page() -> gr.Blocks:
         # Filling the whole page from a config (presets, import)
         fill_outputs = (list(fields.values()) + list(page.tables.values())
                         + dialog_outputs + [lr_parts["plot"], lr_parts["caption"],
+                                            timestep_parts["plot"], timestep_parts["caption"],
                                             concepts_info, report])
 
         def fill(config: TrainConfig, memory: dict, message: str, access=None) -> dict:
@@ -537,6 +587,9 @@ def build_page() -> gr.Blocks:
             out.update({lr_parts["plot"]: frame, lr_parts["caption"]: caption,
                         concepts_info: concepts_summary(config.concepts, access),
                         report: message})
+            frame, caption = timestep_preview.histogram_frame(config, access)
+            # (its axis title follows the model type's change event)
+            out.update({timestep_parts["plot"]: frame, timestep_parts["caption"]: caption})
             return out
 
         def load_preset(data: dict, request: gr.Request) -> dict:

@@ -35,9 +35,10 @@ SDXL_QUANTUM = 64
 
 
 def quantum_for(model_type) -> int:
-    """Bucket sides are multiples of this: 64 for SDXL, 8 for SD 1.5."""
-    name = str(getattr(model_type, "value", model_type))
-    return SDXL_QUANTUM if "XL" in name.upper() else SD15_QUANTUM
+    """Bucket sides are multiples of this: the family's (trainer/models/registry.py): 64 for
+    SDXL, 8 for SD 1.5, 16 for the transformers that pack 2x2 latent pixels into a token."""
+    from trainer.models.registry import facts
+    return facts(model_type).bucket_quantum
 
 
 def _round_to(value: float, quantum: int) -> int:

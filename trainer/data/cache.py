@@ -255,6 +255,9 @@ def batch_latents(batch: dict, vae: torch.nn.Module, generator: torch.Generator 
     # One memory layout whatever the source: the VAE's convolutions may return channels-last
     # tensors on the CPU, cached latents are contiguous, and a compiled UNet block
     # (trainer/compilation.py) would compile again for each layout.
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:  # Flux's and SD 3's VAEs centre the latents before scaling them
+        latents = latents - shift
     return (latents * vae.config.scaling_factor).contiguous()
 
 

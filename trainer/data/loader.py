@@ -157,8 +157,8 @@ class DataPipeline:
                         "inputs of the text encoder" + (" and train" if any(
                             e.train for e in config.additional_embeddings) else "") + ".")
             return None
-        trained = [p for p in ("text_encoder", "text_encoder_2") if getattr(config, p).train]
-        if trained:
+        encoders = config.model_type.facts.text_encoders
+        if any(getattr(config, p).train for p in encoders):
             return None  # a trained encoder's outputs change every step
         keys = getattr(family, "text_cache_keys", None)
         if keys is None and config.model_type.is_sdxl:
@@ -171,6 +171,7 @@ class DataPipeline:
                     config.text_encoder.clip_skip, config.text_encoder_2.clip_skip,
                     config.text_encoder.weight_dtype.value,
                     config.text_encoder_2.weight_dtype.value, config.train_dtype.value]
+        identity += family.text_cache_identity()  # what else shapes the family's outputs
         return TextCache(Path(config.workspace_dir) / "cache" / "text", identity,
                          keys=tuple(keys) if keys else None)
 

@@ -82,6 +82,13 @@ class ModelFamily:
         return architecture
 
     @property
+    def implementation(self) -> str:
+        """modelspec.implementation of a whole checkpoint: the original code's repository."""
+        if "xl" in self.checkpoint_architecture:
+            return "https://github.com/Stability-AI/generative-models"
+        return "https://github.com/CompVis/stable-diffusion"
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -96,6 +103,11 @@ class ModelFamily:
                     device: torch.device, grad: dict[str, bool]) -> dict[str, Any]:
         """The conditioning of `captions` (no caption dropout: see `caption_dropout`)."""
         raise NotImplementedError
+
+    def text_cache_identity(self) -> list:
+        """What, beyond the first two encoders, their clip skips and dtypes, decides the
+        cached text outputs (a third encoder, a T5's sequence length, an attention mask)."""
+        return []
 
     def batch_conditioning(self, batch: dict, device: torch.device) -> dict[str, Any]:
         """Conditioning that depends on the sample, not its caption (SDXL's sizes)."""
@@ -113,6 +125,10 @@ class ModelFamily:
     def pipeline(self):
         """An inference pipeline over the training components, for samples."""
         raise NotImplementedError
+
+    def sample_inputs(self) -> dict[str, Any]:
+        """Arguments of the pipeline call beyond the sample's own (prompt, size, steps, CFG)."""
+        return {}
 
     def export_pipeline(self):
         """The pipeline a diffusers-folder export writes (the family's usual sampler)."""
@@ -155,8 +171,11 @@ def forget_tokenized(tokenizer) -> None:
     _WITH_EMBEDDINGS.add(tokenizer)
 
 
-def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
-    known = _TOKEN_IDS.setdefault(tokenizer, {})
+def tokenize(tokenizer, captions: list[str], device, max_length: int | None = None
+             ) -> torch.Tensor:
+    """[B, max_length] token ids (padded, truncated); `max_length` None: the tokenizer's."""
+    max_length = max_length or tokenizer.model_max_length
+    known = _TOKEN_IDS.setdefault(tokenizer, {}).setdefault(max_length, {})
     missing = [c for c in dict.fromkeys(captions) if c not in known]
     if missing:
         if len(known) + len(missing) > MAX_KEPT_CAPTIONS:
@@ -166,7 +185,7 @@ def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
             from trainer.embeddings import expand_placeholders
             texts = expand_placeholders(missing, tokenizer)
         ids = tokenizer(texts, padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+                        max_length=max_length, return_tensors="pt").input_ids
         known.update(zip(missing, ids))
     return torch.stack([known[c] for c in captions]).to(device, non_blocking=True)
 

@@ -3,8 +3,8 @@ per-sample loss weight). A family holds one; the loop asks it and never knows wh
 
 - `DDPMObjective` (SD 1.5, SDXL): discrete timesteps, `noisy = √ᾱ·x₀ + √(1−ᾱ)·ε`, target ε or
   (v-prediction) v, optional min-SNR-γ weight.
-- `FlowMatchingObjective` (Flux, Chroma, SD 3): σ ∈ [0, 1], `noisy = (1−σ)·x₀ + σ·ε`, target
-  `ε − x₀`, timesteps given to the model as σ·1000, loss weight CONSTANT or SIGMA.
+- `FlowMatchingObjective` (Flux, Chroma, SD 3): σ ∈ (0, 1], `noisy = (1−σ)·x₀ + σ·ε`, target
+  `ε − x₀`, loss weight CONSTANT or SIGMA.
 
 Both draw the noise first and then the timesteps from the same generator (the order the
 engine has always used, so that a seeded SD run is the same run as before).
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.flow_matching import (LossWeight, draw_timesteps, effective_shift, flow_target,
+                                   loss_weight, noisy_latents, sigmas_for)
 from trainer.loss import min_snr_weight, timestep_range, training_target
 
 
@@ -40,19 +42,20 @@ class DDPMObjective:
         self.v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
 
     def draw_timesteps(self, n: int, generator: torch.Generator,
-                       device: torch.device, latents: torch.Tensor) -> torch.Tensor:
-        distribution = getattr(self.config, "timestep_distribution", None)
-        if distribution is None or str(getattr(distribution, "value", distribution)) == "UNIFORM":
-            # exactly the draw the engine has always made: seeded SD runs stay the same runs
-            return torch.randint(self.low, self.high, (n,), generator=generator, device=device)
-        from trainer.flow_matching import draw_ddpm_timesteps
-        return draw_ddpm_timesteps(n, config=self.config, low=self.low, high=self.high,
-                                   num_train_timesteps=self.scheduler.config.num_train_timesteps,
-                                   generator=generator, device=device)
+                       device: torch.device) -> torch.Tensor:
+        """OneTrainer's timestep distributions apply to SD too (with `timestep_shift`); the
+        default (UNIFORM, no shift) is exactly the engine's old `torch.randint` draw."""
+        c = self.config
+        return draw_timesteps(n, distribution=c.timestep_distribution,
+                              noising_weight=c.noising_weight, noising_bias=c.noising_bias,
+                              min_strength=c.min_noising_strength,
+                              max_strength=c.max_noising_strength, shift=c.timestep_shift,
+                              num_train_timesteps=self.scheduler.config.num_train_timesteps,
+                              generator=generator, device=device)
 
     def noised(self, latents: torch.Tensor, noise: torch.Tensor,
                generator: torch.Generator) -> NoisedBatch:
-        timesteps = self.draw_timesteps(latents.shape[0], generator, latents.device, latents)
+        timesteps = self.draw_timesteps(latents.shape[0], generator, latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = training_target(self.scheduler, latents, noise, timesteps)
         weight = None
@@ -67,33 +70,39 @@ class FlowMatchingObjective:
     ε − x₀ at σ, drawn from the config's timestep distribution and shift (trainer/flow_matching.py,
     OneTrainer's formulas). `packing` is how many latent pixels one image token covers per
     side (2 for Flux's 2x2 packing and SD 3's patch size 2): the dynamic shift depends on the
-    image's token count."""
+    image's token count, and applies only where the family allows it (`dynamic_shift`: Flux;
+    OneTrainer's Chroma and SD 3 ignore the switch).
+
+    The model's time input is the drawn timestep t, with σ = (t + 1)/N, as OneTrainer trains
+    (diffusers' pipelines sample at σ·N: one step of 1000 apart)."""
 
     flow_matching = True
 
-    def __init__(self, noise_scheduler, config, packing: int = 2):
+    def __init__(self, noise_scheduler, config, packing: int = 2, dynamic_shift: bool = False):
         self.scheduler = noise_scheduler
         self.config = config
         self.packing = packing
+        self.dynamic_shift = dynamic_shift
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        return (latents.shape[-2] // self.packing) * (latents.shape[-1] // self.packing)
-
-    def draw_sigmas(self, n: int, generator: torch.Generator, device: torch.device,
-                    latents: torch.Tensor) -> torch.Tensor:
-        from trainer.flow_matching import draw_flow_sigmas
-        return draw_flow_sigmas(n, config=self.config,
-                                scheduler_config=self.scheduler.config,
-                                image_seq_len=self.image_seq_len(latents),
-                                num_train_timesteps=self.num_train_timesteps,
-                                generator=generator, device=device)
+    def shift(self, latents: torch.Tensor) -> float:
+        c = self.config
+        tokens = (latents.shape[-2] // self.packing) * (latents.shape[-1] // self.packing)
+        return effective_shift(c.timestep_shift, self.dynamic_shift and c.dynamic_timestep_shifting,
+                               tokens, self.scheduler.config)
 
     def noised(self, latents: torch.Tensor, noise: torch.Tensor,
                generator: torch.Generator) -> NoisedBatch:
-        from trainer.flow_matching import flow_loss_weight
-        sigmas = self.draw_sigmas(latents.shape[0], generator, latents.device, latents)
-        s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
-        noisy = (1 - s) * latents + s * noise
-        weight = flow_loss_weight(sigmas, self.config.loss_weight_fn)
-        return NoisedBatch(noisy, sigmas * self.num_train_timesteps, noise - latents, weight)
+        c = self.config
+        timesteps = draw_timesteps(
+            latents.shape[0], distribution=c.timestep_distribution,
+            noising_weight=c.noising_weight, noising_bias=c.noising_bias,
+            min_strength=c.min_noising_strength, max_strength=c.max_noising_strength,
+            shift=self.shift(latents), num_train_timesteps=self.num_train_timesteps,
+            generator=generator, device=latents.device)
+        sigmas = sigmas_for(timesteps, self.num_train_timesteps)
+        weight = None
+        if LossWeight(c.loss_weight_fn) != LossWeight.CONSTANT:
+            weight = loss_weight(sigmas, c.loss_weight_fn)
+        return NoisedBatch(noisy_latents(latents, noise, sigmas), timesteps.float(),
+                           flow_target(latents, noise), weight)

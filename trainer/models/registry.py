@@ -22,11 +22,22 @@ class FamilyFacts:
     module: str                   # the family's module, holding `class_name`
     class_name: str
     denoiser: str                 # the part that predicts: "unet" or "transformer"
-    text_encoders: tuple[str, ...]  # config part names, in the model's order
+    # config part name -> what the encoder is ("CLIP", "CLIP-L", "CLIP-G", "T5"), in the
+    # model's order. The page labels each encoder's section with it ("Text encoder 2 (T5)");
+    # the config reads it: a T5 is never trained here, clip skip is a CLIP setting.
+    encoders: tuple[tuple[str, str], ...]
     objective: str                # "ddpm" (ε / v-prediction) or "flow" (flow matching)
     bucket_quantum: int = 8       # bucket sides are multiples of this (pixels)
     inpainting: bool = False      # the denoiser also reads a mask and the masked image
     plain: str = ""               # the same family without inpainting ("" = itself)
+    # OneTrainer's family-specific settings the family reads (dotted config keys): the page
+    # shows only these, the config refuses them elsewhere.
+    switches: tuple[str, ...] = ()
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The text encoders' config part names, in the model's order."""
+        return tuple(part for part, _ in self.encoders)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -48,8 +59,19 @@ def _sd(model_type: str, label: str, module: str, class_name: str, encoders, qua
                        quantum, inpainting, plain)
 
 
-_SD15 = ("text_encoder",)
-_SDXL = ("text_encoder", "text_encoder_2")
+def _flow(model_type: str, label: str, module: str, class_name: str, encoders,
+          switches: tuple[str, ...] = ()) -> FamilyFacts:
+    """A flow-matching transformer on 2x2-packed (or 2x2-patched) latents of an 8x VAE: bucket
+    sides in multiples of 16."""
+    return FamilyFacts(model_type, label, module, class_name, "transformer", encoders, "flow",
+                       16, switches=switches)
+
+
+_SD15 = (("text_encoder", "CLIP"),)
+_SDXL = (("text_encoder", "CLIP-L"), ("text_encoder_2", "CLIP-G"))
+_SD3 = (("text_encoder", "CLIP-L"), ("text_encoder_2", "CLIP-G"), ("text_encoder_3", "T5"))
+GUIDANCE, MASK, DYNAMIC = ("transformer.guidance_scale", "transformer.attention_mask",
+                           "dynamic_timestep_shifting")
 
 FAMILIES: dict[str, FamilyFacts] = {f.model_type: f for f in (
     _sd("STABLE_DIFFUSION_15", "Stable Diffusion 1.5", "trainer.models.sd15", "SD15Family",
@@ -60,18 +82,17 @@ FAMILIES: dict[str, FamilyFacts] = {f.model_type: f for f in (
         False),
     _sd("STABLE_DIFFUSION_XL_10_BASE_INPAINTING", "SDXL inpainting", "trainer.models.sdxl",
         "SDXLFamily", _SDXL, 64, True, "STABLE_DIFFUSION_XL_10_BASE"),
-    # Flux.1 dev and schnell: CLIP-L (text_encoder) + T5 (text_encoder_2), as OneTrainer
-    # numbers them; 2x2-packed latents of an 8x VAE: sides in multiples of 16.
-    FamilyFacts("FLUX_DEV_1", "Flux.1", "trainer.models.flux", "FluxFamily", "transformer",
-                ("text_encoder", "text_encoder_2"), "flow", 16),
-    # Chroma: T5 only (OneTrainer's text_encoder).
-    FamilyFacts("CHROMA_1", "Chroma", "trainer.models.chroma", "ChromaFamily", "transformer",
-                ("text_encoder",), "flow", 16),
-    # SD 3 / 3.5: CLIP-L, CLIP-G (both with projection) and T5.
-    FamilyFacts("STABLE_DIFFUSION_3", "Stable Diffusion 3", "trainer.models.sd3", "SD3Family",
-                "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"), "flow", 16),
-    FamilyFacts("STABLE_DIFFUSION_35", "Stable Diffusion 3.5", "trainer.models.sd3", "SD3Family",
-                "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"), "flow", 16),
+    # Flux.1 dev and schnell: CLIP-L + T5, as OneTrainer numbers them; OneTrainer applies
+    # dynamic shifting to Flux.1 only.
+    _flow("FLUX_DEV_1", "Flux.1", "trainer.models.flux", "FluxFamily",
+          (("text_encoder", "CLIP-L"), ("text_encoder_2", "T5")), (GUIDANCE, MASK, DYNAMIC)),
+    # Chroma: T5 only (OneTrainer's text_encoder), always masked.
+    _flow("CHROMA_1", "Chroma", "trainer.models.chroma", "ChromaFamily",
+          (("text_encoder", "T5"),)),
+    _flow("STABLE_DIFFUSION_3", "Stable Diffusion 3", "trainer.models.sd3", "SD3Family", _SD3,
+          (MASK,)),
+    _flow("STABLE_DIFFUSION_35", "Stable Diffusion 3.5", "trainer.models.sd3", "SD3Family",
+          _SD3, (MASK,)),
 )}
 
 # Every part name any family has, in the order the page shows their sections.
@@ -103,20 +124,14 @@ def family_class(model_type):
     return getattr(importlib.import_module(f.module), f.class_name)
 
 
-# What each family's text encoders are, in `text_encoders` order, by family module (SD 1.5 and
-# its inpainting model share one). The page labels each encoder's section with it ("Text
-# encoder 2 (T5)"), and the config reads it: T5 is never trained here, clip skip is a CLIP
-# setting, and a T5's sequence length is OneTrainer's key of that encoder.
-_TEXT_ENCODER_KINDS = {
-    "trainer.models.sd15": ("CLIP",),
-    "trainer.models.sdxl": ("CLIP-L", "CLIP-G"),
-    "trainer.models.flux": ("CLIP-L", "T5"),
-    "trainer.models.chroma": ("T5",),
-    "trainer.models.sd3": ("CLIP-L", "CLIP-G", "T5"),
-}
 
 
 def text_encoder_kinds(model_type) -> dict[str, str]:
     """{text encoder part: what it is ("CLIP", "CLIP-L", "CLIP-G", "T5")} of a family."""
-    f = facts(model_type)
-    return dict(zip(f.text_encoders, _TEXT_ENCODER_KINDS[f.module]))
+    return dict(facts(model_type).encoders)
+
+
+def reads_switch(model_type, key: str) -> bool:
+    """Whether the family reads the family-specific setting `key` (its dotted config key:
+    transformer.guidance_scale, transformer.attention_mask, dynamic_timestep_shifting)."""
+    return key in facts(model_type).switches

@@ -40,7 +40,6 @@ from trainer.errors import ConfigError
 KEY = "optimizer.stochastic_rounding"
 SUPPORTED = (Optimizer.ADAMW, Optimizer.ADAMW_8BIT, Optimizer.ADAFACTOR, Optimizer.LION,
              Optimizer.SGD)
-PARTS = ("text_encoder", "text_encoder_2", "unet")
 # float32 bytes of weights rounded per optimizer call (with their float32 gradients and the
 # random bits, about three times this is alive at once)
 BUCKET_BYTES = 128 * 2**20
@@ -58,8 +57,7 @@ def bfloat16_parts(config: TrainConfig) -> list[str]:
     """The fine-tuned parts stored in BFLOAT_16: where stochastic rounding applies."""
     if config.training_method != TrainingMethod.FINE_TUNE:
         return []
-    sdxl = config.model_type.is_sdxl
-    return [p for p in PARTS if (sdxl or p != "text_encoder_2") and getattr(config, p).train
+    return [p for p in config.model_type.facts.parts if getattr(config, p).train
             and getattr(config, p).weight_dtype == DataType.BFLOAT_16]
 
 

@@ -1,0 +1,292 @@
+"""OneTrainer's files for the flow-matching families (Flux.1, Chroma, SD 3), written by its own
+code (tests/fixtures/onetrainer: its presets '#flux LoRA', '#chroma LoRA 8GB/16GB/24GB', '#sd 3
+LoRA', '#sd 3' loaded and saved by its UI, and a saved Flux LoRA whose user set the quantized
+weights to BFLOAT_16): each imports as its author meant, field by field, or is refused naming
+the quantized key and value (issue 26). Then the import's rules for these families, on
+OneTrainer's own files with one key changed as a user would change it."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from onetrainer_files import FIXTURES, entry, raw
+from trainer.config import check_supported, config_from_dict, load_config
+from trainer.errors import ConfigError
+
+CONCEPTS = [{"path": "images"}]
+
+
+def imported(data: dict) -> tuple:
+    """A OneTrainer file's dict through the import (concepts given, as --set would)."""
+    notes: list[str] = []
+    config = config_from_dict({**data, "concepts": CONCEPTS}, warn=notes.append,
+                              onetrainer=True)
+    return config, notes
+
+
+def read(name: str) -> tuple:
+    notes: list[str] = []
+    config = load_config(FIXTURES / entry(name)["file"], [f"concepts={json.dumps(CONCEPTS)}"],
+                         warn=notes.append)
+    return config, notes
+
+
+def value(config, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return getattr(node, "value", node)
+
+
+# What each file means, as OneTrainer trains it (its preset's values, its defaults for the rest:
+# TrainConfig.default_values, the LoRA tab's 'full' for a preset naming no layers).
+MEANT = {
+    "flux_lora_bf16.saved": {
+        "model_type": "FLUX_DEV_1", "training_method": "LORA", "learning_rate": 3e-4,
+        "resolution": "768", "batch_size": 4, "train_dtype": "BFLOAT_16",
+        "output_model_format": "DIFFUSERS_LORA", "lora_layer_preset": "full",
+        "timestep_distribution": "LOGIT_NORMAL", "noising_weight": 0.0, "noising_bias": 0.0,
+        "timestep_shift": 1.0, "dynamic_timestep_shifting": True, "loss_weight_fn": "CONSTANT",
+        "transformer.train": True, "transformer.weight_dtype": "BFLOAT_16",
+        "transformer.guidance_scale": 1.0, "transformer.attention_mask": False,
+        "text_encoder.train": False, "text_encoder.weight_dtype": "BFLOAT_16",
+        "text_encoder_2.train": False, "text_encoder_2.weight_dtype": "BFLOAT_16",
+        "text_encoder_2_sequence_length": 77, "vae.weight_dtype": "FLOAT_32",
+        "unet.train": False, "backup_after": 10},
+    "preset.chroma_lora_24gb.saved": {
+        "model_type": "CHROMA_1", "training_method": "LORA", "learning_rate": 3e-4,
+        "resolution": "512", "batch_size": 2, "train_dtype": "BFLOAT_16",
+        "output_dtype": "BFLOAT_16", "output_model_format": "DIFFUSERS_LORA",
+        "lora_layer_preset": "attn-mlp", "timestep_distribution": "INVERTED_PARABOLA",
+        "noising_weight": 7.7, "noising_bias": 0.0, "timestep_shift": 1.0,
+        "dynamic_timestep_shifting": False, "transformer.train": True,
+        "transformer.weight_dtype": "BFLOAT_16", "text_encoder.train": False,
+        "text_encoder.weight_dtype": "BFLOAT_16",
+        # OneTrainer reads no length for Chroma's T5: its tokenizer's maximum (empty here)
+        "text_encoder_sequence_length": None, "text_encoder_2.train": False},
+    "preset.sd3_lora.saved": {
+        "model_type": "STABLE_DIFFUSION_3", "training_method": "LORA", "learning_rate": 3e-4,
+        "resolution": "1024", "batch_size": 4, "train_dtype": "FLOAT_16",
+        "output_model_format": "DIFFUSERS_LORA", "lora_layer_preset": "full",
+        "timestep_distribution": "LOGIT_NORMAL", "timestep_shift": 1.0,
+        "transformer.train": True, "transformer.weight_dtype": "FLOAT_16",
+        "text_encoder.train": False, "text_encoder_2.train": False,
+        "text_encoder_3.train": False, "text_encoder_3.weight_dtype": "FLOAT_16"},
+    "preset.sd3_finetune.saved": {
+        "model_type": "STABLE_DIFFUSION_3", "training_method": "FINE_TUNE",
+        "learning_rate": 3e-6, "resolution": "1024", "output_dtype": "FLOAT_16",
+        "output_model_format": "ORIGINAL_SINGLE_FILE", "timestep_distribution": "LOGIT_NORMAL",
+        "transformer.train": True, "transformer.weight_dtype": "FLOAT_32",
+        "text_encoder.train": False, "text_encoder_2.train": False,
+        "text_encoder_3.train": False, "text_encoder_3.weight_dtype": "FLOAT_16"},
+}
+# OneTrainer's presets that store frozen weights quantized: refused, the key and value named.
+QUANTIZED = {
+    "preset.flux_lora.saved": ("transformer.weight_dtype: NFLOAT_4",
+                               "text_encoder_2.weight_dtype: NFLOAT_4"),
+    "preset.chroma_lora_8gb.saved": ("transformer.weight_dtype: FLOAT_8",
+                                     "text_encoder.weight_dtype: FLOAT_8"),
+    "preset.chroma_lora_16gb.saved": ("transformer.weight_dtype: FLOAT_8",),
+}
+
+
+@pytest.mark.parametrize("name", MEANT)
+def test_the_file_imports_as_its_author_meant_field_by_field(name):
+    config, notes = read(name)
+    differ = {key: (value(config, key), meant) for key, meant in MEANT[name].items()
+              if value(config, key) != meant}
+    assert not differ, differ
+    assert not [n for n in notes if n.startswith("Unknown")], notes
+    check_supported(config)  # and the run may start
+
+
+@pytest.mark.parametrize("name, named", QUANTIZED.items())
+def test_quantized_weights_are_refused_naming_the_key_and_value(name, named):
+    with pytest.raises(ConfigError) as error:
+        read(name)
+    message = str(error.value)
+    assert message.startswith(named[0]) and all(key in message for key in named)
+    assert "needs quantized weights (issue 26), not available yet; set " \
+           "transformer.weight_dtype to BFLOAT_16 to train unquantized" in message
+
+
+def test_the_bfloat16_variant_differs_from_the_preset_only_where_its_user_changed_it():
+    """The saved Flux LoRA is OneTrainer's preset with the transformer's and T5's weights set
+    to BFLOAT_16 (the manifest records the steps): it imports and validates, and with those
+    two values put back in the preset the refusal is the preset's."""
+    preset, saved = raw("preset.flux_lora.saved"), raw("flux_lora_bf16.saved")
+    assert entry("flux_lora_bf16.saved")["how"][1].startswith(
+        "TopBarController.load_config_from_file('training_presets/Flux Dev.1/#flux LoRA.json')")
+    for part in ("transformer", "text_encoder_2"):
+        assert (preset[part]["weight_dtype"], saved[part]["weight_dtype"]) == ("NFLOAT_4",
+                                                                              "BFLOAT_16")
+        saved[part]["weight_dtype"] = "NFLOAT_4"
+    assert saved == preset
+    check_supported(read("flux_lora_bf16.saved")[0])
+
+
+def test_the_quantization_filter_with_nothing_quantized_is_said_not_refused():
+    """#chroma LoRA 24GB keeps OneTrainer's 'blocks' quantization filter with every part in
+    BFLOAT_16: OneTrainer quantizes nothing with it, and the import says so."""
+    _, notes = read("preset.chroma_lora_24gb.saved")
+    assert any(n.startswith("quantization.layer_filter 'transformer_block', quantization."
+                            "layer_filter_preset 'blocks'") and "change nothing" in n
+               for n in notes)
+
+
+# --- The import's rules for these families ----------------------------------------------------
+
+def flux(**changes) -> dict:
+    """OneTrainer's saved Flux LoRA (BFLOAT_16) with a user's changes (dotted keys)."""
+    data = copy.deepcopy(raw("flux_lora_bf16.saved"))
+    for dotted, new in changes.items():
+        node = data
+        *sections, key = dotted.split("__")
+        for section in sections:
+            node = node[section]
+        node[key] = new
+    return data
+
+
+def test_flux_keys_mean_what_they_meant():
+    config, _ = imported(flux(transformer__guidance_scale=3.5, transformer__attention_mask=True,
+                              text_encoder_2_sequence_length=512, timestep_shift=3.0,
+                              dynamic_timestep_shifting=False, loss_weight_fn="SIGMA",
+                              noising_weight=0.5, noising_bias=-0.2,
+                              transformer__learning_rate=1e-4,
+                              transformer__model_name="flux1-dev.safetensors",
+                              text_encoder__train=True, text_encoder_layer_skip=1))
+    assert (config.transformer.guidance_scale, config.transformer.attention_mask) == (3.5, True)
+    assert config.text_encoder_2_sequence_length == 512 and config.timestep_shift == 3.0
+    assert not config.dynamic_timestep_shifting and config.loss_weight_fn.value == "SIGMA"
+    assert (config.noising_weight, config.noising_bias) == (0.5, -0.2)
+    assert config.transformer.learning_rate == 1e-4
+    assert config.transformer.model_name == "flux1-dev.safetensors"
+    assert config.text_encoder.train and config.text_encoder.clip_skip == 1  # CLIP-L
+    check_supported(config)
+
+
+@pytest.mark.parametrize("changes, refused", [
+    ({"transformer__offload_fraction": 0.6},
+     "transformer.offload_fraction: 0.6 needs offloading for Flux.1's parts (issue 26)"),
+    ({"text_encoder_2__offload_fraction": 0.5}, "text_encoder_2.offload_fraction: 0.5"),
+    ({"text_encoder_2_layer_skip": 2}, "text_encoder_2_layer_skip: 2 cannot be trained here: "
+                                       "Flux.1's text_encoder_2 is T5"),
+    ({"text_encoder__include": False}, "text_encoder.include: False cannot be trained here"),
+    ({"loss_weight_fn": "MIN_SNR_GAMMA"}, "loss_weight_fn: 'MIN_SNR_GAMMA' cannot be trained "
+                                          "here: Flux.1 is a flow-matching model"),
+    ({"loss_weight_fn": "DEBIASED_ESTIMATION"}, "loss_weight_fn: 'DEBIASED_ESTIMATION'"),
+    ({"training_method": "FINE_TUNE", "output_model_format": "LEGACY_SAFETENSORS"}, None),
+    ({"output_model_format": "ORIGINAL_LORA"},
+     "output_model_format: ORIGINAL_LORA (OneTrainer's original-namespace LoRA with fused qkv) "
+     "is not a format Atelier writes; for Flux.1 and training_method LORA it writes "
+     "DIFFUSERS_LORA, KOHYA_LORA, COMFY_LORA"),
+    ({"quantization__svd_dtype": "BFLOAT_16", "transformer__weight_dtype": "INT_8"},
+     "transformer.weight_dtype: INT_8 needs quantized weights"),
+])
+def test_what_flux_would_do_differently_is_refused_naming_the_key(changes, refused):
+    data = flux(**changes)
+    if refused is None:  # accepted by the import, refused at the start
+        config, _ = imported(data)
+        with pytest.raises(ConfigError, match="writes no LEGACY_SAFETENSORS for Flux.1"):
+            check_supported(config)
+        return
+    with pytest.raises(ConfigError) as error:
+        imported(data)
+    assert str(error.value).startswith(refused), str(error.value)
+
+
+def test_t5_training_is_refused_when_the_run_starts():
+    """OneTrainer writes text_encoder_2.train for Flux (its T5); its presets switch it off.
+    Switched on, the import keeps it and the run is refused with the reason."""
+    config, _ = imported(flux(text_encoder_2__train=True))
+    with pytest.raises(ConfigError, match="text_encoder_2.train: T5 training is not supported"):
+        check_supported(config)
+
+
+def test_a_flow_single_file_is_the_transformer_in_its_original_layout():
+    """OneTrainer's ORIGINAL_TRANSFORMER (Flux.1, Chroma) is Atelier's ORIGINAL_SINGLE_FILE
+    for these families; SD 3's ORIGINAL_SINGLE_FILE is kept, said to hold the transformer only."""
+    chroma = raw("preset.chroma_lora_24gb.saved")
+    config, notes = imported({**chroma, "training_method": "FINE_TUNE",
+                              "output_model_format": "ORIGINAL_TRANSFORMER"})
+    assert config.output_model_format.value == "ORIGINAL_SINGLE_FILE"
+    assert any(n.startswith("output_model_format ORIGINAL_TRANSFORMER: Chroma's transformer")
+               for n in notes)
+    config, notes = read("preset.sd3_finetune.saved")
+    assert any("also packs the text encoders and VAE" in n for n in notes)
+    sd15 = {**raw("sd15_finetune_ema.saved"), "output_model_format": "ORIGINAL_TRANSFORMER"}
+    with pytest.raises(ConfigError, match="ORIGINAL_TRANSFORMER .* is not a format Atelier "
+                                          "writes; for Stable Diffusion 1.5"):
+        imported(sd15)
+
+
+def test_settings_a_family_does_not_read_are_set_aside_as_onetrainer_ignores_them():
+    """SD 3 reads no guidance input, no dynamic shift and no T5 length key (OneTrainer: 77
+    tokens fixed); Chroma no attention-mask switch (it always masks): their values change
+    nothing there, in OneTrainer as here."""
+    sd3 = {**raw("preset.sd3_lora.saved"), "dynamic_timestep_shifting": True,
+           "text_encoder_2_sequence_length": 256}
+    sd3["transformer"] = {**sd3["transformer"], "guidance_scale": 4.0, "attention_mask": True}
+    config, notes = imported(sd3)
+    assert not config.dynamic_timestep_shifting and config.transformer.guidance_scale == 1.0
+    assert config.transformer.attention_mask  # SD 3 reads it (T5's mask)
+    assert config.text_encoder_2_sequence_length == 77  # Atelier's default, not read by SD 3
+    line = next(n for n in notes if "set aside" in n)
+    assert "for other model families ('transformer.guidance_scale'" in line
+    check_supported(config)
+    chroma = copy.deepcopy(raw("preset.chroma_lora_24gb.saved"))
+    chroma["transformer"]["attention_mask"] = True
+    chroma["text_encoder_sequence_length"] = 256
+    config, notes = imported(chroma)
+    assert not config.transformer.attention_mask and config.text_encoder_sequence_length is None
+    assert any(n.startswith("text_encoder_sequence_length 256: OneTrainer reads no sequence "
+                            "length for Chroma's T5") for n in notes)
+
+
+def test_the_distributions_apply_to_sd_files_too():
+    """OneTrainer draws SD 1.5 / SDXL timesteps by the same settings: no longer refused."""
+    sd15 = {**raw("sd15_lora.saved"), "timestep_distribution": "LOGIT_NORMAL",
+            "noising_weight": 0.3, "noising_bias": 0.1, "timestep_shift": 2.0}
+    config, _ = imported(sd15)
+    assert (config.timestep_distribution.value, config.noising_weight, config.noising_bias,
+            config.timestep_shift) == ("LOGIT_NORMAL", 0.3, 0.1, 2.0)
+    check_supported(config)
+    with pytest.raises(ConfigError, match="loss_weight_fn: 'SIGMA' cannot be trained here: "
+                                          "Atelier weights Stable Diffusion 1.5's loss"):
+        imported({**raw("sd15_lora.saved"), "loss_weight_fn": "SIGMA"})
+    config, notes = imported({**raw("sd15_lora.saved"), "dynamic_timestep_shifting": True})
+    assert not config.dynamic_timestep_shifting  # OneTrainer reads it for Flux.1 only
+
+
+@pytest.mark.parametrize("version, weight, bias, meant", [
+    (3, 4.0, 0.7, ("SIGMOID", 4.0, 0.2)),    # migration 3: the bias counted from 0.5
+    (3, 4.0, None, ("SIGMOID", 4.0, 0.0)),   # its default bias was 0.5
+    (3, 0.0, 0.7, ("UNIFORM", 0.0, 0.0)),    # no weight: uniform, both reset
+    (None, 4.0, 0.6, ("SIGMOID", 4.0, 0.1)),  # no version, no distribution: that old
+    (4, 4.0, 0.7, ("UNIFORM", 4.0, 0.7)),    # from __version 4 on the values are as written
+])
+def test_noising_weights_of_older_files_mean_a_sigmoid(version, weight, bias, meant):
+    """OneTrainer's migration 3 (modules/util/config/TrainConfig.py, __version 3 -> 4)."""
+    data = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
+            "noising_weight": weight, "weight_dtype": "FLOAT_32"}
+    if bias is not None:
+        data["noising_bias"] = bias
+    if version is not None:
+        data["__version"] = version
+    config, _ = imported(data)
+    assert (config.timestep_distribution.value, config.noising_weight,
+            config.noising_bias) == (meant[0], meant[1], pytest.approx(meant[2]))
+
+
+def test_an_older_flux_files_prior_is_its_transformer():
+    """OneTrainer's migration 8 (__version 8 -> 9): the transformer families' denoiser was
+    `prior`."""
+    data = {"__version": 8, "model_type": "FLUX_DEV_1", "training_method": "LORA",
+            "weight_dtype": "BFLOAT_16", "prior": {"train": True, "learning_rate": 2e-4},
+            "text_encoder": {"train": False}, "text_encoder_2": {"train": False}}
+    config, _ = imported(data)
+    assert config.transformer.train and config.transformer.learning_rate == 2e-4
+    assert config.transformer.weight_dtype.value == "BFLOAT_16"  # migration 9's one type

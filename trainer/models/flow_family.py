@@ -1,0 +1,164 @@
+"""What the flow-matching transformer families (Flux.1, Chroma, SD 3 / 3.5) share: loading a
+diffusers folder or hub id (and a transformer file in the original layout beside it), the
+flow-matching objective, caption dropout by zeroing an encoder's output, the transformer-only
+single file, and the pipeline call's extra arguments. Each family's own module (flux.py,
+chroma.py, sd3.py) adds its text encoding, its prediction and its pipeline.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from trainer.errors import ModelLoadError
+from trainer.models import loading, registry
+from trainer.models.family import ModelFamily, to_device
+from trainer.models.loading import BASE_FIELD
+from trainer.models.objectives import FlowMatchingObjective
+from trainer.quiet import hide_weight_loading_bars
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """How one flow family's diffusers folder is laid out."""
+    name: str                              # "Flux.1": used in messages
+    pipeline_class: type                   # FluxPipeline, ...
+    pipeline_names: tuple[str, ...]        # model_index.json _class_name values it accepts
+    transformer_class: type
+    text_encoders: dict[str, type]         # subfolder (= config part) -> transformers class
+    tokenizers: dict[str, type]            # subfolder -> tokenizer class
+    layout: str                            # trainer/models/transformer_layouts.py family
+
+
+def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | None = None,
+                         transformer_file: str = "", *,
+                         dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """{tokenizers, text encoders, "vae", "transformer", "noise_scheduler"} of a diffusers
+    folder or hub id; `transformer_file` (transformer.model_name), when given, replaces the
+    folder's transformer with a .safetensors file in the original (BFL / SAI) layout."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    hide_weight_loading_bars()
+    source = loading.resolve_source(base_model_name, BASE_FIELD, None,
+                                    hub_probe="model_index.json")
+    if source.kind == "single_file":
+        raise ModelLoadError(
+            f"{BASE_FIELD}: '{base_model_name}' is a single file; a {spec.name} model is a "
+            "diffusers folder (or hub id) for its text encoders and VAE. Give that folder as "
+            "base_model_name and the transformer file as transformer.model_name.")
+    where = source.location
+    try:
+        index = spec.pipeline_class.load_config(where)
+    except Exception as err:  # noqa: BLE001
+        raise loading.load_error(BASE_FIELD, where, err) from err
+    name = str(index.get("_class_name", ""))
+    if name not in spec.pipeline_names:
+        raise ModelLoadError(
+            f"{BASE_FIELD}: '{where}' is a {name or 'model of unknown type'}, not a {spec.name} "
+            f"model; choose the model type that fits it.")
+    parts: dict[str, Any] = {}
+    try:
+        for sub, cls in spec.tokenizers.items():
+            parts[sub] = cls.from_pretrained(where, subfolder=sub)
+        for sub, cls in spec.text_encoders.items():
+            parts[sub] = cls.from_pretrained(where, subfolder=sub, use_safetensors=True).to(dtype)
+        if not transformer_file:
+            parts["transformer"] = spec.transformer_class.from_pretrained(
+                where, subfolder="transformer", use_safetensors=True, torch_dtype=dtype)
+        parts["vae"] = AutoencoderKL.from_pretrained(
+            where, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        parts["noise_scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            where, subfolder="scheduler")
+    except Exception as err:  # noqa: BLE001 - any library failure is a load failure here
+        raise loading.load_error(BASE_FIELD, where, err) from err
+    if transformer_file:
+        parts["transformer"] = _transformer_from_file(spec, transformer_file, where, dtype)
+    if vae_name:
+        parts["vae"] = loading.load_vae(vae_name, dict(parts["vae"].config), dtype=dtype)
+    for name in (*spec.text_encoders, "vae", "transformer"):
+        parts[name].eval()
+    return parts
+
+
+def _transformer_from_file(spec: FlowSpec, path: str, config_folder: str, dtype):
+    from trainer.models.transformer_layouts import load_original_transformer
+    source = loading.resolve_source(path, "transformer.model_name", None, hub_probe="config.json")
+    if source.kind != "single_file":
+        raise ModelLoadError(f"transformer.model_name: '{path}' is not a .safetensors file.")
+    try:
+        return load_original_transformer(spec.transformer_class, source.location,
+                                         config=config_folder, subfolder="transformer",
+                                         torch_dtype=dtype)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"transformer.model_name: {err}") from None
+
+
+class FlowFamily(ModelFamily):
+    """The shared half of a flow-matching transformer family."""
+
+    SPEC: ClassVar[FlowSpec]
+    # Conditioning keys each text encoder produces: caption dropout zeroes them per sample.
+    DROPOUT_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # How many latent pixels one image token covers per side (the dynamic shift reads it).
+    PACKING: ClassVar[int] = 2
+
+    @classmethod
+    def load_components(cls, config) -> dict[str, Any]:
+        return load_flow_components(cls.SPEC, config.base_model_name,
+                                    config.vae_model_name or None,
+                                    getattr(config.transformer, "model_name", "") or "")
+
+    @classmethod
+    def objective_for(cls, scheduler, config) -> FlowMatchingObjective:
+        # dynamic_timestep_shifting applies where the registry says (OneTrainer: Flux.1 only)
+        dynamic = registry.reads_switch(config.model_type, registry.DYNAMIC)
+        return FlowMatchingObjective(scheduler, config, packing=cls.PACKING,
+                                     dynamic_shift=dynamic)
+
+    def caption_dropout(self, captions, encode):
+        """Each text encoder's output is zeroed per sample with that encoder's probability (as
+        OneTrainer trains these models; their pipelines encode an empty prompt instead, which
+        a frozen T5 maps near zero)."""
+        conditioning = encode(captions)
+        for part, keys in self.DROPOUT_KEYS.items():
+            probability = self._setting(part, "caption_dropout_probability", 0.0)
+            keep = [random.random() >= probability for _ in captions]
+            if all(keep):
+                continue
+            for key in keys:
+                value = conditioning[key]
+                factor = to_device(keep, value.dtype, value.device)
+                conditioning[key] = value * factor.view(-1, *([1] * (value.ndim - 1)))
+        return conditioning
+
+    def text_cache_identity(self) -> list:
+        from trainer.data.cache import source_fingerprint
+        config = self.config
+        out = []
+        for part in self.facts.text_encoders[2:]:
+            out += [source_fingerprint(config.base_model_name, part),
+                    getattr(config, part).weight_dtype.value,
+                    getattr(config, part).clip_skip]
+        lengths = [self.sequence_length(p) for p in self.facts.text_encoders
+                   if "T5" in type(self.parts[p]).__name__]
+        return out + [lengths, config.transformer.attention_mask]
+
+    def sequence_length(self, part: str) -> int:
+        """A T5's token count: the config's `<part>_sequence_length`, else its tokenizer's."""
+        length = getattr(self.config, f"{part}_sequence_length", None) if self.config else None
+        tokenizer = getattr(self.components, "tokenizer" + part.removeprefix("text_encoder"))
+        return int(length or tokenizer.model_max_length)
+
+    def export_pipeline(self):
+        return self.pipeline()  # flow-match Euler is already the family's usual sampler
+
+    def save_single_file(self, path, dtype, metadata):
+        """The transformer alone in its original layout (what ComfyUI and Forge load as a
+        diffusion model; `from_single_file` reads it back)."""
+        from trainer.io import atomic_save_safetensors
+        from trainer.models.transformer_layouts import to_original
+        state = to_original(self.SPEC.layout, self.parts["transformer"].state_dict())
+        atomic_save_safetensors({k: v.detach().to("cpu", dtype).contiguous()
+                                 for k, v in state.items()}, str(path), metadata)
