@@ -186,6 +186,10 @@ def test_flux_fine_tune_saves_a_diffusers_folder_and_an_original_single_file(tmp
     # the same seed and data: the single file holds the same weights as the folder
     for key, tensor in reloaded.state_dict().items():
         assert same_trained(tensor, state[key]), key
+    # ... and is a base model's transformer (`transformer.model_name`) beside the folder
+    family = load_family(flux_config(tmp_path / "again", transformer={"model_name": out}))
+    for key, tensor in family.parts["transformer"].state_dict().items():
+        assert same_trained(tensor, state[key]), key
 
 
 def test_a_flux_base_model_given_to_another_type_is_named(tmp_path):

@@ -5,7 +5,8 @@ the file in diffusers, ComfyUI and A1111/Forge.
 
 It reads the run's config and the facts `trainer/publish.py` gathered; it writes nothing. What
 differs between model families (their Hub tags, diffusers classes, who loads which format) is
-one `FamilyCard` per family below; the rest of the card is the same code for every family.
+one `FamilyCard` in each family's module (`card`); the rest of the card is the same code for
+every family.
 """
 from __future__ import annotations
 
@@ -75,41 +76,14 @@ class FamilyCard:
     sample_settings: bool = False
 
 
-_FLOW = dict(loaders=FLUX_LOADERS, tools=("diffusers", "comfyui"), torch_dtype="bfloat16",
-             transformer_only=True, sample_settings=True)
-
-# By the registry's model type (an inpainting model's is its plain family's).
-FAMILY_CARDS: dict[str, FamilyCard] = {
-    "STABLE_DIFFUSION_15": FamilyCard(
-        ("stable-diffusion",), "AutoPipelineForText2Image", "StableDiffusionPipeline",
-        inpaint_pipeline="AutoPipelineForInpainting",
-        inpaint_single_file="StableDiffusionInpaintPipeline"),
-    "STABLE_DIFFUSION_XL_10_BASE": FamilyCard(
-        ("stable-diffusion-xl",), "AutoPipelineForText2Image", "StableDiffusionXLPipeline",
-        inpaint_pipeline="AutoPipelineForInpainting",
-        inpaint_single_file="StableDiffusionXLInpaintPipeline",
-        embedding_encoders=(("clip_l", "text_encoder", "tokenizer"),
-                            ("clip_g", "text_encoder_2", "tokenizer_2"))),
-    "FLUX_DEV_1": FamilyCard(
-        ("flux",), "FluxPipeline", "FluxTransformer2DModel",
-        comfy_text_encoders="a *DualCLIPLoader* (type flux: clip_l and t5xxl)", **_FLOW),
-    "CHROMA_1": FamilyCard(
-        ("chroma",), "ChromaPipeline", "ChromaTransformer2DModel",
-        comfy_text_encoders="a *Load CLIP* node (type chroma: t5xxl)", **_FLOW),
-    "STABLE_DIFFUSION_3": FamilyCard(
-        ("sd3",), "StableDiffusion3Pipeline", "SD3Transformer2DModel",
-        comfy_text_encoders="a *TripleCLIPLoader* (clip_l, clip_g and t5xxl)",
-        **dict(_FLOW, loaders=SD3_LOADERS)),
-    "STABLE_DIFFUSION_35": FamilyCard(
-        ("sd3", "sd3.5"), "StableDiffusion3Pipeline", "SD3Transformer2DModel",
-        comfy_text_encoders="a *TripleCLIPLoader* (clip_l, clip_g and t5xxl)",
-        **dict(_FLOW, loaders=SD3_LOADERS)),
-}
+# What a transformer family's card shares (each family module holds its own FamilyCard).
+FLOW_CARD = dict(loaders=FLUX_LOADERS, tools=("diffusers", "comfyui"), torch_dtype="bfloat16",
+                 transformer_only=True, sample_settings=True)
 
 
 def family_card(model_type) -> FamilyCard:
-    """The card facts of a model type (`ModelType` or its value)."""
-    return FAMILY_CARDS[registry.facts(model_type).plain_type]
+    """The card facts of a model type (`ModelType` or its value): its family module's."""
+    return registry.family_class(model_type).card(registry.facts(model_type).plain_type)
 
 
 def format_loaders(model_type, output_format: ModelFormat) -> tuple[str, ...]:

@@ -121,6 +121,13 @@ class ChromaFamily(FlowFamily):
     LAYER_NAME_EXAMPLE = "transformer_blocks.0.attn.to_q, single_transformer_blocks.0.proj_mlp"
 
     @classmethod
+    def card(cls, model_type):
+        from trainer.model_card import FLOW_CARD, FamilyCard
+        return FamilyCard(("chroma",), "ChromaPipeline", "ChromaTransformer2DModel",
+                          comfy_text_encoders="a *Load CLIP* node (type chroma: t5xxl)",
+                          **FLOW_CARD)
+
+    @classmethod
     def load(cls, config):
         with quiet_pos_embed_warning():
             parts = cls.load_components(config)

@@ -58,6 +58,11 @@ class ModelFamily:
     LAYER_NAME_EXAMPLE: ClassVar[str] = ""
 
     @classmethod
+    def card(cls, model_type: str):
+        """What a model card says of the family (trainer/model_card.py's FamilyCard)."""
+        raise NotImplementedError
+
+    @classmethod
     def load(cls, config: TrainConfig) -> "ModelFamily":
         """Load the model `config` names (base model, VAE) with its objective set."""
         raise NotImplementedError

@@ -74,6 +74,13 @@ class FluxFamily(FlowFamily):
     LAYER_NAME_EXAMPLE = "transformer_blocks.0.attn.to_q, single_transformer_blocks.0.proj_mlp"
 
     @classmethod
+    def card(cls, model_type):
+        from trainer.model_card import FLOW_CARD, FamilyCard
+        return FamilyCard(("flux",), "FluxPipeline", "FluxTransformer2DModel",
+                          comfy_text_encoders="a *DualCLIPLoader* (type flux: clip_l and t5xxl)",
+                          **FLOW_CARD)
+
+    @classmethod
     def load(cls, config):
         parts = cls.load_components(config)
         components = FluxComponents(parts)

@@ -162,6 +162,14 @@ class SD15Family(ModelFamily):
     LAYER_NAME_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
     @classmethod
+    def card(cls, model_type):
+        from trainer.model_card import FamilyCard
+        return FamilyCard(("stable-diffusion",), "AutoPipelineForText2Image",
+                          "StableDiffusionPipeline",
+                          inpaint_pipeline="AutoPipelineForInpainting",
+                          inpaint_single_file="StableDiffusionInpaintPipeline")
+
+    @classmethod
     def load(cls, config):
         """The model of config.base_model_name (+ VAE override), refused when its UNet does not
         fit the type (a plain model for an inpainting type, or the other way round)."""

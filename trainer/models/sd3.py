@@ -366,6 +366,15 @@ class SD3Family(FlowFamily):
         return super().load_components(config)
 
     @classmethod
+    def card(cls, model_type):
+        """diffusers' SD 3 loader reads only its own (peft) LoRA names."""
+        from trainer.model_card import FLOW_CARD, SD3_LOADERS, FamilyCard
+        tags = ("sd3", "sd3.5") if model_type == "STABLE_DIFFUSION_35" else ("sd3",)
+        return FamilyCard(tags, "StableDiffusion3Pipeline", "SD3Transformer2DModel",
+                          comfy_text_encoders="a *TripleCLIPLoader* (clip_l, clip_g and t5xxl)",
+                          **dict(FLOW_CARD, loaders=SD3_LOADERS))
+
+    @classmethod
     def load(cls, config):
         parts = cls.load_components(config)
         version = kohya_version(parts["transformer"].config)

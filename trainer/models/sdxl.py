@@ -184,6 +184,16 @@ class SDXLFamily(ModelFamily):
     LAYER_NAME_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
     @classmethod
+    def card(cls, model_type):
+        from trainer.model_card import FamilyCard
+        return FamilyCard(("stable-diffusion-xl",), "AutoPipelineForText2Image",
+                          "StableDiffusionXLPipeline",
+                          inpaint_pipeline="AutoPipelineForInpainting",
+                          inpaint_single_file="StableDiffusionXLInpaintPipeline",
+                          embedding_encoders=(("clip_l", "text_encoder", "tokenizer"),
+                                              ("clip_g", "text_encoder_2", "tokenizer_2")))
+
+    @classmethod
     def load(cls, config):
         """As SD15Family.load, for SDXL."""
         c = load_sdxl(config.base_model_name, config.vae_model_name or None)
