@@ -110,3 +110,44 @@ def outputs(unet, text_encoder, text_encoder_2=None) -> list[torch.Tensor]:
         te2 = text_encoder_2(ids)
         out += [te2.last_hidden_state, te2.text_embeds]
     return out
+
+
+def black_masked_folder(tmp_path):
+    """Three flat images, each with an all-black mask: with masked training, unmasked weight
+    0 and never unmasked, the loss is exactly 0 and a LoRA learns nothing."""
+    import numpy as np
+    from PIL import Image
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 40 * i + 30, np.uint8)).save(folder / f"{i}.png")
+        Image.new("L", (64, 64), 0).save(folder / f"{i}-masklabel.png")
+        (folder / f"{i}.txt").write_text("a photo")
+    return folder
+
+
+BLACK_MASKS = dict(masked_training=True, unmasked_weight=0.0, unmasked_probability=0.0,
+                   optimizer={"weight_decay": 0.0})
+
+
+def assert_same_files(path_a, path_b):
+    """Two runs' saved files hold the same tensors (bit-exact where the device allows)."""
+    from safetensors import safe_open
+    with safe_open(str(path_a), "pt") as a, safe_open(str(path_b), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert same_trained(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def resumed_equals_whole(make_config, tmp_path, stop_step: int, **extra):
+    """A run stopped at `stop_step` and continued from its backup ends with the weights of the
+    same run done in one go; returns the global step."""
+    from trainer.loop import train
+    reference = train(make_config(tmp_path / "whole", backup_after_unit="NEVER", **extra))
+    parts = make_config(tmp_path / "parts", backup_after_unit="NEVER", **extra)
+    first = train(parts, stop_at(stop_step))
+    assert first.stopped_early and first.global_step == stop_step
+    resumed = train(parts.model_copy(update={"continue_last_backup": True}))
+    assert resumed.global_step == reference.global_step
+    assert_same_files(reference.output_path, resumed.output_path)
+    return resumed.global_step

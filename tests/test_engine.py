@@ -13,8 +13,8 @@ from trainer.errors import ConfigError, DatasetError, ModelLoadError, TrainingEr
 from trainer.loop import train
 from trainer.metrics import PendingSteps
 
-from helpers import (poison_loss_at, read_metrics, same_trained, tiny_config,
-                     train_sampling_at_the_end)
+from helpers import (BLACK_MASKS, black_masked_folder, poison_loss_at, read_metrics,
+                     same_trained, tiny_config, train_sampling_at_the_end)
 
 
 def test_tiny_lora_loss_falls(tiny_sd15_dir, tmp_path):
@@ -130,15 +130,9 @@ def test_text_encoder_stops_after_n_steps(tiny_sd15_dir, tmp_path):
 def test_masked_training_with_black_masks_learns_nothing(tiny_sd15_dir, tmp_path):
     """All-black masks, unmasked weight 0, never unmasked: the loss is exactly 0 everywhere,
     so the LoRA stays at its zero-effect init (lora_up all zeros)."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((64, 64, 3), 40 * i + 30, np.uint8)).save(folder / f"{i}.png")
-        Image.new("L", (64, 64), 0).save(folder / f"{i}-masklabel.png")
-        (folder / f"{i}.txt").write_text("a photo")
+    folder = black_masked_folder(tmp_path)
     config = tiny_config(tiny_sd15_dir, tmp_path, epochs=2, concepts=[{"path": str(folder)}],
-                         masked_training=True, unmasked_weight=0.0, unmasked_probability=0.0,
-                         optimizer={"weight_decay": 0.0})
+                         **BLACK_MASKS)
     result = train(config)
     with safe_open(result.output_path, "pt") as f:
         ups = [f.get_tensor(k) for k in f.keys() if k.endswith("lora_up.weight")]

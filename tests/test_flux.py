@@ -16,7 +16,8 @@ from trainer.models.family import load_family
 from trainer.models.flux import image_ids, pack, unpack
 from trainer.models.tiny_flow import tiny_flow_model
 
-from helpers import RUNS_ARE_BIT_EXACT, read_metrics, same_trained, stop_at, tiny_config
+from helpers import (BLACK_MASKS, RUNS_ARE_BIT_EXACT, black_masked_folder, read_metrics,
+                     resumed_equals_whole, same_trained, tiny_config)
 
 SAMPLE = {"prompt": "a photo of a cat", "seed": 7, "width": 64, "height": 64,
           "diffusion_steps": 4, "cfg_scale": 3.0}
@@ -134,15 +135,8 @@ def test_attention_mask_zeroes_t5_padding(tmp_path):
 
 
 def test_masked_training_with_black_masks_learns_nothing(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((64, 64, 3), 40 * i + 30, np.uint8)).save(folder / f"{i}.png")
-        Image.new("L", (64, 64), 0).save(folder / f"{i}-masklabel.png")
-        (folder / f"{i}.txt").write_text("a photo")
-    config = flux_config(tmp_path, epochs=2, concepts=[{"path": str(folder)}],
-                         masked_training=True, unmasked_weight=0.0, unmasked_probability=0.0,
-                         optimizer={"weight_decay": 0.0})
+    config = flux_config(tmp_path, epochs=2, concepts=[{"path": str(black_masked_folder(tmp_path))}],
+                         **BLACK_MASKS)
     result = train(config)
     with safe_open(result.output_path, "pt") as f:
         ups = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
@@ -150,18 +144,10 @@ def test_masked_training_with_black_masks_learns_nothing(tmp_path):
 
 
 def test_interrupted_and_resumed_flux_run_ends_with_the_same_weights(tmp_path):
-    extra = dict(epochs=2, backup_after_unit="NEVER", timestep_distribution="LOGIT_NORMAL",
-                 dynamic_timestep_shifting=True)
-    reference = train(flux_config(tmp_path / "whole", **extra))
-    parts = flux_config(tmp_path / "parts", **extra)
-    first = train(parts, stop_at(2))
-    assert first.stopped_early and first.global_step == 2
-    resumed = train(parts.model_copy(update={"continue_last_backup": True}))
-    assert resumed.global_step == reference.global_step == 6
-    with safe_open(reference.output_path, "pt") as a, safe_open(resumed.output_path, "pt") as b:
-        assert set(a.keys()) == set(b.keys())
-        for key in a.keys():
-            assert same_trained(a.get_tensor(key), b.get_tensor(key)), key
+    steps = resumed_equals_whole(flux_config, tmp_path, 2, epochs=2,
+                                 timestep_distribution="LOGIT_NORMAL",
+                                 dynamic_timestep_shifting=True)
+    assert steps == 6
 
 
 def test_flux_fine_tune_saves_a_diffusers_folder_and_an_original_single_file(tmp_path):
