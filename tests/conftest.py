@@ -45,3 +45,45 @@ def tiny_sdxl_inpaint_dir(tmp_path_factory):
     from trainer.models.tiny import build_tiny_sdxl_inpaint
 
     return build_tiny_sdxl_inpaint(tmp_path_factory.mktemp("models") / "tiny-sdxl-inpaint")
+
+
+# The tiny flow-matching models (trainer/models/tiny_flow.py): built once per process by
+# tiny_flow_model, shared by every test that asks; read them, never write into them.
+@pytest.fixture(scope="session")
+def tiny_flux_dir():
+    """The tiny Flux.1-dev (guidance embedding) as a diffusers folder."""
+    from trainer.models.tiny_flow import tiny_flow_model
+
+    return tiny_flow_model("flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir():
+    """The tiny Flux.1-schnell (no guidance embedding) as a diffusers folder."""
+    from trainer.models.tiny_flow import tiny_flow_model
+
+    return tiny_flow_model("flux-schnell")
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma_dir():
+    """The tiny Chroma as a diffusers folder."""
+    from trainer.models.tiny_flow import tiny_flow_model
+
+    return tiny_flow_model("chroma")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir():
+    """The tiny SD 3 as a diffusers folder."""
+    from trainer.models.tiny_flow import tiny_flow_model
+
+    return tiny_flow_model("sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd35_dir():
+    """The tiny SD 3.5 (qk norm, a dual-attention block) as a diffusers folder."""
+    from trainer.models.tiny_flow import tiny_flow_model
+
+    return tiny_flow_model("sd35")

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
-from onetrainer_files import FIXTURES, entry, raw
+from onetrainer_files import (FIXTURES, MANIFEST, TRAIN_DTYPES_ON_CPU, entry, raw,
+                              tiny_overrides)
 from trainer.config import check_supported, config_from_dict, load_config
 from trainer.errors import ConfigError
 
@@ -290,3 +295,201 @@ def test_an_older_flux_files_prior_is_its_transformer():
     config, _ = imported(data)
     assert config.transformer.train and config.transformer.learning_rate == 2e-4
     assert config.transformer.weight_dtype.value == "BFLOAT_16"  # migration 9's one type
+
+
+# --- Trained on the tiny models, as their authors meant ---------------------------------------
+# Each accepted file runs through the path a user's file takes (load_config with --set, then
+# train) on the tiny model of its type, with only paths, sizes (64 px, one epoch) and CPU types
+# changed (tests/onetrainer_files.py); the rest is the file's. Spies on the step check that what
+# the file meant reached the run.
+
+TINY_FLOW_DIRS = {"FLUX_DEV_1": "tiny_flux_dir", "CHROMA_1": "tiny_chroma_dir",
+                  "STABLE_DIFFUSION_3": "tiny_sd3_dir"}
+
+
+def flow_overrides(name: str, model_dir: Path, tmp_path: Path, images: Path) -> list[str]:
+    """tiny_overrides, and the flow parts' float16 as float32 (float16 needs a CUDA GPU):
+    OneTrainer's SD 3 presets keep the transformer and T5 in FLOAT_16."""
+    sets = tiny_overrides(name, model_dir, tmp_path, images)
+    for part in ("transformer", "text_encoder_3"):
+        if (raw(name).get(part) or {}).get("weight_dtype") in TRAIN_DTYPES_ON_CPU:
+            sets.append(f'{part}.weight_dtype="{TRAIN_DTYPES_ON_CPU["FLOAT_16"]}"')
+    return sets
+
+
+class Spy:
+    """What the run's steps did: the timestep draws' arguments (the objective's draw, not the
+    check at the start), each transformer call (its inputs; at the first, which parameters
+    train), and each text encoder call (with gradients to its weights or not)."""
+
+    def __init__(self, monkeypatch):
+        import diffusers
+        import transformers
+
+        import trainer.models.objectives as objectives
+        self.draws: list[dict] = []
+        self.calls: list[dict] = []
+        self.trainable: list[str] | None = None  # at the first call
+        self.parameters: list[str] = []
+        self.encoders: list[tuple[str, bool]] = []
+        real_draw = objectives.draw_timesteps
+
+        def draw(n, **kwargs):
+            self.draws.append({"n": n, **kwargs})
+            return real_draw(n, **kwargs)
+        monkeypatch.setattr(objectives, "draw_timesteps", draw)
+        for name in ("FluxTransformer2DModel", "ChromaTransformer2DModel",
+                     "SD3Transformer2DModel"):
+            cls = getattr(diffusers, name)
+            monkeypatch.setattr(cls, "forward", self._transformer(cls.forward))
+        for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"):
+            cls = getattr(transformers, name)
+            monkeypatch.setattr(cls, "forward", self._encoder(name, cls.forward))
+
+    def _transformer(self, forward):
+        def spied(model, *args, **kwargs):
+            if self.trainable is None:
+                self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+                self.parameters = [n for n, _ in model.named_parameters()]
+            self.calls.append(kwargs)
+            return forward(model, *args, **kwargs)
+        return spied
+
+    def _encoder(self, name, forward):
+        def spied(model, *args, **kwargs):
+            learns = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+            self.encoders.append((name, learns))
+            return forward(model, *args, **kwargs)
+        return spied
+
+
+def train_flow_file(name: str, request, tmp_path: Path, monkeypatch):
+    """(result, spy, model folder) of OneTrainer's file trained on its tiny model."""
+    from onetrainer_files import copy_with_concept_file, few_images
+    from trainer.loop import train
+    model_dir = request.getfixturevalue(TINY_FLOW_DIRS[raw(name)["model_type"]])
+    images = few_images(tmp_path / "images")
+    notes: list[str] = []
+    config = load_config(copy_with_concept_file(name, tmp_path / "config", images),
+                         flow_overrides(name, model_dir, tmp_path, images), warn=notes.append)
+    assert not [n for n in notes if n.startswith("Unknown")], notes
+    spy = Spy(monkeypatch)
+    result = train(config)
+    assert result.global_step >= 1 and not result.stopped_early
+    # one draw and one transformer call per step (no samples: the file's are not beside it)
+    assert len(spy.draws) == len(spy.calls) == result.global_step and spy.encoders
+    return result, spy, model_dir
+
+
+def tensors(path: str) -> dict[str, tuple[list[int], str]]:
+    with safe_open(path, "pt") as f:
+        return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                for k in f.keys()}
+
+
+def onetrainers_layers(kind: str, preset: str) -> list[str]:
+    """The transformer layers OneTrainer's LoRAModuleWrapper picked with the preset on the tiny
+    model (the manifest; tests/test_onetrainer_training.py checks the picks themselves)."""
+    return MANIFEST["layer_presets"]["tiny_models"][kind]["presets"][preset]
+
+
+def drawn_as(spy: Spy, name: str, shift: float) -> None:
+    """Every step drew its timesteps by the file's distribution and weights, over the whole
+    range, with `shift`."""
+    data = raw(name)
+    for draw in spy.draws:
+        assert getattr(draw["distribution"], "value", draw["distribution"]) == \
+            data["timestep_distribution"]
+        assert (draw["noising_weight"], draw["noising_bias"]) == (data["noising_weight"],
+                                                                  data["noising_bias"])
+        assert (draw["min_strength"], draw["max_strength"]) == (
+            data["min_noising_strength"], data["max_noising_strength"])
+        assert draw["shift"] == pytest.approx(shift, rel=1e-9)
+
+
+def lora_layers(keys, prefix: str = "transformer.") -> list[str]:
+    return sorted({k[len(prefix):].rsplit(".lora_", 1)[0] for k in keys})
+
+
+def test_the_flux_lora_trains_as_its_author_meant(request, tmp_path, monkeypatch):
+    """OneTrainer's #flux LoRA (weights in BFLOAT_16): logit-normal timesteps with Flux's
+    dynamic shift for the image's size (the file's timestep_shift 1.0 unused, as OneTrainer's
+    tooltip says), guidance 1.0 into the dev model's guidance embedding, T5 read at 77 tokens,
+    the transformer in bfloat16 with LoRA rank 16 on every layer ('full'), CLIP-L and T5
+    frozen; a DIFFUSERS_LORA in float32 holding the transformer's layers only."""
+    name = "flux_lora_bf16.saved"
+    result, spy, model_dir = train_flow_file(name, request, tmp_path, monkeypatch)
+    # OneTrainer's FluxModel.calculate_timestep_shift on the tiny model's scheduler config:
+    # e^μ, μ linear in the image's token count (the packed latent's, as the step has it)
+    scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    tokens = spy.calls[0]["hidden_states"].shape[1]
+    slope = (scheduler["max_shift"] - scheduler["base_shift"]) / (
+        scheduler["max_image_seq_len"] - scheduler["base_image_seq_len"])
+    mu = scheduler["base_shift"] + slope * (tokens - scheduler["base_image_seq_len"])
+    assert raw(name)["dynamic_timestep_shifting"] and math.exp(mu) != pytest.approx(1.0)
+    drawn_as(spy, name, math.exp(mu))
+    for call in spy.calls:
+        assert torch.equal(call["guidance"], torch.full_like(call["guidance"], 1.0))
+        assert call["encoder_hidden_states"].shape[1] == 77  # text_encoder_2_sequence_length
+        assert call["hidden_states"].dtype == torch.bfloat16
+    assert spy.trainable and all(".lora_" in n for n in spy.trainable)
+    assert not [learns for _, learns in spy.encoders if learns]  # CLIP-L and T5 frozen
+    assert {n for n, _ in spy.encoders} == {"CLIPTextModel", "T5EncoderModel"}
+    written = tensors(result.output_path)
+    assert lora_layers(written) == onetrainers_layers("flux", "full")
+    assert all(k.startswith("transformer.") and dtype == "F32"
+               for k, (_, dtype) in written.items())
+    assert {shape[0] for k, (shape, _) in written.items() if ".lora_A." in k} == {16}
+
+
+def test_the_chroma_lora_trains_as_its_author_meant(request, tmp_path, monkeypatch):
+    """OneTrainer's #chroma LoRA 24GB: inverted-parabola timesteps (weight 7.7, no shift),
+    the transformer in bfloat16 with LoRA rank 16 on OneTrainer's attn-mlp layers, T5
+    frozen; a DIFFUSERS_LORA in bfloat16 (its output_dtype)."""
+    name = "preset.chroma_lora_24gb.saved"
+    result, spy, _ = train_flow_file(name, request, tmp_path, monkeypatch)
+    drawn_as(spy, name, 1.0)
+    assert raw(name)["noising_weight"] == 7.7
+    assert all(call["hidden_states"].dtype == torch.bfloat16 for call in spy.calls)
+    assert spy.trainable and all(".lora_" in n for n in spy.trainable)
+    assert spy.encoders and not [learns for _, learns in spy.encoders if learns]
+    written = tensors(result.output_path)
+    assert lora_layers(written) == onetrainers_layers("chroma", "attn-mlp")
+    assert all(k.startswith("transformer.") and dtype == "BF16"
+               for k, (_, dtype) in written.items())
+    assert {shape[0] for k, (shape, _) in written.items() if ".lora_A." in k} == {16}
+
+
+def test_the_sd3_lora_trains_as_its_author_meant(request, tmp_path, monkeypatch):
+    """OneTrainer's #sd 3 LoRA: logit-normal timesteps without shift, no guidance input, the
+    CLIPs' and T5's 77 tokens each, LoRA rank 16 on every layer of the transformer (its
+    patch-embedding conv too), the three text encoders frozen; a float32 DIFFUSERS_LORA."""
+    name = "preset.sd3_lora.saved"
+    result, spy, _ = train_flow_file(name, request, tmp_path, monkeypatch)
+    drawn_as(spy, name, 1.0)
+    for call in spy.calls:
+        assert "guidance" not in call and call["encoder_hidden_states"].shape[1] == 77 + 77
+    assert spy.trainable and all(".lora_" in n for n in spy.trainable)
+    assert "T5EncoderModel" in {n for n, _ in spy.encoders}
+    assert not [learns for _, learns in spy.encoders if learns]
+    written = tensors(result.output_path)
+    assert lora_layers(written) == onetrainers_layers("sd3", "full")
+    assert "pos_embed.proj" in lora_layers(written)
+    assert all(k.startswith("transformer.") and dtype == "F32"
+               for k, (_, dtype) in written.items())
+
+
+def test_the_sd3_finetune_trains_as_its_author_meant(request, tmp_path, monkeypatch):
+    """OneTrainer's #sd 3 (fine-tune): logit-normal timesteps, every transformer weight trained
+    and the text encoders frozen; the transformer written as one float16 file in SAI's layout
+    (ORIGINAL_SINGLE_FILE; OneTrainer's also packs the encoders and VAE, as the import says)."""
+    name = "preset.sd3_finetune.saved"
+    result, spy, _ = train_flow_file(name, request, tmp_path, monkeypatch)
+    drawn_as(spy, name, 1.0)
+    assert spy.trainable == spy.parameters  # the whole transformer
+    assert not [learns for _, learns in spy.encoders if learns]
+    written = tensors(result.output_path)
+    assert "joint_blocks.0.x_block.attn.qkv.weight" in written
+    assert not [k for k in written if k.startswith(("text_encoders.", "first_stage_model.",
+                                                    "transformer."))]
+    assert {dtype for _, dtype in written.values()} == {"F16"}

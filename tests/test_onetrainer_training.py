@@ -6,10 +6,13 @@ sizes and CPU types are set (tests/onetrainer_files.py); what was trained is che
 output file. The effective config, key by key: tests/test_onetrainer.py."""
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from onetrainer_files import (ATTENTION_BLOCK, MANIFEST, REFUSED_AT_START, RESNET,
@@ -163,3 +166,118 @@ def test_the_cli_trains_a_save_config_with_its_concept_file_beside_it(tiny_sd15_
     with safe_open(str(lora_file), "pt") as f:  # DIFFUSERS_LORA: the embedding beside it
         assert f.keys() and not [k for k in f.keys() if k.startswith("bundle_emb")]
     assert lora_file.with_name(f"{lora_file.stem}-mychar.safetensors").is_file()
+
+
+# --- Layer presets: OneTrainer's, picking OneTrainer's layers --------------------------------
+# The manifest's `layer_presets` (tools/onetrainer_fixtures.py) holds each model type's
+# LAYER_PRESETS read from OneTrainer's setup module, and the layers OneTrainer's own
+# LoRAModuleWrapper picked with each preset and a few custom filters on Atelier's tiny models.
+
+LAYERS = MANIFEST["layer_presets"]
+TINY_DIRS = {"sd15": "tiny_sd15_dir", "sdxl": "tiny_sdxl_dir", "flux": "tiny_flux_dir",
+             "flux-schnell": "tiny_flux_schnell_dir", "chroma": "tiny_chroma_dir",
+             "sd3": "tiny_sd3_dir", "sd35": "tiny_sd35_dir"}
+
+
+def onetrainers_pick(denoiser, layer_filter: str, regex: bool) -> list[str] | None:
+    """The layers OneTrainer gives adapters, by its rules (read in modules/util/ModuleFilter.py
+    and modules/module/LoRAModule.py's LoRAModuleWrapper, not imported): every named module of
+    the denoiser that is a torch Linear or Conv2d (a '.checkpoint.' wrapper left out of its
+    name), picked when any comma-separated entry of the filter, stripped, is a substring of
+    the name (an empty entry: every layer; regex: `re.search`). `any()` stops at the first
+    entry that matches, and only that entry counts as used; an unused entry refuses the run
+    (None here)."""
+    entries = [p.strip() for p in layer_filter.split(",")]
+    searches = [re.compile(p).search if regex and p else None for p in entries]
+    used, picked = set(), []
+    for name, module in denoiser.named_modules():
+        name = name.replace(".checkpoint.", ".")
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        for index, (pattern, search) in enumerate(zip(entries, searches)):
+            if not pattern or (search(name) is not None if search else pattern in name):
+                used.add(index)
+                picked.append(name)
+                break
+    return sorted(picked) if len(used) == len(entries) else None
+
+
+_denoisers: dict[str, torch.nn.Module] = {}
+
+
+def loaded_denoiser(kind: str, model_dir: Path) -> torch.nn.Module:
+    """The tiny model's denoiser as diffusers loads it (loaded once; never change it)."""
+    if kind not in _denoisers:
+        import diffusers
+
+        from trainer.models.chroma import quiet_pos_embed_warning
+        folder = model_dir / LAYERS["tiny_models"][kind]["denoiser"]
+        name = json.loads((folder / "config.json").read_text())["_class_name"]
+        with quiet_pos_embed_warning():  # Chroma's, as its family loads it
+            _denoisers[kind] = getattr(diffusers, name).from_pretrained(folder)
+    return _denoisers[kind]
+
+
+def atelier_pick(kind: str, model_dir: Path, tmp_path: Path, **layer_settings) -> list[str]:
+    """The denoiser layers that get an adapter in a run: what add_lora (the run's own call)
+    leaves wrapped in a peft layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from helpers import tiny_config
+    from trainer.lora import add_lora
+    tiny = LAYERS["tiny_models"][kind]
+    config = tiny_config(model_dir, tmp_path, model_type=tiny["model_type"], **layer_settings)
+    denoiser = copy.deepcopy(loaded_denoiser(kind, model_dir))  # adapters go into it
+    add_lora(denoiser, config, tiny["denoiser"])
+    return sorted(n for n, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer))
+
+
+def test_every_family_has_onetrainers_layer_presets():
+    """Each family's LAYER_PRESETS are OneTrainer's for its model type (names and patterns),
+    and every family Atelier trains is recorded."""
+    from trainer.models import registry
+    assert LAYERS["commit"] == MANIFEST["onetrainer"]["commits"]["current"]["hash"]
+    recorded = LAYERS["model_types"]
+    assert set(recorded) == {f.plain_type for f in registry.FAMILIES.values()}
+    assert {t: registry.family_class(t).LAYER_PRESETS for t in recorded} == \
+        {t: r["presets"] for t, r in recorded.items()}
+    assert recorded["FLUX_DEV_1"]["setup_module"].endswith("BaseFluxSetup.py")
+
+
+def layer_cases():
+    for kind, tiny in LAYERS["tiny_models"].items():
+        for preset in tiny["presets"]:
+            yield pytest.param(kind, preset, None, id=f"{kind}-{preset}")
+        for index, _ in enumerate(tiny["custom"]):
+            # among them a top-level 'proj_out' that peft, given a list, would also match as
+            # the name suffix of every single block's proj_out (trainer/lora.py: exactly)
+            yield pytest.param(kind, "custom", index, id=f"{kind}-custom{index}")
+
+
+@pytest.mark.parametrize("kind, preset, custom", list(layer_cases()))
+def test_the_layers_get_adapters_that_onetrainer_picks(kind, preset, custom, request, tmp_path):
+    """On each tiny model, each of OneTrainer's presets and each custom filter (plain, regex)
+    adapts exactly the layers OneTrainer's LoRAModuleWrapper picked (the manifest), which are
+    also what its rules give on the model here; a filter it refuses is refused here."""
+    model_dir = request.getfixturevalue(TINY_DIRS[kind])
+    tiny = LAYERS["tiny_models"][kind]
+    if custom is None:
+        recorded = tiny["presets"][preset]
+        patterns = LAYERS["model_types"][tiny["model_type"]]["presets"][preset]
+        layer_filter, regex = ",".join(patterns), False  # as OneTrainer's LoRA tab writes it
+        settings = {"lora_layer_preset": preset}
+    else:
+        case = tiny["custom"][custom]
+        recorded = case.get("picks")  # None: OneTrainer refused it
+        layer_filter, regex = case["layer_filter"], case["layer_filter_regex"]
+        settings = {"lora_layer_preset": "custom", "layer_filter": layer_filter,
+                    "layer_filter_regex": regex}
+    # the rules as read give OneTrainer's own pick (on the tiny model as it is today)
+    assert onetrainers_pick(loaded_denoiser(kind, model_dir), layer_filter, regex) == recorded
+    if recorded is None:
+        with pytest.raises(ConfigError, match=r"^layer_filter: .* matched no"):
+            atelier_pick(kind, model_dir, tmp_path, **settings)
+        return
+    ours = atelier_pick(kind, model_dir, tmp_path, **settings)
+    assert ours == recorded, {"Atelier only": sorted(set(ours) - set(recorded)),
+                              "OneTrainer only": sorted(set(recorded) - set(ours))}

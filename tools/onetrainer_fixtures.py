@@ -35,6 +35,11 @@ neither of which runs here); the child process stubs exactly those two.
 
 Everything the script did for each file is in `manifest.json` beside them: the commit, the
 config version, the UI steps, the user's edits, and, for LoKr, the expected shapes.
+
+The manifest's `layer_presets` holds, for each model type Atelier trains, the LAYER_PRESETS of
+OneTrainer's setup module at the current commit and the denoiser layers OneTrainer's own
+`LoRAModuleWrapper` picks with each preset (and with a few custom filters, plain and regex) on
+Atelier's tiny model of that type, called as its LoRA setups call it.
 """
 from __future__ import annotations
 
@@ -270,6 +275,26 @@ OLD_PRESETS = {
 }
 
 
+# The layer picks (issue 25): Atelier's tiny model of each kind -> OneTrainer's model type.
+LAYER_PICK_MODELS = {"sd15": "STABLE_DIFFUSION_15", "sdxl": "STABLE_DIFFUSION_XL_10_BASE",
+                     "flux": "FLUX_DEV_1", "flux-schnell": "FLUX_DEV_1", "chroma": "CHROMA_1",
+                     "sd3": "STABLE_DIFFUSION_3", "sd35": "STABLE_DIFFUSION_35"}
+# Custom filters a user may type in the LoRA tab (layer_filter, layer_filter_regex), by the
+# denoiser's kind: substrings with spaces around them, a regular expression that is searched
+# (not matched from the start), one that names the top-level layers exactly, and a name that
+# matches nothing (OneTrainer refuses the run).
+CUSTOM_LAYER_FILTERS = {
+    "unet": [("to_k, conv1", False),
+             (r"down_blocks\.\d\.attentions\.0\..*to_[qv]$", True),
+             (r"^(conv_in|conv_out|time_embedding\.linear_1)$", True),
+             ("no_such_layer", False)],
+    "transformer": [("to_q, proj_out", False),
+                    (r"transformer_blocks\.0\.attn\.(to|add)_[qk]", True),
+                    (r"^(proj_out|norm_out\.linear)$", True),
+                    ("no_such_layer", False)],
+}
+
+
 # --- The parent: extract the commits, run one child per commit, write the manifest -----------
 
 def git(repo: Path, *args: str) -> bytes:
@@ -312,6 +337,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="onetrainer-fixtures-") as temp:
         temp = Path(temp)
         tiny = build_tiny_model(temp / "tiny-sd15")
+        layer_models = build_layer_pick_models(temp / "layer-models")
         for key, commit in COMMITS.items():
             tree = extract(args.repo, commit, temp)
             jobs = {name: spec for name, spec in FIXTURES.items() if spec["commit"] == key}
@@ -324,13 +350,18 @@ def main() -> int:
             result = temp / f"result-{key}.json"
             run_dir = temp / f"run-{key}"
             run_dir.mkdir()
+            request = {"jobs": jobs, "out": str(out), "tiny": str(tiny)}
+            if key == "current":
+                request["layer_models"] = {k: str(p) for k, p in layer_models.items()}
             subprocess.run([sys.executable, str(Path(__file__).resolve()), "--repo",
-                            str(args.repo), "--worker", str(tree),
-                            json.dumps({"jobs": jobs, "out": str(out), "tiny": str(tiny)}),
+                            str(args.repo), "--worker", str(tree), json.dumps(request),
                             str(result)], cwd=run_dir, check=True,
                            env={**os.environ, "PYTHONPATH": str(tree)})
-            for name, entry in json.loads(result.read_text()).items():
+            answer = json.loads(result.read_text())
+            for name, entry in answer["fixtures"].items():
                 manifest["fixtures"][name] = {"commit": commit, **entry}
+            if "layer_presets" in answer:
+                manifest["layer_presets"] = {"commit": commit, **answer["layer_presets"]}
         v6_tree = temp / COMMITS["v6"][:8]
         for file, name in OLD_PRESETS.items():
             data = json.loads((v6_tree / "training_presets" / file).read_text())
@@ -352,6 +383,17 @@ def build_tiny_model(path: Path) -> Path:
     return build_tiny_sd15(path)
 
 
+def build_layer_pick_models(folder: Path) -> dict[str, Path]:
+    """Atelier's tiny models (the ones the tests build: default seeds) of LAYER_PICK_MODELS."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
+    from trainer.models.tiny_flow import build_tiny_flow_model
+    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
+    return {kind: (builders[kind](folder / kind) if kind in builders
+                   else build_tiny_flow_model(kind, folder / kind))
+            for kind in LAYER_PICK_MODELS}
+
+
 # --- The child: one OneTrainer commit imported ------------------------------------------------
 
 def worker(tree: str, jobs_json: str, result_path: str) -> int:
@@ -370,7 +412,10 @@ def worker(tree: str, jobs_json: str, result_path: str) -> int:
             if spec.get("lr_schedule"):
                 results[name]["expected_lr_schedule"] = lr_schedule(
                     Path(tree), out / f"{name}.json", **spec["lr_schedule"])
-    Path(result_path).write_text(json.dumps(results))
+    answer = {"fixtures": results}
+    if request.get("layer_models"):
+        answer["layer_presets"] = layer_picks(Path(tree), request["layer_models"])
+    Path(result_path).write_text(json.dumps(answer))
     return 0
 
 
@@ -540,6 +585,11 @@ SETUP_MODULES = {"is_stable_diffusion_xl": "BaseStableDiffusionXLSetup.py",
 
 def layer_presets(tree: Path, model_type) -> dict:
     """The model's LAYER_PRESETS (PRESETS in older commits), read from OneTrainer's source."""
+    return layer_presets_source(tree, model_type)[1]
+
+
+def layer_presets_source(tree: Path, model_type) -> tuple[str, dict]:
+    """(the setup module they were read from, the model's layer presets)."""
     xl = model_type.is_stable_diffusion_xl()
     setup = next((file for test, file in SETUP_MODULES.items()
                   if getattr(model_type, test, lambda: False)()), "BaseStableDiffusionSetup.py")
@@ -551,8 +601,58 @@ def layer_presets(tree: Path, model_type) -> dict:
         for node in ast.walk(ast.parse(source.read_text())):
             if (isinstance(node, ast.Assign) and len(node.targets) == 1
                     and getattr(node.targets[0], "id", None) == name):
-                return ast.literal_eval(node.value)
+                return f"modules/modelSetup/{file}", ast.literal_eval(node.value)
     raise SystemExit(f"no layer presets found for {model_type}")
+
+
+def layer_picks(tree: Path, models: dict[str, str]) -> dict:
+    """OneTrainer's layer presets of each model type in LAYER_PICK_MODELS, and the denoiser
+    layers its LoRAModuleWrapper picks on each tiny model with each preset and each custom
+    filter (CUSTOM_LAYER_FILTERS): {"model_types": {type: {setup_module, presets}},
+    "tiny_models": {kind: {model_type, denoiser, presets: {preset: [layer]},
+    custom: [{layer_filter, layer_filter_regex, picks | refused}]}}}. The wrapper is built as
+    the LoRA setups build it: on the whole denoiser, with config.layer_filter split at commas."""
+    from unittest import mock
+
+    import diffusers  # before the stubs: they look for gguf
+    for missing in ("parse", "gguf"):  # see the module note
+        sys.modules.setdefault(missing, mock.MagicMock(__path__=[], __name__=missing))
+
+    from modules.module.LoRAModule import LoRAModuleWrapper
+    from modules.util.config.TrainConfig import TrainConfig
+    from modules.util.enum.ModelType import ModelType
+    from modules.util.enum.TrainingMethod import TrainingMethod
+
+    def picks(denoiser, part: str, model_type, layer_filter: str, regex: bool) -> dict:
+        config = TrainConfig.default_values()
+        config.model_type, config.training_method = model_type, TrainingMethod.LORA
+        config.layer_filter, config.layer_filter_regex = layer_filter, regex
+        config.train_device = "cpu"
+        try:
+            wrapper = LoRAModuleWrapper(denoiser, part, config, config.layer_filter.split(","))
+        except ValueError as error:
+            return {"refused": str(error)}
+        return {"picks": sorted(wrapper.lora_modules)}
+
+    model_types, tiny_models = {}, {}
+    for kind, type_name in LAYER_PICK_MODELS.items():
+        model_type = ModelType[type_name]
+        setup_module, presets = layer_presets_source(tree, model_type)
+        model_types[type_name] = {"setup_module": setup_module, "presets": presets}
+        part = "unet" if kind in ("sd15", "sdxl") else "transformer"
+        folder = Path(models[kind]) / part
+        class_name = json.loads((folder / "config.json").read_text())["_class_name"]
+        denoiser = getattr(diffusers, class_name).from_pretrained(folder)
+        entry = {"model_type": type_name, "denoiser": part, "presets": {}, "custom": []}
+        for preset, patterns in presets.items():
+            entry["presets"][preset] = picks(denoiser, part, model_type, ",".join(patterns),
+                                             False)["picks"]
+        for layer_filter, regex in CUSTOM_LAYER_FILTERS[part]:
+            entry["custom"].append({"layer_filter": layer_filter, "layer_filter_regex": regex,
+                                    **picks(denoiser, part, model_type, layer_filter, regex)})
+        tiny_models[kind] = entry
+        del denoiser
+    return {"model_types": model_types, "tiny_models": tiny_models}
 
 
 def optimizer_defaults(tree: Path, config) -> str:

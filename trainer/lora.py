@@ -109,9 +109,17 @@ def text_encoder_targets(encoder: torch.nn.Module) -> list[str]:
             if isinstance(module, torch.nn.Linear)]
 
 
+def exactly(targets: list[str]) -> str:
+    """peft's `target_modules` for exactly these module names. A list would be matched as name
+    suffixes: Flux's top-level `proj_out` would also pick every single block's `proj_out`,
+    which OneTrainer's filter does not; a string is matched whole (re.fullmatch)."""
+    return "^(?:" + "|".join(re.escape(t) for t in targets) + ")$"
+
+
 def adapter_config(config: TrainConfig, targets: list[str]) -> PeftConfig:
     """peft's config for the chosen adapter type; each starts with exactly zero effect (the
     base model): LoRA/DoRA a Gaussian A with a zero B, LoHa a zero w2_b, LoKr a zero w1."""
+    targets = exactly(targets)
     if config.peft_type == PeftType.LORA:
         return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                           lora_dropout=config.lora_dropout, target_modules=targets,
