@@ -66,16 +66,16 @@ def train_sampling_at_the_end(make_config, model_dir, tmp_path):
 def poison_loss_at(monkeypatch, call: int) -> None:
     """Make the loop's `call`-th pixel loss NaN (the others unchanged): a run that diverges
     at a known step."""
-    import trainer.loop as loop_module
+    import trainer.batch_loss as loss_module
 
-    real, calls = loop_module.pixel_loss, []
+    real, calls = loss_module.pixel_loss, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == call else loss
 
-    monkeypatch.setattr(loop_module, "pixel_loss", poisoned)
+    monkeypatch.setattr(loss_module, "pixel_loss", poisoned)
 
 
 def stop_at(step):

@@ -22,10 +22,8 @@ REFUSED = {
     "sd15_lora_oft.saved": "peft_type",                    # OFT_2 is not built here
     "sd15_lora_came.saved": "optimizer.optimizer",         # CAME is not one of Atelier's
     "sd15_lora_validation_concept.exported": "concepts[1].type",  # VALIDATION
-    # quantized frozen weights: issue 26 (the key and value named; the first is the denoiser's)
-    "preset.flux_lora.saved": "transformer.weight_dtype",  # NFLOAT_4 (and T5's)
-    "preset.chroma_lora_8gb.saved": "transformer.weight_dtype",   # FLOAT_8 (and T5's)
-    "preset.chroma_lora_16gb.saved": "transformer.weight_dtype",  # FLOAT_8
+    # streaming the transformer from the CPU: issue 26's offloading (its FLOAT_8 weights import)
+    "preset.chroma_lora_8gb.saved": "transformer.offload_fraction",
 }
 # Accepted by the translation, refused when the run starts (check_supported), with the key.
 REFUSED_AT_START = {

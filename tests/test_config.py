@@ -294,11 +294,19 @@ def test_what_the_families_can_do_is_accepted(data):
 
 
 @pytest.mark.parametrize("dtype", ["FLOAT_8", "NFLOAT_4", "INT_8"])
-def test_quantized_weights_are_refused_naming_key_and_value(dtype):
-    """Issue 26's weight types, in Atelier's own config too: named, never replaced."""
+def test_quantized_weights_are_accepted(dtype):
+    """Issue 26's weight types (trainer/quantization.py), in Atelier's own config too."""
+    config = config_from_dict({**FLUX, "transformer": {"weight_dtype": dtype}})
+    assert config.transformer.weight_dtype.value == dtype
+    check_supported(config)
+
+
+@pytest.mark.parametrize("dtype", ["GGUF", "FLOAT_W8A8", "INT_W8A8_COMPRESSED"])
+def test_quantized_types_atelier_does_not_build_are_refused_naming_key_and_value(dtype):
+    """OneTrainer's other quantized types, in Atelier's own config too: named, never replaced."""
     with pytest.raises(ConfigError) as error:
         config_from_dict({**FLUX, "transformer": {"weight_dtype": dtype}})
-    assert str(error.value) == (
-        f"transformer.weight_dtype: {dtype} needs quantized weights (issue 26), not available "
-        "yet; set transformer.weight_dtype to BFLOAT_16 to train unquantized.")
+    assert str(error.value).startswith(f"transformer.weight_dtype: {dtype} (")
+    assert str(error.value).endswith(") is not built in Atelier; set transformer.weight_dtype "
+                                     "to FLOAT_8 (8-bit weights) or NFLOAT_4 (4-bit).")
 

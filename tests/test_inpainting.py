@@ -134,11 +134,12 @@ def two_images(tmp_path):
 
 def spy_on_the_step(monkeypatch):
     """Record each step's batch image paths, the UNet's input and the loss mask."""
+    import trainer.batch_loss as batch_loss
     import trainer.loop as loop
     from trainer.models.sd15 import SD15Family
     seen = {"paths": [], "inputs": [], "loss_masks": []}
     real_to_device, real_predict, real_loss = (loop.to_device, SD15Family.predict,
-                                               loop.masked_sample_loss)
+                                               batch_loss.masked_sample_loss)
 
     def to_device(batch, device):
         seen["paths"].append([pathlib.Path(p).stem for p in batch["image_path"]])
@@ -154,7 +155,7 @@ def spy_on_the_step(monkeypatch):
 
     monkeypatch.setattr(loop, "to_device", to_device)
     monkeypatch.setattr(SD15Family, "predict", predict)
-    monkeypatch.setattr(loop, "masked_sample_loss", loss)
+    monkeypatch.setattr(batch_loss, "masked_sample_loss", loss)
     return seen
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import trainer.batch_loss
 import trainer.loop
 from trainer.config import config_from_dict
 from trainer.loop import train
@@ -109,13 +110,13 @@ def test_unmasked_probability_applies_per_sample(tiny_sd15_dir, tmp_path, monkey
     with probability 0, about half with 0.5, and mixed within one batch."""
     folder = half_masked_folder(tmp_path, mask_value=0)  # all-black masks
     seen: list[torch.Tensor] = []
-    original = trainer.loop.masked_sample_loss
+    original = trainer.batch_loss.masked_sample_loss
 
     def spy(per_pixel, mask, **kwargs):
         seen.append(mask.detach().flatten(1).mean(dim=1).clone())  # 0 = masked, 1 = unmasked
         return original(per_pixel, mask, **kwargs)
 
-    monkeypatch.setattr(trainer.loop, "masked_sample_loss", spy)
+    monkeypatch.setattr(trainer.batch_loss, "masked_sample_loss", spy)
     run(tiny_sd15_dir, tmp_path / "never", folder, masked_training=True, unmasked_weight=0.0,
         unmasked_probability=0.0, epochs=4)
     assert len(seen) == 8 and all(torch.all(m == 0) for m in seen)

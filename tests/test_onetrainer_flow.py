@@ -1,9 +1,9 @@
 """OneTrainer's files for the flow-matching families (Flux.1, Chroma, SD 3), written by its own
 code (tests/fixtures/onetrainer: its presets '#flux LoRA', '#chroma LoRA 8GB/16GB/24GB', '#sd 3
 LoRA', '#sd 3' loaded and saved by its UI, and a saved Flux LoRA whose user set the quantized
-weights to BFLOAT_16): each imports as its author meant, field by field, or is refused naming
-the quantized key and value (issue 26). Then the import's rules for these families, on
-OneTrainer's own files with one key changed as a user would change it."""
+weights to BFLOAT_16): each imports as its author meant, field by field, quantized weights
+(FLOAT_8, NFLOAT_4) and their layer filter included. Then the import's rules for these
+families, on OneTrainer's own files with one key changed as a user would change it."""
 from __future__ import annotations
 
 import copy
@@ -87,14 +87,14 @@ MEANT = {
         "text_encoder.train": False, "text_encoder_2.train": False,
         "text_encoder_3.train": False, "text_encoder_3.weight_dtype": "FLOAT_16"},
 }
-# OneTrainer's presets that store frozen weights quantized: refused, the key and value named.
-QUANTIZED = {
-    "preset.flux_lora.saved": ("transformer.weight_dtype: NFLOAT_4",
-                               "text_encoder_2.weight_dtype: NFLOAT_4"),
-    "preset.chroma_lora_8gb.saved": ("transformer.weight_dtype: FLOAT_8",
-                                     "text_encoder.weight_dtype: FLOAT_8"),
-    "preset.chroma_lora_16gb.saved": ("transformer.weight_dtype: FLOAT_8",),
-}
+# OneTrainer's presets that store frozen weights quantized: the same files with those weights
+# (the manifest's and the fixtures' only differences), and OneTrainer's quantization filter.
+MEANT["preset.flux_lora.saved"] = {
+    **MEANT["flux_lora_bf16.saved"], "transformer.weight_dtype": "NFLOAT_4",
+    "text_encoder_2.weight_dtype": "NFLOAT_4", "quantization.layer_filter_preset": "full"}
+MEANT["preset.chroma_lora_16gb.saved"] = {
+    **MEANT["preset.chroma_lora_24gb.saved"], "transformer.weight_dtype": "FLOAT_8",
+    "quantization.layer_filter_preset": "blocks"}
 
 
 @pytest.mark.parametrize("name", MEANT)
@@ -107,20 +107,24 @@ def test_the_file_imports_as_its_author_meant_field_by_field(name):
     check_supported(config)  # and the run may start
 
 
-@pytest.mark.parametrize("name, named", QUANTIZED.items())
-def test_quantized_weights_are_refused_naming_the_key_and_value(name, named):
-    with pytest.raises(ConfigError) as error:
-        read(name)
-    message = str(error.value)
-    assert message.startswith(named[0]) and all(key in message for key in named)
-    assert "needs quantized weights (issue 26), not available yet; set " \
-           "transformer.weight_dtype to BFLOAT_16 to train unquantized" in message
+def test_the_8gb_chroma_preset_imports_its_float8_weights():
+    """'#chroma LoRA 8GB' also streams 60 % of the transformer from the CPU (offloading: issue
+    26's other half, refused by its own key); its weights import as meant: the transformer and
+    T5 in FLOAT_8, OneTrainer's 'blocks' filter."""
+    data = copy.deepcopy(raw("preset.chroma_lora_8gb.saved"))
+    data["transformer"]["offload_fraction"] = 0.0
+    config, notes = imported(data)
+    meant = {**MEANT["preset.chroma_lora_16gb.saved"], "text_encoder.weight_dtype": "FLOAT_8"}
+    differ = {key: (value(config, key), want) for key, want in meant.items()
+              if value(config, key) != want}
+    assert not differ, differ
+    check_supported(config)
 
 
 def test_the_bfloat16_variant_differs_from_the_preset_only_where_its_user_changed_it():
     """The saved Flux LoRA is OneTrainer's preset with the transformer's and T5's weights set
     to BFLOAT_16 (the manifest records the steps): it imports and validates, and with those
-    two values put back in the preset the refusal is the preset's."""
+    two values put back it is the preset."""
     preset, saved = raw("preset.flux_lora.saved"), raw("flux_lora_bf16.saved")
     assert entry("flux_lora_bf16.saved")["how"][1].startswith(
         "TopBarController.load_config_from_file('training_presets/Flux Dev.1/#flux LoRA.json')")
@@ -189,7 +193,9 @@ def test_flux_keys_mean_what_they_meant():
      "is not a format Atelier writes; for Flux.1 and training_method LORA it writes "
      "DIFFUSERS_LORA, KOHYA_LORA, COMFY_LORA"),
     ({"quantization__svd_dtype": "BFLOAT_16", "transformer__weight_dtype": "INT_8"},
-     "transformer.weight_dtype: INT_8 needs quantized weights"),
+     "quantization.svd_dtype: 'BFLOAT_16' cannot be trained here: SVDQuant"),
+    ({"transformer__weight_dtype": "GGUF"}, "transformer.weight_dtype: GGUF (weights read "
+                                            "pre-quantized from a GGUF file) is not built"),
 ])
 def test_what_flux_would_do_differently_is_refused_naming_the_key(changes, refused):
     data = flux(**changes)

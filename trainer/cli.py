@@ -1,6 +1,7 @@
 """Command line: the same engine as the page, headless, with a terminal progress bar.
 
     python -m trainer train --config my.json [--set key=value ...]
+    python -m trainer estimate --config my.json [--set key=value ...] [--json] [--gpu-gb N]
     python -m trainer make-tiny-model sd15 OUT_DIR        (or sdxl, sd15-inpaint, sdxl-inpaint,
                                                            flux, flux-schnell, chroma, sd3, sd35,
                                                            or clipseg, or captioner
@@ -55,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE", help="override a key, e.g. --set unet.learning_rate=1e-4")
     train.add_argument("--preset", action="append", default=[],
                        help="a partial JSON config layered under --config (repeatable)")
+
+    estimate = sub.add_parser(
+        "estimate", help="the GPU memory a config's training needs (before training)",
+        description="Estimate the GPU memory a config's training needs: weights (from the "
+                    "model files), gradients and optimizer state, activations, and whether it "
+                    "fits this machine's GPU (or --gpu-gb), naming what would make it fit.")
+    estimate.add_argument("--config", required=True, help="an Atelier JSON config (Export config)")
+    estimate.add_argument("--set", dest="overrides", action="append", default=[],
+                          metavar="KEY=VALUE", help="override a key, e.g. --set batch_size=4")
+    estimate.add_argument("--json", action="store_true",
+                          help="print {weights_gb, optimizer_gb, activations_gb, total_gb, "
+                               "device_gb, parts, ...} as JSON")
+    estimate.add_argument("--gpu-gb", type=float, default=None, metavar="N",
+                          help="compare with a GPU of N GB instead of this machine's")
 
     convert = sub.add_parser("convert-checkpoint",
                              help="convert a trusted pickle .ckpt to .safetensors (local only)")
@@ -207,6 +222,32 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def run_estimate(args) -> int:
+    import json
+
+    from trainer import memory_estimate
+    from trainer.config import load_config
+
+    config = load_config(args.config, args.overrides,
+                         warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    device = "auto" if args.gpu_gb is None else args.gpu_gb
+    result = memory_estimate.estimate(config, device_gb=device)
+    warning = memory_estimate.warning_sentence(config, result)
+    if args.json:
+        print(json.dumps({**result.to_json(), "warning": warning}, indent=2))
+        return 0
+    print(memory_estimate.fit_sentence(result))
+    print(memory_estimate.breakdown(result))
+    print("Weights by part: " + ", ".join(
+        f"{part} {gb:.2f} GB{'' if part in result.on_gpu else ' (off the GPU)'}"
+        for part, gb in result.parts.items()))
+    for note in result.notes:
+        print(note)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
 
 
 def run_train(args) -> int:
@@ -387,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "estimate":
+            return run_estimate(args)
         if args.command == "convert-checkpoint":
             from trainer.models.convert import convert_pickle_checkpoint
             print(f"Wrote {convert_pickle_checkpoint(args.source, args.destination)}")

@@ -187,6 +187,18 @@ class DataType(str, Enum):
     FLOAT_16 = "FLOAT_16"
     BFLOAT_16 = "BFLOAT_16"
     TFLOAT_32 = "TFLOAT_32"
+    # Storage of a part's frozen weights only (`<part>.weight_dtype`; trainer/quantization.py):
+    # float8 e4m3 with row scales, bitsandbytes' int8 and NF4. Never a compute or file type.
+    FLOAT_8 = "FLOAT_8"
+    INT_8 = "INT_8"
+    NFLOAT_4 = "NFLOAT_4"
+
+
+# The types that store weights quantized, and those that compute (train_dtype, output_dtype:
+# the page offers them only, for every model type).
+QUANTIZED_TYPES = ("FLOAT_8", "INT_8", "NFLOAT_4")
+FLOAT_TYPES = [d.value for d in DataType if d.value not in QUANTIZED_TYPES]
+FLOAT_TYPES_ONLY = {"model_type": {value: FLOAT_TYPES for value in registry.FAMILIES}}
 
 
 class Optimizer(str, Enum):
@@ -290,7 +302,9 @@ def part_weight_dtype(name: str) -> Any:
         tooltip=f"Storage type of the {name}'s frozen weights. A fine-tuned part trains "
                 "float32 master weights, or with optimizer.stochastic_rounding (⋯ dialog) its "
                 "BFLOAT_16 weights in place. BFLOAT_16 halves their memory; FLOAT_16 needs a "
-                "CUDA GPU.")
+                "CUDA GPU. FLOAT_8 (float8, any device), INT_8 and NFLOAT_4 (bitsandbytes, as "
+                "QLoRA) store its linear layers in 8 or 4 bits under a LoRA, the rest in the "
+                "train data type; not for a fine-tuned part.")
 
 
 def _part(key: str, name: str, *, train: bool, stop_after: int,
@@ -380,6 +394,30 @@ class VAEConfig(Strict):
     """The VAE only encodes the training images (once, when latents are cached) and decodes
     samples; it is never trained."""
     weight_dtype: DataType = part_weight_dtype("VAE")
+
+
+class QuantizationConfig(Strict):
+    """Which linear layers of a UNet / transformer stored quantized (weight_dtype FLOAT_8,
+    INT_8, NFLOAT_4) are quantized: OneTrainer's `quantization` keys, its presets (the LoRA's
+    layer presets of each family). Text encoders and the VAE quantize every linear layer, as in
+    OneTrainer (trainer/quantization.py)."""
+    layer_filter_preset: LoraLayerPreset = setting(
+        LoraLayerPreset.FULL, section="Train data type", label="Quantized layers",
+        tooltip="Which linear layers of a UNet / transformer stored in FLOAT_8, INT_8 or "
+                "NFLOAT_4 are quantized, by the LoRA's layer presets: full = every linear "
+                "layer; blocks = those of the transformer blocks (not the embedders or the "
+                "final layer); custom = the filter below. Norms, embeddings and convolutions "
+                "are never quantized.")
+    layer_filter: str = setting(
+        "", section="Train data type", label="Quantization filter",
+        applies_to={"quantization.layer_filter_preset": ["custom"]},
+        tooltip="Comma-separated parts of layer names (transformer_block, attn); a linear "
+                "layer whose name contains any of them is quantized. Empty = every one.")
+    layer_filter_regex: bool = setting(
+        False, section="Train data type", label="Quantization filter as regular expressions",
+        applies_to={"quantization.layer_filter_preset": ["custom"]},
+        tooltip="Read each quantization filter entry as a regular expression searched in the "
+                "layer name.")
 
 
 class ConceptConfig(Strict):
@@ -552,6 +590,7 @@ class TrainConfig(Strict):
                 "names); fine-tune DIFFUSERS or ORIGINAL_SINGLE_FILE (the original layout).")
     output_dtype: DataType = setting(
         DataType.FLOAT_32, section="Model", label="Output data type",
+        choices_for=FLOAT_TYPES_ONLY,
         tooltip="Precision of the saved weights. FLOAT_16 halves the file size.")
     workspace_dir: str = setting(
         "workspace/run", section="Model", label="Workspace folder",
@@ -641,6 +680,7 @@ class TrainConfig(Strict):
     # Train data type
     train_dtype: DataType = setting(
         DataType.FLOAT_16, section="Train data type", label="Train data type",
+        choices_for=FLOAT_TYPES_ONLY,
         tooltip="Autocast type of the forward pass. FLOAT_16 is fast on GPUs (with gradient "
                 "scaling); FLOAT_32 the most precise; BFLOAT_16 works on CPUs and recent GPUs.")
 
@@ -653,6 +693,7 @@ class TrainConfig(Strict):
     unet: UNetConfig = part_field(UNetConfig, "unet")  # type: ignore
     transformer: TransformerConfig = part_field(TransformerConfig, "transformer")  # type: ignore
     vae: VAEConfig = Field(default_factory=VAEConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     # T5's token count (OneTrainer's keys, top level as there): longer captions are cut there.
     text_encoder_sequence_length: Optional[int] = setting(
         512, section="Text encoder", label="Sequence length", ge=1, le=4096,
@@ -1209,8 +1250,87 @@ def check_supported(config: TrainConfig) -> None:
     check_timestep_draw(config)
     check_adapter_type(config)
     check_embeddings(config)
+    check_quantization(config)
     from trainer.optim.stochastic_rounding import check_stochastic_rounding
     check_stochastic_rounding(config)
+
+
+# LoRA files whose DoRA scale is computed from the base weights (trainer/lora.py dora_scale).
+DORA_SCALE_FORMATS = ("KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA")
+
+
+def check_quantization(config: TrainConfig) -> None:
+    """Quantized weight types (trainer/quantization.py) store frozen weights: never a compute or
+    file type, never a fine-tuned part's, and, stored by bitsandbytes, not where Atelier would
+    read their values back yet. Whether bitsandbytes runs on the device is checked at the start
+    (quantization.check_device)."""
+    for key in ("train_dtype", "output_dtype"):
+        value = getattr(config, key).value
+        if value in QUANTIZED_TYPES:
+            what = "compute" if key == "train_dtype" else "file"
+            raise ConfigError(f"{key} = {value} is a storage type of frozen weights, not a "
+                              f"{what} type; choose {', '.join(FLOAT_TYPES)}.")
+    facts = config.model_type.facts
+    quantized = {part: getattr(config, part).weight_dtype.value for part in (*facts.parts, "vae")
+                 if getattr(config, part).weight_dtype.value in QUANTIZED_TYPES}
+    method = config.training_method
+    for part, value in quantized.items():
+        # layer streaming (trainer/layer_offload.py: the denoiser, trained text encoders)
+        streamed = part == facts.denoiser or (part != "vae" and getattr(config, part).train)
+        if config.layer_offload_fraction > 0 and streamed and value in ("INT_8", "NFLOAT_4"):
+            raise ConfigError(f"layer_offload_fraction = {config.layer_offload_fraction:g} with "
+                              f"{part}.weight_dtype = {value}: streaming moves a block's "
+                              "parameters, not the scales bitsandbytes keeps beside them; store "
+                              f"the {part} in FLOAT_8 (which streams) or set the fraction to 0.")
+        if part == "vae" or not getattr(config, part).train:
+            continue
+        if method == TrainingMethod.FINE_TUNE:
+            raise ConfigError(f"{part}.weight_dtype = {value}: a fine-tuned part trains its own "
+                              "weights, which are not stored quantized; choose BFLOAT_16 or "
+                              f"FLOAT_32 for the {part}, or train a LoRA on it.")
+        packed = value in ("INT_8", "NFLOAT_4")
+        if method != TrainingMethod.LORA or not packed:
+            continue
+        # bitsandbytes holds the weights packed; peft's LoHa / LoKr and the writers below read
+        # the shapes or values of plain (or FLOAT_8) base weights only
+        fmt = config.output_model_format.value
+        if value == "NFLOAT_4" and config.peft_type != PeftType.LORA:
+            raise ConfigError(f"peft_type = {config.peft_type.value} with {part}.weight_dtype = "
+                              "NFLOAT_4: peft sizes LoHa and LoKr factors from the base weight's "
+                              "shape, which bitsandbytes' 4-bit layer holds packed; use peft_type "
+                              f"LORA, or store the {part} in FLOAT_8 or INT_8.")
+        if config.lora_decompose and fmt in DORA_SCALE_FORMATS:
+            raise ConfigError(f"lora_decompose (DoRA) with {part}.weight_dtype = {value}: the "
+                              f"{fmt} file's dora_scale is computed from the base weights, which "
+                              "bitsandbytes holds quantized; write DIFFUSERS_LORA, or store the "
+                              f"{part} in FLOAT_8.")
+        if config.lora_decompose and config.lora_model_name:
+            raise ConfigError(f"lora_model_name with DoRA and {part}.weight_dtype = {value}: "
+                              "continuing a DoRA file reads the base weights, which "
+                              f"bitsandbytes holds quantized; store the {part} in FLOAT_8.")
+        if value == "NFLOAT_4" and part == facts.denoiser and facts.flow_matching \
+                and fmt != "DIFFUSERS_LORA":
+            raise ConfigError(f"output_model_format = {fmt} with {part}.weight_dtype = NFLOAT_4: "
+                              f"{facts.label}'s {fmt} names the fused q/k/v layers, sized from "
+                              "the base weights, which bitsandbytes holds packed; write "
+                              "DIFFUSERS_LORA, or store the transformer in FLOAT_8 or INT_8.")
+    settings = config.quantization
+    if facts.denoiser not in quantized:
+        return  # the filter picks among the denoiser's layers only: nothing to pick here
+    preset = settings.layer_filter_preset
+    if preset == LoraLayerPreset.CUSTOM:
+        if settings.layer_filter_regex:
+            for pattern in settings.layer_filter.split(","):
+                try:
+                    re.compile(pattern.strip())
+                except re.error as error:
+                    raise ConfigError(f"quantization.layer_filter: {pattern.strip()!r} is not a "
+                                      f"valid regular expression ({error}).") from None
+        return
+    presets = registry.family_class(config.model_type).LAYER_PRESETS  # OneTrainer's
+    if preset.value not in presets:
+        raise ConfigError(f"quantization.layer_filter_preset = {preset.value} is not a layer "
+                          f"preset of {facts.label}; it has {', '.join(presets)} (or custom).")
 
 
 def check_embeddings(config: TrainConfig) -> None:

@@ -25,6 +25,7 @@ from trainer.config import (DataType, EMAMode, TimeUnit, TrainConfig, TrainingMe
                             check_supported)
 from trainer.compilation import (COMPILING_STATUS, FirstStepOfShape, check_compile,
                                  compile_blocks, compile_wanted)
+from trainer.batch_loss import BatchLoss
 from trainer.backup import (Cadence, backup_root, capture_rng, list_backups, read_backup,
                             restore_rng, write_backup)
 from trainer.control import Control
@@ -35,7 +36,6 @@ from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
 from trainer.layer_offload import check_layer_offload, offload_parts, streamed_parts
 from trainer.lora import continue_from_file
-from trainer.loss import masked_sample_loss, pixel_loss, sample_noise
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
 from trainer.models import registry
 from trainer.models.family import load_family
@@ -44,6 +44,7 @@ from trainer.optim.clipping import clip_gradients
 from trainer.optim.fused import FusedBackward, check_fused_backward
 from trainer.optim.registry import ADAPTIVE, build_optimizer, effective_learning_rates
 from trainer.optim.schedules import Schedule
+from trainer.quantization import is_quantized, quantize_frozen_parts
 from trainer.residency import FrozenPartsResidency, cache_served, fill_caches_first
 from trainer.sampling import render_samples
 
@@ -89,10 +90,15 @@ def mixed_precision(config: TrainConfig, device_type: str, warn) -> str:
 
 
 def weight_dtypes(config: TrainConfig, device_type: str) -> dict[str, torch.dtype]:
-    """The storage type of each model part's frozen weights (`<part>.weight_dtype`)."""
+    """The storage type of each model part's frozen weights (`<part>.weight_dtype`). A part
+    stored quantized (FLOAT_8, INT_8, NFLOAT_4) keeps its quantized linear layers as they are
+    (no `.to(dtype)` touches them: trainer/quantization.py) and the rest of it, norms,
+    embeddings, convolutions, biases and unquantized layers, in the train dtype, as OneTrainer
+    stores it: that is the type given here."""
     dtypes = {}
     for part in (*registry.facts(config.model_type).parts, "vae"):
-        dtype = TORCH_DTYPES[getattr(config, part).weight_dtype]
+        stored = getattr(config, part).weight_dtype
+        dtype = TORCH_DTYPES[config.train_dtype if is_quantized(stored) else stored]
         if dtype == torch.float16 and device_type != "cuda":
             raise TrainingError(f"{part}.weight_dtype FLOAT_16 needs a CUDA GPU; on the CPU "
                                 "use FLOAT_32 or BFLOAT_16.")
@@ -217,6 +223,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     status(f"Loading {config.base_model_name}")
     family = load_family(config)
+    # FLOAT_8 / INT_8 / NFLOAT_4 parts: their linear layers quantized, before adapters are added
+    for line in quantize_frozen_parts(family, config, accelerator.device):
+        status(line)
     vae = family.vae
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtypes["vae"])
@@ -332,57 +341,17 @@ def train(config: TrainConfig, control: Control | None = None, *,
     if is_main:
         atomic_write_text(workspace / "config.json", config.to_json())
     destination = output_path(config)
-    objective = family.objective  # DDPM's ε / v, or flow matching (models/objectives.py)
     noise_generator = torch.Generator(accelerator.device).manual_seed(
         config.seed + accelerator.process_index)
 
+    batch_loss = BatchLoss(config, family, data, accelerator.device, noise_generator,
+                           inpainting)
+
     def training_loss(batch: dict, epoch: int, step: int) -> torch.Tensor:
-        latents = data.latents(batch, vae, noise_generator, accelerator.device)  # or cached
         grad = {p: part_is_active(config, p, epoch, step) for p in parts}
         for part in embeddings.encoders_with_trained_vectors() if embeddings else ():
             grad[part] = True  # the vectors' gradient flows through the (frozen) encoder
-        # Caption dropout as the family was trained: SD 1.5 encodes an empty caption, SDXL
-        # zeroes each text encoder's output with that encoder's probability.
-        conditioning = family.caption_dropout(batch["caption"], lambda captions: data.conditioning(
-            family, captions, batch, clip_skip=config.text_encoder.clip_skip,  # cached when
-            device=accelerator.device, grad=grad))                             # TEs are frozen
-
-        noise = sample_noise(latents.shape, noise_generator, latents.device,
-                             config.offset_noise_weight)
-        noised = objective.noised(latents, noise, noise_generator)
-        # Per sample: trained without its mask with probability unmasked_probability (with
-        # masked training; for an inpainting model always, as OneTrainer).
-        unmasked = None
-        if config.masked_training or inpainting is not None:
-            unmasked = torch.rand(latents.shape[0]) < config.unmasked_probability
-        model_input, inpaint_mask = noised.noisy, None
-        if inpainting is not None:  # 9 channels: latents, mask, masked image's latents
-            inpaint_mask, masked_latents = inpainting(batch, latents.shape[-2:],
-                                                      accelerator.device, unmasked)
-            model_input = torch.cat([model_input, inpaint_mask.to(model_input.dtype),
-                                     masked_latents.to(model_input.dtype)], dim=1)
-        prediction = family.predict(model_input, noised.timesteps, conditioning)
-
-        per_pixel = pixel_loss(prediction, noised.target, mse_strength=config.mse_strength,
-                               mae_strength=config.mae_strength,
-                               huber_strength=config.huber_strength,
-                               huber_delta=config.huber_delta)
-        mask = None
-        if config.masked_training and inpaint_mask is not None:
-            mask = inpaint_mask  # one mask, as OneTrainer: the loss weights the inpaint region
-        elif config.masked_training:
-            # a copy: the batch's tensor may be shared with a cache, never write into it
-            mask = batch["mask"].to(accelerator.device, torch.float32, copy=True)
-            mask[unmasked.to(mask.device, non_blocking=True)] = 1.0
-            mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="area")
-        loss = masked_sample_loss(per_pixel, mask, unmasked_weight=config.unmasked_weight,
-                                  normalize=config.normalize_masked_area_loss)
-        if noised.weight is not None:  # min-SNR-γ, or flow matching's SIGMA weighting
-            loss = loss * noised.weight
-        weights = batch["loss_weight"]  # per sample, from the concepts; usually all 1
-        if bool((weights != 1).any()):  # decided on the host copy: no GPU read
-            loss = loss * weights.to(loss.device, loss.dtype, non_blocking=True)
-        return loss.mean()
+        return batch_loss(batch, grad)
 
     def ema_weights():
         """Samples and saved models use the EMA weights when EMA is on."""

@@ -10,16 +10,16 @@ the HTTP API (all via `config_from_dict`). The rules, in short:
 - what OneTrainer counts differently is converted, with a note: its STEP units are batches,
   Atelier's optimizer updates; an older file's layer preset is what OneTrainer meant then;
 - what Atelier cannot honour is refused with the key and its value, never replaced by a
-  default or dropped as an unknown key (quantized weights, per-part offloading of the
-  flow-matching families: issue 26);
+  default or dropped as an unknown key (the quantized weight types Atelier does not build,
+  W8A8 and GGUF; per-part offloading of the flow-matching families: issue 26);
 - what has no effect on the run (parts and keys the model's family does not have, cloud,
   OneTrainer's app and logging, optimizers not chosen, ...) is set aside and counted by kind
   in one note (trainer/onetrainer_keys.py lists them). Which family has which parts and
   switches is trainer/models/registry.py's.
 
 Atelier's own configs pass through unchanged apart from the few older names they once shared
-with OneTrainer (`translate` is idempotent on them), and quantized weight types are refused in
-them too.
+with OneTrainer (`translate` is idempotent on them), and the quantized weight types Atelier does
+not build are refused in them too.
 """
 from __future__ import annotations
 
@@ -71,19 +71,27 @@ UNWRITTEN_FORMATS = {"ORIGINAL_LORA": "OneTrainer's original-namespace LoRA with
 PARTS = registry.ALL_PARTS
 FLAT_PARTS = ("unet", "text_encoder", "text_encoder_2")
 LAYER_PRESETS = tuple(preset.value for preset in LoraLayerPreset)
-# OneTrainer's weight types that store frozen weights quantized (its DataType.is_quantized, and
-# GGUF files): issue 26. Refused by key and value until then, never replaced.
 # OneTrainer's loss weights that each objective takes here (MIN_SNR_GAMMA is min_snr_gamma).
 FLOW_WEIGHTS = tuple(weight.value for weight in FLOW_LOSS_WEIGHTS)
 DDPM_WEIGHTS = ("CONSTANT", "MIN_SNR_GAMMA")
-QUANTIZED_DTYPES = ("FLOAT_8", "INT_8", "NFLOAT_4", "FLOAT_W8A8", "INT_W8A8",
-                    "FLOAT_W8A8_COMPRESSED", "INT_W8A8_COMPRESSED", "GGUF", "GGUF_A8_FLOAT",
-                    "GGUF_A8_INT")
-# OneTrainer's QuantizationConfig defaults: its layer filter picks which layers of a quantized
-# part are quantized, and does nothing where no part is.
+# OneTrainer's quantized weight types that Atelier does not build (it builds FLOAT_8, INT_8 and
+# NFLOAT_4: trainer/quantization.py), with what they are. Refused by key and value, never
+# replaced.
+UNBUILT_DTYPES = {
+    "FLOAT_W8A8": "float8 weights with float8 activations, OneTrainer's own matmuls",
+    "INT_W8A8": "int8 weights with int8 activations, OneTrainer's own matmuls",
+    "FLOAT_W8A8_COMPRESSED": "float8 weights and activations, compressed with nvCOMP",
+    "INT_W8A8_COMPRESSED": "int8 weights and activations, compressed with nvCOMP",
+    "GGUF": "weights read pre-quantized from a GGUF file",
+    "GGUF_A8_FLOAT": "weights from a GGUF file with float8 activations",
+    "GGUF_A8_INT": "weights from a GGUF file with int8 activations",
+}
+# OneTrainer's QuantizationConfig defaults: its layer filter picks which of the denoiser's
+# layers are quantized (text encoders and the VAE: all), and does nothing where it is not.
 QUANTIZATION_DEFAULTS = {"layer_filter": "", "layer_filter_preset": "full",
                          "layer_filter_regex": False, "svd_dtype": "NONE", "svd_rank": 16,
                          "cache_dir": None}
+STORED_QUANTIZED = ("FLOAT_8", "INT_8", "NFLOAT_4")
 # Of the T5 sequence lengths, OneTrainer reads only text_encoder_2's (Flux.1) for the families
 # Atelier trains; Chroma's T5 takes its tokenizer's maximum whatever text_encoder_sequence_length
 # says.
@@ -333,23 +341,36 @@ def _refuse_what_is_not_honoured(data: dict) -> None:
 
 
 def _refuse_quantized_weights(data: dict) -> None:
-    """A part whose frozen weights OneTrainer would store quantized (FLOAT_8, NFLOAT_4, ...):
-    that needs quantized layers, which come with issue 26. Every config, OneTrainer's or not;
-    the parts the family has, the older files' one type for all parts among them."""
+    """A part whose frozen weights OneTrainer would store in a quantized type Atelier does not
+    build (W8A8, GGUF: `UNBUILT_DTYPES`); FLOAT_8, INT_8 and NFLOAT_4 are Atelier's too. Every
+    config, OneTrainer's or not; the parts the family has (and the VAE), the older files' one
+    type for all parts among them."""
     family = _family(data)
     if family is None:
         return
-    parts = (family.denoiser, *family.text_encoders)
+    parts = (family.denoiser, *family.text_encoders, "vae")
     found = [(key, data.get(key)) for key in ("weight_dtype", *(
         f"{part}_weight_dtype" for part in parts))]
     found += [(f"{part}.weight_dtype", data[part].get("weight_dtype"))
               for part in parts if isinstance(data.get(part), dict)]
-    quantized = [(key, value) for key, value in found if value in QUANTIZED_DTYPES]
-    if quantized:
-        (key, value), others = quantized[0], quantized[1:]
+    unbuilt = [(key, value) for key, value in found if value in UNBUILT_DTYPES]
+    if unbuilt:
+        (key, value), others = unbuilt[0], unbuilt[1:]
         also = "".join(f"; so does {k}: {v}" for k, v in others)
-        raise ConfigError(f"{key}: {value} needs quantized weights (issue 26), not available "
-                          f"yet; set {key} to BFLOAT_16 to train unquantized{also}.")
+        raise ConfigError(f"{key}: {value} ({UNBUILT_DTYPES[value]}) is not built in Atelier; "
+                          f"set {key} to FLOAT_8 (8-bit weights) or NFLOAT_4 (4-bit){also}.")
+
+
+def _stored_as(data: dict, part: str) -> Any:
+    """The weight type OneTrainer stores `part` in: its section's, else its older flat key's,
+    else the older top-level one's (not the VAE's), as `_weight_dtypes` resolves them."""
+    section = data.get(part)
+    own = section.get("weight_dtype") if isinstance(section, dict) else None
+    for value in (own, data.get(f"{part}_weight_dtype"),
+                  None if part == "vae" else data.get("weight_dtype")):
+        if value not in (None, "NONE"):
+            return value
+    return None
 
 
 def _refuse_for_family(data: dict, family: registry.FamilyFacts) -> None:
@@ -466,17 +487,63 @@ def _family_settings(data: dict, aside: dict[str, list[str]], notes: list[str]) 
             family and registry.reads_switch(family.model_type, "dynamic_timestep_shifting")):
         aside["family"].append("dynamic_timestep_shifting")
         data.pop("dynamic_timestep_shifting")
-    quantization = data.pop("quantization", None)
-    if isinstance(quantization, dict):
-        changed = {k: v for k, v in quantization.items()
-                   if k in QUANTIZATION_DEFAULTS and v != QUANTIZATION_DEFAULTS[k]}
-        if changed:  # a quantized part was refused before: none is here
-            listed = ", ".join(f"quantization.{k} {v!r}" for k, v in changed.items())
-            notes.append(f"{listed}: these pick which layers of a quantized part are "
-                         "quantized; no part's weights are quantized in this file, so they "
-                         "change nothing, in OneTrainer as here.")
-        else:
-            aside["neutral"].append("quantization")
+    _quantization(data, aside, notes)
+
+
+def _quantization(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
+    """OneTrainer's `quantization` section: its layer filter becomes Atelier's (the same rule as
+    the LoRA's: a preset is used as such unless the file also holds a different filter, which
+    is then what OneTrainer quantized with); SVDQuant (`svd_dtype`) is refused where it would
+    apply, a quantized denoiser; `cache_dir` is OneTrainer's folder (Atelier's cache is the
+    workspace's). With the denoiser not quantized, the filter changes nothing, and the import
+    says so."""
+    section = data.pop("quantization", None)
+    if not isinstance(section, dict):
+        return
+    section = dict(section)
+    family = _family(data)
+    denoiser = family.denoiser if family else "unet"
+    quantized = _stored_as(data, denoiser) in STORED_QUANTIZED
+    svd = section.pop("svd_dtype", "NONE")
+    if svd not in (None, "NONE"):
+        if quantized:
+            refuse("quantization.svd_dtype", svd,
+                   "SVDQuant (a low-rank part kept beside the quantized weights) is not built in "
+                   "Atelier; set it to NONE")
+        aside["neutral"].append("quantization.svd_dtype")
+    for key in ("svd_rank", "cache_dir"):  # svd_rank: only with SVDQuant
+        if key in section:
+            value = section.pop(key)
+            aside["app" if key == "cache_dir" and value is not None else "neutral"].append(
+                f"quantization.{key}")
+    changed = {k: v for k, v in section.items()
+               if k in QUANTIZATION_DEFAULTS and v != QUANTIZATION_DEFAULTS[k]}
+    preset = section.pop("layer_filter_preset", None)
+    custom = ",".join(p.strip() for p in str(section.get("layer_filter") or "").split(","))
+    if preset is not None and preset not in LAYER_PRESETS:
+        refuse("quantization.layer_filter_preset", preset,
+               f"Atelier's layer presets are {', '.join(LAYER_PRESETS)} (custom = the "
+               "layer_filter)")
+    if custom and preset != "custom" and custom != _preset_filters(data).get(preset):
+        same = [name for name, patterns in _preset_filters(data).items()
+                if patterns == custom and not section.get("layer_filter_regex")]
+        chosen = same[0] if same else "custom"
+        if quantized:
+            notes.append(f"quantization layer preset {preset} with layer_filter {custom!r}: "
+                         f"OneTrainer quantizes the filter, so the layers are {chosen}"
+                         + ("" if same else " with that filter") + ".")
+        preset = chosen
+    if preset is not None:
+        section["layer_filter_preset"] = preset
+    if changed and not quantized:
+        listed = ", ".join(f"quantization.{k} {v!r}" for k, v in changed.items())
+        notes.append(f"{listed}: these pick which of the {denoiser}'s linear layers are "
+                     f"quantized; the {denoiser}'s weights are not quantized in this file, so "
+                     "they change nothing, in OneTrainer as here.")
+    if changed or set(section) - set(QUANTIZATION_DEFAULTS):  # unknown keys get reported
+        data["quantization"] = section
+    else:
+        aside["neutral"].append("quantization")
 
 
 def _offload_fraction(data: dict, fractions: dict[str, Any], notes: list[str]) -> None:

@@ -29,6 +29,7 @@ from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer,
                 try_panel)
 from ui import state as state_module
 from ui import fields as F
+from ui import memory_panel
 from ui.components import (add_row, draw_fields, draw_table, field_elem_id, make_component,
                            make_parameter_box, page_value, parameter_box_update, slug)
 from ui.state import OPTIONS, SESSION, check_paths, start_training, viewer
@@ -258,6 +259,9 @@ def build_page() -> gr.Blocks:
         with gr.Accordion("Model", open=True, elem_id="section-model"):
             keys = [k for k in F.keys_in_section(F.MODEL_SECTION) if k not in TOP_BAR_KEYS]
             draw_fields(keys, values, choices, fields)
+            # The GPU memory the settings need, redrawn when a field it reads changes.
+            memory_md = gr.Markdown(memory_panel.estimate_markdown(config),
+                                    elem_id="memory-estimate")
 
         def draw_lists(section: str) -> None:
             for spec in F.LISTS.values():
@@ -502,6 +506,21 @@ def build_page() -> gr.Blocks:
               ).then(lambda model_type: gr.update(x_title=timestep_preview.axis_title(model_type)),
                      fields["model_type"], timestep_parts["plot"], api_name="timestep_axis",
                      show_progress="hidden")
+
+        # The memory estimate of the current settings (the engine's; ui/memory_panel.py)
+        def redraw_memory(data: dict, request: gr.Request) -> str:
+            try:
+                estimated, _ = page.config(data)
+            except AtelierError as error:  # a bad value anywhere: its own sentence
+                return memory_panel.no_estimate(memory_panel.first_line(error))
+            except Exception:  # noqa: BLE001 - a cell the table cannot read: Start names it
+                log.exception("Memory estimate: the page's settings could not be read")
+                return memory_panel.no_estimate("a setting cannot be read yet; Start names it.")
+            return memory_panel.estimate_markdown(estimated, access_of(request))
+
+        gr.on([c.change for k, c in fields.items() if memory_panel.reads(k)], redraw_memory,
+              inputs=page.inputs(), outputs=memory_md, api_name="memory_estimate",
+              trigger_mode="always_last", show_progress="hidden")
 
         def summarize_concepts(frame, request: gr.Request) -> str:
             items = tables.concepts_from_frame(frame)
