@@ -307,3 +307,18 @@ def test_dora_trains_and_reloads_in_flux_pipeline(tmp_path):
     sample = [e["path"] for e in events if e["type"] == "sample"][-1]
     got = render(pipe, config)
     assert np.abs(got - np.asarray(Image.open(sample)).astype(np.float64)).max() <= 1
+
+
+def test_parts_load_in_the_type_they_are_stored_in(tmp_path):
+    """A BFLOAT_16 (or quantized, from the train dtype) frozen part is read from the files in
+    that type: no float32 copy of the whole transformer on the host; a fine-tuned part in
+    float32, its masters' type."""
+    lora = load_family(flux_config(tmp_path, transformer={"weight_dtype": "BFLOAT_16"},
+                                   text_encoder_2={"weight_dtype": "BFLOAT_16"}))
+    assert lora.parts["transformer"].dtype == torch.bfloat16
+    assert lora.parts["text_encoder_2"].dtype == torch.bfloat16
+    assert lora.parts["text_encoder"].dtype == torch.float32
+    fine_tune = load_family(flux_config(tmp_path, training_method="FINE_TUNE",
+                                        output_model_format="DIFFUSERS",
+                                        transformer={"weight_dtype": "BFLOAT_16"}))
+    assert fine_tune.parts["transformer"].dtype == torch.float32

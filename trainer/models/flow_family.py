@@ -34,10 +34,16 @@ class FlowSpec:
 
 def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | None = None,
                          transformer_file: str = "", *,
-                         dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                         dtypes: dict[str, torch.dtype] | None = None) -> dict[str, Any]:
     """{tokenizers, text encoders, "vae", "transformer", "noise_scheduler"} of a diffusers
     folder or hub id; `transformer_file` (transformer.model_name), when given, replaces the
-    folder's transformer with a .safetensors file in the original (BFL / SAI) layout."""
+    folder's transformer with a .safetensors file in the original (BFL / SAI) layout.
+    `dtypes`: the type each part is loaded in (float32 where not given)."""
+    dtypes = dtypes or {}
+
+    def dtype_of(part: str) -> torch.dtype:
+        return dtypes.get(part, torch.float32)
+
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     hide_weight_loading_bars()
@@ -63,20 +69,25 @@ def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | N
         for sub, cls in spec.tokenizers.items():
             parts[sub] = cls.from_pretrained(where, subfolder=sub)
         for sub, cls in spec.text_encoders.items():
-            parts[sub] = cls.from_pretrained(where, subfolder=sub, use_safetensors=True).to(dtype)
+            # transformers renamed its dtype keyword (torch_dtype -> dtype): `dtype` here
+            parts[sub] = cls.from_pretrained(where, subfolder=sub, use_safetensors=True,
+                                             dtype=dtype_of(sub))
         if not transformer_file:
             parts["transformer"] = spec.transformer_class.from_pretrained(
-                where, subfolder="transformer", use_safetensors=True, torch_dtype=dtype)
+                where, subfolder="transformer", use_safetensors=True,
+                torch_dtype=dtype_of("transformer"))
         parts["vae"] = AutoencoderKL.from_pretrained(
-            where, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+            where, subfolder="vae", use_safetensors=True, torch_dtype=dtype_of("vae"))
         parts["noise_scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(
             where, subfolder="scheduler")
     except Exception as err:  # noqa: BLE001 - any library failure is a load failure here
         raise loading.load_error(BASE_FIELD, where, err) from err
     if transformer_file:
-        parts["transformer"] = _transformer_from_file(spec, transformer_file, where, dtype)
+        parts["transformer"] = _transformer_from_file(spec, transformer_file, where,
+                                                      dtype_of("transformer"))
     if vae_name:
-        parts["vae"] = loading.load_vae(vae_name, dict(parts["vae"].config), dtype=dtype)
+        parts["vae"] = loading.load_vae(vae_name, dict(parts["vae"].config),
+                                        dtype=dtype_of("vae"))
     for name in (*spec.text_encoders, "vae", "transformer"):
         parts[name].eval()
     return parts
@@ -95,6 +106,21 @@ def _transformer_from_file(spec: FlowSpec, path: str, config_folder: str, dtype)
         raise ModelLoadError(f"transformer.model_name: {err}") from None
 
 
+def load_dtypes(config) -> dict[str, torch.dtype]:
+    """The type each part is loaded in: the type it is stored in while training (a quantized
+    part's: the train dtype it is quantized from), so that a 12B-parameter transformer is never
+    held in float32 on the host on its way to bfloat16; float32 for a part whose own weights
+    train (a fine-tune's float32 masters are made from it)."""
+    from trainer.config import TrainingMethod
+    from trainer.loop import weight_dtypes
+    dtypes = weight_dtypes(config, "cuda")  # FLOAT_16 on a CPU is refused later, by name
+    if config.training_method == TrainingMethod.FINE_TUNE:
+        for part in config.model_type.facts.parts:
+            if getattr(config, part).train:
+                dtypes[part] = torch.float32
+    return dtypes
+
+
 class FlowFamily(ModelFamily):
     """The shared half of a flow-matching transformer family."""
 
@@ -108,7 +134,8 @@ class FlowFamily(ModelFamily):
     def load_components(cls, config) -> dict[str, Any]:
         return load_flow_components(cls.SPEC, config.base_model_name,
                                     config.vae_model_name or None,
-                                    getattr(config.transformer, "model_name", "") or "")
+                                    getattr(config.transformer, "model_name", "") or "",
+                                    dtypes=load_dtypes(config))
 
     @classmethod
     def objective_for(cls, scheduler, config) -> FlowMatchingObjective:
