@@ -5,8 +5,9 @@
 For each case (model, resolution, batch, training method and memory settings) three runners
 train the same thing, each in a fresh process (bench/worker.py):
 
-- limit:   a bare loop of UNet forward + backward + optimizer step on latents and text
-           embeddings encoded once before the loop: the speed of the model itself;
+- limit:   a bare loop of denoiser (UNet or transformer) forward + backward + optimizer
+           step on latents and text embeddings encoded once before the loop: the speed of
+           the model itself;
 - naive:   the way most training scripts do it: a plain DataLoader over the image files, the
            VAE and the text encoder run every step, the loss read back every step;
 - atelier: the real engine, `trainer.loop.train(config, control)` as the CLI calls it, with

@@ -8,43 +8,70 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from trainer.models import registry  # light: the families' static facts, no torch
+
 RUNNERS = ("limit", "naive", "atelier")
 
-# Parameters per part of the full-size models, as built from the shipped configs
-# (trainer.models.random_full.parameter_counts; constants here so the parent process can
-# estimate memory without importing torch or building anything).
+# The bench's family names (also the tiny model kinds of trainer/models/tiny.py and
+# tiny_flow.py) -> the engine's model_type. What a family's model is made of (its denoiser,
+# its text encoders, its objective) is asked of the registry, never spelled out here.
+MODEL_TYPES = {"sd15": "STABLE_DIFFUSION_15", "sdxl": "STABLE_DIFFUSION_XL_10_BASE",
+               "flux": "FLUX_DEV_1", "sd35": "STABLE_DIFFUSION_35"}
+
+# Parameters per part of the full-size models, so that the parent process can estimate
+# memory without importing torch or building anything. SD 1.5 / SDXL: as built from the
+# shipped configs (trainer.models.random_full.parameter_counts). Flux.1-dev and SD 3.5 Large:
+# counted on the meta device by bench/meta_counts.py (tests/test_bench.py checks them): Flux's
+# transformer is diffusers 0.42.1's FluxTransformer2DModel defaults (19 double + 38 single
+# blocks, 24 heads x 128, T5 width 4096, CLIP width 768: what its single-file converter
+# assumes, inner width 3072) with guidance_embeds; SD 3.5 Large, its CLIPs (with projection)
+# and T5-XXL from trainer/models/configs/sd35/large; Flux's CLIP-L from configs/sdxl; Flux's
+# VAE counted with SD 3.5's VAE config (the same 16-channel 8x autoencoder: Flux's 64 packed
+# input channels are 4 x 16).
 FULL_PARAMETERS = {
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
              "text_encoder_2": 694_659_840},
+    "flux": {"transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480,
+             "text_encoder_2": 4_762_310_656},
+    "sd35": {"transformer": 8_056_627_520, "vae": 83_819_683, "text_encoder": 123_650_304,
+             "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656},
 }
 
-# Activation memory of one sample's UNet forward kept for the backward pass (LoRA), GB at
-# 256 px, without gradient checkpointing; scales with the pixel count. SD 1.5: measured on the
+# Activation memory of one sample's denoiser forward kept for the backward pass (LoRA), GB at
+# 256 px, without gradient checkpointing; scaled with the pixel count. SD 1.5: measured on the
 # CPU in float32 (the limit runner's training-phase peak RSS, 4.9 GB, minus its 3.4 GB of UNet
 # weights and ~0.5 GB of runtime), rounded up. SDXL: taken as twice that (wider blocks, ten
-# transformer layers at the lowest level), not measured here. Checkpointing keeps ~30%;
-# half-precision autocast about halves them.
-ACTIVATION_GB_256 = {"sd15": 1.2, "sdxl": 2.4}
+# transformer layers at the lowest level), not measured here. Flux.1-dev and SD 3.5 Large: not
+# measured (no such model runs here); bench/meta_counts.py counts the tensors each forward
+# saves for backward on the meta device (float32, every weight trainable, a fused attention
+# keeping q/k/v/out, 77 T5 tokens): SD 1.5 0.47 GB, SDXL 0.91, Flux 5.16, SD 3.5 Large 3.79;
+# the two new ones are scaled by SD 1.5's measured/counted ratio (1.2 / 0.47), which also puts
+# SDXL's count at its figure above (0.91 x 2.5 = 2.3). Their text tokens do not grow with the
+# image, so the pixel scaling over-estimates them at 1024 px (an upper estimate is the aim).
+# Checkpointing keeps ~30% (measured on the UNet; a transformer keeps less); half-precision
+# autocast about halves them.
+ACTIVATION_GB_256 = {"sd15": 1.2, "sdxl": 2.4, "flux": 13.1, "sd35": 9.6}
 CHECKPOINTED_SHARE = 0.3
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    family: str                      # "sd15" | "sdxl"
+    family: str                      # a MODEL_TYPES key: "sd15" | "sdxl" | "flux" | "sd35"
     size: str                        # "tiny" (trainer/models/tiny.py) | "full" (random_full)
     resolution: int
     batch_size: int = 1
-    method: str = "LORA"             # | "FINE_TUNE" (the UNet's own weights)
+    method: str = "LORA"             # | "FINE_TUNE" (the denoiser's own weights)
     lora_rank: int = 16
     lora_alpha: float = 1.0
     lora_layer_preset: str = "attn-mlp"
     peft_type: str = "LORA"          # | "LOHA" | "LOKR": built by trainer/lora.py like a LoRA
     lora_decompose: bool = False     # DoRA (a LORA option)
     gradient_checkpointing: bool = False
-    # The parts whose own checkpointing switch is on (it acts when the main one is on).
-    checkpoint_parts: tuple[str, ...] = ("unet", "text_encoder")
+    # The parts whose own checkpointing switch is on (it acts when the main one is on):
+    # "denoiser" (the UNet or the transformer) and/or "text_encoder".
+    checkpoint_parts: tuple[str, ...] = ("denoiser", "text_encoder")
     train_text_encoder: bool = False  # LoRA on the text encoder too (then nothing is cached)
     optimizer: str = "ADAMW"
     weight_dtype: str = "FLOAT_32"   # the frozen weights' storage type
@@ -81,8 +108,22 @@ class Case:
         return None if self.fused_backward_pass else 1.0
 
     @property
-    def unet_checkpointing(self) -> bool:
-        return self.gradient_checkpointing and "unet" in self.checkpoint_parts
+    def denoiser_checkpointing(self) -> bool:
+        return self.gradient_checkpointing and "denoiser" in self.checkpoint_parts
+
+    @property
+    def model_type(self) -> str:
+        return MODEL_TYPES[self.family]
+
+    @property
+    def facts(self) -> registry.FamilyFacts:
+        """The engine's facts of the case's family (parts, denoiser, objective)."""
+        return registry.facts(self.model_type)
+
+    @property
+    def denoiser(self) -> str:
+        """The part that predicts: "unet" (SD 1.5, SDXL) or "transformer" (flow models)."""
+        return self.facts.denoiser
 
     def model_key(self) -> str:
         return f"{self.size}-{self.family}"
@@ -125,6 +166,10 @@ CASES: dict[str, Case] = {c.name: c for c in [
     _tiny("tiny-sd15-64", "sd15", 64, note="tiny SD 1.5, LoRA"),
     _tiny("tiny-sd15-128", "sd15", 128, note="tiny SD 1.5, LoRA"),
     _tiny("tiny-sdxl-128", "sdxl", 128, note="tiny SDXL, LoRA"),
+    # The flow-matching families (trainer/models/tiny_flow.py), their T5 frozen and cached.
+    _tiny("tiny-flux-64", "flux", 64, note="tiny Flux.1-dev, LoRA attn-mlp"),
+    _tiny("tiny-sd35-64", "sd35", 64, lora_layer_preset="attn-only",
+          note="tiny SD 3.5, LoRA attn-only (SD 3 has no attn-mlp preset)"),
     _SD15_256,
     Case("sd15-256-gc", "sd15", "full", 256, gradient_checkpointing=True, base="sd15-256",
          note="+ gradient checkpointing"),
@@ -186,10 +231,32 @@ CASES: dict[str, Case] = {c.name: c for c in [
                         note="SDXL fine-tune 1024 px, 8-bit AdamW", **_FT),
 ]}
 
+# The flow models at the sizes people train them (GPU only; LoRA r16, bfloat16 frozen weights,
+# checkpointing, batch 1, T5 at 77 tokens and cached). What each needs (FULL_PARAMETERS,
+# estimate_peak_gb on CUDA; each note's peak is the atelier runner's estimate, a test keeps
+# them equal): Flux.1-dev's transformer is 11.9B parameters, 23.8 GB in bfloat16; with T5-XXL
+# (4.8B, 9.5 GB while its outputs are cached), CLIP-L and the VAE ~34 GB of weights. SD 3.5
+# Large's 8.1B transformer with its three encoders ~27 GB. An 80 GB card holds each. Their
+# random full-size models are not buildable yet (bench/worker.py says why when one is run).
+_FLOW_GPU = {"weight_dtype": "BFLOAT_16", "gradient_checkpointing": True, "warmup": 3,
+             "measured": 6, **_GPU}
+FLOW_GPU_CASES = [
+    Case("flux-512", "flux", "full", 512, note="Flux.1-dev LoRA r16 attn-mlp 512 px batch 1: "
+         "~34 GB of bf16 weights, peak ~42 GB VRAM (upper estimate)", **_FLOW_GPU),
+    Case("flux-1024", "flux", "full", 1024, note="Flux.1-dev LoRA r16 attn-mlp 1024 px batch "
+         "1: ~34 GB of bf16 weights, peak ~66 GB VRAM (upper estimate)", **_FLOW_GPU),
+    Case("sd35-1024", "sd35", "full", 1024, lora_layer_preset="attn-only",
+         note="SD 3.5 Large LoRA r16 attn-only 1024 px batch 1: ~27 GB of bf16 weights, peak "
+              "~51 GB VRAM (upper estimate)", **_FLOW_GPU),
+]
+CASES.update((c.name, c) for c in FLOW_GPU_CASES)
+
 # What a plain `python -m bench` runs (every case; the GPU-only ones are skipped on a CPU).
 DEFAULT_CASES = list(CASES)
-# What the test suite runs (--quick): the tiny models only.
+# What the test suite runs (--quick): the tiny models only. The flow families' paths are run
+# by a test of their own on tiny Flux alone (both tiny flow cases would add ~40 s to it).
 SMOKE_CASES = ["tiny-sd15-64", "tiny-sdxl-128"]
+FLOW_SMOKE_CASES = ["tiny-flux-64"]
 
 
 def with_overrides(case: Case, **changes) -> Case:
@@ -209,7 +276,7 @@ def estimate_peak_gb(case: Case, runner: str, device: str) -> float:
         return 0.5
     counts = FULL_PARAMETERS[case.family]
     total = sum(counts.values())
-    unet = counts["unet"]
+    denoiser = counts[case.denoiser]
     weight_bytes = _BYTES[case.weight_dtype]
     if device == "cpu":
         # The loader reads every part in float32 before the cast to weight_dtype.
@@ -217,13 +284,13 @@ def estimate_peak_gb(case: Case, runner: str, device: str) -> float:
     else:
         weights = (total - counts["vae"]) * weight_bytes + counts["vae"] * 4
     if case.method == "FINE_TUNE":
-        weights += unet * (4 - weight_bytes) if device != "cpu" else 0  # float32 masters
+        weights += denoiser * (4 - weight_bytes) if device != "cpu" else 0  # float32 masters
         state = 2 if case.optimizer == "ADAMW_8BIT" else 8
         grads = 0 if case.fused_backward_pass else 4
-        weights += unet * (state + grads)
+        weights += denoiser * (state + grads)
     activations = (ACTIVATION_GB_256[case.family] * (case.resolution / 256) ** 2
                    * case.batch_size * 1e9)
-    if case.unet_checkpointing:
+    if case.denoiser_checkpointing:
         activations *= CHECKPOINTED_SHARE
     if case.train_dtype_on(device) in ("BFLOAT_16", "FLOAT_16"):
         activations *= 0.5

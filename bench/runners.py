@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cases import Case
+from bench.cases import MODEL_TYPES, Case
 
 now = time.monotonic
 cpu_now = time.process_time  # CPU seconds of the whole process (all threads)
@@ -33,15 +33,38 @@ class BenchDone(Exception):
 
 # --- Shared pieces -----------------------------------------------------------------------------
 
+def part_settings(case: Case) -> dict[str, dict[str, Any]]:
+    """The config's part sections of a case, for every part its family has (the registry
+    says which: the text encoders, then the denoiser). Every frozen weight in the case's
+    weight_dtype; the first text encoder's own switches as the case sets them (trained only
+    in the text-encoder cases); a T5 is never trained. The denoiser trains."""
+    facts = case.facts
+    kinds = dict(facts.encoders)
+    parts: dict[str, dict[str, Any]] = {}
+    for part in facts.text_encoders:
+        settings: dict[str, Any] = {"train": False, "weight_dtype": case.weight_dtype}
+        if part == "text_encoder" and kinds[part] != "T5":
+            settings.update(train=case.train_text_encoder, stop_training_after_unit="NEVER",
+                            gradient_checkpointing="text_encoder" in case.checkpoint_parts)
+        parts[part] = settings
+    if facts.model_type == MODEL_TYPES["sd15"]:
+        # what this bench has always written for SD 1.5 (an unused section, kept so that the
+        # configs of the SD cases stay as they were)
+        parts["text_encoder_2"] = {"train": False, "weight_dtype": case.weight_dtype}
+    parts[facts.denoiser] = {"train": True,
+                             "gradient_checkpointing": "denoiser" in case.checkpoint_parts,
+                             "weight_dtype": case.weight_dtype}
+    return parts
+
+
 def atelier_config_dict(case: Case, model_dir: Path, data_dir: Path, workspace: Path,
                         device: str) -> dict[str, Any]:
     """The Atelier config of a case: the engine's defaults, plus what the case sets. The text
-    encoders are frozen in every case (the limit trains the UNet only). Backups are off
+    encoders are frozen in every case (the limit trains the denoiser only). Backups are off
     (the default is every 30 minutes: not per-step work) and the run is ended by the bench
     after its measured steps."""
     data: dict[str, Any] = {
-        "model_type": ("STABLE_DIFFUSION_15" if case.family == "sd15"
-                       else "STABLE_DIFFUSION_XL_10_BASE"),
+        "model_type": case.model_type,
         "training_method": case.method,
         "base_model_name": str(model_dir),
         "workspace_dir": str(workspace),
@@ -54,12 +77,7 @@ def atelier_config_dict(case: Case, model_dir: Path, data_dir: Path, workspace: 
         "gradient_checkpointing": case.gradient_checkpointing,
         "optimizer": {"optimizer": case.optimizer},
         "clip_grad_norm": case.clip_grad_norm,
-        "text_encoder": {"train": case.train_text_encoder, "stop_training_after_unit": "NEVER",
-                         "gradient_checkpointing": "text_encoder" in case.checkpoint_parts,
-                         "weight_dtype": case.weight_dtype},
-        "text_encoder_2": {"train": False, "weight_dtype": case.weight_dtype},
-        "unet": {"train": True, "gradient_checkpointing": "unet" in case.checkpoint_parts,
-                 "weight_dtype": case.weight_dtype},
+        **part_settings(case),
         "lora_rank": case.lora_rank,
         "lora_alpha": case.lora_alpha,
         "lora_layer_preset": case.lora_layer_preset,
@@ -71,6 +89,8 @@ def atelier_config_dict(case: Case, model_dir: Path, data_dir: Path, workspace: 
         "compile": "ON" if case.compile else "OFF",
         "layer_offload_fraction": case.layer_offload_fraction,
     }
+    if case.facts.flow_matching and case.method == "LORA":
+        data["output_model_format"] = "DIFFUSERS_LORA"  # what these families' LoRAs load as
     if case.fused_backward_pass:
         data["fused_backward_pass"] = True
     return data
@@ -128,67 +148,72 @@ def autocast_and_scaler(train_dtype: str, device):
     return contextlib.nullcontext(), None
 
 
-def set_attention(unet, attention: str) -> None:
+def set_attention(denoiser, attention: str) -> None:
     if attention == "eager":  # diffusers' classic attention: softmax(QK^T)V materialised
         from diffusers.models.attention_processor import AttnProcessor
-        unet.set_attn_processor(AttnProcessor())
+        denoiser.set_attn_processor(AttnProcessor())
 
 
-def prepare_unet(family, config, case: Case, device):
-    """The UNet set up for training exactly as the engine does it: frozen weights in
-    weight_dtype on the device, LoRA adapters (or float32 masters for a fine-tune),
-    checkpointing, the optimizer from the engine's registry, the fused pass when asked."""
+def scaled_latents(vae, sample):
+    """A VAE sample as the denoiser reads it: Flux's and SD 3's VAEs centre it first
+    (`shift_factor`, as the engine's trainer/data/cache.py does); SD's have no shift, and
+    theirs is the plain `sample * scaling_factor` this bench has always computed."""
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        sample = sample - shift
+    return sample * vae.config.scaling_factor
+
+
+def prepare_denoiser(family, config, case: Case, device):
+    """The denoiser (the UNet, or a flow model's transformer) set up for training exactly as
+    the engine does it: frozen weights in weight_dtype on the device, LoRA adapters (or
+    float32 masters for a fine-tune), checkpointing, the optimizer from the engine's
+    registry, the fused pass when asked."""
     from trainer import finetune
     from trainer.loop import TORCH_DTYPES, enable_gradient_checkpointing
     from trainer.optim.registry import build_optimizer
-    unet = family.parts["unet"]
-    unet.requires_grad_(False)
-    unet.to(device, TORCH_DTYPES[config.unet.weight_dtype])
-    params = finetune.trainable_parameters(unet, config, "unet")
-    if case.unet_checkpointing:
-        enable_gradient_checkpointing(unet)
-    set_attention(unet, case.attention)
-    unet.train()
+    part = family.denoiser
+    denoiser = family.parts[part]
+    denoiser.requires_grad_(False)
+    denoiser.to(device, TORCH_DTYPES[getattr(config, part).weight_dtype])
+    params = finetune.trainable_parameters(denoiser, config, part)
+    if case.denoiser_checkpointing:
+        enable_gradient_checkpointing(denoiser)
+    set_attention(denoiser, case.attention)
+    denoiser.train()
     if case.compile:
         from trainer.compilation import compile_blocks
-        compile_blocks(unet, buckets=1)
+        compile_blocks(denoiser, buckets=1)
     optimizer = build_optimizer(config.optimizer.optimizer,
                                 config.optimizer.model_dump(exclude={"optimizer"}),
-                                [{"params": params, "lr": config.learning_rate, "name": "unet"}])
+                                [{"params": params, "lr": config.learning_rate, "name": part}])
     fused = None
     if case.fused_backward_pass:
         from trainer.optim.fused import FusedBackward
         fused = FusedBackward(optimizer)
-    return unet, params, optimizer, fused
+    return denoiser, params, optimizer, fused
+
+
+def drop_frozen_parts(family) -> None:
+    """Free the VAE and the text encoders of a family whose conditioning is encoded already:
+    only the denoiser stays (in `parts`, and in the components the family keeps)."""
+    keep = family.denoiser
+    for name in [p for p in family.parts if p != keep] + ["vae"]:
+        family.parts.pop(name, None)
+        if hasattr(family.components, name):
+            setattr(family.components, name, None)
+    family.vae = None
 
 
 # --- limit: the speed of the model -------------------------------------------------------------
 
-def run_limit(case: Case, paths: dict, device: str, steps: int, mark_start,
-              mark_steady=None) -> dict:
-    """UNet forward + backward + optimizer step on latents and text embeddings encoded once
-    before the loop, on the device; nothing else. The VAE and text encoders are freed before
-    the loop."""
+def ddpm_loss(family, case: Case, unet, latents, conditioning, weight_dtype, generator):
+    """SD 1.5 / SDXL: the loss of one step from its noise, the UNet called directly (timesteps
+    drawn uniformly, ε target), exactly as this bench has always measured the limit (its
+    figures stay comparable with bench/results-*.json)."""
     import torch
     import torch.nn.functional as F
-
-    from trainer.models.family import load_family
-    config = load_config(case, paths, device, Path(paths["workspace"]))
-    dev = torch.device(device)
-    family = load_family(config)
-    files = image_files(Path(paths["data"]))[:case.batch_size]
-    generator = torch.Generator(dev).manual_seed(0)
-    with torch.no_grad():
-        vae = family.vae.to(dev, torch.float32)
-        pixels = torch.stack([load_pixels(f, case.resolution) for f in files]).to(dev)
-        latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
-        for name, module in family.parts.items():
-            if name != "unet":
-                module.to(dev)
-        conditioning = family.encode_text([caption_of(f) for f in files], {}, clip_skip=0,
-                                          device=dev, grad={})
-    unet, _, optimizer, fused = prepare_unet(family, config, case, dev)
-    weight_dtype = next(unet.parameters()).dtype
+    dev = latents.device
     hidden = conditioning["encoder_hidden_states"].to(weight_dtype)
     extra = {}
     if case.family == "sdxl":
@@ -197,18 +222,88 @@ def run_limit(case: Case, paths: dict, device: str, steps: int, mark_start,
             "time_ids": family.time_ids(conditioning, latents).to(weight_dtype)}
     scheduler = family.noise_scheduler
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dev)
-    del family, vae, pixels, conditioning
-    gc.collect()
-    autocast, scaler = autocast_and_scaler(config.train_dtype.value, dev)
 
-    def step():
-        noise = torch.randn(latents.shape, generator=generator, device=dev)
+    def loss_of(noise, autocast):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator, device=dev)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with autocast:
             prediction = unet(noisy.to(weight_dtype), timesteps, hidden, **extra).sample
-        loss = F.mse_loss(prediction.float(), noise)
+        return F.mse_loss(prediction.float(), noise)
+
+    return loss_of
+
+
+def flow_loss(family, latents, conditioning, weight_dtype, generator):
+    """A flow family: the loss of one step from its noise, through the family's objective
+    (timesteps from the config's distribution and shift, noisy latents, target ε − x₀, the
+    loss weight where one is set) and its `predict`."""
+    import torch.nn.functional as F
+    objective = family.objective
+    conditioning = {key: value.to(weight_dtype) if value.is_floating_point() else value
+                    for key, value in conditioning.items()}
+
+    def loss_of(noise, autocast):
+        noised = objective.noised(latents, noise, generator)
+        with autocast:
+            prediction = family.predict(noised.noisy, noised.timesteps, conditioning)
+        if noised.weight is None:
+            return F.mse_loss(prediction.float(), noised.target)
+        per_sample = F.mse_loss(prediction.float(), noised.target,
+                                reduction="none").flatten(1).mean(1)
+        return (per_sample * noised.weight).mean()
+
+    return loss_of
+
+
+def run_limit(case: Case, paths: dict, device: str, steps: int, mark_start,
+              mark_steady=None) -> dict:
+    """Denoiser forward + backward + optimizer step on latents and text embeddings encoded
+    once before the loop, on the device; nothing else. The VAE and text encoders are freed
+    before the loop. SD 1.5 / SDXL: the UNet called directly on DDPM noise (ε target); the
+    flow families: the family's own objective (`noised`: σ, noisy latents, target ε − x₀)
+    and `predict` (packing, position ids, guidance input), as the engine's step calls them."""
+    import torch
+
+    from trainer.loop import TORCH_DTYPES
+    from trainer.models.family import load_family
+    config = load_config(case, paths, device, Path(paths["workspace"]))
+    dev = torch.device(device)
+    family = load_family(config)
+    flow = family.objective.flow_matching
+    files = image_files(Path(paths["data"]))[:case.batch_size]
+    generator = torch.Generator(dev).manual_seed(0)
+    with torch.no_grad():
+        vae = family.vae.to(dev, torch.float32)
+        pixels = torch.stack([load_pixels(f, case.resolution) for f in files]).to(dev)
+        latents = scaled_latents(vae, vae.encode(pixels).latent_dist.sample(generator))
+        for name, module in family.parts.items():
+            if name == family.denoiser:
+                continue
+            if flow:  # in their weight_dtype, as the engine holds them (T5-XXL: 19 GB in
+                # float32); SD's stay as this bench has always encoded them
+                module.to(dev, TORCH_DTYPES[getattr(config, name).weight_dtype])
+            else:
+                module.to(dev)
+        conditioning = family.encode_text([caption_of(f) for f in files], {}, clip_skip=0,
+                                          device=dev, grad={})
+    denoiser, _, optimizer, fused = prepare_denoiser(family, config, case, dev)
+    weight_dtype = next(denoiser.parameters()).dtype
+    del vae, pixels
+    if flow:
+        loss_of = flow_loss(family, latents, conditioning, weight_dtype, generator)
+        drop_frozen_parts(family)
+    else:
+        loss_of = ddpm_loss(family, case, denoiser, latents, conditioning, weight_dtype,
+                            generator)
+        del family
+    del conditioning
+    gc.collect()
+    autocast, scaler = autocast_and_scaler(config.train_dtype.value, dev)
+
+    def step():
+        noise = torch.randn(latents.shape, generator=generator, device=dev)
+        loss = loss_of(noise, autocast)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -264,10 +359,12 @@ class ImageCaptionFolder:
 
 def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start,
               mark_steady=None) -> dict:
-    """The way most training scripts (diffusers' train_text_to_image_lora*.py among them)
-    train: accelerate, a DataLoader over the files (no workers, the scripts' default), the
-    VAE and the text encoder(s) run on every batch, captions tokenised every step, gradient
-    clipping, the loss gathered and read back (`.item()`) every step for the log."""
+    """The way most training scripts (diffusers' train_text_to_image_lora*.py and
+    train_dreambooth_lora_flux/sd3.py among them) train: accelerate, a DataLoader over the
+    files (no workers, the scripts' default), the VAE and the text encoder(s) run on every
+    batch, captions tokenised every step, gradient clipping, the loss gathered and read back
+    (`.item()`) every step for the log. SD: DDPM noise drawn as those scripts draw it; the
+    flow families: the family's objective (the scripts' flow-matching noise and target)."""
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -283,9 +380,9 @@ def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start,
     family = load_family(config)
     vae = family.vae.to(dev, torch.float32).requires_grad_(False)
     for name, module in family.parts.items():
-        if name != "unet":
+        if name != family.denoiser:
             module.requires_grad_(False).to(dev, TORCH_DTYPES[getattr(config, name).weight_dtype])
-    unet, params, optimizer, fused = prepare_unet(family, config, case, dev)
+    denoiser, params, optimizer, fused = prepare_denoiser(family, config, case, dev)
     if fused is not None:
         raise ValueError("the naive runner has no fused backward pass")
     dataset = ImageCaptionFolder(Path(paths["data"]), case.resolution)
@@ -293,9 +390,11 @@ def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start,
         dataset, batch_size=case.batch_size, shuffle=True, num_workers=0, drop_last=True,
         collate_fn=lambda rows: {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
                                  "caption": [r["caption"] for r in rows]})
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
-    family.wrapped = {"unet": unet}
+    denoiser, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
+    family.wrapped = {family.denoiser: denoiser}
     scheduler = family.noise_scheduler
+    flow = family.objective.flow_matching
+    generator = torch.Generator(dev).manual_seed(0) if flow else None
     sync(dev)
 
     stamps, cpu, losses, train_loss = [], [], [], 0.0
@@ -303,19 +402,23 @@ def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start,
     done = False
     while not done:
         for batch in loader:
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(denoiser):
                 with torch.no_grad():
                     latents = vae.encode(batch["pixel_values"].to(dev)).latent_dist.sample()
-                    latents = latents * vae.config.scaling_factor
+                    latents = scaled_latents(vae, latents)
                     conditioning = family.encode_text(batch["caption"], {}, clip_skip=0,
                                                       device=dev, grad={})
                 noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
-                                          (latents.shape[0],), device=dev)
-                noisy = scheduler.add_noise(latents, noise, timesteps)
+                if flow:
+                    noised = family.objective.noised(latents, noise, generator)
+                    noisy, timesteps, target = noised.noisy, noised.timesteps, noised.target
+                else:
+                    timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
+                                              (latents.shape[0],), device=dev)
+                    noisy, target = scheduler.add_noise(latents, noise, timesteps), noise
                 with accelerator.autocast():
                     prediction = family.predict(noisy, timesteps, conditioning)
-                loss = F.mse_loss(prediction.float(), noise.float())
+                loss = F.mse_loss(prediction.float(), target.float())
                 average = accelerator.gather(loss.repeat(case.batch_size)).mean()
                 train_loss += average.item()
                 accelerator.backward(loss)

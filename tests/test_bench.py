@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cases import CASES, SMOKE_CASES, estimate_peak_gb
+from bench.cases import CASES, FLOW_SMOKE_CASES, SMOKE_CASES, estimate_peak_gb
 from bench.report import ROW_KEYS, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_text_encoder_lever_cases_train_and_checkpoint_only_the_text_encoder(tmp
     assert config.text_encoder.train and config.unet.train
     assert config.gradient_checkpointing and config.text_encoder.gradient_checkpointing
     assert not config.unet.gradient_checkpointing
-    assert not CASES["sd15-256-te-gc"].unet_checkpointing
+    assert not CASES["sd15-256-te-gc"].denoiser_checkpointing
     assert CASES["sd15-256-te"].runners == ("atelier",)
     plain = config_from_dict(atelier_config_dict(CASES["sd15-256"], tmp_path / "m",
                                                  tmp_path / "d", tmp_path / "w", "cpu"))
@@ -139,3 +139,129 @@ def test_adapter_type_cases_differ_from_plain_lora_only_by_the_adapter(name, mar
     unet = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet")
     lora.add_lora(unet, config, "unet")
     assert any(marker in n for n, _ in unet.named_parameters())
+
+
+# --- The flow-matching families (Flux.1, SD 3.5) --------------------------------------------
+
+FLOW_CASES = ["tiny-flux-64", "tiny-sd35-64", "flux-512", "flux-1024", "sd35-1024"]
+
+
+def test_quick_bench_runs_the_flow_paths_of_every_runner_on_tiny_flux(tmp_path):
+    """limit (the family's objective and predict on latents encoded once), naive (VAE and
+    text encoders every step) and atelier (the engine) all train the tiny Flux.1-dev."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--cases", ",".join(FLOW_SMOKE_CASES), "--quick",
+         "--device", "cpu", "--json", str(out), "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["case"], r["runner"]) for r in rows] == [
+        (case, runner) for case in FLOW_SMOKE_CASES for runner in ("limit", "naive", "atelier")]
+    for row in rows:
+        assert not row.get("error") and row["steps_measured"] == 3, row
+        assert row["step_s_median"] > 0 and row["loss_finite"] is True
+        # a velocity target (noise - latents) of unit-scale latents: a loss well above 0
+        assert 0.1 < row["loss_last"] < 10, row
+    assert "atelier/limit" in done.stdout and "tiny-flux-64" in done.stdout
+    assert (tmp_path / "cache" / "models" / "tiny-flux" / "transformer").is_dir()
+
+
+@pytest.mark.parametrize("name", FLOW_CASES)
+def test_flow_cases_train_the_transformer_and_never_a_t5(name, tmp_path):
+    from bench.runners import atelier_config_dict
+    from trainer.config import check_supported, config_from_dict
+
+    case = CASES[name]
+    config = config_from_dict(atelier_config_dict(case, tmp_path / "m", tmp_path / "d",
+                                                  tmp_path / "w", "cuda"))
+    check_supported(config)
+    assert config.model_type.value == case.model_type and case.denoiser == "transformer"
+    assert config.transformer.train
+    assert config.output_model_format.value == "DIFFUSERS_LORA"
+    kinds = dict(case.facts.encoders)
+    assert "T5" in kinds.values()
+    assert not any(getattr(config, part).train for part in kinds)
+    if case.size == "full":  # the GPU sizes: bf16 frozen weights, checkpointed transformer
+        assert case.cuda_only and config.transformer.weight_dtype.value == "BFLOAT_16"
+        assert config.gradient_checkpointing and config.transformer.gradient_checkpointing
+
+
+@pytest.mark.parametrize("name, kind", [("tiny-flux-64", "flux"), ("tiny-sd35-64", "sd35")])
+def test_tiny_flow_cases_layer_presets_pick_layers_of_their_transformer(name, kind, tmp_path):
+    """attn-mlp for Flux, attn-only for SD 3.5 (which has no attn-mlp preset): the engine's
+    trainer/lora.py finds layers to adapt in the tiny transformer with them."""
+    from bench.runners import atelier_config_dict
+    from trainer import lora
+    from trainer.config import config_from_dict
+    from trainer.models.family import load_family
+    from trainer.models.tiny_flow import tiny_flow_model
+
+    case = CASES[name]
+    config = config_from_dict(atelier_config_dict(case, tiny_flow_model(kind), tmp_path / "d",
+                                                  tmp_path / "w", "cpu"))
+    family = load_family(config)
+    assert case.lora_layer_preset in type(family).LAYER_PRESETS
+    params = lora.add_lora(family.parts["transformer"], config, "transformer")
+    assert params and all(p.requires_grad for p in params)
+
+
+def test_runners_centre_flow_latents_as_the_engine_does(tiny_flux_dir, tiny_sd15_dir):
+    """The limit and naive runners' latents are the engine's (trainer/data/cache.py): Flux's
+    VAE shifts then scales; SD's only scales, exactly as before."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from bench.runners import scaled_latents
+    from trainer.data.cache import batch_latents
+
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    for folder, shifted in ((tiny_flux_dir, True), (tiny_sd15_dir, False)):
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        assert bool(getattr(vae.config, "shift_factor", None)) == shifted
+        with torch.no_grad():
+            ours = scaled_latents(vae, vae.encode(pixels).latent_dist.sample(
+                torch.Generator().manual_seed(3)))
+            engine = batch_latents({"pixel_values": pixels, "caption": ["", ""]}, vae,
+                                   torch.Generator().manual_seed(3), torch.device("cpu"))
+        assert torch.equal(ours, engine)
+
+
+def test_full_size_flow_cases_are_refused_until_they_can_be_built(tmp_path):
+    """On a CPU they are GPU-only; asked for on CUDA, the bench says why their random
+    full-size model cannot be built (random_full knows SD only) instead of building a
+    stand-in, and allocates nothing."""
+    for device, reason in (("cpu", "GPU-only"), ("cuda", "not buildable yet")):
+        out = tmp_path / f"{device}.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "bench", "--cases", "flux-512,flux-1024,sd35-1024",
+             "--device", device, "--json", str(out), "--cache-dir", str(tmp_path / "cache")],
+            cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = json.loads(out.read_text())
+        assert len(rows) == 9 and all(reason in r["skipped"] for r in rows), rows
+        assert all(r["step_s_median"] is None for r in rows)
+    assert "random_full.py" in rows[0]["skipped"] and "T5-XXL tokenizer" in rows[0]["skipped"]
+    assert not (tmp_path / "cache" / "models").exists()
+
+
+def test_flow_sizes_are_the_meta_device_counts_of_the_real_configs():
+    """FULL_PARAMETERS and ACTIVATION_GB_256 of Flux.1-dev and SD 3.5 Large are what
+    bench/meta_counts.py counts (the activations scaled by SD 1.5's measured/counted ratio),
+    and each GPU case's note states its estimated peak."""
+    import re
+
+    from bench import meta_counts
+    from bench.cases import ACTIVATION_GB_256, FULL_PARAMETERS
+
+    reference = ACTIVATION_GB_256["sd15"] / meta_counts.saved_activation_gb("sd15")
+    for family in ("flux", "sd35"):
+        assert FULL_PARAMETERS[family] == meta_counts.parameter_counts(family)
+        counted = meta_counts.saved_activation_gb(family) * reference
+        assert ACTIVATION_GB_256[family] == pytest.approx(counted, abs=0.05)
+    assert 11.8e9 < FULL_PARAMETERS["flux"]["transformer"] < 12.0e9  # "Flux.1 is 12B"
+    for name in ("flux-512", "flux-1024", "sd35-1024"):
+        case = CASES[name]
+        stated = int(re.search(r"peak ~(\d+) GB", case.note).group(1))
+        assert stated == round(estimate_peak_gb(case, "atelier", "cuda")), name
