@@ -196,6 +196,14 @@ FIXTURES: dict[str, dict] = {
         "concepts": [concept("training_images/mychar"),
                      concept("training_images/held_out", type="VALIDATION")],
         "samples": [SAMPLE]},
+    # a prior-prediction concept beside the trained one, and masked prior preservation
+    "sd15_lora_prior_prediction.exported": {
+        "commit": "current", "save": "pack",
+        "choose": SD15_LORA,
+        "edits": {"masked_training": True, "masked_prior_preservation_weight": 0.5},
+        "concepts": [concept("training_images/mychar"),
+                     concept("training_images/people", type="PRIOR_PREDICTION")],
+        "samples": [SAMPLE]},
     "sd15_lora_oft.saved": {
         "commit": "current", "save": "settings",
         "choose": SD15_LORA,

@@ -242,6 +242,17 @@ class PromptSource(str, Enum):
     CONCEPT = "concept"    # one prompt for the whole concept
 
 
+class ConceptType(str, Enum):
+    """What a concept's images are for (OneTrainer's concept `type`, plus kohya's
+    regularization images): STANDARD = learn them; PRIOR_PREDICTION = keep the base model's own
+    prediction on them (the adapters switched off give the target); REGULARIZATION = class
+    images trained like standard ones at `prior_loss_weight`, as many per epoch as the other
+    concepts' samples (trainer/regularization.py)."""
+    STANDARD = "STANDARD"
+    PRIOR_PREDICTION = "PRIOR_PREDICTION"
+    REGULARIZATION = "REGULARIZATION"
+
+
 class PeftType(str, Enum):
     """OneTrainer's adapter types (its `peft_type`), all built with peft (trainer/lora.py)."""
     LORA = "LORA"
@@ -451,6 +462,14 @@ class ConceptConfig(Strict):
         False, section="Data", label="Random flip",
         tooltip="Mirror each image left-right half of the time (masks follow). Not for "
                 "subjects whose sides differ (text, asymmetric faces).")
+    type: ConceptType = setting(
+        ConceptType.STANDARD, section="Data", label="Type",
+        tooltip="STANDARD = learn these images. PRIOR_PREDICTION (LoRA only) = keep what the "
+                "base model does on them: the target is the base model's own prediction (the "
+                "adapters switched off; one more forward pass per such batch), so the LoRA "
+                "leaves similar images alone. REGULARIZATION = class images (kohya's reg "
+                "images): trained at the prior loss weight, as many per epoch as the other "
+                "concepts' images with repeats, taken in turn (their own repeats unused).")
 
     @field_validator("resolution")
     @classmethod
@@ -602,6 +621,10 @@ class TrainConfig(Strict):
     concepts: list[ConceptConfig] = setting(
         [], section="Data", label="Concepts", tooltip="Folders of training images.",
         max_length=MAX_LIST)
+    prior_loss_weight: float = setting(
+        1.0, section="Data", label="Prior loss weight", ge=0,
+        tooltip="Loss weight of the REGULARIZATION concepts' images (kohya's "
+                "prior_loss_weight), on top of their concept's loss weight.")
     aspect_ratio_bucketing: bool = setting(
         True, section="Data", label="Aspect-ratio bucketing",
         tooltip="Train each image at the bucket of its own aspect ratio (same pixel area as the "
@@ -720,6 +743,12 @@ class TrainConfig(Strict):
     normalize_masked_area_loss: bool = setting(
         False, section="Masked training", label="Normalize masked area loss",
         tooltip="Divide each sample's loss by its mean mask weight (for large masked areas).")
+    masked_prior_preservation_weight: float = setting(
+        0.0, section="Masked training", label="Masked prior preservation weight", ge=0,
+        tooltip="LoRA only: outside the mask, also hold the model to the base model's own "
+                "prediction (adapters off), with this weight: the LoRA learns the masked "
+                "subject and leaves the background as the base model draws it. 0 = off; costs "
+                "one more forward pass per step.")
 
     # Epochs, batch, accumulation
     epochs: int = setting(100, section="Epochs / batch size", label="Epochs", ge=1,
@@ -1251,6 +1280,8 @@ def check_supported(config: TrainConfig) -> None:
     check_adapter_type(config)
     check_embeddings(config)
     check_quantization(config)
+    from trainer.regularization import check_regularization
+    check_regularization(config)
     from trainer.optim.stochastic_rounding import check_stochastic_rounding
     check_stochastic_rounding(config)
 

@@ -56,10 +56,11 @@ def count_images(folder: str, subfolders: bool = False) -> int:
 
 def epoch_images(concepts, count=None) -> int:
     """Samples one epoch visits: each enabled concept's images x its repeats, a fractional
-    repeat taking that share of the images (at least one), as the dataset expands them.
+    repeat taking that share of the images (at least one), as the dataset expands them;
+    REGULARIZATION concepts add as many as the others take.
     `count(concept, index)` counts a concept's images (None: not a folder); by default
     `count_images` of its folder (the page's count checks who may read it first)."""
-    total, counted = 0, {}
+    total, counted, regularization = 0, {}, 0
     for index, concept in enumerate(concepts):
         if not concept.enabled or concept.repeats <= 0:
             continue
@@ -68,12 +69,15 @@ def epoch_images(concepts, count=None) -> int:
             counted[where] = (count(concept, index) if count is not None
                               else count_images(*where)) or 0
         n = counted[where]
+        if getattr(concept.type, "value", concept.type) == "REGULARIZATION":
+            regularization += n  # as many as the others take, whatever their repeats
+            continue
         whole = int(math.floor(concept.repeats))
         extra = int(math.floor((concept.repeats - whole) * n + 0.5))
         if n and whole == 0 and extra == 0:
             extra = 1
         total += n * whole + extra
-    return total
+    return total * 2 if regularization else total
 
 
 def estimate_steps(config, count=None) -> tuple[int, int, int]:

@@ -69,6 +69,18 @@ def masked_sample_loss(per_pixel: torch.Tensor, mask: torch.Tensor | None, *,
     return loss
 
 
+def masked_prior_loss(per_pixel: torch.Tensor, mask: torch.Tensor, *, unmasked_weight: float,
+                      normalize: bool, weight: float) -> torch.Tensor:
+    """[B]: OneTrainer's masked prior preservation: the error against the base model's
+    prediction weighted by `weight · (1 − max(mask, unmasked_weight))`, the area outside the
+    mask; divided by that area's mean weight when normalising (nothing outside: 0)."""
+    outside = 1 - torch.clamp(mask, min=unmasked_weight, max=1)
+    loss = (per_pixel * outside).mean(dim=(1, 2, 3)) * weight
+    if normalize:
+        loss = loss / outside.mean(dim=(1, 2, 3)).clamp(min=1e-8)
+    return loss
+
+
 def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
                    v_prediction: bool) -> torch.Tensor:
     """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε-targets, min(SNR, γ)/(SNR+1) for v."""

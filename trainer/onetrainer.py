@@ -178,6 +178,7 @@ def _from_onetrainer(data: dict, beside: Beside | None, notes: list[str]) -> Non
     _transformer_files(data, notes)
     _bundle_in_diffusers_file(data, notes)
     _dora_axis(data, notes)
+    _masked_prior_preservation(data, notes)
     _not_done(data, notes)
     _set_aside(data, aside)
     summary = summarize_set_aside(aside)
@@ -612,10 +613,12 @@ def _concept(concept: dict, index: int, beside: Beside | None, inpainting: bool,
              aside: dict[str, list[str]], notes: list[str]) -> dict:
     where = f"concepts[{index}]"
     concept = dict(concept)
-    kind = concept.pop("type", "STANDARD")
-    if kind not in (None, "STANDARD"):
-        refuse(f"{where}.type", kind, "Atelier trains STANDARD concepts only (validation and "
-                                      "prior-prediction concepts do not exist here yet)")
+    kind = concept.pop("type", None) or "STANDARD"
+    if kind not in ("STANDARD", "PRIOR_PREDICTION"):
+        refuse(f"{where}.type", kind, "Atelier's OneTrainer concept types are STANDARD and "
+                                      "PRIOR_PREDICTION (a validation loss does not exist here "
+                                      "yet)")
+    concept["type"] = kind
     image = concept.pop("image", None) or {}
     text = concept.pop("text", None) or {}
     for path, neutral in keys.CONCEPT_NEUTRAL.items():
@@ -901,6 +904,18 @@ def _transformer_files(data: dict, notes: list[str]) -> None:
                      "transformer alone in its original layout (what ComfyUI loads as a "
                      "diffusion model); OneTrainer's file also packs the text encoders and VAE, "
                      "which stay those of the base model.")
+
+
+def _masked_prior_preservation(data: dict, notes: list[str]) -> None:
+    """OneTrainer applies masked_prior_preservation_weight only to a LoRA with masked training
+    on, and ignores it otherwise; so is it dropped here then (Atelier would refuse it)."""
+    weight = data.get("masked_prior_preservation_weight")
+    if not weight:
+        return
+    if data.get("training_method", "LORA") != "LORA" or not data.get("masked_training"):
+        data.pop("masked_prior_preservation_weight")
+        notes.append(f"masked_prior_preservation_weight {weight}: OneTrainer uses it only for a "
+                     "LoRA with masked training on, so this run did not; left out.")
 
 
 def _not_done(data: dict, notes: list[str]) -> None:

@@ -73,7 +73,6 @@ NEUTRAL: dict[str, tuple[object, str]] = {
     "log_cosh_strength": (0.0, "Atelier's losses are MSE, MAE and Huber"),
     "custom_conditioning_image": (False, "Atelier builds the inpainting input from the image "
                                          "and its mask, never from a -condlabel file"),
-    "masked_prior_preservation_weight": (0.0, "Atelier has no prior preservation yet"),
     "force_circular_padding": (False, "Atelier keeps the model's padding"),
     "lora_weight_dtype": ("FLOAT_32", "Atelier keeps adapter weights in float32"),
     "embedding_weight_dtype": ("FLOAT_32", "Atelier keeps embedding vectors in float32"),

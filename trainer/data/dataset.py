@@ -66,6 +66,9 @@ class ImageItem:
     resolution: str = ""
     crop_jitter: bool = False
     random_flip: bool = False
+    # A REGULARIZATION concept's image: an epoch takes as many of those as it has standard
+    # samples (trainer/regularization.py), whatever the concept's repeats.
+    regularization: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +244,7 @@ def _collect_concept(concept: Any, index: int, warn: Callable[[str], None]) -> l
                 resolution=str(getattr(concept, "resolution", "") or "").strip(),
                 crop_jitter=bool(getattr(concept, "crop_jitter", False)),
                 random_flip=bool(getattr(concept, "random_flip", False)),
+                regularization=_concept_type(concept) == "REGULARIZATION",
             )
         )
     _warn_uncaptioned(uncaptioned, folder, warn)
@@ -308,14 +312,25 @@ def _concept_epoch_indices(indices: list[int], repeats: float, seed: int, epoch:
 
 
 def epoch_indices(items: Sequence[ImageItem], seed: int, epoch: int) -> list[int]:
-    """Item indices for one epoch (length is the same every epoch; the fractional share varies)."""
+    """Item indices for one epoch (length is the same every epoch; the fractional share varies).
+    Regularization items follow, as many as the others (kohya's balance)."""
+    from trainer.regularization import regularization_epoch
     groups: dict[int, list[int]] = {}
+    regularization: list[int] = []
     for i, item in enumerate(items):
-        groups.setdefault(item.concept_index, []).append(i)
+        if item.regularization:
+            regularization.append(i)
+        else:
+            groups.setdefault(item.concept_index, []).append(i)
     result: list[int] = []
     for concept, indices in groups.items():
         result += _concept_epoch_indices(indices, items[indices[0]].repeats, seed, epoch, concept)
-    return result
+    return result + regularization_epoch(regularization, len(result), seed, epoch)
+
+
+def _concept_type(concept: Any) -> str:
+    kind = getattr(concept, "type", "STANDARD")
+    return getattr(kind, "value", kind)
 
 
 # --------------------------------------------------------------------------------------------
