@@ -19,6 +19,7 @@ from trainer.data.dataset import ImageItem, epoch_indices
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.loop import train
 from trainer.loss import masked_prior_loss
+from trainer.models.tiny_flow import tiny_flow_model
 from trainer.regularization import regularization_epoch
 
 SUBJECT = ("cat", "astronaut")  # the images learned; the other three are the "class"
@@ -116,10 +117,27 @@ def test_masked_prior_loss_weights_the_area_outside_the_mask():
 
 # --- the engine ----------------------------------------------------------------------------------
 
-def test_prior_prediction_at_a_zero_lora_is_exactly_zero(tiny_sd15_dir, tmp_path):
+FAMILIES = {  # every family, with its text encoders' adapters where it trains them
+    "sd15": lambda request: {"base": request.getfixturevalue("tiny_sd15_dir")},
+    "sdxl": lambda request: {"base": request.getfixturevalue("tiny_sdxl_dir"),
+                             "model_type": "STABLE_DIFFUSION_XL_10_BASE",
+                             "text_encoder_2": {"train": True,
+                                                "stop_training_after_unit": "NEVER"}},
+    "flux": lambda request: {"base": tiny_flow_model("flux"), "model_type": "FLUX_DEV_1"},
+    "chroma": lambda request: {"base": tiny_flow_model("chroma"), "model_type": "CHROMA_1",
+                               "text_encoder": {"train": False}},
+    "sd35": lambda request: {"base": tiny_flow_model("sd35"),
+                             "model_type": "STABLE_DIFFUSION_35"},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prior_prediction_at_a_zero_lora_is_exactly_zero(family, request, tmp_path):
     """Only prior images: the target is the model's own prediction with the adapters off,
     which a LoRA that starts at zero reproduces exactly, so nothing is ever learned."""
-    config = tiny_config(tiny_sd15_dir, tmp_path, epochs=2, output_model_format="DIFFUSERS_LORA",
+    settings = FAMILIES[family](request)
+    config = tiny_config(settings.pop("base"), tmp_path, epochs=2,
+                         output_model_format="DIFFUSERS_LORA", **settings,
                          concepts=[{"path": str(DEMO_DATASET_DIR), "type": "PRIOR_PREDICTION"}])
     result = train(config)
     assert [r["loss"] for r in read_metrics(config)] == [0.0] * result.global_step
