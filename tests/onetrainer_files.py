@@ -21,7 +21,6 @@ REFUSED = {
     "preset.sd21_lora.saved": "model_type",
     "sd15_lora_oft.saved": "peft_type",                    # OFT_2 is not built here
     "sd15_lora_came.saved": "optimizer.optimizer",         # CAME is not one of Atelier's
-    "sd15_lora_validation_concept.exported": "concepts[1].type",  # VALIDATION
     # streaming the transformer from the CPU: issue 26's offloading (its FLOAT_8 weights import)
     "preset.chroma_lora_8gb.saved": "transformer.offload_fraction",
 }

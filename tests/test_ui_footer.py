@@ -41,15 +41,22 @@ def test_status_shows_eta_loss_and_escapes_messages():
 
 def test_plots_and_thinning():
     frame = footer.loss_frame(running_state())
-    assert set(frame["series"]) == {"loss", "smoothed"} and len(frame) == 14
-    long = running_state(loss_history=[(i, 1.0, 1.0) for i in range(1, 5001)])
+    assert set(frame["series"]) == {"loss", "smoothed", "validation"} and len(frame) == 15
+    assert frame[frame["series"] == "validation"]["loss"].isna().all()  # none measured yet
+    long = running_state(loss_history=[(i, 1.0, 1.0) for i in range(1, 5001)],
+                         validation_history=[(i, 0.5) for i in range(100, 5001, 100)])
     thinned = footer.loss_frame(long)
-    assert len(thinned) <= 2 * (footer.MAX_PLOT_POINTS + 1)
-    assert thinned["step"].iloc[-1] == 5000  # the newest point is always drawn
+    assert len(thinned) <= 3 * (footer.MAX_PLOT_POINTS + 1)
+    steps = thinned[thinned["series"] == "loss"]["step"]
+    assert steps.iloc[-1] == 5000  # the newest point is always drawn
+    validation = thinned[thinned["series"] == "validation"]
+    assert list(validation["step"]) == list(range(100, 5001, 100))
+    assert (validation["loss"] == 0.5).all()
     assert list(footer.lr_frame(running_state())["learning rate"])[:1] == [1e-2]
     # Before any step: the series are named (a plot whose colours start empty never draws).
     empty = footer.loss_frame(JobState())
-    assert list(empty["series"]) == ["loss", "smoothed"] and empty["loss"].isna().all()
+    assert list(empty["series"]) == ["loss", "smoothed", "validation"]
+    assert empty["loss"].isna().all()
 
 
 def test_gallery_newest_first_and_download_only_when_done(tmp_path):

@@ -13,6 +13,8 @@
     python -m trainer dataset import SOURCE... --name NAME [--replace] [--json FILE]
     python -m trainer dataset list
     python -m trainer publish OUTPUT --repo-id USER/NAME [--private] [--dry-run FOLDER]
+    python -m trainer lora inspect|merge-into|merge|resize|extract ... [--json]
+                                                          (trainer/lora_tools/command.py)
     accelerate launch -m trainer train --config my.json     # several GPUs (DDP)
 
 Bad input ends with a one-line message and exit status 2; Ctrl-C once stops after the current
@@ -191,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
                               "copy (default: the config's base model when it is a hub id)")
     publish.add_argument("--instance-prompt", default=None, metavar="TEXT",
                          help="the trigger word(s) for the card (default: a concept's prompt)")
+    from trainer.lora_tools import command as lora_command
+    lora_command.add_parser(sub)
     return parser
 
 
@@ -200,6 +204,7 @@ class ProgressBar:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.bar = None
+        self.validation = ""  # the newest validation loss, shown beside the training loss
 
     def __call__(self, event: dict) -> None:
         if not self.enabled:
@@ -213,7 +218,13 @@ class ProgressBar:
             lr = max(event["lr"].values(), default=0.0)
             self.bar.set_postfix_str(
                 f"epoch {event['epoch'] + 1}/{event['epochs']} loss {event['loss']:.4f} "
-                f"smooth {event['smooth_loss']:.4f} lr {lr:.2e}")
+                f"smooth {event['smooth_loss']:.4f}{self.validation} lr {lr:.2e}")
+        elif kind == "validation":
+            value, (best, at) = event["values"]["validation_loss"], event["best"]
+            self.validation = f" val {value:.4f}"
+            text = (f"validation loss {value:.4f} at step {event['step']} (best {best:.4f} at "
+                    f"step {at})")
+            (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
         elif kind in ("status", "warning", "saved", "sample"):
             text = event.get("message") or f"{kind}: {event.get('path')}"
             (self.bar.write if self.bar is not None else print)(
@@ -281,6 +292,9 @@ def run_train(args) -> int:
     if is_main:
         word = "Stopped early" if result.stopped_early else "Finished"
         print(f"{word} at step {result.global_step}: {result.output_path}")
+        if result.best_validation is not None:
+            best, at = result.best_validation
+            print(f"Best validation loss {best:.4f} at step {at}")
     return 0
 
 
@@ -421,6 +435,11 @@ def run_publish(args) -> int:
     return 0
 
 
+def run_lora(args) -> int:
+    from trainer.lora_tools import command
+    return command.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_cli_environment()
     args = _parser().parse_args(argv)
@@ -444,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_dataset(args)
         if args.command == "publish":
             return run_publish(args)
+        if args.command == "lora":
+            return run_lora(args)
         return run_make_tiny_model(args)
     except AtelierError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -457,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         elif args.command == "publish":
             print("Aborted; no commit was made (the repo may exist, empty).", file=sys.stderr)
+        elif args.command == "lora":
+            print("Aborted; nothing was written (outputs are written whole or not at all).",
+                  file=sys.stderr)
         else:
             print("Aborted; the last backup (if any) is left as it was.", file=sys.stderr)
         return 130

@@ -245,10 +245,12 @@ class PromptSource(str, Enum):
 class ConceptType(str, Enum):
     """What a concept's images are for (OneTrainer's concept `type`, plus kohya's
     regularization images): STANDARD = learn them; PRIOR_PREDICTION = keep the base model's own
-    prediction on them (the adapters switched off give the target); REGULARIZATION = class
+    prediction on them (the adapters switched off give the target); VALIDATION = never trained,
+    measured (trainer/validation.py); REGULARIZATION = class
     images trained like standard ones at `prior_loss_weight`, as many per epoch as the other
     concepts' samples (trainer/regularization.py)."""
     STANDARD = "STANDARD"
+    VALIDATION = "VALIDATION"
     PRIOR_PREDICTION = "PRIOR_PREDICTION"
     REGULARIZATION = "REGULARIZATION"
 
@@ -464,7 +466,8 @@ class ConceptConfig(Strict):
                 "subjects whose sides differ (text, asymmetric faces).")
     type: ConceptType = setting(
         ConceptType.STANDARD, section="Data", label="Type",
-        tooltip="STANDARD = learn these images. PRIOR_PREDICTION (LoRA only) = keep what the "
+        tooltip="STANDARD = learn these images. VALIDATION = never trained on: the validation "
+                "loss is measured on them (Validation). PRIOR_PREDICTION (LoRA only) = keep what the "
                 "base model does on them: the target is the base model's own prediction (the "
                 "adapters switched off; one more forward pass per such batch), so the LoRA "
                 "leaves similar images alone. REGULARIZATION = class images (kohya's reg "
@@ -931,6 +934,29 @@ class TrainConfig(Strict):
         TimeUnit.NEVER, section="Sampling", label="Sample unit",
         tooltip="STEP, EPOCH, SECOND, MINUTE or HOUR for 'Sample every'; NEVER = only on "
                 "request.")
+
+    # Validation
+    validation: bool = setting(
+        False, section="Validation", label="Validation loss",
+        tooltip="Measure the loss on images the run never trains on (VALIDATION concepts, or "
+                "the validation split) every 'Validate every' units: the same noise and "
+                "timesteps each time, so it moves only when the weights do. With EMA on it "
+                "measures the EMA weights; no caption dropout; masks under masked training.")
+    validate_after: int = setting(
+        1, section="Validation", label="Validate every", ge=1, le=MAX_COUNT,
+        applies_to={"validation": [True]},
+        tooltip="Measure the validation loss every N units.")
+    validate_after_unit: TimeUnit = setting(
+        TimeUnit.EPOCH, section="Validation", label="Validate unit",
+        applies_to={"validation": [True]},
+        tooltip="STEP, EPOCH, SECOND, MINUTE or HOUR for 'Validate every' (several processes: "
+                "STEP or EPOCH).")
+    validation_split: float = setting(
+        0.0, section="Validation", label="Validation split", ge=0, lt=1,
+        applies_to={"validation": [True]},
+        tooltip="Share of each STANDARD concept's images held out of training and validated "
+                "on instead (kohya's idea), chosen by the seed; the run's folder lists them in "
+                "validation_split.txt. 0 = only VALIDATION concepts.")
 
     # Backup and save
     backup_after: float = setting(

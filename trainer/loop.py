@@ -47,6 +47,8 @@ from trainer.optim.schedules import Schedule
 from trainer.quantization import is_quantized, quantize_frozen_parts
 from trainer.residency import FrozenPartsResidency, cache_served, fill_caches_first
 from trainer.sampling import render_samples
+from trainer.validation import Validation, check_validation_cadence
+from trainer.validation_split import training_and_validation
 
 TORCH_DTYPES = {DataType.FLOAT_32: torch.float32, DataType.FLOAT_16: torch.float16,
                 DataType.BFLOAT_16: torch.bfloat16, DataType.TFLOAT_32: torch.float32}
@@ -62,6 +64,7 @@ class TrainResult:
     global_step: int
     epoch: int
     stopped_early: bool
+    best_validation: tuple[float, int] | None = None  # (lowest validation loss, its step)
 
 
 # --- Setup ----------------------------------------------------------------------------------
@@ -213,6 +216,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
     # Data first: a bad folder should fail before minutes of model loading.
     status("Reading the dataset")
     items = collect_items(config.concepts, warn=warn)
+    # VALIDATION concepts and the validation split: measured, never trained
+    items, held_out = training_and_validation(config, items, warn=warn, write_list=is_main)
+    check_validation_cadence(config, accelerator.num_processes)
     if is_main and (message := images_without_masks(config, items)) is not None:
         warn(message)
     data = DataPipeline(config, items, warn=warn, status=status, is_main=is_main)
@@ -263,6 +269,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
     inpainting = data.inpainting_inputs(vae)  # an inpainting UNet's mask + masked image
+    validator = (Validation(config, family, held_out, accelerator.device, status=status,
+                            warn=warn, is_main=is_main) if held_out else None)
     # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends).
     residency = FrozenPartsResidency(
         cache_served(config, family, data, parts, embeddings), accelerator.device,
@@ -373,6 +381,23 @@ def train(config: TrainConfig, control: Control | None = None, *,
             warn(f"Sampling at step {step} failed: {error}")
         status("Training")
 
+    best_validation: list = []  # [(loss, step)] once measured
+
+    def validate(step: int, epoch: int) -> None:
+        """The validation loss (EMA weights when EMA is on) to the metrics and the page."""
+        status(f"Measuring the validation loss at step {step}")
+        reduce = ((lambda t: accelerator.reduce(t, "sum"))
+                  if accelerator.num_processes > 1 else None)
+        with ema_weights(), residency.present(), accelerator.autocast():
+            values = validator.measure(accelerator.process_index,
+                                       accelerator.num_processes, reduce)
+        if not best_validation or values["validation_loss"] < best_validation[0][0]:
+            best_validation[:] = [(values["validation_loss"], step)]
+        metrics.log_step({"step": step, "epoch": epoch, **values})
+        control.emit("validation", step=step, epoch=epoch, values=values,
+                     best=best_validation[0])
+        status("Training")
+
     def save(step: int, epoch: int, *, final: bool) -> None:
         """The model file: the final one at `destination`, intermediate ones beside it with
         the step in the name. Atomic: a failed write leaves no partial file."""
@@ -404,6 +429,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     generators = {"noise": noise_generator}
     # Samples, backups and saves every N steps, epochs, or seconds, minutes, hours
     sample_cadence = Cadence(config.sample_after, config.sample_after_unit)
+    validation_cadence = Cadence(config.validate_after if validator else 0,
+                                 config.validate_after_unit)
     backup_cadence = Cadence(config.backup_after, config.backup_after_unit)
     save_cadence = Cadence(config.save_every, config.save_every_unit)
     smooth = SmoothedValue()
@@ -541,9 +568,12 @@ def train(config: TrainConfig, control: Control | None = None, *,
                               or sample_cadence.due_after_step(step))
                 backup_now = control.take_request("backup") or backup_cadence.due_after_step(step)
                 save_now = control.take_request("save") or save_cadence.due_after_step(step)
-                if (pending.due() or sample_now or backup_now or save_now
+                validate_now = validation_cadence.due_after_step(step)
+                if (pending.due() or sample_now or backup_now or save_now or validate_now
                         or control.stop_requested):
                     report()
+                if validate_now:
+                    validate(step, epoch)
                 if sample_now:
                     sample(step, epoch)
                 if backup_now:
@@ -558,6 +588,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
             residency.park()  # the caches hold what this epoch encoded
             if stopped:
                 break
+            if validation_cadence.due_after_epoch(epoch + 1):
+                validate(step, epoch + 1)
             if sample_cadence.due_after_epoch(epoch + 1):
                 sample(step, epoch + 1)
             if backup_cadence.due_after_epoch(epoch + 1):
@@ -579,4 +611,5 @@ def train(config: TrainConfig, control: Control | None = None, *,
                f"{backup_root(config)}")
     else:
         status(f"Finished {step} steps; {where}")
-    return TrainResult(str(destination), step, epochs_done, stopped)
+    return TrainResult(str(destination), step, epochs_done, stopped,
+                       best_validation[0] if best_validation else None)

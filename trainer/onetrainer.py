@@ -614,10 +614,9 @@ def _concept(concept: dict, index: int, beside: Beside | None, inpainting: bool,
     where = f"concepts[{index}]"
     concept = dict(concept)
     kind = concept.pop("type", None) or "STANDARD"
-    if kind not in ("STANDARD", "PRIOR_PREDICTION"):
-        refuse(f"{where}.type", kind, "Atelier's OneTrainer concept types are STANDARD and "
-                                      "PRIOR_PREDICTION (a validation loss does not exist here "
-                                      "yet)")
+    if kind not in ("STANDARD", "VALIDATION", "PRIOR_PREDICTION"):
+        refuse(f"{where}.type", kind, "OneTrainer's concept types are STANDARD, VALIDATION and "
+                                      "PRIOR_PREDICTION")
     concept["type"] = kind
     image = concept.pop("image", None) or {}
     text = concept.pop("text", None) or {}

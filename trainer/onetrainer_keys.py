@@ -37,7 +37,7 @@ SET_ASIDE: dict[str, str] = {
         "debug_mode", "debug_dir", "cache_dir", "huggingface_cache_dir", "offline_mode",
         "tensorboard", "tensorboard_expose", "tensorboard_always_on", "tensorboard_port",
         "train_device", "temp_device", "clear_cache_before_training", "dataloader_threads",
-        "samples_to_tensorboard", "secrets", "validate_after", "validate_after_unit"), "app"),
+        "samples_to_tensorboard", "secrets"), "app"),
     "cloud": "cloud",
     **dict.fromkeys((
         "multi_gpu", "device_indexes", "gradient_reduce_precision", "fused_gradient_reduce",
@@ -83,7 +83,6 @@ NEUTRAL: dict[str, tuple[object, str]] = {
 # Settings of the run that Atelier does not do, but which leave the trained weights as they
 # are: said in a note when set, never refused.
 NOT_DONE: dict[str, tuple[object, str]] = {
-    "validation": (False, "no validation loss is computed (validation concepts are refused)"),
     "sample_skip_first": (0, "samples are drawn from the first interval on"),
     "save_skip_first": (0, "intermediate saves start at the first interval"),
 }

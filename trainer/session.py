@@ -44,6 +44,9 @@ class JobState:
     warnings: list[str] = field(default_factory=list)
     loss_history: list[tuple[int, float, float]] = field(default_factory=list)
     lr_history: list[tuple[int, float]] = field(default_factory=list)
+    # (step, validation loss) of each measurement, and the best one as (loss, step)
+    validation_history: list[tuple[int, float]] = field(default_factory=list)
+    best_validation: tuple[float, int] | None = None
     output_path: str | None = None
     error: str | None = None
 
@@ -201,6 +204,10 @@ class TrainingSession:
                 s.loss_history.append((event["step"], event["loss"], event["smooth_loss"]))
                 s.lr_history.append((event["step"], max(event["lr"].values(), default=0.0)))
                 del s.loss_history[:-HISTORY_LIMIT], s.lr_history[:-HISTORY_LIMIT]
+            elif kind == "validation":
+                s.validation_history.append((event["step"], event["values"]["validation_loss"]))
+                s.best_validation = tuple(event["best"])
+                del s.validation_history[:-HISTORY_LIMIT]
             elif kind == "sample":
                 s.samples.append({k: event[k] for k in ("path", "prompt", "step", "epoch")})
             elif kind == "saved":

@@ -59,7 +59,8 @@ def job_dict(job: Job) -> dict:
             "total_steps": job.total_steps, "loss": job.loss, "smooth_loss": job.smooth_loss,
             "outputs": job.outputs, "queue_position": SESSION.queue_position(job.id),
             "owner": job.owner, "message": job.message, "error": job.error, "note": job.note,
-            "backup_step": job.backup_step, "created_at": job.created_at,
+            "backup_step": job.backup_step, "best_validation_loss": job.best_validation_loss,
+            "best_validation_step": job.best_validation_step, "created_at": job.created_at,
             "started_at": job.started_at, "ended_at": job.ended_at}
 
 
@@ -131,6 +132,7 @@ def state(request: gr.Request) -> dict:
     data["samples"] = [{("file" if k == "path" else k): v for k, v in sample.items()}
                        for sample in data["samples"]]
     data["loss_history"] = data["loss_history"][-200:]
+    data["validation_history"] = data["validation_history"][-200:]
     data["lr_history"] = data["lr_history"][-200:]
     return json.loads(json.dumps(data, default=str))
 

@@ -103,18 +103,28 @@ def _thin(rows: list, limit: int = MAX_PLOT_POINTS) -> list:
     return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
 
 
+LOSS_SERIES = ("loss", "smoothed", "validation")
+
+
 def loss_frame(state: JobState) -> pd.DataFrame:
-    rows = _thin(state.loss_history)
-    if not rows:
-        # One empty point per series: a LinePlot whose colour column starts with no rows
-        # never draws later data (gradio 6.31), so the series names are there from the start.
-        return pd.DataFrame({"step": [0, 0], "loss": [math.nan, math.nan],
-                             "series": ["loss", "smoothed"]})
+    """The training loss, its smoothed line and the validation loss (a point per
+    measurement). Every series has a row from the start, an empty point where it has none
+    yet: a LinePlot whose colour column starts without a series never draws it later
+    (gradio 6.31)."""
     data = {"step": [], "loss": [], "series": []}
-    for step, loss, smooth in rows:
+    for step, loss, smooth in _thin(state.loss_history):
         data["step"] += [step, step]
         data["loss"] += [loss, smooth]
         data["series"] += ["loss", "smoothed"]
+    for step, value in _thin(state.validation_history):
+        data["step"].append(step)
+        data["loss"].append(value)
+        data["series"].append("validation")
+    for series in LOSS_SERIES:
+        if series not in data["series"]:
+            data["step"].append(0)
+            data["loss"].append(math.nan)
+            data["series"].append(series)
     return pd.DataFrame(data)
 
 

@@ -73,6 +73,12 @@ def _loss(job: Job) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
+def _best_validation(job: Job) -> str:
+    if job.best_validation_loss is None:
+        return "–"
+    return f"{job.best_validation_loss:.4f} (step {job.best_validation_step})"
+
+
 def _outputs(job: Job) -> str:
     names = [Path(p).name for p in job.outputs if Path(p).exists()]
     return ", ".join(names) or "–"
@@ -82,7 +88,7 @@ def table_html(jobs: list[Job], show_owner: bool) -> str:
     if not jobs:
         return "<div id='jobs-empty'>No jobs yet: Start queues one.</div>"
     heads = ["Job", *(["Owner"] if show_owner else []), "Status", "Queue", "Progress",
-             "Started", "Ended", "Duration", "Final loss", "Outputs"]
+             "Started", "Ended", "Duration", "Final loss", "Best validation", "Outputs"]
     rows = []
     for job in jobs[:MAX_ROWS]:
         position = SESSION.queue_position(job.id)
@@ -93,7 +99,8 @@ def table_html(jobs: list[Job], show_owner: bool) -> str:
                  + (f"<div class='job-note'>{html.escape(message)}</div>" if message else ""),
                  f"<span class='job-position'>{position if position else '–'}</span>",
                  progress, _when(job.started_at), _when(job.ended_at),
-                 footer.format_seconds(job.duration), _loss(job), html.escape(_outputs(job))]
+                 footer.format_seconds(job.duration), _loss(job), _best_validation(job),
+                 html.escape(_outputs(job))]
         rows.append(f"<tr data-job-id='{job.id}' data-status='{job.status}' "
                     f"data-position='{position if position is not None else ''}'>"
                     + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -155,10 +162,12 @@ def read_metrics(folder: Path) -> list[dict]:
 
 def curves(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(loss frame, LR frame) in the footer's plot shapes."""
-    loss = [(r["step"], r["loss"], r.get("smooth_loss", r["loss"])) for r in records]
-    lr = [(r["step"], max((r.get("lr") or {}).values(), default=0.0)) for r in records]
+    steps = [r for r in records if "loss" in r]  # the others are validation measurements
+    loss = [(r["step"], r["loss"], r.get("smooth_loss", r["loss"])) for r in steps]
+    lr = [(r["step"], max((r.get("lr") or {}).values(), default=0.0)) for r in steps]
+    validation = [(r["step"], r["validation_loss"]) for r in records if "validation_loss" in r]
     from trainer.session import JobState
-    state = JobState(loss_history=loss, lr_history=lr)
+    state = JobState(loss_history=loss, lr_history=lr, validation_history=validation)
     return footer.loss_frame(state), footer.lr_frame(state)
 
 

@@ -26,7 +26,7 @@ from trainer.jobs.queue import SPACE_BACKUP_MINUTES, on_space
 from trainer.session import JobState
 from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, jobs_panel,
                 lr_preview, optimizers, presets, publish_panel, tables, timestep_preview,
-                try_panel)
+                tools_panel, try_panel)
 from ui import state as state_module
 from ui import fields as F
 from ui import memory_panel
@@ -341,6 +341,7 @@ def build_page() -> gr.Blocks:
         try_on_load = try_panel.build_panel(fields["base_model_name"], fields["model_type"])
         publish_on_load = publish_panel.build_panel()
         jobs = jobs_panel.build_panel()
+        tools_panel.build_panel()  # LoRA tools: inspect, resize, merge into a model
 
         # 6. Backup and save
         if F.keys_in_section(F.BACKUP_SECTION):
@@ -371,7 +372,8 @@ def build_page() -> gr.Blocks:
             with gr.Row():
                 loss_plot = gr.LinePlot(footer.loss_frame(state), x="step", y="loss",
                                         color="series", title="Loss", height=220,
-                                        color_map={"loss": "#94a3b8", "smoothed": "#4f46e5"},
+                                        color_map={"loss": "#94a3b8", "smoothed": "#4f46e5",
+                                                   "validation": "#dc2626"},
                                         elem_id="loss-plot")
                 lr_live = gr.LinePlot(footer.lr_frame(state), x="step", y="learning rate",
                                       title="Learning rate", height=220, elem_id="lr-plot")

@@ -21,7 +21,8 @@ from ui.page import DIALOG_KEYS
 UI = 30  # seconds a page update may take on a busy machine (waits end as soon as it shows)
 SD15_LORA = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
              "peft_type": "LORA", "learning_rate_scheduler": "CONSTANT",
-             "lora_layer_preset": "attn-only", "quantization.layer_filter_preset": "full"}
+             "lora_layer_preset": "attn-only", "quantization.layer_filter_preset": "full",
+             "validation": False}
 
 
 def test_page_loads_with_every_section_and_tooltip(page, screenshot_dir):

@@ -375,6 +375,9 @@ class JobQueue:
                 store.update(job_id, record=False, step=event["step"],
                              total_steps=event["total_steps"], loss=event["loss"],
                              smooth_loss=event["smooth_loss"])
+        elif kind == "validation":
+            best, at = event["best"]
+            store.update(job_id, best_validation_loss=best, best_validation_step=at)
         elif kind == "backup":
             store.update(job_id, backup_step=event["step"], step=event["step"])
         elif kind == "saved":

@@ -31,7 +31,9 @@ JOBS_FOLDER = "jobs"
 RECORD_NAME = "job.json"
 # PRAGMA application_id: tells our file from any other SQLite database ("ATLJ").
 APPLICATION_ID = 0x41544C4A
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added since version 1, and their types: an older database gains them in place.
+ADDED_COLUMNS = {"best_validation_loss": "REAL", "best_validation_step": "INTEGER"}
 
 QUEUED, RUNNING, FINISHED, STOPPED, FAILED, INTERRUPTED = (
     "queued", "running", "finished", "stopped", "failed", "interrupted")
@@ -54,6 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     total_steps INTEGER NOT NULL DEFAULT 0,
     loss REAL,
     smooth_loss REAL,
+    best_validation_loss REAL,
+    best_validation_step INTEGER,
     backup_step INTEGER,
     output_path TEXT,
     outputs TEXT NOT NULL DEFAULT '[]',
@@ -82,6 +86,8 @@ class Job:
     total_steps: int = 0
     loss: float | None = None
     smooth_loss: float | None = None
+    best_validation_loss: float | None = None  # the lowest validation loss, and its step
+    best_validation_step: int | None = None
     backup_step: int | None = None
     output_path: str | None = None
     outputs: list[str] = field(default_factory=list)
@@ -159,6 +165,10 @@ class JobStore:
                 if "jobs" not in tables:
                     raise StoreError("it has no jobs table")
                 columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+                for name, kind in ADDED_COLUMNS.items():  # an older version's database
+                    if name not in columns:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                        columns.add(name)
                 missing = set(COLUMNS) - columns
                 if missing:
                     raise StoreError(f"its jobs table lacks {', '.join(sorted(missing))}")

@@ -41,6 +41,12 @@ class DDPMObjective:
                                              config.max_noising_strength)
         self.v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
 
+    def draw(self, n: int, size: tuple[int, int], generator: torch.Generator,
+             device: torch.device) -> torch.Tensor:
+        """`n` timesteps of the run's distribution (`size`, the latents' (h, w), does not
+        matter here)."""
+        return self.draw_timesteps(n, generator, device)
+
     def draw_timesteps(self, n: int, generator: torch.Generator,
                        device: torch.device) -> torch.Tensor:
         """OneTrainer's timestep distributions apply to SD too (with `timestep_shift`); the
@@ -55,7 +61,12 @@ class DDPMObjective:
 
     def noised(self, latents: torch.Tensor, noise: torch.Tensor,
                generator: torch.Generator) -> NoisedBatch:
-        timesteps = self.draw_timesteps(latents.shape[0], generator, latents.device)
+        return self.at(latents, noise,
+                       self.draw_timesteps(latents.shape[0], generator, latents.device))
+
+    def at(self, latents: torch.Tensor, noise: torch.Tensor,
+           timesteps: torch.Tensor) -> NoisedBatch:
+        """The batch noised at the given timesteps (the validation loss's fixed ones)."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = training_target(self.scheduler, latents, noise, timesteps)
         weight = None
@@ -86,20 +97,36 @@ class FlowMatchingObjective:
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
     def shift(self, latents: torch.Tensor) -> float:
+        return self.shift_for(tuple(latents.shape[-2:]))
+
+    def shift_for(self, size: tuple[int, int]) -> float:
+        """The shift for latents of `size` (h, w): by their token count when dynamic."""
         c = self.config
-        tokens = (latents.shape[-2] // self.packing) * (latents.shape[-1] // self.packing)
+        tokens = (size[0] // self.packing) * (size[1] // self.packing)
         return effective_shift(c.timestep_shift, self.dynamic_shift and c.dynamic_timestep_shifting,
                                tokens, self.scheduler.config)
 
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor,
-               generator: torch.Generator) -> NoisedBatch:
+    def draw(self, n: int, size: tuple[int, int], generator: torch.Generator,
+             device: torch.device) -> torch.Tensor:
+        """`n` timesteps of the run's distribution for latents of `size` (h, w): the shift
+        depends on it where the family shifts dynamically."""
         c = self.config
-        timesteps = draw_timesteps(
-            latents.shape[0], distribution=c.timestep_distribution,
+        return draw_timesteps(
+            n, distribution=c.timestep_distribution,
             noising_weight=c.noising_weight, noising_bias=c.noising_bias,
             min_strength=c.min_noising_strength, max_strength=c.max_noising_strength,
-            shift=self.shift(latents), num_train_timesteps=self.num_train_timesteps,
-            generator=generator, device=latents.device)
+            shift=self.shift_for(size), num_train_timesteps=self.num_train_timesteps,
+            generator=generator, device=device)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor,
+               generator: torch.Generator) -> NoisedBatch:
+        return self.at(latents, noise, self.draw(latents.shape[0], tuple(latents.shape[-2:]),
+                                                 generator, latents.device))
+
+    def at(self, latents: torch.Tensor, noise: torch.Tensor,
+           timesteps: torch.Tensor) -> NoisedBatch:
+        """The batch noised at the given timesteps (the validation loss's fixed ones)."""
+        c = self.config
         sigmas = sigmas_for(timesteps, self.num_train_timesteps)
         weight = None
         if LossWeight(c.loss_weight_fn) != LossWeight.CONSTANT:
