@@ -82,6 +82,15 @@ def tiny_sd3_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_z_image_dir():
+    """The tiny Z-Image (Qwen3 text encoder, its tokenizer built in code) as a diffusers
+    folder."""
+    from trainer.models.tiny_z_image import tiny_z_image_model
+
+    return tiny_z_image_model()
+
+
+@pytest.fixture(scope="session")
 def tiny_sd35_dir():
     """The tiny SD 3.5 (qk norm, a dual-attention block) as a diffusers folder."""
     from trainer.models.tiny_flow import tiny_flow_model

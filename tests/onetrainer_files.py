@@ -23,6 +23,8 @@ REFUSED = {
     "sd15_lora_came.saved": "optimizer.optimizer",         # CAME is not one of Atelier's
     # streaming the transformer from the CPU: issue 26's offloading (its FLOAT_8 weights import)
     "preset.chroma_lora_8gb.saved": "transformer.offload_fraction",
+    "preset.z_image_lora_8gb.saved": "transformer.offload_fraction",
+    "preset.z_image_deturbo_lora_16gb.saved": "transformer.weight_dtype",  # INT_W8A8
 }
 # Accepted by the translation, refused when the run starts (check_supported), with the key.
 REFUSED_AT_START = {

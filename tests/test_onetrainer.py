@@ -69,6 +69,8 @@ def output_format(d: dict) -> str:
     value, method = d["output_model_format"], d["training_method"]
     if value == "SAFETENSORS" and version(d) <= 10:
         return {"LORA": "LEGACY_LORA", "FINE_TUNE": "LEGACY_SAFETENSORS"}.get(method, value)
+    if value == "ORIGINAL_TRANSFORMER" and method == "FINE_TUNE":
+        return "ORIGINAL_SINGLE_FILE"  # a flow family's transformer alone, in its own layout
     return value
 
 
@@ -415,7 +417,8 @@ def test_what_atelier_cannot_honour_is_refused_with_key_and_value(name, key, tmp
     assert message.startswith(key) or f"{key}:" in message, message
     value = {"model_type": raw(name)["model_type"], "peft_type": "OFT_2",
              "optimizer.optimizer": "CAME", "concepts[1].type": "VALIDATION",
-             "transformer.offload_fraction": str(get(raw(name), key))}[key]
+             "transformer.offload_fraction": str(get(raw(name), key)),
+             "transformer.weight_dtype": str(get(raw(name), key))}[key]
     assert value in message
 
 

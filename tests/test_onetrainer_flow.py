@@ -310,7 +310,7 @@ def test_an_older_flux_files_prior_is_its_transformer():
 # the file meant reached the run.
 
 TINY_FLOW_DIRS = {"FLUX_DEV_1": "tiny_flux_dir", "CHROMA_1": "tiny_chroma_dir",
-                  "STABLE_DIFFUSION_3": "tiny_sd3_dir"}
+                  "STABLE_DIFFUSION_3": "tiny_sd3_dir", "Z_IMAGE": "tiny_z_image_dir"}
 
 
 def flow_overrides(name: str, model_dir: Path, tmp_path: Path, images: Path) -> list[str]:
@@ -345,10 +345,11 @@ class Spy:
             return real_draw(n, **kwargs)
         monkeypatch.setattr(objectives, "draw_timesteps", draw)
         for name in ("FluxTransformer2DModel", "ChromaTransformer2DModel",
-                     "SD3Transformer2DModel"):
+                     "SD3Transformer2DModel", "ZImageTransformer2DModel"):
             cls = getattr(diffusers, name)
             monkeypatch.setattr(cls, "forward", self._transformer(cls.forward))
-        for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"):
+        for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
+                     "Qwen3Model"):
             cls = getattr(transformers, name)
             monkeypatch.setattr(cls, "forward", self._encoder(name, cls.forward))
 
@@ -499,3 +500,23 @@ def test_the_sd3_finetune_trains_as_its_author_meant(request, tmp_path, monkeypa
     assert not [k for k in written if k.startswith(("text_encoders.", "first_stage_model.",
                                                     "transformer."))]
     assert {dtype for _, dtype in written.values()} == {"F16"}
+
+
+def test_the_z_image_lora_trains_as_its_author_meant(request, tmp_path, monkeypatch):
+    """OneTrainer's #z-image LoRA 16GB: its timestep distribution and weights (with Z-Image's
+    dynamic shift), the transformer stored in FLOAT_8 under a LoRA on OneTrainer's attn-mlp
+    layers (regular expressions, as its LoRA tab wrote them), Qwen3 frozen; a
+    DIFFUSERS_LORA."""
+    name = "preset.z_image_lora_16gb.saved"
+    data = raw(name)
+    assert data["transformer"]["weight_dtype"] == "FLOAT_8" and data["layer_filter_regex"]
+    result, spy, _ = train_flow_file(name, request, tmp_path, monkeypatch)
+    for draw in spy.draws:
+        assert getattr(draw["distribution"], "value", draw["distribution"]) == \
+            data["timestep_distribution"]
+        assert (draw["noising_weight"], draw["noising_bias"]) == (data["noising_weight"],
+                                                                  data["noising_bias"])
+    assert spy.trainable and all(".lora_" in n for n in spy.trainable)
+    assert spy.encoders and not [learns for _, learns in spy.encoders if learns]
+    written = tensors(result.output_path)
+    assert lora_layers(written) == onetrainers_layers("z-image", "attn-mlp")

@@ -176,7 +176,15 @@ def test_the_cli_trains_a_save_config_with_its_concept_file_beside_it(tiny_sd15_
 LAYERS = MANIFEST["layer_presets"]
 TINY_DIRS = {"sd15": "tiny_sd15_dir", "sdxl": "tiny_sdxl_dir", "flux": "tiny_flux_dir",
              "flux-schnell": "tiny_flux_schnell_dir", "chroma": "tiny_chroma_dir",
-             "sd3": "tiny_sd3_dir", "sd35": "tiny_sd35_dir"}
+             "sd3": "tiny_sd3_dir", "sd35": "tiny_sd35_dir", "z-image": "tiny_z_image_dir"}
+
+
+def preset_patterns(preset) -> tuple[list[str], bool]:
+    """(patterns, regex) of one of OneTrainer's presets: a list, or (Z-Image's) a dict with
+    its patterns and regex flag."""
+    if isinstance(preset, dict):
+        return preset["patterns"], bool(preset.get("regex"))
+    return preset, False
 
 
 def onetrainers_pick(denoiser, layer_filter: str, regex: bool) -> list[str] | None:
@@ -240,7 +248,11 @@ def test_every_family_has_onetrainers_layer_presets():
     recorded = LAYERS["model_types"]
     assert set(recorded) == {f.plain_type for f in registry.FAMILIES.values()}
     assert {t: registry.family_class(t).LAYER_PRESETS for t in recorded} == \
-        {t: r["presets"] for t, r in recorded.items()}
+        {t: {name: preset_patterns(p)[0] for name, p in r["presets"].items()}
+         for t, r in recorded.items()}
+    assert {t: registry.family_class(t).REGEX_PRESETS for t in recorded} == \
+        {t: {name for name, p in r["presets"].items() if preset_patterns(p)[1]}
+         for t, r in recorded.items()}
     assert recorded["FLUX_DEV_1"]["setup_module"].endswith("BaseFluxSetup.py")
 
 
@@ -263,8 +275,9 @@ def test_the_layers_get_adapters_that_onetrainer_picks(kind, preset, custom, req
     tiny = LAYERS["tiny_models"][kind]
     if custom is None:
         recorded = tiny["presets"][preset]
-        patterns = LAYERS["model_types"][tiny["model_type"]]["presets"][preset]
-        layer_filter, regex = ",".join(patterns), False  # as OneTrainer's LoRA tab writes it
+        patterns, regex = preset_patterns(
+            LAYERS["model_types"][tiny["model_type"]]["presets"][preset])
+        layer_filter = ",".join(patterns)  # as OneTrainer's LoRA tab writes it
         settings = {"lora_layer_preset": preset}
     else:
         case = tiny["custom"][custom]

@@ -224,7 +224,9 @@ def test_family_settings_show_where_the_family_reads_them():
             assert shown(key, model_type), (key, model_type)
         assert shown("loss_weight_fn", model_type) == is_flow
         assert shown("min_snr_gamma", model_type) == (not is_flow)
-        assert shown("dynamic_timestep_shifting", model_type) == (model_type == "FLUX_DEV_1")
+        assert shown("dynamic_timestep_shifting", model_type) == registry.reads_switch(
+            model_type, "dynamic_timestep_shifting")  # Flux.1, Z-Image
+        assert registry.reads_switch("FLUX_DEV_1", "dynamic_timestep_shifting")
         assert shown("transformer.guidance_scale", model_type) == (model_type == "FLUX_DEV_1")
         assert shown("transformer.attention_mask", model_type) == (
             model_type in ("FLUX_DEV_1", "STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35"))

@@ -273,6 +273,11 @@ PRESETS = {
     ("Chroma", "#chroma LoRA 24GB.json"): "preset.chroma_lora_24gb.saved",
     ("SD3", "#sd 3 LoRA.json"): "preset.sd3_lora.saved",
     ("SD3", "#sd 3.json"): "preset.sd3_finetune.saved",
+    # Z-Image (issue 29)
+    ("Z-Image", "#z-image LoRA 16GB.json"): "preset.z_image_lora_16gb.saved",
+    ("Z-Image", "#z-image LoRA 8GB.json"): "preset.z_image_lora_8gb.saved",
+    ("Z-Image", "#z-image Finetune 24GB.json"): "preset.z_image_finetune_24gb.saved",
+    ("Z-Image", "#z-image DeTurbo LoRA 16GB.json"): "preset.z_image_deturbo_lora_16gb.saved",
 }
 # OneTrainer's LoRA presets as they were before they named a layer preset (2025-12-04), as
 # git holds them at the v6 commit (partial configs, no __version).
@@ -286,7 +291,8 @@ OLD_PRESETS = {
 # The layer picks (issue 25): Atelier's tiny model of each kind -> OneTrainer's model type.
 LAYER_PICK_MODELS = {"sd15": "STABLE_DIFFUSION_15", "sdxl": "STABLE_DIFFUSION_XL_10_BASE",
                      "flux": "FLUX_DEV_1", "flux-schnell": "FLUX_DEV_1", "chroma": "CHROMA_1",
-                     "sd3": "STABLE_DIFFUSION_3", "sd35": "STABLE_DIFFUSION_35"}
+                     "sd3": "STABLE_DIFFUSION_3", "sd35": "STABLE_DIFFUSION_35",
+                     "z-image": "Z_IMAGE"}
 # Custom filters a user may type in the LoRA tab (layer_filter, layer_filter_regex), by the
 # denoiser's kind: substrings with spaces around them, a regular expression that is searched
 # (not matched from the start), one that names the top-level layers exactly, and a name that
@@ -396,7 +402,9 @@ def build_layer_pick_models(folder: Path) -> dict[str, Path]:
     sys.path.insert(0, str(REPO_ROOT))
     from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
     from trainer.models.tiny_flow import build_tiny_flow_model
-    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
+    from trainer.models.tiny_z_image import build_tiny_z_image_model
+    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl,
+                "z-image": build_tiny_z_image_model}
     return {kind: (builders[kind](folder / kind) if kind in builders
                    else build_tiny_flow_model(kind, folder / kind))
             for kind in LAYER_PICK_MODELS}
@@ -572,10 +580,14 @@ def layer_widget(tree: Path, config) -> str:
         if not preset or preset not in names:
             preset = config.layer_filter_preset = names[0]
         if preset != "custom":
-            config.layer_filter = ",".join(presets[preset])
-            config.layer_filter_regex = False
+            # a preset is its patterns, or {"patterns": [...], "regex": bool} (Z-Image): the
+            # tab writes the patterns and the regex switch (ctk_components' preset choice)
+            chosen = presets[preset]
+            patterns = chosen.get("patterns", []) if isinstance(chosen, dict) else chosen
+            config.layer_filter = ",".join(patterns)
+            config.layer_filter_regex = isinstance(chosen, dict) and bool(chosen.get("regex"))
         return (f"LoRA tab: layer preset {preset} writes layer_filter "
-                f"{config.layer_filter!r}")
+                f"{config.layer_filter!r}" + (" (regex)" if config.layer_filter_regex else ""))
     preset = config.lora_layer_preset  # __version 6: its LoraTab
     if not preset or preset not in names:
         preset = config.lora_layer_preset = names[0]
@@ -588,7 +600,8 @@ def layer_widget(tree: Path, config) -> str:
 # SD 1.5 (by its ModelType predicate).
 SETUP_MODULES = {"is_stable_diffusion_xl": "BaseStableDiffusionXLSetup.py",
                  "is_flux_1": "BaseFluxSetup.py", "is_chroma": "BaseChromaSetup.py",
-                 "is_stable_diffusion_3": "BaseStableDiffusion3Setup.py"}
+                 "is_stable_diffusion_3": "BaseStableDiffusion3Setup.py",
+                 "is_z_image": "BaseZImageSetup.py"}
 
 
 def layer_presets(tree: Path, model_type) -> dict:
@@ -653,8 +666,11 @@ def layer_picks(tree: Path, models: dict[str, str]) -> dict:
         denoiser = getattr(diffusers, class_name).from_pretrained(folder)
         entry = {"model_type": type_name, "denoiser": part, "presets": {}, "custom": []}
         for preset, patterns in presets.items():
+            # a preset is its patterns, or (Z-Image) {"patterns": [...], "regex": True}
+            regex = isinstance(patterns, dict) and bool(patterns.get("regex"))
+            patterns = patterns["patterns"] if isinstance(patterns, dict) else patterns
             entry["presets"][preset] = picks(denoiser, part, model_type, ",".join(patterns),
-                                             False)["picks"]
+                                             regex)["picks"]
         for layer_filter, regex in CUSTOM_LAYER_FILTERS[part]:
             entry["custom"].append({"layer_filter": layer_filter, "layer_filter_regex": regex,
                                     **picks(denoiser, part, model_type, layer_filter, regex)})

@@ -65,6 +65,7 @@ class ModelType(str, Enum):
     CHROMA_1 = "CHROMA_1"
     STABLE_DIFFUSION_3 = "STABLE_DIFFUSION_3"
     STABLE_DIFFUSION_35 = "STABLE_DIFFUSION_35"
+    Z_IMAGE = "Z_IMAGE"  # Z-Image, Z-Image-Turbo and De-Turbo
 
     @property
     def facts(self) -> registry.FamilyFacts:
@@ -128,10 +129,19 @@ FLOW_OUTPUT_FORMATS: dict[str, list[str]] = {
 }
 
 
+# ... and the families with a table of their own. Z-Image: no kohya layout (kohya's sd-scripts
+# has none for it); COMFY_LORA names diffusers' layers, as ComfyUI's Z-Image loader reads them.
+FAMILY_OUTPUT_FORMATS: dict[str, dict[str, list[str]]] = {
+    "Z_IMAGE": {"LORA": ["DIFFUSERS_LORA", "COMFY_LORA"],
+                "FINE_TUNE": ["DIFFUSERS", "ORIGINAL_SINGLE_FILE"], "EMBEDDING": []},
+}
+
+
 def output_formats(model_type: Any, method: Any) -> list[str]:
     """The formats `model_type` writes for a training method; the first is the default."""
-    flow = registry.facts(model_type).flow_matching
-    table = FLOW_OUTPUT_FORMATS if flow else OUTPUT_FORMATS
+    facts = registry.facts(model_type)
+    table = FAMILY_OUTPUT_FORMATS.get(facts.model_type) or (
+        FLOW_OUTPUT_FORMATS if facts.flow_matching else OUTPUT_FORMATS)
     return list(table.get(getattr(method, "value", method), []))
 
 
@@ -173,6 +183,8 @@ T5_AS: dict[str, list[str]] = {
     part: registry.types_where(lambda f, part=part: registry.text_encoder_kinds(
         f.model_type).get(part) == "T5")
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+# The text encoders kept frozen (OneTrainer trains neither): T5, and Z-Image's Qwen3.
+FROZEN_ENCODERS = ("T5", "Qwen3")
 
 
 class CompileMode(str, Enum):
@@ -609,7 +621,12 @@ class TrainConfig(Strict):
                 "LEGACY_SAFETENSORS), one checkpoint for ComfyUI, A1111/Forge and diffusers' "
                 "from_single_file; DIFFUSERS, a from_pretrained folder. Flux.1, Chroma, SD 3: "
                 "DIFFUSERS_LORA (their default), KOHYA_LORA or COMFY_LORA (the original layer "
-                "names); fine-tune DIFFUSERS or ORIGINAL_SINGLE_FILE (the original layout).")
+                "names); fine-tune DIFFUSERS or ORIGINAL_SINGLE_FILE (the original layout). "
+                "ComfyUI (checked with its own loader, docs/comfyui_results.md) loads "
+                "KOHYA_LORA, LEGACY_LORA and COMFY_LORA whole; DIFFUSERS_LORA of SD 1.5 / "
+                "SDXL only in part (it drops the UNet's attention layers, silently), of "
+                "SD 3 without a trained text encoder's text_projection, and of any family "
+                "without DoRA's magnitudes.")
     output_dtype: DataType = setting(
         DataType.FLOAT_32, section="Model", label="Output data type",
         choices_for=FLOAT_TYPES_ONLY,
@@ -921,7 +938,10 @@ class TrainConfig(Strict):
         applies_to={"training_method": ["LORA"]},
         tooltip="Also write the embeddings into the LoRA file (bundle_emb.<placeholder>.clip_l "
                 "/ .clip_g, OneTrainer's keys, which A1111/Forge load with the LoRA). A "
-                "standalone file per placeholder is written beside it either way.")
+                "standalone file per placeholder is written beside it either way. ComfyUI's "
+                "LoRA loader skips these keys: put the LoRA (or the standalone file) in "
+                "ComfyUI/models/embeddings and write embedding:<file name> in the prompt; "
+                "all of a file's bundled placeholders become that one embedding.")
 
     # Sampling
     samples: list[SampleConfig] = setting(
@@ -1046,7 +1066,7 @@ class TrainConfig(Strict):
             return data  # an unknown model type: its field's validation names it
         for part, kind in registry.text_encoder_kinds(model).items():
             section = data.get(part)
-            if kind == "T5" and (section is None or (
+            if kind in FROZEN_ENCODERS and (section is None or (
                     isinstance(section, dict) and "train" not in section)):
                 # T5 is never trained here (check_family): not given, it is off
                 data = {**data, part: {**(section or {}), "train": False}}
@@ -1509,15 +1529,15 @@ def check_family(config: TrainConfig) -> None:
                           f"{hint}.")
     for part, kind in registry.text_encoder_kinds(config.model_type).items():
         section = getattr(config, part)
-        if kind != "T5":
+        if kind not in FROZEN_ENCODERS:
             continue
         if section.train:
-            raise ConfigError(f"{part}.train: T5 training is not supported: {label}'s {part} "
-                              "is T5, which Atelier keeps frozen (as OneTrainer's presets "
-                              "do); switch it off.")
+            raise ConfigError(f"{part}.train: {kind} training is not supported: {label}'s "
+                              f"{part} is {kind}, which Atelier keeps frozen (as OneTrainer's "
+                              "presets do); switch it off.")
         if section.clip_skip:
             raise ConfigError(f"{part}.clip_skip = {section.clip_skip}: {label}'s {part} is "
-                              "T5; clip skip is for CLIP encoders. Set it to 0.")
+                              f"{kind}; clip skip is for CLIP encoders. Set it to 0.")
     if flow and config.training_method == TrainingMethod.EMBEDDING:
         raise ConfigError(f"training_method = EMBEDDING: additional_embeddings are not "
                           f"available for {label} yet; train a LoRA or fine-tune.")

@@ -73,9 +73,18 @@ def kohya_lora(family: str, shapes: Mapping[str, tuple], loras: Mapping[str, Lor
     return _write(family, shapes, loras, lambda original: KOHYA_PREFIX + original.replace(".", "_"))
 
 
+# Families whose LoRAs ComfyUI reads under diffusers' own module names: for Z-Image (its
+# Lumina2 model) comfy/lora.py maps 'diffusion_model.<diffusers layer>' onto its fused qkv
+# and renamed layers itself (comfy/utils.py z_image_to_diffusers), so each module is written
+# as it is, exactly.
+COMFY_DIFFUSERS_NAMES = ("Z_IMAGE",)
+
+
 def comfy_lora(family: str, shapes: Mapping[str, tuple], loras: Mapping[str, LoraWeights]
                ) -> dict[str, torch.Tensor]:
     """COMFY_LORA tensors: the same layers under 'diffusion_model.<original name>'."""
+    if family in COMFY_DIFFUSERS_NAMES:
+        return _write_modules(loras, lambda module: COMFY_PREFIX + module)
     return _write(family, shapes, loras, lambda original: COMFY_PREFIX + original)
 
 
@@ -105,6 +114,16 @@ def _write(family, shapes, loras, name_of) -> dict[str, torch.Tensor]:
     out = {}
     for original, lora in original_lora_layers(family, shapes, loras).items():
         name = name_of(original)
+        out[f"{name}.{DOWN}"] = lora.down.contiguous()
+        out[f"{name}.{UP}"] = lora.up.contiguous()
+        out[f"{name}.{ALPHA}"] = torch.tensor(float(lora.alpha))
+    return out
+
+
+def _write_modules(loras, name_of) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, lora in loras.items():
+        name = name_of(module)
         out[f"{name}.{DOWN}"] = lora.down.contiguous()
         out[f"{name}.{UP}"] = lora.up.contiguous()
         out[f"{name}.{ALPHA}"] = torch.tensor(float(lora.alpha))

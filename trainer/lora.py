@@ -51,13 +51,14 @@ def layer_patterns(config: TrainConfig) -> tuple[list[str], bool]:
     config's own filter."""
     if config.lora_layer_preset == LoraLayerPreset.CUSTOM:
         return [p.strip() for p in config.layer_filter.split(",")], config.layer_filter_regex
-    presets = registry.family_class(config.model_type).LAYER_PRESETS
+    family = registry.family_class(config.model_type)
+    presets = family.LAYER_PRESETS
     preset = config.lora_layer_preset.value
     if preset not in presets:
         raise ConfigError(f"lora_layer_preset: {preset} is not a preset of "
                           f"{registry.facts(config.model_type).label}; choose one of "
                           f"{', '.join(presets)} or custom.")
-    return presets[preset], False
+    return presets[preset], preset in family.REGEX_PRESETS
 
 
 def _matcher(pattern: str, regex: bool):

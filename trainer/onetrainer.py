@@ -733,8 +733,14 @@ def _optimizer(data: dict, aside: dict[str, list[str]], notes: list[str]) -> Non
     writes them all, mostly null) are set aside."""
     from trainer.optim.registry import optimizer_schema
     section = data.get("optimizer")
+    remembered = data.get("optimizer_defaults")
     if isinstance(section, dict) and section.get("optimizer") in Optimizer.__members__:
         chosen = section["optimizer"]
+        if set(section) == {"optimizer"} and isinstance(remembered, dict) and isinstance(
+                remembered.get(chosen), dict):
+            # a preset naming only its optimizer: OneTrainer's UI fills it in from the
+            # values the preset remembers for it (optimizer_util.change_optimizer)
+            section.update({k: v for k, v in remembered[chosen].items() if k != "optimizer"})
         own = {param.name for param in optimizer_schema(chosen)}
         extra = keys.OPTIMIZER_EXTRA.get(chosen, {})
         if chosen not in STOCHASTIC_ROUNDING and "stochastic_rounding" in section:
@@ -757,7 +763,6 @@ def _optimizer(data: dict, aside: dict[str, list[str]], notes: list[str]) -> Non
                 aside["speed" if neutral is None else "optimizers"].append(f"optimizer.{key}")
             else:
                 aside["optimizers"].append(f"optimizer.{key}")
-    remembered = data.get("optimizer_defaults")
     if isinstance(remembered, dict):
         kept = {}
         for name, params in remembered.items():
@@ -1046,8 +1051,10 @@ def _layer_filter(data: dict, notes: list[str]) -> None:
     filters = _preset_filters(data)
     if custom == filters.get(preset):
         return
+    family = _family(data)
+    regex = registry.family_class(family.model_type).REGEX_PRESETS if family else frozenset()
     same = [name for name, patterns in filters.items()
-            if patterns == custom and not data.get("layer_filter_regex")]
+            if patterns == custom and bool(data.get("layer_filter_regex")) == (name in regex)]
     data["lora_layer_preset"] = same[0] if same else "custom"
     notes.append(f"layer preset {preset} with layer_filter {custom!r}: OneTrainer trains the "
                  f"filter, so the layers are {data['lora_layer_preset']}"

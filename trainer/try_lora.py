@@ -33,7 +33,7 @@ SDXL_VERSIONS = ("sdxl_base_v1-0", "sdxl_base_v0-9")
 # ... and the other families (kohya's sd-scripts and Atelier's families write these). Any
 # other value (sd_v1, sd_v2, ...) is read as SD 1.5, as before.
 BASE_MODEL_VERSIONS = {**{v: "STABLE_DIFFUSION_XL_10_BASE" for v in SDXL_VERSIONS},
-                       "flux1": "FLUX_DEV_1", "chroma": "CHROMA_1"}
+                       "flux1": "FLUX_DEV_1", "chroma": "CHROMA_1", "z_image": "Z_IMAGE"}
 # modelspec.architecture prefixes (the SAI model spec kohya and Atelier write), most specific
 # first: "flux-1-dev/lora", "stable-diffusion-3-5-large/lora", ...
 ARCHITECTURES = (("stable-diffusion-xl", "STABLE_DIFFUSION_XL_10_BASE"),
@@ -41,7 +41,8 @@ ARCHITECTURES = (("stable-diffusion-xl", "STABLE_DIFFUSION_XL_10_BASE"),
                  ("flux-1", "FLUX_DEV_1"), ("chroma", "CHROMA_1"),
                  ("stable-diffusion-3-5", "STABLE_DIFFUSION_35"),
                  ("stable-diffusion-3.5", "STABLE_DIFFUSION_35"),
-                 ("stable-diffusion-3", "STABLE_DIFFUSION_3"))
+                 ("stable-diffusion-3", "STABLE_DIFFUSION_3"),
+                 ("Z-Image", "Z_IMAGE"))
 # Layer names that only the transformer families have, in each LoRA layout (kohya's, ComfyUI's,
 # diffusers'), and the families whose model has them: Chroma has Flux.1's blocks, SD 3.5 SD 3's.
 # For a file that names no model type; the page's model type picks among them.
@@ -51,6 +52,7 @@ LAYER_FAMILIES = (
      ("FLUX_DEV_1", "CHROMA_1")),
     (("lora_unet_joint_blocks_", "diffusion_model.joint_blocks.",
       "transformer.transformer_blocks."), ("STABLE_DIFFUSION_35", "STABLE_DIFFUSION_3")),
+    (("diffusion_model.layers.", "transformer.layers."), ("Z_IMAGE",)),
 )
 
 

@@ -54,6 +54,9 @@ class ModelFamily:
     # OneTrainer's LoRA layer presets for the denoiser: preset -> parts of layer names (an
     # empty list: every linear and conv layer). "custom" is the config's own filter.
     LAYER_PRESETS: ClassVar[dict[str, list[str]]] = {}
+    # The presets whose patterns are regular expressions (OneTrainer's for Z-Image); the
+    # others are parts of layer names.
+    REGEX_PRESETS: ClassVar[frozenset[str]] = frozenset()
     # An example denoiser layer name, for the message when a layer filter matches nothing.
     LAYER_NAME_EXAMPLE: ClassVar[str] = ""
 

@@ -93,6 +93,10 @@ FAMILIES: dict[str, FamilyFacts] = {f.model_type: f for f in (
           (MASK,)),
     _flow("STABLE_DIFFUSION_35", "Stable Diffusion 3.5", "trainer.models.sd3", "SD3Family",
           _SD3, (MASK,)),
+    # Z-Image (and Turbo / De-Turbo): a Qwen3 language model as its one, frozen, text encoder;
+    # OneTrainer applies dynamic shifting to it too.
+    _flow("Z_IMAGE", "Z-Image", "trainer.models.z_image", "ZImageFamily",
+          (("text_encoder", "Qwen3"),), (DYNAMIC,)),
 )}
 
 # Every part name any family has, in the order the page shows their sections.
