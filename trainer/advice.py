@@ -42,3 +42,59 @@ def images_without_masks(config: TrainConfig, items: Sequence) -> str | None:
                else "train on the whole image")
     return (f"masked_training is on, but {len(bare)} of {len(items)} images have no mask "
             f"(<image name>-masklabel.png beside the image) and {instead}: {names}{more}.")
+
+
+# What ComfyUI's own LoRA loader leaves out of a format Atelier writes, by (model type, format,
+# adapter), measured with tools/comfyui_check.py (docs/comfyui_results.md, whose rows
+# tests/test_comfyui_check.py holds this table to).
+_SD_ATTENTION = "every UNet attention projection, to_q/to_k/to_v/to_out.0"
+_MAGNITUDES = "every DoRA magnitude: the layers change as a plain LoRA"
+_SD3_PROJECTION = "the trained text encoders' text_projection layer"
+COMFYUI_PARTIAL: dict[tuple[str, str, str], str] = {
+    **{(model_type, "DIFFUSERS_LORA", "LORA"): _SD_ATTENTION
+       for model_type in ("STABLE_DIFFUSION_15", "STABLE_DIFFUSION_15_INPAINTING",
+                          "STABLE_DIFFUSION_XL_10_BASE",
+                          "STABLE_DIFFUSION_XL_10_BASE_INPAINTING")},
+    # (the inpainting models' DoRA was not run; their LoRA rows show the same UNet names lost)
+    **{(model_type, "DIFFUSERS_LORA", "DORA"): f"{_SD_ATTENTION}, and {_MAGNITUDES}"
+       for model_type in ("STABLE_DIFFUSION_15", "STABLE_DIFFUSION_15_INPAINTING",
+                          "STABLE_DIFFUSION_XL_10_BASE",
+                          "STABLE_DIFFUSION_XL_10_BASE_INPAINTING")},
+    **{(model_type, "DIFFUSERS_LORA", "DORA"): _MAGNITUDES
+       for model_type in ("FLUX_DEV_1", "CHROMA_1")},
+    **{(model_type, "DIFFUSERS_LORA", "DORA"): f"{_MAGNITUDES}, and {_SD3_PROJECTION}"
+       for model_type in ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35")},
+    **{(model_type, "DIFFUSERS_LORA", "LORA"): _SD3_PROJECTION
+       for model_type in ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35")},
+}
+# ... of which these lose only a text encoder's layer: nothing when no text encoder trains.
+COMFYUI_PARTIAL_TEXT_ENCODER_ONLY = {
+    (model_type, "DIFFUSERS_LORA", "LORA")
+    for model_type in ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35")}
+
+
+def adapter_kind(config: TrainConfig) -> str:
+    """LORA, DORA, LOHA or LOKR: the adapter a LoRA run writes."""
+    if config.peft_type.value == "LORA" and config.lora_decompose:
+        return "DORA"
+    return config.peft_type.value
+
+
+def comfyui_loads_part(config: TrainConfig) -> str | None:
+    """A LoRA format that ComfyUI loads only in part, chosen for this family and adapter: say
+    what it drops (silently: only its log says "lora key not loaded") and what to choose."""
+    if config.training_method.value != "LORA":
+        return None
+    fmt = config.output_model_format.value
+    key = (config.model_type.value, fmt, adapter_kind(config))
+    lost = COMFYUI_PARTIAL.get(key)
+    if lost is None:
+        return None
+    if key in COMFYUI_PARTIAL_TEXT_ENCODER_ONLY and not any(
+            getattr(config, part).train for part in config.model_type.facts.text_encoders):
+        return None
+    instead = ("KOHYA_LORA or COMFY_LORA" if not config.model_type.facts.flow_matching
+               or adapter_kind(config) != "DORA" else "a plain LoRA (DoRA off)")
+    return (f"output_model_format {fmt}: ComfyUI loads this file only in part for "
+            f"{config.model_type.value} (it drops {lost}) and says so only in its log. For "
+            f"ComfyUI choose {instead}.")

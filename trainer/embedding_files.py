@@ -5,7 +5,9 @@ reads by), and the keys its vectors have inside the files.
 Keys, as OneTrainer writes them (its StableDiffusion(XL)EmbeddingSaver and LoRASaver):
 - bundled in a LoRA file: `bundle_emb.<placeholder>.clip_l` (SD 1.5, and SDXL's first text
   encoder) and `bundle_emb.<placeholder>.clip_g` (SDXL's second). A1111/Forge read them with
-  the LoRA (an SD 1.5 one-tensor entry like any one-tensor embedding).
+  the LoRA (an SD 1.5 one-tensor entry like any one-tensor embedding). ComfyUI's LoRA loader
+  does not; its embedding reader does when the LoRA file sits in `models/embeddings` and the
+  prompt says `embedding:<file name>` (all the file's placeholders joined into one).
 - standalone: SDXL `clip_l` + `clip_g`; SD 1.5 `emb_params`. Here alone Atelier differs from
   OneTrainer, which writes `emp_params` (and reads only that): `emb_params` is kohya's name and
   the one InvokeAI looks for by name (without it, it takes the first tensor's first dimension

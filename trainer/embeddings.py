@@ -24,6 +24,12 @@ Files (the layouts A1111/Forge, ComfyUI and diffusers read):
 - bundled in a LoRA: `bundle_emb.<placeholder>.clip_l` (SD 1.5 and SDXL) / `.clip_g` (SDXL),
   OneTrainer's keys, which A1111/Forge load with the LoRA (trainer/embedding_files.py says
   where the keys come from and which other spellings are read).
+ComfyUI (checked with its own code, tools/comfyui_check.py, docs/comfyui_results.md): its LoRA
+loader does not read `bundle_emb.*` ("lora key not loaded"). Its embedding reader does, for a
+file in `ComfyUI/models/embeddings/` named in the prompt as `embedding:<file name>`: the LoRA
+file itself (every bundled placeholder of the file joined into that one embedding) or the
+standalone file (one placeholder each) -- the vectors exact, SDXL's clip_l and clip_g each to
+its encoder.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer import finetune
-from trainer.advice import images_without_masks, warmup_longer_than_run
+from trainer.advice import comfyui_loads_part, images_without_masks, warmup_longer_than_run
 from trainer.config import (DataType, EMAMode, TimeUnit, TrainConfig, TrainingMethod,
                             check_supported)
 from trainer.compilation import (COMPILING_STATUS, FirstStepOfShape, check_compile,
@@ -336,6 +336,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     steps_per_epoch, total_steps = epoch_steps[0], sum(epoch_steps)
     if is_main and (message := warmup_longer_than_run(config, total_steps)) is not None:
         warn(message)
+    if is_main and (message := comfyui_loads_part(config)) is not None:
+        warn(message)  # the format is the user's choice: said, never changed
 
     schedule = Schedule(config, optimizer, steps_per_epoch=steps_per_epoch,
                         total_steps=total_steps, allow_custom_code=allow_custom_code)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from trainer.advice import comfyui_loads_part
 from trainer.config import ModelFormat, TrainConfig, TrainingMethod
 from trainer.models import registry
 
@@ -173,6 +174,9 @@ def loaders(config: TrainConfig) -> tuple[str, ...]:
     found = format_loaders(config.model_type, config.output_model_format)
     if is_lora(config) and adapter_name(config) in ("LoHa", "LoKr"):
         found = tuple(n for n in found if n != "diffusers")
+    if is_lora(config) and comfyui_loads_part(config):
+        # ComfyUI reads only part of it (docs/comfyui_results.md): no recipe for it
+        found = tuple(n for n in found if n != "comfyui")
     return found
 
 
@@ -399,11 +403,20 @@ def _usage(config: TrainConfig, facts: CardFacts) -> list[str]:
         lines.append("")
     bundled = [e for e in facts.embeddings if e.file != facts.weights]
     if bundled and is_lora(config):
+        # ComfyUI's LoRA loader skips bundle_emb keys; its embedding reader takes them from
+        # the file in models/embeddings, all placeholders as one (tools/comfyui_check.py).
+        comfy = (f" In ComfyUI the *Load LoRA* node skips them: put `{facts.weights}` (or an "
+                 "embedding's own file) in `ComfyUI/models/embeddings/` too and write "
+                 f"`embedding:{facts.weights.rsplit('.', 1)[0]}` in the prompt where the "
+                 "placeholder goes (all the LoRA's bundled placeholders become that one "
+                 "embedding; an own file holds one placeholder)."
+                 if "comfyui" in found else "")
         lines += ["### Its embeddings", "",
-                  "The LoRA carries its trained embeddings (A1111/Forge and ComfyUI read them "
-                  "from it); each is also in its own file, for diffusers' "
+                  "The LoRA carries its trained embeddings (A1111/Forge read them with the "
+                  "LoRA); each is also in its own file, for diffusers' "
                   "`load_textual_inversion` (as in the recipe above) or an embeddings folder: "
-                  + ", ".join(f"`{e.placeholder}` in `{e.file}`" for e in bundled) + ".", ""]
+                  + ", ".join(f"`{e.placeholder}` in `{e.file}`" for e in bundled) + "."
+                  + comfy, ""]
     missing = [n for n in card.tools if n not in found]
     if missing:
         lines += [f"{' and '.join(TOOL_NAMES[n] for n in missing)} do not load this file (a "
