@@ -70,7 +70,7 @@ def test_dry_run_writes_the_repo_folder_and_a_hub_model_card(trained, tmp_path):
 
     newest = max((root / "ws" / "samples").glob("step*-0.png"))
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert files == ["README.md", "cat-lora.json", "cat-lora.safetensors",
+    assert files == ["README.md", "cat-lora.json", "cat-lora.safetensors", "sample-grid.png",
                      f"samples/{newest.name}"]
     assert (folder / "cat-lora.safetensors").read_bytes() == output.read_bytes()
     assert (folder / "cat-lora.json").read_text() == publish.config_path(output).read_text()
@@ -286,7 +286,7 @@ def test_publish_uploads_the_folder_to_the_hub_and_keeps_the_token_out(trained, 
                 for item in commit[1:] if item["key"] == "file"}
     newest = max((root / "ws" / "samples").glob("step*-0.png"))
     assert sorted(uploaded) == ["README.md", "cat-lora.json", "cat-lora.safetensors",
-                                f"samples/{newest.name}"]
+                                "sample-grid.png", f"samples/{newest.name}"]
     assert uploaded["cat-lora.safetensors"] == output.read_bytes()
     assert b"base_model: atelier-tests/tiny-sd15" in uploaded["README.md"]
 

@@ -294,3 +294,22 @@ def test_two_processes_measure_the_same_number_as_one(tiny_sd15_dir, tmp_path):
         measured[processes] = [r["validation_loss"] for r in records if "validation_loss" in r]
     assert len(measured[1]) == 1
     assert measured[2] == pytest.approx(measured[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux", "chroma", "sd35", "z_image"])
+def test_every_family_measures_it(family, request, tmp_path, monkeypatch):
+    """The other families, with their own objectives (flow matching's timesteps and dynamic
+    shift, SDXL's second encoder): the measurement is a finite number, the same twice."""
+    from test_regularization import FAMILIES
+    if family == "z_image":
+        settings = {"base": request.getfixturevalue("tiny_z_image_dir"), "model_type": "Z_IMAGE",
+                    "text_encoder": {"train": False}}
+    else:
+        settings = FAMILIES[family](request)
+    spy = Spy(monkeypatch)
+    config = tiny_config(settings.pop("base"), tmp_path, epochs=1, validation=True,
+                         validation_split=0.4, output_model_format="DIFFUSERS_LORA", **settings)
+    train(config)
+    (record,) = validation_records(config)
+    assert 0 < record["validation_loss"] < 100
+    assert all(first == second for first, second in spy.measured)

@@ -15,6 +15,7 @@
     python -m trainer publish OUTPUT --repo-id USER/NAME [--private] [--dry-run FOLDER]
     python -m trainer lora inspect|merge-into|merge|resize|extract ... [--json]
                                                           (trainer/lora_tools/command.py)
+    python -m trainer compare JOB_OR_FOLDER... [--json] [--plot FILE.png] [--workspace DIR]
     accelerate launch -m trainer train --config my.json     # several GPUs (DDP)
 
 Bad input ends with a one-line message and exit status 2; Ctrl-C once stops after the current
@@ -85,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     # parsing the command line does not import diffusers (a test keeps the two lists equal).
     tiny.add_argument("family", choices=["sd15", "sdxl", "sd15-inpaint", "sdxl-inpaint",
                                          "flux", "flux-schnell", "chroma", "sd3", "sd35",
-                                         "clipseg", "captioner", "captioner-blip"])
+                                         "z-image", "clipseg", "captioner", "captioner-blip"])
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -195,6 +196,19 @@ def _parser() -> argparse.ArgumentParser:
                          help="the trigger word(s) for the card (default: a concept's prompt)")
     from trainer.lora_tools import command as lora_command
     lora_command.add_parser(sub)
+
+    compare = sub.add_parser(
+        "compare", help="the settings that differ between runs, their losses, their curves",
+        description="Compare runs: the settings that differ (config.json, nested keys dotted), "
+                    "each run's final and smoothed loss and best validation loss, and with "
+                    "--plot their loss curves overlaid (trainer/compare.py).")
+    compare.add_argument("runs", nargs="+", metavar="JOB_OR_FOLDER",
+                         help="a job number (its folder in the workspace) or a run's folder")
+    compare.add_argument("--json", action="store_true",
+                         help='print {"differences": {key: [value per run]}, "runs": [...]}')
+    compare.add_argument("--plot", default=None, metavar="FILE.png",
+                         help="write the overlaid loss and validation-loss curves as PNG")
+    compare.add_argument("--workspace", default=None, help=workspace_help)
     return parser
 
 
@@ -307,6 +321,9 @@ def run_make_tiny_model(args) -> int:
         build, name = ((tiny_captioners.build_tiny_florence2, "Florence-2 captioning")
                        if args.family == "captioner"
                        else (tiny_captioners.build_tiny_blip, "BLIP captioning"))
+    elif args.family == "z-image":
+        from trainer.models.tiny_z_image import build_tiny_z_image_model
+        build, name = build_tiny_z_image_model, "Z-Image"
     elif args.family in ("flux", "flux-schnell", "chroma", "sd3", "sd35"):
         from trainer.models import tiny_flow
         build = functools.partial(tiny_flow.build_tiny_flow_model, args.family)
@@ -435,6 +452,21 @@ def run_publish(args) -> int:
     return 0
 
 
+def run_compare(args) -> int:
+    import json
+
+    from trainer import compare
+
+    runs = compare.read_runs(args.runs, args.workspace)
+    if args.plot:
+        compare.write_plot(runs, args.plot)
+    print(json.dumps(compare.comparison(runs), indent=2) if args.json
+          else compare.comparison_text(runs))
+    if args.plot and not args.json:
+        print(f"Wrote the curves to {args.plot}")
+    return 0
+
+
 def run_lora(args) -> int:
     from trainer.lora_tools import command
     return command.run(args)
@@ -465,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_publish(args)
         if args.command == "lora":
             return run_lora(args)
+        if args.command == "compare":
+            return run_compare(args)
         return run_make_tiny_model(args)
     except AtelierError as error:
         print(f"error: {error}", file=sys.stderr)

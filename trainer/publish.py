@@ -3,7 +3,8 @@
 The folder holds the output (a LoRA or single-file checkpoint as `<repo name>.safetensors`,
 or a diffusers folder's contents at the repo's root), its config JSON (`<repo name>.json`),
 the run's samples (`samples/`: for each sample prompt the newest image drawn at or before the
-output's step) and a README.md model card (trainer/model_card.py).
+output's step), the grid of all of them up to that step (`sample-grid.png`,
+trainer/sample_grid.py) and a README.md model card (trainer/model_card.py).
 
 The token comes from the caller (the page's password field), else `HF_TOKEN`, else the
 login `hf auth login` saved. It is handed to huggingface_hub and nowhere else: it is never
@@ -32,6 +33,7 @@ from trainer.errors import AtelierError
 from trainer.embedding_files import embedding_file_paths
 from trainer.io import MODEL_MARKER
 from trainer.model_card import CardEmbedding, CardFacts, CardSample, build_model_card
+from trainer.sample_grid import GRID_NAME, read_grid, write_grid_image
 
 SAMPLE_NAME = re.compile(r"step(\d+)-(\d+)\.png")
 # A model downloaded by huggingface_hub lives at <cache>/models--OWNER--NAME/snapshots/<rev>.
@@ -274,6 +276,11 @@ def _fill(staging: Path, output: Output, *, repo_id: str, base_model: str | None
                                   width=spec.width, height=spec.height,
                                   steps=spec.diffusion_steps, cfg_scale=spec.cfg_scale,
                                   seed=spec.seed))
+    # The run's samples as one picture (a row per prompt, a column per sampling point, up to
+    # the output's step), when it drew any: how the LoRA learned, at a glance.
+    grid = read_grid(output.run_path(config.workspace_dir), up_to_step=steps, may_read=may_read)
+    if grid:
+        write_grid_image(grid, staging / GRID_NAME)
     facts = CardFacts(
         repo_id=repo_id, weights=weights, config_file=config_file,
         base_model=(base_model.strip() if base_model and base_model.strip()

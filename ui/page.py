@@ -20,13 +20,15 @@ from typing import Any
 
 import gradio as gr
 
-from trainer.config import ConceptConfig, TrainConfig, check_supported, config_from_dict
+from trainer.advice import comfyui_loads_part
+from trainer.config import (FROZEN_ENCODERS, ConceptConfig, TrainConfig, check_supported,
+                            config_from_dict)
 from trainer.errors import AtelierError, ConfigError
 from trainer.jobs.queue import SPACE_BACKUP_MINUTES, on_space
 from trainer.session import JobState
-from ui import (api, auto_captions, auto_masks, dataset, datasets_panel, footer, jobs_panel,
-                lr_preview, optimizers, presets, publish_panel, tables, timestep_preview,
-                tools_panel, try_panel)
+from ui import (api, auto_captions, auto_masks, compare_panel, dataset, datasets_panel, footer,
+                jobs_panel, lr_preview, optimizers, presets, publish_panel, sample_grid_panel,
+                tables, timestep_preview, tools_panel, try_panel)
 from ui import state as state_module
 from ui import fields as F
 from ui import memory_panel
@@ -95,13 +97,17 @@ CSS = """
   border-radius: 10px; box-shadow: 0 12px 48px rgba(0,0,0,.35); padding: 16px !important; }
 #optimizer-more { max-width: 56px; min-width: 56px; font-size: 20px; }
 .table-info { opacity: .75; font-size: 13px; }
+/* Column titles and cells break between words, never inside one: a narrow table scrolls. */
+[id^=table-] th, [id^=table-] th *, [id^=table-] td, [id^=table-] td * {
+  word-break: normal !important; overflow-wrap: normal !important; hyphens: none !important; }
+[id^=table-] th { font-size: 13px; }
 """
 CSS += dataset.CSS  # the dataset browser and mask painter
 CSS += jobs_panel.CSS
 
-HEADER = ("<div id='atelier-title'><h1>Atelier</h1><p>Train Stable Diffusion 1.5 / SDXL LoRAs "
-          "in the browser. Press <b>Start</b> to train the built-in demo, or load a preset.</p>"
-          "</div>")
+HEADER = ("<div id='atelier-title'><h1>Atelier</h1><p>Train LoRAs and fine-tunes of SD 1.5, "
+          "SDXL, Flux.1, Chroma and SD 3.5 in the browser. Press <b>Start</b> to train the "
+          "built-in demo, or load a preset.</p></div>")
 
 
 def complete(updates: dict, outputs: list) -> dict:
@@ -211,6 +217,17 @@ def shown_optimizer_values(config: TrainConfig, memory: dict) -> dict[str, Any]:
     return optimizers.values_for(optimizer, memory, explicit)
 
 
+# The settings that decide whether ComfyUI loads the LoRA file whole (trainer/advice.py).
+FORMAT_NOTE_KEYS = ("model_type", "training_method", "output_model_format", "peft_type",
+                    "lora_decompose", "text_encoder.train", "text_encoder_2.train",
+                    "text_encoder_3.train")
+
+
+def format_note_markdown(config: TrainConfig) -> str:
+    message = comfyui_loads_part(config)
+    return f"⚠️ {html.escape(message)}" if message else ""
+
+
 # --- Build ----------------------------------------------------------------------------------
 
 def build_page() -> gr.Blocks:
@@ -255,14 +272,6 @@ def build_page() -> gr.Blocks:
         export_file = gr.File(label="Exported config (for python -m trainer train --config)",
                               visible=False, elem_id="export-file", interactive=False)
 
-        # 2. Model
-        with gr.Accordion("Model", open=True, elem_id="section-model"):
-            keys = [k for k in F.keys_in_section(F.MODEL_SECTION) if k not in TOP_BAR_KEYS]
-            draw_fields(keys, values, choices, fields)
-            # The GPU memory the settings need, redrawn when a field it reads changes.
-            memory_md = gr.Markdown(memory_panel.estimate_markdown(config),
-                                    elem_id="memory-estimate")
-
         def draw_lists(section: str) -> None:
             for spec in F.LISTS.values():
                 if spec.section == section:
@@ -271,83 +280,117 @@ def build_page() -> gr.Blocks:
                     add.click(lambda frame, model=spec.item: add_row(frame, model), table,
                               table, api_name=f"add_{spec.key}_row")
 
-        # 3. Data
-        with gr.Accordion("Data", open=True, elem_id="section-data"):
-            draw_lists("Data")
-            concepts_info = gr.Markdown(concepts_summary(config.concepts),
-                                        elem_id="concepts-info")
-            draw_fields(F.keys_in_section("Data"), values, choices, fields)
-            datasets_on_load = datasets_panel.build_panel(page.tables["concepts"])
-        # The images of those concepts: captions, painted and generated masks (SPEC §4).
-        dataset_section = dataset.build_section(page.tables["concepts"], config.concepts,
-                                                panels=[auto_masks.build_panel,
-                                                        auto_captions.build_panel])
+        # Tabs in the order a user works; the top bar, the progress plots and the footer
+        # (Start/Stop, bars, status) stay outside them, seen from every tab. Every tab's
+        # content is drawn at load (render_children): the page's scripts find it hidden.
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Data", id="data", elem_id="tab-data",
+                        render_children=True):
+                # 3. Data
+                with gr.Accordion("Data", open=True, elem_id="section-data"):
+                    draw_lists("Data")
+                    concepts_info = gr.Markdown(concepts_summary(config.concepts),
+                                                elem_id="concepts-info")
+                    draw_fields(F.keys_in_section("Data"), values, choices, fields)
+                    datasets_on_load = datasets_panel.build_panel(page.tables["concepts"])
+                # The images of those concepts: captions, painted and generated masks (SPEC §4).
+                dataset_section = dataset.build_section(page.tables["concepts"], config.concepts,
+                                                        panels=[auto_masks.build_panel,
+                                                                auto_captions.build_panel])
 
-        # 4. Training: one accordion per section, in SPEC order
-        gr.Markdown("## Training", elem_id="training-heading")
-        opt_parts: dict[str, Any] = {}
-        lr_parts: dict[str, Any] = {}
-        timestep_parts: dict[str, Any] = {}
-        for section in F.sections():
-            keys = [k for k in F.keys_in_section(section) if k not in DIALOG_KEYS]
-            with gr.Accordion(F.section_label(section, values["model_type"]),
-                              open=section in OPEN_SECTIONS, elem_id="section-" + slug(section),
-                              visible=F.section_applies(section, choices)) as accordion:
-                page.sections[section] = accordion
-                if section == "Optimizer":
-                    with gr.Row(equal_height=True):
-                        fields[OPTIMIZER_KEY] = make_component(F.SPECS[OPTIMIZER_KEY],
-                                                               current_optimizer)
-                        opt_parts["more"] = gr.Button("⋯", elem_id="optimizer-more", scale=0,
-                                                      min_width=56)
-                    opt_parts["summary"] = gr.Markdown(
-                        optimizers.summary(current_optimizer, shown_params),
-                        elem_id="optimizer-summary")
-                    opt_parts["hint"] = gr.Markdown(optimizers.hint(current_optimizer),
-                                                    elem_id="optimizer-hint")
-                    keys.remove(OPTIMIZER_KEY)
-                draw_fields(keys, values, choices, fields)
-                draw_lists(section)
-                if section == "Learning-rate scheduler":
-                    frame, caption = lr_preview.curve_frame(config, allow_custom)
-                    lr_parts["plot"] = gr.LinePlot(frame, x="step", y="learning rate",
-                                                   color="group",  # one per parameter group
-                                                   title="Learning rate over the run",
-                                                   height=220, elem_id="lr-curve",
-                                                   x_title="optimizer step",
-                                                   y_title="learning rate")
-                    lr_parts["caption"] = gr.Markdown(caption, elem_id="lr-curve-caption")
-                if section == TIMESTEP_SECTION:  # drawn as the LR curve, beside its fields
-                    frame, caption = timestep_preview.histogram_frame(config)
-                    timestep_parts["plot"] = gr.LinePlot(
-                        frame, x=timestep_preview.X, y=timestep_preview.Y,
-                        title="Timesteps the run draws", height=220, elem_id="timestep-curve",
-                        x_title=timestep_preview.axis_title(config.model_type),
-                        y_title=timestep_preview.Y, x_lim=[0, timestep_preview.NUM_TRAIN_TIMESTEPS])
-                    timestep_parts["caption"] = gr.Markdown(caption,
-                                                            elem_id="timestep-curve-caption")
+            with gr.Tab("Training", id="training", elem_id="tab-training",
+                        render_children=True):
+                # 2. Model
+                with gr.Accordion("Model", open=True, elem_id="section-model"):
+                    keys = [k for k in F.keys_in_section(F.MODEL_SECTION) if k not in TOP_BAR_KEYS]
+                    draw_fields(keys, values, choices, fields)
+                    # The GPU memory the settings need, redrawn when a field it reads changes.
+                    memory_md = gr.Markdown(memory_panel.estimate_markdown(config),
+                                            elem_id="memory-estimate")
+                    # What ComfyUI would drop of the chosen LoRA format (measured with its
+                    # own loader: docs/comfyui_results.md); empty when it loads it whole.
+                    format_note = gr.Markdown(format_note_markdown(config),
+                                              elem_id="format-note")
 
-        # 5. Sampling
-        with gr.Accordion("Sampling", open=True, elem_id="section-sampling"):
-            draw_lists("Sampling")
-            draw_fields(F.keys_in_section("Sampling"), values, choices, fields)
-            sample_now_2 = gr.Button("Sample now", size="sm", elem_id="sample-now-2",
-                                     min_width=120)
-            gallery = gr.Gallery(label="Samples (newest first)", elem_id="gallery", columns=8,
-                                 fit_columns=False, height=220, object_fit="contain",
-                                 interactive=False)
+                # 4. Training: one accordion per section, in SPEC order
+                gr.Markdown("## Training", elem_id="training-heading")
+                opt_parts: dict[str, Any] = {}
+                lr_parts: dict[str, Any] = {}
+                timestep_parts: dict[str, Any] = {}
+                for section in F.sections():
+                    keys = [k for k in F.keys_in_section(section) if k not in DIALOG_KEYS]
+                    with gr.Accordion(F.section_label(section, values["model_type"]),
+                                      open=section in OPEN_SECTIONS,
+                                      elem_id="section-" + slug(section),
+                                      visible=F.section_applies(section, choices)) as accordion:
+                        page.sections[section] = accordion
+                        if section == "Optimizer":
+                            with gr.Row(equal_height=True):
+                                fields[OPTIMIZER_KEY] = make_component(F.SPECS[OPTIMIZER_KEY],
+                                                                       current_optimizer)
+                                opt_parts["more"] = gr.Button("⋯", elem_id="optimizer-more",
+                                                              scale=0,
+                                                              min_width=56)
+                            opt_parts["summary"] = gr.Markdown(
+                                optimizers.summary(current_optimizer, shown_params),
+                                elem_id="optimizer-summary")
+                            opt_parts["hint"] = gr.Markdown(optimizers.hint(current_optimizer),
+                                                            elem_id="optimizer-hint")
+                            keys.remove(OPTIMIZER_KEY)
+                        draw_fields(keys, values, choices, fields)
+                        draw_lists(section)
+                        if section == "Learning-rate scheduler":
+                            frame, caption = lr_preview.curve_frame(config, allow_custom)
+                            lr_parts["plot"] = gr.LinePlot(frame, x="step", y="learning rate",
+                                                           color="group",  # one per parameter group
+                                                           title="Learning rate over the run",
+                                                           height=220, elem_id="lr-curve",
+                                                           x_title="optimizer step",
+                                                           y_title="learning rate")
+                            lr_parts["caption"] = gr.Markdown(caption, elem_id="lr-curve-caption")
+                        if section == TIMESTEP_SECTION:  # drawn as the LR curve, beside its fields
+                            frame, caption = timestep_preview.histogram_frame(config)
+                            timestep_parts["plot"] = gr.LinePlot(
+                                frame, x=timestep_preview.X, y=timestep_preview.Y,
+                                title="Timesteps the run draws", height=220,
+                                elem_id="timestep-curve",
+                                x_title=timestep_preview.axis_title(config.model_type),
+                                y_title=timestep_preview.Y,
+                                x_lim=[0, timestep_preview.NUM_TRAIN_TIMESTEPS])
+                            timestep_parts["caption"] = gr.Markdown(
+                                caption, elem_id="timestep-curve-caption")
 
-        # Try a trained LoRA beside its base model.
-        try_on_load = try_panel.build_panel(fields["base_model_name"], fields["model_type"])
-        publish_on_load = publish_panel.build_panel()
-        jobs = jobs_panel.build_panel()
-        tools_panel.build_panel()  # LoRA tools: inspect, resize, merge into a model
+                # 6. Backup and save
+                if F.keys_in_section(F.BACKUP_SECTION):
+                    with gr.Accordion(F.BACKUP_SECTION, open=False,
+                                      elem_id="section-" + slug(F.BACKUP_SECTION)):
+                        draw_fields(F.keys_in_section(F.BACKUP_SECTION), values, choices, fields)
 
-        # 6. Backup and save
-        if F.keys_in_section(F.BACKUP_SECTION):
-            with gr.Accordion(F.BACKUP_SECTION, open=False,
-                              elem_id="section-" + slug(F.BACKUP_SECTION)):
-                draw_fields(F.keys_in_section(F.BACKUP_SECTION), values, choices, fields)
+            with gr.Tab("Samples", id="samples", elem_id="tab-samples",
+                        render_children=True):
+                # 5. Sampling
+                with gr.Accordion("Sampling", open=True, elem_id="section-sampling"):
+                    draw_lists("Sampling")
+                    draw_fields(F.keys_in_section("Sampling"), values, choices, fields)
+                    sample_now_2 = gr.Button("Sample now", size="sm", elem_id="sample-now-2",
+                                             min_width=120)
+                    gallery = gr.Gallery(label="Samples (newest first)", elem_id="gallery",
+                                         columns=8,
+                                         fit_columns=False, height=220, object_fit="contain",
+                                         interactive=False)
+
+                # Every sample of the run: a row per prompt, a column per sampling point.
+                grid = sample_grid_panel.build_panel()
+                # Try a trained LoRA beside its base model.
+                try_on_load = try_panel.build_panel(fields["base_model_name"], fields["model_type"])
+            with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs",
+                        render_children=True):
+                jobs = jobs_panel.build_panel()
+                compare = compare_panel.build_panel()  # their curves, settings and grids
+                publish_on_load = publish_panel.build_panel()
+            with gr.Tab("Tools", id="tools", elem_id="tab-tools",
+                        render_children=True):
+                tools_panel.build_panel()  # LoRA tools: inspect, resize, merge into a model
 
         # The optimizer "⋯" dialog: a column shown over the page.
         with gr.Column(visible=False, elem_id="optimizer-dialog",
@@ -457,9 +500,10 @@ def build_page() -> gr.Blocks:
                           if f"{part}.train" in fields}
 
         def t5_off(model_type) -> dict:
+            """The encoders Atelier keeps frozen (T5, Z-Image's Qwen3) switched off."""
             kinds = F.encoder_kinds(model_type)
-            return {switch: gr.update(value=False) if kinds.get(part) == "T5" else gr.update()
-                    for part, switch in train_switches.items()}
+            return {switch: gr.update(value=False) if kinds.get(part) in FROZEN_ENCODERS
+                    else gr.update() for part, switch in train_switches.items()}
 
         fields["model_type"].change(t5_off, fields["model_type"], list(train_switches.values()),
                                     api_name="t5_off", show_progress="hidden", queue=False)
@@ -522,6 +566,16 @@ def build_page() -> gr.Blocks:
 
         gr.on([c.change for k, c in fields.items() if memory_panel.reads(k)], redraw_memory,
               inputs=page.inputs(), outputs=memory_md, api_name="memory_estimate",
+              trigger_mode="always_last", show_progress="hidden")
+
+        def redraw_format_note(data: dict) -> str:
+            try:
+                return format_note_markdown(page.config(data)[0])
+            except Exception:  # noqa: BLE001 - a value that cannot be read: Start names it
+                return ""
+
+        gr.on([fields[k].change for k in FORMAT_NOTE_KEYS if k in fields], redraw_format_note,
+              inputs=page.inputs(), outputs=format_note, api_name=False,
               trigger_mode="always_last", show_progress="hidden")
 
         def summarize_concepts(frame, request: gr.Request) -> str:
@@ -742,7 +796,7 @@ def build_page() -> gr.Blocks:
         # Polling the server's job
         poll_outputs = [epoch_bar, step_bar, status, warnings_md, loss_plot, lr_live, gallery,
                         download, start_btn, stop_btn, sample_btn, backup_now_btn, save_now_btn,
-                        seen]
+                        seen, *grid.outputs]
 
         def poll(last: footer.Snapshot | None, request: gr.Request) -> list:
             out = follow(last, access_of(request))
@@ -772,6 +826,7 @@ def build_page() -> gr.Blocks:
                 out.update({loss_plot: footer.loss_frame(state), lr_live: footer.lr_frame(state)})
             if first or last.samples != snap.samples:
                 out[gallery] = footer.gallery_items(state, access)
+                out.update(grid.poll(state, access))
             if first or last.output != snap.output or last.status != snap.status:
                 files = footer.download_files(state, access)
                 out[download] = gr.update(value=files, visible=bool(files))
@@ -812,6 +867,7 @@ def build_page() -> gr.Blocks:
         # The Jobs panel: its list when the page opens, and "Load these settings".
         demo.load(jobs.refresh, jobs.refresh_inputs, jobs.refresh_outputs,
                   api_name="jobs_attach", show_progress="hidden")
+        demo.load(*compare.on_load, api_name="compare_attach", show_progress="hidden")
 
         def load_job_settings(selected, request: gr.Request) -> dict:
             try:

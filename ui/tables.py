@@ -33,10 +33,25 @@ def datatypes(model: type[BaseModel]) -> list[str]:
 
 
 def column_widths(model: type[BaseModel], wide: str) -> list[str]:
-    """The `wide` column (a folder, a prompt) gets a third of the table, the rest share."""
+    """The `wide` column (a folder, a prompt) gets a share that leaves the others room for
+    their longest word at 1440 px (a third with few columns, less with many); the rest
+    share what is left."""
     names = columns(model)
-    rest = f"{66 / max(len(names) - 1, 1):.1f}%"
-    return ["34%" if name == wide else rest for name in names]
+    share = 34 if len(names) <= 8 else 14
+    # each column by its title's longest word (titles break between words only); a check-box
+    # column's title shares its cell with a select-all box
+    weights = [max(6, *(len(word) for word in label.split()), _default_width(info))
+               + (3 if kind == "bool" else 0)
+               for label, kind, info in zip(column_labels(model), datatypes(model),
+                                            model.model_fields.values())]
+    total = sum(w for name, w in zip(names, weights) if name != wide) or 1.0
+    return [f"{share}%" if name == wide else f"{(100 - share) * w / total:.1f}%"
+            for name, w in zip(names, weights)]
+
+
+def _default_width(info) -> int:
+    """The length of a choice column's default value (STANDARD), 0 for other columns."""
+    return len(info.default.value) if isinstance(info.default, Enum) else 0
 
 
 def column_help(model: type[BaseModel]) -> str:

@@ -20,9 +20,10 @@ from trainer.config import SampleConfig
 from trainer.errors import AtelierError
 from trainer.limits import refuse_over
 from trainer.ownership import Access
+from trainer.backup_lora import backup_step, find_lora_backups, lora_from_backup
 from trainer.try_lora import find_loras, read_lora
 from ui import paths, state
-from ui.files import check_model_source, message_html, readable
+from ui.files import check_model_source, message_html, readable, writable
 
 DEFAULT_SIZE = 512
 
@@ -32,11 +33,16 @@ def _access(access: Access | None) -> Access:
 
 
 def lora_choices(access: Access | None = None) -> list[tuple[str, str]]:
-    """(label, path) of the workspace's LoRA files the visitor may read, newest first."""
+    """(label, path) of the workspace's LoRA files the visitor may read, newest first: final
+    outputs and intermediate saves (`<name>-stepNNNNNN.safetensors`), then the LoRA runs'
+    backups (`backup/step-N` folders, drawn from through a LoRA file made on first use)."""
     access = _access(access)
     root = paths.workspace_root()
-    return [(str(path.relative_to(root)), str(path)) for path in find_loras(root)
-            if access.can_read(path)]
+    files = [(str(path.relative_to(root)), str(path)) for path in find_loras(root)
+             if access.can_read(path)]
+    backups = [(f"{path.relative_to(root)} (backup at step {backup_step(path)})", str(path))
+               for path in find_lora_backups(root) if access.can_read(path)]
+    return files + backups
 
 
 def refresh(current: str | None = None, access: Access | None = None) -> dict:
@@ -115,6 +121,11 @@ def generate(lora: str | None, prompt: str, negative: str, strength: float, seed
             return refuse("A training job is running and holds the GPU: try the LoRA when "
                           "it has finished, or stop it.")
         path = readable(lora, "lora", access)
+        name = path.name
+        if path.is_dir():  # a backup: its LoRA file, made once inside it
+            writable(path, "lora", access)
+            made = lora_from_backup(path)  # refuses a folder that is no LoRA run's backup
+            path, name = made, f"The backup at step {backup_step(path)}"
         chosen = read_lora(path)
         check_model_source(chosen.base_model_name or base_model_name, "base_model_name",
                            access)
@@ -128,7 +139,7 @@ def generate(lora: str | None, prompt: str, negative: str, strength: float, seed
     finally:
         state.TRY_LOCK.release()
     return {"without": without, "with": with_lora,
-            "message": message_html(f"{path.name} at strength {strength:g}, seed {spec.seed}, "
+            "message": message_html(f"{name} at strength {strength:g}, seed {spec.seed}, "
                                     f"{spec.diffusion_steps} steps, CFG {spec.cfg_scale:g}.")}
 
 
@@ -146,7 +157,8 @@ def build_panel(base_model: gr.components.Component,
         with gr.Row(equal_height=True):
             lora = gr.Dropdown(label="LoRA", choices=first["lora"]["choices"],
                                value=first["lora"]["value"], scale=4, elem_id="try-lora",
-                               info="Your LoRA files in the workspace, the newest first.")
+                               info="Your LoRA files in the workspace, the newest first "
+                                    "(intermediate saves included), then your runs' backups.")
             refresh_btn = gr.Button("Refresh", elem_id="try-refresh", scale=0, min_width=90)
         prompt = gr.Textbox(label="Prompt", elem_id="try-prompt", lines=2)
         negative = gr.Textbox(label="Negative prompt", elem_id="try-negative")

@@ -203,8 +203,76 @@ def paint_stroke(page, points: list[tuple[float, float]], image_size: tuple[int,
     raise AssertionError(f"the stroke did not stay on the canvas after {attempts} attempts")
 
 
+# The page's tabs (ui/page.py), in their order; a hidden tab's content is not drawn.
+PAGE_TABS = ("data", "training", "samples", "jobs", "tools")
+
+
+def shown_tab(page) -> str | None:
+    return page.evaluate("() => document.querySelector('[role=tab][aria-selected=true]')"
+                         "?.id?.replace(/^tab-|-button$/g, '')")
+
+
+def show_tab(page, name: str) -> None:
+    page.locator(f"#tab-{name}-button").click()
+
+
+def reveal(page, selector: str) -> None:
+    """Bring the element into view as a person would: when it is not visible, open the tabs
+    one by one until it is; when no tab shows it, the tab that was open is opened again."""
+    if page.locator(selector).first.is_visible():
+        return
+    start = shown_tab(page)
+    for name in PAGE_TABS:
+        show_tab(page, name)
+        try:
+            page.locator(selector).first.wait_for(state="visible", timeout=1_500)
+            return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: not on this tab
+            continue
+    if start:
+        show_tab(page, start)
+
+
+class TabbedPage:
+    """A playwright page whose `locator(selector)` first opens the tab that shows the element
+    (clicking the tab's button, like a person); everything else is the page's own."""
+
+    def __init__(self, page):
+        object.__setattr__(self, "_page", page)
+
+    def __getattr__(self, name):
+        return getattr(self._page, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._page, name, value)
+
+    def locator(self, selector: str, **kwargs):
+        reveal(self._page, selector)
+        return self._page.locator(selector, **kwargs)
+
+    def _on_element(name):  # noqa: N805 - builds the methods below
+        def method(self, selector: str, *args, **kwargs):
+            reveal(self._page, selector)
+            return getattr(self._page, name)(selector, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    # the page's own actions on a selector, after the same reveal
+    click = _on_element("click")
+    fill = _on_element("fill")
+    press = _on_element("press")
+    check = _on_element("check")
+    uncheck = _on_element("uncheck")
+    hover = _on_element("hover")
+    set_input_files = _on_element("set_input_files")
+    inner_text = _on_element("inner_text")
+    input_value = _on_element("input_value")
+    get_attribute = _on_element("get_attribute")
+
+
 def new_tab(context, url: str):
-    """A tab of `context` on the app, loaded, with console errors collected in `tab.errors`."""
+    """A tab of `context` on the app, loaded, with console errors collected in `tab.errors`.
+    Returned as a TabbedPage: the tests address elements by id whatever tab they are on."""
     tab = context.new_page()
     tab.set_default_timeout(20_000)
     tab.errors = []
@@ -212,4 +280,4 @@ def new_tab(context, url: str):
     tab.goto(url)
     tab.wait_for_selector("#start", timeout=60_000)
     tab.wait_for_selector("#job-status", timeout=30_000)
-    return tab
+    return TabbedPage(tab)

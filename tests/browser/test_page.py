@@ -310,3 +310,39 @@ def test_reload_reattaches_and_stop_saves(page, chromium, atelier_server):
     wait_for(lambda: ".safetensors" in page.locator("#download").inner_text(), UI,
              what="the download of the stopped run")
     assert not page.errors
+
+
+# Every word of an element's text on one line (a word broken inside has two line boxes) and
+# nothing cut off at the element's edge.
+WORDS_WHOLE = """(el) => {
+    const broken = [];
+    const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+        for (const match of node.textContent.matchAll(/\\S+/g)) {
+            const range = document.createRange();
+            range.setStart(node, match.index);
+            range.setEnd(node, match.index + match[0].length);
+            const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+            if (tops.size > 1) broken.push(match[0]);
+        }
+    }
+    const cut = el.scrollWidth > el.clientWidth + 1;
+    return {broken, cut};
+}"""
+
+
+def test_table_column_titles_never_break_inside_a_word(page):
+    """At 1440 px (the issue's width) each column title of the Concepts and Sample prompts
+    tables keeps its words whole, and none is cut off."""
+    page.set_viewport_size({"width": 1440, "height": 1000})
+    page.wait_for_timeout(500)
+    for table in ("#table-concepts", "#table-samples"):
+        heads = page.locator(f"{table} thead th")
+        assert heads.count() > 3, table
+        for i in range(heads.count()):
+            head = heads.nth(i)
+            if not head.inner_text().strip():
+                continue
+            result = head.evaluate(WORDS_WHOLE)
+            assert not result["broken"] and not result["cut"], (table, head.inner_text(),
+                                                                 result)
