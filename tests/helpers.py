@@ -151,3 +151,28 @@ def resumed_equals_whole(make_config, tmp_path, stop_step: int, **extra):
     assert resumed.global_step == reference.global_step
     assert_same_files(reference.output_path, resumed.output_path)
     return resumed.global_step
+
+
+def fine_tune_keeping_weights(config, monkeypatch, part: str = "transformer"):
+    """Train `config` (a fine-tune) and return (output path, the trained `part`'s state dict
+    as the run left it in memory), to compare with what a reload of the output gives."""
+    import trainer.loop as loop
+    from trainer.models.family import load_family
+    loaded = []
+
+    def load_and_keep(config):
+        family = load_family(config)
+        loaded.append(family)
+        return family
+    monkeypatch.setattr(loop, "load_family", load_and_keep)
+    result = loop.train(config)
+    trained = {k: v.detach().clone() for k, v in loaded[0].parts[part].state_dict().items()}
+    return result.output_path, trained
+
+
+def assert_same_weights(state: dict, want: dict):
+    """Two state dicts with the same keys and bit-identical tensors."""
+    import torch
+    assert state.keys() == want.keys()
+    for key, tensor in want.items():
+        assert torch.equal(state[key], tensor), key

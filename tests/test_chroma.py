@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel
-from helpers import read_metrics, tiny_config
+from helpers import assert_same_weights, fine_tune_keeping_weights, read_metrics, tiny_config
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -123,27 +123,10 @@ def test_text_cache_keeps_the_states_and_the_mask(lora_run):
 
 def fine_tune(model_dir, tmp_path, output_format, monkeypatch):
     """A short fine-tune; returns (output path, the trained transformer's state dict)."""
-    import trainer.loop as loop
-    loaded = []
-
-    def load_and_keep(config):
-        family = load_family(config)
-        loaded.append(family)
-        return family
-    monkeypatch.setattr(loop, "load_family", load_and_keep)
     config = chroma_config(model_dir, tmp_path, training_method="FINE_TUNE", epochs=1,
                            batch_size=5, learning_rate=1e-3, output_model_format=output_format,
                            output_dtype="FLOAT_32")
-    result = train(config)
-    trained = {k: v.detach().clone() for k, v in
-               loaded[0].parts["transformer"].state_dict().items()}
-    return result.output_path, trained
-
-
-def assert_same_weights(state: dict, want: dict):
-    assert state.keys() == want.keys()
-    for key, tensor in want.items():
-        assert torch.equal(state[key], tensor), key
+    return fine_tune_keeping_weights(config, monkeypatch)
 
 
 def test_fine_tune_diffusers_folder_reloads_to_the_trained_weights(model_dir, tmp_path,

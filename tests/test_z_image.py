@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import (BLACK_MASKS, RUNS_ARE_BIT_EXACT, black_masked_folder, read_metrics,
-                     resumed_equals_whole, tiny_config)
+from helpers import (BLACK_MASKS, RUNS_ARE_BIT_EXACT, assert_same_weights, black_masked_folder,
+                     fine_tune_keeping_weights, read_metrics, resumed_equals_whole, tiny_config)
 from trainer.config import check_supported, config_from_dict
 from trainer.control import Control
 from trainer.errors import ConfigError
@@ -163,27 +163,10 @@ def test_named_attn_mlp_preset_picks_onetrainers_layers(tmp_path):
 
 def fine_tune(tmp_path, output_format, monkeypatch):
     """A short fine-tune; returns (output path, the trained transformer's state dict)."""
-    import trainer.loop as loop
-    loaded = []
-
-    def load_and_keep(config):
-        family = load_family(config)
-        loaded.append(family)
-        return family
-    monkeypatch.setattr(loop, "load_family", load_and_keep)
     config = z_config(tmp_path, training_method="FINE_TUNE", epochs=1, batch_size=5,
                       learning_rate=1e-3, output_model_format=output_format,
                       output_dtype="FLOAT_32")
-    result = train(config)
-    trained = {k: v.detach().clone() for k, v in
-               loaded[0].parts["transformer"].state_dict().items()}
-    return result.output_path, trained
-
-
-def assert_same_weights(state: dict, want: dict):
-    assert state.keys() == want.keys()
-    for key, tensor in want.items():
-        assert torch.equal(state[key], tensor), key
+    return fine_tune_keeping_weights(config, monkeypatch)
 
 
 def test_fine_tune_diffusers_folder_reloads_to_the_trained_weights(model_dir, tmp_path,
