@@ -216,16 +216,32 @@ def show_tab(page, name: str) -> None:
     page.locator(f"#tab-{name}-button").click()
 
 
+# The tab an element is drawn in ("" outside the tabs); null when it is not drawn (a tab
+# not opened yet has no content) or the selector is not plain CSS.
+TAB_OF = """(selector) => {
+    let el = null;
+    try { el = document.querySelector(selector); } catch (e) { return null; }
+    if (!el) return null;
+    const panel = el.closest('[id^="tab-"]');
+    return panel ? panel.id.replace(/^tab-/, '') : '';
+}"""
+
+
 def reveal(page, selector: str) -> None:
-    """Bring the element into view as a person would: when it is not visible, open the tabs
-    one by one until it is; when no tab shows it, the tab that was open is opened again."""
-    if page.locator(selector).first.is_visible():
+    """Bring the element onto the screen as a person would, by opening its tab. A tab opened
+    once keeps its content drawn (hidden while another tab is open); one never opened has
+    none, so for an element drawn nowhere the tabs are opened one by one until it is; when no
+    tab has it, the tab that was open is opened again."""
+    tab = page.evaluate(TAB_OF, selector)
+    if tab is not None:
+        if tab and tab in PAGE_TABS and tab != shown_tab(page):
+            show_tab(page, tab)
         return
     start = shown_tab(page)
     for name in PAGE_TABS:
         show_tab(page, name)
         try:
-            page.locator(selector).first.wait_for(state="visible", timeout=1_500)
+            page.locator(selector).first.wait_for(state="attached", timeout=1_500)
             return
         except Exception:  # noqa: BLE001 - playwright's TimeoutError: not on this tab
             continue
