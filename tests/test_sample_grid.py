@@ -297,13 +297,11 @@ def test_the_page_grid_follows_a_job_scrolls_and_downloads(two_jobs, runs):
     assert "no grid" in panel.download(None)["message"]
 
 
-def test_jobs_open_shows_the_grid_and_its_picture(two_jobs):
+def test_jobs_open_lists_the_grid_picture(two_jobs):
     from ui import jobs_panel
     from ui.state import viewer
     _, (first, _) = two_jobs
     opened = jobs_panel.open_job(viewer(), first)
-    grid = opened["grid"]
-    assert grid["visible"] and grid["columns"] == 4 and len(grid["value"]) == 12
     assert len(opened["gallery"]) == 12  # the samples newest first, as before
     assert any(Path(f).name == f"sample-grid-{first}.png" for f in opened["files"])
 

@@ -964,16 +964,13 @@ class TrainConfig(Strict):
                 "measures the EMA weights; no caption dropout; masks under masked training.")
     validate_after: int = setting(
         1, section="Validation", label="Validate every", ge=1, le=MAX_COUNT,
-        applies_to={"validation": [True]},
         tooltip="Measure the validation loss every N units.")
     validate_after_unit: TimeUnit = setting(
         TimeUnit.EPOCH, section="Validation", label="Validate unit",
-        applies_to={"validation": [True]},
         tooltip="STEP, EPOCH, SECOND, MINUTE or HOUR for 'Validate every' (several processes: "
                 "STEP or EPOCH).")
     validation_split: float = setting(
         0.0, section="Validation", label="Validation split", ge=0, lt=1,
-        applies_to={"validation": [True]},
         tooltip="Share of each STANDARD concept's images held out of training and validated "
                 "on instead (kohya's idea), chosen by the seed; the run's folder lists them in "
                 "validation_split.txt. 0 = only VALIDATION concepts.")

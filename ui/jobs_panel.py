@@ -186,10 +186,10 @@ def open_job(viewer: Viewer, selected) -> dict:
     samples = sorted((p for p in (folder / "samples").glob("**/*.png")
                       if access.can_read(p)), key=lambda p: p.stat().st_mtime)
     gallery = [(footer.servable(p), p.stem) for p in reversed(samples)]
-    # The samples as a grid too (a row per prompt, a column per sampling point), and its
-    # picture among the files.
+    # The samples as one grid picture (a row per prompt, a column per sampling point) first
+    # among the files. (A grid gallery in this update stopped the page from applying any of
+    # it: seen in the browser with gradio 6.31; the Samples tab draws the grid.)
     grid = sample_grid_panel.grid_for(folder, access)
-    items, columns = sample_grid_panel.gallery_value(grid, every_column=True)
     files = [sample_grid_panel.grid_file(folder, access)] if grid else []
     for output in job.outputs:
         for candidate in (Path(output), config_path(Path(output))):
@@ -205,8 +205,7 @@ def open_job(viewer: Viewer, selected) -> dict:
             summary += f"\n\n{line}"
     return {"detail": gr.update(visible=True), "summary": summary, "loss": loss, "lr": lr,
             "gallery": gallery, "config": json.dumps(job.config, indent=2),
-            "files": files or None, "message": "",
-            "grid": gr.update(value=items, columns=columns, visible=bool(items))}
+            "files": files or None, "message": ""}
 
 
 @dataclass
@@ -245,9 +244,6 @@ def build_panel() -> JobsPanel:
                                       height=200, elem_id="jobs-lr")
             gallery = gr.Gallery(label="Samples", columns=8, height=180, elem_id="jobs-gallery",
                                  object_fit="contain", interactive=False)
-            grid = gr.Gallery(label="Sample grid: a row per prompt, a column per sampling point",
-                              columns=1, height=420, elem_id="jobs-grid", object_fit="contain",
-                              interactive=False, visible=False)
             config = gr.Code(label="Config", language="json", elem_id="jobs-config",
                              interactive=False)
             files = gr.File(label="Outputs", file_count="multiple", interactive=False,
@@ -256,7 +252,7 @@ def build_panel() -> JobsPanel:
     timer = gr.Timer(REFRESH_SECONDS)
     names = {"table": table, "choice": choice, "message": message, "detail": detail,
              "summary": summary, "loss": loss_plot, "lr": lr_plot, "gallery": gallery,
-             "config": config, "files": files, "store_notice": store_notice, "grid": grid}
+             "config": config, "files": files, "store_notice": store_notice}
 
     def bind(handler, outputs: list[str], api_name: str):
         out = [names[k] for k in outputs]
@@ -270,7 +266,7 @@ def build_panel() -> JobsPanel:
     listing = ["table", "choice", "store_notice", "message"]
     for button, handler, outputs, api in [
             (open_btn, open_job, ["detail", "summary", "loss", "lr", "gallery", "config",
-                                  "files", "message", "grid"], "jobs_open"),
+                                  "files", "message"], "jobs_open"),
             (cancel_btn, cancel, listing, "jobs_cancel"), (up, move("up"), listing, "jobs_up"),
             (down, move("down"), listing, "jobs_down"),
             (delete_btn, delete, [*listing, "detail"], "jobs_delete")]:

@@ -87,6 +87,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
         except Exception as error:  # the DOM may be mid-update
             last = error
         time.sleep(interval)
+    if callable(what):  # said at the time out: what the page shows then
+        what = what()
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
@@ -227,26 +229,22 @@ TAB_OF = """(selector) => {
 }"""
 
 
-def reveal(page, selector: str) -> None:
-    """Bring the element onto the screen as a person would, by opening its tab. A tab opened
-    once keeps its content drawn (hidden while another tab is open); one never opened has
-    none, so for an element drawn nowhere the tabs are opened one by one until it is; when no
-    tab has it, the tab that was open is opened again."""
-    tab = page.evaluate(TAB_OF, selector)
-    if tab is not None:
-        if tab and tab in PAGE_TABS and tab != shown_tab(page):
-            show_tab(page, tab)
-        return
-    start = shown_tab(page)
+def draw_every_tab(page) -> None:
+    """Open each tab once, then the first: a tab never opened has no content drawn, one opened
+    keeps it (hidden while another is open), so afterwards every element is somewhere."""
     for name in PAGE_TABS:
         show_tab(page, name)
-        try:
-            page.locator(selector).first.wait_for(state="attached", timeout=1_500)
-            return
-        except Exception:  # noqa: BLE001 - playwright's TimeoutError: not on this tab
-            continue
-    if start:
-        show_tab(page, start)
+        page.locator(f"#tab-{name}").first.wait_for(state="attached", timeout=TIMEOUT_MS)
+    show_tab(page, PAGE_TABS[0])
+
+
+def reveal(page, selector: str) -> None:
+    """Bring the element onto the screen as a person would: open the tab it is drawn in. An
+    element drawn outside the tabs, or not drawn at all (a hidden component), is left as it
+    is."""
+    tab = page.evaluate(TAB_OF, selector)
+    if tab and tab in PAGE_TABS and tab != shown_tab(page):
+        show_tab(page, tab)
 
 
 class TabbedPage:
@@ -265,6 +263,18 @@ class TabbedPage:
     def locator(self, selector: str, **kwargs):
         reveal(self._page, selector)
         return self._page.locator(selector, **kwargs)
+
+    def reload(self, *args, **kwargs):
+        response = self._page.reload(*args, **kwargs)
+        self._page.wait_for_selector("#job-status", timeout=30_000)
+        draw_every_tab(self._page)
+        return response
+
+    def goto(self, *args, **kwargs):
+        response = self._page.goto(*args, **kwargs)
+        self._page.wait_for_selector("#job-status", timeout=30_000)
+        draw_every_tab(self._page)
+        return response
 
     def _on_element(name):  # noqa: N805 - builds the methods below
         def method(self, selector: str, *args, **kwargs):
@@ -296,4 +306,5 @@ def new_tab(context, url: str):
     tab.goto(url)
     tab.wait_for_selector("#start", timeout=60_000)
     tab.wait_for_selector("#job-status", timeout=30_000)
+    draw_every_tab(tab)
     return TabbedPage(tab)

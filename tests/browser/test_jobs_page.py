@@ -62,7 +62,9 @@ def test_queue_two_cancel_one_and_open_a_finished_one(page):
     page.click("#jobs-open")
     detail = page.locator("#jobs-detail")
     wait_for(lambda: detail.is_visible() and f"Job {second}" in
-             page.locator("#jobs-summary").inner_text(), UI, what="the opened job")
+             page.locator("#jobs-summary").inner_text(), UI,
+             what=lambda: f"the opened job ({page.locator('#jobs-message').inner_text()!r}, "
+                          f"page errors {page.errors})")
     assert "finished" in page.locator("#jobs-summary").inner_text()
     # (the code view draws only its first lines; Load below shows the rest is the job's)
     wait_for(lambda: '"model_type": "STABLE_DIFFUSION_15"' in
