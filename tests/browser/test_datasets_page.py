@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zipfile
 
-from atelier_page import open_section, wait_for
+from atelier_page import open_section, wait_for, wait_idle
 
 from trainer.demo import DEMO_DATASET_DIR
 
@@ -18,6 +18,7 @@ def test_an_uploaded_zip_becomes_a_dataset_and_a_concept(page, atelier_server, t
     with zipfile.ZipFile(archive, "w") as out:
         for file in sorted(DEMO_DATASET_DIR.iterdir()):
             out.write(file, f"trip/{file.name}")
+    wait_idle(page)  # a job of an earlier test would slow the upload's handlers
     open_section(page, "datasets")
     assert "GB per dataset" in page.locator("#datasets-limits").inner_text()  # limits shown
     name = page.locator("#datasets-name input")

@@ -57,8 +57,10 @@ def test_grid_reload_download_open_and_compare_two_jobs(page, chromium, atelier_
     second = train_job(page, "0.002")
     pick(page, "jobs-choice", f"Job {first}")
     page.click("#jobs-open")
-    wait_for(lambda: f"sample-grid-{first}.png" in page.locator("#jobs-files").inner_text(),
-             UI, what="the opened job's grid picture")
+    wait_for(lambda: f"Job {first}" in page.locator("#jobs-summary").inner_text()
+             and "sample-grid" in page.locator("#jobs-files").inner_text(), UI,
+             what=lambda: "the opened job's grid picture among its files ("
+                          + repr(page.locator("#jobs-files").inner_text()[:300]) + ")")
 
     open_section(page, "Compare jobs")
     page.click("#compare-refresh")
