@@ -18,7 +18,8 @@ def test_an_uploaded_zip_becomes_a_dataset_and_a_concept(page, atelier_server, t
     with zipfile.ZipFile(archive, "w") as out:
         for file in sorted(DEMO_DATASET_DIR.iterdir()):
             out.write(file, f"trip/{file.name}")
-    wait_idle(page)  # a job of an earlier test would slow the upload's handlers
+    wait_idle(page)  # a job an earlier test started: the page opened while it ran is
+    page.reload()    # opened again once the server is idle
     open_section(page, "datasets")
     assert "GB per dataset" in page.locator("#datasets-limits").inner_text()  # limits shown
     name = page.locator("#datasets-name input")
