@@ -10,7 +10,7 @@ import torch
 
 from trainer.config import ConceptType, TrainConfig
 from trainer.loss import masked_prior_loss, masked_sample_loss, pixel_loss, sample_noise
-from trainer.regularization import adapters_off, concept_rows, needs_prior
+from trainer.regularization import AdapterSwitch, concept_rows, needs_prior
 
 
 class BatchLoss:
@@ -22,6 +22,7 @@ class BatchLoss:
         self.config, self.family, self.data = config, family, data
         self.device, self.generator = device, generator
         self.inpainting = inpainting  # an inpainting UNet's mask + masked image (or None)
+        self.adapters: AdapterSwitch | None = None  # found at the first prior prediction
 
     def __call__(self, batch: dict, grad: dict[str, bool]) -> torch.Tensor:
         config, family, data, device = self.config, self.family, self.data, self.device
@@ -86,7 +87,9 @@ class BatchLoss:
         gradient. When text encoders have adapters their base outputs are encoded again, with
         the same captions dropped (Python's random stream replayed from `dropout_draws`)."""
         family = self.family
-        with torch.no_grad(), adapters_off(family.parts) as text_changed:
+        if self.adapters is None:
+            self.adapters = AdapterSwitch(family.parts)
+        with torch.no_grad(), self.adapters.off() as text_changed:
             if text_changed:
                 after = random.getstate()
                 random.setstate(dropout_draws)

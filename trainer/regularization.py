@@ -62,31 +62,37 @@ def needs_prior(config: TrainConfig, prior_rows: Sequence[int]) -> bool:
                                 and config.masked_prior_preservation_weight > 0)
 
 
-def _tuner_layers(parts: dict[str, torch.nn.Module]) -> list:
+def _tuner_layers(part: torch.nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
-    return [m for part in parts.values() if part is not None for m in part.modules()
-            if isinstance(m, BaseTunerLayer)]
+    return [m for m in part.modules() if isinstance(m, BaseTunerLayer)]
 
 
-@contextlib.contextmanager
-def adapters_off(parts: dict[str, torch.nn.Module]) -> Iterator[bool]:
-    """Every peft adapter of `parts` switched off inside the block: the model is its base.
-    Yields whether any text encoder had adapters (then its outputs differ from the trained
-    run's). peft's switch also sets requires_grad on the adapters; their flags are put back
-    as they were, so a frozen adapter stays frozen."""
-    layers = _tuner_layers(parts)
-    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
-    text = any(isinstance(m, torch.nn.Module) and name.startswith("text_encoder")
-               and _tuner_layers({name: m}) for name, m in parts.items())
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield text
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+class AdapterSwitch:
+    """The peft adapter layers of a family's parts, found once (a walk over every module of
+    the UNet or transformer is not done again at each prior batch)."""
+
+    def __init__(self, parts: dict[str, torch.nn.Module]):
+        by_part = {name: _tuner_layers(m) for name, m in parts.items() if m is not None}
+        self.layers = [layer for found in by_part.values() for layer in found]
+        # text encoders with adapters: their outputs differ from the base model's
+        self.text_encoders = any(found for name, found in by_part.items()
+                                 if name.startswith("text_encoder"))
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[bool]:
+        """Every adapter switched off inside the block: the model is its base. Yields whether
+        a text encoder had adapters. peft's switch also sets requires_grad on the adapters;
+        their flags are put back as they were, so a frozen adapter stays frozen."""
+        flags = [(p, p.requires_grad) for layer in self.layers for p in layer.parameters()]
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        try:
+            yield self.text_encoders
+        finally:
+            for layer in self.layers:
+                layer.enable_adapters(True)
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
 
 
 def regularization_epoch(reg_indices: Sequence[int], count: int, seed: int,
