@@ -21,9 +21,6 @@ REFUSED = {
     "preset.sd21_lora.saved": "model_type",
     "sd15_lora_oft.saved": "peft_type",                    # OFT_2 is not built here
     "sd15_lora_came.saved": "optimizer.optimizer",         # CAME is not one of Atelier's
-    # streaming the transformer from the CPU: issue 26's offloading (its FLOAT_8 weights import)
-    "preset.chroma_lora_8gb.saved": "transformer.offload_fraction",
-    "preset.z_image_lora_8gb.saved": "transformer.offload_fraction",
     "preset.z_image_deturbo_lora_16gb.saved": "transformer.weight_dtype",  # INT_W8A8
 }
 # Accepted by the translation, refused when the run starts (check_supported), with the key.

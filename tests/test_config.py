@@ -256,8 +256,6 @@ def test_a_family_gets_its_own_default_output_format():
      "DIFFUSERS, ORIGINAL_SINGLE_FILE"),
     ({**FLUX, "peft_type": "LOHA", "output_model_format": "DIFFUSERS_LORA"},
      "peft_type LOHA is not available for Flux.1"),
-    ({**FLUX, "layer_offload_fraction": 0.5}, "layer_offload_fraction = 0.5: streaming Flux.1's "
-                                              "layers from the CPU needs offloading"),
     ({**SD3, "dynamic_timestep_shifting": True}, "dynamic_timestep_shifting: Stable Diffusion "
                                                  "3's scheduler has no resolution-dependent"),
     ({"dynamic_timestep_shifting": True}, "dynamic_timestep_shifting"),

@@ -305,7 +305,7 @@ def test_a_config_that_does_not_fit_names_the_levers(tiny_sd15_dir):
     assert warning.startswith(f"It will not fit in {small:.1f} GB. Levers that lower it: ")
     # (a smaller weight dtype saves < 5 MB of this tiny UNet: not offered; see the Flux test)
     for lever in ("gradient checkpointing on", "batch size 1", "resolution 768",
-                  "offloading (layer_offload_fraction 0.5"):
+                  "offloading (unet.offload_fraction 0.5, with gradient checkpointing"):
         assert lever in warning
     assert "fits)" in warning
     # each lever's figure is the estimate with that one change

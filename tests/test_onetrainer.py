@@ -154,13 +154,17 @@ def checkpointing(part: str):
 
 
 def offload_fraction(d: dict) -> float:
-    """__version 11: per part; Atelier's one fraction is the largest of the denoiser's and the
-    trained text encoders'. Before: one fraction, used only with CPU_OFFLOADED (migration 10)."""
+    """Before __version 11 one fraction, used only with CPU_OFFLOADED (migration 10); since,
+    each part's own (part_offload)."""
     if version(d) >= 11:
-        parts = [denoiser(d)] + [p for p in registry.facts(d["model_type"]).text_encoders
-                                 if d[p]["train"]]
-        return max(d[p]["offload_fraction"] for p in parts)
+        return 0.0
     return d["layer_offload_fraction"] if d["gradient_checkpointing"] == "CPU_OFFLOADED" else 0.0
+
+
+def part_offload(part: str):
+    def meaning(d: dict) -> float:
+        return d[part]["offload_fraction"] if version(d) >= 11 else 0.0
+    return meaning
 
 
 def layer_patterns(d: dict):
@@ -284,6 +288,7 @@ MEANING: dict[str, object] = {
                             ("stop_training_after_unit", stop_unit),
                             ("gradient_checkpointing", checkpointing))},
     **{f"{part}.stop_training_after": stop_after(part) for part in registry.ALL_PARTS},
+    **{f"{part}.offload_fraction": part_offload(part) for part in registry.ALL_PARTS},
     **{f"{part}.learning_rate": (lambda p: lambda d: d[p]["learning_rate"])(part)
        for part in registry.ALL_PARTS},
     **{f"{part}.caption_dropout_probability":
@@ -417,7 +422,6 @@ def test_what_atelier_cannot_honour_is_refused_with_key_and_value(name, key, tmp
     assert message.startswith(key) or f"{key}:" in message, message
     value = {"model_type": raw(name)["model_type"], "peft_type": "OFT_2",
              "optimizer.optimizer": "CAME", "concepts[1].type": "VALIDATION",
-             "transformer.offload_fraction": str(get(raw(name), key)),
              "transformer.weight_dtype": str(get(raw(name), key))}[key]
     assert value in message
 

@@ -462,6 +462,8 @@ def test_a_quantized_part_keeps_the_rest_of_it_in_the_train_dtype():
     ({"unet": {"weight_dtype": "INT_8"}, "layer_offload_fraction": 0.5},
      "layer_offload_fraction = 0.5 with unet.weight_dtype = INT_8: streaming moves a block's "
      "parameters, not the scales bitsandbytes keeps beside them"),
+    ({"unet": {"weight_dtype": "NFLOAT_4", "offload_fraction": 0.3}},
+     "unet.offload_fraction = 0.3 with unet.weight_dtype = NFLOAT_4: streaming moves"),
     ({"unet": {"weight_dtype": "NFLOAT_4"}, "lora_decompose": True,
       "output_model_format": "DIFFUSERS_LORA", "lora_model_name": "old.safetensors"},
      "lora_model_name with DoRA and unet.weight_dtype = NFLOAT_4"),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from trainer.config import CompileMode, TrainConfig
-from trainer.errors import ConfigError
 
 # The units compiled one by one: the blocks gradient checkpointing recomputes (diffusers'
 # ResnetBlock2D and BasicTransformerBlock in a UNet; the flow transformers' double/joint and
@@ -41,14 +40,6 @@ def compile_wanted(config: TrainConfig) -> bool:
     three warm-up steps within about 75 s, so no compiled step time could be compared yet. On
     a 2-core CPU the tiny model's three batch shapes took 4 minutes to compile."""
     return config.compile == CompileMode.ON
-
-
-def check_compile(config: TrainConfig) -> None:
-    if config.compile == CompileMode.ON and config.layer_offload_fraction > 0:
-        raise ConfigError(
-            "compile ON with layer_offload_fraction > 0: a compiled block cannot follow its "
-            "weights moving between the CPU and the GPU at every call. Set compile to AUTO or "
-            "OFF, or layer_offload_fraction to 0.")
 
 
 def compile_blocks(module: torch.nn.Module, buckets: int) -> int:

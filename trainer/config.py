@@ -364,6 +364,15 @@ def _part(key: str, name: str, *, train: bool, stop_after: int,
             True, section=section, label="Train embeddings",
             applies_to={"training_method": ["LORA", "EMBEDDING"]},
             tooltip=f"Train the additional embeddings' vectors of the {name} (off = they keep "
+        "offload_fraction": (float, setting(
+            0.0, section=section, label="Offload fraction", ge=0, le=1,
+            tooltip=f"Keep this fraction of the {name}'s frozen weights (whole blocks, the "
+                    "largest first) in CPU memory and copy each block to the GPU only while it "
+                    "runs: less GPU memory, some speed. OneTrainer's key. A part a gradient "
+                    "flows through needs gradient checkpointing; not for a fine-tuned part, "
+                    "with compile, INT_8/NFLOAT_4 storage or several GPUs. 0 = all on the GPU; "
+                    "empty here and layer_offload_fraction set = that fraction for the "
+                    "denoiser and trained text encoders.")),
                     "their starting vectors for this encoder)."))
         fields["caption_dropout_probability"] = (float, setting(
             0.0, section=section, label="Caption dropout", ge=0, le=1,
@@ -1113,6 +1122,19 @@ class TrainConfig(Strict):
 
 class TargetSize(NamedTuple):
     """One entry of the resolution setting. `exact` = written as WIDTHxHEIGHT: trained at that
+    def offload_fraction_of(self, part: str) -> float:
+        """The share of `part`'s frozen weights streamed from CPU memory (trainer/
+        layer_offload.py): its own offload_fraction, else the older layer_offload_fraction,
+        which streams the denoiser and each trained text encoder whose checkpointing is on."""
+        own = getattr(self, part).offload_fraction
+        if own > 0 or self.layer_offload_fraction <= 0:
+            return own
+        if part == self.model_type.facts.denoiser:
+            return self.layer_offload_fraction
+        section = getattr(self, part)
+        trained = self.training_method != TrainingMethod.EMBEDDING and section.train
+        return self.layer_offload_fraction if trained and section.gradient_checkpointing else 0.0
+
     very size. A plain size (512) is a square whose pixel area the aspect buckets share."""
     width: int
     height: int
@@ -1349,10 +1371,12 @@ def check_quantization(config: TrainConfig) -> None:
                  if getattr(config, part).weight_dtype.value in QUANTIZED_TYPES}
     method = config.training_method
     for part, value in quantized.items():
-        # layer streaming (trainer/layer_offload.py: the denoiser, trained text encoders)
-        streamed = part == facts.denoiser or (part != "vae" and getattr(config, part).train)
-        if config.layer_offload_fraction > 0 and streamed and value in ("INT_8", "NFLOAT_4"):
-            raise ConfigError(f"layer_offload_fraction = {config.layer_offload_fraction:g} with "
+        # layer streaming (trainer/layer_offload.py)
+        fraction = config.offload_fraction_of(part) if part != "vae" else 0.0
+        if fraction > 0 and value in ("INT_8", "NFLOAT_4"):
+            key = ("layer_offload_fraction" if getattr(config, part).offload_fraction <= 0
+                   else f"{part}.offload_fraction")
+            raise ConfigError(f"{key} = {fraction:g} with "
                               f"{part}.weight_dtype = {value}: streaming moves a block's "
                               "parameters, not the scales bitsandbytes keeps beside them; store "
                               f"the {part} in FLOAT_8 (which streams) or set the fraction to 0.")
@@ -1506,7 +1530,7 @@ def check_timestep_draw(config: TrainConfig) -> None:
 def check_family(config: TrainConfig) -> None:
     """What the chosen family cannot do (yet), refused naming the key and why: its training
     objective's loss weights, its T5 encoder trained, clip skip on a T5, embeddings on the
-    flow-matching families, the layer streaming that only the SD families have."""
+    flow-matching families."""
     facts = config.model_type.facts
     label = facts.label
     flow = facts.flow_matching
@@ -1553,10 +1577,6 @@ def check_family(config: TrainConfig) -> None:
         if preset.value not in presets:
             raise ConfigError(f"lora_layer_preset = {preset.value} is not a layer preset of "
                               f"{label}; it has {', '.join(presets)} (or custom).")
-    if flow and config.layer_offload_fraction > 0:
-        raise ConfigError(f"layer_offload_fraction = {config.layer_offload_fraction:g}: "
-                          f"streaming {label}'s layers from the CPU needs offloading for every "
-                          "part (issue 26), not available yet; set it to 0.")
 
 
 def check_optimizer_and_scheduler(config: TrainConfig) -> None:

@@ -1,44 +1,102 @@
-"""`layer_offload_fraction`: a share of a part's frozen weights lives in pinned CPU memory and is
-streamed to the GPU block by block as each block runs.
+"""Offloading: a share of a part's frozen weights lives in pinned CPU memory and is streamed
+to the GPU block by block as each block runs. The share is the part's own `offload_fraction`
+(OneTrainer's key, any part: the UNet or transformer, CLIP, T5, the language-model encoders)
+or the older top-level `layer_offload_fraction` (the denoiser and the trained text encoders):
+TrainConfig.offload_fraction_of.
 
-The units are the blocks gradient checkpointing recomputes (the UNet's ResnetBlock2D and
-BasicTransformerBlock, a CLIP encoder layer). A forward pre-hook gives each frozen weight of a
-streamed block a fresh device copy of its pinned CPU tensor (copied without blocking); the
-forward post-hook points the weight back at the CPU tensor. Nothing else holds the device
+The units are the blocks gradient checkpointing recomputes: the UNet's ResnetBlock2D and
+BasicTransformerBlock, the flow transformers' (single) transformer blocks, a CLIP or T5
+encoder layer, a language model's decoder layer. A forward pre-hook gives each frozen weight
+of a streamed block a fresh device copy of its pinned CPU tensor (copied without blocking);
+the forward post-hook points the weight back at the CPU tensor. Nothing else holds the device
 copy, so it is freed as soon as the block is done, unless autograd saved it for the backward
-pass: that is why checkpointing is required. A checkpointed block saves nothing in its
-forward pass and runs again (hooks included) in the backward pass, whose saved tensors are
-freed once that block's gradient is computed. So at most a block or two of streamed weights
-is on the GPU at a time, at the cost of copying the streamed share twice per step (forward
-and recomputation).
+pass: that is why a part a gradient flows through needs checkpointing. A checkpointed block
+saves nothing in its forward pass and runs again (hooks included) in the backward pass, whose
+saved tensors are freed once that block's gradient is computed. So at most a block or two of
+streamed weights is on the GPU at a time, at the cost of copying the streamed share twice per
+step (forward and recomputation). A frozen text encoder runs without gradient (it fills the
+text cache): one copy per call, no checkpointing needed.
 
 Trained weights (LoRA adapters, a fine-tuned part) never move: only parameters frozen when
 the run starts are streamed.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
-from trainer.config import TrainConfig, TrainingMethod
+from trainer.config import CompileMode, TrainConfig, TrainingMethod
 from trainer.errors import ConfigError
 
-UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "CLIPEncoderLayer")
+# The block classes of every family, by name: diffusers' UNet blocks and transformer blocks
+# (BasicTransformerBlock, FluxTransformerBlock, JointTransformerBlock, ZImageTransformerBlock,
+# ...), CLIP's and T5's encoder layers, the Qwen language models' decoder layers. Only the
+# outermost match of a nesting is a unit.
+UNIT_NAME = re.compile(r"(ResnetBlock2D|TransformerBlock|EncoderLayer|DecoderLayer|T5Block)$")
 
 
-def check_layer_offload(config: TrainConfig) -> None:
+def offloaded_parts(config: TrainConfig) -> list[str]:
+    """The family's parts with a share to stream, in the family's order."""
+    return [p for p in config.model_type.facts.parts if config.offload_fraction_of(p) > 0]
+
+
+def _key(config: TrainConfig, part: str) -> str:
+    """The config key that set a part's fraction, as a message names it."""
+    own = getattr(config, part).offload_fraction
+    key = f"{part}.offload_fraction" if own > 0 else "layer_offload_fraction"
+    return f"{key} {config.offload_fraction_of(part):g}"
+
+
+def gradient_flows(config: TrainConfig, part: str) -> bool:
+    """Whether training back-propagates through `part`: the denoiser always, a text encoder
+    that trains or holds trained embedding vectors."""
+    if part == config.model_type.facts.denoiser:
+        return True
+    trains = config.training_method != TrainingMethod.EMBEDDING and getattr(config, part).train
+    return trains or any(e.train for e in config.additional_embeddings)
+
+
+def check_layer_offload(config: TrainConfig, num_processes: int = 1) -> None:
     """Refuse what streaming cannot do, naming the keys."""
-    if config.layer_offload_fraction <= 0:
-        return
-    key = f"layer_offload_fraction {config.layer_offload_fraction:g}"
-    if not config.gradient_checkpointing or not config.unet.gradient_checkpointing:
-        raise ConfigError(
-            f"{key} needs gradient_checkpointing (and unet.gradient_checkpointing): without "
-            "it autograd keeps every streamed block's weights on the GPU for the backward "
-            "pass, and nothing is saved. Switch checkpointing on or set the fraction to 0.")
-    if config.training_method == TrainingMethod.FINE_TUNE and config.unet.train:
-        raise ConfigError(
-            f"{key}: a fine-tuned UNet's weights change at every step and cannot live on the "
-            "CPU; streaming is for frozen weights (LoRA, embeddings). Set the fraction to 0.")
+    denoiser = config.model_type.facts.denoiser
+    for part in sorted(offloaded_parts(config), key=lambda p: p != denoiser):  # denoiser first
+        key = _key(config, part)
+        section = getattr(config, part)
+        if gradient_flows(config, part) and not (config.gradient_checkpointing
+                                                 and section.gradient_checkpointing):
+            raise ConfigError(
+                f"{key} needs gradient_checkpointing (and {part}.gradient_checkpointing): "
+                "without it autograd keeps every streamed block's weights on the GPU for the "
+                "backward pass, and nothing is saved. Switch checkpointing on or set the "
+                "fraction to 0.")
+        if config.training_method == TrainingMethod.FINE_TUNE and section.train:
+            name = "UNet" if part == "unet" else part
+            raise ConfigError(
+                f"{key}: a fine-tuned {name}'s weights change at every step and cannot live on "
+                "the CPU; streaming is for frozen weights (LoRA, embeddings). Set the fraction "
+                "to 0.")
+        if config.compile == CompileMode.ON and part == config.model_type.facts.denoiser:
+            raise ConfigError(
+                f"compile ON with {key.split()[0]} > 0: a compiled block cannot follow its "
+                "weights moving between the CPU and the GPU at every call. Set compile to AUTO "
+                "or OFF, or the fraction to 0.")
+        if num_processes > 1:
+            raise ConfigError(f"{key.split()[0]} with several processes: DDP needs every "
+                              "weight on its GPU. Set it to 0 for `accelerate launch` runs.")
+
+
+def offload_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost blocks of `module` whose class name marks a block (UNIT_NAME)."""
+    units: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for sub in module.modules():  # parents come before their children
+        if id(sub) in inside:
+            continue
+        if UNIT_NAME.search(type(sub).__name__):
+            units.append(sub)
+            inside.update(id(m) for m in sub.modules())
+    return units
 
 
 class LayerOffload:
@@ -50,7 +108,7 @@ class LayerOffload:
         the whole part is never on the device at once."""
         self.device = torch.device(device)
         self.loads = 0  # block loads so far (one per block call): what the tests count
-        units = [m for m in module.modules() if type(m).__name__ in UNIT_CLASSES]
+        units = offload_units(module)
         frozen = {id(p) for p in module.parameters() if not p.requires_grad}
         total = sum(p.numel() * p.element_size() for p in module.parameters()
                     if id(p) in frozen)
@@ -78,10 +136,16 @@ class LayerOffload:
                     pairs.append((param, param.data))
                     streamed.add(id(param))
             self._host[unit] = pairs
+        self.module, self._streamed = module, streamed
         _move_except(module, self.device, streamed)
         for unit in self.units:
             unit.register_forward_pre_hook(self._load)
             unit.register_forward_hook(self._unload)
+
+    def move_resident(self, device: torch.device | str) -> None:
+        """Move everything but the streamed weights (which stay in pinned CPU memory): how
+        the part is parked in CPU memory and brought back (trainer/residency.py)."""
+        _move_except(self.module, torch.device(device), self._streamed)
 
     def _load(self, unit, _args) -> None:
         self.loads += 1
@@ -105,19 +169,8 @@ def _move_except(module: torch.nn.Module, device: torch.device, kept: set[int]) 
                 sub._buffers[name] = buffer.to(device)
 
 
-def streamed_parts(config: TrainConfig, parts: list[str]) -> list[str]:
-    """The parts whose blocks stream: the UNet (transformer), and each trained text encoder
-    whose own checkpointing is on (a frozen one's outputs are cached, and it leaves the GPU
-    whole: trainer/residency.py)."""
-    if config.layer_offload_fraction <= 0:
-        return []
-    denoiser = config.model_type.facts.denoiser
-    return [denoiser] + [p for p in parts if p != denoiser
-                         and getattr(config, p).gradient_checkpointing]
-
-
 def offload_parts(config: TrainConfig, family, parts: list[str],
                   device: torch.device) -> dict[str, LayerOffload]:
-    """Stream the configured share of each of `streamed_parts`; they are still on the CPU."""
-    return {part: LayerOffload(family.parts[part], config.layer_offload_fraction, device)
-            for part in streamed_parts(config, parts)}
+    """Stream the configured share of each of `parts` (still on the CPU, adapters added)."""
+    return {part: LayerOffload(family.parts[part], config.offload_fraction_of(part), device)
+            for part in parts}

@@ -23,7 +23,7 @@ from trainer import finetune
 from trainer.advice import comfyui_loads_part, images_without_masks, warmup_longer_than_run
 from trainer.config import (DataType, EMAMode, TimeUnit, TrainConfig, TrainingMethod,
                             check_supported)
-from trainer.compilation import (COMPILING_STATUS, FirstStepOfShape, check_compile,
+from trainer.compilation import (COMPILING_STATUS, FirstStepOfShape,
                                  compile_blocks, compile_wanted)
 from trainer.batch_loss import BatchLoss
 from trainer.backup import (Cadence, backup_root, capture_rng, list_backups, read_backup,
@@ -34,7 +34,8 @@ from trainer.data.loader import DataPipeline
 from trainer.embeddings import AdditionalEmbeddings
 from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
-from trainer.layer_offload import check_layer_offload, offload_parts, streamed_parts
+from trainer.layer_offload import (check_layer_offload, gradient_flows, offload_parts,
+                                   offloaded_parts)
 from trainer.lora import continue_from_file
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
 from trainer.models import registry
@@ -178,8 +179,6 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     check_supported(config)
     check_fused_backward(config)
-    check_compile(config)
-    check_layer_offload(config)
     # EMBEDDING (textual inversion) keeps the whole model frozen: only the embeddings train.
     embedding_only = config.training_method == TrainingMethod.EMBEDDING
     facts = registry.facts(config.model_type)  # the family's parts, its denoiser ("unet", "transformer")
@@ -207,9 +206,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=stops_early)])
     dtypes = weight_dtypes(config, accelerator.device.type)
-    if config.layer_offload_fraction > 0 and accelerator.num_processes > 1:
-        raise ConfigError("layer_offload_fraction with several processes: DDP needs every "
-                          "weight on its GPU. Set it to 0 for `accelerate launch` runs.")
+    check_layer_offload(config, accelerator.num_processes)
     seed_everything(config.seed)
     is_main = accelerator.is_main_process
 
@@ -235,7 +232,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
     vae = family.vae
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtypes["vae"])
-    streamed = streamed_parts(config, parts)
+    streamed = offloaded_parts(config)
     # Parts held on the CPU for now: a streamed one until its blocks are chosen
     # (layer_offload.py); the UNet (transformer) while the caches fill first (residency.py), so
     # that it and the VAE and frozen text encoders are never on the GPU together.
@@ -254,6 +251,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
                              "name": part})
         if config.gradient_checkpointing and getattr(config, part).gradient_checkpointing:
             enable_gradient_checkpointing(family.parts[part])
+    for part in streamed:  # a frozen part a gradient flows through recomputes its blocks too
+        if part not in parts and gradient_flows(config, part):
+            enable_gradient_checkpointing(family.parts[part])
     continue_from_file(config, family, parts)  # lora_model_name: start from a saved LoRA
     # Additional embeddings: new tokens in the tokenizers, their vectors in the text encoders,
     # trained in a parameter group of their own (embedding_learning_rate).
@@ -267,15 +267,21 @@ def train(config: TrainConfig, control: Control | None = None, *,
             status("Textual inversion: the model stays frozen, only the embeddings "
                    f"({', '.join(e.placeholder for e in config.additional_embeddings)}) train")
 
+    # Streamed blocks of the frozen text encoders now: they fill the text cache. The denoiser's
+    # and trained parts' after the caches are full.
+    offloads = offload_parts(config, family, [p for p in streamed if p not in parts
+                                              and p != facts.denoiser], accelerator.device)
     dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
     inpainting = data.inpainting_inputs(vae)  # an inpainting UNet's mask + masked image
     validator = (Validation(config, family, held_out, accelerator.device, status=status,
                             warn=warn, is_main=is_main) if held_out else None)
-    # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends).
+    # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends);
+    # a streamed one moves all but its streamed blocks.
     residency = FrozenPartsResidency(
         cache_served(config, family, data, parts, embeddings), accelerator.device,
         on_return=lambda name: status(f"The {name} is back on the GPU for a sample the cache "
-                                      "has not seen yet; it leaves again at the epoch's end"))
+                                      "has not seen yet; it leaves again at the epoch's end"),
+        movers={name: offload.move_resident for name, offload in offloads.items()})
 
     if caches_first:
         status("Filling the latent and text caches before training")
@@ -283,8 +289,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
                          clip_skip=config.text_encoder.clip_skip)
         residency.park()
 
-    # Streamed blocks (layer_offload_fraction): pinned in CPU memory, the rest to the device.
-    offloads = offload_parts(config, family, parts, accelerator.device)
+    # Streamed blocks (offload_fraction): pinned in CPU memory, the rest to the device.
+    offloads.update(offload_parts(config, family, [p for p in streamed if p not in offloads],
+                                  accelerator.device))
     for name in held_back - set(offloads):
         family.parts[name].to(accelerator.device)
     for name, offload in offloads.items():

@@ -446,15 +446,11 @@ def _trained_parts(config: TrainConfig) -> list[str]:
 
 
 def _offload_fraction(config: TrainConfig, part: str, trained: list[str]) -> float:
-    """The share of a part's frozen weights streamed from CPU memory: its own offload_fraction
-    when the config has one (issue 26), else layer_offload_fraction for the UNet and the
-    trained text encoders (trainer/layer_offload.py)."""
-    own = getattr(getattr(config, part, None), "offload_fraction", None)
-    if isinstance(own, (int, float)) and own > 0:
-        return float(own)
-    if part == "unet" or (part.startswith("text_encoder") and part in trained):
-        return float(config.layer_offload_fraction or 0)
-    return 0.0
+    """The share of a part's frozen weights streamed from CPU memory (the rule of
+    TrainConfig.offload_fraction_of, which trainer/layer_offload.py follows)."""
+    if part not in registry.facts(config.model_type).parts:
+        return 0.0
+    return float(config.offload_fraction_of(part))
 
 
 @dataclass
@@ -708,14 +704,12 @@ def candidate_levers(config: TrainConfig) -> list[tuple[str, dict]]:
             out.append(("a smaller weight dtype (" + ", ".join(
                 f"{p} {t}" for p, t in chosen.items()) + ")",
                 {f"{p}__weight_dtype": t for p, t in chosen.items()}))
-    offload = getattr(getattr(config, facts.denoiser), "offload_fraction", None)
-    if isinstance(offload, (int, float)) and offload < 0.5:
-        out.append((f"offloading ({facts.denoiser}.offload_fraction 0.5)",
-                    {f"{facts.denoiser}__offload_fraction": 0.5}))
-    elif facts.denoiser == "unet" and config.layer_offload_fraction < 0.5 and \
-            config.training_method != TrainingMethod.FINE_TUNE:
-        out.append(("offloading (layer_offload_fraction 0.5, with gradient checkpointing)",
-                    {"layer_offload_fraction": 0.5, "gradient_checkpointing": True}))
+    denoiser = getattr(config, facts.denoiser)
+    fine_tuned = config.training_method == TrainingMethod.FINE_TUNE and denoiser.train
+    if config.offload_fraction_of(facts.denoiser) < 0.5 and not fine_tuned:
+        out.append((f"offloading ({facts.denoiser}.offload_fraction 0.5, with gradient "
+                    "checkpointing)", {f"{facts.denoiser}__offload_fraction": 0.5,
+                                       "gradient_checkpointing": True}))
     if config.training_method == TrainingMethod.FINE_TUNE:
         if config.optimizer.optimizer == Optimizer.ADAMW:
             section = dict(config.optimizer.model_dump(mode="json"), optimizer="ADAMW_8BIT")
@@ -770,11 +764,15 @@ def warning_sentence(config: TrainConfig, result: MemoryEstimate,
 
 
 def combined(config: TrainConfig, result: MemoryEstimate) -> float | None:
-    """The estimate with every lever that lowers it applied at once (None: refused)."""
+    """The estimate with every lever that lowers it applied at once; a lever the others
+    exclude (NFLOAT_4 weights are not streamed, say) is left out (None: none applies)."""
     changes: dict[str, Any] = {}
-    for description, change in candidate_levers(config):
+    total = None
+    for _, change in candidate_levers(config):
+        try:
+            total = estimate(_with(config, **{**changes, **change}),
+                             device_gb=result.device_gb).total_gb
+        except (AtelierError, ValueError):
+            continue
         changes.update(change)
-    try:
-        return estimate(_with(config, **changes), device_gb=result.device_gb).total_gb
-    except (AtelierError, ValueError):
-        return None
+    return total if changes else None

@@ -11,7 +11,7 @@ the HTTP API (all via `config_from_dict`). The rules, in short:
   Atelier's optimizer updates; an older file's layer preset is what OneTrainer meant then;
 - what Atelier cannot honour is refused with the key and its value, never replaced by a
   default or dropped as an unknown key (the quantized weight types Atelier does not build,
-  W8A8 and GGUF; per-part offloading of the flow-matching families: issue 26);
+  W8A8 and GGUF);
 - what has no effect on the run (parts and keys the model's family does not have, cloud,
   OneTrainer's app and logging, optimizers not chosen, ...) is set aside and counted by kind
   in one note (trainer/onetrainer_keys.py lists them). Which family has which parts and
@@ -166,7 +166,7 @@ def _from_onetrainer(data: dict, beside: Beside | None, notes: list[str]) -> Non
     _refuse_what_is_not_honoured(data)
     aside: dict[str, list[str]] = {kind: [] for kind in keys.KINDS}
     _renamed(data, aside)
-    _parts(data, aside, notes)
+    _parts(data, aside)
     _family_settings(data, aside, notes)
     _concepts(data, beside, aside, notes)
     _samples(data, beside, aside, notes)
@@ -390,11 +390,6 @@ def _refuse_for_family(data: dict, family: registry.FamilyFacts) -> None:
         section = data.get(part)
         if not isinstance(section, dict):
             continue
-        fraction = section.get("offload_fraction")
-        if fraction:
-            raise ConfigError(f"{part}.offload_fraction: {fraction!r} needs offloading for "
-                              f"{family.label}'s parts (issue 26), not available yet; set "
-                              f"{part}.offload_fraction to 0 to train without it.")
         if part in kinds and len(kinds) > 1 and section.get("include") is False:
             refuse(f"{part}.include", False, f"Atelier encodes every caption with each of "
                                              f"{family.label}'s text encoders")
@@ -426,8 +421,8 @@ def _renamed(data: dict, aside: dict[str, list[str]]) -> None:
         data.pop("lora_model_name")  # OneTrainer loads it only for a LoRA
 
 
-def _parts(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
-    """Each model part's section: caption dropout and offloading under Atelier's names, the
+def _parts(data: dict, aside: dict[str, list[str]]) -> None:
+    """Each model part's section: caption dropout under Atelier's name, the
     keys a part never reads set aside, and the parts the family lacks dropped (OneTrainer
     writes every part for every model type and ignores the others)."""
     family = _family(data)
@@ -436,7 +431,6 @@ def _parts(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
         if part not in parts and isinstance(data.get(part), dict):
             data.pop(part)
             aside["parts"].append(part)
-    fractions = {}
     for part in (*sorted(parts, key=lambda p: p.startswith("text_encoder")), "vae"):
         section = data.get(part)
         if not isinstance(section, dict):
@@ -462,9 +456,6 @@ def _parts(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
             elif key == "train_embedding" and not part.startswith("text_encoder"):
                 aside["parts"].append(path)
                 section.pop(key)
-            elif key == "offload_fraction":
-                fractions[part] = section.pop(key)
-    _offload_fraction(data, fractions, notes)
 
 
 def _family_settings(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
@@ -545,26 +536,6 @@ def _quantization(data: dict, aside: dict[str, list[str]], notes: list[str]) -> 
         data["quantization"] = section
     else:
         aside["neutral"].append("quantization")
-
-
-def _offload_fraction(data: dict, fractions: dict[str, Any], notes: list[str]) -> None:
-    """OneTrainer streams each part's frozen layers by its own fraction; Atelier has one
-    fraction for the UNet and each trained text encoder (layer_offload_fraction). Memory only:
-    the trained weights are the same either way."""
-    if not fractions:
-        return
-    family = _family(data)
-    denoiser = family.denoiser if family else "unet"
-    trained = [p for p in PARTS if p in fractions and (
-        p == denoiser or (data.get(p) or {}).get("train", True))]
-    values = [float(fractions[p] or 0.0) for p in trained]
-    fraction = max(values, default=0.0)
-    data["layer_offload_fraction"] = fraction
-    if len(set(values)) > 1:
-        each = ", ".join(f"{p} {fractions[p]}" for p in trained)
-        notes.append(f"offload_fraction per part ({each}): "
-                     f"Atelier streams the UNet and each trained text encoder by one fraction, "
-                     f"{fraction} (layer_offload_fraction); memory only, the same weights.")
 
 
 # --- Concepts and samples -------------------------------------------------------------------

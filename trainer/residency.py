@@ -30,10 +30,13 @@ def parking_pays(device: torch.device) -> bool:
 
 class FrozenPartsResidency:
     def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device, *,
-                 on_return=None):
+                 on_return=None, movers=None):
         """`modules`: the cache-served frozen modules by name ("vae", "text_encoder", ...).
-        `on_return(name)` is told when a parked module had to come back for a cache miss."""
+        `on_return(name)` is told when a parked module had to come back for a cache miss.
+        `movers[name](device)` moves a module whose blocks stream from CPU memory
+        (trainer/layer_offload.py) in place of `module.to(device)`."""
         self.device = torch.device(device)
+        self.movers = movers or {}
         self.enabled = parking_pays(self.device)
         self.modules = modules if self.enabled else {}
         self.parked: set[str] = set()
@@ -51,17 +54,23 @@ class FrozenPartsResidency:
             if self.on_return is not None:
                 self.on_return(name)
 
+    def _move(self, name: str, device: torch.device | str) -> None:
+        if name in self.movers:
+            self.movers[name](device)
+        else:
+            self.modules[name].to(device)
+
     def _bring_back(self, name: str) -> None:
-        self.modules[name].to(self.device)
+        self._move(name, self.device)
         self.parked.discard(name)
 
     def park(self) -> None:
         """Every module not parked yet to CPU memory, and the freed blocks back to the GPU's
         pool for others (torch keeps them reserved otherwise)."""
         moved = False
-        for name, module in self.modules.items():
+        for name in self.modules:
             if name not in self.parked:
-                module.to("cpu")
+                self._move(name, "cpu")
                 self.parked.add(name)
                 moved = True
         if moved and self.device.type == "cuda":

@@ -1,0 +1,141 @@
+"""Offloading of every part (issue 26): each part's own `offload_fraction` (OneTrainer's key)
+streams that share of its frozen weights from CPU memory, block by block, for the transformer
+families and their T5 as for the UNet (tests/test_gpu_levers.py holds the UNet's own tests)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer import residency
+from trainer.config import check_supported, config_from_dict
+from trainer.control import Control
+from trainer.errors import ConfigError
+from trainer.layer_offload import LayerOffload, check_layer_offload, offload_units
+from trainer.loop import train
+from trainer.models.family import load_family
+from trainer.models.tiny_flow import tiny_flow_model
+
+from helpers import tiny_config
+
+
+def flux(tmp_path, **overrides):
+    data = dict(model_type="FLUX_DEV_1", text_encoder={"train": False}, epochs=2,
+                output_model_format="DIFFUSERS_LORA", lora_rank=4, lora_alpha=4.0,
+                gradient_checkpointing=True)
+    data.update(overrides)
+    return tiny_config(tiny_flow_model("flux"), tmp_path, **data)
+
+
+def run(config):
+    events = []
+    result = train(config, Control(on_event=events.append))
+    return result, events
+
+
+def test_streamed_flux_run_with_its_t5_trains_exactly_like_one_without(tmp_path):
+    """The transformer's, the CLIP's and T5's blocks streamed: the same losses and LoRA bit
+    for bit (a frozen encoder's blocks stream while it fills the text cache)."""
+    plain_result, plain_events = run(flux(tmp_path / "plain"))
+    streamed = flux(tmp_path / "streamed", transformer={"offload_fraction": 0.5},
+                    text_encoder={"train": False, "offload_fraction": 1.0},
+                    text_encoder_2={"offload_fraction": 0.5})
+    result, events = run(streamed)
+    said = [e["message"] for e in events if e["type"] == "status"
+            and e["message"].startswith("Streaming ")]
+    assert [m.split(" of the ")[1].split("'s")[0] for m in said] == \
+        ["text_encoder", "text_encoder_2", "transformer"], said
+    loss = [e["loss"] for e in events if e["type"] == "progress"]
+    assert loss and loss == [e["loss"] for e in plain_events if e["type"] == "progress"]
+    a, b = load_file(plain_result.output_path), load_file(result.output_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind, blocks", [
+    ("flux", ("transformer_blocks", "single_transformer_blocks")),
+    ("chroma", ("transformer_blocks", "single_transformer_blocks")),
+    ("sd35", ("transformer_blocks",)),
+])
+def test_the_units_are_each_familys_blocks_and_encoder_layers(kind, blocks, tmp_path):
+    model_type = {"flux": "FLUX_DEV_1", "chroma": "CHROMA_1", "sd35": "STABLE_DIFFUSION_35"}
+    family = load_family(tiny_config(tiny_flow_model(kind), tmp_path,
+                                     model_type=model_type[kind]))
+    transformer = family.parts["transformer"]
+    want = [block for name in blocks for block in getattr(transformer, name)]
+    assert [id(u) for u in offload_units(transformer)] == [id(b) for b in want]
+    for part, module in family.parts.items():
+        if part == "transformer":
+            continue
+        units = offload_units(module)
+        layers = next(m for name, m in module.named_modules()  # CLIP's layers, T5's block
+                      if name.endswith(("encoder.layers", "encoder.block")))
+        assert [id(u) for u in units] == [id(layer) for layer in layers], part
+
+
+def test_a_frozen_t5_streams_outside_the_autograd_graph_without_checkpointing(tmp_path):
+    """No gradient flows through a frozen encoder: its blocks stream once per call and it
+    needs no checkpointing; the transformer does."""
+    config = flux(tmp_path, gradient_checkpointing=False,
+                  text_encoder_2={"offload_fraction": 0.6})
+    check_layer_offload(config)
+    with pytest.raises(ConfigError, match=r"^transformer.offload_fraction 0.3 needs "
+                                          r"gradient_checkpointing"):
+        check_layer_offload(flux(tmp_path, gradient_checkpointing=False,
+                                 transformer={"offload_fraction": 0.3}))
+    t5 = load_family(config).parts["text_encoder_2"].requires_grad_(False)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        reference = t5(ids).last_hidden_state
+        offload = LayerOffload(t5, 0.6, "cpu")
+        assert torch.equal(t5(ids).last_hidden_state, reference)
+    assert offload.loads == len(offload.units) > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(training_method="FINE_TUNE", transformer={"offload_fraction": 0.5}),
+     "transformer.offload_fraction 0.5: a fine-tuned transformer's weights change"),
+    (dict(compile="ON", transformer={"offload_fraction": 0.5}),
+     "compile ON with transformer.offload_fraction > 0"),
+    (dict(transformer={"weight_dtype": "INT_8", "offload_fraction": 0.5}),
+     "transformer.offload_fraction = 0.5 with transformer.weight_dtype = INT_8"),
+])
+def test_what_streaming_cannot_do_is_refused_naming_the_key(overrides, message, tmp_path):
+    if "training_method" in overrides:
+        overrides["output_model_format"] = "DIFFUSERS"
+    with pytest.raises(ConfigError, match=message):
+        config = flux(tmp_path, **overrides)
+        check_supported(config)  # the storage types
+        check_layer_offload(config, num_processes=1)
+
+
+def test_several_processes_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="text_encoder_2.offload_fraction with several "
+                                          "processes"):
+        check_layer_offload(flux(tmp_path, text_encoder_2={"offload_fraction": 0.5}),
+                            num_processes=2)
+
+
+def test_the_older_layer_offload_fraction_means_the_denoiser_and_trained_encoders(tmp_path):
+    config = flux(tmp_path, layer_offload_fraction=0.4,
+                  text_encoder={"train": True, "offload_fraction": 0.0},
+                  text_encoder_2={"offload_fraction": 0.7})
+    assert [config.offload_fraction_of(p) for p in config.model_type.facts.parts] == \
+        [0.4, 0.7, 0.4]  # CLIP trained, T5 its own, the transformer
+    frozen = config_from_dict({**config.model_dump(mode="json"),
+                               "text_encoder": {"train": False}})
+    assert frozen.offload_fraction_of("text_encoder") == 0.0
+
+
+def test_a_streamed_frozen_encoder_is_parked_by_its_mover(monkeypatch):
+    """Parking moves what is not streamed (the streamed blocks already live in CPU memory):
+    the residency asks the part's mover, never `module.to`."""
+    monkeypatch.setattr(residency, "parking_pays", lambda device: True)
+    module, moves = torch.nn.Linear(2, 2), []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda *a, **k: pytest.fail("module.to"))
+    parts = residency.FrozenPartsResidency({"text_encoder_2": module}, torch.device("cpu"),
+                                           movers={"text_encoder_2": moves.append})
+    parts.park()
+    with parts.present():
+        assert parts.parked == set()
+    assert [str(m) for m in moves] == ["cpu", "cpu", "cpu"]  # park, bring back, park again
+    assert parts.parked == {"text_encoder_2"}
