@@ -582,8 +582,9 @@ def estimate(config: TrainConfig, *, device_gb: float | None | str = "auto") -> 
 
     # Filling the caches first: the VAE and the text encoders, the denoiser not there yet.
     if config.latent_caching and not config.model_type.is_inpainting:
-        filling = ["vae", *encoders]
-        filling_weights = sum(stored[p] for p in filling)
+        filling = ["vae", *encoders]  # a streamed encoder streams while it fills the cache
+        filling_weights = stored["vae"] + sum(
+            stored[p] * (1 - _offload_fraction(config, p, trained_parts)) for p in encoders)
         phases["filling the caches"] = {"weights_gb": filling_weights / GB, "optimizer_gb": 0.0,
                                         "activations_gb": encode / GB}
         if filling_weights + encode > weights + optimizer + activations:
