@@ -231,20 +231,6 @@ def test_kohya_and_comfy_files_give_the_diffusers_files_image(output_format, dou
     assert np.abs(expected - base).mean() > 1.0
 
 
-def test_flux_lora_trains_on_two_processes_under_accelerate_launch(tmp_path):
-    """DDP on 2 CPU processes (gloo), the transformer wrapped like the UNet: 5 images at batch
-    1 split over 2 processes make 3 steps; rank 0 writes the log and the file."""
-    from test_cli import launch_two_processes, write_config
-    config = write_config(tmp_path, tiny_flow_model("flux"), model_type="FLUX_DEV_1",
-                          text_encoder={"train": False}, output_model_format="DIFFUSERS_LORA",
-                          batch_size=1, epochs=1)
-    done = launch_two_processes(config, 29571)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len((tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()) == 3
-    with safe_open(str(tmp_path / "ws" / "output" / "lora.safetensors"), "pt") as f:
-        assert any(k.startswith("transformer.") for k in f.keys())
-
-
 def test_the_clip_text_encoder_trains_with_the_transformer(tmp_path):
     """Flux's CLIP-L (text_encoder) takes a LoRA too; the file holds it under diffusers'
     text_encoder prefix and FluxPipeline loads both."""
