@@ -59,45 +59,60 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert done.returncode == 2 and "nope.json" in done.stderr
 
 
-def launch_two_processes(config, port: int) -> subprocess.CompletedProcess:
-    """`accelerate launch` of `train --config` on 2 CPU processes (gloo). CUDA hidden: on a
-    one-GPU machine two NCCL ranks cannot share the card; these tests are about the CPU
-    (gloo) path, which every machine has."""
+def launch_two_processes(*configs, port: int) -> subprocess.CompletedProcess:
+    """`accelerate launch` on 2 CPU processes (gloo) of `train --config` for each config, one
+    after another in the same processes (tests/ddp_train_each.py: the launch is paid once).
+    CUDA hidden: on a one-GPU machine two NCCL ranks cannot share the card; these tests are
+    about the CPU (gloo) path, which every machine has."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(port), "-m", "trainer", "train", "--config", str(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         "--main_process_port", str(port), str(ROOT / "tests" / "ddp_train_each.py"),
+         *map(str, configs)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300 * len(configs))
 
 
-def test_two_processes_under_accelerate_launch(tmp_path):
-    """DDP on 2 CPU processes (gloo): the data is split, so an epoch of 5 images at batch 1
-    takes 3 steps instead of 5; one process writes the log and the LoRA."""
-    model = tmp_path / "tiny"
-    assert run("make-tiny-model", "sd15", str(model)).returncode == 0
-    config = write_config(tmp_path, model, batch_size=1, epochs=2)
-    done = launch_two_processes(config, 29561)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()
-    assert len(records) == 6
-    assert (tmp_path / "ws" / "output" / "lora.safetensors").is_file()
-
-
-def test_a_loha_trains_under_accelerate_launch(tiny_sd15_dir, tmp_path):
-    """The new adapter types go through the same DDP path as a LoRA (peft's LoHa layers
-    inside DDP's wrapper; the file written from the unwrapped model by rank 0 alone)."""
-    config = write_config(tmp_path, tiny_sd15_dir, batch_size=1, epochs=1, peft_type="LOHA",
-                          lora_layer_preset="full")
-    done = launch_two_processes(config, 29563)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len((tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()) == 3
+def test_sd15_lora_loha_and_embeddings_train_under_accelerate_launch(tiny_sd15_dir, tmp_path):
+    """DDP on 2 CPU processes (gloo), one launch for three runs. A LoRA: the data is split, so
+    an epoch of 5 images at batch 1 takes 3 steps instead of 5; one process writes the log and
+    the LoRA. A LoHa: the new adapter types go through the same DDP path (peft's LoHa layers
+    inside DDP's wrapper; the file written from the unwrapped model by rank 0 alone). Pivotal
+    tuning: the frozen text encoder whose new vectors train goes through DDP like a trained
+    part; rank 0 writes the LoRA with its bundled embedding."""
     from safetensors import safe_open
-    with safe_open(str(tmp_path / "ws" / "output" / "lora.safetensors"), "pt") as f:
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+    runs = {name: tmp_path / name for name in ("lora", "loha", "embedding")}
+    for folder in runs.values():
+        folder.mkdir()
+    configs = [
+        write_config(runs["lora"], tiny_sd15_dir, batch_size=1, epochs=2),
+        write_config(runs["loha"], tiny_sd15_dir, batch_size=1, epochs=1, peft_type="LOHA",
+                     lora_layer_preset="full"),
+        write_config(runs["embedding"], tiny_sd15_dir, batch_size=1, epochs=1,
+                     text_encoder={"train": False},
+                     additional_embeddings=[{"placeholder": "<zq>", "token_count": 1,
+                                             "initial_embedding_text": "cat"}])]
+    done = launch_two_processes(*configs, port=29561)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = {name: len((folder / "ws" / "metrics.jsonl").read_text().splitlines())
+             for name, folder in runs.items()}
+    assert steps == {"lora": 6, "loha": 3, "embedding": 3}
+
+    with safe_open(str(runs["loha"] / "ws" / "output" / "lora.safetensors"), "pt") as f:
         keys, metadata = list(f.keys()), f.metadata()
     assert json.loads(metadata["ss_network_args"]) == {"algo": "loha"}
     assert {k.split(".", 1)[1] for k in keys} == {"hada_w1_a", "hada_w1_b", "hada_w2_a",
                                                   "hada_w2_b", "alpha"}
+
+    vectors = load_file(str(runs["embedding"] / "ws" / "output" / "lora.safetensors"))[
+        "bundle_emb.<zq>.clip_l"]
+    vocabulary = CLIPTextModel.from_pretrained(tiny_sd15_dir, subfolder="text_encoder") \
+        .get_input_embeddings().weight
+    assert vectors.shape == (1, vocabulary.shape[1])
+    # It trained: it started as a word's vector ("cat"), and is no word's vector now.
+    assert not (vocabulary == vectors[0]).all(dim=1).any()
 
 
 # Lines the libraries print that a user can do nothing about (trainer/quiet.py filters them).
@@ -117,24 +132,3 @@ def test_a_plain_run_prints_only_what_is_ours(tiny_sd15_dir, tmp_path):
     assert not [line for line in lines if "Warning:" in line or "warnings.warn" in line]
     assert any(line.startswith("warning: The warm-up") for line in lines), done.stderr
     assert any(line.startswith("Finished 1 steps") for line in lines)
-
-
-def test_embeddings_train_under_accelerate_launch(tiny_sd15_dir, tmp_path):
-    """Pivotal tuning on 2 processes: the frozen text encoder whose new vectors train goes
-    through DDP like a trained part; rank 0 writes the LoRA with its bundled embedding."""
-    from safetensors.torch import load_file
-    from transformers import CLIPTextModel
-    config = write_config(tmp_path, tiny_sd15_dir, batch_size=1, epochs=1,
-                          text_encoder={"train": False},
-                          additional_embeddings=[{"placeholder": "<zq>", "token_count": 1,
-                                                  "initial_embedding_text": "cat"}])
-    done = launch_two_processes(config, 29565)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len((tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()) == 3
-    vectors = load_file(str(tmp_path / "ws" / "output" / "lora.safetensors"))[
-        "bundle_emb.<zq>.clip_l"]
-    vocabulary = CLIPTextModel.from_pretrained(tiny_sd15_dir, subfolder="text_encoder") \
-        .get_input_embeddings().weight
-    assert vectors.shape == (1, vocabulary.shape[1])
-    # It trained: it started as a word's vector ("cat"), and is no word's vector now.
-    assert not (vocabulary == vectors[0]).all(dim=1).any()

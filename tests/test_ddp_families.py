@@ -1,16 +1,12 @@
 """Every flow-matching family trains under `accelerate launch` on 2 CPU processes (gloo): the
 transformer wrapped by DDP, the data split (5 images at batch 1 make 3 steps, not 5), rank 0
 alone writing the log and the LoRA. One launch trains them all (tests/ddp_train_each.py)."""
-import os
-import subprocess
-import sys
-
 import pytest
 from safetensors import safe_open
 
 from trainer.models.tiny_flow import tiny_flow_model
 
-from test_cli import ROOT, write_config
+from test_cli import launch_two_processes, write_config
 
 # model_type -> how the test gets its tiny model (a tiny_flow kind or a conftest fixture)
 FAMILIES = {"FLUX_DEV_1": "flux", "CHROMA_1": "chroma", "STABLE_DIFFUSION_35": "sd35",
@@ -30,13 +26,7 @@ def test_every_flow_family_trains_under_accelerate_launch(request, tmp_path):
         configs.append(write_config(folder, model, model_type=model_type, batch_size=1,
                                     epochs=1, output_model_format="DIFFUSERS_LORA",
                                     **encoders))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}  # gloo: two ranks cannot share one GPU with NCCL
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", "29591", str(ROOT / "tests" / "ddp_train_each.py"),
-         *map(str, configs)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = launch_two_processes(*configs, port=29591)
     assert done.returncode == 0, done.stderr[-3000:]
     for model_type in FAMILIES:
         workspace = tmp_path / model_type / "ws"

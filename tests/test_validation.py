@@ -287,7 +287,7 @@ def test_two_processes_measure_the_same_number_as_one(tiny_sd15_dir, tmp_path):
             from trainer.config import load_config
             train(load_config(config, warn=lambda m: None))
         else:
-            done = launch_two_processes(config, 29581)
+            done = launch_two_processes(config, port=29581)
             assert done.returncode == 0, done.stderr[-3000:]
         records = [json.loads(line) for line in
                    (folder / "ws" / "metrics.jsonl").read_text().splitlines()]
