@@ -82,6 +82,24 @@ def tiny_sd3_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_image_dir():
+    """The tiny Qwen-Image (Qwen2.5-VL text encoder, its tokenizer built in code, its own
+    VAE) as a diffusers folder."""
+    from trainer.models.tiny_qwen_image import tiny_qwen_image_model
+
+    return tiny_qwen_image_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dir():
+    """The tiny Flux.2 klein (Qwen3 text encoder, its tokenizer built in code, Flux.2's VAE)
+    as a diffusers folder."""
+    from trainer.models.tiny_flux2 import tiny_flux2_model
+
+    return tiny_flux2_model()
+
+
+@pytest.fixture(scope="session")
 def tiny_z_image_dir():
     """The tiny Z-Image (Qwen3 text encoder, its tokenizer built in code) as a diffusers
     folder."""

@@ -22,6 +22,8 @@ REFUSED = {
     "sd15_lora_oft.saved": "peft_type",                    # OFT_2 is not built here
     "sd15_lora_came.saved": "optimizer.optimizer",         # CAME is not one of Atelier's
     "preset.z_image_deturbo_lora_16gb.saved": "transformer.weight_dtype",  # INT_W8A8
+    "preset.flux2_lora_16gb.saved": "transformer.weight_dtype",  # INT_W8A8
+    "preset.flux2_lora_8gb.saved": "transformer.weight_dtype",  # INT_W8A8
 }
 # Accepted by the translation, refused when the run starts (check_supported), with the key.
 REFUSED_AT_START = {

@@ -305,7 +305,8 @@ def test_an_older_flux_files_prior_is_its_transformer():
 # the file meant reached the run.
 
 TINY_FLOW_DIRS = {"FLUX_DEV_1": "tiny_flux_dir", "CHROMA_1": "tiny_chroma_dir",
-                  "STABLE_DIFFUSION_3": "tiny_sd3_dir", "Z_IMAGE": "tiny_z_image_dir"}
+                  "STABLE_DIFFUSION_3": "tiny_sd3_dir", "Z_IMAGE": "tiny_z_image_dir",
+                  "QWEN": "tiny_qwen_image_dir", "FLUX_2": "tiny_flux2_dir"}
 
 
 def flow_overrides(name: str, model_dir: Path, tmp_path: Path, images: Path) -> list[str]:
@@ -340,11 +341,12 @@ class Spy:
             return real_draw(n, **kwargs)
         monkeypatch.setattr(objectives, "draw_timesteps", draw)
         for name in ("FluxTransformer2DModel", "ChromaTransformer2DModel",
-                     "SD3Transformer2DModel", "ZImageTransformer2DModel"):
+                     "SD3Transformer2DModel", "ZImageTransformer2DModel",
+                     "QwenImageTransformer2DModel", "Flux2Transformer2DModel"):
             cls = getattr(diffusers, name)
             monkeypatch.setattr(cls, "forward", self._transformer(cls.forward))
         for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
-                     "Qwen3Model"):
+                     "Qwen3Model", "Qwen2_5_VLModel"):
             cls = getattr(transformers, name)
             monkeypatch.setattr(cls, "forward", self._encoder(name, cls.forward))
 
@@ -365,15 +367,17 @@ class Spy:
         return spied
 
 
-def train_flow_file(name: str, request, tmp_path: Path, monkeypatch):
-    """(result, spy, model folder) of OneTrainer's file trained on its tiny model."""
+def train_flow_file(name: str, request, tmp_path: Path, monkeypatch, extra=()):
+    """(result, spy, model folder) of OneTrainer's file trained on its tiny model (`extra`:
+    further overrides, each one a test says why it needs)."""
     from onetrainer_files import copy_with_concept_file, few_images
     from trainer.loop import train
     model_dir = request.getfixturevalue(TINY_FLOW_DIRS[raw(name)["model_type"]])
     images = few_images(tmp_path / "images")
     notes: list[str] = []
     config = load_config(copy_with_concept_file(name, tmp_path / "config", images),
-                         flow_overrides(name, model_dir, tmp_path, images), warn=notes.append)
+                         [*flow_overrides(name, model_dir, tmp_path, images), *extra],
+                         warn=notes.append)
     assert not [n for n in notes if n.startswith("Unknown")], notes
     spy = Spy(monkeypatch)
     result = train(config)
@@ -515,3 +519,44 @@ def test_the_z_image_lora_trains_as_its_author_meant(request, tmp_path, monkeypa
     assert spy.encoders and not [learns for _, learns in spy.encoders if learns]
     written = tensors(result.output_path)
     assert lora_layers(written) == onetrainers_layers("z-image", "attn-mlp")
+
+
+def test_the_qwen_lora_trains_as_its_author_meant(request, tmp_path, monkeypatch):
+    """OneTrainer's #qwen LoRA 16GB: its timestep distribution, the transformer and Qwen2.5-VL
+    stored in FLOAT_8 (the transformer's blocks: its quantization filter) under a LoRA on
+    OneTrainer's attn-mlp layers, Qwen2.5-VL frozen; a DIFFUSERS_LORA."""
+    name = "preset.qwen_lora_16gb.saved"
+    data = raw(name)
+    assert data["transformer"]["weight_dtype"] == data["text_encoder"]["weight_dtype"] == \
+        "FLOAT_8"
+    result, spy, _ = train_flow_file(name, request, tmp_path, monkeypatch)
+    for draw in spy.draws:
+        assert getattr(draw["distribution"], "value", draw["distribution"]) == \
+            data["timestep_distribution"]
+    assert spy.trainable and all(".lora_" in n for n in spy.trainable)
+    assert spy.encoders and not [learns for _, learns in spy.encoders if learns]
+    written = tensors(result.output_path)
+    assert lora_layers(written) == onetrainers_layers("qwen", "attn-mlp")
+
+
+def test_the_flux2_finetune_trains_as_its_author_meant(request, tmp_path, monkeypatch):
+    """OneTrainer's #flux2 Finetune 24GB: logit-normal timesteps with Flux.2's dynamic shift,
+    every transformer weight trained (bfloat16, Adafactor), Qwen3 frozen in bfloat16; the
+    transformer written as one bfloat16 file in BFL's layout (its ORIGINAL_TRANSFORMER)."""
+    name = "preset.flux2_finetune_24gb.saved"
+    data = raw(name)
+    assert data["optimizer"]["optimizer"] == "ADAFACTOR" and data["dynamic_timestep_shifting"]
+    # its fused back pass with OneTrainer's clip_grad_norm 1.0 is refused at the start (the
+    # total norm is known only after the fused pass has updated every weight): cleared here
+    assert data["clip_grad_norm"] == 1.0
+    result, spy, _ = train_flow_file(name, request, tmp_path, monkeypatch,
+                                     extra=["clip_grad_norm=null"])
+    for draw in spy.draws:
+        assert getattr(draw["distribution"], "value", draw["distribution"]) == \
+            data["timestep_distribution"]
+    assert spy.trainable == spy.parameters  # the whole transformer
+    assert spy.encoders and not [learns for _, learns in spy.encoders if learns]
+    written = tensors(result.output_path)
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+            "double_stream_modulation_img.lin.weight"} <= set(written)
+    assert {dtype for _, dtype in written.values()} == {"BF16"}

@@ -176,7 +176,8 @@ def test_the_cli_trains_a_save_config_with_its_concept_file_beside_it(tiny_sd15_
 LAYERS = MANIFEST["layer_presets"]
 TINY_DIRS = {"sd15": "tiny_sd15_dir", "sdxl": "tiny_sdxl_dir", "flux": "tiny_flux_dir",
              "flux-schnell": "tiny_flux_schnell_dir", "chroma": "tiny_chroma_dir",
-             "sd3": "tiny_sd3_dir", "sd35": "tiny_sd35_dir", "z-image": "tiny_z_image_dir"}
+             "sd3": "tiny_sd3_dir", "sd35": "tiny_sd35_dir", "z-image": "tiny_z_image_dir",
+             "qwen": "tiny_qwen_image_dir", "flux2": "tiny_flux2_dir"}
 
 
 def preset_patterns(preset) -> tuple[list[str], bool]:

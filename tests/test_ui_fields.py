@@ -207,6 +207,7 @@ def test_section_labels_say_what_each_text_encoder_is():
     assert label("Text encoder 2", "FLUX_DEV_1") == "Text encoder 2 (T5)"
     assert label("Text encoder", "CHROMA_1") == "Text encoder (T5)"
     assert label("Text encoder 3", "STABLE_DIFFUSION_35") == "Text encoder 3 (T5)"
+    assert label("Text encoder", "QWEN") == "Text encoder (Qwen2.5-VL)"
     assert label("Transformer", "FLUX_DEV_1") == "Transformer"
     assert label("Text encoder 2", "STABLE_DIFFUSION_15") == "Text encoder 2"  # hidden there
 

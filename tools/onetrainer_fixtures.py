@@ -278,6 +278,16 @@ PRESETS = {
     ("Z-Image", "#z-image LoRA 8GB.json"): "preset.z_image_lora_8gb.saved",
     ("Z-Image", "#z-image Finetune 24GB.json"): "preset.z_image_finetune_24gb.saved",
     ("Z-Image", "#z-image DeTurbo LoRA 16GB.json"): "preset.z_image_deturbo_lora_16gb.saved",
+    # Qwen-Image (issue 29)
+    ("QwenImage", "#qwen LoRA 16GB.json"): "preset.qwen_lora_16gb.saved",
+    ("QwenImage", "#qwen LoRA 24GB.json"): "preset.qwen_lora_24gb.saved",
+    ("QwenImage", "#qwen Finetune 16GB.json"): "preset.qwen_finetune_16gb.saved",
+    ("QwenImage", "#qwen Finetune 24GB.json"): "preset.qwen_finetune_24gb.saved",
+    # Flux.2 klein (issue 29)
+    ("Flux 2", "#flux2 LoRA 16GB.json"): "preset.flux2_lora_16gb.saved",
+    ("Flux 2", "#flux2 LoRA 8GB.json"): "preset.flux2_lora_8gb.saved",
+    ("Flux 2", "#flux2 Finetune 16GB.json"): "preset.flux2_finetune_16gb.saved",
+    ("Flux 2", "#flux2 Finetune 24GB.json"): "preset.flux2_finetune_24gb.saved",
 }
 # OneTrainer's LoRA presets as they were before they named a layer preset (2025-12-04), as
 # git holds them at the v6 commit (partial configs, no __version).
@@ -292,7 +302,7 @@ OLD_PRESETS = {
 LAYER_PICK_MODELS = {"sd15": "STABLE_DIFFUSION_15", "sdxl": "STABLE_DIFFUSION_XL_10_BASE",
                      "flux": "FLUX_DEV_1", "flux-schnell": "FLUX_DEV_1", "chroma": "CHROMA_1",
                      "sd3": "STABLE_DIFFUSION_3", "sd35": "STABLE_DIFFUSION_35",
-                     "z-image": "Z_IMAGE"}
+                     "z-image": "Z_IMAGE", "qwen": "QWEN", "flux2": "FLUX_2"}
 # Custom filters a user may type in the LoRA tab (layer_filter, layer_filter_regex), by the
 # denoiser's kind: substrings with spaces around them, a regular expression that is searched
 # (not matched from the start), one that names the top-level layers exactly, and a name that
@@ -402,9 +412,12 @@ def build_layer_pick_models(folder: Path) -> dict[str, Path]:
     sys.path.insert(0, str(REPO_ROOT))
     from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
     from trainer.models.tiny_flow import build_tiny_flow_model
+    from trainer.models.tiny_flux2 import build_tiny_flux2_model
+    from trainer.models.tiny_qwen_image import build_tiny_qwen_image_model
     from trainer.models.tiny_z_image import build_tiny_z_image_model
     builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl,
-                "z-image": build_tiny_z_image_model}
+                "z-image": build_tiny_z_image_model, "qwen": build_tiny_qwen_image_model,
+                "flux2": build_tiny_flux2_model}
     return {kind: (builders[kind](folder / kind) if kind in builders
                    else build_tiny_flow_model(kind, folder / kind))
             for kind in LAYER_PICK_MODELS}
@@ -601,7 +614,8 @@ def layer_widget(tree: Path, config) -> str:
 SETUP_MODULES = {"is_stable_diffusion_xl": "BaseStableDiffusionXLSetup.py",
                  "is_flux_1": "BaseFluxSetup.py", "is_chroma": "BaseChromaSetup.py",
                  "is_stable_diffusion_3": "BaseStableDiffusion3Setup.py",
-                 "is_z_image": "BaseZImageSetup.py"}
+                 "is_z_image": "BaseZImageSetup.py", "is_qwen": "BaseQwenSetup.py",
+                 "is_flux_2": "BaseFlux2Setup.py"}
 
 
 def layer_presets(tree: Path, model_type) -> dict:

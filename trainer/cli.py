@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     # parsing the command line does not import diffusers (a test keeps the two lists equal).
     tiny.add_argument("family", choices=["sd15", "sdxl", "sd15-inpaint", "sdxl-inpaint",
                                          "flux", "flux-schnell", "chroma", "sd3", "sd35",
-                                         "z-image", "clipseg", "captioner", "captioner-blip"])
+                                         "z-image", "flux2", "qwen", "clipseg", "captioner",
+                                         "captioner-blip"])
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -324,6 +325,12 @@ def run_make_tiny_model(args) -> int:
     elif args.family == "z-image":
         from trainer.models.tiny_z_image import build_tiny_z_image_model
         build, name = build_tiny_z_image_model, "Z-Image"
+    elif args.family == "qwen":
+        from trainer.models.tiny_qwen_image import build_tiny_qwen_image_model
+        build, name = build_tiny_qwen_image_model, "Qwen-Image"
+    elif args.family == "flux2":
+        from trainer.models.tiny_flux2 import build_tiny_flux2_model
+        build, name = build_tiny_flux2_model, "Flux.2 klein"
     elif args.family in ("flux", "flux-schnell", "chroma", "sd3", "sd35"):
         from trainer.models import tiny_flow
         build = functools.partial(tiny_flow.build_tiny_flow_model, args.family)

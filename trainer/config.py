@@ -65,7 +65,9 @@ class ModelType(str, Enum):
     CHROMA_1 = "CHROMA_1"
     STABLE_DIFFUSION_3 = "STABLE_DIFFUSION_3"
     STABLE_DIFFUSION_35 = "STABLE_DIFFUSION_35"
+    QWEN = "QWEN"  # Qwen-Image
     Z_IMAGE = "Z_IMAGE"  # Z-Image, Z-Image-Turbo and De-Turbo
+    FLUX_2 = "FLUX_2"  # Flux.2 klein 4B / 9B (and their base models)
 
     @property
     def facts(self) -> registry.FamilyFacts:
@@ -129,11 +131,16 @@ FLOW_OUTPUT_FORMATS: dict[str, list[str]] = {
 }
 
 
-# ... and the families with a table of their own. Z-Image: no kohya layout (kohya's sd-scripts
-# has none for it); COMFY_LORA names diffusers' layers, as ComfyUI's Z-Image loader reads them.
+# ... and the families with a table of their own. Z-Image, Qwen-Image: no kohya layout (kohya's
+# sd-scripts has none for them); COMFY_LORA names diffusers' layers, as ComfyUI reads them.
 FAMILY_OUTPUT_FORMATS: dict[str, dict[str, list[str]]] = {
+    "QWEN": {"LORA": ["DIFFUSERS_LORA", "COMFY_LORA"],
+             "FINE_TUNE": ["DIFFUSERS", "ORIGINAL_SINGLE_FILE"], "EMBEDDING": []},
     "Z_IMAGE": {"LORA": ["DIFFUSERS_LORA", "COMFY_LORA"],
                 "FINE_TUNE": ["DIFFUSERS", "ORIGINAL_SINGLE_FILE"], "EMBEDDING": []},
+    # Flux.2 klein: no kohya layout either; COMFY_LORA names BFL's layers (fused q/k/v).
+    "FLUX_2": {"LORA": ["DIFFUSERS_LORA", "COMFY_LORA"],
+               "FINE_TUNE": ["DIFFUSERS", "ORIGINAL_SINGLE_FILE"], "EMBEDDING": []},
 }
 
 
@@ -183,8 +190,9 @@ T5_AS: dict[str, list[str]] = {
     part: registry.types_where(lambda f, part=part: registry.text_encoder_kinds(
         f.model_type).get(part) == "T5")
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3")}
-# The text encoders kept frozen (OneTrainer trains neither): T5, and Z-Image's Qwen3.
-FROZEN_ENCODERS = ("T5", "Qwen3")
+# The text encoders kept frozen (OneTrainer's presets train none of them): T5, Z-Image's Qwen3
+# and Qwen-Image's Qwen2.5-VL.
+FROZEN_ENCODERS = ("T5", "Qwen3", "Qwen2.5-VL")
 
 
 class CompileMode(str, Enum):
@@ -356,14 +364,6 @@ def _part(key: str, name: str, *, train: bool, stop_after: int,
         # Shown with the other data types; the section of the part would hide it among
         # training switches.
         "weight_dtype": (DataType, part_weight_dtype(name)),
-    }
-    if key.startswith("text_encoder"):
-        clip = registry.types_where(
-            lambda f: registry.text_encoder_kinds(f.model_type).get(key, "").startswith("CLIP"))
-        fields["train_embedding"] = (bool, setting(
-            True, section=section, label="Train embeddings",
-            applies_to={"training_method": ["LORA", "EMBEDDING"]},
-            tooltip=f"Train the additional embeddings' vectors of the {name} (off = they keep "
         "offload_fraction": (float, setting(
             0.0, section=section, label="Offload fraction", ge=0, le=1,
             tooltip=f"Keep this fraction of the {name}'s frozen weights (whole blocks, the "
@@ -373,6 +373,14 @@ def _part(key: str, name: str, *, train: bool, stop_after: int,
                     "with compile, INT_8/NFLOAT_4 storage or several GPUs. 0 = all on the GPU; "
                     "empty here and layer_offload_fraction set = that fraction for the "
                     "denoiser and trained text encoders.")),
+    }
+    if key.startswith("text_encoder"):
+        clip = registry.types_where(
+            lambda f: registry.text_encoder_kinds(f.model_type).get(key, "").startswith("CLIP"))
+        fields["train_embedding"] = (bool, setting(
+            True, section=section, label="Train embeddings",
+            applies_to={"training_method": ["LORA", "EMBEDDING"]},
+            tooltip=f"Train the additional embeddings' vectors of the {name} (off = they keep "
                     "their starting vectors for this encoder)."))
         fields["caption_dropout_probability"] = (float, setting(
             0.0, section=section, label="Caption dropout", ge=0, le=1,
@@ -1114,14 +1122,6 @@ class TrainConfig(Strict):
                else getattr(self, part).learning_rate)
         return own if own is not None else self.learning_rate
 
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2)
-
-
-# --- Resolution ---------------------------------------------------------------------------
-
-class TargetSize(NamedTuple):
-    """One entry of the resolution setting. `exact` = written as WIDTHxHEIGHT: trained at that
     def offload_fraction_of(self, part: str) -> float:
         """The share of `part`'s frozen weights streamed from CPU memory (trainer/
         layer_offload.py): its own offload_fraction, else the older layer_offload_fraction,
@@ -1135,6 +1135,14 @@ class TargetSize(NamedTuple):
         trained = self.training_method != TrainingMethod.EMBEDDING and section.train
         return self.layer_offload_fraction if trained and section.gradient_checkpointing else 0.0
 
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
+# --- Resolution ---------------------------------------------------------------------------
+
+class TargetSize(NamedTuple):
+    """One entry of the resolution setting. `exact` = written as WIDTHxHEIGHT: trained at that
     very size. A plain size (512) is a square whose pixel area the aspect buckets share."""
     width: int
     height: int

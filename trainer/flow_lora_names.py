@@ -76,8 +76,9 @@ def kohya_lora(family: str, shapes: Mapping[str, tuple], loras: Mapping[str, Lor
 # Families whose LoRAs ComfyUI reads under diffusers' own module names: for Z-Image (its
 # Lumina2 model) comfy/lora.py maps 'diffusion_model.<diffusers layer>' onto its fused qkv
 # and renamed layers itself (comfy/utils.py z_image_to_diffusers), so each module is written
-# as it is, exactly.
-COMFY_DIFFUSERS_NAMES = ("Z_IMAGE",)
+# as it is, exactly. Qwen-Image's ComfyUI model (comfy/ldm/qwen_image) has diffusers' module
+# names themselves, which comfy/lora.py's generic 'diffusion_model.<module>' keys reach.
+COMFY_DIFFUSERS_NAMES = ("Z_IMAGE", "QWEN")
 
 
 def comfy_lora(family: str, shapes: Mapping[str, tuple], loras: Mapping[str, LoraWeights]

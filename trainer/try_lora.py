@@ -33,7 +33,8 @@ SDXL_VERSIONS = ("sdxl_base_v1-0", "sdxl_base_v0-9")
 # ... and the other families (kohya's sd-scripts and Atelier's families write these). Any
 # other value (sd_v1, sd_v2, ...) is read as SD 1.5, as before.
 BASE_MODEL_VERSIONS = {**{v: "STABLE_DIFFUSION_XL_10_BASE" for v in SDXL_VERSIONS},
-                       "flux1": "FLUX_DEV_1", "chroma": "CHROMA_1", "z_image": "Z_IMAGE"}
+                       "flux1": "FLUX_DEV_1", "chroma": "CHROMA_1", "z_image": "Z_IMAGE",
+                       "qwen_image": "QWEN", "flux2": "FLUX_2"}
 # modelspec.architecture prefixes (the SAI model spec kohya and Atelier write), most specific
 # first: "flux-1-dev/lora", "stable-diffusion-3-5-large/lora", ...
 ARCHITECTURES = (("stable-diffusion-xl", "STABLE_DIFFUSION_XL_10_BASE"),
@@ -42,7 +43,7 @@ ARCHITECTURES = (("stable-diffusion-xl", "STABLE_DIFFUSION_XL_10_BASE"),
                  ("stable-diffusion-3-5", "STABLE_DIFFUSION_35"),
                  ("stable-diffusion-3.5", "STABLE_DIFFUSION_35"),
                  ("stable-diffusion-3", "STABLE_DIFFUSION_3"),
-                 ("Z-Image", "Z_IMAGE"))
+                 ("Z-Image", "Z_IMAGE"), ("Qwen-Image", "QWEN"), ("Flux.2", "FLUX_2"))
 # Layer names that only the transformer families have, in each LoRA layout (kohya's, ComfyUI's,
 # diffusers'), and the families whose model has them: Chroma has Flux.1's blocks, SD 3.5 SD 3's.
 # For a file that names no model type; the page's model type picks among them.
@@ -50,10 +51,17 @@ LAYER_FAMILIES = (
     (("lora_unet_double_blocks_", "lora_unet_single_blocks_", "diffusion_model.double_blocks.",
       "diffusion_model.single_blocks.", "transformer.single_transformer_blocks."),
      ("FLUX_DEV_1", "CHROMA_1")),
-    (("lora_unet_joint_blocks_", "diffusion_model.joint_blocks.",
-      "transformer.transformer_blocks."), ("STABLE_DIFFUSION_35", "STABLE_DIFFUSION_3")),
+    (("lora_unet_joint_blocks_", "diffusion_model.joint_blocks."),
+     ("STABLE_DIFFUSION_35", "STABLE_DIFFUSION_3")),
+    # Qwen-Image's blocks have SD 3's diffusers name; ComfyUI's name is its own
+    (("diffusion_model.transformer_blocks.",), ("QWEN",)),
+    (("transformer.transformer_blocks.",), ("STABLE_DIFFUSION_35", "STABLE_DIFFUSION_3", "QWEN")),
     (("diffusion_model.layers.", "transformer.layers."), ("Z_IMAGE",)),
 )
+
+# Parts of layer names only Qwen-Image's blocks have (its image and text streams' MLPs and
+# modulations; SD 3's are ff / ff_context / norm1).
+QWEN_ONLY_LAYERS = (".img_mlp.", ".txt_mlp.", ".img_mod.", ".txt_mod.")
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,17 @@ def _named_model_type(config: dict, metadata: dict[str, str]) -> str:
     return "STABLE_DIFFUSION_15" if version else ""
 
 
+# Parts of layer names only Flux.2's transformer has (its MLPs' and fused single-block layers'
+# diffusers names, its global modulations in either layout).
+FLUX2_ONLY_LAYERS = (".ff.linear_in", ".ff.linear_out", ".ff_context.linear_in",
+                     ".ff_context.linear_out", ".attn.to_qkv_mlp_proj", "stream_modulation")
+
+
 def _fitting_families(keys: list[str]) -> tuple[str, ...]:
+    if any(mark in k for k in keys for mark in FLUX2_ONLY_LAYERS):
+        return ("FLUX_2",)
+    if any(mark in k for k in keys for mark in QWEN_ONLY_LAYERS):
+        return ("QWEN",)
     for prefixes, families in LAYER_FAMILIES:
         if any(k.startswith(prefixes) for k in keys):
             return families

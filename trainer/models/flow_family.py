@@ -30,6 +30,7 @@ class FlowSpec:
     text_encoders: dict[str, type]         # subfolder (= config part) -> transformers class
     tokenizers: dict[str, type]            # subfolder -> tokenizer class
     layout: str                            # trainer/models/transformer_layouts.py family
+    vae_class: type | None = None          # the VAE's diffusers class (None: AutoencoderKL)
 
 
 def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | None = None,
@@ -76,7 +77,7 @@ def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | N
             parts["transformer"] = spec.transformer_class.from_pretrained(
                 where, subfolder="transformer", use_safetensors=True,
                 torch_dtype=dtype_of("transformer"))
-        parts["vae"] = AutoencoderKL.from_pretrained(
+        parts["vae"] = (spec.vae_class or AutoencoderKL).from_pretrained(
             where, subfolder="vae", use_safetensors=True, torch_dtype=dtype_of("vae"))
         parts["noise_scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(
             where, subfolder="scheduler")

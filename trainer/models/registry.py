@@ -93,9 +93,17 @@ FAMILIES: dict[str, FamilyFacts] = {f.model_type: f for f in (
           (MASK,)),
     _flow("STABLE_DIFFUSION_35", "Stable Diffusion 3.5", "trainer.models.sd3", "SD3Family",
           _SD3, (MASK,)),
+    # Qwen-Image: a Qwen2.5-VL language model as its one, frozen, text encoder; OneTrainer
+    # shifts it dynamically when asked.
+    _flow("QWEN", "Qwen-Image", "trainer.models.qwen_image", "QwenImageFamily",
+          (("text_encoder", "Qwen2.5-VL"),), (DYNAMIC,)),
     # Z-Image (and Turbo / De-Turbo): a Qwen3 language model as its one, frozen, text encoder;
     # OneTrainer applies dynamic shifting to it too.
     _flow("Z_IMAGE", "Z-Image", "trainer.models.z_image", "ZImageFamily",
+          (("text_encoder", "Qwen3"),), (DYNAMIC,)),
+    # Flux.2 klein (4B / 9B): a Qwen3 language model as its one, frozen, text encoder;
+    # OneTrainer shifts it dynamically when asked.
+    _flow("FLUX_2", "Flux.2 klein", "trainer.models.flux2", "Flux2Family",
           (("text_encoder", "Qwen3"),), (DYNAMIC,)),
 )}
 

@@ -6,7 +6,9 @@ model: Black Forest Labs' for Flux.1 dev / schnell and Chroma (`double_blocks.N.
 `single_blocks.N.linear1`, `img_in`, `final_layer`, ...; Chroma adds `distilled_guidance_layer`
 and drops the per-block modulation), and Stability AI's MMDiT for SD 3 / 3.5
 (`joint_blocks.N.x_block.attn.qkv`, `context_block`, `x_embedder`, `t_embedder`, ...; 3.5 adds
-the q/k RMS norms `ln_q`/`ln_k` and, in 3.5 Medium, a second attention `attn2`).
+the q/k RMS norms `ln_q`/`ln_k` and, in 3.5 Medium, a second attention `attn2`), and BFL's for
+Flux.2 (global modulations `double_stream_modulation_img.lin`, ..., no biases). Loading a Flux.2
+file is trainer/models/flux2.py's (diffusers' converter, called with the file as it is).
 
 - original -> diffusers (`to_diffusers`, `load_original_transformer`): diffusers' own converters
   from `diffusers.loaders.single_file_utils`, called, not re-implemented.
@@ -33,11 +35,12 @@ from trainer.errors import ModelLoadError
 # Families as this module names them. The detector also tells Flux.1 dev from schnell (dev has
 # a guidance embedding) and SD 3 from 3.5; their weight layouts are the same tables.
 FLUX, CHROMA, SD3 = "flux", "chroma", "sd3"
+FLUX2 = "flux2"  # Flux.2 (klein): BFL's layout with global modulation, no biases
 FLUX_DEV, FLUX_SCHNELL, SD35 = "flux-dev", "flux-schnell", "sd35"
 _FAMILY_OF = {FLUX: FLUX, FLUX_DEV: FLUX, FLUX_SCHNELL: FLUX, CHROMA: CHROMA, SD3: SD3, SD35: SD3,
               # OneTrainer's model_type values (trainer/models/registry.py)
               "FLUX_DEV_1": FLUX, "CHROMA_1": CHROMA, "STABLE_DIFFUSION_3": SD3,
-              "STABLE_DIFFUSION_35": SD3}
+              "STABLE_DIFFUSION_35": SD3, FLUX2: FLUX2, "FLUX_2": FLUX2}
 # What each detected layout is called in messages, and the model_type that loads it.
 LAYOUT_LABELS = {FLUX_DEV: "Flux.1 dev (with a guidance embedding)",
                  FLUX_SCHNELL: "Flux.1 schnell (no guidance embedding)",
@@ -143,6 +146,43 @@ BFL_SINGLE = (  # single_blocks.N <- single_transformer_blocks.N
     _rows("linear2", ["proj_out"]),
 )
 
+# Flux.2 (Black Forest Labs' layout, as diffusers' convert_flux2_transformer_checkpoint_to_diffusers
+# reads it): one modulation per stream for all blocks, a single block's q/k/v/MLP-in already one
+# layer in diffusers too (to_qkv_mlp_proj), and no biases.
+FLUX2_GLOBAL = (
+    _rows("img_in", ["x_embedder"]),
+    _rows("txt_in", ["context_embedder"]),
+    _rows("time_in.in_layer", ["time_guidance_embed.timestep_embedder.linear_1"]),
+    _rows("time_in.out_layer", ["time_guidance_embed.timestep_embedder.linear_2"]),
+    _rows("guidance_in.in_layer", ["time_guidance_embed.guidance_embedder.linear_1"]),
+    _rows("guidance_in.out_layer", ["time_guidance_embed.guidance_embedder.linear_2"]),
+    _rows("double_stream_modulation_img.lin", ["double_stream_modulation_img.linear"]),
+    _rows("double_stream_modulation_txt.lin", ["double_stream_modulation_txt.linear"]),
+    _rows("single_stream_modulation.lin", ["single_stream_modulation.linear"]),
+    _rows("final_layer.linear", ["proj_out"]),
+    _rows("final_layer.adaLN_modulation.1", ["norm_out.linear"], swap=True),
+)
+FLUX2_DOUBLE = (  # double_blocks.N <- transformer_blocks.N
+    _rows("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+    _rows("txt_attn.qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+    _rows("img_attn.norm.query_norm", ["attn.norm_q"], BFL_NORM),
+    _rows("img_attn.norm.key_norm", ["attn.norm_k"], BFL_NORM),
+    _rows("txt_attn.norm.query_norm", ["attn.norm_added_q"], BFL_NORM),
+    _rows("txt_attn.norm.key_norm", ["attn.norm_added_k"], BFL_NORM),
+    _rows("img_attn.proj", ["attn.to_out.0"]),
+    _rows("txt_attn.proj", ["attn.to_add_out"]),
+    _rows("img_mlp.0", ["ff.linear_in"]),
+    _rows("img_mlp.2", ["ff.linear_out"]),
+    _rows("txt_mlp.0", ["ff_context.linear_in"]),
+    _rows("txt_mlp.2", ["ff_context.linear_out"]),
+)
+FLUX2_SINGLE = (  # single_blocks.N <- single_transformer_blocks.N
+    _rows("linear1", ["attn.to_qkv_mlp_proj"]),
+    _rows("linear2", ["attn.to_out"]),
+    _rows("norm.query_norm", ["attn.norm_q"], BFL_NORM),
+    _rows("norm.key_norm", ["attn.norm_k"], BFL_NORM),
+)
+
 # SD 3 / 3.5 (Stability AI's MMDiT layout).
 SAI_GLOBAL = (
     _rows("pos_embed", ["pos_embed"], (("", "pos_embed"),)),  # a table, not a layer
@@ -201,7 +241,14 @@ def layers(family: str, diffusers_keys: Iterable[str]) -> list[Layer]:
     (block counts, guidance, q/k norms and attn2 read from them); only layers the model has."""
     keys = set(diffusers_keys)
     family = family_of(family)
-    if family in (FLUX, CHROMA):
+    if family == FLUX2:
+        table = _expand(FLUX2_GLOBAL, "", "")
+        for n in range(_block_count(keys, "transformer_blocks")):
+            table += _expand(FLUX2_DOUBLE, f"double_blocks.{n}.", f"transformer_blocks.{n}.")
+        for n in range(_block_count(keys, "single_transformer_blocks")):
+            table += _expand(FLUX2_SINGLE, f"single_blocks.{n}.",
+                             f"single_transformer_blocks.{n}.")
+    elif family in (FLUX, CHROMA):
         table = _expand(BFL_GLOBAL, "", "")
         for n in range(_block_count(keys, "distilled_guidance_layer.layers")):
             table += _expand(BFL_APPROXIMATOR, "distilled_guidance_layer.",
