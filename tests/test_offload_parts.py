@@ -139,3 +139,33 @@ def test_a_streamed_frozen_encoder_is_parked_by_its_mover(monkeypatch):
         assert parts.parked == set()
     assert [str(m) for m in moves] == ["cpu", "cpu", "cpu"]  # park, bring back, park again
     assert parts.parked == {"text_encoder_2"}
+
+
+STREAMING_PRESETS = {  # OneTrainer's presets that stream blocks: their fate here
+    "preset.chroma_lora_8gb.saved": None, "preset.z_image_lora_8gb.saved": None,
+    "preset.qwen_lora_16gb.saved": None, "preset.qwen_lora_24gb.saved": None,
+    "preset.qwen_finetune_16gb.saved": "transformer.offload_fraction 0.75: a fine-tuned",
+    "preset.qwen_finetune_24gb.saved": "transformer.offload_fraction 0.55: a fine-tuned",
+    "preset.flux2_finetune_16gb.saved": "transformer.offload_fraction 0.6: a fine-tuned",
+}
+
+
+@pytest.mark.parametrize("name, refused", STREAMING_PRESETS.items())
+def test_onetrainers_streaming_presets_start_or_name_what_cannot(name, refused):
+    """A LoRA preset streams as written (its compile switched off with a note: compiled blocks
+    cannot follow moving weights; speed only); a fine-tune that streams its trained transformer
+    is refused before the start, naming the key (its weights change at every step)."""
+    from onetrainer_files import raw
+    data = {k: v for k, v in raw(name).items() if k != "concept_file_name"}
+    notes = []
+    config = config_from_dict({**data, "concepts": []}, warn=notes.append, onetrainer=True)
+    assert config.transformer.offload_fraction == raw(name)["transformer"]["offload_fraction"]
+    if refused is None:
+        check_supported(config)
+        assert config.compile.value == "OFF"
+        if raw(name).get("compile"):
+            assert any(n.startswith("compile: true with transformer.offload_fraction")
+                       for n in notes), notes
+    else:
+        with pytest.raises(ConfigError, match=f"^{refused}"):
+            check_supported(config)

@@ -161,6 +161,15 @@ def offload_fraction(d: dict) -> float:
     return d["layer_offload_fraction"] if d["gradient_checkpointing"] == "CPU_OFFLOADED" else 0.0
 
 
+def compile_meaning(d: dict) -> str:
+    """OneTrainer's compile (speed only): off where blocks stream from the CPU, which Atelier's
+    compiled blocks cannot follow."""
+    parts = [p for p in registry.facts(d.get("model_type", "STABLE_DIFFUSION_15")).parts
+             if isinstance(d.get(p), dict)]
+    streams = offload_fraction(d) > 0 or any(part_offload(p)(d) > 0 for p in parts)
+    return "ON" if d.get("compile") and not streams else "OFF"
+
+
 def part_offload(part: str):
     def meaning(d: dict) -> float:
         return d[part]["offload_fraction"] if version(d) >= 11 else 0.0
@@ -275,7 +284,7 @@ MEANING: dict[str, object] = {
     "lora_model_name": lambda d: d["lora_model_name"] if d["training_method"] == "LORA" else "",
     "vae_model_name": lambda d: d["vae"]["model_name"],
     "vae.weight_dtype": part_dtype("vae"),
-    "compile": lambda d: "ON" if d.get("compile") else "OFF",
+    "compile": compile_meaning,
     "layer_offload_fraction": offload_fraction,
     "fused_backward_pass": fused,
     "bundle_additional_embeddings": bundle,

@@ -1355,6 +1355,8 @@ def check_supported(config: TrainConfig) -> None:
     check_quantization(config)
     from trainer.regularization import check_regularization
     check_regularization(config)
+    from trainer.layer_offload import check_layer_offload
+    check_layer_offload(config)  # the process count is checked again at the start
     from trainer.optim.stochastic_rounding import check_stochastic_rounding
     check_stochastic_rounding(config)
 

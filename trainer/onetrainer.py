@@ -167,6 +167,7 @@ def _from_onetrainer(data: dict, beside: Beside | None, notes: list[str]) -> Non
     aside: dict[str, list[str]] = {kind: [] for kind in keys.KINDS}
     _renamed(data, aside)
     _parts(data, aside)
+    _compile_with_offloading(data, notes)
     _family_settings(data, aside, notes)
     _concepts(data, beside, aside, notes)
     _samples(data, beside, aside, notes)
@@ -456,6 +457,21 @@ def _parts(data: dict, aside: dict[str, list[str]]) -> None:
             elif key == "train_embedding" and not part.startswith("text_encoder"):
                 aside["parts"].append(path)
                 section.pop(key)
+
+
+def _compile_with_offloading(data: dict, notes: list[str]) -> None:
+    """OneTrainer compiles blocks whose weights it streams from the CPU; Atelier's compiled
+    blocks cannot follow weights that move at every call. Compiling changes the speed only,
+    never the weights, so a file that asks for both streams and does not compile."""
+    streamed = [f"{part}.offload_fraction" for part in PARTS if isinstance(data.get(part), dict)
+                and (data[part].get("offload_fraction") or 0) > 0]
+    if data.get("layer_offload_fraction"):
+        streamed.append("layer_offload_fraction")
+    if data.get("compile") is True and streamed:
+        data["compile"] = False
+        notes.append(f"compile: true with {', '.join(streamed)}: Atelier does not compile "
+                     "blocks whose weights stream from the CPU; compile is off (speed only, "
+                     "the same weights).")
 
 
 def _family_settings(data: dict, aside: dict[str, list[str]], notes: list[str]) -> None:
