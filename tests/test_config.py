@@ -6,6 +6,7 @@ from pydantic import BaseModel
 
 from trainer.config import (ConfigError, TrainConfig, apply_override, check_supported,
                             config_from_dict, load_config, parse_resolution)
+from trainer.models import registry
 
 
 def test_defaults_follow_the_spec():
@@ -308,3 +309,10 @@ def test_quantized_types_atelier_does_not_build_are_refused_naming_key_and_value
     assert str(error.value).endswith(") is not built in Atelier; set transformer.weight_dtype "
                                      "to FLOAT_8 (8-bit weights) or NFLOAT_4 (4-bit).")
 
+
+
+@pytest.mark.parametrize("model_type", list(registry.FAMILIES))
+def test_every_family_starts_from_the_defaults(model_type):
+    """Choosing a model type and nothing else is a config the run accepts (the default layer
+    preset, output format and frozen encoders fit every family)."""
+    check_supported(config_from_dict({"model_type": model_type}))

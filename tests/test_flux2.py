@@ -348,7 +348,8 @@ def test_training_the_qwen3_text_encoder_is_refused_naming_the_key():
 @pytest.mark.parametrize("settings", [{"output_model_format": "KOHYA_LORA"},
                                       {"lora_layer_preset": "attn-mlp"}])
 def test_what_flux2_lacks_is_refused_naming_the_key(settings):
-    """No kohya layout; OneTrainer's Flux.2 layer presets are blocks and full only."""
+    """No kohya layout; no attn-mlp preset (OneTrainer's are blocks and full; attn-only is
+    Atelier's default)."""
     config = config_from_dict({"model_type": "FLUX_2", "lora_layer_preset": "blocks",
                                **settings})
     with pytest.raises(ConfigError, match=next(iter(settings))):

@@ -205,7 +205,9 @@ class Flux2SamplingPipeline(Flux2KleinPipeline):
 class Flux2Family(FlowFamily):
     SPEC = FLUX2_SPEC
     # OneTrainer's BaseFlux2Setup presets ("transformer_block" matches both kinds of block).
-    LAYER_PRESETS = {"blocks": ["transformer_block"], "full": []}
+    # OneTrainer's Flux.2 presets are blocks and full; attn-only (Atelier's default preset)
+    # is every attention projection, the single blocks' fused qkv + MLP input among them.
+    LAYER_PRESETS = {"attn-only": ["attn"], "blocks": ["transformer_block"], "full": []}
     LAYER_NAME_EXAMPLE = ("transformer_blocks.0.attn.to_q, "
                           "single_transformer_blocks.0.attn.to_qkv_mlp_proj")
 
