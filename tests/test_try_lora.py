@@ -257,6 +257,11 @@ def test_other_trainers_flow_loras_are_recognised_by_their_header_or_names(tmp_p
                       ["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"],
                       {**kohya, "ss_base_model_version": "flux1"})
     assert read_lora(comfy).model_type == "FLUX_DEV_1"
+    # ... and without a header: Flux.1's double blocks have img_mlp / img_mod too, not Qwen's
+    bare_comfy = read_lora(fake_lora(tmp_path / "bare-comfy.safetensors",
+                                     ["diffusion_model.double_blocks.0.img_mlp.0.lora_down.weight",
+                                      "diffusion_model.double_blocks.0.img_mod.lin.lora_down.weight"]))
+    assert bare_comfy.fits == ("FLUX_DEV_1", "CHROMA_1")
     sd3 = fake_lora(tmp_path / "sd3.safetensors",
                     ["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"],
                     {**kohya, "modelspec.architecture": "stable-diffusion-3-5-large/lora"})

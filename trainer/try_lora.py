@@ -59,8 +59,10 @@ LAYER_FAMILIES = (
     (("diffusion_model.layers.", "transformer.layers."), ("Z_IMAGE",)),
 )
 
-# Parts of layer names only Qwen-Image's blocks have (its image and text streams' MLPs and
-# modulations; SD 3's are ff / ff_context / norm1).
+# Parts of layer names only Qwen-Image's transformer_blocks have (its image and text streams'
+# MLPs and modulations; SD 3's are ff / ff_context / norm1). Flux.1's double_blocks use the same
+# words in ComfyUI's names, so the block prefix is part of the mark.
+QWEN_BLOCKS = ("diffusion_model.transformer_blocks.", "transformer.transformer_blocks.")
 QWEN_ONLY_LAYERS = (".img_mlp.", ".txt_mlp.", ".img_mod.", ".txt_mod.")
 
 
@@ -173,7 +175,7 @@ FLUX2_ONLY_LAYERS = (".ff.linear_in", ".ff.linear_out", ".ff_context.linear_in",
 def _fitting_families(keys: list[str]) -> tuple[str, ...]:
     if any(mark in k for k in keys for mark in FLUX2_ONLY_LAYERS):
         return ("FLUX_2",)
-    if any(mark in k for k in keys for mark in QWEN_ONLY_LAYERS):
+    if any(k.startswith(QWEN_BLOCKS) and mark in k for k in keys for mark in QWEN_ONLY_LAYERS):
         return ("QWEN",)
     for prefixes, families in LAYER_FAMILIES:
         if any(k.startswith(prefixes) for k in keys):
