@@ -234,7 +234,7 @@ def test_family_settings_show_where_the_family_reads_them():
         assert shown("transformer.model_name", model_type) == is_flow
         kinds = registry.text_encoder_kinds(model_type)
         assert shown("text_encoder_sequence_length", model_type) == (
-            kinds.get("text_encoder") == "T5")
+            kinds.get("text_encoder") == "T5" or model_type == "FLUX_2")  # Flux.2's Qwen3
         assert shown("text_encoder_2_sequence_length", model_type) == (
             model_type == "FLUX_DEV_1")
         for part, kind in kinds.items():  # no clip skip on a T5

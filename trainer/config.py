@@ -757,9 +757,11 @@ class TrainConfig(Strict):
     # T5's token count (OneTrainer's keys, top level as there): longer captions are cut there.
     text_encoder_sequence_length: Optional[int] = setting(
         512, section="Text encoder", label="Sequence length", ge=1, le=4096,
-        applies_to={"model_type": T5_AS["text_encoder"]},
-        tooltip="Tokens of T5's input (Chroma's only text encoder): longer captions are cut "
-                "there, shorter ones padded. Empty = the tokenizer's maximum.")
+        applies_to={"model_type": T5_AS["text_encoder"]
+                    + types_reading("text_encoder_sequence_length")},
+        tooltip="Tokens of the text encoder's input (Chroma's T5, Flux.2 klein's Qwen3): "
+                "longer captions are cut there, shorter ones padded. Empty = the tokenizer's "
+                "maximum.")
     text_encoder_2_sequence_length: Optional[int] = setting(
         77, section="Text encoder 2", label="Sequence length", ge=1, le=4096,
         applies_to={"model_type": T5_AS["text_encoder_2"]},

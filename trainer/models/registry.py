@@ -104,7 +104,7 @@ FAMILIES: dict[str, FamilyFacts] = {f.model_type: f for f in (
     # Flux.2 klein (4B / 9B): a Qwen3 language model as its one, frozen, text encoder;
     # OneTrainer shifts it dynamically when asked.
     _flow("FLUX_2", "Flux.2 klein", "trainer.models.flux2", "Flux2Family",
-          (("text_encoder", "Qwen3"),), (DYNAMIC,)),
+          (("text_encoder", "Qwen3"),), (DYNAMIC, "text_encoder_sequence_length")),
 )}
 
 # Every part name any family has, in the order the page shows their sections.
@@ -145,5 +145,6 @@ def text_encoder_kinds(model_type) -> dict[str, str]:
 
 def reads_switch(model_type, key: str) -> bool:
     """Whether the family reads the family-specific setting `key` (its dotted config key:
-    transformer.guidance_scale, transformer.attention_mask, dynamic_timestep_shifting)."""
+    transformer.guidance_scale, transformer.attention_mask, dynamic_timestep_shifting,
+    text_encoder_sequence_length where the encoder is not a T5)."""
     return key in facts(model_type).switches
