@@ -144,3 +144,13 @@ def test_a_family_that_ignores_dynamic_shifting_is_drawn_and_said_so(monkeypatch
     assert ignored[T.COUNT].tolist() == off[T.COUNT].tolist()
     assert caption == ("LOGIT_NORMAL, shift 2 (Flux.1 ignores dynamic timestep shifting): "
                        "most steps at mid and high noise.")
+
+
+def test_a_hub_id_shows_its_familys_own_scheduler_values():
+    """Qwen-Image's scheduler shifts less than Flux.1's (max_shift 0.9, exponential): a hub id
+    the page does not read shows Qwen-Image's values, not Flux.1-dev's."""
+    qwen = config(model_type="QWEN", base_model_name="Qwen/Qwen-Image", resolution="1024",
+                  dynamic_timestep_shifting=True)
+    _, caption = T.histogram_frame(qwen)
+    assert caption.startswith("UNIFORM, shift 2 (dynamic at 1024×1024, Qwen-Image's scheduler "
+                              "values)")

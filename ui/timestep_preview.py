@@ -130,6 +130,8 @@ def _histogram_frame(config: TrainConfig, access: Access | None) -> tuple[pd.Dat
     scheduler, source = None, ""
     if dynamic:
         scheduler, source = read_scheduler_config(config.base_model_name, access)
+        if scheduler is None and facts.scheduler:  # the family's own standard values
+            scheduler, source = dict(facts.scheduler), f"{facts.label}'s scheduler values"
     # What the engine's objective draws: the switch is read only where it applies.
     settings = config if dynamic == bool(config.dynamic_timestep_shifting) else \
         config.model_copy(update={"dynamic_timestep_shifting": dynamic})

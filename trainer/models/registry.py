@@ -33,6 +33,9 @@ class FamilyFacts:
     # OneTrainer's family-specific settings the family reads (dotted config keys): the page
     # shows only these, the config refuses them elsewhere.
     switches: tuple[str, ...] = ()
+    # The standard model's dynamic-shift constants (its scheduler_config.json) where they are
+    # not Flux.1-dev's: what the page's timestep preview uses for a hub id it does not read.
+    scheduler: tuple[tuple[str, object], ...] = ()
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
@@ -60,11 +63,11 @@ def _sd(model_type: str, label: str, module: str, class_name: str, encoders, qua
 
 
 def _flow(model_type: str, label: str, module: str, class_name: str, encoders,
-          switches: tuple[str, ...] = ()) -> FamilyFacts:
+          switches: tuple[str, ...] = (), scheduler: dict | None = None) -> FamilyFacts:
     """A flow-matching transformer on 2x2-packed (or 2x2-patched) latents of an 8x VAE: bucket
     sides in multiples of 16."""
     return FamilyFacts(model_type, label, module, class_name, "transformer", encoders, "flow",
-                       16, switches=switches)
+                       16, switches=switches, scheduler=tuple((scheduler or {}).items()))
 
 
 _SD15 = (("text_encoder", "CLIP"),)
@@ -96,7 +99,9 @@ FAMILIES: dict[str, FamilyFacts] = {f.model_type: f for f in (
     # Qwen-Image: a Qwen2.5-VL language model as its one, frozen, text encoder; OneTrainer
     # shifts it dynamically when asked.
     _flow("QWEN", "Qwen-Image", "trainer.models.qwen_image", "QwenImageFamily",
-          (("text_encoder", "Qwen2.5-VL"),), (DYNAMIC,)),
+          (("text_encoder", "Qwen2.5-VL"),), (DYNAMIC,),
+          dict(base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+               time_shift_type="exponential")),
     # Z-Image (and Turbo / De-Turbo): a Qwen3 language model as its one, frozen, text encoder;
     # OneTrainer applies dynamic shifting to it too.
     _flow("Z_IMAGE", "Z-Image", "trainer.models.z_image", "ZImageFamily",
