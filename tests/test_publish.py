@@ -502,3 +502,18 @@ def test_every_family_has_card_facts_naming_real_diffusers_classes():
                      card.inpaint_single_file):
             assert not name or hasattr(diffusers, name), (model_type, name)
         assert card.transformer_only == (facts.denoiser == "transformer"), model_type
+
+
+def test_a_qwen_image_card_draws_its_sample_with_true_cfg_on_the_empty_negative(tmp_path):
+    """QwenImagePipeline guides with true_cfg_scale on a negative prompt (its guidance_scale
+    is for guidance-distilled models): the recipe passes the sample's CFG as true_cfg_scale
+    with the empty negative prompt the run's samples used."""
+    config = {"base_model_name": "Qwen/Qwen-Image", "model_type": "QWEN",
+              "output_model_format": "DIFFUSERS_LORA", "workspace_dir": str(tmp_path / "ws"),
+              "samples": [{"prompt": "a cat", "cfg_scale": 4.0, "seed": 3}]}
+    output = fake_output(tmp_path / "qwen", config, diffusers=False)
+    publish.build_upload_folder(output, tmp_path / "up", repo_id="bob/qwen")
+    text = (tmp_path / "up" / "README.md").read_text()
+    assert 'QwenImagePipeline.from_pretrained("Qwen/Qwen-Image"' in text
+    assert '    negative_prompt="",\n' in text and "    true_cfg_scale=4.0,\n" in text
+    assert "guidance_scale=" not in text

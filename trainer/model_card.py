@@ -75,6 +75,10 @@ class FamilyCard:
     # seed, T5 length): these pipelines' defaults (28 steps, guidance 3.5, 512 T5 tokens for
     # Flux.1) are not what the run sampled with.
     sample_settings: bool = False
+    # The pipeline's guidance argument, and whether it guides only on a negative prompt (the
+    # empty one when the sample has none): Qwen-Image's true classifier-free guidance.
+    guidance_argument: str = "guidance_scale"
+    empty_negative_prompt: bool = False
 
 
 # What a transformer family's card shares (each family module holds its own FamilyCard).
@@ -489,14 +493,17 @@ def _sample_call(config: TrainConfig, prompt: str) -> list[str]:
     length), which draws the gallery's first image; without samples, `prompt` with the T5
     length the run used."""
     args = []
+    card = family_card(config.model_type)
     if config.samples:
         spec = config.samples[0]
         args.append(_py(spec.prompt))
         if spec.negative_prompt:
             args.append(f"negative_prompt={_py(spec.negative_prompt)}")
+        elif card.empty_negative_prompt and spec.cfg_scale > 1:
+            args.append('negative_prompt=""')
         args += [f"width={spec.width}, height={spec.height}",
                  f"num_inference_steps={spec.diffusion_steps}",
-                 f"guidance_scale={float(spec.cfg_scale)!r}"]
+                 f"{card.guidance_argument}={float(spec.cfg_scale)!r}"]
     else:
         args.append(_py(prompt))
     length = _t5_length(config)

@@ -32,7 +32,6 @@ BaseQwenSetup do it):
 """
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import torch
@@ -41,20 +40,10 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from trainer.errors import ModelLoadError
-from trainer.models import loading
 from trainer.models.family import tokenize
-from trainer.models.flow_family import FlowFamily, FlowSpec, load_dtypes, load_flow_components
-
-QWEN_IMAGE_SPEC = FlowSpec(
-    name="Qwen-Image",
-    pipeline_class=QwenImagePipeline,
-    pipeline_names=("QwenImagePipeline",),
-    transformer_class=QwenImageTransformer2DModel,
-    text_encoders={"text_encoder": Qwen2_5_VLForConditionalGeneration},
-    tokenizers={"tokenizer": Qwen2Tokenizer},
-    layout="qwen_image",
-    vae_class=AutoencoderKLQwenImage,
-)
+from trainer.models.flow_family import EmptyCaptionDropout, FlowFamily, FlowSpec, WrappedVAE
+# the same 2x2 patches as tokens as Flux.1's (QwenImagePipeline's order)
+from trainer.models.flux import pack, unpack
 
 # QwenImagePipeline's prompt template and the count of its system tokens before the caption
 # (prompt_template_encode, prompt_template_encode_start_idx); OneTrainer's are the same.
@@ -71,25 +60,18 @@ def prompt_text(caption: str) -> str:
     return PROMPT_TEMPLATE.format(caption)
 
 
-class QwenLatentVAE(torch.nn.Module):
+class QwenLatentVAE(WrappedVAE):
     """AutoencoderKLQwenImage as the engine reads a VAE: `encode(pixels).latent_dist` of 4-D
     images gives the latents' mean and std already normalised per channel ((x − mean_c) /
     std_c, what OneTrainer's scale_latents does), so `config.scaling_factor` is 1 and there is
     no shift. `block_out_channels` only tells the engine the 8x compression."""
 
     def __init__(self, vae: AutoencoderKLQwenImage):
-        super().__init__()
-        self.vae = vae
+        super().__init__(vae)
         stages = len(vae.config.temperal_downsample)
         self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=None,
                                       block_out_channels=[0] * (stages + 1),
                                       latent_channels=vae.config.z_dim)
-
-    # The real VAE's halves, for the sampling hooks that cast the pipeline's inputs.
-    encoder = property(lambda self: self.vae.encoder)
-    decoder = property(lambda self: self.vae.decoder)
-    quant_conv = property(lambda self: self.vae.quant_conv)
-    post_quant_conv = property(lambda self: self.vae.post_quant_conv)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,19 +90,6 @@ class QwenLatentVAE(torch.nn.Module):
         normalised = SimpleNamespace(mean=(mean - channel_mean) / channel_std,
                                      std=std / channel_std)
         return SimpleNamespace(latent_dist=normalised)
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] -> [B, h/2 · w/2, 4C]: 2x2 patches as tokens (QwenImagePipeline's order)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, channels = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels // 4, h, w)
 
 
 def batch_captions(conditioning: dict, dtype: torch.dtype):
@@ -147,32 +116,31 @@ class SamplingPipeline(QwenImagePipeline):
                                 true_cfg_scale=cfg, **kwargs)
 
 
-def load_original_transformer(path: str, config_folder: str, dtype: torch.dtype
-                              ) -> QwenImageTransformer2DModel:
-    """A transformer file (`transformer.model_name`, e.g. ComfyUI's diffusion model file: the
-    release's names, diffusers' own) on the config of the base model's folder, through
-    diffusers' single-file loader."""
-    source = loading.resolve_source(path, "transformer.model_name", None, hub_probe="config.json")
-    if source.kind != "single_file":
-        raise ModelLoadError(f"transformer.model_name: '{path}' is not a .safetensors file.")
-    try:
-        from safetensors.torch import load_file
-        state = load_file(source.location)
-        prefix = "model.diffusion_model."  # ComfyUI's saved checkpoints carry it
-        if any(k.startswith(prefix) for k in state):
-            state = {k.removeprefix(prefix): v for k, v in state.items()}
-        if "txt_norm.weight" not in state:
-            raise ValueError("not a Qwen-Image transformer")
-        return QwenImageTransformer2DModel.from_single_file(
-            state, config=config_folder, subfolder="transformer", torch_dtype=dtype,
-            local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - the file does not fit this model
-        raise ModelLoadError(
-            f"transformer.model_name: '{path}' is not a Qwen-Image transformer of this model's "
-            f"shape ({type(err).__name__}).") from None
+def single_file_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformer file's tensors (e.g. ComfyUI's diffusion model file: the release's names,
+    diffusers' own) as diffusers' single-file loader reads them."""
+    prefix = "model.diffusion_model."  # ComfyUI's saved checkpoints carry it
+    if any(k.startswith(prefix) for k in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if "txt_norm.weight" not in state:
+        raise ValueError("not a Qwen-Image transformer")
+    return state
 
 
-class QwenImageFamily(FlowFamily):
+QWEN_IMAGE_SPEC = FlowSpec(
+    name="Qwen-Image",
+    pipeline_class=QwenImagePipeline,
+    pipeline_names=("QwenImagePipeline",),
+    transformer_class=QwenImageTransformer2DModel,
+    text_encoders={"text_encoder": Qwen2_5_VLForConditionalGeneration},
+    tokenizers={"tokenizer": Qwen2Tokenizer},
+    layout="qwen_image",
+    vae_class=AutoencoderKLQwenImage,
+    single_file_state=single_file_state,
+)
+
+
+class QwenImageFamily(EmptyCaptionDropout, FlowFamily):
     SPEC = QWEN_IMAGE_SPEC
     # OneTrainer's BaseQwenSetup presets: parts of layer names.
     LAYER_PRESETS = {"attn-mlp": ["attn", "img_mlp", "txt_mlp"], "attn-only": ["attn"],
@@ -185,22 +153,15 @@ class QwenImageFamily(FlowFamily):
         return FamilyCard(("qwen-image",), "QwenImagePipeline", "QwenImageTransformer2DModel",
                           comfy_text_encoders="a *Load CLIP* node (type qwen_image: "
                                               "qwen_2.5_vl_7b)",
-                          **FLOW_CARD)
+                          guidance_argument="true_cfg_scale",
+                          empty_negative_prompt=True, **FLOW_CARD)
 
     @classmethod
     def load_components(cls, config):
-        file = getattr(config.transformer, "model_name", "") or ""
-        dtypes = load_dtypes(config)
         if config.vae_model_name:
             raise ModelLoadError("vae_model_name: Qwen-Image uses its own VAE (its model "
                                  "folder's vae/); leave vae_model_name empty.")
-        parts = load_flow_components(cls.SPEC, config.base_model_name, None, dtypes=dtypes)
-        if file:  # the folder's transformer replaced by a single file
-            folder = loading.resolve_source(config.base_model_name, loading.BASE_FIELD, None,
-                                            hub_probe="model_index.json").location
-            parts["transformer"] = load_original_transformer(
-                file, folder, dtypes.get("transformer", torch.float32)).eval()
-        return parts
+        return super().load_components(config)
 
     @classmethod
     def load(cls, config):
@@ -240,12 +201,6 @@ class QwenImageFamily(FlowFamily):
         return {"encoder_hidden_states": states * mask.unsqueeze(-1).to(states.dtype),
                 "text_attention_mask": mask}
 
-    def caption_dropout(self, captions, encode):
-        """Each caption is dropped with the text encoder's probability: it becomes the empty
-        caption, the pipeline's unconditional input, rather than zeroed states."""
-        probability = self._setting("text_encoder", "caption_dropout_probability", 0.0)
-        return encode(["" if random.random() < probability else c for c in captions])
-
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")
         dtype = next(self.parts["transformer"].parameters()).dtype
@@ -274,9 +229,6 @@ class QwenImageFamily(FlowFamily):
     def sample_inputs(self):
         return {"max_sequence_length": SEQUENCE_LENGTH}
 
-    def save_single_file(self, path, dtype, metadata):
-        """The transformer alone, under its own (the release's, ComfyUI's) names."""
-        from trainer.io import atomic_save_safetensors
-        state = self.parts["transformer"].state_dict()
-        atomic_save_safetensors({k: v.detach().to("cpu", dtype).contiguous()
-                                 for k, v in state.items()}, str(path), metadata)
+    def original_state_dict(self):
+        """The transformer under its own (the release's, ComfyUI's) names."""
+        return self.parts["transformer"].state_dict()
