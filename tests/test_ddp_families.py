@@ -10,7 +10,8 @@ from test_cli import launch_two_processes, write_config
 
 # model_type -> how the test gets its tiny model (a tiny_flow kind or a conftest fixture)
 FAMILIES = {"FLUX_DEV_1": "flux", "CHROMA_1": "chroma", "STABLE_DIFFUSION_35": "sd35",
-            "Z_IMAGE": "tiny_z_image_dir"}
+            "Z_IMAGE": "tiny_z_image_dir", "QWEN": "tiny_qwen_image_dir",
+            "FLUX_2": "tiny_flux2_dir"}
 
 
 @pytest.mark.slow

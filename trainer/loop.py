@@ -191,6 +191,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     # allow unused parameters then, as for a part that stops training part-way.
     stops_early = trains_embeddings or any(
         getattr(config, p).stop_training_after_unit != TimeUnit.NEVER for p in parts)
+    # ... and for a family whose adapted layers include some the prediction never reaches
+    stops_early = stops_early or registry.family_class(config.model_type).UNUSED_LAYERS
 
     # Device, precision, seed. find_unused_parameters lets DDP cope with a part that stops
     # training part-way (its adapter then gets no gradient).

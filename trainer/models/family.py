@@ -57,6 +57,9 @@ class ModelFamily:
     # The presets whose patterns are regular expressions (OneTrainer's for Z-Image); the
     # others are parts of layer names.
     REGEX_PRESETS: ClassVar[frozenset[str]] = frozenset()
+    # Whether some layers a preset adapts take no part in the prediction (their adapters get
+    # no gradient; DDP must then look for unused parameters at each step).
+    UNUSED_LAYERS: ClassVar[bool] = False
     # An example denoiser layer name, for the message when a layer filter matches nothing.
     LAYER_NAME_EXAMPLE: ClassVar[str] = ""
 

@@ -146,6 +146,8 @@ class QwenImageFamily(EmptyCaptionDropout, FlowFamily):
     LAYER_PRESETS = {"attn-mlp": ["attn", "img_mlp", "txt_mlp"], "attn-only": ["attn"],
                      "blocks": ["transformer_block"], "full": []}
     LAYER_NAME_EXAMPLE = "transformer_blocks.0.attn.to_q, transformer_blocks.0.img_mlp.net.2"
+    # The last block's text stream (to_add_out, txt_mlp) feeds nothing: its output is dropped.
+    UNUSED_LAYERS = True
 
     @classmethod
     def card(cls, model_type):
