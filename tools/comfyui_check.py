@@ -15,7 +15,8 @@ single-file checkpoint and how many of its keys the loaded model holds.
 
 ComfyUI detects a model type from tensor shapes; Atelier's tiny test models have shapes no real
 model has, so detection fails for them. `--family` then names the model class ComfyUI would pick
-for the real model (supported_models.SD15, SDXL, Flux, Chroma, SD3) and the check builds
+for the real model (supported_models.SD15, SDXL, Flux, Chroma, SD3, ZImage, QwenImage, Flux2)
+and the check builds
 that class on the shapes ComfyUI read from the file (its own detect_unet_config); for tiny text
 encoders, ComfyUI's CLIP config files are read with the sizes in the file (layer count, widths).
 Neither touches key matching nor weight math: both are ComfyUI's code as it runs for a real model.
@@ -33,8 +34,9 @@ Setting up and regenerating docs/comfyui_results.md (how it was made):
     -aiohttp-server, -aiohttp-client, -urllib3), processor-baggage, semantic-conventions}
     packages its tracer imports (torchvision brings its own torch into that venv).
   - Per family: `python -m trainer make-tiny-model <kind> DIR` (SD 1.5 with UNet widths
-    (32, 64) and SD 3 / 3.5 with two 64-wide heads: ComfyUI cannot hold the tiny defaults,
-    see docs/comfyui_results.md); the base as one file with
+    (32, 64), SD 3 / 3.5 with two 64-wide heads, Z-Image at width 1152, Flux.2 with 256
+    timestep channels: ComfyUI cannot hold the tiny defaults, see docs/comfyui_results.md and
+    tools/comfyui_runs/); the base as one file with
     `family.save_single_file`; Flux / SD 3 CLIP encoders as files (`text_model.` keys); a LoRA
     per format and adapter with `python -m trainer train --config` (64 px, rank 4, one epoch).
   - `comfy-venv/bin/python tools/comfyui_check.py --comfyui DIR --base BASE.safetensors
@@ -251,11 +253,13 @@ def compare_layers(file_tensors: dict[str, torch.Tensor], targets: dict[str, tup
     """Per module: ComfyUI's applied change (patched - original weight, its slice for a fused
     weight) against the change the module's own tensors make.
 
-    targets: module prefix -> (weight key, slice) where slice is None or (dim, start, length),
-    as ComfyUI's loader aimed it."""
+    targets: module prefix -> (weight key, slice[, conversion]) where slice is None or
+    (dim, start, length), as ComfyUI's loader aimed it; a conversion (ComfyUI's key maps give
+    one where the two layouts order a weight's rows differently, as Flux's final modulation's
+    scale and shift) is applied to the change before it is added, so to the expected one too."""
     modules = group_modules(file_tensors)
     results = []
-    for module, (key, part) in sorted(targets.items()):
+    for module, (key, part, *conversion) in sorted(targets.items()):
         original, after = originals[key].float(), patched[key].float()
         if part is not None:
             dim, start, length = part
@@ -263,7 +267,13 @@ def compare_layers(file_tensors: dict[str, torch.Tensor], targets: dict[str, tup
             after = after.narrow(dim, start, length)
         tensors = {name: file_tensors[k] for name, k in modules[module].items()}
         try:
-            expected = adapter_delta(tensors, original)
+            if conversion and conversion[0] is not None:
+                # the file's layer holds the rows in its own order: its change is computed
+                # there (on the weight in that order: DoRA reads it) and then converted
+                unconvert = conversion[0]  # an involution (a swap of two halves)
+                expected = conversion[0](adapter_delta(tensors, unconvert(original)))
+            else:
+                expected = adapter_delta(tensors, original)
         except (RuntimeError, ValueError):
             results.append(LayerResult(module, _target_name(key, part), math.inf))
             continue
@@ -284,7 +294,8 @@ def _target_name(key: str, part) -> str:
 # The model classes ComfyUI picks for each family Atelier trains (comfy/supported_models.py).
 FAMILY_CLASSES = {"sd15": "SD15", "sd15-inpaint": "SD15", "sdxl": "SDXL", "sdxl-inpaint": "SDXL",
                   "flux": "Flux",
-                  "chroma": "Chroma", "sd35": "SD3", "sd3": "SD3"}  # SD 3.5 is its SD3 class
+                  "chroma": "Chroma", "sd35": "SD3", "sd3": "SD3",  # SD 3.5 is its SD3 class
+                  "z-image": "ZImage", "qwen": "QwenImage", "flux2": "Flux2"}
 
 
 class _LogCapture(logging.Handler):
@@ -387,14 +398,22 @@ RESIZED_CONSTANTS: set[str] = set()
 
 
 def _flux_sizes_from_file(config: dict, sd, prefix: str) -> None:
-    """detect_unet_config sets Flux's and Chroma's head layout, output channels and Chroma's
-    guidance network as the real models' constants; read them off the tiny file's tensors."""
+    """detect_unet_config sets Flux's, Chroma's and Flux.2's head layout, output channels and
+    Chroma's guidance network as the real models' constants; read them off the tiny file's
+    tensors (rotary axes, which have no weights, split the head as the real ones do)."""
     hidden = config["hidden_size"]
     head_dim = sd[f"{prefix}double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     config["num_heads"] = hidden // head_dim
-    config["axes_dim"] = [head_dim // 4, head_dim // 4, head_dim - 2 * (head_dim // 4)]
-    config["mlp_ratio"] = sd[f"{prefix}double_blocks.0.img_mlp.0.weight"].shape[0] / hidden
+    mlp_in = sd[f"{prefix}double_blocks.0.img_mlp.0.weight"].shape[0]
     final = sd[f"{prefix}final_layer.linear.weight"].shape[0]
+    if config["image_model"] == "flux2":
+        config["axes_dim"] = [head_dim // 4] * 4
+        # its gated MLP's first layer is twice the hidden width (comfy/ldm/flux/layers.py)
+        config["mlp_ratio"] = mlp_in / 2 / hidden
+        config["out_channels"] = final // (config["patch_size"] ** 2)
+        return
+    config["axes_dim"] = [head_dim // 4, head_dim // 4, head_dim - 2 * (head_dim // 4)]
+    config["mlp_ratio"] = mlp_in / hidden
     if config["image_model"] == "flux":
         config["out_channels"] = final // (config["patch_size"] ** 2)
         return
@@ -408,6 +427,42 @@ def _flux_sizes_from_file(config: dict, sd, prefix: str) -> None:
                               if k.startswith(guidance + "layers.")})
 
 
+def _z_image_config(detect, sd, prefix: str, config: dict) -> dict:
+    """ComfyUI recognises Z-Image by its width (3840) and then sets its constants (heads,
+    rotary axes, theta, feed-forward ratio, its modulation). Run its own detection as if the
+    file were that wide (only the shape of cap_embedder.1.weight is read for it), then put back
+    the sizes read off the file: width, heads (from the head norm), input channels, refiners."""
+    key = f"{prefix}cap_embedder.1.weight"
+    real_width = dict(sd)
+    real_width[key] = torch.empty(3840, sd[key].shape[1], device="meta")
+    z_image = detect(real_width, prefix)
+    if not z_image or not z_image.get("z_image_modulation"):
+        return config  # this ComfyUI knows no Z-Image constants: leave its config as it is
+    dim = config["dim"]
+    head_dim = sd[f"{prefix}layers.0.attention.q_norm.weight"].shape[0]
+    qkv = sd[f"{prefix}layers.0.attention.qkv.weight"].shape[0]
+    patch = z_image["patch_size"]
+    z_image.update(dim=dim, n_heads=dim // head_dim, n_kv_heads=(qkv - dim) // (2 * head_dim),
+                   in_channels=sd[f"{prefix}x_embedder.weight"].shape[1] // (patch * patch),
+                   n_refiner_layers=len({k[len(prefix):].split(".")[1] for k in sd
+                                         if k.startswith(f"{prefix}noise_refiner.")}))
+    return z_image
+
+
+def _qwen_image_sizes_from_file(config: dict, sd, prefix: str) -> None:
+    """detect_unet_config reads Qwen-Image's input channels and depth; its model class takes
+    the other sizes as defaults of the real model (24 heads of 128, text width 3584, 16
+    output channels). Read them off the file. The rotary axes (no weights) split the head."""
+    head_dim = sd[f"{prefix}transformer_blocks.0.attn.norm_q.weight"].shape[0]
+    inner = sd[f"{prefix}img_in.weight"].shape[0]
+    patch = config.get("patch_size", 2)
+    config.update(attention_head_dim=head_dim, num_attention_heads=inner // head_dim,
+                  joint_attention_dim=sd[f"{prefix}txt_norm.weight"].shape[0],
+                  out_channels=sd[f"{prefix}proj_out.weight"].shape[0] // (patch * patch),
+                  axes_dims_rope=(head_dim // 8, head_dim * 7 // 16,
+                                  head_dim - head_dim // 8 - head_dim * 7 // 16))
+
+
 def use_family_class_for_tiny_shapes(comfy, family: str, state_dict) -> None:
     """When ComfyUI finds no model class for the file's shapes (a tiny test model), let its
     loader use the class it picks for the real model, built on the shapes it detected, and
@@ -418,7 +473,9 @@ def use_family_class_for_tiny_shapes(comfy, family: str, state_dict) -> None:
 
     def model_config_from_unet(sd, prefix, *args, **kwargs):
         found = original(sd, prefix, *args, **kwargs)
-        if found is not None:
+        # a narrow Z-Image matches ComfyUI's Lumina2 (ZImage asks for width 3840): build the
+        # family's class on the same detected config instead
+        if found is not None and isinstance(found, cls):
             return found
         unet_config = detection.detect_unet_config(sd, prefix)
         if unet_config is None:
@@ -432,11 +489,18 @@ def use_family_class_for_tiny_shapes(comfy, family: str, state_dict) -> None:
 
     def detect_unet_config(sd, prefix, *args, **kwargs):
         config = detect(sd, prefix, *args, **kwargs)
-        if config is not None and config.get("image_model") in ("flux", "chroma"):
+        model = config.get("image_model") if config is not None else None
+        if model in ("flux", "chroma", "flux2"):
             head_dim = sd[f"{prefix}double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
             if head_dim != sum(config["axes_dim"]):
                 _flux_sizes_from_file(config, sd, prefix)
-                RESIZED_CONSTANTS.add(config["image_model"])
+                RESIZED_CONSTANTS.add(model)
+        elif model == "lumina2" and family == "z-image" and not config.get("z_image_modulation"):
+            config = _z_image_config(detect, sd, prefix, config)
+            RESIZED_CONSTANTS.add("z-image")
+        elif model == "qwen_image" and family == "qwen":
+            _qwen_image_sizes_from_file(config, sd, prefix)
+            RESIZED_CONSTANTS.add(model)
         return config
 
     detection.detect_unet_config = detect_unet_config
@@ -554,8 +618,9 @@ def _lora_targets(comfy, model, clip, lora: dict) -> tuple[dict, set, dict]:
     modules = group_modules(converted)
     for prefix, target in key_map.items():
         if prefix in modules and (target in patches):
-            key, part = (target if isinstance(target, tuple) else (target, None))
-            targets[prefix] = (key, tuple(part) if part is not None else None)
+            # a key map's target: a weight key, (key, slice) or (key, slice, conversion)
+            key, part, *conversion = target if isinstance(target, tuple) else (target, None)
+            targets[prefix] = (key, tuple(part) if part is not None else None, *conversion)
     return targets, consumed, converted
 
 
@@ -590,7 +655,7 @@ def check_lora(comfy, base: str, lora_path: str, family: str | None,
     # A patch's key names the model's or the clip's weight; look it up in the one that has it.
     merged_originals = {**originals.get("clip", {}), **originals["model"]}
     merged_patched = {**patched.get("clip", {}), **patched["model"]}
-    shimmed = sorted(m for m, (key, _) in targets.items() if key in resized)
+    shimmed = sorted(m for m, (key, *_) in targets.items() if key in resized)
     targets = {m: t for m, t in targets.items() if m not in shimmed}
     layers = compare_layers(converted, targets, merged_originals, merged_patched)
     report = key_report(converted.keys(), consumed)
@@ -620,7 +685,14 @@ def check_checkpoint(comfy, path: str, family: str | None) -> dict:
     prefix = detection.unet_prefix_from_state_dict(state_dict) if _unet_prefix(state_dict) else ""
     native = detection.model_config_from_unet(state_dict, prefix)
     model, clip, detected, assumed, _ = load_base(comfy, path, family)
+    held = {k[len("diffusion_model."):] for k in model.model.state_dict()
+            if k.startswith("diffusion_model.")}
+    unet = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
     return {"checkpoint": path, "detected": detected, "detection_assumed": assumed,
+            # the diffusion model's tensors the file has and ComfyUI's model does not hold,
+            # and the other way round (each its own model's names)
+            "diffusion_keys_not_held": sorted(unet - held)[:10],
+            "diffusion_keys_not_in_file": sorted(held - unet)[:10],
             "constants_read_from_file": sorted(RESIZED_CONSTANTS),
             "detected_natively": type(native).__name__ if native is not None else None,
             "file_keys": len(state_dict), "text_encoders_loaded": clip is not None,

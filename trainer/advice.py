@@ -50,6 +50,8 @@ def images_without_masks(config: TrainConfig, items: Sequence) -> str | None:
 _SD_ATTENTION = "every UNet attention projection, to_q/to_k/to_v/to_out.0"
 _MAGNITUDES = "every DoRA magnitude: the layers change as a plain LoRA"
 _SD3_PROJECTION = "the trained text encoders' text_projection layer"
+_FLUX2_OUTSIDE_BLOCKS = ("the layers outside the blocks that the full preset adapts (the "
+                         "timestep embedder and the global modulations)")
 COMFYUI_PARTIAL: dict[tuple[str, str, str], str] = {
     **{(model_type, "DIFFUSERS_LORA", "LORA"): _SD_ATTENTION
        for model_type in ("STABLE_DIFFUSION_15", "STABLE_DIFFUSION_15_INPAINTING",
@@ -66,11 +68,16 @@ COMFYUI_PARTIAL: dict[tuple[str, str, str], str] = {
        for model_type in ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35")},
     **{(model_type, "DIFFUSERS_LORA", "LORA"): _SD3_PROJECTION
        for model_type in ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35")},
+    **{(model_type, "DIFFUSERS_LORA", "DORA"): _MAGNITUDES for model_type in ("QWEN", "Z_IMAGE")},
+    ("FLUX_2", "DIFFUSERS_LORA", "LORA"): _FLUX2_OUTSIDE_BLOCKS,
+    ("FLUX_2", "DIFFUSERS_LORA", "DORA"): f"{_MAGNITUDES}, and {_FLUX2_OUTSIDE_BLOCKS}",
 }
 # ... of which these lose only a text encoder's layer: nothing when no text encoder trains.
 COMFYUI_PARTIAL_TEXT_ENCODER_ONLY = {
     (model_type, "DIFFUSERS_LORA", "LORA")
     for model_type in ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35")}
+# ... and this one only layers outside the blocks: nothing with the attn-only or blocks preset.
+COMFYUI_PARTIAL_OUTSIDE_BLOCKS = {("FLUX_2", "DIFFUSERS_LORA", "LORA")}
 
 
 def adapter_kind(config: TrainConfig) -> str:
@@ -92,6 +99,9 @@ def comfyui_loads_part(config: TrainConfig) -> str | None:
         return None
     if key in COMFYUI_PARTIAL_TEXT_ENCODER_ONLY and not any(
             getattr(config, part).train for part in config.model_type.facts.text_encoders):
+        return None
+    if key in COMFYUI_PARTIAL_OUTSIDE_BLOCKS and config.lora_layer_preset.value in (
+            "attn-only", "blocks"):
         return None
     instead = ("KOHYA_LORA or COMFY_LORA" if not config.model_type.facts.flow_matching
                or adapter_kind(config) != "DORA" else "a plain LoRA (DoRA off)")

@@ -5,7 +5,8 @@ DEMO = "/work/main/trainer/demo/dataset"
 TYPES = {"sd15": "STABLE_DIFFUSION_15", "sd15-inpaint": "STABLE_DIFFUSION_15_INPAINTING",
          "sdxl": "STABLE_DIFFUSION_XL_10_BASE", "flux": "FLUX_DEV_1", "chroma": "CHROMA_1",
          "sd35": "STABLE_DIFFUSION_35", "sdxl-inpaint": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING",
-         "sd3": "STABLE_DIFFUSION_3", "z-image": "Z_IMAGE"}
+         "sd3": "STABLE_DIFFUSION_3", "z-image": "Z_IMAGE",
+         "qwen": "QWEN", "flux2": "FLUX_2"}
 def runs():
     for fam in ("sd15", "sdxl"):
         for fmt in ("KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA"):
@@ -30,9 +31,16 @@ def runs():
         yield fam, "DIFFUSERS_LORA", "DORA", {"lora_decompose": True}
         yield fam, "ORIGINAL_SINGLE_FILE", "FINE_TUNE", {"training_method": "FINE_TUNE"}
 
-    for fmt in ("DIFFUSERS_LORA", "COMFY_LORA"):
-        yield "z-image", fmt, "LORA", {}
-    yield "z-image", "ORIGINAL_SINGLE_FILE", "FINE_TUNE", {"training_method": "FINE_TUNE"}
+    # the families that offer DIFFUSERS_LORA and COMFY_LORA only (their text encoders frozen);
+    # every linear layer of the transformer (the "full" preset), so that every name ComfyUI
+    # must map is in the file
+    for fam in ("z-image", "qwen", "flux2"):
+        for fmt in ("DIFFUSERS_LORA", "COMFY_LORA"):
+            yield fam, fmt, "LORA", {"lora_layer_preset": "full"}
+            yield fam, fmt, "DORA", {"lora_decompose": True, "lora_layer_preset": "full"}
+        yield fam, "ORIGINAL_SINGLE_FILE", "FINE_TUNE", {"training_method": "FINE_TUNE"}
+    # Flux.2's DIFFUSERS_LORA loses the layers outside the blocks: its own blocks preset
+    yield "flux2", "DIFFUSERS_LORA", "LORA_BLOCKS", {"lora_layer_preset": "blocks"}
 
 def main(only=None):
     for fam, fmt, ad, extra in runs():
@@ -50,7 +58,7 @@ def main(only=None):
                "learning_rate_warmup_steps": 0, "lora_rank": 4, "lora_alpha": 2.0,
                "batch_size": 2, "epochs": 1, "text_encoder": {"train": True,
                "stop_training_after_unit": "NEVER"}}
-        if fam in ("chroma", "z-image"):
+        if fam in ("chroma", "z-image", "qwen", "flux2"):
             cfg["text_encoder"] = {"train": False}
         if fam in ("sdxl", "sdxl-inpaint"):
             cfg["text_encoder_2"] = {"train": True, "stop_training_after_unit": "NEVER"}

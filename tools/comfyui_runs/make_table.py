@@ -2,17 +2,23 @@
 import glob, json, re, collections
 TYPES = {"sd15": "STABLE_DIFFUSION_15", "sd15-inpaint": "STABLE_DIFFUSION_15_INPAINTING",
          "sdxl": "STABLE_DIFFUSION_XL_10_BASE", "sdxl-inpaint": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING",
-         "flux": "FLUX_DEV_1", "chroma": "CHROMA_1", "sd3": "STABLE_DIFFUSION_3", "sd35": "STABLE_DIFFUSION_35"}
+         "flux": "FLUX_DEV_1", "chroma": "CHROMA_1", "sd3": "STABLE_DIFFUSION_3", "sd35": "STABLE_DIFFUSION_35",
+         "qwen": "QWEN", "z-image": "Z_IMAGE", "flux2": "FLUX_2"}
 ORDER = list(TYPES)
 FMT = ["KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA", "DIFFUSERS_LORA", "ORIGINAL_SINGLE_FILE"]
-AD = ["LORA", "LORA+EMB", "DORA", "LOHA", "LOKR", "FINE_TUNE"]
+AD = ["LORA", "LORA_BLOCKS", "LORA+EMB", "DORA", "LOHA", "LOKR", "FINE_TUNE"]
+# a run on another layer preset than the family's other rows
+SHOWN = {"LORA_BLOCKS": "LORA (blocks preset)"}
 records = {}
 import os
 for path in sorted(glob.glob("/tmp/comfy_runs/results*.jsonl"), key=os.path.getmtime):
     for line in open(path):
         r = json.loads(line)
         records[(r["family"], r["format"], r["adapter"])] = r
-def lost(keys):
+# families whose partial rows name each dropped layer in full (their layer names say little
+# in the two-word form of the older rows)
+FULL_NAMES = {"qwen", "z-image", "flux2"}
+def lost(keys, full_names=False):
     parts = collections.defaultdict(collections.Counter)
     for k in keys:
         part = "UNet" if k.startswith(("unet.", "lora_unet", "diffusion_model")) else (
@@ -22,6 +28,11 @@ def lost(keys):
         leaf = [p for p in leaf if not p.isdigit()]
         if "lora_magnitude_vector" in k:
             part = part + " DoRA magnitudes"
+        if full_names:
+            name = ("every adapted layer's" if "lora_magnitude_vector" in k
+                    else re.sub(r"\.\d+\.", ".N.", m.split(".", 1)[1]))
+            parts[part][name] += 1
+            continue
         parts[part]["_".join(leaf[-2:])] += 1
     return "; ".join(f"{part}: " + ", ".join(sorted(c)) + f" ({sum(c.values())} keys)"
                      for part, c in parts.items())
@@ -35,15 +46,21 @@ for key in sorted(records, key=lambda k: (ORDER.index(k[0]), FMT.index(k[1]), AD
         rows.append(f"| {mt} | {fmt} | {ad} | – | – | – | – | check failed: {r['error'][-120:]!r} |"); continue
     if ad == "FINE_TUNE":
         cls = r["detected"] + (" (class assumed: tiny shapes)" if r["detection_assumed"] else "")
+        if r["detected"] == "ZImage" and r["detection_assumed"]:
+            cls = f"ZImage (class assumed: ComfyUI detects {r['detected_natively']} below width 3840)"
         if r.get("constants_read_from_file"): cls += " (sizes read from file)"
         te = "with its text encoders" if r["text_encoders_loaded"] else "diffusion model only (Load Diffusion Model)"
+        if r.get("diffusion_keys_not_held") == [] and r.get("diffusion_keys_not_in_file") == []:
+            te += ", every tensor of it held"
         if r.get("in_channels") == 9:
             te += ", an inpainting UNet (9 input channels)"
         rows.append(f"| {mt} | {fmt} | full model | {cls} | {r['file_keys']} tensors read | – | – | loads: {te} |"); continue
     cls = r["detected"] + (" (class assumed: tiny shapes)" if r["detection_assumed"] else "")
+    if r["detected"] == "ZImage" and r["detection_assumed"]:
+        cls = "ZImage (class assumed: ComfyUI takes a Z-Image narrower than 3840 for Lumina2)"
     if r.get("constants_read_from_file"): cls += " (sizes read from file)"
     full = r["keys_loaded"] == r["keys_total"]
-    note = "complete" if full else "**partial**: drops " + lost(r["not_loaded"]) if r["not_loaded"] else ""
+    note = "complete" if full else "**partial**: drops " + lost(r["not_loaded"], fam in FULL_NAMES) if r["not_loaded"] else ""
     if r.get("embeddings_not_loaded"):
         emb = r.get("embedding_bundled", {}).get("encoders", {})
         exact = all(v.get("exact") for v in emb.values()) and emb
@@ -58,12 +75,11 @@ for key in sorted(records, key=lambda k: (ORDER.index(k[0]), FMT.index(k[1]), AD
     if r.get("unchanged_layers"):
         off = r['unchanged_max_error_of_weight']
         comp += f"; {r['unchanged_layers']} untrained, " + ("left exactly as they were" if not off else f"off by ≤ {off:.0e} of the weight")
-    rows.append(f"| {mt} | {fmt} | {ad} | {cls} | {r['keys_loaded']}/{r['keys_total']} | {comp} | {err(r['max_relative_error'])} | {note} |")
+    rows.append(f"| {mt} | {fmt} | {SHOWN.get(ad, ad)} | {cls} | {r['keys_loaded']}/{r['keys_total']} | {comp} | {err(r['max_relative_error'])} | {note} |")
 import sys
 if "--doc" in sys.argv:
     print(open("/tmp/comfy_runs/doc_header.md").read())
 print("| Model type | Format | Adapter | ComfyUI model class | Keys loaded / in file | Layers compared | Max rel. error | Result |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 print("\n".join(rows))
-for fmt, ad in (("DIFFUSERS_LORA", "LORA"), ("COMFY_LORA", "LORA"), ("ORIGINAL_SINGLE_FILE", "full model")):
-    print(f"| Z_IMAGE | {fmt} | {ad} | – | – | – | – | not checked: ComfyUI's Z-Image model (`ZImage`, NextDiT) sizes its timestep embedder and modulation input for widths of 1024 and more, so the tiny Z-Image (width 32) cannot be built in it |")
+
