@@ -386,3 +386,20 @@ def test_the_cli_prints_the_estimate_as_json(tiny_sd15_dir, tmp_path, capsys, mo
     # a bad setting: one line, exit 2
     assert main(["estimate", "--config", str(path), "--set", "resolution=12x"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("model_type, hub_id, transformer, text_encoder", [
+    ("QWEN", "Qwen/Qwen-Image", 20_430_401_088, 8_292_166_656),          # + Qwen2.5-VL-7B
+    ("Z_IMAGE", "Tongyi-MAI/Z-Image-Turbo", 6_154_908_736, 4_022_468_096),  # + Qwen3-4B
+])
+def test_the_standard_qwen_image_and_z_image_are_counted_from_their_configs(
+        model_type, hub_id, transformer, text_encoder):
+    """A hub id that is not downloaded: the standard model's tensors from the configs Atelier
+    ships (trainer/models/configs/qwen_image, z_image) at their storage types."""
+    result = M.estimate(config(model_type=model_type, base_model_name=hub_id,
+                               transformer={"weight_dtype": "BFLOAT_16"},
+                               text_encoder={"weight_dtype": "FLOAT_8"}), device_gb=None)
+    assert "standard" in result.source
+    assert result.part_bytes["transformer"] == 2 * transformer
+    # FLOAT_8: a byte per linear weight and a float32 scale per output row; the rest bfloat16
+    assert text_encoder < result.part_bytes["text_encoder"] < 1.2 * text_encoder

@@ -239,6 +239,13 @@ def _standard_folders(facts: registry.FamilyFacts) -> dict[str, Any]:
     if facts.model_type == "CHROMA_1":    # Chroma1: diffusers' defaults are its shape
         return {"transformer": ("ChromaTransformer2DModel", {}), "text_encoder": t5_xxl,
                 "vae": flux_vae}
+    if facts.model_type == "QWEN":        # Qwen-Image: diffusers' defaults, Qwen2.5-VL-7B
+        return {"transformer": ("QwenImageTransformer2DModel", {}),
+                "text_encoder": str(CONFIGS / "qwen_image" / "text_encoder"),
+                "vae": ("AutoencoderKLQwenImage", {})}
+    if facts.model_type == "Z_IMAGE":     # Z-Image: diffusers' defaults, Qwen3-4B, Flux's VAE
+        return {"transformer": ("ZImageTransformer2DModel", {}),
+                "text_encoder": str(CONFIGS / "z_image" / "text_encoder"), "vae": flux_vae}
     sd3 = {"STABLE_DIFFUSION_35": sd35, "STABLE_DIFFUSION_3": CONFIGS / "sd35" / "sd3-medium"}
     if facts.model_type in sd3:
         return {p: str(sd3[facts.model_type] / p) for p in (*facts.parts, "vae")}
