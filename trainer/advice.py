@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from trainer.config import LearningRateScheduler, TrainConfig
+from trainer.config import LearningRateScheduler, TrainConfig, output_formats
 from trainer.optim.schedules import warmup_steps
 
 NAMES_SHOWN = 3
@@ -50,8 +50,8 @@ def images_without_masks(config: TrainConfig, items: Sequence) -> str | None:
 _SD_ATTENTION = "every UNet attention projection, to_q/to_k/to_v/to_out.0"
 _MAGNITUDES = "every DoRA magnitude: the layers change as a plain LoRA"
 _SD3_PROJECTION = "the trained text encoders' text_projection layer"
-_FLUX2_OUTSIDE_BLOCKS = ("the layers outside the blocks that the full preset adapts (the "
-                         "timestep embedder and the global modulations)")
+_FLUX2_OUTSIDE_BLOCKS = ("the layers outside the blocks, the timestep embedder and the global "
+                         "modulations, which the full preset adapts")
 COMFYUI_PARTIAL: dict[tuple[str, str, str], str] = {
     **{(model_type, "DIFFUSERS_LORA", "LORA"): _SD_ATTENTION
        for model_type in ("STABLE_DIFFUSION_15", "STABLE_DIFFUSION_15_INPAINTING",
@@ -103,8 +103,12 @@ def comfyui_loads_part(config: TrainConfig) -> str | None:
     if key in COMFYUI_PARTIAL_OUTSIDE_BLOCKS and config.lora_layer_preset.value in (
             "attn-only", "blocks"):
         return None
-    instead = ("KOHYA_LORA or COMFY_LORA" if not config.model_type.facts.flow_matching
+    whole = [f for f in ("KOHYA_LORA", "COMFY_LORA")
+             if f in output_formats(config.model_type, config.training_method)]
+    instead = (" or ".join(whole) if not config.model_type.facts.flow_matching
                or adapter_kind(config) != "DORA" else "a plain LoRA (DoRA off)")
+    if key in COMFYUI_PARTIAL_OUTSIDE_BLOCKS:
+        instead += " (or the blocks layer preset)"
     return (f"output_model_format {fmt}: ComfyUI loads this file only in part for "
             f"{config.model_type.value} (it drops {lost}) and says so only in its log. For "
             f"ComfyUI choose {instead}.")
