@@ -176,3 +176,25 @@ def assert_same_weights(state: dict, want: dict):
     assert state.keys() == want.keys()
     for key, tensor in want.items():
         assert torch.equal(state[key], tensor), key
+
+
+def assert_loss_falls(config, result, steps: int, factor: float, window: int = 10):
+    """The run took `steps` steps, each logged with its loss, and the mean loss of the last
+    `window` steps is below `factor` times that of the first `window`."""
+    import numpy as np
+    losses = [r["loss"] for r in read_metrics(config) if "loss" in r]
+    assert result.global_step == len(losses) == steps
+    first, last = np.mean(losses[:window]), np.mean(losses[-window:])
+    assert last < factor * first, (first, last)
+
+
+def assert_black_masks_learn_nothing(make_config, tmp_path, epochs: int):
+    """A LoRA run on black_masked_folder with BLACK_MASKS ends with every up weight zero."""
+    from safetensors import safe_open
+
+    from trainer.loop import train
+    config = make_config(tmp_path, epochs=epochs,
+                         concepts=[{"path": str(black_masked_folder(tmp_path))}], **BLACK_MASKS)
+    with safe_open(train(config).output_path, "pt") as f:
+        ups = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
+    assert ups and all(torch.count_nonzero(u) == 0 for u in ups)

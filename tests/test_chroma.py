@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel
-from helpers import assert_same_weights, fine_tune_keeping_weights, read_metrics, tiny_config
+from helpers import (assert_loss_falls, assert_same_weights, fine_tune_keeping_weights,
+                     tiny_config)
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -77,11 +78,8 @@ def lora_run(model_dir, tmp_path_factory):
 
 def test_lora_training_lowers_the_loss(lora_run):
     config, result, _ = lora_run
-    losses = [r["loss"] for r in read_metrics(config) if "loss" in r]
-    assert result.global_step == len(losses) == EPOCHS * 3  # 5 photos: batches of 2, 2, 1
-    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
-    # measured: 1.53 -> 1.16 (x0.76)
-    assert last < 0.85 * first, (first, last)
+    # 5 photos: batches of 2, 2, 1; measured: 1.53 -> 1.16 (x0.76)
+    assert_loss_falls(config, result, EPOCHS * 3, 0.85, window=4)
 
 
 def test_the_lora_file_says_chroma_and_holds_transformer_adapters(lora_run):

@@ -5,24 +5,25 @@ prediction as the pipeline and OneTrainer do them, caption dropout, the refusals
 CLI. OneTrainer's Qwen presets are checked field by field with the other presets
 (tests/test_onetrainer.py) and trained in tests/test_onetrainer_flow.py."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import (BLACK_MASKS, RUNS_ARE_BIT_EXACT, assert_same_weights, black_masked_folder,
-                     fine_tune_keeping_weights, read_metrics, resumed_equals_whole, tiny_config)
+from flow_family_checks import (CAPTIONS, assert_another_transformer_file_is_refused,
+                                assert_changed, assert_comfy_deltas_are_the_diffusers_ones,
+                                assert_dora_reloads, assert_lora_reproduces_the_sample,
+                                assert_text_encoder_training_is_refused, assert_try_it_reads,
+                                encode, fine_tune, lora_files_of_both_formats, make_tiny_model,
+                                pipeline_from, text_cache_entries, the_sample, train_with_events)
+from helpers import (assert_black_masks_learn_nothing, assert_loss_falls, assert_same_weights,
+                     resumed_equals_whole, tiny_config)
 from trainer.config import check_supported, config_from_dict
-from trainer.control import Control
 from trainer.errors import ConfigError, ModelLoadError
-from trainer.loop import train
 from trainer.models.family import load_family
 from trainer.models.qwen_image import (PROMPT_TEMPLATE, TEMPLATE_TOKENS, QwenImageFamily,
                                        batch_captions, pack, unpack)
@@ -48,9 +49,7 @@ def qwen_config(tmp_path, **overrides):
 
 
 def base_pipeline(folder) -> QwenImagePipeline:
-    pipe = QwenImagePipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipeline_from(QwenImagePipeline, folder)
 
 
 def render(pipe: QwenImagePipeline, sample=SAMPLE) -> np.ndarray:
@@ -63,10 +62,6 @@ def render(pipe: QwenImagePipeline, sample=SAMPLE) -> np.ndarray:
     return np.asarray(image).astype(np.float64)
 
 
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path)).astype(np.float64)
-
-
 # --- LoRA ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -76,19 +71,14 @@ def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen-lora")
     config = qwen_config(tmp, epochs=EPOCHS, samples=[SAMPLE],
                          sample_after=EPOCHS, sample_after_unit="EPOCH")
-    events = []
-    result = train(config, Control(on_event=events.append))
-    samples = [e for e in events if e["type"] == "sample"]
-    return config, result, samples
+    return config, *train_with_events(config)
 
 
 def test_lora_training_lowers_the_loss(lora_run):
     config, result, _ = lora_run
-    losses = [r["loss"] for r in read_metrics(config) if "loss" in r]
-    assert result.global_step == len(losses) == EPOCHS * 3  # 5 photos: batches of 2, 2, 1
-    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    # measured: 1.40 -> 1.16 (x0.83); a tiny model's loss is mostly the drawn timesteps'
-    assert last < 0.9 * first, (first, last)
+    # 5 photos: batches of 2, 2, 1; measured: 1.40 -> 1.16 (x0.83); a tiny model's loss is
+    # mostly the drawn timesteps'
+    assert_loss_falls(config, result, EPOCHS * 3, 0.9)
 
 
 def test_the_lora_file_holds_onetrainers_attn_mlp_layers(lora_run, model_dir):
@@ -109,20 +99,14 @@ def test_the_lora_file_holds_onetrainers_attn_mlp_layers(lora_run, model_dir):
 
 
 def test_diffusers_lora_reproduces_the_training_sample(lora_run, model_dir):
-    _, result, samples = lora_run
-    assert len(samples) == 1
-    trained_sample = pixels(samples[0]["path"])
-    pipe = base_pipeline(model_dir)
-    base = render(pipe)
-    pipe.load_lora_weights(result.output_path)
-    reloaded = render(pipe)
-    assert np.abs(reloaded - trained_sample).max() <= (0 if RUNS_ARE_BIT_EXACT else 2)
-    assert np.abs(base - trained_sample).mean() > 1  # the LoRA shows
+    _, result, events = lora_run
+    assert_lora_reproduces_the_sample(base_pipeline(model_dir), render, result.output_path,
+                                      the_sample(events))
 
 
 def test_text_cache_keeps_the_captions_states_and_mask(lora_run):
     config, _, _ = lora_run
-    entries = sorted((Path(config.workspace_dir) / "cache" / "text").rglob("*.safetensors"))
+    entries = text_cache_entries(config)
     assert len(entries) == 5  # one per caption
     entry = load_file(str(entries[0]))
     assert set(entry) == {"encoder_hidden_states", "text_attention_mask"}
@@ -135,47 +119,24 @@ def test_text_cache_keeps_the_captions_states_and_mask(lora_run):
 def test_comfy_lora_names_diffusers_layers_under_diffusion_model(tmp_path):
     """COMFY_LORA: ComfyUI's Qwen-Image model has diffusers' module names, which comfy/lora.py
     reads as 'diffusion_model.<module>': the same deltas as the DIFFUSERS_LORA file."""
-    runs = {fmt: train(qwen_config(tmp_path / fmt, epochs=1, output_model_format=fmt,
-                                   lora_alpha=4.0)).output_path
-            for fmt in ("DIFFUSERS_LORA", "COMFY_LORA")}
-    comfy, diffusers = load_file(runs["COMFY_LORA"]), load_file(runs["DIFFUSERS_LORA"])
+    files = lora_files_of_both_formats(qwen_config, tmp_path)
+    comfy = files["COMFY_LORA"]
     assert comfy and all(k.startswith("diffusion_model.transformer_blocks.") for k in comfy)
     name = "diffusion_model.transformer_blocks.0.attn.to_q"
     assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(comfy)
-    for key in [k for k in comfy if k.endswith(".alpha")]:
-        module = key.removeprefix("diffusion_model.").removesuffix(".alpha")
-        down = comfy[f"diffusion_model.{module}.lora_down.weight"]
-        up = comfy[f"diffusion_model.{module}.lora_up.weight"]
-        delta = float(comfy[key]) / down.shape[0] * up.float() @ down.float()
-        want = diffusers[f"transformer.{module}.lora_B.weight"].float() @ \
-            diffusers[f"transformer.{module}.lora_A.weight"].float()
-        torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-7)
-    assert any(torch.count_nonzero(v) for k, v in comfy.items() if k.endswith("lora_up.weight"))
+    assert_comfy_deltas_are_the_diffusers_ones(comfy, files["DIFFUSERS_LORA"])
 
 
-def test_dora_trains_and_reloads_in_the_pipeline(tmp_path):
-    config = qwen_config(tmp_path, epochs=1, lora_decompose=True, samples=[SAMPLE],
-                         sample_after=1, sample_after_unit="EPOCH")
-    events = []
-    result = train(config, Control(on_event=events.append))
-    with safe_open(result.output_path, "pt") as f:
-        assert any("lora_magnitude_vector" in k for k in f.keys())
-    pipe = base_pipeline(tiny_qwen_image_model())
-    pipe.load_lora_weights(result.output_path)
-    sample = [e["path"] for e in events if e["type"] == "sample"][-1]
-    assert np.abs(render(pipe) - pixels(sample)).max() <= (0 if RUNS_ARE_BIT_EXACT else 2)
+def test_dora_trains_and_reloads_in_the_pipeline(tmp_path, model_dir):
+    assert_dora_reloads(qwen_config, tmp_path, 1, base_pipeline(model_dir), render, SAMPLE)
 
 
 def test_try_it_reads_a_qwen_image_lora_as_qwen_image(lora_run, tmp_path):
-    """The Try it panel's reader names the family from the file: by its header, and by its
-    layer names alone when the header is gone (diffusers' and ComfyUI's names)."""
+    """Its header and its layer names name the family (assert_try_it_reads); a file of
+    attention layers alone may be SD 3's too."""
     from trainer.try_lora import read_lora
     _, result, _ = lora_run
-    assert read_lora(result.output_path).model_type == "QWEN"
-    tensors = load_file(result.output_path)
-    bare = tmp_path / "bare.safetensors"
-    save_file(tensors, str(bare))  # no metadata
-    assert read_lora(bare).fits == ("QWEN",)
+    tensors = assert_try_it_reads(result.output_path, tmp_path, "QWEN")
     # attention only: SD 3's diffusers names too; the page's model type picks among them
     attention = {k: v for k, v in tensors.items() if ".attn." in k}
     save_file(attention, str(tmp_path / "attn.safetensors"))
@@ -184,29 +145,21 @@ def test_try_it_reads_a_qwen_image_lora_as_qwen_image(lora_run, tmp_path):
 
 # --- fine-tune -------------------------------------------------------------------------------
 
-def fine_tune(tmp_path, output_format, monkeypatch):
-    config = qwen_config(tmp_path, training_method="FINE_TUNE", epochs=1, batch_size=5,
-                         learning_rate=1e-3, output_model_format=output_format,
-                         output_dtype="FLOAT_32")
-    return fine_tune_keeping_weights(config, monkeypatch)
-
-
 def test_fine_tune_diffusers_folder_reloads_to_the_trained_weights(model_dir, tmp_path,
                                                                    monkeypatch):
-    path, trained = fine_tune(tmp_path, "DIFFUSERS", monkeypatch)
+    path, trained = fine_tune(qwen_config, tmp_path, "DIFFUSERS", monkeypatch)
     index = json.loads((Path(path) / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImagePipeline"  # not the sampling subclass
     pipe = base_pipeline(path)
     assert_same_weights(pipe.transformer.state_dict(), trained)
-    base = base_pipeline(model_dir).transformer.state_dict()
-    assert any(not torch.equal(trained[k], base[k]) for k in base)  # the fine-tune is in it
+    assert_changed(trained, base_pipeline(model_dir).transformer.state_dict())
     assert type(pipe.vae).__name__ == "AutoencoderKLQwenImage"
 
 
 def test_fine_tune_single_file_reads_back_bit_identical(model_dir, tmp_path, monkeypatch):
     """The transformer alone under its own names (ComfyUI detects Qwen-Image by txt_norm),
     read back by diffusers' from_single_file and as a run's transformer file."""
-    path, trained = fine_tune(tmp_path, "ORIGINAL_SINGLE_FILE", monkeypatch)
+    path, trained = fine_tune(qwen_config, tmp_path, "ORIGINAL_SINGLE_FILE", monkeypatch)
     with safe_open(path, "pt") as f:
         keys = set(f.keys())
     assert {"txt_norm.weight", "img_in.weight", "transformer_blocks.0.attn.to_q.weight"} <= keys
@@ -223,10 +176,8 @@ def test_fine_tune_single_file_reads_back_bit_identical(model_dir, tmp_path, mon
 
 
 def test_a_transformer_file_of_another_kind_is_refused_naming_the_key(tmp_path):
-    bad = tmp_path / "other.safetensors"
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)}, str(bad))
-    with pytest.raises(ModelLoadError, match="transformer.model_name"):
-        load_family(qwen_config(tmp_path, transformer={"model_name": str(bad)}))
+    assert_another_transformer_file_is_refused(qwen_config, tmp_path,
+                                               "double_blocks.0.img_attn.qkv.weight")
 
 
 # --- resume, masks -----------------------------------------------------------------------------
@@ -239,12 +190,7 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
 
 
 def test_masked_training_with_black_masks_learns_nothing(tmp_path):
-    config = qwen_config(tmp_path, epochs=1,
-                         concepts=[{"path": str(black_masked_folder(tmp_path))}], **BLACK_MASKS)
-    result = train(config)
-    with safe_open(result.output_path, "pt") as f:
-        ups = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
-    assert ups and all(torch.count_nonzero(u) == 0 for u in ups)
+    assert_black_masks_learn_nothing(qwen_config, tmp_path, epochs=1)
 
 
 # --- the family directly: encoding, latents and prediction as the pipeline does them ---------
@@ -252,14 +198,6 @@ def test_masked_training_with_black_masks_learns_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return load_family(qwen_config(tmp_path_factory.mktemp("qwen-family")))
-
-
-CAPTIONS = ["a cat", "an astronaut in a white suit with a helmet in space"]
-
-
-def encode(family, captions=CAPTIONS):
-    with torch.no_grad():
-        return family.encode_text(captions, {}, clip_skip=0, device=torch.device("cpu"), grad={})
 
 
 def test_the_loaded_family_is_qwen_image(family):
@@ -389,11 +327,7 @@ def test_the_page_offers_qwen_image_with_its_sections_and_timestep_preview(model
 # --- refusals, the CLI -------------------------------------------------------------------------
 
 def test_training_the_text_encoder_is_refused_naming_the_key():
-    config = config_from_dict({"model_type": "QWEN", "text_encoder": {"train": True}})
-    with pytest.raises(ConfigError,
-                       match="text_encoder.train: Qwen2.5-VL training is not supported"):
-        check_supported(config)
-    assert not config_from_dict({"model_type": "QWEN"}).text_encoder.train  # off by default
+    assert_text_encoder_training_is_refused("QWEN", "Qwen2.5-VL")
 
 
 @pytest.mark.parametrize("fmt", ["KOHYA_LORA", "LEGACY_LORA"])
@@ -410,11 +344,7 @@ def test_another_vae_is_refused_naming_the_key(tmp_path):
 
 def test_make_tiny_model_writes_a_folder_the_pipeline_loads(tmp_path):
     out = tmp_path / "tiny-qwen"
-    done = subprocess.run([sys.executable, "-m", "trainer", "make-tiny-model", "qwen",
-                           str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Qwen-Image" in done.stdout
-    index = json.loads((out / "model_index.json").read_text())
+    index = make_tiny_model("qwen", out, "Qwen-Image")
     assert index["_class_name"] == "QwenImagePipeline"
     assert index["text_encoder"] == ["transformers", "Qwen2_5_VLForConditionalGeneration"]
     assert index["vae"] == ["diffusers", "AutoencoderKLQwenImage"]

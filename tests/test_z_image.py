@@ -2,25 +2,23 @@
 ZImagePipeline reproducing the training sample, COMFY_LORA's names, fine-tune outputs (diffusers
 folder, original single file), exact resume, masked training, the text encoding and prediction
 as the pipeline does them, caption dropout, the refusals, OneTrainer's presets, the CLI."""
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import (BLACK_MASKS, RUNS_ARE_BIT_EXACT, assert_same_weights, black_masked_folder,
-                     fine_tune_keeping_weights, read_metrics, resumed_equals_whole, tiny_config)
+from flow_family_checks import (CAPTIONS, assert_another_transformer_file_is_refused,
+                                assert_changed, assert_comfy_deltas_are_the_diffusers_ones,
+                                assert_dora_reloads, assert_lora_reproduces_the_sample,
+                                assert_text_encoder_training_is_refused, assert_try_it_reads,
+                                encode, fine_tune, lora_files_of_both_formats, make_tiny_model,
+                                pipeline_from, text_cache_entries, the_sample, train_with_events)
+from helpers import (assert_black_masks_learn_nothing, assert_loss_falls, assert_same_weights,
+                     resumed_equals_whole, tiny_config)
 from trainer.config import check_supported, config_from_dict
-from trainer.control import Control
 from trainer.errors import ConfigError
-from trainer.loop import train
 from trainer.models.family import load_family
 from trainer.models.tiny_z_image import build_tiny_qwen_tokenizer, tiny_z_image_model
 from trainer.models.z_image import ZImageFamily, chat_prompt, to_original
@@ -48,9 +46,7 @@ def z_config(tmp_path, **overrides):
 
 
 def base_pipeline(folder) -> ZImagePipeline:
-    pipe = ZImagePipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipeline_from(ZImagePipeline, folder)
 
 
 def render(pipe: ZImagePipeline, sample=SAMPLE) -> np.ndarray:
@@ -70,19 +66,13 @@ def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("z-image-lora")
     config = z_config(tmp, epochs=EPOCHS, samples=[SAMPLE], sample_after=EPOCHS,
                       sample_after_unit="EPOCH")
-    events = []
-    result = train(config, Control(on_event=events.append))
-    samples = [e for e in events if e["type"] == "sample"]
-    return config, result, samples
+    return config, *train_with_events(config)
 
 
 def test_lora_training_lowers_the_loss(lora_run):
     config, result, _ = lora_run
-    losses = [r["loss"] for r in read_metrics(config) if "loss" in r]
-    assert result.global_step == len(losses) == EPOCHS * 3  # 5 photos: batches of 2, 2, 1
-    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    # measured: 1.37 -> 1.07 (x0.78)
-    assert last < 0.85 * first, (first, last)
+    # 5 photos: batches of 2, 2, 1; measured: 1.37 -> 1.07 (x0.78)
+    assert_loss_falls(config, result, EPOCHS * 3, 0.85)
 
 
 def test_the_lora_file_holds_onetrainers_layers_of_the_transformer(lora_run, model_dir):
@@ -101,20 +91,14 @@ def test_the_lora_file_holds_onetrainers_layers_of_the_transformer(lora_run, mod
 
 
 def test_diffusers_lora_reproduces_the_training_sample(lora_run, model_dir):
-    _, result, samples = lora_run
-    assert len(samples) == 1
-    trained_sample = np.asarray(Image.open(samples[0]["path"])).astype(np.float64)
-    pipe = base_pipeline(model_dir)
-    base = render(pipe)
-    pipe.load_lora_weights(result.output_path)
-    reloaded = render(pipe)
-    assert np.abs(reloaded - trained_sample).max() <= (0 if RUNS_ARE_BIT_EXACT else 2)
-    assert np.abs(base - trained_sample).mean() > 1  # the LoRA shows
+    _, result, events = lora_run
+    assert_lora_reproduces_the_sample(base_pipeline(model_dir), render, result.output_path,
+                                      the_sample(events))
 
 
 def test_text_cache_keeps_the_padded_states_and_the_mask(lora_run):
     config, _, _ = lora_run
-    entries = sorted((Path(config.workspace_dir) / "cache" / "text").rglob("*.safetensors"))
+    entries = text_cache_entries(config)
     assert len(entries) == 5  # one per caption
     entry = load_file(str(entries[0]))
     assert set(entry) == {"encoder_hidden_states", "text_attention_mask"}
@@ -128,23 +112,12 @@ def test_comfy_lora_names_diffusers_layers_under_diffusion_model(tmp_path):
     places q/k/v on its fused qkv itself (comfy/lora.py, comfy/utils.py z_image_to_diffusers),
     so each module's LoRA is written as trained: the same deltas as the DIFFUSERS_LORA file
     of the same run."""
-    runs = {fmt: train(z_config(tmp_path / fmt, epochs=1, output_model_format=fmt,
-                                lora_alpha=4.0)).output_path
-            for fmt in ("DIFFUSERS_LORA", "COMFY_LORA")}
-    comfy, diffusers = load_file(runs["COMFY_LORA"]), load_file(runs["DIFFUSERS_LORA"])
+    files = lora_files_of_both_formats(z_config, tmp_path)
+    comfy = files["COMFY_LORA"]
     assert comfy and all(k.startswith("diffusion_model.layers.") for k in comfy)
     name = "diffusion_model.layers.0.attention.to_q"
     assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(comfy)
-    for key in [k for k in comfy if k.endswith(".alpha")]:
-        module = key.removeprefix("diffusion_model.").removesuffix(".alpha")
-        down, up = comfy[f"diffusion_model.{module}.lora_down.weight"], \
-            comfy[f"diffusion_model.{module}.lora_up.weight"]
-        delta = float(comfy[key]) / down.shape[0] * up.float() @ down.float()
-        # DIFFUSERS_LORA folds alpha / rank into its up weight
-        want = diffusers[f"transformer.{module}.lora_B.weight"].float() @ \
-            diffusers[f"transformer.{module}.lora_A.weight"].float()
-        torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-7)
-    assert any(torch.count_nonzero(v) for k, v in comfy.items() if k.endswith("lora_up.weight"))
+    assert_comfy_deltas_are_the_diffusers_ones(comfy, files["DIFFUSERS_LORA"])
 
 
 def test_named_attn_mlp_preset_picks_onetrainers_layers(tmp_path):
@@ -161,22 +134,13 @@ def test_named_attn_mlp_preset_picks_onetrainers_layers(tmp_path):
 
 # --- fine-tune -------------------------------------------------------------------------------
 
-def fine_tune(tmp_path, output_format, monkeypatch):
-    """A short fine-tune; returns (output path, the trained transformer's state dict)."""
-    config = z_config(tmp_path, training_method="FINE_TUNE", epochs=1, batch_size=5,
-                      learning_rate=1e-3, output_model_format=output_format,
-                      output_dtype="FLOAT_32")
-    return fine_tune_keeping_weights(config, monkeypatch)
-
-
 def test_fine_tune_diffusers_folder_reloads_to_the_trained_weights(model_dir, tmp_path,
                                                                    monkeypatch):
-    path, trained = fine_tune(tmp_path, "DIFFUSERS", monkeypatch)
+    path, trained = fine_tune(z_config, tmp_path, "DIFFUSERS", monkeypatch)
     pipe = base_pipeline(path)
     assert type(pipe) is ZImagePipeline
     assert_same_weights(pipe.transformer.state_dict(), trained)
-    base = base_pipeline(model_dir).transformer.state_dict()
-    assert any(not torch.equal(trained[k], base[k]) for k in base)  # the fine-tune is in it
+    assert_changed(trained, base_pipeline(model_dir).transformer.state_dict())
     assert pipe.tokenizer.chat_template  # the tokenizer keeps its template
 
 
@@ -185,7 +149,7 @@ def test_fine_tune_original_single_file_reads_back_bit_identical(model_dir, tmp_
     """The original layout (fused qkv, q_norm/k_norm, out, final_layer, x_embedder: what
     ComfyUI loads), read back by diffusers' own single-file converter, and as a run's
     transformer file (transformer.model_name) beside the base folder."""
-    path, trained = fine_tune(tmp_path, "ORIGINAL_SINGLE_FILE", monkeypatch)
+    path, trained = fine_tune(z_config, tmp_path, "ORIGINAL_SINGLE_FILE", monkeypatch)
     with safe_open(path, "pt") as f:
         keys = list(f.keys())
     assert {"layers.0.attention.qkv.weight", "layers.0.attention.q_norm.weight",
@@ -213,13 +177,8 @@ def test_to_original_fuses_q_k_v_in_order():
 
 
 def test_a_transformer_file_of_another_kind_is_refused_naming_the_key(tmp_path):
-    from safetensors.torch import save_file
-
-    from trainer.errors import ModelLoadError
-    bad = tmp_path / "other.safetensors"
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)}, str(bad))
-    with pytest.raises(ModelLoadError, match="transformer.model_name"):
-        load_family(z_config(tmp_path, transformer={"model_name": str(bad)}))
+    assert_another_transformer_file_is_refused(z_config, tmp_path,
+                                               "double_blocks.0.img_attn.qkv.weight")
 
 
 # --- resume, masks -----------------------------------------------------------------------------
@@ -232,12 +191,7 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
 
 
 def test_masked_training_with_black_masks_learns_nothing(tmp_path):
-    config = z_config(tmp_path, epochs=2, concepts=[{"path": str(black_masked_folder(tmp_path))}],
-                      **BLACK_MASKS)
-    result = train(config)
-    with safe_open(result.output_path, "pt") as f:
-        ups = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
-    assert ups and all(torch.count_nonzero(u) == 0 for u in ups)
+    assert_black_masks_learn_nothing(z_config, tmp_path, epochs=2)
 
 
 # --- the family directly: encoding and prediction as ZImagePipeline does them -----------------
@@ -245,14 +199,6 @@ def test_masked_training_with_black_masks_learns_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return load_family(z_config(tmp_path_factory.mktemp("z-image-family")))
-
-
-CAPTIONS = ["a cat", "an astronaut in a white suit with a helmet in space"]
-
-
-def encode(family, captions=CAPTIONS):
-    with torch.no_grad():
-        return family.encode_text(captions, {}, clip_skip=0, device=torch.device("cpu"), grad={})
 
 
 def test_the_loaded_family_is_z_image(family):
@@ -347,11 +293,7 @@ def test_caption_dropout_encodes_the_empty_caption(family, monkeypatch, probabil
 # --- refusals, OneTrainer's presets, the CLI ---------------------------------------------------
 
 def test_training_the_qwen3_text_encoder_is_refused_naming_the_key():
-    config = config_from_dict({"model_type": "Z_IMAGE", "text_encoder": {"train": True}})
-    with pytest.raises(ConfigError, match="text_encoder.train: Qwen3 training is not supported"):
-        check_supported(config)
-    # not given, it is off
-    assert not config_from_dict({"model_type": "Z_IMAGE"}).text_encoder.train
+    assert_text_encoder_training_is_refused("Z_IMAGE", "Qwen3")
 
 
 @pytest.mark.parametrize("fmt", ["KOHYA_LORA", "LEGACY_LORA"])
@@ -363,11 +305,7 @@ def test_kohya_formats_are_refused_naming_the_key(fmt):
 
 def test_make_tiny_model_writes_a_folder_the_pipeline_loads(tmp_path):
     out = tmp_path / "tiny-z"
-    done = subprocess.run([sys.executable, "-m", "trainer", "make-tiny-model", "z-image",
-                           str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Z-Image" in done.stdout
-    index = json.loads((out / "model_index.json").read_text())
+    index = make_tiny_model("z-image", out, "Z-Image")
     assert index["_class_name"] == "ZImagePipeline"
     assert index["text_encoder"] == ["transformers", "Qwen3Model"]
     pipe = base_pipeline(out)
@@ -390,29 +328,10 @@ def test_dynamic_shift_is_onetrainers_on_the_schedulers_default_constants(tmp_pa
     assert fixed.objective.shift(latents) == 3.0
 
 
-def test_dora_trains_and_reloads_in_the_pipeline(tmp_path):
-    config = z_config(tmp_path, epochs=2, lora_decompose=True, samples=[SAMPLE],
-                      sample_after=2, sample_after_unit="EPOCH")
-    events = []
-    result = train(config, Control(on_event=events.append))
-    with safe_open(result.output_path, "pt") as f:
-        assert any("lora_magnitude_vector" in k for k in f.keys())
-    pipe = base_pipeline(tiny_z_image_model())
-    pipe.load_lora_weights(result.output_path)
-    sample = [e["path"] for e in events if e["type"] == "sample"][-1]
-    got = render(pipe)
-    assert np.abs(got - np.asarray(Image.open(sample)).astype(np.float64)).max() <= \
-        (0 if RUNS_ARE_BIT_EXACT else 2)
+def test_dora_trains_and_reloads_in_the_pipeline(tmp_path, model_dir):
+    assert_dora_reloads(z_config, tmp_path, 2, base_pipeline(model_dir), render, SAMPLE)
 
 
 def test_try_it_reads_a_z_image_lora_as_z_image(lora_run, tmp_path):
-    """The Try it panel's reader names the family from the file: by its header, and by its
-    layer names alone when the header is gone."""
-    from safetensors.torch import load_file, save_file
-
-    from trainer.try_lora import read_lora
     _, result, _ = lora_run
-    assert read_lora(result.output_path).model_type == "Z_IMAGE"
-    bare = tmp_path / "bare.safetensors"
-    save_file(load_file(result.output_path), str(bare))  # no metadata
-    assert read_lora(bare).fits == ("Z_IMAGE",)
+    assert_try_it_reads(result.output_path, tmp_path, "Z_IMAGE")

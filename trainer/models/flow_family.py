@@ -1,13 +1,16 @@
-"""What the flow-matching transformer families (Flux.1, Chroma, SD 3 / 3.5) share: loading a
-diffusers folder or hub id (and a transformer file in the original layout beside it), the
-flow-matching objective, caption dropout by zeroing an encoder's output, the transformer-only
-single file, and the pipeline call's extra arguments. Each family's own module (flux.py,
-chroma.py, sd3.py) adds its text encoding, its prediction and its pipeline.
+"""What the flow-matching transformer families (Flux.1, Chroma, SD 3 / 3.5, Z-Image, Qwen-Image,
+Flux.2) share: loading a diffusers folder or hub id (and a transformer file in the original
+layout beside it), the flow-matching objective, caption dropout by zeroing an encoder's output
+(or, for the Qwen-encoded families, by the empty caption), the transformer-only single file, a
+VAE wrapper's plumbing, and the pipeline call's extra arguments. Each family's own module
+(flux.py, chroma.py, sd3.py, z_image.py, ...) adds its text encoding, its prediction and its
+pipeline.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +34,10 @@ class FlowSpec:
     tokenizers: dict[str, type]            # subfolder -> tokenizer class
     layout: str                            # trainer/models/transformer_layouts.py family
     vae_class: type | None = None          # the VAE's diffusers class (None: AutoencoderKL)
+    # For a family whose transformer files diffusers' own single-file converter reads as they
+    # are (Z-Image, Qwen-Image, Flux.2): a file's tensors made ready for it, ValueError when
+    # they are not this family's. None: transformer_layouts reads the file (Flux.1, Chroma).
+    single_file_state: Callable[[dict], dict] | None = None
 
 
 def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | None = None,
@@ -99,12 +106,30 @@ def _transformer_from_file(spec: FlowSpec, path: str, config_folder: str, dtype)
     source = loading.resolve_source(path, "transformer.model_name", None, hub_probe="config.json")
     if source.kind != "single_file":
         raise ModelLoadError(f"transformer.model_name: '{path}' is not a .safetensors file.")
+    if spec.single_file_state is not None:
+        return _transformer_by_diffusers(spec, path, source.location, config_folder, dtype)
     try:
         return load_original_transformer(spec.transformer_class, source.location,
                                          config=config_folder, subfolder="transformer",
                                          torch_dtype=dtype)
     except ModelLoadError as err:
         raise ModelLoadError(f"transformer.model_name: {err}") from None
+
+
+def _transformer_by_diffusers(spec: FlowSpec, path: str, location: str, config_folder: str,
+                              dtype):
+    """The transformer of a file diffusers' `from_single_file` reads (spec.single_file_state),
+    on the config of the base model's folder."""
+    from safetensors.torch import load_file
+    try:
+        state = spec.single_file_state(load_file(location))
+        return spec.transformer_class.from_single_file(
+            state, config=config_folder, subfolder="transformer", torch_dtype=dtype,
+            local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - the file does not fit this model
+        raise ModelLoadError(
+            f"transformer.model_name: '{path}' is not a {spec.name} transformer of this model's "
+            f"shape ({type(err).__name__}).") from None
 
 
 def load_dtypes(config) -> dict[str, torch.dtype]:
@@ -182,11 +207,41 @@ class FlowFamily(ModelFamily):
     def export_pipeline(self):
         return self.pipeline()  # flow-match Euler is already the family's usual sampler
 
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        """The transformer's weights in its original layout."""
+        from trainer.models.transformer_layouts import to_original
+        return to_original(self.SPEC.layout, self.parts["transformer"].state_dict())
+
     def save_single_file(self, path, dtype, metadata):
         """The transformer alone in its original layout (what ComfyUI and Forge load as a
         diffusion model; `from_single_file` reads it back)."""
         from trainer.io import atomic_save_safetensors
-        from trainer.models.transformer_layouts import to_original
-        state = to_original(self.SPEC.layout, self.parts["transformer"].state_dict())
+        state = self.original_state_dict()
         atomic_save_safetensors({k: v.detach().to("cpu", dtype).contiguous()
                                  for k, v in state.items()}, str(path), metadata)
+
+
+class EmptyCaptionDropout:
+    """Caption dropout for a family whose pipeline's unconditional input is the empty caption
+    (Z-Image, Qwen-Image, Flux.2; OneTrainer has none for them): each caption is dropped with
+    the text encoder's probability and becomes the empty caption (the engine caches it beside
+    the others), rather than zeroed states the pipeline never feeds."""
+
+    def caption_dropout(self, captions, encode):
+        probability = self._setting("text_encoder", "caption_dropout_probability", 0.0)
+        return encode(["" if random.random() < probability else c for c in captions])
+
+
+class WrappedVAE(torch.nn.Module):
+    """A VAE the engine reads through a wrapper of the family's (its latents normalised on the
+    way in); the VAE's halves stay reachable for the hooks that cast a pipeline's inputs
+    (trainer/sampling.py), and samples and exports use the VAE itself (`.vae`)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    encoder = property(lambda self: self.vae.encoder)
+    decoder = property(lambda self: self.vae.decoder)
+    quant_conv = property(lambda self: self.vae.quant_conv)
+    post_quant_conv = property(lambda self: self.vae.post_quant_conv)

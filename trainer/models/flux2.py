@@ -22,7 +22,6 @@ BaseFlux2Setup do it):
 """
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import torch
@@ -33,19 +32,8 @@ from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 from trainer.errors import ModelLoadError
 from trainer.models import loading
 from trainer.models.family import tokenize
-from trainer.models.flow_family import FlowFamily, FlowSpec, load_dtypes, load_flow_components
+from trainer.models.flow_family import EmptyCaptionDropout, FlowFamily, FlowSpec, WrappedVAE
 from trainer.models.transformer_layouts import FLUX2
-
-FLUX2_SPEC = FlowSpec(
-    name="Flux.2 klein",
-    pipeline_class=Flux2KleinPipeline,
-    pipeline_names=("Flux2KleinPipeline",),
-    transformer_class=Flux2Transformer2DModel,
-    text_encoders={"text_encoder": Qwen3ForCausalLM},
-    tokenizers={"tokenizer": Qwen2Tokenizer},
-    layout=FLUX2,
-    vae_class=AutoencoderKLFlux2,
-)
 
 # OneTrainer's default `text_encoder_sequence_length` for Flux.2, and the pipeline's.
 SEQUENCE_LENGTH = 512
@@ -117,7 +105,7 @@ class _Gaussian:
         return self.mean
 
 
-class NormalizedLatents(torch.nn.Module):
+class NormalizedLatents(WrappedVAE):
     """Flux.2's VAE as the engine reads a VAE (trainer/data/cache.py: `encode(...).latent_dist`
     with a mean and std, then `config.shift_factor` / `config.scaling_factor`): its latent
     distribution already normalised by the batch-norm statistics of the 2x2-patched channels,
@@ -126,26 +114,8 @@ class NormalizedLatents(torch.nn.Module):
     use the VAE itself (`.vae`), which the pipeline normalises the same way."""
 
     def __init__(self, vae: AutoencoderKLFlux2):
-        super().__init__()
-        self.vae = vae
+        super().__init__(vae)
         self.config = SimpleNamespace(**dict(vae.config), scaling_factor=1.0, shift_factor=None)
-
-    # the VAE's halves, for the hooks that cast a pipeline's inputs (trainer/sampling.py)
-    @property
-    def encoder(self):
-        return self.vae.encoder
-
-    @property
-    def decoder(self):
-        return self.vae.decoder
-
-    @property
-    def quant_conv(self):
-        return self.vae.quant_conv
-
-    @property
-    def post_quant_conv(self):
-        return self.vae.post_quant_conv
 
     def statistics(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.vae.bn
@@ -164,27 +134,26 @@ class NormalizedLatents(torch.nn.Module):
 
 # --- the transformer file in the original layout -------------------------------------------------
 
-def load_original_transformer(path: str, config_folder: str, dtype: torch.dtype
-                              ) -> Flux2Transformer2DModel:
-    """A transformer file (`transformer.model_name`: BFL's layout, what OneTrainer's
-    ORIGINAL_TRANSFORMER and ComfyUI hold) on the config of the base model's folder, through
-    diffusers' own single-file converter."""
-    from safetensors.torch import load_file
-    source = loading.resolve_source(path, "transformer.model_name", None, hub_probe="config.json")
-    if source.kind != "single_file":
-        raise ModelLoadError(f"transformer.model_name: '{path}' is not a .safetensors file.")
-    try:
-        state = load_file(source.location)
-        if "double_stream_modulation_img.lin.weight" not in {
-                k.removeprefix("model.diffusion_model.") for k in state}:
-            raise ValueError("no Flux.2 global modulation")
-        return Flux2Transformer2DModel.from_single_file(
-            state, config=config_folder, subfolder="transformer", torch_dtype=dtype,
-            local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - the file does not fit this model
-        raise ModelLoadError(
-            f"transformer.model_name: '{path}' is not a Flux.2 transformer of this model's "
-            f"shape ({type(err).__name__}).") from None
+def single_file_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformer file's tensors (BFL's layout, what OneTrainer's ORIGINAL_TRANSFORMER and
+    ComfyUI hold) as they are: diffusers' own single-file converter reads them."""
+    if "double_stream_modulation_img.lin.weight" not in {
+            k.removeprefix("model.diffusion_model.") for k in state}:
+        raise ValueError("no Flux.2 global modulation")
+    return state
+
+
+FLUX2_SPEC = FlowSpec(
+    name="Flux.2 klein",
+    pipeline_class=Flux2KleinPipeline,
+    pipeline_names=("Flux2KleinPipeline",),
+    transformer_class=Flux2Transformer2DModel,
+    text_encoders={"text_encoder": Qwen3ForCausalLM},
+    tokenizers={"tokenizer": Qwen2Tokenizer},
+    layout=FLUX2,
+    vae_class=AutoencoderKLFlux2,
+    single_file_state=single_file_state,
+)
 
 
 class Flux2SamplingPipeline(Flux2KleinPipeline):
@@ -202,7 +171,7 @@ class Flux2SamplingPipeline(Flux2KleinPipeline):
         return super().__call__(prompt=prompt, **kwargs)
 
 
-class Flux2Family(FlowFamily):
+class Flux2Family(EmptyCaptionDropout, FlowFamily):
     SPEC = FLUX2_SPEC
     # OneTrainer's BaseFlux2Setup presets ("transformer_block" matches both kinds of block).
     # OneTrainer's Flux.2 presets are blocks and full; attn-only (Atelier's default preset)
@@ -225,17 +194,12 @@ class Flux2Family(FlowFamily):
         if config.vae_model_name:
             raise ModelLoadError("vae_model_name: a separate VAE is not read for Flux.2 klein "
                                  "(its folder's AutoencoderKLFlux2 is); leave it empty.")
-        file = getattr(config.transformer, "model_name", "") or ""
-        dtypes = load_dtypes(config)
-        parts = load_flow_components(cls.SPEC, config.base_model_name, dtypes=dtypes)
+        parts = super().load_components(config)
+        # klein (step-distilled) or klein base: the pipeline ignores CFG for the former
         folder = loading.resolve_source(config.base_model_name, loading.BASE_FIELD, None,
                                         hub_probe="model_index.json").location
-        if file:  # the folder's transformer replaced by an original-layout file
-            parts["transformer"] = load_original_transformer(
-                file, folder, dtypes.get("transformer", torch.float32)).eval()
-        # klein (step-distilled) or klein base: the pipeline ignores CFG for the former
-        index = Flux2KleinPipeline.load_config(folder)
-        parts["is_distilled"] = bool(index.get("is_distilled", False))
+        parts["is_distilled"] = bool(
+            Flux2KleinPipeline.load_config(folder).get("is_distilled", False))
         return parts
 
     @classmethod
@@ -280,13 +244,6 @@ class Flux2Family(FlowFamily):
                        use_cache=False)
         states = torch.cat([out.hidden_states[k] for k in HIDDEN_LAYERS], dim=-1)
         return {"encoder_hidden_states": states}
-
-    def caption_dropout(self, captions, encode):
-        """Each caption is dropped with the text encoder's probability: it becomes the empty
-        caption, the pipeline's unconditional input, rather than zeroed states the pipeline
-        never feeds."""
-        probability = self._setting("text_encoder", "caption_dropout_probability", 0.0)
-        return encode(["" if random.random() < probability else c for c in captions])
 
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")

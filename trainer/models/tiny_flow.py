@@ -16,11 +16,13 @@ CLIP-L's width; SD 3 pools both CLIPs' projections (`pooled_projection_dim` = th
 from __future__ import annotations
 
 import atexit
+import functools
 import pathlib
 import shutil
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 from diffusers import (
@@ -215,19 +217,25 @@ def _chroma_transformer(config: dict) -> ChromaTransformer2DModel:
         return ChromaTransformer2DModel(**config)
 
 
+def seeded_parts(seed: int) -> Callable:
+    """`seeded(index, make)`: a tiny model's part, `make()` in eval mode with torch's generator
+    seeded at seed + index, so its weights never depend on random draws made elsewhere (every
+    tiny pipeline builder seeds its parts this way)."""
+    def seeded(index: int, make):
+        torch.manual_seed(seed + index)
+        return make().eval()
+    return seeded
+
+
 def build_tiny_flow_pipeline(kind: str, seed: int = 0):
-    """The tiny model of `kind` in memory. Each part is seeded on its own (seed + its index),
-    so its weights never depend on random draws made elsewhere."""
+    """The tiny model of `kind` in memory, each part seeded on its own (`seeded_parts`)."""
     _check_kind(kind)
     clip_tokenizer = build_tiny_tokenizer()
     t5_tokenizer = build_tiny_t5_tokenizer()
     configs = tiny_flow_configs(kind, len(clip_tokenizer), clip_tokenizer.bos_token_id,
                                 clip_tokenizer.eos_token_id, len(t5_tokenizer))
 
-    def seeded(index: int, make):
-        torch.manual_seed(seed + index)
-        return make().eval()
-
+    seeded = seeded_parts(seed)
     vae = seeded(2, lambda: AutoencoderKL(**configs["vae"]))
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"])
     if kind == "chroma":
@@ -271,18 +279,24 @@ _cache_root: pathlib.Path | None = None
 _cached: dict[str, pathlib.Path] = {}
 
 
-def tiny_flow_model(kind: str) -> pathlib.Path:
-    """The tiny model of `kind` (seed 0), built on first use in this process under a temporary
-    folder removed at exit. Shared by every caller: read it, never write into it."""
+def cached_tiny_model(name: str, build: Callable[[pathlib.Path], pathlib.Path]) -> pathlib.Path:
+    """The tiny model `name`, written by `build(folder)` on first use in this process under a
+    temporary folder (one for every tiny flow-matching model, removed at exit). Shared by every
+    caller: read it, never write into it."""
     global _cache_root
-    _check_kind(kind)
     with _cache_lock:
-        path = _cached.get(kind)
+        path = _cached.get(name)
         if path is not None and (path / "model_index.json").is_file():
             return path
         if _cache_root is None:
             _cache_root = pathlib.Path(tempfile.mkdtemp(prefix="atelier-tiny-flow-"))
             atexit.register(shutil.rmtree, _cache_root, ignore_errors=True)
-        path = build_tiny_flow_model(kind, _cache_root / f"tiny-{kind}")
-        _cached[kind] = path
+        path = build(_cache_root / name)
+        _cached[name] = path
         return path
+
+
+def tiny_flow_model(kind: str) -> pathlib.Path:
+    """The tiny model of `kind` (seed 0), built once per process (`cached_tiny_model`)."""
+    _check_kind(kind)
+    return cached_tiny_model(f"tiny-{kind}", functools.partial(build_tiny_flow_model, kind))

@@ -15,10 +15,7 @@ What the real model has and the tiny one keeps, so that the same code paths run:
 """
 from __future__ import annotations
 
-import atexit
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
@@ -26,6 +23,7 @@ from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from trainer.models.tiny import write_pipeline
+from trainer.models.tiny_flow import cached_tiny_model, seeded_parts
 from trainer.models.tiny_z_image import build_tiny_qwen_tokenizer
 
 # The hidden-state layers Flux2KleinPipeline (and OneTrainer) read: the tiny encoder needs one
@@ -73,14 +71,11 @@ def _vae(config: dict) -> AutoencoderKLFlux2:
 
 
 def build_tiny_flux2_pipeline(seed: int = 0) -> Flux2KleinPipeline:
-    """The tiny model in memory; each part seeded on its own (seed + its index)."""
+    """The tiny model in memory, each part seeded on its own (`seeded_parts`)."""
     tokenizer = build_tiny_qwen_tokenizer()
     configs = tiny_flux2_configs(len(tokenizer))
 
-    def seeded(index: int, make):
-        torch.manual_seed(seed + index)
-        return make().eval()
-
+    seeded = seeded_parts(seed)
     return Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
         vae=seeded(2, lambda: _vae(configs["vae"])),
@@ -94,20 +89,7 @@ def build_tiny_flux2_model(folder, seed: int = 0) -> pathlib.Path:
     return write_pipeline(build_tiny_flux2_pipeline(seed), folder)
 
 
-_built: dict[int, pathlib.Path] = {}
-
-
 def tiny_flux2_model(seed: int = 0) -> pathlib.Path:
-    """The tiny Flux.2 klein (of `seed`), built on first use in this process under the temporary
-    folder of tiny_flow's models (removed at exit). Shared: read it, never write into it."""
-    from trainer.models import tiny_flow
-    with tiny_flow._cache_lock:
-        path = _built.get(seed)
-        if path is not None and (path / "model_index.json").is_file():
-            return path
-        if tiny_flow._cache_root is None:
-            tiny_flow._cache_root = pathlib.Path(tempfile.mkdtemp(prefix="atelier-tiny-flow-"))
-            atexit.register(shutil.rmtree, tiny_flow._cache_root, ignore_errors=True)
-        path = build_tiny_flux2_model(tiny_flow._cache_root / f"tiny-flux2-{seed}", seed)
-        _built[seed] = path
-        return path
+    """The tiny Flux.2 klein (of `seed`), built once per process (tiny_flow.cached_tiny_model)."""
+    return cached_tiny_model(f"tiny-flux2-{seed}",
+                             lambda folder: build_tiny_flux2_model(folder, seed))

@@ -17,20 +17,17 @@ What the real model has and the tiny one keeps, so that the same code paths run:
 """
 from __future__ import annotations
 
-import atexit
 import pathlib
-import shutil
-import tempfile
 
-import torch
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
                        QwenImagePipeline, QwenImageTransformer2DModel)
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2Tokenizer)
 
 from trainer.models.tiny import write_pipeline
-from trainer.models.tiny_flow import _T5_WORDS
-from trainer.models.tiny_z_image import END_OF_TEXT, TURN_END, TURN_START, bpe_vocabulary
+from trainer.models.tiny_flow import _T5_WORDS, cached_tiny_model, seeded_parts
+from trainer.models.tiny_z_image import (END_OF_TEXT, TURN_END, TURN_START, add_merge,
+                                         add_pieces, bpe_vocabulary)
 
 # The system turn QwenImagePipeline (and OneTrainer) put before every caption.
 # How the system turn's words stand in it: after a space ("Ġ"), or at a line's start.
@@ -56,17 +53,10 @@ def build_tiny_qwen25_tokenizer() -> Qwen2Tokenizer:
     # one of them is ever merged before its own chain (only these words start with "Ġ" or
     # their first letters), so each ends as one token.
     for text in SYSTEM_WORDS:
-        piece = text[0]
-        for symbol in text[1:]:
-            if piece + symbol not in vocab:
-                merges.append((piece, symbol))
-                vocab[piece + symbol] = len(vocab)
-            piece += symbol
+        add_pieces(vocab, merges, text)
     _, more = bpe_vocabulary(_T5_WORDS)
     for left, right in more:  # then the caption words' pieces
-        if left + right not in vocab:
-            merges.append((left, right))
-            vocab[left + right] = len(vocab)
+        add_merge(vocab, merges, left, right)
     for token in (END_OF_TEXT, TURN_START, TURN_END, *VISION_TOKENS):
         vocab[token] = len(vocab)
     return Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token=TURN_END,
@@ -106,14 +96,11 @@ def tiny_qwen_image_configs(tokenizer) -> dict[str, dict]:
 
 
 def build_tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
-    """The tiny model in memory; each part seeded on its own (seed + its index)."""
+    """The tiny model in memory, each part seeded on its own (`seeded_parts`)."""
     tokenizer = build_tiny_qwen25_tokenizer()
     configs = tiny_qwen_image_configs(tokenizer)
 
-    def seeded(index: int, make):
-        torch.manual_seed(seed + index)
-        return make().eval()
-
+    seeded = seeded_parts(seed)
     return QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
         vae=seeded(2, lambda: AutoencoderKLQwenImage(**configs["vae"])),
@@ -128,21 +115,7 @@ def build_tiny_qwen_image_model(folder, seed: int = 0) -> pathlib.Path:
     return write_pipeline(build_tiny_qwen_image_pipeline(seed), folder)
 
 
-_built: dict[int, pathlib.Path] = {}
-
-
 def tiny_qwen_image_model(seed: int = 0) -> pathlib.Path:
-    """The tiny Qwen-Image (of `seed`), built on first use in this process under the temporary
-    folder of tiny_flow's models (removed at exit). Shared: read it, never write into it."""
-    from trainer.models import tiny_flow
-    with tiny_flow._cache_lock:
-        path = _built.get(seed)
-        if path is not None and (path / "model_index.json").is_file():
-            return path
-        if tiny_flow._cache_root is None:
-            tiny_flow._cache_root = pathlib.Path(tempfile.mkdtemp(prefix="atelier-tiny-flow-"))
-            atexit.register(shutil.rmtree, tiny_flow._cache_root, ignore_errors=True)
-        path = build_tiny_qwen_image_model(tiny_flow._cache_root / f"tiny-qwen-image-{seed}",
-                                           seed)
-        _built[seed] = path
-        return path
+    """The tiny Qwen-Image (of `seed`), built once per process (tiny_flow.cached_tiny_model)."""
+    return cached_tiny_model(f"tiny-qwen-image-{seed}",
+                             lambda folder: build_tiny_qwen_image_model(folder, seed))

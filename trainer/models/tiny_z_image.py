@@ -17,12 +17,8 @@ What the real model has and the tiny one keeps, so that the same code paths run:
 """
 from __future__ import annotations
 
-import atexit
 import pathlib
-import shutil
-import tempfile
 
-import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline,
                        ZImageTransformer2DModel)
 from tokenizers import pre_tokenizers
@@ -30,7 +26,7 @@ from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from trainer.models.tiny import tiny_sd15_configs, write_pipeline
 from trainer.models.tiny_flow import (FLUX_VAE_SCALING, FLUX_VAE_SHIFT, _T5_WORDS,
-                                      _vae_config)
+                                      _vae_config, cached_tiny_model, seeded_parts)
 
 # Qwen's special tokens (the ids of the tiny vocabulary are its own).
 END_OF_TEXT, TURN_START, TURN_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -62,13 +58,23 @@ def bpe_vocabulary(words=_T5_WORDS) -> tuple[dict[str, int], list[tuple[str, str
     merges: list[tuple[str, str]] = []
     for word in dict.fromkeys(words):
         for text in ("Ġ" + word, word):  # after a space, and at the start of a text
-            piece = text[0]
-            for symbol in text[1:]:
-                if piece + symbol not in vocab:
-                    merges.append((piece, symbol))
-                    vocab[piece + symbol] = len(vocab)
-                piece += symbol
+            add_pieces(vocab, merges, text)
     return vocab, merges
+
+
+def add_merge(vocab: dict[str, int], merges: list[tuple[str, str]], left: str, right: str):
+    """The merge left + right, ranked last, its piece a new token (unless it is one already)."""
+    if left + right not in vocab:
+        merges.append((left, right))
+        vocab[left + right] = len(vocab)
+
+
+def add_pieces(vocab: dict[str, int], merges: list[tuple[str, str]], text: str):
+    """The merges that build `text` up from its first symbol, one symbol at a time."""
+    piece = text[0]
+    for symbol in text[1:]:
+        add_merge(vocab, merges, piece, symbol)
+        piece += symbol
 
 
 def build_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
@@ -108,14 +114,11 @@ def tiny_z_image_configs(vocab_size: int) -> dict[str, dict]:
 
 
 def build_tiny_z_image_pipeline(seed: int = 0) -> ZImagePipeline:
-    """The tiny model in memory; each part seeded on its own (seed + its index)."""
+    """The tiny model in memory, each part seeded on its own (`seeded_parts`)."""
     tokenizer = build_tiny_qwen_tokenizer()
     configs = tiny_z_image_configs(len(tokenizer))
 
-    def seeded(index: int, make):
-        torch.manual_seed(seed + index)
-        return make().eval()
-
+    seeded = seeded_parts(seed)
     return ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
         vae=seeded(2, lambda: AutoencoderKL(**configs["vae"])),
@@ -129,20 +132,7 @@ def build_tiny_z_image_model(folder, seed: int = 0) -> pathlib.Path:
     return write_pipeline(build_tiny_z_image_pipeline(seed), folder)
 
 
-_built: dict[int, pathlib.Path] = {}
-
-
 def tiny_z_image_model(seed: int = 0) -> pathlib.Path:
-    """The tiny Z-Image (of `seed`), built on first use in this process under the temporary
-    folder of tiny_flow's models (removed at exit). Shared: read it, never write into it."""
-    from trainer.models import tiny_flow
-    with tiny_flow._cache_lock:
-        path = _built.get(seed)
-        if path is not None and (path / "model_index.json").is_file():
-            return path
-        if tiny_flow._cache_root is None:
-            tiny_flow._cache_root = pathlib.Path(tempfile.mkdtemp(prefix="atelier-tiny-flow-"))
-            atexit.register(shutil.rmtree, tiny_flow._cache_root, ignore_errors=True)
-        path = build_tiny_z_image_model(tiny_flow._cache_root / f"tiny-z-image-{seed}", seed)
-        _built[seed] = path
-        return path
+    """The tiny Z-Image (of `seed`), built once per process (tiny_flow.cached_tiny_model)."""
+    return cached_tiny_model(f"tiny-z-image-{seed}",
+                             lambda folder: build_tiny_z_image_model(folder, seed))

@@ -122,9 +122,8 @@ BFL_APPROXIMATOR = (  # distilled_guidance_layer.layers.N / .norms.N (Chroma)
     _rows("layers.{n}.out_layer", ["layers.{n}.linear_2"]),
     _rows("norms.{n}", ["norms.{n}"], BFL_NORM),
 )
-BFL_DOUBLE = (  # double_blocks.N <- transformer_blocks.N
-    _rows("img_mod.lin", ["norm1.linear"]),
-    _rows("txt_mod.lin", ["norm1_context.linear"]),
+# A double block's attention, the same in Flux.1 / Chroma and Flux.2.
+BFL_DOUBLE_ATTENTION = (
     _rows("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
     _rows("txt_attn.qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
     _rows("img_attn.norm.query_norm", ["attn.norm_q"], BFL_NORM),
@@ -133,6 +132,11 @@ BFL_DOUBLE = (  # double_blocks.N <- transformer_blocks.N
     _rows("txt_attn.norm.key_norm", ["attn.norm_added_k"], BFL_NORM),
     _rows("img_attn.proj", ["attn.to_out.0"]),
     _rows("txt_attn.proj", ["attn.to_add_out"]),
+)
+BFL_DOUBLE = (  # double_blocks.N <- transformer_blocks.N
+    _rows("img_mod.lin", ["norm1.linear"]),
+    _rows("txt_mod.lin", ["norm1_context.linear"]),
+    *BFL_DOUBLE_ATTENTION,
     _rows("img_mlp.0", ["ff.net.0.proj"]),
     _rows("img_mlp.2", ["ff.net.2"]),
     _rows("txt_mlp.0", ["ff_context.net.0.proj"]),
@@ -163,14 +167,7 @@ FLUX2_GLOBAL = (
     _rows("final_layer.adaLN_modulation.1", ["norm_out.linear"], swap=True),
 )
 FLUX2_DOUBLE = (  # double_blocks.N <- transformer_blocks.N
-    _rows("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
-    _rows("txt_attn.qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
-    _rows("img_attn.norm.query_norm", ["attn.norm_q"], BFL_NORM),
-    _rows("img_attn.norm.key_norm", ["attn.norm_k"], BFL_NORM),
-    _rows("txt_attn.norm.query_norm", ["attn.norm_added_q"], BFL_NORM),
-    _rows("txt_attn.norm.key_norm", ["attn.norm_added_k"], BFL_NORM),
-    _rows("img_attn.proj", ["attn.to_out.0"]),
-    _rows("txt_attn.proj", ["attn.to_add_out"]),
+    *BFL_DOUBLE_ATTENTION,
     _rows("img_mlp.0", ["ff.linear_in"]),
     _rows("img_mlp.2", ["ff.linear_out"]),
     _rows("txt_mlp.0", ["ff_context.linear_in"]),
@@ -182,6 +179,11 @@ FLUX2_SINGLE = (  # single_blocks.N <- single_transformer_blocks.N
     _rows("norm.query_norm", ["attn.norm_q"], BFL_NORM),
     _rows("norm.key_norm", ["attn.norm_k"], BFL_NORM),
 )
+
+# Black Forest Labs' layouts: (global, double block, single block) rows.
+_BFL = (BFL_GLOBAL, BFL_DOUBLE, BFL_SINGLE)
+BFL_TABLES = {FLUX: _BFL, CHROMA: _BFL,
+              FLUX2: (FLUX2_GLOBAL, FLUX2_DOUBLE, FLUX2_SINGLE)}
 
 # SD 3 / 3.5 (Stability AI's MMDiT layout).
 SAI_GLOBAL = (
@@ -241,22 +243,16 @@ def layers(family: str, diffusers_keys: Iterable[str]) -> list[Layer]:
     (block counts, guidance, q/k norms and attn2 read from them); only layers the model has."""
     keys = set(diffusers_keys)
     family = family_of(family)
-    if family == FLUX2:
-        table = _expand(FLUX2_GLOBAL, "", "")
-        for n in range(_block_count(keys, "transformer_blocks")):
-            table += _expand(FLUX2_DOUBLE, f"double_blocks.{n}.", f"transformer_blocks.{n}.")
-        for n in range(_block_count(keys, "single_transformer_blocks")):
-            table += _expand(FLUX2_SINGLE, f"single_blocks.{n}.",
-                             f"single_transformer_blocks.{n}.")
-    elif family in (FLUX, CHROMA):
-        table = _expand(BFL_GLOBAL, "", "")
-        for n in range(_block_count(keys, "distilled_guidance_layer.layers")):
+    if family in BFL_TABLES:
+        global_rows, double_rows, single_rows = BFL_TABLES[family]
+        table = _expand(global_rows, "", "")
+        for n in range(_block_count(keys, "distilled_guidance_layer.layers")):  # Chroma's
             table += _expand(BFL_APPROXIMATOR, "distilled_guidance_layer.",
                              "distilled_guidance_layer.", str(n))
         for n in range(_block_count(keys, "transformer_blocks")):
-            table += _expand(BFL_DOUBLE, f"double_blocks.{n}.", f"transformer_blocks.{n}.")
+            table += _expand(double_rows, f"double_blocks.{n}.", f"transformer_blocks.{n}.")
         for n in range(_block_count(keys, "single_transformer_blocks")):
-            table += _expand(BFL_SINGLE, f"single_blocks.{n}.", f"single_transformer_blocks.{n}.")
+            table += _expand(single_rows, f"single_blocks.{n}.", f"single_transformer_blocks.{n}.")
     else:
         table = _expand(SAI_GLOBAL, "", "")
         count = _block_count(keys, "transformer_blocks")

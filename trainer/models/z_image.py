@@ -19,27 +19,14 @@ What is Z-Image about it (as diffusers' ZImagePipeline and OneTrainer's Z-Image 
 """
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3Model
 
-from trainer.errors import ModelLoadError
-from trainer.models import loading
 from trainer.models.family import tokenize
-from trainer.models.flow_family import FlowFamily, FlowSpec, load_dtypes, load_flow_components
-
-Z_IMAGE_SPEC = FlowSpec(
-    name="Z-Image",
-    pipeline_class=ZImagePipeline,
-    pipeline_names=("ZImagePipeline",),
-    transformer_class=ZImageTransformer2DModel,
-    text_encoders={"text_encoder": Qwen3Model},
-    tokenizers={"tokenizer": Qwen2Tokenizer},
-    layout="z_image",
-)
+from trainer.models.flow_family import EmptyCaptionDropout, FlowFamily, FlowSpec
 
 # ZImagePipeline's (and OneTrainer's) prompt length in tokens, chat template included.
 SEQUENCE_LENGTH = 512
@@ -90,30 +77,27 @@ def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_original_transformer(path: str, config_folder: str, dtype: torch.dtype
-                              ) -> ZImageTransformer2DModel:
-    """A transformer file (`transformer.model_name`) on the config of the base model's folder,
-    through diffusers' own single-file converter: the original layout, or diffusers' names as
-    OneTrainer's ORIGINAL_TRANSFORMER writes them (put into the original layout first: the
-    converter would rename `all_final_layer.` a second time)."""
-    from safetensors.torch import load_file
-    source = loading.resolve_source(path, "transformer.model_name", None, hub_probe="config.json")
-    if source.kind != "single_file":
-        raise ModelLoadError(f"transformer.model_name: '{path}' is not a .safetensors file.")
-    try:
-        state = load_file(source.location)
-        if any(k.startswith("all_x_embedder.") for k in state):
-            state = to_original(state)
-        return ZImageTransformer2DModel.from_single_file(
-            state, config=config_folder, subfolder="transformer", torch_dtype=dtype,
-            local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - the file does not fit this model
-        raise ModelLoadError(
-            f"transformer.model_name: '{path}' is not a Z-Image transformer of this model's "
-            f"shape ({type(err).__name__}).") from None
+def single_file_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformer file's tensors as diffusers' single-file converter reads them: the
+    original layout, or diffusers' names as OneTrainer's ORIGINAL_TRANSFORMER writes them (put
+    into the original layout first: the converter would rename `all_final_layer.` a second
+    time)."""
+    return to_original(state) if any(k.startswith("all_x_embedder.") for k in state) else state
 
 
-class ZImageFamily(FlowFamily):
+Z_IMAGE_SPEC = FlowSpec(
+    name="Z-Image",
+    pipeline_class=ZImagePipeline,
+    pipeline_names=("ZImagePipeline",),
+    transformer_class=ZImageTransformer2DModel,
+    text_encoders={"text_encoder": Qwen3Model},
+    tokenizers={"tokenizer": Qwen2Tokenizer},
+    layout="z_image",
+    single_file_state=single_file_state,
+)
+
+
+class ZImageFamily(EmptyCaptionDropout, FlowFamily):
     SPEC = Z_IMAGE_SPEC
     # OneTrainer's BaseZImageSetup presets: attention / feed-forward of the main blocks (not
     # the refiners), every block, or every layer. Regular expressions, as OneTrainer's are.
@@ -130,19 +114,6 @@ class ZImageFamily(FlowFamily):
         return FamilyCard(("z-image",), "ZImagePipeline", "ZImageTransformer2DModel",
                           comfy_text_encoders="a *Load CLIP* node (type lumina2: qwen_3_4b)",
                           **FLOW_CARD)
-
-    @classmethod
-    def load_components(cls, config):
-        file = getattr(config.transformer, "model_name", "") or ""
-        dtypes = load_dtypes(config)
-        parts = load_flow_components(cls.SPEC, config.base_model_name,
-                                     config.vae_model_name or None, dtypes=dtypes)
-        if file:  # the folder's transformer replaced by an original-layout file
-            folder = loading.resolve_source(config.base_model_name, loading.BASE_FIELD, None,
-                                            hub_probe="model_index.json").location
-            parts["transformer"] = load_original_transformer(
-                file, folder, dtypes.get("transformer", torch.float32)).eval()
-        return parts
 
     @classmethod
     def load(cls, config):
@@ -180,13 +151,6 @@ class ZImageFamily(FlowFamily):
         return {"encoder_hidden_states": out.hidden_states[HIDDEN_LAYER],
                 "text_attention_mask": mask}
 
-    def caption_dropout(self, captions, encode):
-        """Each caption is dropped with the text encoder's probability: it becomes the empty
-        caption (the engine caches it beside the others), the pipeline's unconditional
-        input, rather than zeroed states the pipeline never feeds."""
-        probability = self._setting("text_encoder", "caption_dropout_probability", 0.0)
-        return encode(["" if random.random() < probability else c for c in captions])
-
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")
         dtype = next(self.parts["transformer"].parameters()).dtype
@@ -207,9 +171,6 @@ class ZImageFamily(FlowFamily):
     def sample_inputs(self):
         return {"max_sequence_length": SEQUENCE_LENGTH}
 
-    def save_single_file(self, path, dtype, metadata):
-        """The transformer alone in the original layout (ComfyUI's diffusion model file)."""
-        from trainer.io import atomic_save_safetensors
-        state = to_original(self.parts["transformer"].state_dict())
-        atomic_save_safetensors({k: v.detach().to("cpu", dtype).contiguous()
-                                 for k, v in state.items()}, str(path), metadata)
+    def original_state_dict(self):
+        """The original layout (ComfyUI's diffusion model file): z_image.to_original."""
+        return to_original(self.parts["transformer"].state_dict())
