@@ -46,17 +46,23 @@ def test_make_tiny_model_and_train_from_the_command_line(tmp_path):
     assert len(records) == 2
 
 
-def test_bad_input_is_one_clear_line(tmp_path):
+def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path, tmp_path / "missing-model")
-    done = run("train", "--config", str(config))
+    done = run("train", "--config", str(config))  # the real entry point, in its own process
     assert done.returncode == 2
     assert "missing-model" in done.stderr and "Traceback" not in done.stderr
 
-    done = run("train", "--config", str(config), "--set", "learning_rate=-1")
-    assert done.returncode == 2 and "learning_rate" in done.stderr
-
-    done = run("train", "--config", str(tmp_path / "nope.json"))
-    assert done.returncode == 2 and "nope.json" in done.stderr
+    # the same main() in this process (its environment defaults set here first, so that the
+    # CLI's own setdefault changes nothing that outlives the test)
+    from trainer.cli import CLI_ENV, main
+    for key, value in CLI_ENV.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--set", "learning_rate=-1"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.json" in err and "Traceback" not in err
 
 
 def launch_two_processes(*configs, port: int) -> subprocess.CompletedProcess:

@@ -1,9 +1,6 @@
 """Fused backward pass: the optimizer step inside backward(), each gradient freed at once.
 It must train exactly what a plain step trains (schedule, EMA, resume included), keep far
 fewer gradients alive, and refuse what it cannot honour."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,6 @@ from trainer.loop import train
 from trainer.optim import fused as fused_module
 from trainer.optim.fused import FusedBackward
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def ft_config(model_dir, tmp_path, **overrides):
@@ -151,22 +147,18 @@ def test_fused_pass_under_ddp_matches_the_plain_step(tiny_sd15_dir, tmp_path):
     """Two processes (gloo): the fused pass averages each gradient over the processes itself
     (DDP's own averaging is off), and ends with the weights of a plain DDP run."""
     import json
-    outputs = {}
+
+    from test_cli import launch_two_processes
+    paths = []
     for name, fused in (("plain", False), ("fused", True)):
         config = ft_config(tiny_sd15_dir, tmp_path / name, fused_backward_pass=fused,
                            batch_size=1, epochs=1)
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(config.model_dump(mode="json")))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-               "CUDA_VISIBLE_DEVICES": ""}
-        done = subprocess.run(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-             "--dynamo_backend", "no", "--main_process_port", "29571", "-m", "trainer",
-             "train", "--config", str(path)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs[name] = weights(tmp_path / name / "ws" / "output" / "model.safetensors")
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(config.model_dump(mode="json")))
+    done = launch_two_processes(*paths, port=29571)  # both runs in one launch
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs = {name: weights(tmp_path / name / "ws" / "output" / "model.safetensors")
+               for name in ("plain", "fused")}
     assert_close(outputs["plain"], outputs["fused"])
 
 
