@@ -12,7 +12,7 @@ from atelier_page import new_tab, open_section, set_value, wait_for
 from trainer.demo import DEMO_DATASET_DIR
 
 UI = 60          # seconds a page update may take on a busy machine
-TRAINING = 300   # the tiny demo job: 2 epochs of 5 images, start-up included
+TRAINING = 300   # the tiny demo job: 1 epoch of 5 images and a sample, start-up included
 USERS = {"alice": "pw1", "bob": "pw2"}
 DATASET = "alices-photos"
 SECRET = "alice-secret"  # her LoRA's name, found nowhere else on the server
@@ -85,10 +85,10 @@ def upload_dataset(tab, archive) -> None:
 
 
 def train_tiny_demo(tab, workspace) -> int:
-    """Start the demo settings for 2 epochs with a sample after each; returns the job id.
+    """Start the demo settings for 1 epoch with a sample after it; returns the job id.
     (The output named in the workspace: a user's own job folder receives it.)"""
     open_section(tab, "Epochs / batch size")
-    set_value(tab, "epochs", "2")
+    set_value(tab, "epochs", "1")
     set_value(tab, "sample_after", "1")
     set_value(tab, "output_model_destination", str(workspace / "demo" / "output" / OUTPUT))
     tab.click("#start")
