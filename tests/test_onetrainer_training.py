@@ -241,6 +241,11 @@ def atelier_pick(kind: str, model_dir: Path, tmp_path: Path, **layer_settings) -
     return sorted(n for n, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer))
 
 
+# Presets Atelier adds to OneTrainer's: Flux.2 klein takes the default attn-only preset too
+# (OneTrainer has blocks and full for it).
+ATELIER_PRESETS = {"FLUX_2": {"attn-only": ["attn"]}}
+
+
 def test_every_family_has_onetrainers_layer_presets():
     """Each family's LAYER_PRESETS are OneTrainer's for its model type (names and patterns),
     and every family Atelier trains is recorded."""
@@ -249,7 +254,8 @@ def test_every_family_has_onetrainers_layer_presets():
     recorded = LAYERS["model_types"]
     assert set(recorded) == {f.plain_type for f in registry.FAMILIES.values()}
     assert {t: registry.family_class(t).LAYER_PRESETS for t in recorded} == \
-        {t: {name: preset_patterns(p)[0] for name, p in r["presets"].items()}
+        {t: {**{name: preset_patterns(p)[0] for name, p in r["presets"].items()},
+             **ATELIER_PRESETS.get(t, {})}
          for t, r in recorded.items()}
     assert {t: registry.family_class(t).REGEX_PRESETS for t in recorded} == \
         {t: {name for name, p in r["presets"].items() if preset_patterns(p)[1]}
