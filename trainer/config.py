@@ -956,11 +956,14 @@ class TrainConfig(Strict):
         True, section=EMBEDDINGS_SECTION, label="Bundle embeddings in the LoRA",
         applies_to={"training_method": ["LORA"]},
         tooltip="Also write the embeddings into the LoRA file (bundle_emb.<placeholder>.clip_l "
-                "/ .clip_g, OneTrainer's keys, which A1111/Forge load with the LoRA). A "
-                "standalone file per placeholder is written beside it either way. ComfyUI's "
-                "LoRA loader skips these keys: put the LoRA (or the standalone file) in "
-                "ComfyUI/models/embeddings and write embedding:<file name> in the prompt; "
-                "all of a file's bundled placeholders become that one embedding.")
+                "/ .clip_g, OneTrainer's keys). A standalone file per placeholder is written "
+                "beside it either way. ComfyUI's LoRA loader skips these keys: put the LoRA "
+                "(or the standalone file) in ComfyUI/models/embeddings and write "
+                "embedding:<file name> in the prompt; all of a file's bundled placeholders "
+                "become that one embedding. Forge does not use them: put the standalone file "
+                "in its embeddings folder and write its file name (without .safetensors) in "
+                "the prompt; by Forge's code, more than 12 such keys (13 SD 1.5 or 7 SDXL "
+                "placeholders) make it apply none of the LoRA. A1111 was not checked.")
 
     # Sampling
     samples: list[SampleConfig] = setting(

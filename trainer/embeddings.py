@@ -15,15 +15,21 @@ The vectors are float32 parameters of their own, not rows of the text encoder's 
 from them. So the model's weights stay untouched (frozen, in their own dtype), the optimizer
 holds state for the new vectors only, and a backup stores just them.
 
-Files (the layouts A1111/Forge, ComfyUI and diffusers read):
+Files (the layouts Forge, ComfyUI and diffusers read):
 - standalone, one per placeholder: SD 1.5 `{"emb_params": (n, 768)}` (a one-tensor file:
-  A1111 and ComfyUI take its only tensor, diffusers' `load_textual_inversion(path, token=)`
-  too); SDXL `{"clip_l": (n, 768), "clip_g": (n, 1280)}` (A1111/Forge and ComfyUI's SDXL
-  keys; diffusers loads each with `load_textual_inversion(sd["clip_l"], token=...,
+  Forge and ComfyUI take its only tensor, diffusers' `load_textual_inversion(path, token=)`
+  too); SDXL `{"clip_l": (n, 768), "clip_g": (n, 1280)}` (Forge's and ComfyUI's SDXL keys;
+  diffusers loads each with `load_textual_inversion(sd["clip_l"], token=...,
   text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and the same for clip_g).
 - bundled in a LoRA: `bundle_emb.<placeholder>.clip_l` (SD 1.5 and SDXL) / `.clip_g` (SDXL),
-  OneTrainer's keys, which A1111/Forge load with the LoRA (trainer/embedding_files.py says
-  where the keys come from and which other spellings are read).
+  OneTrainer's keys (trainer/embedding_files.py says where the keys come from and which other
+  spellings are read).
+Forge (checked with its own code, tools/forge_check.py, docs/forge_results.md): a standalone
+file in its `embeddings/` folder is registered under its file name -- the prompt says
+`<output>-<placeholder>`, not the placeholder -- with the vectors exact (SDXL's clip_l and
+clip_g each to its encoder). It does not use the bundled copies: its LoRA loader leaves
+`bundle_emb.*` unmatched (and, by its code, applies none of a LoRA with more than 12 unmatched
+keys), and the LoRA file in `embeddings/` errors. AUTOMATIC1111 was not checked.
 ComfyUI (checked with its own code, tools/comfyui_check.py, docs/comfyui_results.md): its LoRA
 loader does not read `bundle_emb.*` ("lora key not loaded"). Its embedding reader does, for a
 file in `ComfyUI/models/embeddings/` named in the prompt as `embedding:<file name>`: the LoRA
@@ -257,7 +263,7 @@ def stop_reached(settings, epoch: int, step: int) -> bool:
 
 def read_vectors(path: str, part: str, sdxl: bool, key: str, access=None) -> torch.Tensor:
     """An embedding file's vectors for `part`, from any of the layouts written above (and
-    A1111's `string_to_param.*`, a one-tensor diffusers file).
+    the flattened `string_to_param.*` of WebUI `.pt` embeddings, a one-tensor diffusers file).
 
     Confinement comes before existence: with `access` (trainer/ownership.py; the job queue
     checks every config at submit the same way) a path the caller may not read is refused

@@ -395,8 +395,12 @@ def _usage(config: TrainConfig, facts: CardFacts) -> list[str]:
     if "a1111" in found:
         lines += ["### AUTOMATIC1111 / Forge", ""]
         if is_embedding(config):
-            lines.append(f"Put `{facts.weights}` in `stable-diffusion-webui/embeddings/` and "
-                         f"write `{facts.weights.rsplit('.', 1)[0]}` in the prompt.")
+            # Forge registers an embedding under its file name (tools/forge_check.py,
+            # docs/forge_results.md); A1111's own code was not run.
+            lines.append(f"Forge: put `{facts.weights}` in its `embeddings/` folder and write "
+                         f"`{facts.weights.rsplit('.', 1)[0]}` (the file name, not the "
+                         "placeholder) in the prompt where the placeholder goes. AUTOMATIC1111 "
+                         "was not checked.")
         elif is_lora(config):
             stem = facts.weights.rsplit(".", 1)[0]
             lines.append(f"Put `{facts.weights}` in `stable-diffusion-webui/models/Lora/` and "
@@ -415,12 +419,26 @@ def _usage(config: TrainConfig, facts: CardFacts) -> list[str]:
                  "placeholder goes (all the LoRA's bundled placeholders become that one "
                  "embedding; an own file holds one placeholder)."
                  if "comfyui" in found else "")
+        # Forge's LoRA loader leaves bundle_emb keys unmatched; its embeddings folder takes the
+        # own files, each under its file name (tools/forge_check.py, docs/forge_results.md).
+        first = bundled[0].file.rsplit(".", 1)[0]
+        forge = (" In Forge put an embedding's own file in its `embeddings/` folder and write "
+                 f"the file name without `.safetensors` (`{first}`) in the prompt where the "
+                 "placeholder goes; Forge does not use the copies inside the LoRA. AUTOMATIC1111 "
+                 "was not checked." if "a1111" in found else "")
+        in_lora = getattr(config, "bundle_additional_embeddings", True)
+        keys = len(bundled) * (2 if config.model_type.is_sdxl else 1)
+        if in_lora and forge and keys > 12:
+            # Forge's load_lora_for_models drops a LoRA with more than 12 unmatched keys
+            forge += (f" Forge applies none of this LoRA: its {keys} bundled keys match no "
+                      "layer, more than the 12 Forge's code tolerates.")
+        carries = ("The LoRA file also carries its trained embeddings (`bundle_emb.*` keys); "
+                   if in_lora else "The trained embeddings are not in the LoRA file; ")
         lines += ["### Its embeddings", "",
-                  "The LoRA carries its trained embeddings (A1111/Forge read them with the "
-                  "LoRA); each is also in its own file, for diffusers' "
+                  carries + "each is in its own file, for diffusers' "
                   "`load_textual_inversion` (as in the recipe above) or an embeddings folder: "
                   + ", ".join(f"`{e.placeholder}` in `{e.file}`" for e in bundled) + "."
-                  + comfy, ""]
+                  + comfy + forge, ""]
     missing = [n for n in card.tools if n not in found]
     if missing:
         lines += [f"{' and '.join(TOOL_NAMES[n] for n in missing)} do not load this file (a "
