@@ -16,7 +16,9 @@ RUNNERS = ("limit", "naive", "atelier")
 # tiny_flow.py) -> the engine's model_type. What a family's model is made of (its denoiser,
 # its text encoders, its objective) is asked of the registry, never spelled out here.
 MODEL_TYPES = {"sd15": "STABLE_DIFFUSION_15", "sdxl": "STABLE_DIFFUSION_XL_10_BASE",
-               "flux": "FLUX_DEV_1", "sd35": "STABLE_DIFFUSION_35"}
+               "flux": "FLUX_DEV_1", "sd35": "STABLE_DIFFUSION_35",
+               # the kinds of `python -m trainer make-tiny-model` (tiny_z_image.py, ...)
+               "z-image": "Z_IMAGE", "qwen": "QWEN", "flux2": "FLUX_2"}
 
 # Parameters per part of the full-size models, so that the parent process can estimate
 # memory without importing torch or building anything. SD 1.5 / SDXL: as built from the
@@ -58,7 +60,7 @@ CHECKPOINTED_SHARE = 0.3
 @dataclass(frozen=True)
 class Case:
     name: str
-    family: str                      # a MODEL_TYPES key: "sd15" | "sdxl" | "flux" | "sd35"
+    family: str                      # a MODEL_TYPES key: "sd15" | "sdxl" | "flux" | "sd35" ...
     size: str                        # "tiny" (trainer/models/tiny.py) | "full" (random_full)
     resolution: int
     batch_size: int = 1
@@ -170,6 +172,16 @@ CASES: dict[str, Case] = {c.name: c for c in [
     _tiny("tiny-flux-64", "flux", 64, note="tiny Flux.1-dev, LoRA attn-mlp"),
     _tiny("tiny-sd35-64", "sd35", 64, lora_layer_preset="attn-only",
           note="tiny SD 3.5, LoRA attn-only (SD 3 has no attn-mlp preset)"),
+    # Z-Image, Qwen-Image, Flux.2 klein (tiny_z_image.py, tiny_qwen_image.py, tiny_flux2.py),
+    # each on OneTrainer's default LoRA layer preset of its family; their Qwen text encoder is
+    # frozen and cached. The limit and naive runners drive them through the family's own
+    # objective, predict and VAE wrapper, as they do Flux.1 and SD 3.5.
+    _tiny("tiny-z-image-64", "z-image", 64,
+          note="tiny Z-Image, LoRA attn-mlp (OneTrainer's Z-Image default)"),
+    _tiny("tiny-qwen-64", "qwen", 64,
+          note="tiny Qwen-Image, LoRA attn-mlp (OneTrainer's Qwen-Image default)"),
+    _tiny("tiny-flux2-64", "flux2", 64, lora_layer_preset="blocks",
+          note="tiny Flux.2 klein, LoRA blocks (OneTrainer's Flux.2 default)"),
     _SD15_256,
     Case("sd15-256-gc", "sd15", "full", 256, gradient_checkpointing=True, base="sd15-256",
          note="+ gradient checkpointing"),

@@ -164,6 +164,19 @@ def scaled_latents(vae, sample):
     return sample * vae.config.scaling_factor
 
 
+def sample_latents(vae, pixels, generator=None):
+    """One draw of the VAE's latent distribution, mean + std·ε. A VAE wrapper of the engine's
+    (Qwen-Image's) hands a plain mean and std without `sample`: ε is drawn as the engine's
+    trainer/data/cache.py draws it, which is what `sample(generator)` does where it exists."""
+    import torch
+    dist = vae.encode(pixels).latent_dist
+    if hasattr(dist, "sample"):
+        return dist.sample(generator)
+    noise = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device,
+                        dtype=dist.mean.dtype)
+    return dist.mean + dist.std * noise
+
+
 def prepare_denoiser(family, config, case: Case, device):
     """The denoiser (the UNet, or a flow model's transformer) set up for training exactly as
     the engine does it: frozen weights in weight_dtype on the device, LoRA adapters (or
@@ -276,7 +289,7 @@ def run_limit(case: Case, paths: dict, device: str, steps: int, mark_start,
     with torch.no_grad():
         vae = family.vae.to(dev, torch.float32)
         pixels = torch.stack([load_pixels(f, case.resolution) for f in files]).to(dev)
-        latents = scaled_latents(vae, vae.encode(pixels).latent_dist.sample(generator))
+        latents = scaled_latents(vae, sample_latents(vae, pixels, generator))
         for name, module in family.parts.items():
             if name == family.denoiser:
                 continue
@@ -404,7 +417,7 @@ def run_naive(case: Case, paths: dict, device: str, steps: int, mark_start,
         for batch in loader:
             with accelerator.accumulate(denoiser):
                 with torch.no_grad():
-                    latents = vae.encode(batch["pixel_values"].to(dev)).latent_dist.sample()
+                    latents = sample_latents(vae, batch["pixel_values"].to(dev))
                     latents = scaled_latents(vae, latents)
                     conditioning = family.encode_text(batch["caption"], {}, clip_skip=0,
                                                       device=dev, grad={})

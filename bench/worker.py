@@ -20,6 +20,7 @@ import time
 T0_MONO, T0_WALL = time.monotonic(), time.time()  # before any heavy import
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -103,13 +104,23 @@ def image_count(case: Case, quick: bool) -> int:
     return max(1, warmup) * case.batch_size
 
 
+# The families whose tiny model has a module of its own (what `python -m trainer
+# make-tiny-model z-image|qwen|flux2` calls): family -> (module, builder of a folder).
+_TINY_BUILDERS = {
+    "z-image": ("trainer.models.tiny_z_image", "build_tiny_z_image_model"),
+    "qwen": ("trainer.models.tiny_qwen_image", "build_tiny_qwen_image_model"),
+    "flux2": ("trainer.models.tiny_flux2", "build_tiny_flux2_model"),
+}
+
+
 class NotBuildable(Exception):
     """The case's model cannot be built here yet; the message says why (the row's reason)."""
 
 
 def build_model(case: Case, model: Path) -> None:
     """The case's model as a diffusers folder: a tiny one (trainer/models/tiny.py,
-    tiny_flow.py; the bench's family names are their kinds), or a random full-size one
+    tiny_flow.py, tiny_z_image.py, tiny_qwen_image.py, tiny_flux2.py; the bench's family names
+    are their kinds), or a random full-size one
     (trainer/models/random_full.py), built once into the cache."""
     if case.size == "tiny":
         if (model / "model_index.json").is_file():
@@ -117,6 +128,9 @@ def build_model(case: Case, model: Path) -> None:
         if case.family in ("sd15", "sdxl"):
             from trainer.models.tiny import build_tiny_sd15, build_tiny_sdxl
             (build_tiny_sd15 if case.family == "sd15" else build_tiny_sdxl)(model)
+        elif case.family in _TINY_BUILDERS:
+            module, function = _TINY_BUILDERS[case.family]
+            getattr(importlib.import_module(module), function)(model)
         else:
             from trainer.models.tiny_flow import build_tiny_flow_model
             build_tiny_flow_model(case.family, model)

@@ -265,3 +265,80 @@ def test_flow_sizes_are_the_meta_device_counts_of_the_real_configs():
         case = CASES[name]
         stated = int(re.search(r"peak ~(\d+) GB", case.note).group(1))
         assert stated == round(estimate_peak_gb(case, "atelier", "cuda")), name
+
+
+# --- Z-Image, Qwen-Image, Flux.2 klein -------------------------------------------------------
+
+NEW_FLOW_CASES = [("tiny-z-image-64", "Z_IMAGE", "attn-mlp", "tiny_z_image_dir"),
+                  ("tiny-qwen-64", "QWEN", "attn-mlp", "tiny_qwen_image_dir"),
+                  ("tiny-flux2-64", "FLUX_2", "blocks", "tiny_flux2_dir")]
+
+
+@pytest.mark.parametrize("name, model_type, preset, fixture", NEW_FLOW_CASES)
+def test_new_flow_cases_train_their_transformer_on_onetrainers_default_preset(
+        name, model_type, preset, fixture, request, tmp_path):
+    """Each case is its family on OneTrainer's default LoRA preset (Z-Image and Qwen-Image
+    attn-mlp, Flux.2 blocks), run by every runner; the engine accepts its config, keeps the
+    Qwen text encoder frozen, and its preset picks layers of the tiny transformer."""
+    from bench.runners import atelier_config_dict
+    from trainer import lora
+    from trainer.config import check_supported, config_from_dict
+    from trainer.models.family import load_family
+
+    case = CASES[name]
+    assert (case.model_type, case.lora_layer_preset, case.size) == (model_type, preset, "tiny")
+    assert case.runners == ("limit", "naive", "atelier")
+    config = config_from_dict(atelier_config_dict(case, request.getfixturevalue(fixture),
+                                                  tmp_path / "d", tmp_path / "w", "cpu"))
+    check_supported(config)
+    assert config.transformer.train and not config.text_encoder.train
+    family = load_family(config)
+    assert preset in type(family).LAYER_PRESETS
+    params = lora.add_lora(family.parts["transformer"], config, "transformer")
+    assert params and all(p.requires_grad for p in params)
+
+
+def test_worker_builds_the_new_families_tiny_models_with_their_own_builders(monkeypatch,
+                                                                            tmp_path):
+    """worker.build_model calls what `python -m trainer make-tiny-model z-image|qwen|flux2`
+    calls, into the case's cache folder (recorded here instead of built: the builders have
+    tests of their own)."""
+    import importlib
+
+    from bench import worker
+
+    built = []
+    for module, function in worker._TINY_BUILDERS.values():
+        monkeypatch.setattr(importlib.import_module(module), function,
+                            lambda folder, f=function: built.append((f, folder)))
+    for name in ("tiny-z-image-64", "tiny-qwen-64", "tiny-flux2-64"):
+        case = CASES[name]
+        worker.build_model(case, tmp_path / case.model_key())
+    assert built == [("build_tiny_z_image_model", tmp_path / "tiny-z-image"),
+                     ("build_tiny_qwen_image_model", tmp_path / "tiny-qwen"),
+                     ("build_tiny_flux2_model", tmp_path / "tiny-flux2")]
+
+
+@pytest.mark.parametrize("model_type, fixture", [("QWEN", "tiny_qwen_image_dir"),
+                                                 ("FLUX_2", "tiny_flux2_dir")])
+def test_runners_draw_wrapped_vae_latents_as_the_engine_does(model_type, fixture, request):
+    """Qwen-Image's and Flux.2's VAEs are read through the family's wrapper (normalised
+    latents; Qwen's distribution has no `sample`): the limit and naive runners' latents are
+    the engine's (trainer/data/cache.py) for the same generator."""
+    import torch
+
+    from bench.runners import sample_latents, scaled_latents
+    from trainer.config import config_from_dict
+    from trainer.data.cache import batch_latents
+    from trainer.models.family import load_family
+
+    config = config_from_dict({"model_type": model_type,
+                               "base_model_name": str(request.getfixturevalue(fixture))})
+    vae = load_family(config).vae
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        ours = scaled_latents(vae, sample_latents(vae, pixels, torch.Generator().manual_seed(3)))
+        engine = batch_latents({"pixel_values": pixels, "caption": ["", ""]}, vae,
+                               torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert ours.shape == engine.shape == (2, vae.config.latent_channels, 8, 8)
+    assert torch.allclose(ours, engine, atol=1e-6)
