@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from onetrainer_files import ATTENTION_BLOCK, MANIFEST, entry
-from trainer.config import check_supported, config_from_dict, deep_merge
+from trainer.config import check_supported, config_from_dict
 from trainer.demo import DEMO_DATASET_DIR
 from trainer.loop import train
 from ui.paths import PRESETS_DIR
@@ -35,10 +35,6 @@ ONETRAINER = {
 }
 # Where each preset's output goes is the user's: Atelier's write into their workspace.
 PLACES = {"workspace_dir", "output_model_destination"}
-# What a mirror sets differently from OneTrainer's preset, each said in its description: the
-# Flux mirror, written before quantized weights existed, trains them in BFLOAT_16.
-UNQUANTIZED = {"onetrainer_flux_lora": {"transformer": {"weight_dtype": "BFLOAT_16"},
-                                        "text_encoder_2": {"weight_dtype": "BFLOAT_16"}}}
 # OneTrainer's keys with no Atelier setting of their own: its one weight type for every part
 # (each part's own is compared), and the quantization filter, which with no part quantized
 # changes nothing.
@@ -86,10 +82,6 @@ def test_every_mirror_is_a_onetrainer_preset_of_the_fixtures():
 def test_the_preset_is_onetrainers_key_by_key(name):
     ours, our_notes = load(preset(name))
     values = entry(ONETRAINER[name])["preset_values"]
-    if name in UNQUANTIZED:  # OneTrainer's own values import (quantized weights) and validate;
-        check_supported(load(values, onetrainer=True)[0])  # the mirror says where it differs
-        values = deep_merge(values, UNQUANTIZED[name])
-        assert "BFLOAT_16" in preset(name)["__comment"] and "issue 26" in preset(name)["__comment"]
     theirs, _ = load(values, onetrainer=True)
     assert not our_notes, our_notes
     check_supported(ours)

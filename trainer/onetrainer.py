@@ -377,8 +377,7 @@ def _stored_as(data: dict, part: str) -> Any:
 
 def _refuse_for_family(data: dict, family: registry.FamilyFacts) -> None:
     """What a family's parts would do in OneTrainer that Atelier does not (yet): skip layers of
-    a T5; in a flow-matching family, stream layers from the CPU (issue 26) or leave out a text
-    encoder (`include`)."""
+    a T5; in a flow-matching family, leave out a text encoder (`include`)."""
     kinds = registry.text_encoder_kinds(family.model_type)
     for part, kind in kinds.items():
         skip = data.get(f"{part}_layer_skip")
