@@ -170,6 +170,17 @@ def compile_meaning(d: dict) -> str:
     return "ON" if d.get("compile") and not streams else "OFF"
 
 
+def activation_offloading(part: str):
+    """The denoiser's: its own since __version 11; before, CPU_OFFLOADED checkpointing with
+    enable_activation_offloading (migration 10)."""
+    def meaning(d: dict) -> bool:
+        if version(d) >= 11:
+            return d[part].get("activation_offloading", False)
+        return (d.get("gradient_checkpointing") == "CPU_OFFLOADED"
+                and d.get("enable_activation_offloading", True))
+    return meaning
+
+
 def part_offload(part: str):
     def meaning(d: dict) -> float:
         return d[part]["offload_fraction"] if version(d) >= 11 else 0.0
@@ -298,6 +309,8 @@ MEANING: dict[str, object] = {
                             ("gradient_checkpointing", checkpointing))},
     **{f"{part}.stop_training_after": stop_after(part) for part in registry.ALL_PARTS},
     **{f"{part}.offload_fraction": part_offload(part) for part in registry.ALL_PARTS},
+    **{f"{part}.activation_offloading": activation_offloading(part)
+       for part in ("unet", "transformer")},
     **{f"{part}.learning_rate": (lambda p: lambda d: d[p]["learning_rate"])(part)
        for part in registry.ALL_PARTS},
     **{f"{part}.caption_dropout_probability":

@@ -374,6 +374,13 @@ def _part(key: str, name: str, *, train: bool, stop_after: int,
                     "empty here and layer_offload_fraction set = that fraction for the "
                     "denoiser and trained text encoders.")),
     }
+    if key in ("unet", "transformer"):
+        fields["activation_offloading"] = (bool, setting(
+            False, section=section, label="Activation offloading",
+            tooltip=f"Keep the activations gradient checkpointing saves between the {name}'s "
+                    "blocks (each block's inputs) in CPU memory, copied back when the block "
+                    "is recomputed: less GPU memory for large images and batches, some speed; "
+                    "the same weights. Needs gradient checkpointing. OneTrainer's key."))
     if key.startswith("text_encoder"):
         clip = registry.types_where(
             lambda f: registry.text_encoder_kinds(f.model_type).get(key, "").startswith("CLIP"))

@@ -59,6 +59,7 @@ def gradient_flows(config: TrainConfig, part: str) -> bool:
 
 def check_layer_offload(config: TrainConfig, num_processes: int = 1) -> None:
     """Refuse what streaming cannot do, naming the keys."""
+    check_activation_offloading(config)
     denoiser = config.model_type.facts.denoiser
     for part in sorted(offloaded_parts(config), key=lambda p: p != denoiser):  # denoiser first
         key = _key(config, part)
@@ -84,6 +85,38 @@ def check_layer_offload(config: TrainConfig, num_processes: int = 1) -> None:
         if num_processes > 1:
             raise ConfigError(f"{key.split()[0]} with several processes: DDP needs every "
                               "weight on its GPU. Set it to 0 for `accelerate launch` runs.")
+
+
+def offloading_checkpoint(device: torch.device | str):
+    """diffusers' gradient-checkpointing function with the block's inputs kept in CPU memory
+    (`activation_offloading`): each checkpointed block's tensor inputs are copied to the CPU,
+    the recorded recomputation copies them back, and nothing else of the block is saved. The
+    values are copies, so the outputs and gradients are those of plain checkpointing. (The
+    caller's device tensors are freed as soon as the model moves on from them: the copy's
+    backward keeps no tensor.)"""
+    device = torch.device(device)
+
+    def checkpointed(block, *args):
+        stored = tuple(a.to("cpu", non_blocking=True) if torch.is_tensor(a) else a
+                       for a in args)
+
+        def run(*inputs):
+            return block(*(a.to(device, non_blocking=True) if torch.is_tensor(a) else a
+                           for a in inputs))
+        checkpointed.calls += 1
+        return torch.utils.checkpoint.checkpoint(run, *stored, use_reentrant=False)
+    checkpointed.calls = 0  # blocks run so far (the tests count them)
+    return checkpointed
+
+
+def check_activation_offloading(config: TrainConfig) -> None:
+    denoiser = config.model_type.facts.denoiser
+    section = getattr(config, denoiser)
+    if section.activation_offloading and not (config.gradient_checkpointing
+                                              and section.gradient_checkpointing):
+        raise ConfigError(f"{denoiser}.activation_offloading keeps the activations gradient "
+                          "checkpointing saves in CPU memory: switch gradient_checkpointing "
+                          f"(and {denoiser}.gradient_checkpointing) on, or offloading off.")
 
 
 def offload_units(module: torch.nn.Module) -> list[torch.nn.Module]:

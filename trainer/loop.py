@@ -35,7 +35,7 @@ from trainer.embeddings import AdditionalEmbeddings
 from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
 from trainer.layer_offload import (check_layer_offload, gradient_flows, offload_parts,
-                                   offloaded_parts)
+                                   offloaded_parts, offloading_checkpoint)
 from trainer.lora import continue_from_file
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
 from trainer.models import registry
@@ -256,6 +256,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
     for part in streamed:  # a frozen part a gradient flows through recomputes its blocks too
         if part not in parts and gradient_flows(config, part):
             enable_gradient_checkpointing(family.parts[part])
+    if getattr(config, facts.denoiser).activation_offloading:  # the blocks' inputs on the CPU
+        family.parts[facts.denoiser].enable_gradient_checkpointing(
+            gradient_checkpointing_func=offloading_checkpoint(accelerator.device))
     continue_from_file(config, family, parts)  # lora_model_name: start from a saved LoRA
     # Additional embeddings: new tokens in the tokenizers, their vectors in the text encoders,
     # trained in a parameter group of their own (embedding_learning_rate).

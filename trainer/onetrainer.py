@@ -255,6 +255,10 @@ def _older_shapes(data: dict, version: Any) -> None:
     if "enable_activation_offloading" in data or "enable_async_offloading" in data:
         if data.get("gradient_checkpointing") != "CPU_OFFLOADED":
             data["layer_offload_fraction"] = 0.0
+        elif data.get("enable_activation_offloading", True):
+            for part in ("unet", "transformer", "prior"):  # the denoiser's (prior: before 9)
+                if isinstance(data.get(part), dict):
+                    data[part].setdefault("activation_offloading", True)
     # migration 8 (__version 8 -> 9): the transformer families' denoiser was `prior`
     older = version is None or (isinstance(version, int) and version <= 8)
     if older and isinstance(data.get("prior"), dict) and "transformer" not in data:
@@ -440,6 +444,8 @@ def _parts(data: dict, aside: dict[str, list[str]]) -> None:
             if part == "vae" and key not in keys.VAE_KEPT:
                 aside["parts"].append(path)
                 section.pop(key)
+            elif key == "activation_offloading" and part in ("unet", "transformer"):
+                continue  # Atelier's key too
             elif part == "transformer" and family and (key == "model_name" or (
                     key in keys.TRANSFORMER_SWITCHES
                     and registry.reads_switch(family.model_type, path))):

@@ -92,7 +92,7 @@ NOT_DONE: dict[str, tuple[object, str]] = {
 # for memory and speed only.
 PART_SET_ASIDE = {"__version": "parts", "model_name": "parts", "include": "parts",
                   "attention_mask": "family", "guidance_scale": "family",
-                  "activation_offloading": "speed"}
+                  "activation_offloading": "speed"}  # a text encoder's (the denoiser's is kept)
 # The transformer's switches that Atelier reads where the family does (Flux.1's guidance input,
 # its and SD 3's T5 attention mask: trainer/models/registry.py).
 TRANSFORMER_SWITCHES = ("guidance_scale", "attention_mask")
