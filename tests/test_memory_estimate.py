@@ -403,3 +403,31 @@ def test_the_standard_qwen_image_and_z_image_are_counted_from_their_configs(
     assert result.part_bytes["transformer"] == 2 * transformer
     # FLOAT_8: a byte per linear weight and a float32 scale per output row; the rest bfloat16
     assert text_encoder < result.part_bytes["text_encoder"] < 1.2 * text_encoder
+
+
+def test_activation_offloading_keeps_one_blocks_saved_inputs_on_the_gpu():
+    """The standard Flux.1 at 1024 px, checkpointed: with transformer.activation_offloading
+    the saved inputs of every block but the one being recomputed are in CPU memory; the
+    estimate counts one block's, and offers the lever when it is off."""
+    settings = config(model_type=FLUX, resolution="1024", text_encoder={"train": False},
+                      transformer={"weight_dtype": "FLOAT_8"},
+                      text_encoder_2={"weight_dtype": "FLOAT_8"})
+    offloaded = config(**{**settings.model_dump(mode="json"),
+                          "transformer": {"weight_dtype": "FLOAT_8",
+                                          "activation_offloading": True}})
+    found = M.model_tensors(settings)
+
+    def transformer(cfg):
+        return M.activation_bytes(cfg, found.modules, checkpointing=True, part="transformer",
+                                  height=1024, width=1024)
+    units, one = M._transformer_units(M.part_config(found.modules["transformer"]),
+                                      64 * 64 + M._text_tokens(settings, FLUX))
+    assert transformer(settings) == pytest.approx(
+        M.TRANSFORMER_CHECKPOINTED_BYTES_PER_UNIT * units + M.TRANSFORMER_BYTES_PER_UNIT * one)
+    assert transformer(offloaded) == pytest.approx(
+        (M.TRANSFORMER_CHECKPOINTED_BYTES_PER_UNIT + M.TRANSFORMER_BYTES_PER_UNIT) * one)
+    assert M.estimate(offloaded, device_gb=None).total_gb < \
+        M.estimate(settings, device_gb=None).total_gb
+    assert any(d.startswith("activation offloading") for d, _ in M.candidate_levers(settings))
+    assert not any(d.startswith("activation offloading")
+                   for d, _ in M.candidate_levers(offloaded))

@@ -422,7 +422,11 @@ def activation_bytes(config: TrainConfig, modules: dict[str, Any], *, checkpoint
         units, one = tokens * width_ * layers, tokens * width_
     if checkpointing:
         blocks = units / one
-        return TRANSFORMER_CHECKPOINTED_BYTES_PER_UNIT * units + TRANSFORMER_BYTES_PER_UNIT * one \
+        # activation_offloading keeps the blocks' saved inputs in CPU memory: one block's
+        # remains (the one being recomputed), not every block's
+        saved = one if part == facts.denoiser and getattr(
+            config, part).activation_offloading else units
+        return TRANSFORMER_CHECKPOINTED_BYTES_PER_UNIT * saved + TRANSFORMER_BYTES_PER_UNIT * one \
             if blocks > 1 else TRANSFORMER_BYTES_PER_UNIT * units
     return TRANSFORMER_BYTES_PER_UNIT * units
 
@@ -706,6 +710,10 @@ def candidate_levers(config: TrainConfig) -> list[tuple[str, dict]]:
                 f"{p} {t}" for p, t in chosen.items()) + ")",
                 {f"{p}__weight_dtype": t for p, t in chosen.items()}))
     denoiser = getattr(config, facts.denoiser)
+    if facts.denoiser == "transformer" and not denoiser.activation_offloading:
+        out.append(("activation offloading (with gradient checkpointing)",
+                    {"transformer__activation_offloading": True,
+                     "gradient_checkpointing": True}))
     fine_tuned = config.training_method == TrainingMethod.FINE_TUNE and denoiser.train
     if config.offload_fraction_of(facts.denoiser) < 0.5 and not fine_tuned:
         out.append((f"offloading ({facts.denoiser}.offload_fraction 0.5, with gradient "
