@@ -14,8 +14,9 @@ def test_upload_inspect_resize_and_download_a_lora(page, atelier_server, tmp_pat
     made = LoraMaker(tmp_path, {"sd15": workspace / "tiny-sd15"})("sd15", "lora")
     open_section(page, "tools")
     page.locator("#tools-upload input[type=file]").set_input_files(str(made))
-    wait_for(lambda: made.name in page.locator("#tools-upload").inner_text(), UI,
-             what="the LoRA uploaded")
+    # (the file list draws a name's stem and its extension apart, on one line or two)
+    wait_for(lambda: made.stem in page.locator("#tools-upload").inner_text(), UI,
+             what=lambda: f"the LoRA uploaded: {page.locator('#tools-upload').inner_text()!r}")
 
     page.click("#tools-inspect")
     report = page.locator("#tools-report textarea")

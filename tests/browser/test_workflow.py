@@ -38,8 +38,9 @@ def test_upload_caption_mask_train_try_and_download(shared_page, shared_server, 
     name.fill("mine")
     name.press("Enter")
     page.locator("#datasets-files input[type=file]").set_input_files(str(archive))
-    wait_for(lambda: "photos.zip" in page.locator("#datasets-files").inner_text(), UI,
-             what="the upload")
+    # (the file list draws a name's stem and its extension apart, on one line or two)
+    wait_for(lambda: "photos" in page.locator("#datasets-files").inner_text(), UI,
+             what=lambda: f"the upload: {page.locator('#datasets-files').inner_text()!r}")
     page.click("#datasets-add")
     message = page.locator("#datasets-message")
     wait_for(lambda: "Added 9 file(s) to 'mine'" in message.inner_text(), UI, what="the report")
