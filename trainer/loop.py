@@ -192,7 +192,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
     stops_early = trains_embeddings or any(
         getattr(config, p).stop_training_after_unit != TimeUnit.NEVER for p in parts)
     # ... and for a family whose adapted layers include some the prediction never reaches
-    stops_early = stops_early or registry.family_class(config.model_type).UNUSED_LAYERS
+    unused_parameters = stops_early or registry.family_class(config.model_type).UNUSED_LAYERS
 
     # Device, precision, seed. find_unused_parameters lets DDP cope with a part that stops
     # training part-way (its adapter then gets no gradient).
@@ -206,7 +206,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
         cpu=device_type == "cpu",  # on a CPU-only machine, `accelerate launch` DDP uses gloo
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=stops_early)])
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
     dtypes = weight_dtypes(config, accelerator.device.type)
     check_layer_offload(config, accelerator.num_processes)
     seed_everything(config.seed)

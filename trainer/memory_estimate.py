@@ -449,7 +449,7 @@ def _trained_parts(config: TrainConfig) -> list[str]:
     return [p for p in registry.facts(config.model_type).parts if getattr(config, p).train]
 
 
-def _offload_fraction(config: TrainConfig, part: str, trained: list[str]) -> float:
+def _offload_fraction(config: TrainConfig, part: str) -> float:
     """The share of a part's frozen weights streamed from CPU memory (the rule of
     TrainConfig.offload_fraction_of, which trainer/layer_offload.py follows)."""
     if part not in registry.facts(config.model_type).parts:
@@ -560,7 +560,7 @@ def estimate(config: TrainConfig, *, device_gb: float | None | str = "auto") -> 
         if part in trained.weights:  # a fine-tuned part: its masters, never streamed
             weights += trained.weights[part]
         else:
-            weights += stored[part] * (1 - _offload_fraction(config, part, trained_parts))
+            weights += stored[part] * (1 - _offload_fraction(config, part))
     optimizer = trained.gradients + trained.state
 
     # Activations of one step at the largest size, times the batch; a VAE encoding each step
@@ -588,7 +588,7 @@ def estimate(config: TrainConfig, *, device_gb: float | None | str = "auto") -> 
     if config.latent_caching and not config.model_type.is_inpainting:
         filling = ["vae", *encoders]  # a streamed encoder streams while it fills the cache
         filling_weights = stored["vae"] + sum(
-            stored[p] * (1 - _offload_fraction(config, p, trained_parts)) for p in encoders)
+            stored[p] * (1 - _offload_fraction(config, p)) for p in encoders)
         phases["filling the caches"] = {"weights_gb": filling_weights / GB, "optimizer_gb": 0.0,
                                         "activations_gb": encode / GB}
         if filling_weights + encode > weights + optimizer + activations:
