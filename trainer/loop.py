@@ -45,6 +45,7 @@ from trainer.optim.clipping import clip_gradients
 from trainer.optim.fused import FusedBackward, check_fused_backward
 from trainer.optim.registry import ADAPTIVE, build_optimizer, effective_learning_rates
 from trainer.optim.schedules import Schedule
+from trainer import quantized_cache
 from trainer.quantization import is_quantized, quantize_frozen_parts
 from trainer.residency import FrozenPartsResidency, cache_served, fill_caches_first
 from trainer.sampling import render_samples
@@ -227,9 +228,10 @@ def train(config: TrainConfig, control: Control | None = None, *,
                            f"({len(dataset)} images with repeats); lower batch_size.")
 
     status(f"Loading {config.base_model_name}")
-    family = load_family(config)
+    with quantized_cache.serving(config):  # a part quantized by an earlier run: read as it is
+        family = load_family(config)
     # FLOAT_8 / INT_8 / NFLOAT_4 parts: their linear layers quantized, before adapters are added
-    for line in quantize_frozen_parts(family, config, accelerator.device):
+    for line in quantize_frozen_parts(family, config, accelerator.device, write_cache=is_main):
         status(line)
     vae = family.vae
     vae.requires_grad_(False)

@@ -20,6 +20,7 @@ from trainer.models import loading, registry
 from trainer.models.family import ModelFamily, to_device
 from trainer.models.loading import BASE_FIELD
 from trainer.models.objectives import FlowMatchingObjective
+from trainer.quantized_cache import cached_or
 from trainer.quiet import hide_weight_loading_bars
 
 
@@ -78,12 +79,13 @@ def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | N
             parts[sub] = cls.from_pretrained(where, subfolder=sub)
         for sub, cls in spec.text_encoders.items():
             # transformers renamed its dtype keyword (torch_dtype -> dtype): `dtype` here
-            parts[sub] = cls.from_pretrained(where, subfolder=sub, use_safetensors=True,
-                                             dtype=dtype_of(sub))
+            parts[sub] = cached_or(sub, lambda: cls.from_pretrained(
+                where, subfolder=sub, use_safetensors=True, dtype=dtype_of(sub)))
         if not transformer_file:
-            parts["transformer"] = spec.transformer_class.from_pretrained(
-                where, subfolder="transformer", use_safetensors=True,
-                torch_dtype=dtype_of("transformer"))
+            parts["transformer"] = cached_or("transformer", lambda: (
+                spec.transformer_class.from_pretrained(
+                    where, subfolder="transformer", use_safetensors=True,
+                    torch_dtype=dtype_of("transformer"))))
         parts["vae"] = (spec.vae_class or AutoencoderKL).from_pretrained(
             where, subfolder="vae", use_safetensors=True, torch_dtype=dtype_of("vae"))
         parts["noise_scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(
@@ -91,8 +93,8 @@ def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | N
     except Exception as err:  # noqa: BLE001 - any library failure is a load failure here
         raise loading.load_error(BASE_FIELD, where, err) from err
     if transformer_file:
-        parts["transformer"] = _transformer_from_file(spec, transformer_file, where,
-                                                      dtype_of("transformer"))
+        parts["transformer"] = cached_or("transformer", lambda: _transformer_from_file(
+            spec, transformer_file, where, dtype_of("transformer")))
     if vae_name:
         parts["vae"] = loading.load_vae(vae_name, dict(parts["vae"].config),
                                         dtype=dtype_of("vae"))

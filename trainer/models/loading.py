@@ -30,6 +30,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from trainer.errors import ModelLoadError
+from trainer.quantized_cache import cached_or
 from trainer.quiet import hide_weight_loading_bars
 
 BASE_FIELD = "base_model_name"
@@ -227,10 +228,10 @@ def _load_pretrained(spec: FamilySpec, source: _Source, vae: AutoencoderKL | Non
         for name, cls in spec.text_encoders.items():
             # transformers renamed its dtype keyword (torch_dtype -> dtype); a cast works in
             # all versions.
-            parts[name] = cls.from_pretrained(where, subfolder=name, use_safetensors=True).to(dtype)
-        parts["unet"] = UNet2DConditionModel.from_pretrained(
-            where, subfolder="unet", use_safetensors=True, torch_dtype=dtype
-        )
+            parts[name] = cached_or(name, lambda: cls.from_pretrained(
+                where, subfolder=name, use_safetensors=True).to(dtype))
+        parts["unet"] = cached_or("unet", lambda: UNet2DConditionModel.from_pretrained(
+            where, subfolder="unet", use_safetensors=True, torch_dtype=dtype))
         parts["vae"] = vae if vae is not None else AutoencoderKL.from_pretrained(
             where, subfolder="vae", use_safetensors=True, torch_dtype=dtype
         )

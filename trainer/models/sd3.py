@@ -44,6 +44,7 @@ from trainer.models import loading
 from trainer.models.family import hidden_states_before_last, tokenize
 from trainer.models.flow_family import FlowFamily, FlowSpec
 from trainer.models.loading import BASE_FIELD
+from trainer.quantized_cache import cached_or
 from trainer.models.transformer_layouts import SD3
 
 SD3_SPEC = FlowSpec(
@@ -284,6 +285,16 @@ def _loaded(model: torch.nn.Module, part: str, file_name: str) -> torch.nn.Modul
     return model.eval()
 
 
+def _t5_from_file(file: "_SingleFile", common: dict) -> T5EncoderModel:
+    from diffusers.loaders.single_file_utils import create_diffusers_t5_model_from_checkpoint
+    t5 = create_diffusers_t5_model_from_checkpoint(
+        T5EncoderModel, file.tensors(ENCODER_PREFIXES[T5]), subfolder=T5, **common)
+    # T5's encoder reads the shared token table; files hold it once (`shared.weight`), and
+    # loading it replaced the tied parameter: tie it again.
+    t5.set_input_embeddings(t5.shared)
+    return t5
+
+
 def load_single_file(path: str, vae_name: str | None = None, *,
                      dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The parts of an SD 3 / 3.5 all-in-one file, as `load_flow_components` returns them for
@@ -292,8 +303,7 @@ def load_single_file(path: str, vae_name: str | None = None, *,
     Each part is converted by diffusers' own single-file code. One difference: CLIP-L's
     projection becomes the identity, as diffusers makes it (SAI's files and ComfyUI use
     CLIP-L's pooled output unprojected)."""
-    from diffusers.loaders.single_file_utils import (create_diffusers_clip_model_from_ldm,
-                                                     create_diffusers_t5_model_from_checkpoint)
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
     from trainer.models.transformer_layouts import load_original_transformer
     file = _SingleFile(pathlib.Path(path), loading.checkpoint_shapes(pathlib.Path(path),
@@ -305,21 +315,14 @@ def load_single_file(path: str, vae_name: str | None = None, *,
     parts = _tokenizers(folder, with_t5, name)
     common = dict(config=str(folder), torch_dtype=dtype, local_files_only=True)
     try:
-        parts["transformer"] = load_original_transformer(
+        parts["transformer"] = cached_or("transformer", lambda: load_original_transformer(
             SD3Transformer2DModel, file.tensors(TRANSFORMER_PREFIX), config=folder,
-            subfolder="transformer", torch_dtype=dtype)
+            subfolder="transformer", torch_dtype=dtype))
         for part in CLIPS:
-            parts[part] = create_diffusers_clip_model_from_ldm(
+            parts[part] = cached_or(part, lambda: create_diffusers_clip_model_from_ldm(
                 CLIPTextModelWithProjection, file.tensors(ENCODER_PREFIXES[part]),
-                subfolder=part, **common)
-        parts[T5] = None
-        if with_t5:
-            t5 = create_diffusers_t5_model_from_checkpoint(
-                T5EncoderModel, file.tensors(ENCODER_PREFIXES[T5]), subfolder=T5, **common)
-            # T5's encoder reads the shared token table; files hold it once (`shared.weight`),
-            # and loading it replaced the tied parameter: tie it again.
-            t5.set_input_embeddings(t5.shared)
-            parts[T5] = t5
+                subfolder=part, **common))
+        parts[T5] = cached_or(T5, lambda: _t5_from_file(file, common)) if with_t5 else None
         if not vae_name:
             parts["vae"] = AutoencoderKL.from_single_file(file.tensors(VAE_PREFIX),
                                                           subfolder="vae", **common)

@@ -1,0 +1,127 @@
+"""The disk cache of quantized parts (issue 26): a run writes each quantized part once; the next
+run reads it instead of the model's files (the part's loader is never called: spy), trains
+exactly as the first did, and a changed source file rebuilds its part's entry alone."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, T5EncoderModel
+
+from trainer import quantization as q
+from trainer import quantized_cache
+from trainer.config import DataType
+from trainer.control import Control
+from trainer.loop import train
+
+from helpers import read_metrics, tiny_config
+
+
+@pytest.fixture
+def loaded(monkeypatch):
+    """How many times each part's class was read from the model's files."""
+    counts = {"transformer": 0, "text_encoder": 0, "text_encoder_2": 0}
+
+    def counting(cls, part):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, **kwargs):
+            counts[part] += 1
+            return real(klass, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    counting(FluxTransformer2DModel, "transformer")
+    counting(CLIPTextModel, "text_encoder")
+    counting(T5EncoderModel, "text_encoder_2")
+    return counts
+
+
+def run(config, output):
+    events = []
+    config = config.model_copy(update={"output_model_destination": str(output)})
+    (tmp := config.workspace_dir + "/metrics.jsonl") and os.path.exists(tmp) and os.remove(tmp)
+    train(config, Control(on_event=events.append))
+    status = [e["message"] for e in events if e["type"] == "status"]
+    return status, [m["loss"] for m in read_metrics(config)], load_file(str(output))
+
+
+def test_a_second_run_reads_the_quantized_parts_and_trains_the_same(loaded, tiny_flux_dir,
+                                                                   tmp_path):
+    if not q.bitsandbytes_runs("NFLOAT_4", "cpu") or not q.bitsandbytes_runs("INT_8", "cpu"):
+        pytest.skip("bitsandbytes does not run here: its refusal is tested in test_quantization")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_flux_dir, model)
+    # all three types: the transformer in FLOAT_8, CLIP in INT_8, T5 in NF4
+    config = tiny_config(model, tmp_path, model_type="FLUX_DEV_1",
+                         text_encoder={"train": False, "weight_dtype": "INT_8"},
+                         text_encoder_2={"weight_dtype": "NFLOAT_4"},
+                         transformer={"weight_dtype": "FLOAT_8"},
+                         output_model_format="DIFFUSERS_LORA", epochs=2, batch_size=5,
+                         aspect_ratio_bucketing=False)
+    status, losses, lora = run(config, tmp_path / "first.safetensors")
+    assert loaded == {"transformer": 1, "text_encoder": 1, "text_encoder_2": 1}
+    wrote = [line for line in status if line.startswith("Wrote the quantized")]
+    assert len(wrote) == 3, status
+    entries = sorted(p.name.split("-")[0] for p in quantized_cache.cache_root(config).iterdir())
+    assert entries == ["text_encoder", "text_encoder_2", "transformer"]
+
+    loaded.update(transformer=0, text_encoder=0, text_encoder_2=0)
+    status, again, lora_again = run(config, tmp_path / "second.safetensors")
+    assert loaded == {"transformer": 0, "text_encoder": 0, "text_encoder_2": 0}
+    read = [line for line in status if line.startswith("Read the")]
+    assert len(read) == 3 and not any("Wrote the quantized" in line for line in status), status
+    assert again == losses
+    assert lora_again.keys() == lora.keys()
+    assert all(torch.equal(lora[k], lora_again[k]) for k in lora)
+
+    # A new transformer file (same bytes, a later time): its entry alone is rebuilt.
+    weights = next((model / "transformer").glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    loaded.update(transformer=0, text_encoder=0, text_encoder_2=0)
+    status, _, _ = run(config, tmp_path / "third.safetensors")
+    assert loaded == {"transformer": 1, "text_encoder": 0, "text_encoder_2": 0}
+    assert [line for line in status if line.startswith("Wrote the quantized")] == [
+        f"Wrote the quantized transformer to "
+        f"{quantized_cache.cache_root(config) / quantized_cache.part_key(config, 'transformer')[0]}"
+        " for the next run"]
+    assert len(list(quantized_cache.cache_root(config).iterdir())) == 3  # replaced, not added
+
+
+@pytest.mark.parametrize("dtype", ["FLOAT_8", "INT_8", "NFLOAT_4"])
+def test_an_entry_rebuilds_each_quantized_type_exactly(dtype, tiny_flux_dir, tmp_path):
+    """T5 (tied token table, a layer kept in float32) stored and read back: the same outputs."""
+    if dtype != "FLOAT_8" and not q.bitsandbytes_runs(dtype, "cpu"):
+        pytest.skip("bitsandbytes does not run here")
+    config = tiny_config(tiny_flux_dir, tmp_path, model_type="FLUX_DEV_1",
+                         text_encoder_2={"weight_dtype": dtype})
+    t5 = T5EncoderModel.from_pretrained(tiny_flux_dir, subfolder="text_encoder_2")
+    names = q.layers_to_quantize(t5, part="text_encoder_2")
+    q.quantize_part(t5, names, DataType(dtype), torch.float32)
+    quantized_cache.store(config, "text_encoder_2", t5, names, DataType(dtype))
+    again = quantized_cache.load(config, "text_encoder_2")
+    assert again is not None and type(again.encoder.block[0].layer[0].SelfAttention.q) is type(
+        t5.encoder.block[0].layer[0].SelfAttention.q)
+    assert again.shared.weight is again.encoder.embed_tokens.weight  # one table, as loaded
+    ids = torch.tensor([[5, 9, 3, 1]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).last_hidden_state, t5(ids).last_hidden_state)
+
+
+def test_a_damaged_entry_is_rebuilt_not_fatal(tiny_flux_dir, tmp_path):
+    config = tiny_config(tiny_flux_dir, tmp_path, model_type="FLUX_DEV_1",
+                         text_encoder_2={"weight_dtype": "FLOAT_8"})
+    t5 = T5EncoderModel.from_pretrained(tiny_flux_dir, subfolder="text_encoder_2")
+    names = q.layers_to_quantize(t5, part="text_encoder_2")
+    q.quantize_part(t5, names, DataType.FLOAT_8, torch.float32)
+    folder = quantized_cache.store(config, "text_encoder_2", t5, names, DataType.FLOAT_8)
+    (folder / quantized_cache.WEIGHTS).write_bytes(b"not a safetensors file")
+    assert quantized_cache.load(config, "text_encoder_2") is None
+    # another filter or type is another key: not served
+    other = config.model_copy(update={"text_encoder_2": config.text_encoder_2.model_copy(
+        update={"weight_dtype": DataType.INT_8})})
+    assert quantized_cache.part_key(other, "text_encoder_2") != quantized_cache.part_key(
+        config, "text_encoder_2")

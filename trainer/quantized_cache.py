@@ -1,0 +1,310 @@
+"""The disk cache of quantized frozen parts (issue 26): a part stored as FLOAT_8, INT_8 or
+NFLOAT_4 is quantized once, written to `<workspace>/cache/quantized/<part>-<slot>/`, and read
+back by the next run in place of the model's full-precision files. Flux.1's transformer is
+23.8 GB in bfloat16 and 6.7 GB in NF4: the next run reads a quarter of the bytes and quantizes
+nothing.
+
+An entry holds the part as the run trained on it right after quantization (before adapters):
+the quantized layers' stored tensors (float8 codes and row scales; bitsandbytes' int8 weight
+and row scales; NF4's packed weight and its quantization state, as bitsandbytes writes them in
+a state dict), everything else in the train dtype, and `meta.json`: the part's class and
+config (the model is rebuilt from them without weights, then given the stored tensors) and the
+key it was made under.
+
+The key is what changes the stored tensors: the sources the part is read from (each local file
+by path, byte size and modification time; a diffusers folder by the files of the part's
+subfolder; a hub id by the files of its local snapshot), the model type, the part, its
+weight_dtype, the train dtype, the denoiser's quantization filter, bitsandbytes' version for
+its types, and this format's version. A source that changed (a new file written over the old
+one) changes the key: the entry is rebuilt and replaces the old one in the same slot (the slot
+is the key without the files' sizes and times), so a workspace keeps one entry per model part.
+
+Read from the cache where the loaders read a part alone: a diffusers folder or hub id (every
+family), a transformer file beside it (`transformer.model_name`), an SD 3 / 3.5 single file.
+An SD 1.5 / SDXL single-file checkpoint is read whole by diffusers' `from_single_file`, so
+those parts are quantized again each run (from the full weights the run reads anyway).
+Only diffusers and transformers models are cached (every family's UNet, transformer and text
+encoders); a quantized VAE is quantized each run.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import DataType, TrainConfig
+from trainer.data.cache import _digest, source_fingerprint
+
+CACHE_FORMAT = 1
+WEIGHTS = "weights.safetensors"
+META = "meta.json"
+# The attribute a part read from the cache carries: its status line (quantize_frozen_parts
+# reports it and quantizes nothing).
+FROM_CACHE = "_atelier_quantized_from_cache"
+
+_serving: contextvars.ContextVar["_Serving | None"] = contextvars.ContextVar(
+    "quantized_cache_serving", default=None)
+
+
+def cache_root(config: TrainConfig) -> Path:
+    return Path(config.workspace_dir) / "cache" / "quantized"
+
+
+# --- The key ----------------------------------------------------------------------------------
+
+def _hub_snapshot(name: str) -> str:
+    """A hub id's local snapshot folder (its revision is in the path), or the id itself."""
+    if Path(name).expanduser().exists() or "/" not in name:
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the local cache: the run fails on it later
+        return name
+
+
+def part_sources(config: TrainConfig, part: str) -> list[str]:
+    """The config's model names a part is read from: the base model and the part's own file."""
+    names = [config.base_model_name]
+    own = getattr(getattr(config, part), "model_name", "") or ""
+    if own:
+        names.append(own)
+    return names
+
+
+def part_key(config: TrainConfig, part: str) -> tuple[str, dict]:
+    """(the slot's name, the full key) of `part`'s entry."""
+    from trainer.quantization import BITSANDBYTES, quantization_patterns
+    from trainer.models import registry
+
+    dtype = getattr(config, part).weight_dtype
+    names = part_sources(config, part)
+    settings = {"format": CACHE_FORMAT, "model_type": config.model_type.value, "part": part,
+                "weight_dtype": dtype.value, "train_dtype": config.train_dtype.value,
+                "sources": names}
+    if part == registry.facts(config.model_type).denoiser:
+        settings["filter"] = quantization_patterns(config)
+    if dtype in BITSANDBYTES:
+        import bitsandbytes
+        settings["bitsandbytes"] = bitsandbytes.__version__
+    files = [source_fingerprint(_hub_snapshot(name), part) for name in names]
+    return f"{part}-{_digest(settings)[:16]}", {**settings, "files": files}
+
+
+# --- Writing ----------------------------------------------------------------------------------
+
+def _library(module: torch.nn.Module) -> str | None:
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+    if isinstance(module, ModelMixin):
+        return "diffusers"
+    if isinstance(module, PreTrainedModel):
+        return "transformers"
+    return None
+
+
+def _model_config(module: torch.nn.Module, library: str) -> dict:
+    if library == "diffusers":
+        return {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    return module.config.to_dict()
+
+
+def _unique_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each shared tensor once (safetensors refuses shared storage, and
+    T5's token table is both `shared` and `encoder.embed_tokens`), and {dropped name: kept}."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in module.state_dict(keep_vars=False).items():
+        identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
+        if tensor.numel() and identity in seen:
+            aliases[name] = seen[identity]
+            continue
+        seen[identity] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def store(config: TrainConfig, part: str, module: torch.nn.Module, layers: list[str],
+          dtype: DataType) -> Path | None:
+    """Write `module` (its `layers` just quantized to `dtype`) as `part`'s entry; None for a
+    module the cache cannot rebuild. Written into a temporary folder, then renamed: a reader
+    never sees half an entry."""
+    from safetensors.torch import save_file
+
+    library = _library(module)
+    if library is None:
+        return None
+    slot, key = part_key(config, part)
+    root = cache_root(config)
+    target = root / slot
+    temporary = root / f".{slot}.{os.getpid()}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        tensors, aliases = _unique_tensors(module)
+        save_file(tensors, str(temporary / WEIGHTS))
+        meta = {"key": key, "class": f"{type(module).__module__}:{type(module).__qualname__}",
+                "library": library, "config": _model_config(module, library),
+                "layers": layers, "weight_dtype": dtype.value, "aliases": aliases}
+        (temporary / META).write_text(json.dumps(meta, default=str), encoding="utf-8")
+        stale = root / f".{slot}.{os.getpid()}.old"
+        if target.exists():
+            os.replace(target, stale)
+        os.replace(temporary, target)
+        shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return target
+
+
+def has_entry(config: TrainConfig, part: str) -> bool:
+    slot, key = part_key(config, part)
+    return _meta(cache_root(config) / slot, key) is not None
+
+
+# --- Reading ----------------------------------------------------------------------------------
+
+def _meta(folder: Path, key: dict) -> dict | None:
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    # the key as JSON reads it back (lists for tuples)
+    return meta if meta.get("key") == json.loads(json.dumps(key, default=str)) else None
+
+
+def _empty_model(meta: dict) -> torch.nn.Module:
+    """The part's model built from its config, its parameters on the meta device."""
+    from accelerate import init_empty_weights
+    module_name, _, qualname = meta["class"].partition(":")
+    cls: Any = importlib.import_module(module_name)
+    for attribute in qualname.split("."):
+        cls = getattr(cls, attribute)
+    with init_empty_weights():
+        if meta["library"] == "diffusers":
+            return cls.from_config(meta["config"])
+        return cls._from_config(cls.config_class.from_dict(meta["config"]))
+
+
+def _quantized_layer(state: dict[str, torch.Tensor], dtype: DataType,
+                     compute: torch.dtype) -> torch.nn.Module:
+    """A quantized layer from the tensors its state dict held."""
+    from trainer.quantization import Float8Linear, _bias_first, _bitsandbytes_layers
+    bias = state.get("bias")
+    if dtype == DataType.FLOAT_8:
+        return Float8Linear(state["weight"], state["weight_scale"], bias, compute)
+    bnb, Int8Linear, NF4Linear = _bitsandbytes_layers()
+    if dtype == DataType.INT_8:
+        out_features, in_features = state["weight"].shape
+        layer = Int8Linear(in_features, out_features, bias=bias is not None,
+                           has_fp16_weights=False, device="meta")
+        layer.weight = bnb.nn.Int8Params(state["weight"], requires_grad=False,
+                                         has_fp16_weights=False)
+        # as bitsandbytes leaves a weight it quantized: codes (CB) and row scales (SCB) on it
+        layer.weight.CB, layer.weight.SCB = layer.weight.data, state["SCB"]
+    else:
+        stats = {k: v for k, v in state.items() if k.startswith("weight.")}
+        weight = bnb.nn.Params4bit.from_prequantized(state["weight"], stats,
+                                                     requires_grad=False, device="cpu")
+        out_features, in_features = weight.quant_state.shape
+        layer = NF4Linear(in_features, out_features, bias=bias is not None,
+                          compute_dtype=compute, quant_type="nf4", device="meta")
+        weight.module = layer
+        layer.weight = weight
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return _bias_first(layer)
+
+
+def _tie(module: torch.nn.Module, aliases: dict[str, str]) -> None:
+    """A parameter the model shared (T5's token table) is one parameter again, as
+    from_pretrained leaves it, not two that share storage."""
+    for alias, kept in aliases.items():
+        owner_name, _, name = alias.rpartition(".")
+        source_name, _, source = kept.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        parameter = module.get_submodule(source_name)._parameters.get(source)
+        if parameter is not None and name in owner._parameters:
+            owner._parameters[name] = parameter
+
+
+def load(config: TrainConfig, part: str) -> torch.nn.Module | None:
+    """`part` from its entry, quantized as it was stored; None without a valid entry (no entry,
+    another key, or one that does not rebuild: the part is then loaded and quantized again)."""
+    from safetensors.torch import load_file
+
+    from trainer.quantization import compute_dtype, flag_quantized
+    slot, key = part_key(config, part)
+    folder = cache_root(config) / slot
+    meta = _meta(folder, key)
+    if meta is None:
+        return None
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+        module = _empty_model(meta)
+        dtype = DataType(meta["weight_dtype"])
+        compute = compute_dtype(config)
+        for alias, kept in meta["aliases"].items():
+            tensors[alias] = tensors[kept]
+        for name in meta["layers"]:
+            prefix = name + "."
+            state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, _quantized_layer(state, dtype, compute))
+        # the quantized layers have their tensors already: everything else must be given
+        result = module.load_state_dict(tensors, strict=False, assign=True)
+        quantized = tuple(name + "." for name in meta["layers"])
+        if result.unexpected_keys or any(not k.startswith(quantized)
+                                         for k in result.missing_keys):
+            return None
+        _tie(module, meta["aliases"])
+    except Exception:  # noqa: BLE001 - a damaged or outdated entry is rebuilt, never fatal
+        return None
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        return None
+    flag_quantized(module, dtype)
+    size = (folder / WEIGHTS).stat().st_size / 2**30
+    setattr(module, FROM_CACHE,
+            f"Read the {part} as {dtype.value} from the quantized cache ({folder}, "
+            f"{size:.2f} GB): nothing to quantize")
+    return module.eval()
+
+
+# --- Serving the loaders ----------------------------------------------------------------------
+
+class _Serving:
+    def __init__(self, config: TrainConfig):
+        from trainer.quantization import quantized_parts
+        self.config = config
+        self.parts = set(quantized_parts(config)) - {"vae"}
+
+
+@contextlib.contextmanager
+def serving(config: TrainConfig) -> Iterator[None]:
+    """While a family loads: `cached_or` serves the quantized parts that have an entry."""
+    token = _serving.set(_Serving(config))
+    try:
+        yield
+    finally:
+        _serving.reset(token)
+
+
+def cached_or(part: str, build: Callable[[], Any]) -> Any:
+    """`part` from the quantized cache when a run is loading with one for it, else `build()`
+    (the loader's own reading of the part). The loaders call this where they read one part."""
+    active = _serving.get()
+    if active is not None and part in active.parts:
+        module = load(active.config, part)
+        if module is not None:
+            return module
+    return build()
