@@ -83,6 +83,10 @@ class Case:
     compile: bool = False            # the UNet's blocks compiled (trainer/compilation.py), also
                                      # in the limit; the eager twin is the case without -compile
     layer_offload_fraction: float = 0.0  # frozen UNet blocks streamed from CPU memory
+    # Per part, over the above: ((part, weight_dtype), ...) - FLOAT_8 / NFLOAT_4 storage - and
+    # ((part, offload_fraction), ...): the memory levers of issue 26, as the presets set them
+    part_dtypes: tuple[tuple[str, str], ...] = ()
+    part_offload: tuple[tuple[str, float], ...] = ()
     learning_rate: float = 1e-4
     runners: tuple[str, ...] = RUNNERS
     warmup: int = 3                  # steps before the measured ones (atelier: its 1st epoch)
@@ -248,8 +252,9 @@ CASES: dict[str, Case] = {c.name: c for c in [
 # estimate_peak_gb on CUDA; each note's peak is the atelier runner's estimate, a test keeps
 # them equal): Flux.1-dev's transformer is 11.9B parameters, 23.8 GB in bfloat16; with T5-XXL
 # (4.8B, 9.5 GB while its outputs are cached), CLIP-L and the VAE ~34 GB of weights. SD 3.5
-# Large's 8.1B transformer with its three encoders ~27 GB. An 80 GB card holds each. Their
-# random full-size models are not buildable yet (bench/worker.py says why when one is run).
+# Large's 8.1B transformer with its three encoders ~27 GB. An 80 GB card holds each. Flux's
+# random full-size model is built on the GPU machine (trainer/models/random_full.py); SD 3.5's
+# is not buildable yet (bench/worker.py says why when one is run).
 _FLOW_GPU = {"weight_dtype": "BFLOAT_16", "gradient_checkpointing": True, "warmup": 3,
              "measured": 6, **_GPU}
 FLOW_GPU_CASES = [
@@ -260,6 +265,28 @@ FLOW_GPU_CASES = [
     Case("sd35-1024", "sd35", "full", 1024, lora_layer_preset="attn-only",
          note="SD 3.5 Large LoRA r16 attn-only 1024 px batch 1: ~27 GB of bf16 weights, peak "
               "~51 GB VRAM (upper estimate)", **_FLOW_GPU),
+]
+# Issue 26's targets on a GPU, atelier runner (the limit and naive runners hold weights in a
+# plain dtype): Flux.1-dev LoRA at 512 px with the transformer and T5 in NF4 (≤ 16 GB), with
+# the 8 GB preset's levers (FLOAT_8, 85 % of the transformer's and T5's blocks streamed:
+# ≤ 10 GB), at 1024 px with the 24 GB preset's (FLOAT_8: ≤ 24 GB). Each row also carries the
+# engine's own estimate (`estimate_gb`) to compare with the measured peak (within 15 %).
+_ATELIER_FLOW_GPU = {**_FLOW_GPU, "runners": ("atelier",)}
+FLOW_GPU_CASES += [
+    Case("flux-512-nf4", "flux", "full", 512, base="flux-512",
+         part_dtypes=(("transformer", "NFLOAT_4"), ("text_encoder_2", "NFLOAT_4")),
+         note="Flux.1-dev LoRA 512 px, transformer and T5 in NF4 (issue 26: <= 16 GB)",
+         **_ATELIER_FLOW_GPU),
+    Case("flux-512-8gb", "flux", "full", 512, base="flux-512",
+         part_dtypes=(("transformer", "FLOAT_8"), ("text_encoder_2", "FLOAT_8")),
+         part_offload=(("transformer", 0.85), ("text_encoder_2", 0.85)),
+         note="Flux.1-dev LoRA 512 px, the 8 GB preset's levers: FLOAT_8, 85 % of the "
+              "transformer's and T5's blocks streamed (issue 26: <= 10 GB)",
+         **_ATELIER_FLOW_GPU),
+    Case("flux-1024-fp8", "flux", "full", 1024, base="flux-1024",
+         part_dtypes=(("transformer", "FLOAT_8"), ("text_encoder_2", "FLOAT_8")),
+         note="Flux.1-dev LoRA 1024 px, the 24 GB preset's levers: transformer and T5 in "
+              "FLOAT_8 (issue 26: <= 24 GB)", **_ATELIER_FLOW_GPU),
 ]
 CASES.update((c.name, c) for c in FLOW_GPU_CASES)
 

@@ -30,32 +30,13 @@ T5_TOKENS = 77  # the engine's T5 length for Flux (text_encoder_2_sequence_lengt
 
 def _meta_parts(family: str) -> dict[str, torch.nn.Module]:
     from accelerate import init_empty_weights
-    from diffusers import (AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel,
-                           UNet2DConditionModel)
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                              T5Config, T5EncoderModel)
-    large = CONFIGS / "sd35" / "large"
-    # Buffers on the meta device too: SD 3's position table is one, and with buffers left on
-    # the CPU accelerate's patching also unties T5's two embedding tables (131.6M counted twice).
-    with init_empty_weights(include_buffers=True):
-        if family == "flux":
-            return {"transformer": FluxTransformer2DModel(guidance_embeds=True),
-                    "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(large / "vae")),
-                    "text_encoder": CLIPTextModel(
-                        CLIPTextConfig.from_pretrained(CONFIGS / "sdxl" / "text_encoder")),
-                    "text_encoder_2": T5EncoderModel(
-                        T5Config.from_pretrained(large / "text_encoder_3"))}
-        if family == "sd35":
-            clip = CLIPTextModelWithProjection
-            return {"transformer": SD3Transformer2DModel.from_config(
-                        SD3Transformer2DModel.load_config(large / "transformer")),
-                    "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(large / "vae")),
-                    "text_encoder": clip(CLIPTextConfig.from_pretrained(large / "text_encoder")),
-                    "text_encoder_2": clip(
-                        CLIPTextConfig.from_pretrained(large / "text_encoder_2")),
-                    "text_encoder_3": T5EncoderModel(
-                        T5Config.from_pretrained(large / "text_encoder_3"))}
-        if family in ("sd15", "sdxl"):  # the reference the activation ratio is taken from
+    from diffusers import UNet2DConditionModel
+
+    from trainer.models.random_full import flow_meta_parts
+    if family in ("flux", "sd35"):
+        return flow_meta_parts(family)
+    if family in ("sd15", "sdxl"):  # the reference the activation ratio is taken from
+        with init_empty_weights(include_buffers=True):
             return {"unet": UNet2DConditionModel.from_config(
                 UNet2DConditionModel.load_config(CONFIGS / family / "unet"))}
     raise ValueError(f"family {family!r}: choose flux, sd35, sd15 or sdxl")

@@ -54,6 +54,10 @@ def part_settings(case: Case) -> dict[str, dict[str, Any]]:
     parts[facts.denoiser] = {"train": True,
                              "gradient_checkpointing": "denoiser" in case.checkpoint_parts,
                              "weight_dtype": case.weight_dtype}
+    for part, dtype in case.part_dtypes:
+        parts[part]["weight_dtype"] = dtype
+    for part, fraction in case.part_offload:
+        parts[part]["offload_fraction"] = fraction
     return parts
 
 
@@ -460,7 +464,14 @@ def run_atelier(case: Case, paths: dict, device: str, steps: int, mark_start,
     the run is ended after `steps` steps by raising from the event callback."""
     from trainer.control import Control
     from trainer.loop import train
+    from trainer.memory_estimate import estimate
     config = load_config(case, paths, device, Path(paths["workspace"]))
+    from trainer.errors import AtelierError
+    # the engine's estimate of this run's peak, to set beside the measured one
+    try:
+        estimate_gb = estimate(config, device_gb=None).total_gb
+    except AtelierError:  # a setting the estimate cannot tell: the row goes without it
+        estimate_gb = None
     stamps: dict[int, float] = {}
     cpu: dict[int, float] = {}
     losses: dict[int, float] = {}
@@ -506,7 +517,7 @@ def run_atelier(case: Case, paths: dict, device: str, steps: int, mark_start,
     return {"stamps": ordered, "cpu": [cpu[k] for k in sorted(cpu)][:steps],
             "cpu_start": marks.get("cpu_start"), "end": ordered[-1] if ordered else now(),
             "losses": [losses[k] for k in sorted(losses)][:steps], "phases": phases,
-            "warnings": warnings}
+            "warnings": warnings, "estimate_gb": estimate_gb}
 
 
 RUNNERS = {"limit": run_limit, "naive": run_naive, "atelier": run_atelier}

@@ -138,7 +138,7 @@ def build_model(case: Case, model: Path) -> None:
     from trainer.models import random_full
     if random_full.is_built(model):
         return
-    if case.family not in random_full.CONFIG_DIRS:
+    if case.family not in random_full.FAMILIES:
         raise NotBuildable(full_size_refusal(case))
     if case.cuda_only:
         import torch
@@ -152,8 +152,6 @@ def build_model(case: Case, model: Path) -> None:
 
 # What else a random full-size model of a flow family needs that the project lacks today.
 _MISSING = {
-    "flux": "Flux.1-dev's configs (trainer/models/configs has no flux folder) and a T5-XXL "
-            "tokenizer",
     "sd35": "a T5-XXL tokenizer (configs/sd35 ships the configs, not T5's tokenizer: see its "
             "README.txt)",
 }
@@ -163,7 +161,7 @@ def full_size_refusal(case: Case) -> str:
     """Why a full-size model of the case's family cannot be built yet. The bench builds no
     stand-in of its own: a different model would not be the one the case names."""
     return (f"not buildable yet: trainer/models/random_full.py builds random full-size "
-            f"sd15 and sdxl models only (no '{case.family}' in its CONFIG_DIRS); a "
+            f"sd15, sdxl and flux models only (no '{case.family}' in its FAMILIES); a "
             f"{case.facts.label} also needs {_MISSING.get(case.family, 'its configs')}")
 
 
@@ -268,6 +266,8 @@ def measure(case: Case, runner: str, device: str, cache_dir: Path, quick: bool,
         row["images_per_s"] = case.batch_size / row["step_s_median"]
     if result.get("flops"):
         row["flops_per_step"] = result["flops"]
+    if result.get("estimate_gb") is not None:  # atelier: the engine's estimate of the peak
+        row["estimate_gb"] = round(result["estimate_gb"], 2)
     row["torch"] = torch.__version__
     row["threads"] = torch.get_num_threads()
     row["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")

@@ -54,6 +54,12 @@ _serving: contextvars.ContextVar["_Serving | None"] = contextvars.ContextVar(
     "quantized_cache_serving", default=None)
 
 
+def writes_enabled() -> bool:
+    """Off with ATELIER_QUANTIZED_CACHE=off: the benchmarks run each case in a throw-away
+    workspace, where writing 17 GB of a FLOAT_8 Flux.1 would only cost time and disk."""
+    return os.environ.get("ATELIER_QUANTIZED_CACHE", "").lower() not in {"off", "0", "false"}
+
+
 def cache_root(config: TrainConfig) -> Path:
     return Path(config.workspace_dir) / "cache" / "quantized"
 
