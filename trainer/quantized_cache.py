@@ -192,6 +192,9 @@ def _empty_model(meta: dict) -> torch.nn.Module:
     """The part's model built from its config, its parameters on the meta device."""
     from accelerate import init_empty_weights
     module_name, _, qualname = meta["class"].partition(":")
+    # a file in the workspace names the class: only the two libraries' models are built
+    if module_name.partition(".")[0] not in ("diffusers", "transformers"):
+        raise ValueError(f"not a diffusers or transformers model: {meta['class']}")
     cls: Any = importlib.import_module(module_name)
     for attribute in qualname.split("."):
         cls = getattr(cls, attribute)
