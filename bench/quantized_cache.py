@@ -88,7 +88,9 @@ def main() -> None:
                 started = time.perf_counter()
                 model, names = first_run(folder, config)
                 quantized.append(time.perf_counter() - started)
-                entry = quantized_cache.store(config, "transformer", model, names, dtype)
+                quantized_cache.store(config, "transformer", model, names, dtype)
+                entry = quantized_cache.cache_root(config) / quantized_cache.part_key(
+                    config, "transformer")[0]
                 del model
                 started = time.perf_counter()
                 assert quantized_cache.load(config, "transformer") is not None

@@ -117,7 +117,9 @@ def test_a_damaged_entry_is_rebuilt_not_fatal(tiny_flux_dir, tmp_path, monkeypat
     t5 = T5EncoderModel.from_pretrained(tiny_flux_dir, subfolder="text_encoder_2")
     names = q.layers_to_quantize(t5, part="text_encoder_2")
     q.quantize_part(t5, names, DataType.FLOAT_8, torch.float32)
-    folder = quantized_cache.store(config, "text_encoder_2", t5, names, DataType.FLOAT_8)
+    quantized_cache.store(config, "text_encoder_2", t5, names, DataType.FLOAT_8)
+    folder = quantized_cache.cache_root(config) / quantized_cache.part_key(
+        config, "text_encoder_2")[0]
     (folder / quantized_cache.WEIGHTS).write_bytes(b"not a safetensors file")
     assert quantized_cache.load(config, "text_encoder_2") is None
     # another filter or type is another key: not served
@@ -127,3 +129,31 @@ def test_a_damaged_entry_is_rebuilt_not_fatal(tiny_flux_dir, tmp_path, monkeypat
         config, "text_encoder_2")
     monkeypatch.setenv("ATELIER_QUANTIZED_CACHE", "off")  # the benchmarks' throw-away runs
     assert not quantized_cache.writes_enabled()
+
+
+def test_a_full_disk_is_not_filled_and_a_failed_write_leaves_nothing(tiny_flux_dir, tmp_path,
+                                                                     monkeypatch):
+    """No room: not written, said with the sizes; a write that fails (the disk filled up in
+    between): said, no half entry left; either way the part is quantized again next time."""
+    import shutil as shell
+    config = tiny_config(tiny_flux_dir, tmp_path, model_type="FLUX_DEV_1",
+                         text_encoder_2={"weight_dtype": "FLOAT_8"})
+    t5 = T5EncoderModel.from_pretrained(tiny_flux_dir, subfolder="text_encoder_2")
+    names = q.layers_to_quantize(t5, part="text_encoder_2")
+    q.quantize_part(t5, names, DataType.FLOAT_8, torch.float32)
+    root = quantized_cache.cache_root(config)
+    real = shell.disk_usage
+    monkeypatch.setattr(quantized_cache.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=2**29))
+    line = quantized_cache.store(config, "text_encoder_2", t5, names, DataType.FLOAT_8)
+    assert line.startswith(f"Not writing the quantized text_encoder_2 to {root}: it takes 0.0 GB "
+                           "and the disk has 0.5 GB free") and not any(root.iterdir())
+    monkeypatch.setattr(quantized_cache.shutil, "disk_usage", real)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    line = quantized_cache.store(config, "text_encoder_2", t5, names, DataType.FLOAT_8)
+    assert line == (f"Could not write the quantized text_encoder_2 to {root} (No space left on "
+                    "device); the next run quantizes it again")
+    assert not any(root.iterdir()) and quantized_cache.load(config, "text_encoder_2") is None

@@ -437,7 +437,6 @@ def quantize_frozen_parts(family, config: TrainConfig, device: torch.device,
         if (write_cache and part != "vae" and config.base_model_name
                 and quantized_cache.writes_enabled()
                 and not quantized_cache.has_entry(config, part)):
-            folder = quantized_cache.store(config, part, module, names, dtype)
-            if folder is not None:
-                lines.append(f"Wrote the quantized {part} to {folder} for the next run")
+            if (line := quantized_cache.store(config, part, module, names, dtype)) is not None:
+                lines.append(line)
     return lines

@@ -139,23 +139,35 @@ def _unique_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], d
     return tensors, aliases
 
 
+# Room left on the disk beyond an entry, for the run's own outputs (samples, backups, the LoRA)
+SPARE_BYTES = 2**30
+
+
 def store(config: TrainConfig, part: str, module: torch.nn.Module, layers: list[str],
-          dtype: DataType) -> Path | None:
-    """Write `module` (its `layers` just quantized to `dtype`) as `part`'s entry; None for a
-    module the cache cannot rebuild. Written into a temporary folder, then renamed: a reader
-    never sees half an entry."""
+          dtype: DataType) -> str | None:
+    """Write `module` (its `layers` just quantized to `dtype`) as `part`'s entry and say so;
+    None for a module the cache cannot rebuild. Written into a temporary folder, then renamed:
+    a reader never sees half an entry. A disk without room for it (and SPARE_BYTES more) is
+    not filled, and a failed write is removed: the run goes on either way, and the next one
+    quantizes the part again."""
     from safetensors.torch import save_file
 
+    from trainer.quantization import stored_bytes
     library = _library(module)
     if library is None:
         return None
     slot, key = part_key(config, part)
     root = cache_root(config)
     target = root / slot
+    root.mkdir(parents=True, exist_ok=True)
+    needed, free = stored_bytes(module), shutil.disk_usage(root).free
+    if needed + SPARE_BYTES > free:
+        return (f"Not writing the quantized {part} to {root}: it takes {needed / 2**30:.1f} GB "
+                f"and the disk has {free / 2**30:.1f} GB free (the next run quantizes it again)")
     temporary = root / f".{slot}.{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     try:
+        temporary.mkdir(parents=True)
         tensors, aliases = _unique_tensors(module)
         save_file(tensors, str(temporary / WEIGHTS))
         meta = {"key": key, "class": f"{type(module).__module__}:{type(module).__qualname__}",
@@ -167,9 +179,12 @@ def store(config: TrainConfig, part: str, module: torch.nn.Module, layers: list[
             os.replace(target, stale)
         os.replace(temporary, target)
         shutil.rmtree(stale, ignore_errors=True)
+    except OSError as err:
+        return (f"Could not write the quantized {part} to {root} ({err.strerror or err}); the "
+                "next run quantizes it again")
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-    return target
+    return f"Wrote the quantized {part} to {target} for the next run"
 
 
 def has_entry(config: TrainConfig, part: str) -> bool:
