@@ -128,7 +128,8 @@ def test_the_table_names_the_prompt_word_only_for_registered_files_and_flags_dif
 
 def test_the_committed_results_cover_every_file_kind_the_brief_names():
     text = RESULTS.read_text(encoding="utf-8")
-    rows = [line for line in text.splitlines() if line.startswith("| sd")]
+    embeddings = text.split("## LoRAs", 1)[0]
+    rows = [line for line in embeddings.splitlines() if line.startswith("| sd")]
     assert "dfdcbab685e57677014f05a3309b48cc87383167" in text
     kinds = {"sd15 standalone": "sd15 `sd15_lora-atelierx", "sdxl standalone":
              "sdxl `sdxl_lora-atelierx", "sd15 LoRA": "sd15 `sd15_lora.safetensors",
@@ -183,3 +184,40 @@ def test_the_card_warns_when_bundled_keys_pass_forges_limit(count, dropped):
                         "cat.safetensors",
                         [(p, f"cat-p{i}.safetensors") for i, p in enumerate(placeholders)])
     assert ("Forge applies none of this LoRA: its 14 bundled keys" in usage) == dropped
+
+
+def _lora_rows() -> dict[str, list[str]]:
+    """docs/forge_results.md's LoRA table: file name -> cells."""
+    section = RESULTS.read_text(encoding="utf-8").split("## LoRAs", 1)[1]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| sd"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[1].strip("`")] = cells
+    return rows
+
+
+def test_forge_applies_kohya_and_legacy_loras_whole_and_the_card_offers_forge_only_those():
+    """What tools/forge_lora_check.py measured with Forge's code: every KOHYA_LORA and
+    LEGACY_LORA adapter type applied whole and exactly; COMFY_LORA only without text-encoder
+    keys; DIFFUSERS_LORA never. The model card's A1111/Forge recipe follows it."""
+    import re
+
+    from trainer.config import ModelFormat
+    from trainer.model_card import LOADERS
+    rows = _lora_rows()
+    for family in ("sd15", "sdxl", "sd15-inpaint", "sdxl-inpaint"):
+        adapters = {"KOHYA_LORA": ("LORA", "DORA", "LOHA", "LOKR"),
+                    "LEGACY_LORA": ("LORA", "LOHA", "LOKR")}
+        for fmt, kinds in adapters.items():
+            for adapter in kinds if "inpaint" not in family else ("LORA",):
+                cells = rows[f"{family}__{fmt}__{adapter}.safetensors"]
+                matched, total = cells[2].split()[0].split("/")
+                error = float(re.search(r"max ([0-9.e+-]+)", cells[4]).group(1))
+                assert matched == total and cells[3] == "yes" and error < 1e-4, cells
+        assert rows[f"{family}__COMFY_LORA__LORA.safetensors"][3] == "**no**"
+        assert rows[f"{family}__DIFFUSERS_LORA__LORA.safetensors"][3] == "**no**"
+    for family in ("sd15", "sdxl"):
+        assert rows[f"{family}__COMFY_LORA__LORA_UNET.safetensors"][3] == "yes"
+    offered = {f for f, tools in LOADERS.items() if f.name.endswith("LORA") and "a1111" in tools}
+    assert offered == {ModelFormat.KOHYA_LORA, ModelFormat.LEGACY_LORA}

@@ -650,7 +650,10 @@ class TrainConfig(Strict):
                 "KOHYA_LORA, LEGACY_LORA and COMFY_LORA whole; DIFFUSERS_LORA of SD 1.5 / "
                 "SDXL only in part (it drops the UNet's attention layers, silently), of "
                 "SD 3 without a trained text encoder's text_projection, and of any family "
-                "without DoRA's magnitudes.")
+                "without DoRA's magnitudes. Forge (checked with its own code, "
+                "docs/forge_results.md) loads KOHYA_LORA and LEGACY_LORA whole; COMFY_LORA "
+                "only without a trained text encoder (with one it applies none of the file); "
+                "DIFFUSERS_LORA not at all.")
     output_dtype: DataType = setting(
         DataType.FLOAT_32, section="Model", label="Output data type",
         choices_for=FLOAT_TYPES_ONLY,
