@@ -263,7 +263,8 @@ def _tie(module: torch.nn.Module, aliases: dict[str, str]) -> None:
 
 def load(config: TrainConfig, part: str) -> torch.nn.Module | None:
     """`part` from its entry, quantized as it was stored; None without a valid entry (no entry,
-    another key, or one that does not rebuild: the part is then loaded and quantized again)."""
+    another key, or one that does not rebuild, which is removed: the part is then loaded,
+    quantized and written again)."""
     from safetensors.torch import load_file
 
     from trainer.quantization import compute_dtype, flag_quantized
@@ -293,8 +294,10 @@ def load(config: TrainConfig, part: str) -> torch.nn.Module | None:
             return None
         _tie(module, meta["aliases"])
     except Exception:  # noqa: BLE001 - a damaged or outdated entry is rebuilt, never fatal
+        shutil.rmtree(folder, ignore_errors=True)  # so that this run writes it again
         return None
     if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        shutil.rmtree(folder, ignore_errors=True)
         return None
     flag_quantized(module, dtype)
     size = (folder / WEIGHTS).stat().st_size / 2**30
@@ -326,9 +329,13 @@ def serving(config: TrainConfig) -> Iterator[None]:
 def cached_or(part: str, build: Callable[[], Any]) -> Any:
     """`part` from the quantized cache when a run is loading with one for it, else `build()`
     (the loader's own reading of the part). The loaders call this where they read one part."""
+    from trainer.errors import AtelierError
     active = _serving.get()
     if active is not None and part in active.parts:
-        module = load(active.config, part)
+        try:
+            module = load(active.config, part)
+        except AtelierError:  # a setting the run refuses by name later (the layer filter)
+            module = None
         if module is not None:
             return module
     return build()
