@@ -186,9 +186,9 @@ def test_the_card_warns_when_bundled_keys_pass_forges_limit(count, dropped):
     assert ("Forge applies none of this LoRA: its 14 bundled keys" in usage) == dropped
 
 
-def _lora_rows() -> dict[str, list[str]]:
-    """docs/forge_results.md's LoRA table: file name -> cells."""
-    section = RESULTS.read_text(encoding="utf-8").split("## LoRAs", 1)[1]
+def _lora_rows(section_title: str = "## LoRAs") -> dict[str, list[str]]:
+    """docs/forge_results.md's LoRA (or another) table: file name -> cells."""
+    section = RESULTS.read_text(encoding="utf-8").split(section_title, 1)[1].split("\n## ")[0]
     rows = {}
     for line in section.splitlines():
         if line.startswith("| sd"):
@@ -221,3 +221,13 @@ def test_forge_applies_kohya_and_legacy_loras_whole_and_the_card_offers_forge_on
         assert rows[f"{family}__COMFY_LORA__LORA_UNET.safetensors"][3] == "yes"
     offered = {f for f, tools in LOADERS.items() if f.name.endswith("LORA") and "a1111" in tools}
     assert offered == {ModelFormat.KOHYA_LORA, ModelFormat.LEGACY_LORA}
+
+
+def test_forge_routes_every_tensor_of_a_single_file_and_its_parts_load_whole():
+    rows = _lora_rows("## Single-file checkpoints")
+    for family in ("sd15", "sdxl", "sd15-inpaint", "sdxl-inpaint"):
+        for name in (f"{family}__ORIGINAL_SINGLE_FILE__FINE_TUNE.safetensors",
+                     f"{family}.safetensors"):
+            cells = rows[name]
+            assert cells[4] == "0" and "missing" not in cells[3], cells
+            assert ("clip_g" in cells[3]) == family.startswith("sdxl")

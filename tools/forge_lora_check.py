@@ -2,7 +2,11 @@
 own code.
 
     python tools/forge_lora_check.py --forge GIT_DIR --base BASE.safetensors --model MODEL_DIR
-                                     --family sd15|sdxl LORA [LORA ...] [--json]
+                                     --family sd15|sdxl LORA [LORA ...] [--checkpoint FILE]
+                                     [--json | --markdown]
+
+`--checkpoint FILE` (a fine-tune's single file) instead reports Forge's loader's split of it
+(`split_state_dict`) and which tensors its UNet and text encoders load (see check_checkpoint).
 
 Forge's `backend/` and `packages_3rdparty/` are taken from its git mirror (`git archive`, into a
 temporary folder, never into this repository) and imported unchanged, with Forge's command-line
@@ -209,6 +213,51 @@ def check_lora(sd: dict, family: str, model_dir: str, lora_path: str,
     }
 
 
+def _loaded_into(model: torch.nn.Module, state_dict: dict, ignored=()) -> dict:
+    """Forge's backend/state_dict.py load_state_dict (strict=False, its ignore lists), with
+    what it would print kept: the tensors given, missing and unexpected."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if k not in ignored]
+    unexpected = [k for k in result.unexpected_keys if k not in ignored]
+    return {"given": len(state_dict), "missing": missing, "unexpected": unexpected}
+
+
+def check_checkpoint(sd: dict, family: str, model_dir: str, path: str) -> dict:
+    """Forge's loader's split of a single-file checkpoint (split_state_dict) and its component
+    loads: which tensors reach the UNet, the VAE and each text encoder, which are missing or
+    unexpected there, and which no component takes."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from backend.nn.clip import IntegratedCLIP
+    from backend.state_dict import try_filter_state_dict
+
+    sd = dict(sd)
+    total = len(sd)
+    from huggingface_guess.detection import unet_prefix_from_state_dict
+    guess, kmodel = forge_unet(dict(sd), family, model_dir)
+    guess.unet_key_prefix = [unet_prefix_from_state_dict(sd)]  # as huggingface_guess.guess sets it
+    clip_target = guess.clip_target(sd)
+    sd = guess.process_vae_state_dict(sd)
+    parts = {"unet": try_filter_state_dict(sd, guess.unet_key_prefix),
+             "vae": try_filter_state_dict(sd, guess.vae_key_prefix)}
+    sd = guess.process_clip_state_dict(sd)
+    for name in clip_target:
+        parts[name] = try_filter_state_dict(sd, [name + "."])
+    report = {"checkpoint": path, "family": family, "tensors": total,
+              "taken_by_no_component": sorted(sd)}
+    report["unet"] = _loaded_into(kmodel.diffusion_model, parts["unet"])
+    # Forge's VAE class normalises in groups of 32 channels, more than the tiny VAE has: its
+    # tensors are counted as Forge routes them to it, not loaded
+    report["vae_tensors_routed"] = len(parts["vae"])
+    for name in clip_target:
+        config = CLIPTextConfig.from_pretrained(os.path.join(model_dir, CLIP_FOLDERS[name]))
+        model = IntegratedCLIP(CLIPTextModel, config, add_text_projection=True)
+        report[name] = _loaded_into(model, parts[name], ignored=(
+            "transformer.text_projection.weight",
+            "transformer.text_model.embeddings.position_ids", "logit_scale"))
+    return report
+
+
 def table_row(r: dict) -> str:
     """One row of docs/forge_results.md's LoRA table."""
     left = r["not_matched"] + r["embeddings_not_matched"]
@@ -228,6 +277,21 @@ def table_row(r: dict) -> str:
             f"{'yes' if r['applied'] else '**no**'} | {compared} |")
 
 
+def checkpoint_row(r: dict) -> str:
+    """One row of docs/forge_results.md's checkpoint table."""
+    components = [name for name in ("unet", "clip_l", "clip_g") if name in r]
+    cells = [f"vae {r['vae_tensors_routed']} (routed, not built)"]
+    for name in components:
+        part = r[name]
+        wrong = len(part["missing"]) + len(part["unexpected"])
+        cells.append(f"{name} {part['given']}" + (f" (**{len(part['missing'])} missing, "
+                                                  f"{len(part['unexpected'])} unexpected**)"
+                                                  if wrong else ""))
+    left = r["taken_by_no_component"]
+    return (f"| {r['family']} | `{os.path.basename(r['checkpoint'])}` | {r['tensors']} | "
+            f"{', '.join(cells)} | {len(left)}" + (f" (e.g. `{left[0]}`)" if left else "") + " |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forge", required=True, help="Forge's bare git mirror (git dir)")
@@ -235,7 +299,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True,
                         help="the base model's diffusers folder (its CLIP configurations)")
     parser.add_argument("--family", required=True, choices=("sd15", "sdxl"))
-    parser.add_argument("lora", nargs="+")
+    parser.add_argument("lora", nargs="*")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="a fine-tune's single file: what Forge's loader takes of it")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="rows of docs/forge_results.md")
     args = parser.parse_args(argv)
@@ -249,14 +315,21 @@ def main(argv=None) -> int:
         with forge_on_path(folder), contextlib.redirect_stdout(sys.stderr):
             results = [check_lora(sd, args.family, args.model, path, padded)
                        for path in args.lora]
+            for path in args.checkpoint:
+                checkpoint = load_file(path)
+                if args.family == "sdxl":
+                    _square_projection(checkpoint)
+                results.append(check_checkpoint(checkpoint, args.family, args.model, path))
     for result in results:
         result["forge_commit"] = commit
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     elif args.markdown:
-        print("\n".join(table_row(r) for r in results))
+        print("\n".join(table_row(r) if "lora" in r else checkpoint_row(r) for r in results))
     else:
-        for r in results:
+        for r in (r for r in results if "checkpoint" in r):
+            print(checkpoint_row(r))
+        for r in (r for r in results if "lora" in r):
             print(f"{os.path.basename(r['lora'])}: {r['keys_matched']}/{r['keys_total']} keys "
                   f"matched, applied {r['applied']}, {r['layers_compared']} layers compared, "
                   f"max rel. error {r['max_relative_error']}")
