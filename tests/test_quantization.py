@@ -188,6 +188,20 @@ def test_the_int8_layers_state_follows_a_move_of_its_part():
         assert torch.equal(Holder(layer)(x), before)
 
 
+def test_the_int8_weights_codes_follow_a_move_before_the_first_pass():
+    """Before its first pass the layer reads the codes from the weight's CB: a move of the part
+    (a copy stands in for it) must carry them along, or a part quantized on the GPU keeps a
+    second copy there and one read from the quantized cache computes with CPU codes."""
+    layer = q.int8_linear(linear())
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        reference = q.int8_linear(linear())(x)
+    Holder(layer)._apply(lambda t: t.clone())
+    assert layer.weight.CB.data_ptr() == layer.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(Holder(layer)(x), reference)
+
+
 @pytest.mark.parametrize("family", ["flux", "chroma", "sd3", "sd15"])
 @pytest.mark.parametrize("dtype", [DataType.FLOAT_8, DataType.NFLOAT_4])
 def test_a_quantized_denoiser_still_reads_its_compute_dtype_first(family, dtype, request):

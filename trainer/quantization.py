@@ -188,11 +188,17 @@ def _bitsandbytes_layers():
             self.state.SCB = scales
 
         def _apply(self, fn, recurse=True):
-            # After the first forward pass the int8 weight and its row scales are read from
-            # the layer's state, which a move of the whole part (`part.to(device)` calls this,
-            # not the layer's own `to`) would leave behind: the state follows the weight.
+            # The int8 weight and its row scales are read from the weight's CB / SCB before
+            # the first forward pass and from the layer's state after it; a move of the whole
+            # part (`part.to(device)` calls this, not the layer's own `to`) gives the weight new
+            # storage and would leave both behind (CB on the device it was quantized on, or on
+            # the CPU for a part read from the quantized cache): they follow the weight.
             super()._apply(fn, recurse)
             weight = self._parameters["weight"]
+            if getattr(weight, "CB", None) is not None:
+                weight.CB = weight.data
+            if getattr(weight, "SCB", None) is not None:
+                weight.SCB = weight.SCB.to(weight.device)
             if self.state.CB is not None:
                 self.state.CB = weight.data
             if self.state.SCB is not None:
