@@ -199,6 +199,7 @@ def settings(shared: bool, workspace: Path) -> dict:
             "confine_paths": state.OPTIONS.confine_paths,
             "hub_offline": constants.is_offline_mode(), "workspace": str(workspace),
             "hf_home": constants.HF_HOME, "hub_cache": constants.HF_HUB_CACHE,
+            "quantized_cache": os.environ.get("ATELIER_QUANTIZED_CACHE_DIR"),
             "limits": dataclasses.asdict(state.LIMITS),
             "publish_namespaces": list(state.OPTIONS.publish_namespaces)}
 
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     state.OPTIONS.publish_namespaces = tuple(args.publish_namespace)
     workspace = paths.workspace_root()
     workspace.mkdir(parents=True, exist_ok=True)
+    # Every job runs in a folder of its own: quantized base models go to one folder for all
+    # of them, or no later job would read them (trainer/quantized_cache.py)
+    os.environ.setdefault("ATELIER_QUANTIZED_CACHE_DIR", str(workspace / "cache" / "quantized"))
     if args.print_settings:
         print(json.dumps(settings(shared, workspace), indent=2))
         return

@@ -21,6 +21,20 @@ from trainer.loop import train
 from helpers import read_metrics, tiny_config
 
 
+@pytest.fixture(autouse=True)
+def workspace_cache(monkeypatch):
+    """Entries in each test's workspace (the app points every job at one folder)."""
+    monkeypatch.delenv(quantized_cache.CACHE_DIR_ENV, raising=False)
+
+
+def test_the_app_points_every_job_at_one_folder(tmp_path, monkeypatch):
+    from helpers import tiny_config as make
+    config = make("model", tmp_path)
+    assert quantized_cache.cache_root(config) == tmp_path / "ws" / "cache" / "quantized"
+    monkeypatch.setenv(quantized_cache.CACHE_DIR_ENV, str(tmp_path / "shared"))
+    assert quantized_cache.cache_root(config) == tmp_path / "shared"
+
+
 @pytest.fixture
 def loaded(monkeypatch):
     """How many times each part's class was read from the model's files."""

@@ -15,7 +15,7 @@ from trainer.limits import ServerLimits
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the tests set for themselves (conftest) and a Space does not.
 NOT_ON_A_SPACE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_HOME",
-                  "HF_HUB_CACHE", "ATELIER_WORKSPACE", "SPACE_ID")
+                  "HF_HUB_CACHE", "ATELIER_WORKSPACE", "SPACE_ID", "ATELIER_QUANTIZED_CACHE_DIR")
 
 
 def start_settings(**env: str) -> dict:
@@ -40,6 +40,8 @@ def test_a_space_is_shared_online_and_keeps_models_and_outputs_on_persistent_sto
     assert space["workspace"] == str(data / "workspace")
     assert space["hf_home"] == str(data / ".huggingface")
     assert Path(space["hub_cache"]).is_relative_to(data)
+    # quantized base models: one folder for every job (each runs in a folder of its own)
+    assert space["quantized_cache"] == str(data / "workspace" / "cache" / "quantized")
 
     # The same machine without SPACE_ID is someone's own: local, offline, their own hub cache.
     local = start_settings(ATELIER_DATA_DIR=str(data),

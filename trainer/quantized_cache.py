@@ -1,6 +1,8 @@
 """The disk cache of quantized frozen parts (issue 26): a part stored as FLOAT_8, INT_8 or
-NFLOAT_4 is quantized once, written to `<workspace>/cache/quantized/<part>-<slot>/`, and read
-back by the next run in place of the model's full-precision files. Flux.1's transformer is
+NFLOAT_4 is quantized once, written to `<workspace>/cache/quantized/<part>-<slot>/` (in the app:
+one folder for all its jobs and users, `<app workspace>/cache/quantized`, through
+ATELIER_QUANTIZED_CACHE_DIR), and read back by the next run in place of the model's
+full-precision files. Flux.1's transformer is
 23.8 GB in bfloat16 and 6.7 GB in NF4: the next run reads a quarter of the bytes and quantizes
 nothing.
 
@@ -9,7 +11,9 @@ the quantized layers' stored tensors (float8 codes and row scales; bitsandbytes'
 and row scales; NF4's packed weight and its quantization state, as bitsandbytes writes them in
 a state dict), everything else in the train dtype, and `meta.json`: the part's class and
 config (the model is rebuilt from them without weights, then given the stored tensors) and the
-key it was made under.
+key it was made under. An entry holds a base model's weights only, read from files the run
+could read: sharing the folder between users gives none of them anything they could not load
+themselves (the key names each source file's absolute path).
 
 The key is what changes the stored tensors: the sources the part is read from (each local file
 by path, byte size and modification time; a diffusers folder by the files of the part's
@@ -60,7 +64,15 @@ def writes_enabled() -> bool:
     return os.environ.get("ATELIER_QUANTIZED_CACHE", "").lower() not in {"off", "0", "false"}
 
 
+# Where the entries go when set (the app sets it: each of its jobs runs in a folder of its own,
+# where an entry would serve no later job); else `<workspace>/cache/quantized`.
+CACHE_DIR_ENV = "ATELIER_QUANTIZED_CACHE_DIR"
+
+
 def cache_root(config: TrainConfig) -> Path:
+    override = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if override:
+        return Path(override)
     return Path(config.workspace_dir) / "cache" / "quantized"
 
 
