@@ -172,3 +172,32 @@ def test_a_full_disk_is_not_filled_and_a_failed_write_leaves_nothing(tiny_flux_d
     assert line == (f"Could not write the quantized text_encoder_2 to {root} (No space left on "
                     "device); the next run quantizes it again")
     assert not any(root.iterdir()) and quantized_cache.load(config, "text_encoder_2") is None
+
+
+FAMILIES = [("tiny_sd15_dir", "STABLE_DIFFUSION_15"), ("tiny_sdxl_dir", "STABLE_DIFFUSION_XL_10_BASE"),
+            ("tiny_chroma_dir", "CHROMA_1"), ("tiny_sd3_dir", "STABLE_DIFFUSION_3"),
+            ("tiny_qwen_image_dir", "QWEN"), ("tiny_flux2_dir", "FLUX_2"),
+            ("tiny_z_image_dir", "Z_IMAGE")]
+
+
+@pytest.mark.parametrize("fixture, model_type", FAMILIES)
+def test_every_familys_parts_come_back_from_the_cache(fixture, model_type, request, tmp_path):
+    """Each family's loader serves every quantized part from its entry (Flux.1: the first test),
+    its classes and configs rebuilt (CLIP, T5, Qwen2.5-VL, Qwen3; UNet and transformers), the
+    stored tensors unchanged."""
+    from trainer.models import registry
+    from trainer.models.family import load_family
+    parts = registry.facts(model_type).parts
+    config = tiny_config(request.getfixturevalue(fixture), tmp_path, model_type=model_type,
+                         **{part: {"weight_dtype": "FLOAT_8", "train": part in ("unet",
+                                                                              "transformer")}
+                            for part in parts})
+    family = load_family(config)
+    q.quantize_frozen_parts(family, config, torch.device("cpu"))
+    with quantized_cache.serving(config):
+        again = load_family(config)
+    for part in parts:
+        assert getattr(again.parts[part], quantized_cache.FROM_CACHE, None), part
+        stored, read = family.parts[part].state_dict(), again.parts[part].state_dict()
+        assert stored.keys() == read.keys(), part
+        assert all(torch.equal(stored[k], read[k]) for k in stored), part
