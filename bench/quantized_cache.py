@@ -45,8 +45,9 @@ def build_model(folder: Path, width: int, blocks: int, single_blocks: int) -> in
     return sum(p.numel() for p in model.parameters())
 
 
-def first_run(folder: Path, config) -> torch.nn.Module:
-    """What a run without an entry does: read the full weights, quantize, write the entry."""
+def first_run(folder: Path, config) -> tuple[torch.nn.Module, list[str]]:
+    """What a run without an entry does: read the full weights and quantize (the model and
+    its quantized layers' names; the caller writes the entry)."""
     dtype = config.transformer.weight_dtype
     model = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer",
                                                    torch_dtype=torch.bfloat16)

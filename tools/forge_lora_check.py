@@ -58,11 +58,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comfyui_check import (compare_layers, group_modules, key_report,  # noqa: E402
                            _square_projection)
+from forge_check import FORGE_UNMATCHED_LIMIT, forge_commit  # noqa: E402
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_FOLDERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
-# networks.py load_lora_for_models: more unmatched keys than this and the LoRA is not applied
-FORGE_UNMATCHED_LIMIT = 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,8 +73,7 @@ def extract_forge(git_dir: str, dest: str) -> str:
     archive = subprocess.run(["git", "--git-dir", git_dir, "archive", "HEAD", "backend",
                               "packages_3rdparty"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
-    return subprocess.run(["git", "--git-dir", git_dir, "rev-parse", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return forge_commit(git_dir)
 
 
 @contextlib.contextmanager

@@ -441,8 +441,7 @@ def quantize_frozen_parts(family, config: TrainConfig, device: torch.device,
         lines.append(f"Stored {len(names)} linear layers of the {part} as {dtype.value} (the "
                      f"rest of it in {config.train_dtype.value})")
         if (write_cache and part != "vae" and config.base_model_name
-                and quantized_cache.writes_enabled()
-                and not quantized_cache.has_entry(config, part)):
+                and quantized_cache.writes_enabled()):
             if (line := quantized_cache.store(config, part, module, names, dtype)) is not None:
                 lines.append(line)
     return lines

@@ -158,7 +158,7 @@ SPARE_BYTES = 2**30
 def store(config: TrainConfig, part: str, module: torch.nn.Module, layers: list[str],
           dtype: DataType) -> str | None:
     """Write `module` (its `layers` just quantized to `dtype`) as `part`'s entry and say so;
-    None for a module the cache cannot rebuild. Written into a temporary folder, then renamed:
+    None for a module the cache cannot rebuild or an entry that is there already. Written into a temporary folder, then renamed:
     a reader never sees half an entry. A disk without room for it (and SPARE_BYTES more) is
     not filled, and a failed write is removed: the run goes on either way, and the next one
     quantizes the part again."""
@@ -171,6 +171,8 @@ def store(config: TrainConfig, part: str, module: torch.nn.Module, layers: list[
     slot, key = part_key(config, part)
     root = cache_root(config)
     target = root / slot
+    if _meta(target, key) is not None:  # written already (a loader that reads the whole file)
+        return None
     root.mkdir(parents=True, exist_ok=True)
     needed, free = stored_bytes(module), shutil.disk_usage(root).free
     if needed + SPARE_BYTES > free:
@@ -197,11 +199,6 @@ def store(config: TrainConfig, part: str, module: torch.nn.Module, layers: list[
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return f"Wrote the quantized {part} to {target} for the next run"
-
-
-def has_entry(config: TrainConfig, part: str) -> bool:
-    slot, key = part_key(config, part)
-    return _meta(cache_root(config) / slot, key) is not None
 
 
 # --- Reading ----------------------------------------------------------------------------------

@@ -192,9 +192,7 @@ def build_random_model(family: str, out_dir, *, seed: int = 0,
             else:
                 model.save_pretrained(staging / part)  # transformers: safetensors
             del model
-        (staging / MARKER).write_text(json.dumps(
-            {"family": family, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
-             "parameters": counts}, indent=2) + "\n", encoding="utf-8")
+        _mark_complete(staging, family, seed, dtype, counts)
     return out_dir
 
 
@@ -223,10 +221,16 @@ def _build_random_flux(out_dir: pathlib.Path, *, seed: int, dtype: torch.dtype,
             counts[part] = sum(p.numel() for p in model.parameters())
             model.save_pretrained(staging / part)
             del model
-        (staging / MARKER).write_text(json.dumps(
-            {"family": "flux", "seed": seed, "dtype": str(dtype).removeprefix("torch."),
-             "parameters": counts}, indent=2) + "\n", encoding="utf-8")
+        _mark_complete(staging, "flux", seed, dtype, counts)
     return out_dir
+
+
+def _mark_complete(staging: pathlib.Path, family: str, seed: int, dtype: torch.dtype,
+                   counts: dict[str, int]) -> None:
+    """The marker written last: a folder with it is whole."""
+    (staging / MARKER).write_text(json.dumps(
+        {"family": family, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+         "parameters": counts}, indent=2) + "\n", encoding="utf-8")
 
 
 def is_built(path) -> bool:
