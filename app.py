@@ -194,12 +194,16 @@ def settings(shared: bool, workspace: Path) -> dict:
     """What this start decided, as the libraries will see it (--print-settings)."""
     from huggingface_hub import constants
 
+    from trainer.data.cache import shared_cache_bytes
     from ui import state
     return {"space_id": os.environ.get("SPACE_ID"), "shared": shared,
             "confine_paths": state.OPTIONS.confine_paths,
             "hub_offline": constants.is_offline_mode(), "workspace": str(workspace),
             "hf_home": constants.HF_HOME, "hub_cache": constants.HF_HUB_CACHE,
             "quantized_cache": os.environ.get("ATELIER_QUANTIZED_CACHE_DIR"),
+            # each user's jobs share one latent/text cache, pruned to data_cache_gb at a start
+            "data_cache": str(workspace / ("users/<user>/cache" if shared else "cache")),
+            "data_cache_gb": shared_cache_bytes() / 2**30,
             "limits": dataclasses.asdict(state.LIMITS),
             "publish_namespaces": list(state.OPTIONS.publish_namespaces)}
 

@@ -539,6 +539,43 @@ def test_each_job_process_gets_its_own_gpu_or_a_share_of_the_cores(monkeypatch):
     assert queue_module.default_concurrency() == 4
 
 
+def test_each_owners_jobs_share_their_own_cache_folder(tmp_path, gate, monkeypatch):
+    """A job's process is pointed at its owner's latent/text cache (every job runs in a new
+    folder, where a cache would serve no later job): the workspace's on a local server, each
+    user's own on a shared one."""
+    from trainer.data.cache import DATA_CACHE_ENV
+    from trainer.ownership import Realm
+    caches: dict[int, str] = {}
+
+    class Child:  # the job's process, as the queue starts it; the gate trains
+        def __init__(self, env, label):
+            self.env, self.pid = env, None
+
+        def __call__(self, config, control, **kwargs):
+            caches[config.seed] = self.env[DATA_CACHE_ENV]
+            return gate(config, control, **kwargs)
+    monkeypatch.setattr(queue_module, "TrainInChild", Child)
+
+    def run(queue, seed, viewer=Viewer()):
+        queue.submit(plain(seed=seed, base_model_name="org/model",
+                           workspace_dir=str(queue.realm.workspace / "run")), viewer)
+        gate.release(seed)
+        assert queue.wait(30)
+        return Path(caches[seed])
+
+    local = JobQueue()
+    local.open(tmp_path / "local")
+    assert run(local, 1) == run(local, 2) == (tmp_path / "local").resolve() / "cache"
+    shared = JobQueue()
+    workspace = tmp_path / "shared"
+    shared.open(workspace, realm=Realm(workspace, shared=True, confine=True,
+                                       public=(DEMO_DATASET_DIR,)))
+    ann, bob = Viewer("ann", admin=False), Viewer("bob", admin=False)
+    users = workspace.resolve() / "users"
+    assert run(shared, 3, ann) == run(shared, 4, ann) == users / "ann" / "cache"
+    assert run(shared, 5, bob) == users / "bob" / "cache"
+
+
 def test_a_resumed_job_shows_each_step_once_in_tensorboard(tmp_path, tiny_sd15_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     queue = JobQueue(train_fn=train)  # the loop's own logging: no process needed

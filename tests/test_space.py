@@ -42,6 +42,9 @@ def test_a_space_is_shared_online_and_keeps_models_and_outputs_on_persistent_sto
     assert Path(space["hub_cache"]).is_relative_to(data)
     # quantized base models: one folder for every job (each runs in a folder of its own)
     assert space["quantized_cache"] == str(data / "workspace" / "cache" / "quantized")
+    # latents and text: each user's jobs share their own folder, kept under its cap
+    assert space["data_cache"] == str(data / "workspace" / "users" / "<user>" / "cache")
+    assert space["data_cache_gb"] == 5.0
 
     # The same machine without SPACE_ID is someone's own: local, offline, their own hub cache.
     local = start_settings(ATELIER_DATA_DIR=str(data),
@@ -49,6 +52,7 @@ def test_a_space_is_shared_online_and_keeps_models_and_outputs_on_persistent_sto
     assert not local["shared"] and local["hub_offline"] is True
     assert set(local["limits"].values()) == {None} and local["publish_namespaces"] == []
     assert local["hf_home"] == str(tmp_path / "own-hf-home")
+    assert local["data_cache"] == str(data / "workspace" / "cache")
     # A Space whose HF_HOME is set keeps it.
     kept = start_settings(SPACE_ID="alice/atelier", ATELIER_DATA_DIR=str(data),
                           HF_HOME=str(tmp_path / "chosen"))

@@ -681,7 +681,9 @@ class TrainConfig(Strict):
         True, section="Data", label="Latent caching",
         tooltip="Keep each image's VAE latents (and the captions' text-encoder outputs when no "
                 "text encoder is trained) on disk under <workspace>/cache: encoded once in the "
-                "first epoch, reused after and by later runs on the same data.")
+                "first epoch, reused after and by later runs on the same data. In the app a "
+                "user's jobs share one cache folder, pruned to ATELIER_DATA_CACHE_GB "
+                "(default 5), least recently used first.")
 
     # Optimizer and scheduler
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)  # type: ignore

@@ -10,7 +10,7 @@ to try or publish, a preset — is checked here, by `Access(realm, viewer)`:
     <workspace>/datasets/<name>/...  the dataset's owner (its hidden owner file); a dataset
                                      without one (imported with the CLI) is read by all and
                                      written by admins only
-    <workspace>/users/<name>/...     that user (presets; anything else of theirs)
+    <workspace>/users/<name>/...     that user (presets, data caches; anything else of theirs)
     the shared read-only folders     (`Realm.public`: the demo model and dataset) read by all
     anything else in the workspace   the server's own (jobs.db, the old flat folders): admins
   A user reaches their own things and the shared read-only ones; an admin reaches everything
@@ -235,6 +235,15 @@ class Access:
         """<workspace>/users/<this user>: where their presets and other files live."""
         return (self.realm.workspace / USERS_FOLDER
                 / user_folder_name(self.viewer.owner_token))
+
+    def data_cache_folder(self) -> Path:
+        """Where this user's jobs keep their latent and text caches (trainer/data/cache.py):
+        one folder for all their jobs, so a later job on the same data encodes nothing;
+        on a shared server inside their own folder (the entries hold their images' latents
+        and their captions' encodings)."""
+        if not self.realm.shared:
+            return self.realm.workspace / "cache"
+        return self.user_folder() / "cache"
 
     def sees_owner(self, owner: str | None) -> bool:
         """A job's owner (as the store records it) is this viewer's, or the viewer is an

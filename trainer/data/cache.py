@@ -22,6 +22,13 @@ and dtypes. A model family opts in for the parts of its conditioning that depend
 alone: `family.text_cache_keys` (the dict keys) and, for the rest (SDXL's size/crop time ids),
 `family.batch_conditioning(batch, device)`. SD 1.5's conditioning is the caption's hidden
 states only, so it needs neither.
+
+Where. A CLI run keeps both under its workspace, so the next run in the same workspace reuses
+them. The app runs each job in a folder of its own, so its queue points every job of one owner
+at that owner's folder (DATA_CACHE_ENV: `<workspace>/cache` on a local server,
+`<workspace>/users/<user>/cache` on a shared one, where no user reads another's entries). Such
+a folder outlives its jobs: at each run's start it is pruned to DATA_CACHE_GB_ENV, least
+recently used entries first.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -80,6 +88,68 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# --- Where the caches live, and how much they may hold --------------------------------------
+
+# The app's job queue sets this for each job (trainer/jobs/queue.py): every job runs in a
+# folder of its own, where a cache would serve no later job, so an owner's jobs share one
+# folder. Unset (the CLI): `<workspace_dir>/cache`.
+DATA_CACHE_ENV = "ATELIER_DATA_CACHE_DIR"
+# What a shared folder (DATA_CACHE_ENV set) may hold, in GB: it outlives the jobs that wrote
+# it, so the entries used least recently go first (a job folder's cache went with the job).
+DATA_CACHE_GB_ENV = "ATELIER_DATA_CACHE_GB"
+DEFAULT_DATA_CACHE_GB = 5.0
+CACHE_KINDS = ("latents", "text")
+# A dot-file is an entry being written (`_atomic_save`); one this old was left by a crash.
+STALE_WRITE_SECONDS = 24 * 3600
+
+
+def data_cache_root(workspace_dir: str | os.PathLike) -> Path:
+    """The folder holding `latents/` and `text/` for a run in `workspace_dir`."""
+    shared = os.environ.get(DATA_CACHE_ENV, "").strip()
+    return Path(shared) if shared else Path(workspace_dir) / "cache"
+
+
+def shared_cache_bytes() -> int:
+    """The most a shared cache folder may hold (DATA_CACHE_GB_ENV; a bad value: the default)."""
+    try:
+        gb = float(os.environ.get(DATA_CACHE_GB_ENV, DEFAULT_DATA_CACHE_GB))
+    except ValueError:
+        gb = DEFAULT_DATA_CACHE_GB
+    return int(max(gb, 0.0) * 2**30)
+
+
+def prune(root: Path | str, max_bytes: int) -> tuple[int, int]:
+    """Remove the least recently used latent and text entries under `root` until the rest
+    hold at most `max_bytes`; (files removed, bytes freed). Last use is the modification
+    time: an entry is written once and touched whenever a run reads it from disk. An entry
+    another run is writing (a dot-file) is left alone, unless a crash left it long ago. An
+    entry removed while another run uses it is encoded again by that run (a missing entry is
+    a miss), so pruning never breaks a run."""
+    now = time.time()
+    entries: list[tuple[float, int, Path]] = []
+    removed = freed = 0
+    for kind in CACHE_KINDS:
+        for path in (Path(root) / kind).glob("*/*"):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if path.name.startswith("."):
+                if now - stat.st_mtime > STALE_WRITE_SECONDS:
+                    path.unlink(missing_ok=True)
+                    removed, freed = removed + 1, freed + stat.st_size
+                continue
+            entries.append((stat.st_mtime, stat.st_size, path))
+    held = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries, key=lambda entry: entry[0]):
+        if held <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        held -= size
+        removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write then rename: a reader (another process, a later run) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,10 +163,15 @@ def _load(path: Path) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         return None
     try:
-        return load_file(str(path))
+        entry = load_file(str(path))
     except Exception:  # noqa: BLE001 - a damaged entry is re-encoded, never fatal
         path.unlink(missing_ok=True)
         return None
+    try:  # used now: `prune` removes the entries used least recently first
+        os.utime(path)
+    except OSError:
+        pass
+    return entry
 
 
 # --- Latents --------------------------------------------------------------------------------

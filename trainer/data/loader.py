@@ -24,8 +24,9 @@ import torch
 
 from trainer.config import TrainConfig, parse_resolution
 from trainer.data.buckets import BucketBatchSampler, plan_buckets, quantum_for
-from trainer.data.cache import (CacheStats, LatentCache, TextCache, batch_latents,
-                                source_fingerprint)
+from trainer.data.cache import (DATA_CACHE_ENV, DATA_CACHE_GB_ENV, CacheStats, LatentCache,
+                                TextCache, batch_latents, data_cache_root, prune,
+                                shared_cache_bytes, source_fingerprint)
 from trainer.data.dataset import ImageItem, TrainDataset, collate
 from trainer.data.images import oriented_size
 from trainer.inpainting import InpaintingInputs
@@ -131,7 +132,8 @@ class DataPipeline:
             vae_source = (source_fingerprint(config.vae_model_name) if config.vae_model_name
                           else source_fingerprint(config.base_model_name, "vae"))
             dtype = str(next(vae.parameters()).dtype)
-            self.latent_cache = LatentCache(Path(config.workspace_dir) / "cache" / "latents",
+            self._prune_shared_cache()
+            self.latent_cache = LatentCache(data_cache_root(config.workspace_dir) / "latents",
                                             [config.model_type.value, vae_source], dtype, scale)
             self.dataset.latent_cache = self.latent_cache
             self.text_cache = self._text_cache(family)
@@ -147,6 +149,18 @@ class DataPipeline:
             self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda",
             generator=generator)
+
+    def _prune_shared_cache(self) -> None:
+        """A cache folder shared by runs (the app's, one per owner) is kept under its cap
+        before this run adds to it; a run's own workspace cache is the user's to remove."""
+        if not self.is_main or not os.environ.get(DATA_CACHE_ENV, "").strip():
+            return
+        root, cap = data_cache_root(self.config.workspace_dir), shared_cache_bytes()
+        removed, freed = prune(root, cap)
+        if removed:
+            self.status(f"Removed {removed} cache entries used least recently from {root} "
+                        f"({freed / 2**30:.2f} GB): it holds at most {cap / 2**30:g} GB "
+                        f"({DATA_CACHE_GB_ENV}).")
 
     def _text_cache(self, family) -> TextCache | None:
         config = self.config
@@ -172,7 +186,7 @@ class DataPipeline:
                     config.text_encoder.weight_dtype.value,
                     config.text_encoder_2.weight_dtype.value, config.train_dtype.value]
         identity += family.text_cache_identity()  # what else shapes the family's outputs
-        return TextCache(Path(config.workspace_dir) / "cache" / "text", identity,
+        return TextCache(data_cache_root(config.workspace_dir) / "text", identity,
                          keys=tuple(keys) if keys else None)
 
     # -- epochs ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Callable
 from trainer.config import (LearningRateScheduler, TimeUnit, TrainConfig, check_supported,
                             config_from_dict)
 from trainer.control import Event
+from trainer.data.cache import DATA_CACHE_ENV
 from trainer.errors import AtelierError, ConfigError
 from trainer.jobs import resume
 from trainer.jobs.child import TrainInChild, child_environment, cuda_device_count
@@ -336,9 +337,10 @@ class JobQueue:
         slot = min(set(range(self.concurrency)) - set(self._slots.values()))
         train_fn = self._train_fn
         if train_fn is None:
-            train_fn = self._children[job.id] = TrainInChild(
-                child_environment(slot, self.concurrency, cuda_device_count()),
-                label=f"job {job.id}")
+            env = child_environment(slot, self.concurrency, cuda_device_count())
+            # The job folder is new: the owner's caches are where their earlier jobs left them
+            env[DATA_CACHE_ENV] = str(access.data_cache_folder())
+            train_fn = self._children[job.id] = TrainInChild(env, label=f"job {job.id}")
         # Paths were checked at submit; the session must not rewrite them (its confinement
         # would move a repo-relative demo path into the workspace).
         session = TrainingSession(self.allow_custom_code, None,
