@@ -18,7 +18,7 @@ from trainer.config import DataType
 from trainer.control import Control
 from trainer.loop import train
 
-from helpers import read_metrics, tiny_config
+from helpers import RUNS_ARE_BIT_EXACT, read_metrics, same_trained, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -201,3 +201,119 @@ def test_every_familys_parts_come_back_from_the_cache(fixture, model_type, reque
         stored, read = family.parts[part].state_dict(), again.parts[part].state_dict()
         assert stored.keys() == read.keys(), part
         assert all(torch.equal(stored[k], read[k]) for k in stored), part
+
+
+# --- SD 1.5 / SDXL single files: diffusers' from_single_file is given the cached parts -------
+
+@pytest.fixture
+def built_from_file(monkeypatch):
+    """The components diffusers' from_single_file converted and loaded from the file."""
+    from diffusers.loaders import single_file
+    names = []
+    real = single_file.load_single_file_sub_model
+
+    def spy(*args, name, **kwargs):
+        names.append(name)
+        return real(*args, name=name, **kwargs)
+    monkeypatch.setattr(single_file, "load_single_file_sub_model", spy)
+    return names
+
+
+def single_file_of(model_dir, model_type, path, monkeypatch, config_dir=None):
+    """The tiny model of `model_dir` written as an original single file at `path`, its family
+    reading single files with `config_dir` (the tiny model's own configs by default): the run
+    config names no config folder, and the shipped ones describe full-size models."""
+    import dataclasses
+
+    from trainer.models import sd15, sdxl
+    from trainer.models.single_file import save_sd15_single_file, save_sdxl_single_file
+    if model_type.startswith("STABLE_DIFFUSION_XL"):
+        save_sdxl_single_file(sdxl.load_sdxl(str(model_dir)), path)
+        monkeypatch.setattr(sdxl, "SDXL_SPEC", dataclasses.replace(
+            sdxl.SDXL_SPEC, config_dir=config_dir or model_dir))
+    else:
+        save_sd15_single_file(sd15.load_sd15(str(model_dir)), path)
+        monkeypatch.setattr(sd15, "SD15_SPEC", dataclasses.replace(
+            sd15.SD15_SPEC, config_dir=config_dir or model_dir))
+    return path
+
+
+SINGLE_FILES = [("tiny_sd15_dir", "STABLE_DIFFUSION_15", ("text_encoder",)),
+                ("tiny_sdxl_dir", "STABLE_DIFFUSION_XL_10_BASE",
+                 ("text_encoder", "text_encoder_2"))]
+
+
+@pytest.mark.parametrize("fixture, model_type, encoders", SINGLE_FILES)
+def test_a_single_files_second_run_reads_its_quantized_parts(fixture, model_type, encoders,
+                                                            built_from_file, request, tmp_path,
+                                                            monkeypatch):
+    """The UNet and the text encoders (the first trained: its LoRA runs on the served layers)
+    quantized from a single file are written once; the next run gives them to diffusers, which
+    converts only the VAE, and trains the same; a touched file rebuilds both entries."""
+    model = single_file_of(request.getfixturevalue(fixture), model_type,
+                           tmp_path / "model.safetensors", monkeypatch)
+    parts = (*encoders, "unet")
+    config = tiny_config(model, tmp_path, model_type=model_type, epochs=1,
+                         **{part: {"weight_dtype": "FLOAT_8",
+                                   "train": part in ("unet", "text_encoder")} for part in parts})
+    status, losses, lora = run(config, tmp_path / "first.safetensors")
+    assert set(parts) <= set(built_from_file), built_from_file
+    assert len([line for line in status if line.startswith("Wrote the quantized")]) == len(parts)
+    assert any(k.startswith("lora_te") for k in lora) and any("unet" in k for k in lora)
+
+    built_from_file.clear()
+    status, again, lora_again = run(config, tmp_path / "second.safetensors")
+    assert not set(parts) & set(built_from_file) and "vae" in built_from_file, built_from_file
+    read = [line for line in status if line.startswith("Read the")]
+    assert [line.split()[2] for line in read] == list(parts), status
+    assert not any("Wrote the quantized" in line for line in status), status
+    assert again == losses if RUNS_ARE_BIT_EXACT else again == pytest.approx(losses, rel=1e-3)
+    assert lora_again.keys() == lora.keys()
+    assert all(same_trained(lora[k], lora_again[k]) for k in lora)
+
+    # The same bytes written again (a later time): every part comes from the file, so both
+    # entries are rebuilt, each in its own slot.
+    stat = model.stat()
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    built_from_file.clear()
+    status, _, _ = run(config, tmp_path / "third.safetensors")
+    assert set(parts) <= set(built_from_file), built_from_file
+    assert len([line for line in status if line.startswith("Wrote the quantized")]) == len(parts)
+    assert len(list(quantized_cache.cache_root(config).iterdir())) == len(parts)
+
+
+def test_an_inpainting_single_files_unet_comes_back_with_its_channels(
+        built_from_file, tiny_sd15_inpaint_dir, tiny_sd15_dir, tmp_path, monkeypatch):
+    """The 9-channel UNet of a single file read with 4-channel configs (built from a temporary
+    copy of them): its entry keeps the 9 channels and is keyed on the folder given, so it is
+    served; the same file read with another config folder is another entry."""
+    from trainer.models.family import load_family
+    model = single_file_of(tiny_sd15_inpaint_dir, "STABLE_DIFFUSION_15_INPAINTING",
+                           tmp_path / "inpaint.safetensors", monkeypatch, tiny_sd15_dir)
+    config = tiny_config(model, tmp_path, model_type="STABLE_DIFFUSION_15_INPAINTING",
+                         unet={"weight_dtype": "FLOAT_8"},
+                         text_encoder={"train": False, "weight_dtype": "FLOAT_8"})
+    family = load_family(config)
+    assert family.parts["unet"].config.in_channels == 9
+    q.quantize_frozen_parts(family, config, torch.device("cpu"))
+    built_from_file.clear()
+    with quantized_cache.serving(config):
+        again = load_family(config)
+    assert "unet" not in built_from_file and "text_encoder" not in built_from_file
+    unet = again.parts["unet"]
+    assert getattr(unet, quantized_cache.FROM_CACHE, None) and unet.config.in_channels == 9
+    stored, read = family.parts["unet"].state_dict(), unet.state_dict()
+    assert stored.keys() == read.keys() and all(torch.equal(stored[k], read[k]) for k in stored)
+
+    # The same configs in another folder: another key, so the parts are built (and written)
+    other = tmp_path / "other-config"
+    shutil.copytree(tiny_sd15_dir, other)
+    single_file_of(tiny_sd15_inpaint_dir, "STABLE_DIFFUSION_15_INPAINTING",
+                   tmp_path / "inpaint.safetensors", monkeypatch, other)
+    assert quantized_cache.part_key(config, "unet", str(other))[0] != quantized_cache.part_key(
+        config, "unet", str(tiny_sd15_dir))[0]
+    with quantized_cache.serving(config):
+        third = load_family(config)
+    assert "unet" in built_from_file and "text_encoder" in built_from_file
+    assert getattr(third.parts["unet"], quantized_cache.CONFIG_FOLDER) == str(other)
+    assert not hasattr(third.parts["unet"], quantized_cache.FROM_CACHE)

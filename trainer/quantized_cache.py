@@ -23,10 +23,13 @@ its types, and this format's version. A source that changed (a new file written 
 one) changes the key: the entry is rebuilt and replaces the old one in the same slot (the slot
 is the key without the files' sizes and times), so a workspace keeps one entry per model part.
 
-Read from the cache where the loaders read a part alone: a diffusers folder or hub id (every
-family), a transformer file beside it (`transformer.model_name`), an SD 3 / 3.5 single file.
-An SD 1.5 / SDXL single-file checkpoint is read whole by diffusers' `from_single_file`, so
-those parts are quantized again each run (from the full weights the run reads anyway).
+Read from the cache wherever the loaders read a part: a diffusers folder or hub id (every
+family), a transformer file beside it (`transformer.model_name`), an SD 3 / 3.5 single file, and
+an SD 1.5 / SDXL single-file checkpoint (diffusers' `from_single_file` is given the cached UNet
+and text encoders and converts only the other parts; it still reads the whole file). A single
+file's parts are built with a diffusers config folder (the shipped one, or the model's own):
+that folder is a source of their key too, so another folder, or an edited config in it, makes
+another entry.
 Only diffusers and transformers models are cached (every family's UNet, transformer and text
 encoders); a quantized VAE is quantized each run.
 """
@@ -53,6 +56,9 @@ META = "meta.json"
 # The attribute a part read from the cache carries: its status line (quantize_frozen_parts
 # reports it and quantizes nothing).
 FROM_CACHE = "_atelier_quantized_from_cache"
+# The attribute a part built from a single file carries: the config folder it was built with,
+# which `store` adds to its key as the loader's `cached_or` did (the run config names no folder).
+CONFIG_FOLDER = "_atelier_config_folder"
 
 _serving: contextvars.ContextVar["_Serving | None"] = contextvars.ContextVar(
     "quantized_cache_serving", default=None)
@@ -89,22 +95,26 @@ def _hub_snapshot(name: str) -> str:
         return name
 
 
-def part_sources(config: TrainConfig, part: str) -> list[str]:
-    """The config's model names a part is read from: the base model and the part's own file."""
+def part_sources(config: TrainConfig, part: str, config_folder: str | None = None) -> list[str]:
+    """The names a part is read from: the base model, the part's own file, and the config folder
+    a single file's part is built with (its class's config comes from there)."""
     names = [config.base_model_name]
     own = getattr(getattr(config, part), "model_name", "") or ""
     if own:
         names.append(own)
+    if config_folder:
+        names.append(str(Path(config_folder).resolve()))
     return names
 
 
-def part_key(config: TrainConfig, part: str) -> tuple[str, dict]:
-    """(the slot's name, the full key) of `part`'s entry."""
+def part_key(config: TrainConfig, part: str,
+             config_folder: str | None = None) -> tuple[str, dict]:
+    """(the slot's name, the full key) of `part`'s entry; `config_folder`: see part_sources."""
     from trainer.quantization import BITSANDBYTES, quantization_patterns
     from trainer.models import registry
 
     dtype = getattr(config, part).weight_dtype
-    names = part_sources(config, part)
+    names = part_sources(config, part, config_folder)
     settings = {"format": CACHE_FORMAT, "model_type": config.model_type.value, "part": part,
                 "weight_dtype": dtype.value, "train_dtype": config.train_dtype.value,
                 "sources": names}
@@ -168,7 +178,7 @@ def store(config: TrainConfig, part: str, module: torch.nn.Module, layers: list[
     library = _library(module)
     if library is None:
         return None
-    slot, key = part_key(config, part)
+    slot, key = part_key(config, part, getattr(module, CONFIG_FOLDER, None))
     root = cache_root(config)
     target = root / slot
     if _meta(target, key) is not None:  # written already (a loader that reads the whole file)
@@ -270,14 +280,15 @@ def _tie(module: torch.nn.Module, aliases: dict[str, str]) -> None:
             owner._parameters[name] = parameter
 
 
-def load(config: TrainConfig, part: str) -> torch.nn.Module | None:
+def load(config: TrainConfig, part: str,
+         config_folder: str | None = None) -> torch.nn.Module | None:
     """`part` from its entry, quantized as it was stored; None without a valid entry (no entry,
     another key, or one that does not rebuild, which is removed: the part is then loaded,
-    quantized and written again)."""
+    quantized and written again). `config_folder`: see part_sources."""
     from safetensors.torch import load_file
 
     from trainer.quantization import compute_dtype, flag_quantized
-    slot, key = part_key(config, part)
+    slot, key = part_key(config, part, config_folder)
     folder = cache_root(config) / slot
     meta = _meta(folder, key)
     if meta is None:
@@ -335,16 +346,23 @@ def serving(config: TrainConfig) -> Iterator[None]:
         _serving.reset(token)
 
 
-def cached_or(part: str, build: Callable[[], Any]) -> Any:
+def cached_or(part: str, build: Callable[[], Any], config_folder: str | None = None) -> Any:
     """`part` from the quantized cache when a run is loading with one for it, else `build()`
-    (the loader's own reading of the part). The loaders call this where they read one part."""
+    (the loader's own reading of the part). The loaders call this where they read one part;
+    `config_folder`: the config folder a single file's part is built with (see part_sources)."""
     from trainer.errors import AtelierError
     active = _serving.get()
     if active is not None and part in active.parts:
         try:
-            module = load(active.config, part)
+            module = load(active.config, part, config_folder)
         except AtelierError:  # a setting the run refuses by name later (the layer filter)
             module = None
         if module is not None:
             return module
     return build()
+
+
+def built_with_config(module: torch.nn.Module, config_folder: str) -> None:
+    """Note on a part the loader built from a single file the config folder it used, for the
+    key its entry is written under (`store`)."""
+    setattr(module, CONFIG_FOLDER, str(config_folder))

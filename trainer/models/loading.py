@@ -30,7 +30,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from trainer.errors import ModelLoadError
-from trainer.quantized_cache import cached_or
+from trainer.quantized_cache import built_with_config, cached_or
 from trainer.quiet import hide_weight_loading_bars
 
 BASE_FIELD = "base_model_name"
@@ -265,9 +265,10 @@ LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 def _load_single_file(spec: FamilySpec, path: pathlib.Path, config_dir: pathlib.Path, vae,
                       dtype) -> dict:
     # An inpainting checkpoint's UNet reads 9 channels where the shipped configs say 4: the
-    # file says how many (whether they fit the model type is checked by the caller).
-    with _config_with_checkpoint_in_channels(path, config_dir) as config_dir:
-        return _load_single_file_with(spec, path, config_dir, vae, dtype)
+    # file says how many (whether they fit the model type is checked by the caller). The
+    # quantized cache keys on the folder given, not on that temporary copy of it.
+    with _config_with_checkpoint_in_channels(path, config_dir) as build_dir:
+        return _load_single_file_with(spec, path, build_dir, vae, dtype, config_source=config_dir)
 
 
 @contextlib.contextmanager
@@ -289,15 +290,24 @@ def _config_with_checkpoint_in_channels(path: pathlib.Path, config_dir: pathlib.
 
 
 def _load_single_file_with(spec: FamilySpec, path: pathlib.Path, config_dir: pathlib.Path, vae,
-                           dtype) -> dict:
+                           dtype, config_source: pathlib.Path | None = None) -> dict:
+    """The parts of single file `path`, built with the configs in `config_dir`; the UNet and
+    text encoders that an earlier run quantized from this file and `config_source` (the config
+    folder as given, `config_dir` by default) come from the quantized cache instead."""
     check_checkpoint_layout(spec, path, config_dir, need_vae=vae is None)
+    config_source = str(config_source or config_dir)
+    # diffusers uses a component it is given as it is (as for `vae=`): it neither converts nor
+    # loads those parts from the file.
+    cacheable = (*spec.text_encoders, "unet")
+    served = {name: module for name in cacheable
+              if (module := cached_or(name, lambda: None, config_source)) is not None}
     extra = {"vae": vae} if vae is not None else {}
     try:
         # config=<local folder> + local_files_only: diffusers otherwise downloads the configs
         # of the model it guesses the checkpoint to be.
         pipe = spec.pipeline_class.from_single_file(
             str(path), config=str(config_dir), local_files_only=True,
-            **spec.single_file_kwargs, **extra,
+            **spec.single_file_kwargs, **extra, **served,
         )
     except Exception as err:  # noqa: BLE001
         raise load_error(BASE_FIELD, str(path), err) from err
@@ -305,7 +315,11 @@ def _load_single_file_with(spec: FamilySpec, path: pathlib.Path, config_dir: pat
     for name in models:
         _check_all_weights_loaded(getattr(pipe, name), name, path)
     parts: dict[str, Any] = {name: getattr(pipe, name) for name in spec.tokenizers}
-    parts.update({name: as_dtype(getattr(pipe, name), dtype) for name in models})
+    # a served part is in its stored dtypes already (a cast would touch its quantized codes)
+    parts.update({name: served[name] if name in served else as_dtype(getattr(pipe, name), dtype)
+                  for name in models})
+    for name in set(cacheable) - set(served):  # its entry's key names the config folder too
+        built_with_config(parts[name], config_source)
     parts["noise_scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
     return parts
 
