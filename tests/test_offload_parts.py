@@ -175,10 +175,10 @@ def test_activation_offloading_trains_exactly_like_plain_checkpointing(tmp_path,
     """transformer.activation_offloading: every checkpointed block runs through the offloading
     checkpoint (its inputs kept in CPU memory, copied back for the recomputation) and the run
     is the plain checkpointed run, loss for loss and weight for weight."""
-    import trainer.loop as loop
+    import trainer.placement as placement
     made = []
-    real = loop.offloading_checkpoint
-    monkeypatch.setattr(loop, "offloading_checkpoint",
+    real = placement.offloading_checkpoint
+    monkeypatch.setattr(placement, "offloading_checkpoint",
                         lambda device: made.append(real(device)) or made[-1])
     plain_result, plain_events = run(flux(tmp_path / "plain"))
     assert not made

@@ -34,8 +34,7 @@ from trainer.data.loader import DataPipeline
 from trainer.embeddings import AdditionalEmbeddings
 from trainer.errors import ConfigError, DatasetError, TrainingError
 from trainer.io import atomic_write_text
-from trainer.layer_offload import (check_layer_offload, gradient_flows, offload_parts,
-                                   offloaded_parts, offloading_checkpoint)
+from trainer.layer_offload import check_layer_offload
 from trainer.lora import continue_from_file
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
 from trainer.models import registry
@@ -47,7 +46,8 @@ from trainer.optim.registry import ADAPTIVE, build_optimizer, effective_learning
 from trainer.optim.schedules import Schedule
 from trainer import quantized_cache
 from trainer.quantization import is_quantized, quantize_frozen_parts
-from trainer.residency import FrozenPartsResidency, cache_served, fill_caches_first
+from trainer.placement import PartPlacement
+from trainer.residency import cache_served
 from trainer.sampling import render_samples
 from trainer.validation import Validation, check_validation_cadence
 from trainer.validation_split import training_and_validation
@@ -234,17 +234,10 @@ def train(config: TrainConfig, control: Control | None = None, *,
     for line in quantize_frozen_parts(family, config, accelerator.device, write_cache=is_main):
         status(line)
     vae = family.vae
-    vae.requires_grad_(False)
-    vae.to(accelerator.device, dtypes["vae"])
-    streamed = offloaded_parts(config)
-    # Parts held on the CPU for now: a streamed one until its blocks are chosen
-    # (layer_offload.py); the UNet (transformer) while the caches fill first (residency.py), so
-    # that it and the VAE and frozen text encoders are never on the GPU together.
-    caches_first = fill_caches_first(config, accelerator.device, accelerator.num_processes)
-    held_back = set(streamed) | ({facts.denoiser} if caches_first else set())
-    for name, module in family.parts.items():
-        module.requires_grad_(False)
-        module.to(None if name in held_back else accelerator.device, dtypes[name])
+    # Parts on the device, held on the CPU for now, or streamed (placement.py)
+    placement = PartPlacement(config, family, accelerator.device, accelerator.num_processes,
+                              status)
+    placement.place(dtypes)
 
     # LoRA adapters on the trained parts (FINE_TUNE: their own weights, in float32), one
     # parameter group (own LR) per part.
@@ -255,12 +248,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
                              "name": part})
         if config.gradient_checkpointing and getattr(config, part).gradient_checkpointing:
             enable_gradient_checkpointing(family.parts[part])
-    for part in streamed:  # a frozen part a gradient flows through recomputes its blocks too
-        if part not in parts and gradient_flows(config, part):
-            enable_gradient_checkpointing(family.parts[part])
-    if getattr(config, facts.denoiser).activation_offloading:  # the blocks' inputs on the CPU
-        family.parts[facts.denoiser].enable_gradient_checkpointing(
-            gradient_checkpointing_func=offloading_checkpoint(accelerator.device))
+    placement.recompute_streamed(parts, enable_gradient_checkpointing)
     continue_from_file(config, family, parts)  # lora_model_name: start from a saved LoRA
     # Additional embeddings: new tokens in the tokenizers, their vectors in the text encoders,
     # trained in a parameter group of their own (embedding_learning_rate).
@@ -276,35 +264,22 @@ def train(config: TrainConfig, control: Control | None = None, *,
 
     # Streamed blocks of the frozen text encoders now: they fill the text cache. The denoiser's
     # and trained parts' after the caches are full.
-    offloads = offload_parts(config, family, [p for p in streamed if p not in parts
-                                              and p != facts.denoiser], accelerator.device)
+    placement.stream_frozen_encoders(parts)
     dataloader = data.make_loader(family, accelerator.device)  # one bucket per batch
     inpainting = data.inpainting_inputs(vae)  # an inpainting UNet's mask + masked image
     validator = (Validation(config, family, held_out, accelerator.device, status=status,
                             warn=warn, is_main=is_main) if held_out else None)
-    # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends);
-    # a streamed one moves all but its streamed blocks.
-    residency = FrozenPartsResidency(
-        cache_served(config, family, data, parts, embeddings), accelerator.device,
-        on_return=lambda name: status(f"The {name} is back on the GPU for a sample the cache "
-                                      "has not seen yet; it leaves again at the epoch's end"),
-        movers={name: offload.move_resident for name, offload in offloads.items()})
+    # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends).
+    residency = placement.residency(cache_served(config, family, data, parts, embeddings))
 
-    if caches_first:
+    if placement.caches_first:
         status("Filling the latent and text caches before training")
         data.fill_caches(dataloader, family, vae, accelerator.device,
                          clip_skip=config.text_encoder.clip_skip)
         residency.park()
 
     # Streamed blocks (offload_fraction): pinned in CPU memory, the rest to the device.
-    offloads.update(offload_parts(config, family, [p for p in streamed if p not in offloads],
-                                  accelerator.device))
-    for name in held_back - set(offloads):
-        family.parts[name].to(accelerator.device)
-    for name, offload in offloads.items():
-        status(f"Streaming {offload.streamed_bytes / 2**20:,.0f} of "
-               f"{offload.total_bytes / 2**20:,.0f} MB of the {name}'s frozen weights from "
-               f"CPU memory ({len(offload.units)} blocks)")
+    placement.stream_the_rest()
     compiling = compile_wanted(config)
     if compiling:
         blocks = compile_blocks(family.parts[facts.denoiser], data.bucket_count())
@@ -322,9 +297,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
     # weights are frozen: DDP then averages the vectors' gradients like any other.
     wrapped_parts = parts + [p for p in (embeddings.encoders_with_trained_vectors()
                                          if embeddings else []) if p not in parts]
-    # A streamed part is placed already (accelerate would copy all of it to the device).
     prepared = accelerator.prepare(*[family.parts[p] for p in wrapped_parts], optimizer,
-                                   device_placement=[p not in offloads for p in wrapped_parts]
+                                   device_placement=placement.placed_by_accelerate(wrapped_parts)
                                    + [True])
     optimizer = prepared[-1]
     family.wrapped = dict(zip(wrapped_parts, prepared[:-1]))
