@@ -24,6 +24,7 @@ REFUSED = {
     "preset.z_image_deturbo_lora_16gb.saved": "transformer.weight_dtype",  # INT_W8A8
     "preset.flux2_lora_16gb.saved": "transformer.weight_dtype",  # INT_W8A8
     "preset.flux2_lora_8gb.saved": "transformer.weight_dtype",  # INT_W8A8
+    "chroma_lora_gguf_a8_int.saved": "transformer.weight_dtype",  # GGUF_A8_INT
 }
 # Accepted by the translation, refused when the run starts (check_supported), with the key.
 REFUSED_AT_START = {

@@ -300,14 +300,16 @@ def test_quantized_weights_are_accepted(dtype):
     check_supported(config)
 
 
-@pytest.mark.parametrize("dtype", ["GGUF", "FLOAT_W8A8", "INT_W8A8_COMPRESSED"])
+@pytest.mark.parametrize("dtype", ["GGUF_A8_INT", "FLOAT_W8A8", "INT_W8A8_COMPRESSED"])
 def test_quantized_types_atelier_does_not_build_are_refused_naming_key_and_value(dtype):
     """OneTrainer's other quantized types, in Atelier's own config too: named, never replaced."""
     with pytest.raises(ConfigError) as error:
         config_from_dict({**FLUX, "transformer": {"weight_dtype": dtype}})
     assert str(error.value).startswith(f"transformer.weight_dtype: {dtype} (")
+    instead = ("GGUF (the file's weights, activations in the train data type)"
+               if dtype.startswith("GGUF") else "FLOAT_8 (8-bit weights) or NFLOAT_4 (4-bit)")
     assert str(error.value).endswith(") is not built in Atelier; set transformer.weight_dtype "
-                                     "to FLOAT_8 (8-bit weights) or NFLOAT_4 (4-bit).")
+                                     f"to {instead}.")
 
 
 

@@ -16,6 +16,7 @@ from trainer.models.family import load_family
 from trainer.models.flux import image_ids, pack, unpack
 from trainer.models.tiny_flow import tiny_flow_model
 
+from flow_family_checks import render_flux
 from helpers import (RUNS_ARE_BIT_EXACT, assert_black_masks_learn_nothing, read_metrics,
                      resumed_equals_whole, same_trained, tiny_config)
 
@@ -29,15 +30,6 @@ def flux_config(tmp_path, kind="flux", **overrides):
                 output_model_format="DIFFUSERS_LORA", lora_rank=8, lora_alpha=8.0)
     data.update(overrides)
     return tiny_config(tiny_flow_model(kind), tmp_path, **data)
-
-
-def render(pipe, config, sample=SAMPLE):
-    generator = torch.Generator("cpu").manual_seed(sample["seed"])
-    image = pipe(sample["prompt"], width=sample["width"], height=sample["height"],
-                 num_inference_steps=sample["diffusion_steps"],
-                 guidance_scale=sample["cfg_scale"], generator=generator,
-                 max_sequence_length=config.text_encoder_2_sequence_length).images[0]
-    return np.asarray(image).astype(np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +59,9 @@ def test_diffusers_lora_reloads_in_flux_pipeline_and_gives_the_training_sample(t
     sample_path = [e["path"] for e in events if e["type"] == "sample"][-1]
     pipe = FluxPipeline.from_pretrained(tiny_flow_model("flux"))
     pipe.set_progress_bar_config(disable=True)
-    base = render(pipe, config)
+    base = render_flux(pipe, config)
     pipe.load_lora_weights(result.output_path)
-    with_lora = render(pipe, config)
+    with_lora = render_flux(pipe, config)
     sample = np.asarray(Image.open(sample_path)).astype(np.float64)
     assert np.abs(with_lora - sample).max() <= (0 if RUNS_ARE_BIT_EXACT else 2)
     assert np.abs(with_lora - base).mean() > 1.0
@@ -216,12 +208,12 @@ def test_kohya_and_comfy_files_give_the_diffusers_files_image(output_format, dou
     assert f"{fused}.lora_down.weight" in keys
     pipe = FluxPipeline.from_pretrained(tiny_flow_model("flux"))
     pipe.set_progress_bar_config(disable=True)
-    base = render(pipe, config)
+    base = render_flux(pipe, config)
     pipe.load_lora_weights(double_block_runs["DIFFUSERS_LORA"].output_path)
-    expected = render(pipe, config)
+    expected = render_flux(pipe, config)
     pipe.unload_lora_weights()
     pipe.load_lora_weights(other.output_path)
-    got = render(pipe, config)
+    got = render_flux(pipe, config)
     assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()
     assert np.abs(expected - base).mean() > 1.0
 
@@ -286,7 +278,7 @@ def test_dora_trains_and_reloads_in_flux_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(result.output_path)
     sample = [e["path"] for e in events if e["type"] == "sample"][-1]
-    got = render(pipe, config)
+    got = render_flux(pipe, config)
     assert np.abs(got - np.asarray(Image.open(sample)).astype(np.float64)).max() <= 1
 
 

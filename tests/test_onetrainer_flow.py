@@ -1,9 +1,10 @@
 """OneTrainer's files for the flow-matching families (Flux.1, Chroma, SD 3), written by its own
 code (tests/fixtures/onetrainer: its presets '#flux LoRA', '#chroma LoRA 8GB/16GB/24GB', '#sd 3
-LoRA', '#sd 3' loaded and saved by its UI, and a saved Flux LoRA whose user set the quantized
-weights to BFLOAT_16): each imports as its author meant, field by field, quantized weights
-(FLOAT_8, NFLOAT_4) and their layer filter included. Then the import's rules for these
-families, on OneTrainer's own files with one key changed as a user would change it."""
+LoRA', '#sd 3' loaded and saved by its UI, a saved Flux LoRA whose user set the quantized
+weights to BFLOAT_16, and one whose user read the transformer from a GGUF file): each imports
+as its author meant, field by field, quantized weights (FLOAT_8, NFLOAT_4, GGUF) and their layer
+filter included. Then the import's rules for these families, on OneTrainer's own files with one
+key changed as a user would change it."""
 from __future__ import annotations
 
 import copy
@@ -92,6 +93,11 @@ MEANT = {
 MEANT["preset.flux_lora.saved"] = {
     **MEANT["flux_lora_bf16.saved"], "transformer.weight_dtype": "NFLOAT_4",
     "text_encoder_2.weight_dtype": "NFLOAT_4", "quantization.layer_filter_preset": "full"}
+# The Flux preset with a GGUF file in "Override Transformer / GGUF" and the transformer's type
+# GGUF (its tooltip's rule), T5 in BFLOAT_16: the transformer read pre-quantized from that file.
+MEANT["flux_lora_gguf.saved"] = {
+    **MEANT["flux_lora_bf16.saved"], "transformer.weight_dtype": "GGUF",
+    "transformer.model_name": "/data/models/flux1-dev-Q8_0.gguf"}
 MEANT["preset.chroma_lora_16gb.saved"] = {
     **MEANT["preset.chroma_lora_24gb.saved"], "transformer.weight_dtype": "FLOAT_8",
     "quantization.layer_filter_preset": "blocks"}
@@ -189,8 +195,9 @@ def test_flux_keys_mean_what_they_meant():
      "DIFFUSERS_LORA, KOHYA_LORA, COMFY_LORA"),
     ({"quantization__svd_dtype": "BFLOAT_16", "transformer__weight_dtype": "INT_8"},
      "quantization.svd_dtype: 'BFLOAT_16' cannot be trained here: SVDQuant"),
-    ({"transformer__weight_dtype": "GGUF"}, "transformer.weight_dtype: GGUF (weights read "
-                                            "pre-quantized from a GGUF file) is not built"),
+    ({"transformer__weight_dtype": "GGUF_A8_FLOAT"},
+     "transformer.weight_dtype: GGUF_A8_FLOAT (weights from a GGUF file with float8 "
+     "activations) is not built in Atelier"),
 ])
 def test_what_flux_would_do_differently_is_refused_naming_the_key(changes, refused):
     data = flux(**changes)
@@ -202,6 +209,70 @@ def test_what_flux_would_do_differently_is_refused_naming_the_key(changes, refus
     with pytest.raises(ConfigError) as error:
         imported(data)
     assert str(error.value).startswith(refused), str(error.value)
+
+
+def test_the_gguf_file_differs_from_the_bfloat16_one_only_in_its_transformer():
+    """Both are OneTrainer's #flux LoRA with T5 set to BFLOAT_16 (the manifest records the
+    steps); the GGUF one names a .gguf file in "Override Transformer / GGUF" and sets the
+    transformer's type to GGUF, as that field's tooltip asks. Everything else is the same."""
+    gguf, plain = raw("flux_lora_gguf.saved"), raw("flux_lora_bf16.saved")
+    assert entry("flux_lora_gguf.saved")["how"][1] == entry("flux_lora_bf16.saved")["how"][1]
+    assert (gguf["transformer"]["model_name"], gguf["transformer"]["weight_dtype"]) == (
+        "/data/models/flux1-dev-Q8_0.gguf", "GGUF")
+    gguf["transformer"] = {**gguf["transformer"], "model_name": "", "weight_dtype": "BFLOAT_16"}
+    assert gguf == plain
+
+
+def test_gguf_needs_its_file_and_a_gguf_file_needs_gguf():
+    """OneTrainer reads a GGUF transformer only with both set (the tooltip's rule): each alone,
+    in OneTrainer's own file, is refused when the run starts, naming the key to set."""
+    config, _ = imported(flux(transformer__weight_dtype="GGUF"))  # and no file
+    assert config.transformer.weight_dtype.value == "GGUF"
+    with pytest.raises(ConfigError, match=r"^transformer\.weight_dtype = GGUF reads the "
+                                          r"transformer pre-quantized from a \.gguf file: set "
+                                          r"transformer\.model_name"):
+        check_supported(config)
+    gguf = raw("flux_lora_gguf.saved")
+    gguf["transformer"]["weight_dtype"] = "BFLOAT_16"
+    config, _ = imported(gguf)
+    with pytest.raises(ConfigError, match=r"^transformer\.model_name: '/data/models/flux1-dev-"
+                                          r"Q8_0\.gguf' is a GGUF file.*set transformer\."
+                                          r"weight_dtype to GGUF"):
+        check_supported(config)
+
+
+def test_under_gguf_the_quantization_filter_and_svdquant_change_nothing():
+    """OneTrainer applies neither its layer filter nor SVDQuant to a plain GGUF transformer
+    (the file says which layers are packed): the import says the filter changes nothing and
+    sets SVDQuant aside, where a quantized transformer's SVDQuant is refused."""
+    data = raw("chroma_lora_gguf_a8_int.saved")
+    data["transformer"]["weight_dtype"] = "GGUF"
+    data["quantization"]["svd_dtype"] = "BFLOAT_16"
+    assert data["quantization"]["layer_filter_preset"] != "full"
+    config, notes = imported(copy.deepcopy(data))
+    check_supported(config)
+    assert any("the transformer's weights are read packed as its GGUF file stores them, so "
+               "they change nothing" in note for note in notes), notes
+    data["transformer"]["weight_dtype"] = "FLOAT_8"
+    with pytest.raises(ConfigError, match=r"^quantization\.svd_dtype: 'BFLOAT_16' cannot"):
+        imported(data)
+
+
+def test_gguf_with_int8_activations_is_refused_and_without_them_accepted():
+    """OneTrainer's 'GGUF A8 int' (the file's weights, activations quantized to int8 for its own
+    matmuls) is not built: refused naming the key and value. The same Chroma file with plain
+    GGUF (weights from the file, activations left unquantized) is accepted."""
+    data = raw("chroma_lora_gguf_a8_int.saved")
+    assert data["transformer"]["weight_dtype"] == "GGUF_A8_INT"
+    with pytest.raises(ConfigError, match=r"^transformer\.weight_dtype: GGUF_A8_INT \(weights "
+                                          r"from a GGUF file with int8 activations\) is not "
+                                          r"built in Atelier"):
+        imported(copy.deepcopy(data))
+    data["transformer"]["weight_dtype"] = "GGUF"
+    config, _ = imported(data)
+    assert (config.transformer.weight_dtype.value, config.transformer.model_name) == (
+        "GGUF", "/data/models/Chroma1-HD-Q8_0.gguf")
+    check_supported(config)
 
 
 def test_t5_training_is_refused_when_the_run_starts():
@@ -322,7 +393,8 @@ def flow_overrides(name: str, model_dir: Path, tmp_path: Path, images: Path) -> 
 class Spy:
     """What the run's steps did: the timestep draws' arguments (the objective's draw, not the
     check at the start), each transformer call (its inputs; at the first, which parameters
-    train), and each text encoder call (with gradients to its weights or not)."""
+    train, and its modules), and each text encoder call (with gradients to its weights or
+    not)."""
 
     def __init__(self, monkeypatch):
         import diffusers
@@ -333,6 +405,7 @@ class Spy:
         self.calls: list[dict] = []
         self.trainable: list[str] | None = None  # at the first call
         self.parameters: list[str] = []
+        self.modules: dict[str, torch.nn.Module] = {}  # the transformer's, at the first call
         self.encoders: list[tuple[str, bool]] = []
         real_draw = objectives.draw_timesteps
 
@@ -355,6 +428,7 @@ class Spy:
             if self.trainable is None:
                 self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
                 self.parameters = [n for n, _ in model.named_parameters()]
+                self.modules = dict(model.named_modules())
             self.calls.append(kwargs)
             return forward(model, *args, **kwargs)
         return spied
@@ -560,3 +634,41 @@ def test_the_flux2_finetune_trains_as_its_author_meant(request, tmp_path, monkey
     assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
             "double_stream_modulation_img.lin.weight"} <= set(written)
     assert {dtype for _, dtype in written.values()} == {"BF16"}
+
+
+def test_the_flux_gguf_lora_trains_on_the_files_packed_weights(request, tmp_path, monkeypatch):
+    """OneTrainer's #flux LoRA with its transformer read from a GGUF file: the file's path is
+    pointed at the tiny Flux's transformer written as a Q8_0 GGUF (tests/gguf_files.py, city96's
+    rules: layers of at most 1024 weights kept in F32), nothing else changed but paths and sizes.
+    The run trains the LoRA on OneTrainer's 'full' layers over diffusers' GGUFLinear layers that
+    hold the file's packed weights, in bfloat16, the base and the encoders frozen."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+    from gguf_files import SMALL, write_gguf
+    from helpers import tiny_config
+    from trainer.models.family import load_family
+
+    name = "flux_lora_gguf.saved"
+    model_dir = request.getfixturevalue("tiny_flux_dir")
+    plain = load_family(tiny_config(model_dir, tmp_path / "plain", model_type="FLUX_DEV_1",
+                                    text_encoder={"train": False}))
+    gguf = tmp_path / "flux1-dev-Q8_0.gguf"
+    written = write_gguf(plain.original_state_dict(), gguf, "Q8_0")
+    assert {"Q8_0", "F32"} == set(written.values())
+    del plain
+    result, spy, _ = train_flow_file(name, request, tmp_path, monkeypatch, extra=[
+        f"transformer.model_name={json.dumps(str(gguf))}"])  # the file's only path
+    linears = {n.removesuffix(".base_layer"): m for n, m in spy.modules.items()
+               if isinstance(m, torch.nn.Linear) and ".lora_" not in n}
+    packed = {n for n, m in linears.items() if isinstance(m, GGUFLinear)}
+    assert packed and all(isinstance(linears[n].weight, GGUFParameter) for n in packed)
+    # every layer too large for city96's F32 rule is read packed; the small ones are plain
+    assert {n for n, m in linears.items() if m.in_features * m.out_features > SMALL} <= packed
+    assert {type(linears[n]) for n in set(linears) - packed} == {torch.nn.Linear}
+    for call in spy.calls:
+        assert call["hidden_states"].dtype == torch.bfloat16
+    assert spy.trainable and all(".lora_" in n for n in spy.trainable)
+    assert not [learns for _, learns in spy.encoders if learns]
+    written_lora = tensors(result.output_path)
+    assert lora_layers(written_lora) == onetrainers_layers("flux", "full")
+    assert packed <= set(lora_layers(written_lora))  # the LoRA sits on the packed layers too
+    assert {shape[0] for k, (shape, _) in written_lora.items() if ".lora_A." in k} == {16}

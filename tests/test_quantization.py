@@ -15,7 +15,6 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig, get_peft_model
-from PIL import Image
 from safetensors import safe_open
 from transformers import T5EncoderModel
 
@@ -25,6 +24,7 @@ from trainer.control import Control
 from trainer.errors import ConfigError
 from trainer.loop import train, weight_dtypes
 
+from flow_family_checks import assert_flux_lora_draws_its_sample_on_the_full_base
 from helpers import read_metrics, tiny_config
 from onetrainer_files import raw
 
@@ -351,14 +351,6 @@ def flux_float8(tiny_flux_dir, tmp_path_factory):
     return (config, *run(config))
 
 
-def render_flux(pipe, config):
-    generator = torch.Generator("cpu").manual_seed(SAMPLE["seed"])
-    image = pipe(SAMPLE["prompt"], width=64, height=64, num_inference_steps=4,
-                 guidance_scale=SAMPLE["cfg_scale"], generator=generator,
-                 max_sequence_length=config.text_encoder_2_sequence_length).images[0]
-    return np.asarray(image).astype(np.float64)
-
-
 def test_flux_lora_on_float8_weights_learns(flux_float8):
     config, result, events, losses = flux_float8
     assert any(e["type"] == "status" and e["message"] == "Stored 50 linear layers of the "
@@ -377,15 +369,8 @@ def test_flux_lora_of_float8_weights_loads_on_the_full_base_and_draws_the_sample
         dtypes = {f.get_tensor(k).dtype for k in keys}
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
     assert dtypes == {torch.float32}
-    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
-    pipe.set_progress_bar_config(disable=True)
-    base = render_flux(pipe, config)
-    pipe.load_lora_weights(result.output_path)
-    with_lora = render_flux(pipe, config)
-    sample_path = [e["path"] for e in events if e["type"] == "sample"][-1]
-    sample = np.asarray(Image.open(sample_path)).astype(np.float64)
-    # measured: 0.78 of 255 from the sample on average, the base 23
-    assert np.abs(with_lora - sample).mean() < 0.1 * np.abs(base - sample).mean()
+    assert_flux_lora_draws_its_sample_on_the_full_base(tiny_flux_dir, config,
+                                                        result.output_path, events)
 
 
 @pytest.fixture(scope="module")
@@ -552,9 +537,10 @@ def test_onetrainer_quantized_presets_import_as_meant_and_validate(name, meant):
 
 
 @pytest.mark.parametrize("change, refused", [
-    (lambda d: d["transformer"].update(weight_dtype="GGUF"),
-     "transformer.weight_dtype: GGUF (weights read pre-quantized from a GGUF file) is not built "
-     "in Atelier; set transformer.weight_dtype to FLOAT_8 (8-bit weights) or NFLOAT_4 (4-bit)."),
+    (lambda d: d["transformer"].update(weight_dtype="GGUF_A8_INT"),
+     "transformer.weight_dtype: GGUF_A8_INT (weights from a GGUF file with int8 activations) is "
+     "not built in Atelier; set transformer.weight_dtype to GGUF (the file's weights, "
+     "activations in the train data type)."),
     (lambda d: d["transformer"].update(weight_dtype="FLOAT_W8A8"),
      "transformer.weight_dtype: FLOAT_W8A8 (float8 weights with float8 activations"),
     (lambda d: d["quantization"].update(svd_dtype="BFLOAT_16"),

@@ -91,6 +91,13 @@ def test_every_model_source_is_confined(root, tmp_path):
         {**base, "additional_embeddings": [{"placeholder": "<x>", "model_name": "e.safetensors"}]}),
         root)
     assert inside.additional_embeddings[0].model_name == str(root.resolve() / "e.safetensors")
+    # the transformer's own file (a .safetensors or .gguf beside a flow model)
+    flux = {**base, "model_type": "FLUX_DEV_1"}
+    with pytest.raises(ConfigError, match=r"^transformer\.model_name"):
+        confine_config(config_from_dict({**flux, "transformer": {"model_name": outside}}), root)
+    inside = confine_config(config_from_dict(
+        {**flux, "transformer": {"model_name": "t.gguf", "weight_dtype": "GGUF"}}), root)
+    assert inside.transformer.model_name == str(root.resolve() / "t.gguf")
 
 
 def test_the_confined_check_without_owners_keeps_its_messages(root, tmp_path):

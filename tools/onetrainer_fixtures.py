@@ -75,6 +75,7 @@ SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SD15_LORA = {"model_type": "STABLE_DIFFUSION_15", "training_method": "LORA"}
 SDXL_LORA = {"model_type": "STABLE_DIFFUSION_XL_10_BASE", "training_method": "LORA"}
 FLUX_LORA = {"model_type": "FLUX_DEV_1", "training_method": "LORA"}
+CHROMA_LORA = {"model_type": "CHROMA_1", "training_method": "LORA"}
 
 
 def concept(path: str, **values) -> dict:
@@ -225,6 +226,22 @@ FIXTURES: dict[str, dict] = {
         "choose": FLUX_LORA,
         "edits": {"transformer": {"weight_dtype": "BFLOAT_16"},
                   "text_encoder_2": {"weight_dtype": "BFLOAT_16"}}},
+    # the same preset with a city96 GGUF file in the model tab's "Override Transformer / GGUF"
+    # (its file dialog writes an absolute path) and the transformer's type set to GGUF, as the
+    # field's tooltip asks; T5 set to BFLOAT_16
+    "flux_lora_gguf.saved": {
+        "commit": "current", "save": "settings", "start": "Flux Dev.1/#flux LoRA.json",
+        "choose": FLUX_LORA,
+        "edits": {"transformer": {"model_name": "/data/models/flux1-dev-Q8_0.gguf",
+                                  "weight_dtype": "GGUF"},
+                  "text_encoder_2": {"weight_dtype": "BFLOAT_16"}}},
+    # OneTrainer's Chroma LoRA 16GB preset with a GGUF file and the type "GGUF A8 int" (the
+    # file's weights with int8 activations)
+    "chroma_lora_gguf_a8_int.saved": {
+        "commit": "current", "save": "settings", "start": "Chroma/#chroma LoRA 16GB.json",
+        "choose": CHROMA_LORA,
+        "edits": {"transformer": {"model_name": "/data/models/Chroma1-HD-Q8_0.gguf",
+                                  "weight_dtype": "GGUF_A8_INT"}}},
     # --- older OneTrainer versions -----------------------------------------------------------
     "sd15_lora.v10.saved": {"commit": "v10", "save": "settings",
                             "choose": SD15_LORA,

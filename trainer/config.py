@@ -212,13 +212,20 @@ class DataType(str, Enum):
     FLOAT_8 = "FLOAT_8"
     INT_8 = "INT_8"
     NFLOAT_4 = "NFLOAT_4"
+    # The transformer read pre-quantized from a .gguf file (`transformer.model_name`: city96's
+    # Q8_0, Q4_K, ... files), its layers dequantized one at a time by diffusers' GGUF layers.
+    GGUF = "GGUF"
 
 
 # The types that store weights quantized, and those that compute (train_dtype, output_dtype:
 # the page offers them only, for every model type).
-QUANTIZED_TYPES = ("FLOAT_8", "INT_8", "NFLOAT_4")
+QUANTIZED_TYPES = ("FLOAT_8", "INT_8", "NFLOAT_4", "GGUF")
 FLOAT_TYPES = [d.value for d in DataType if d.value not in QUANTIZED_TYPES]
 FLOAT_TYPES_ONLY = {"model_type": {value: FLOAT_TYPES for value in registry.FAMILIES}}
+# Every part's storage types but the transformer's GGUF, which only a transformer file holds.
+NOT_GGUF = {"model_type": {value: [d.value for d in DataType if d != DataType.GGUF]
+                           for value in registry.FAMILIES}}
+GGUF_SUFFIX = ".gguf"
 
 
 class Optimizer(str, Enum):
@@ -330,14 +337,18 @@ OptimizerConfig = _optimizer_config()
 
 
 def part_weight_dtype(name: str) -> Any:
+    gguf = name == "Transformer"
     return setting(
         DataType.FLOAT_32, section="Train data type", label=f"{name} weight data type",
+        choices_for=None if gguf else NOT_GGUF,
         tooltip=f"Storage type of the {name}'s frozen weights. A fine-tuned part trains "
                 "float32 master weights, or with optimizer.stochastic_rounding (⋯ dialog) its "
                 "BFLOAT_16 weights in place. BFLOAT_16 halves their memory; FLOAT_16 needs a "
                 "CUDA GPU. FLOAT_8 (float8, any device), INT_8 and NFLOAT_4 (bitsandbytes, as "
                 "QLoRA) store its linear layers in 8 or 4 bits under a LoRA, the rest in the "
-                "train data type; not for a fine-tuned part.")
+                "train data type; not for a fine-tuned part."
+                + (" GGUF: the transformer as the .gguf file named by the transformer file "
+                   "stores it (Q8_0, Q4_K, ...), under a LoRA." if gguf else ""))
 
 
 def _part(key: str, name: str, *, train: bool, stop_after: int,
@@ -403,8 +414,9 @@ def _part(key: str, name: str, *, train: bool, stop_after: int,
             "", section="Model", label="Transformer file",
             tooltip="Optional: the transformer as one .safetensors file in its original layout "
                     "(BFL's Flux.1 and Chroma files, SAI's SD 3 ones), in place of the base "
-                    "model's; the text encoders and VAE still come from the base model. Empty "
-                    "= the base model's transformer."))
+                    "model's; the text encoders and VAE still come from the base model. A "
+                    ".gguf file (city96's quantized transformers) with the transformer's "
+                    "weight data type GGUF. Empty = the base model's transformer."))
         fields["guidance_scale"] = (float, setting(
             1.0, section=section, label="Guidance scale", ge=0, le=100,
             applies_to=reading["guidance_scale"],
@@ -1382,6 +1394,41 @@ def check_supported(config: TrainConfig) -> None:
 DORA_SCALE_FORMATS = ("KOHYA_LORA", "LEGACY_LORA", "COMFY_LORA")
 
 
+def check_gguf(config: TrainConfig) -> None:
+    """GGUF (OneTrainer's): the transformer read pre-quantized from the .gguf file that
+    transformer.model_name names, and such a file read that way only. Its layers hold their
+    weights packed (diffusers' GGUFLinear), so no DoRA trains on them: peft computes its
+    magnitudes from the base weight as stored."""
+    facts = config.model_type.facts
+    for part in (*facts.parts, "vae"):
+        if part != "transformer" and getattr(config, part).weight_dtype == DataType.GGUF:
+            raise ConfigError(f"{part}.weight_dtype = GGUF: only a transformer is read from a "
+                              ".gguf file (transformer.model_name); choose FLOAT_8, INT_8 or "
+                              f"NFLOAT_4 to store the {part} quantized.")
+    if "transformer" not in facts.parts:
+        return
+    name = config.transformer.model_name or ""
+    gguf_file = name.strip().lower().endswith(GGUF_SUFFIX)
+    stored_as_gguf = config.transformer.weight_dtype == DataType.GGUF
+    if stored_as_gguf and not gguf_file:
+        raise ConfigError("transformer.weight_dtype = GGUF reads the transformer pre-quantized "
+                          "from a .gguf file: set transformer.model_name to one (city96's "
+                          f"quantized {facts.label} transformers)"
+                          + (f"; '{name}' is not one." if name else "."))
+    if gguf_file and not stored_as_gguf:
+        raise ConfigError(f"transformer.model_name: '{name}' is a GGUF file, whose weights are "
+                          "stored quantized: set transformer.weight_dtype to GGUF.")
+    if not stored_as_gguf or not config.transformer.train:
+        return
+    # (LoHa and LoKr, which peft would size from the packed weights, are not built for the
+    # flow families at all: check_adapter_type)
+    if config.training_method == TrainingMethod.LORA and config.lora_decompose:
+        raise ConfigError("lora_decompose (DoRA) with transformer.weight_dtype = GGUF: DoRA's "
+                          "magnitudes are computed from the base weights, which the GGUF "
+                          "layers hold packed; switch DoRA off, or use a .safetensors "
+                          "transformer stored in FLOAT_8.")
+
+
 def check_quantization(config: TrainConfig) -> None:
     """Quantized weight types (trainer/quantization.py) store frozen weights: never a compute or
     file type, never a fine-tuned part's, and, stored by bitsandbytes, not where Atelier would
@@ -1393,6 +1440,7 @@ def check_quantization(config: TrainConfig) -> None:
             what = "compute" if key == "train_dtype" else "file"
             raise ConfigError(f"{key} = {value} is a storage type of frozen weights, not a "
                               f"{what} type; choose {', '.join(FLOAT_TYPES)}.")
+    check_gguf(config)
     facts = config.model_type.facts
     quantized = {part: getattr(config, part).weight_dtype.value for part in (*facts.parts, "vae")
                  if getattr(config, part).weight_dtype.value in QUANTIZED_TYPES}

@@ -8,6 +8,8 @@ Four sums, in GB of 2^30 bytes (what GPU makers and `torch.cuda` call a GB):
   is stored in, counted from the model's own files (trainer/model_tensors.py reads the
   safetensors headers: names, shapes and dtypes, no tensor), plus what training adds: LoRA
   adapters (float32), a fine-tuned part's float32 master weights, an EMA copy kept on the GPU.
+  A transformer read from a .gguf file (weight_dtype GGUF) is counted from that file's header,
+  its tensors as the loaded transformer holds them (GGUF_CAST).
   Without the files (no base model given, a hub id not in the local cache) the family's
   standard model is counted on the meta device from the configs this project ships, and the
   estimate says so.
@@ -71,6 +73,32 @@ def quantized_weight_bytes(dtype: str, shape: tuple[int, ...]) -> float:
 
 def dtype_name(value: Any) -> str:
     return str(getattr(value, "value", value))
+
+
+# --- A transformer read from a GGUF file (transformer.weight_dtype GGUF) ------------------------
+
+# What is on the GPU of a .gguf file's tensors (diffusers 0.42's load_gguf_checkpoint and
+# GGUFQuantizer, as trainer/models/flow_family.py loads them): an F32 or F16 tensor becomes a
+# plain tensor, which the loader casts to the torch_dtype Atelier loads the transformer in (the
+# train dtype, flow_family.load_dtypes; no flow family keeps modules in float32); every other
+# type (Q8_0, Q4_K, ..., and BF16) stays as the file stores it, its bytes in a GGUFParameter
+# that nothing casts (trainer/placement.py leaves a quantized part's dtypes alone). So: packed
+# tensors count their bytes in the file, F32 / F16 ones their elements at the train dtype's
+# size (tests/test_gguf_estimate.py holds it to the loaded tiny Flux.1's parameters).
+GGUF_CAST = ("F32", "F16")
+
+
+def gguf_packed_bytes(tensor: TensorInfo) -> int:
+    """Bytes of a GGUF tensor as the file stores it (gguf's own rule: whole blocks)."""
+    import gguf
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor.dtype]]
+    return tensor.numel * size // block
+
+
+def gguf_stored_bytes(tensors: list[TensorInfo], train_bytes: int) -> int:
+    """The GPU bytes of a GGUF transformer's tensors (GGUF_CAST says why)."""
+    return sum(t.numel * train_bytes if t.dtype in GGUF_CAST else gguf_packed_bytes(t)
+               for t in tensors)
 
 
 # --- Activations: the formula and where its constants come from --------------------------------
@@ -476,6 +504,9 @@ def _stored(config: TrainConfig, found: ModelTensors, notes: list[str]) -> dict[
     for part in (*registry.facts(config.model_type).parts, "vae"):
         dtype = dtype_name(getattr(config, part).weight_dtype)
         tensors = found.parts.get(part, [])
+        if dtype == "GGUF":  # the file's types decide (check_gguf: the transformer only)
+            stored[part] = gguf_stored_bytes(tensors, rest_bytes)
+            continue
         quantized = set()
         if dtype in QUANTIZED and tensors:
             quantized = quantized_names(config, part, tensors, found.modules.get(part))
@@ -676,7 +707,8 @@ def _with(config: TrainConfig, **changes) -> TrainConfig:
 
 def candidate_levers(config: TrainConfig) -> list[tuple[str, dict]]:
     """The settings that lower the memory a run needs, as (what, config changes). A smaller
-    weight dtype is offered for every part: each is on the GPU in one phase or the other."""
+    weight dtype is offered for every part (each is on the GPU in one phase or the other) but a
+    transformer read from a GGUF file, whose file decides its types."""
     from trainer.config import DataType, EMAMode, Optimizer
     facts = registry.facts(config.model_type)
     out: list[tuple[str, dict]] = []
@@ -695,7 +727,8 @@ def candidate_levers(config: TrainConfig) -> list[tuple[str, dict]]:
                "BFLOAT_16": "FLOAT_8", "FLOAT_8": "NFLOAT_4", "INT_8": "NFLOAT_4"}
     trained = _trained_parts(config)
     candidates = [p for p in (*facts.parts, "vae") if not (
-        config.training_method == TrainingMethod.FINE_TUNE and p in trained)]
+        config.training_method == TrainingMethod.FINE_TUNE and p in trained)
+        and dtype_name(getattr(config, p).weight_dtype) != "GGUF"]
     steps = [{p: smaller.get(dtype_name(getattr(config, p).weight_dtype)) for p in candidates}]
     if config.training_method == TrainingMethod.LORA:
         steps.append({p: "NFLOAT_4" for p in candidates if p != "vae"})

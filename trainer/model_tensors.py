@@ -6,7 +6,8 @@ Where the files are, as the loaders find them (trainer/models/loading.py, flow_f
 sd3.py): a diffusers folder (each part's default file or the shards its index names; variants
 such as .fp16 aside), a single-file checkpoint split by the loaders' own key prefixes, a hub
 id's snapshot in the local cache (never downloaded here), a transformer file
-(transformer.model_name) or a VAE override replacing that part. With none of them (no base model
+(transformer.model_name: a .safetensors file, or a .gguf file's header) or a VAE override
+replacing that part. With none of them (no base model
 given, a hub id not cached) the family's standard model is built on the meta device from the
 configs this project ships. trainer/memory_estimate.py counts bytes from these.
 """
@@ -81,6 +82,31 @@ def _read_header(path: str, _mtime: int, _size: int, field_name: str) -> tuple[T
         except (KeyError, TypeError, ValueError):
             raise bad from None
     return tuple(tensors)
+
+
+def gguf_tensors(path: str | os.PathLike, field_name: str) -> list[TensorInfo]:
+    """The tensors of a .gguf file (a transformer read pre-quantized, weight_dtype GGUF) from
+    its header: names, torch-order shapes and GGML type names (Q8_0, Q4_K, F32, ...); gguf's
+    reader maps the file and reads no tensor data."""
+    stat = os.stat(path)
+    return list(_gguf_tensors(str(path), stat.st_mtime_ns, stat.st_size, field_name))
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_tensors(path: str, _mtime: int, _size: int, field_name: str
+                  ) -> tuple[TensorInfo, ...]:
+    try:
+        import gguf
+    except ImportError:
+        raise ModelLoadError(f"{field_name}: reading '{path}' needs the gguf package, which "
+                             "is not installed.") from None
+    try:
+        reader = gguf.GGUFReader(path)
+        return tuple(TensorInfo(t.name, tuple(int(n) for n in reversed(t.shape.tolist())),
+                                t.tensor_type.name) for t in reader.tensors)
+    except Exception:  # noqa: BLE001 - gguf raises its own (and numpy's) types for a bad file
+        raise ModelLoadError(f"{field_name}: '{path}' is not a readable GGUF file (corrupt or "
+                             "truncated?).") from None
 
 
 def _part_files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -205,8 +231,10 @@ def _override_files(config: TrainConfig, facts: registry.FamilyFacts, result: Mo
         path = pathlib.Path(transformer_file.strip()).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"transformer.model_name: '{transformer_file}' does not exist.")
-        result.parts["transformer"] = read_header(path, "transformer.model_name")
-        result.source += f"; the transformer from '{path}'"
+        gguf = path.suffix.lower() == ".gguf"  # (config.GGUF_SUFFIX) read pre-quantized
+        result.parts["transformer"] = (gguf_tensors if gguf else read_header)(
+            path, "transformer.model_name")
+        result.source += f"; the transformer from {'the GGUF file ' if gguf else ''}'{path}'"
     vae = (config.vae_model_name or "").strip()
     if vae and pathlib.Path(vae).expanduser().exists():
         path = pathlib.Path(vae).expanduser()

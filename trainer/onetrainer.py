@@ -10,8 +10,9 @@ the HTTP API (all via `config_from_dict`). The rules, in short:
 - what OneTrainer counts differently is converted, with a note: its STEP units are batches,
   Atelier's optimizer updates; an older file's layer preset is what OneTrainer meant then;
 - what Atelier cannot honour is refused with the key and its value, never replaced by a
-  default or dropped as an unknown key (the quantized weight types Atelier does not build,
-  W8A8 and GGUF);
+  default or dropped as an unknown key (the quantized weight types Atelier does not build:
+  W8A8, and GGUF with 8-bit activations; plain GGUF, a transformer read from its .gguf file,
+  is Atelier's too);
 - what has no effect on the run (parts and keys the model's family does not have, cloud,
   OneTrainer's app and logging, optimizers not chosen, ...) is set aside and counted by kind
   in one note (trainer/onetrainer_keys.py lists them). Which family has which parts and
@@ -75,14 +76,13 @@ LAYER_PRESETS = tuple(preset.value for preset in LoraLayerPreset)
 FLOW_WEIGHTS = tuple(weight.value for weight in FLOW_LOSS_WEIGHTS)
 DDPM_WEIGHTS = ("CONSTANT", "MIN_SNR_GAMMA")
 # OneTrainer's quantized weight types that Atelier does not build (it builds FLOAT_8, INT_8 and
-# NFLOAT_4: trainer/quantization.py), with what they are. Refused by key and value, never
-# replaced.
+# NFLOAT_4: trainer/quantization.py, and reads GGUF transformer files), with what they are.
+# Refused by key and value, never replaced.
 UNBUILT_DTYPES = {
     "FLOAT_W8A8": "float8 weights with float8 activations, OneTrainer's own matmuls",
     "INT_W8A8": "int8 weights with int8 activations, OneTrainer's own matmuls",
     "FLOAT_W8A8_COMPRESSED": "float8 weights and activations, compressed with nvCOMP",
     "INT_W8A8_COMPRESSED": "int8 weights and activations, compressed with nvCOMP",
-    "GGUF": "weights read pre-quantized from a GGUF file",
     "GGUF_A8_FLOAT": "weights from a GGUF file with float8 activations",
     "GGUF_A8_INT": "weights from a GGUF file with int8 activations",
 }
@@ -91,6 +91,8 @@ UNBUILT_DTYPES = {
 QUANTIZATION_DEFAULTS = {"layer_filter": "", "layer_filter_preset": "full",
                          "layer_filter_regex": False, "svd_dtype": "NONE", "svd_rank": 16,
                          "cache_dir": None}
+# The types OneTrainer quantizes a denoiser to, applying its layer filter and SVDQuant (a GGUF
+# transformer is packed as its file says: neither applies).
 STORED_QUANTIZED = ("FLOAT_8", "INT_8", "NFLOAT_4")
 # Of the T5 sequence lengths, OneTrainer reads only text_encoder_2's (Flux.1) for the families
 # Atelier trains; Chroma's T5 takes its tokenizer's maximum whatever text_encoder_sequence_length
@@ -348,7 +350,8 @@ def _refuse_what_is_not_honoured(data: dict) -> None:
 
 def _refuse_quantized_weights(data: dict) -> None:
     """A part whose frozen weights OneTrainer would store in a quantized type Atelier does not
-    build (W8A8, GGUF: `UNBUILT_DTYPES`); FLOAT_8, INT_8 and NFLOAT_4 are Atelier's too. Every
+    build (W8A8, GGUF_A8_*: `UNBUILT_DTYPES`); FLOAT_8, INT_8, NFLOAT_4 and GGUF are Atelier's
+    too (GGUF for the transformer only: `config.check_gguf`, when the run starts). Every
     config, OneTrainer's or not; the parts the family has (and the VAE), the older files' one
     type for all parts among them."""
     family = _family(data)
@@ -363,8 +366,12 @@ def _refuse_quantized_weights(data: dict) -> None:
     if unbuilt:
         (key, value), others = unbuilt[0], unbuilt[1:]
         also = "".join(f"; so does {k}: {v}" for k, v in others)
+        # the GGUF file is read as it is (GGUF); the others' weights quantized here instead
+        instead = ("GGUF (the file's weights, activations in the train data type)"
+                   if value.startswith("GGUF") else
+                   "FLOAT_8 (8-bit weights) or NFLOAT_4 (4-bit)")
         raise ConfigError(f"{key}: {value} ({UNBUILT_DTYPES[value]}) is not built in Atelier; "
-                          f"set {key} to FLOAT_8 (8-bit weights) or NFLOAT_4 (4-bit){also}.")
+                          f"set {key} to {instead}{also}.")
 
 
 def _stored_as(data: dict, part: str) -> Any:
@@ -550,9 +557,11 @@ def _quantization(data: dict, aside: dict[str, list[str]], notes: list[str]) -> 
         section["layer_filter_preset"] = preset
     if changed and not quantized:
         listed = ", ".join(f"quantization.{k} {v!r}" for k, v in changed.items())
+        how = ("read packed as its GGUF file stores them"
+               if _stored_as(data, denoiser) == "GGUF" else "not quantized in this file")
         notes.append(f"{listed}: these pick which of the {denoiser}'s linear layers are "
-                     f"quantized; the {denoiser}'s weights are not quantized in this file, so "
-                     "they change nothing, in OneTrainer as here.")
+                     f"quantized; the {denoiser}'s weights are {how}, so they change nothing, "
+                     "in OneTrainer as here.")
     if changed or set(section) - set(QUANTIZATION_DEFAULTS):  # unknown keys get reported
         data["quantization"] = section
     else:

@@ -48,7 +48,10 @@ class PartPlacement:
         vae.to(self.device, dtypes["vae"])
         for name, module in self.family.parts.items():
             module.requires_grad_(False)
-            module.to(None if name in self.held_back else self.device, dtypes[name])
+            # a part diffusers quantized (a GGUF transformer) was loaded in its dtypes and
+            # refuses a cast
+            cast = () if getattr(module, "is_quantized", False) else (dtypes[name],)
+            module.to(None if name in self.held_back else self.device, *cast)
 
     def recompute_streamed(self, trained: list[str], checkpoint: Callable) -> None:
         """Gradient checkpointing where streaming needs it (`checkpoint(module)` switches it on

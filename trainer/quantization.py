@@ -50,6 +50,9 @@ from trainer.errors import ConfigError
 from trainer.models import registry
 
 QUANTIZED = (DataType.FLOAT_8, DataType.INT_8, DataType.NFLOAT_4)
+# Read quantized from the model's file (the transformer's GGUF): stored quantized, never
+# quantized here.
+PREQUANTIZED = (DataType.GGUF,)
 # The types bitsandbytes stores (the rest of QUANTIZED, FLOAT_8, is plain torch).
 BITSANDBYTES = (DataType.INT_8, DataType.NFLOAT_4)
 FP8 = torch.float8_e4m3fn
@@ -60,8 +63,9 @@ CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
 
 
 def is_quantized(dtype: Any) -> bool:
-    """Whether a weight type (DataType or its value) stores weights quantized."""
-    return str(getattr(dtype, "value", dtype)) in {d.value for d in QUANTIZED}
+    """Whether a weight type (DataType or its value) stores weights quantized (here or in the
+    model's file)."""
+    return str(getattr(dtype, "value", dtype)) in {d.value for d in (*QUANTIZED, *PREQUANTIZED)}
 
 
 def compute_dtype(config: TrainConfig) -> torch.dtype:
@@ -166,6 +170,72 @@ class Float8Linear(torch.nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, float8_e4m3 codes, row scales")
+
+
+# --- GGUF (read packed from the file by diffusers) ----------------------------------------------
+
+def _dequantize_gguf(packed: torch.Tensor, quant_type, dtype: torch.dtype) -> torch.Tensor:
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+    # the type given apart: a tensor autograd saved may come back without the parameter's class
+    return dequantize_gguf_tensor(GGUFParameter(packed, quant_type=quant_type)).to(dtype)
+
+
+class _GGUFMatmul(torch.autograd.Function):
+    """y = x W^T + b with W dequantized from its GGUF blocks here, and again in the backward
+    pass. diffusers' own layer hands F.linear the dequantized weight, which autograd then keeps
+    until the backward pass for every layer: the whole transformer at the train dtype, beside
+    the packed one, without gradient checkpointing."""
+
+    @staticmethod
+    def forward(ctx, x, packed, bias, quant_type):
+        ctx.save_for_backward(packed)
+        ctx.quant_type = quant_type
+        return F.linear(x, _dequantize_gguf(packed, quant_type, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(_dequantize_gguf(packed, ctx.quant_type, grad.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, grad_bias, None
+
+
+def is_gguf_layer(layer: torch.nn.Module) -> bool:
+    """Whether `layer` is one of diffusers' GGUF layers (its weight packed as the file stores
+    it; `in_features` / `out_features` give its shape)."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+    return isinstance(layer, GGUFLinear)
+
+
+def recompute_gguf_weights(module: torch.nn.Module) -> int:
+    """Each of diffusers' GGUF layers in `module` computes through `_GGUFMatmul` (the same
+    output: F.linear of the same dequantized weight); returns how many."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+    layers = [m for m in module.modules() if type(m) is GGUFLinear]
+    for layer in layers:  # the layer and its tensors stay; only its forward pass changes
+        layer.__class__ = _recomputing_gguf_linear()
+    return len(layers)
+
+
+@functools.cache
+def _recomputing_gguf_linear() -> type:
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    class RecomputingGGUFLinear(GGUFLinear):
+        """diffusers' GGUFLinear whose weight is dequantized again for the backward pass."""
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            device = inputs.device.type
+            dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                     else self.compute_dtype or inputs.dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                return _GGUFMatmul.apply(inputs.to(dtype), self.weight, bias,
+                                         self.weight.quant_type)
+    return RecomputingGGUFLinear
 
 
 # --- INT_8 / NFLOAT_4 (bitsandbytes) --------------------------------------------------------
@@ -374,9 +444,9 @@ def stored_bytes(module: torch.nn.Module) -> int:
 
 
 def quantized_parts(config: TrainConfig) -> list[str]:
-    """The family's parts (and the VAE) whose weight_dtype is a quantized type."""
+    """The family's parts (and the VAE) that Atelier quantizes (FLOAT_8, INT_8, NFLOAT_4)."""
     parts = (*registry.facts(config.model_type).parts, "vae")
-    return [p for p in parts if is_quantized(getattr(config, p).weight_dtype)]
+    return [p for p in parts if getattr(config, p).weight_dtype in QUANTIZED]
 
 
 def check_device(config: TrainConfig, device: torch.device) -> None:
@@ -415,6 +485,18 @@ def flag_quantized(module: torch.nn.Module, dtype: DataType) -> None:
         module.is_loaded_in_4bit = True
 
 
+def prequantized_line(module: torch.nn.Module, part: str) -> str:
+    """What a part read quantized from its file (GGUF) holds: its packed layers by type."""
+    from collections import Counter
+    kinds = Counter(getattr(getattr(layer, "weight", None), "quant_type", None)
+                    for layer in module.modules() if is_gguf_layer(layer))
+    kinds.pop(None, None)
+    names = ", ".join(f"{count} {getattr(kind, 'name', kind)}"
+                      for kind, count in sorted(kinds.items(), key=lambda item: -item[1]))
+    return (f"Read the {part} pre-quantized from its GGUF file: {sum(kinds.values())} linear "
+            f"layers packed ({names or 'none'}), dequantized one layer at a time")
+
+
 def quantize_frozen_parts(family, config: TrainConfig, device: torch.device,
                           write_cache: bool = True) -> list[str]:
     """Store the frozen weights of every part whose weight_dtype is FLOAT_8, INT_8 or NFLOAT_4
@@ -425,7 +507,8 @@ def quantize_frozen_parts(family, config: TrainConfig, device: torch.device,
     from trainer import quantized_cache
     check_device(config, device)
     compute = compute_dtype(config)
-    lines = []
+    lines = [prequantized_line(family.parts[part], part) for part in family.parts
+             if getattr(config, part).weight_dtype in PREQUANTIZED]
     for part in quantized_parts(config):
         module = family.vae if part == "vae" else family.parts[part]
         dtype = getattr(config, part).weight_dtype

@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 
 from trainer.inpainting import sample_image_and_mask, save_sample_input
+from trainer.models.family import compute_dtype_of
 
 
 @torch.no_grad()
@@ -76,7 +77,7 @@ def inputs_in_own_dtype(modules) -> list:
     types agree."""
     hooks = []
     for module in modules:
-        dtype = next(module.parameters()).dtype  # the base weights' (adapters come after)
+        dtype = compute_dtype_of(module)  # the base weights' (adapters come after)
 
         def cast(_module, args, kwargs, dtype=dtype):
             args = tuple(a if i == 1 else _cast(a, dtype) for i, a in enumerate(args))

@@ -71,11 +71,16 @@ def confine_path(value: str, root: Path, field: str) -> str:
     return str(resolved)
 
 
+TRANSFORMER_FILE = "transformer.model_name"
+
+
 def model_sources(config: TrainConfig) -> list[tuple[str, str]]:
     """(key, value) of every model file or folder a config reads: the base model, the VAE,
-    a LoRA to start from (when the config has that key) and each embedding's start file."""
+    the transformer's own file, a LoRA to start from (when the config has that key) and each
+    embedding's start file."""
     sources = [("base_model_name", config.base_model_name),
                ("vae_model_name", config.vae_model_name),
+               (TRANSFORMER_FILE, config.transformer.model_name or ""),
                ("lora_model_name", getattr(config, "lora_model_name", "") or "")]
     sources += [(f"additional_embeddings[{i}].model_name", embedding.model_name)
                 for i, embedding in enumerate(config.additional_embeddings)]
@@ -89,7 +94,9 @@ def confine_config(config: TrainConfig, root: Path) -> TrainConfig:
         if _HUB_ID.match(value) and not (root / value).exists():
             continue
         confined = confine_path(value, root, key)
-        if key.startswith("additional_embeddings["):
+        if key == TRANSFORMER_FILE:
+            data["transformer"]["model_name"] = confined
+        elif key.startswith("additional_embeddings["):
             index = int(key[len("additional_embeddings["):].split("]")[0])
             data["additional_embeddings"][index]["model_name"] = confined
         else:

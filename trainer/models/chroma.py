@@ -26,7 +26,7 @@ import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from transformers import T5EncoderModel, T5TokenizerFast
 
-from trainer.models.family import tokenize
+from trainer.models.family import compute_dtype_of, tokenize
 from trainer.models.flow_family import FlowFamily, FlowSpec
 from trainer.models.flux import image_ids, pack, unpack
 from trainer.models.transformer_layouts import CHROMA
@@ -157,7 +157,7 @@ class ChromaFamily(FlowFamily):
 
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")
-        dtype = next(self.parts["transformer"].parameters()).dtype
+        dtype = compute_dtype_of(self.parts["transformer"])
         b, _, h, w = noisy.shape
         text, text_mask = cut_padding(conditioning["encoder_hidden_states"].to(dtype),
                                       conditioning["text_attention_mask"].to(noisy.device))

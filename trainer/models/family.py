@@ -158,6 +158,16 @@ def hidden_states_before_last(out, clip_skip: int, layers_before_last: int, part
     return out.hidden_states[index]
 
 
+def compute_dtype_of(module: torch.nn.Module) -> torch.dtype:
+    """The type `module` computes in: its first floating-point parameter's. A quantized layer's
+    packed codes are not it (a GGUF file's uint8 blocks, float8 codes); float32 for a module
+    with no such parameter."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.element_size() > 1:
+            return parameter.dtype
+    return torch.float32
+
+
 def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
     """A small tensor of host values on the device. Built on the host and copied without
     blocking: `torch.tensor(..., device="cuda")` would wait for all queued GPU work first."""

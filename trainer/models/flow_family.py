@@ -8,6 +8,7 @@ pipeline.
 """
 from __future__ import annotations
 
+import pathlib
 import random
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -15,11 +16,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from trainer.config import GGUF_SUFFIX
 from trainer.errors import ModelLoadError
 from trainer.models import loading, registry
 from trainer.models.family import ModelFamily, to_device
-from trainer.models.loading import BASE_FIELD
+from trainer.models.loading import BASE_FIELD, TRANSFORMER_FIELD
 from trainer.models.objectives import FlowMatchingObjective
+from trainer.quantization import recompute_gguf_weights
 from trainer.quantized_cache import cached_or
 from trainer.quiet import hide_weight_loading_bars
 
@@ -104,33 +107,67 @@ def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | N
 
 
 def _transformer_from_file(spec: FlowSpec, path: str, config_folder: str, dtype):
+    """The transformer of file `path` (transformer.model_name) on the base model's config: a
+    .safetensors file, or a .gguf file read pre-quantized (weight_dtype GGUF), its layers
+    computing in `dtype`."""
     from trainer.models.transformer_layouts import load_original_transformer
-    source = loading.resolve_source(path, "transformer.model_name", None, hub_probe="config.json")
+    source = loading.resolve_source(path, TRANSFORMER_FIELD, None, hub_probe="config.json")
     if source.kind != "single_file":
-        raise ModelLoadError(f"transformer.model_name: '{path}' is not a .safetensors file.")
+        raise ModelLoadError(f"{TRANSFORMER_FIELD}: '{path}' is not a .safetensors or .gguf "
+                             "file.")
+    gguf = source.location.lower().endswith(GGUF_SUFFIX)
+    state = read_gguf(source.location, path) if gguf else None
+    quantized = {"quantization_config": gguf_quantization(dtype)} if gguf else {}
     if spec.single_file_state is not None:
-        return _transformer_by_diffusers(spec, path, source.location, config_folder, dtype)
+        transformer = _transformer_by_diffusers(spec, path, state or source.location,
+                                                config_folder, dtype, quantized)
+    else:
+        try:
+            transformer = load_original_transformer(
+                spec.transformer_class, source.location if state is None else state,
+                config=config_folder, subfolder="transformer", torch_dtype=dtype,
+                name=pathlib.Path(path).name, **quantized)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{TRANSFORMER_FIELD}: {err}") from None
+    if gguf:  # its backward pass dequantizes again: no full-precision copy kept per layer
+        recompute_gguf_weights(transformer)
+    return transformer
+
+
+def read_gguf(location: str, shown: str) -> dict[str, torch.Tensor]:
+    """A .gguf file's tensors as diffusers reads them: the quantized ones as its GGUFParameter
+    (packed bytes and their quantization type), the rest as plain tensors."""
     try:
-        return load_original_transformer(spec.transformer_class, source.location,
-                                         config=config_folder, subfolder="transformer",
-                                         torch_dtype=dtype)
-    except ModelLoadError as err:
-        raise ModelLoadError(f"transformer.model_name: {err}") from None
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+        return load_gguf_checkpoint(location)
+    except ImportError as err:
+        raise ModelLoadError(f"{TRANSFORMER_FIELD}: reading '{shown}' needs the gguf package "
+                             f"({err}).") from None
+    except Exception as err:  # noqa: BLE001 - gguf raises its own types for a broken file
+        raise ModelLoadError(f"{TRANSFORMER_FIELD}: '{shown}' is not a readable GGUF file "
+                             f"({type(err).__name__}: {err}).") from None
 
 
-def _transformer_by_diffusers(spec: FlowSpec, path: str, location: str, config_folder: str,
-                              dtype):
+def gguf_quantization(dtype: torch.dtype):
+    """diffusers' GGUF layers, dequantizing each weight into `dtype` (the train dtype) when
+    their layer runs."""
+    from diffusers import GGUFQuantizationConfig
+    return GGUFQuantizationConfig(compute_dtype=dtype)
+
+
+def _transformer_by_diffusers(spec: FlowSpec, path: str, source: str | dict, config_folder: str,
+                              dtype, quantized: dict):
     """The transformer of a file diffusers' `from_single_file` reads (spec.single_file_state),
-    on the config of the base model's folder."""
+    on the config of the base model's folder; `source`: the file, or a GGUF file's tensors."""
     from safetensors.torch import load_file
     try:
-        state = spec.single_file_state(load_file(location))
+        state = spec.single_file_state(source if isinstance(source, dict) else load_file(source))
         return spec.transformer_class.from_single_file(
             state, config=config_folder, subfolder="transformer", torch_dtype=dtype,
-            local_files_only=True)
+            local_files_only=True, **quantized)
     except Exception as err:  # noqa: BLE001 - the file does not fit this model
         raise ModelLoadError(
-            f"transformer.model_name: '{path}' is not a {spec.name} transformer of this model's "
+            f"{TRANSFORMER_FIELD}: '{path}' is not a {spec.name} transformer of this model's "
             f"shape ({type(err).__name__}).") from None
 
 

@@ -19,7 +19,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from trainer.models.family import tokenize
+from trainer.models.family import compute_dtype_of, tokenize
 from trainer.models.flow_family import FlowFamily, FlowSpec
 from trainer.models.transformer_layouts import FLUX
 
@@ -132,7 +132,7 @@ class FluxFamily(FlowFamily):
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")
         plain = self.parts["transformer"]
-        dtype = next(plain.parameters()).dtype
+        dtype = compute_dtype_of(plain)
         b, _, h, w = noisy.shape
         text = conditioning["encoder_hidden_states"].to(dtype)
         guidance = None

@@ -31,7 +31,7 @@ from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
 from trainer.errors import ModelLoadError
 from trainer.models import loading
-from trainer.models.family import tokenize
+from trainer.models.family import compute_dtype_of, tokenize
 from trainer.models.flow_family import EmptyCaptionDropout, FlowFamily, FlowSpec, WrappedVAE
 from trainer.models.transformer_layouts import FLUX2
 
@@ -247,7 +247,7 @@ class Flux2Family(EmptyCaptionDropout, FlowFamily):
 
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")
-        dtype = next(self.parts["transformer"].parameters()).dtype
+        dtype = compute_dtype_of(self.parts["transformer"])
         patched = patchify(noisy)
         _, _, h, w = patched.shape
         text = conditioning["encoder_hidden_states"].to(dtype)

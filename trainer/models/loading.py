@@ -34,6 +34,7 @@ from trainer.quantized_cache import built_with_config, cached_or
 from trainer.quiet import hide_weight_loading_bars
 
 BASE_FIELD = "base_model_name"
+TRANSFORMER_FIELD = "transformer.model_name"
 VAE_FIELD = "vae_model_name"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 # "org/name" as the hub spells repo ids; anything else that does not exist is a bad path.
@@ -163,6 +164,8 @@ def _local_source(path: pathlib.Path, name: str, field: str) -> _Source:
             "opened. If you trust it, convert it on your own machine first: "
             f"python -m trainer convert-checkpoint '{path}' '{path.with_suffix('.safetensors')}'"
         )
+    if suffix == ".gguf" and field == TRANSFORMER_FIELD:  # read by flow_family (GGUF)
+        return _Source("single_file", str(path))
     if suffix != ".safetensors":
         raise ModelLoadError(
             f"{field}: '{path}' is not a model format Atelier reads (expected a .safetensors "

@@ -40,7 +40,7 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from trainer.errors import ModelLoadError
-from trainer.models.family import tokenize
+from trainer.models.family import compute_dtype_of, tokenize
 from trainer.models.flow_family import EmptyCaptionDropout, FlowFamily, FlowSpec, WrappedVAE
 # the same 2x2 patches as tokens as Flux.1's (QwenImagePipeline's order)
 from trainer.models.flux import pack, unpack
@@ -205,7 +205,7 @@ class QwenImageFamily(EmptyCaptionDropout, FlowFamily):
 
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")
-        dtype = next(self.parts["transformer"].parameters()).dtype
+        dtype = compute_dtype_of(self.parts["transformer"])
         h, w = noisy.shape[-2:]
         states, mask = batch_captions(conditioning, dtype)
         out = transformer(hidden_states=pack(noisy.to(dtype)), timestep=timesteps.float() / 1000,

@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from trainer.errors import ModelLoadError
 from trainer.inpainting import check_unet_channels
-from trainer.models.family import ModelFamily, hidden_states_before_last, tokenize
+from trainer.models.family import ModelFamily, compute_dtype_of, hidden_states_before_last, tokenize
 from trainer.models.objectives import DDPMObjective
 from trainer.models import loading
 from trainer.models.loading import BASE_FIELD, VAE_FIELD, load_vae  # noqa: F401 (re-exported)
@@ -205,7 +205,7 @@ class SD15Family(ModelFamily):
 
     def predict(self, noisy, timesteps, conditioning):
         unet = self.module("unet")
-        dtype = next(self.parts["unet"].parameters()).dtype
+        dtype = compute_dtype_of(self.parts["unet"])
         # The text encoder's weights may be stored in another type than the UNet's.
         return unet(noisy.to(dtype), timesteps,
                     conditioning["encoder_hidden_states"].to(dtype)).sample

@@ -41,7 +41,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from trainer.errors import ModelLoadError
 from trainer.models import loading
-from trainer.models.family import hidden_states_before_last, tokenize
+from trainer.models.family import compute_dtype_of, hidden_states_before_last, tokenize
 from trainer.models.flow_family import FlowFamily, FlowSpec
 from trainer.models.loading import BASE_FIELD
 from trainer.quantized_cache import cached_or
@@ -443,7 +443,7 @@ class SD3Family(FlowFamily):
 
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")
-        dtype = next(self.parts["transformer"].parameters()).dtype
+        dtype = compute_dtype_of(self.parts["transformer"])
         text = join_text(*(conditioning[hidden_key(p)] for p in (*CLIPS, T5)))
         pooled = torch.cat([conditioning[pooled_key(p)] for p in CLIPS], dim=-1)
         return transformer(hidden_states=noisy.to(dtype), timestep=timesteps.float(),

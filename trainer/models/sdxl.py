@@ -26,8 +26,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from trainer.errors import ModelLoadError
 from trainer.inpainting import check_unet_channels
-from trainer.models.family import (ModelFamily, hidden_states_before_last, to_device,
-                                   tokenize)
+from trainer.models.family import (ModelFamily, compute_dtype_of, hidden_states_before_last,
+                                   to_device, tokenize)
 from trainer.models.objectives import DDPMObjective
 from trainer.models import loading
 from trainer.models.loading import BASE_FIELD
@@ -273,7 +273,7 @@ class SDXLFamily(ModelFamily):
 
     def predict(self, noisy, timesteps, conditioning):
         unet = self.module("unet")
-        dtype = next(self.parts["unet"].parameters()).dtype
+        dtype = compute_dtype_of(self.parts["unet"])
         added = {"text_embeds": conditioning["text_embeds"].to(dtype),
                  "time_ids": self.time_ids(conditioning, noisy).to(dtype)}
         return unet(noisy.to(dtype), timesteps, conditioning["encoder_hidden_states"].to(dtype),

@@ -399,16 +399,19 @@ def check_original_layout(model_type: str, keys: Iterable[str], file_name: str) 
 
 def load_original_transformer(model_class, source: str | Path | Mapping[str, torch.Tensor], *,
                               config: str | Path, subfolder: str | None = "transformer",
-                              torch_dtype: torch.dtype | None = None):
+                              torch_dtype: torch.dtype | None = None, name: str | None = None,
+                              quantization_config=None):
     """`model_class` (FluxTransformer2DModel, ChromaTransformer2DModel, SD3Transformer2DModel)
     from an original-layout file or state dict, offline: `config` is a local diffusers folder
     (configs only) and `subfolder` the transformer's folder in it.
 
     The weights are converted here (`to_diffusers`) and handed to diffusers' `from_single_file`
     already in its layout, which it then loads as they are: that way a checkpoint of any width
-    loads, where `from_single_file` given the file itself splits Flux.1's linear1 at 3072."""
+    loads, where `from_single_file` given the file itself splits Flux.1's linear1 at 3072.
+    `name`: the file a state dict was read from, for messages; `quantization_config`: diffusers'
+    (a GGUF file's tensors: `to_diffusers` moves and splits their packed rows whole)."""
     if isinstance(source, Mapping):
-        state, name = dict(source), "the state dict"
+        state, name = dict(source), name or "the state dict"
     else:
         path = Path(source)
         state, name = _read_transformer_tensors(path), path.name
@@ -418,9 +421,10 @@ def load_original_transformer(model_class, source: str | Path | Mapping[str, tor
         what = f"a {LAYOUT_LABELS[found]} transformer" if found else \
             "no transformer in the original Flux.1, Chroma or SD 3 / 3.5 layout"
         raise ModelLoadError(f"'{name}' holds {what}; {model_class.__name__} cannot load it.")
+    quantized = {"quantization_config": quantization_config} if quantization_config else {}
     return model_class.from_single_file(to_diffusers(family, state), config=str(config),
                                         subfolder=subfolder, torch_dtype=torch_dtype,
-                                        local_files_only=True)
+                                        local_files_only=True, **quantized)
 
 
 def _read_transformer_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -450,4 +454,11 @@ def module_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
         if ".lora_" in key or "lora_magnitude_vector" in key:
             continue
         shapes[key.replace(".base_layer.", ".")] = tensor.shape
+    # A layer whose weight is stored packed (a GGUF file's blocks) has its logical shape in
+    # its features, not in the tensor's
+    from trainer.quantization import is_gguf_layer
+    for name, layer in model.named_modules():
+        if is_gguf_layer(layer) and ".lora_" not in name:
+            key = f"{name}.weight".replace(".base_layer.", ".")
+            shapes[key] = torch.Size((layer.out_features, layer.in_features))
     return shapes

@@ -25,7 +25,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3Model
 
-from trainer.models.family import tokenize
+from trainer.models.family import compute_dtype_of, tokenize
 from trainer.models.flow_family import EmptyCaptionDropout, FlowFamily, FlowSpec
 
 # ZImagePipeline's (and OneTrainer's) prompt length in tokens, chat template included.
@@ -153,7 +153,7 @@ class ZImageFamily(EmptyCaptionDropout, FlowFamily):
 
     def predict(self, noisy, timesteps, conditioning):
         transformer = self.module("transformer")
-        dtype = next(self.parts["transformer"].parameters()).dtype
+        dtype = compute_dtype_of(self.parts["transformer"])
         latents = list(noisy.to(dtype).unsqueeze(2).unbind(0))  # [C, 1 frame, h, w] each
         time = (1000 - timesteps.float()) / 1000  # 1 = clean, as the pipeline feeds it
         out = transformer(latents, time, caption_states(conditioning, dtype),

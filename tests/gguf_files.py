@@ -1,0 +1,53 @@
+"""GGUF transformer files for the tests, written by the gguf library (the format's own Python
+package, whose writer and quantizers llama.cpp's converters and city96's tools use). Which
+tensors are quantized follows the tools that make the published files: city96's converter keeps
+1-D tensors and tensors of at most 1024 values in F32, and llama.cpp's quantizer (which his
+files go through) quantizes only 2-D tensors named `*.weight`; everything else stays F32, and a
+tensor whose rows the type's blocks do not divide falls back to F16, as his converter does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SMALL = 1024  # city96's QUANTIZATION_THRESHOLD
+
+
+def write_gguf(state: dict[str, torch.Tensor], path: Path, qtype: str = "Q8_0",
+               arch: str = "flux") -> dict[str, str]:
+    """Write `state` (an original-layout transformer) to `path`; {tensor: type written}."""
+    import gguf
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    written = {}
+    for key, tensor in state.items():
+        data = tensor.detach().to(torch.float32).numpy()
+        kind = getattr(gguf.GGMLQuantizationType, qtype)
+        if data.ndim != 2 or data.size <= SMALL or not key.endswith(".weight"):
+            kind = gguf.GGMLQuantizationType.F32
+        try:
+            packed = gguf.quants.quantize(data, kind)
+        except (gguf.QuantError, ValueError):
+            kind = gguf.GGMLQuantizationType.F16
+            packed = gguf.quants.quantize(data, kind)
+        writer.add_tensor(key, packed, raw_dtype=kind)
+        written[key] = kind.name
+    writer.write_header_to_file(path=str(path))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
+
+
+def dequantized(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors as the gguf library dequantizes them (float32)."""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for tensor in reader.tensors:
+        values = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                          dtype=np.float32)
+        shape = [int(n) for n in reversed(tensor.shape)]
+        out[tensor.name] = torch.from_numpy(values).reshape(shape)
+    return out
