@@ -3,7 +3,9 @@ package, whose writer and quantizers llama.cpp's converters and city96's tools u
 tensors are quantized follows the tools that make the published files: city96's converter keeps
 1-D tensors and tensors of at most 1024 values in F32, and llama.cpp's quantizer (which his
 files go through) quantizes only 2-D tensors named `*.weight`; everything else stays F32, and a
-tensor whose rows the type's blocks do not divide falls back to F16, as his converter does."""
+tensor whose rows the type's blocks do not divide falls back to F16, as his converter does.
+`qtype` "BF16" is his converter's own output for a bfloat16 model, before llama.cpp: every
+tensor of more than one dimension and 1024 values in BF16, whatever its name."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +26,8 @@ def write_gguf(state: dict[str, torch.Tensor], path: Path, qtype: str = "Q8_0",
     for key, tensor in state.items():
         data = tensor.detach().to(torch.float32).numpy()
         kind = getattr(gguf.GGMLQuantizationType, qtype)
-        if data.ndim != 2 or data.size <= SMALL or not key.endswith(".weight"):
+        if data.ndim == 1 or data.size <= SMALL or (
+                qtype != "BF16" and (data.ndim != 2 or not key.endswith(".weight"))):
             kind = gguf.GGMLQuantizationType.F32
         try:
             packed = gguf.quants.quantize(data, kind)

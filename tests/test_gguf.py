@@ -79,12 +79,17 @@ def flux_inputs(config) -> dict:
                 txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "BF16"])
 @pytest.mark.parametrize("fixture, model_type", FAMILIES)
 def test_each_familys_gguf_file_loads_packed_with_the_released_weights(fixture, model_type,
-                                                                       request, tmp_path):
+                                                                       qtype, request, tmp_path):
+    """Q8_0 as llama.cpp's quantizer leaves a file, BF16 as city96's converter writes one
+    (its 3-D positional embeddings and the like packed too, which no GGUF layer reads: they
+    are dequantized at load)."""
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
-    plain, path, written = gguf_of(request.getfixturevalue(fixture), tmp_path, model_type)
-    assert "Q8_0" in written.values() and "F32" in written.values()
+    plain, path, written = gguf_of(request.getfixturevalue(fixture), tmp_path, model_type,
+                                   qtype)
+    assert qtype in written.values() and "F32" in written.values()
     config = family_config(request.getfixturevalue(fixture), tmp_path / "gguf", model_type, path)
     transformer = load_family(config).parts["transformer"]
     packed = gguf_layers(transformer)
@@ -100,9 +105,11 @@ def test_each_familys_gguf_file_loads_packed_with_the_released_weights(fixture, 
             assert values.shape == want[key].shape, key
             error = (values - want[key]).abs().max()
             assert error <= 0.01 * want[key].abs().max(), (key, float(error))
-        else:  # kept unquantized: the released values, in F32 or (a fallback) F16
+        else:  # kept unquantized (F32, a fallback F16) or dequantized at load (BF16)
+            assert not hasattr(tensor, "quant_type"), key
             value, released = tensor.float(), want[key].float()
-            assert torch.equal(value, released) or torch.equal(value, released.half().float()), key
+            assert any(torch.equal(value, released.to(kind).float())
+                       for kind in (torch.float32, torch.float16, torch.bfloat16)), key
     # the LoRA names are sized from the layers' logical shapes, not the packed bytes
     assert module_shapes(transformer) == module_shapes(plain.parts["transformer"])
 

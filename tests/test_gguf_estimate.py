@@ -92,13 +92,16 @@ def test_a_gguf_transformer_is_the_files_tensor_bytes(qtype, flux_gguf, tiny_flu
     assert result.trained_parameters == plain.trained_parameters  # the same adapters
 
 
+@pytest.mark.parametrize("qtype, train_dtype", [("Q4_0", "BFLOAT_16"), ("BF16", "FLOAT_32")])
 @pytest.mark.parametrize("fixture, model_type", FAMILIES)
-def test_each_familys_gguf_transformer_is_what_it_loads_as(fixture, model_type, request,
-                                                           tmp_path):
+def test_each_familys_gguf_transformer_is_what_it_loads_as(fixture, model_type, qtype,
+                                                           train_dtype, request, tmp_path):
+    """Q4_0 as llama.cpp leaves a file; BF16 as city96's converter writes one (its tensors no
+    GGUF layer reads, SD 3's positional embedding, are dequantized into the train dtype)."""
     folder = request.getfixturevalue(fixture)
     path = tmp_path / "transformer.gguf"
-    write_transformer(folder, model_type, path, "Q4_0")
-    settings = gguf_settings(folder, path, model_type, train_dtype="BFLOAT_16")
+    write_transformer(folder, model_type, path, qtype)
+    settings = gguf_settings(folder, path, model_type, train_dtype=train_dtype)
     loaded = loaded_bytes(load_family(settings).parts["transformer"])
     assert M.estimate(settings, device_gb=None).part_bytes["transformer"] == loaded
 

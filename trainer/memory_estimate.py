@@ -82,9 +82,12 @@ def dtype_name(value: Any) -> str:
 # plain tensor, which the loader casts to the torch_dtype Atelier loads the transformer in (the
 # train dtype, flow_family.load_dtypes; no flow family keeps modules in float32); every other
 # type (Q8_0, Q4_K, ..., and BF16) stays as the file stores it, its bytes in a GGUFParameter
-# that nothing casts (trainer/placement.py leaves a quantized part's dtypes alone). So: packed
-# tensors count their bytes in the file, F32 / F16 ones their elements at the train dtype's
-# size (tests/test_gguf_estimate.py holds it to the loaded tiny Flux.1's parameters).
+# that nothing casts (trainer/placement.py leaves a quantized part's dtypes alone), except where
+# no GGUF linear layer reads it: Atelier dequantizes such a tensor into the train dtype at load
+# (quantization.prepare_gguf_transformer: a BF16 positional embedding, a convolution). So:
+# 2-D packed tensors (the linear layers' weights) count their bytes in the file, the rest
+# their elements at the train dtype's size (tests/test_gguf_estimate.py holds it to the
+# loaded tiny Flux.1's parameters).
 GGUF_CAST = ("F32", "F16")
 
 
@@ -97,8 +100,8 @@ def gguf_packed_bytes(tensor: TensorInfo) -> int:
 
 def gguf_stored_bytes(tensors: list[TensorInfo], train_bytes: int) -> int:
     """The GPU bytes of a GGUF transformer's tensors (GGUF_CAST says why)."""
-    return sum(t.numel * train_bytes if t.dtype in GGUF_CAST else gguf_packed_bytes(t)
-               for t in tensors)
+    return sum(t.numel * train_bytes if t.dtype in GGUF_CAST or len(t.shape) != 2
+               else gguf_packed_bytes(t) for t in tensors)
 
 
 # --- Activations: the formula and where its constants come from --------------------------------

@@ -210,14 +210,25 @@ def is_gguf_layer(layer: torch.nn.Module) -> bool:
     return isinstance(layer, GGUFLinear)
 
 
-def recompute_gguf_weights(module: torch.nn.Module) -> int:
-    """Each of diffusers' GGUF layers in `module` computes through `_GGUFMatmul` (the same
-    output: F.linear of the same dequantized weight); returns how many."""
+def prepare_gguf_transformer(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """A transformer diffusers read from a GGUF file, made fit to train on: each GGUF layer
+    computes through `_GGUFMatmul` (the same output: F.linear of the same dequantized weight),
+    and any other tensor the file stores packed (a BF16 positional embedding or bias, which
+    diffusers leaves as packed bytes where no GGUF layer reads them) is dequantized into
+    `dtype`, the train dtype its neighbours were loaded in."""
     from diffusers.quantizers.gguf.utils import GGUFLinear
-    layers = [m for m in module.modules() if type(m) is GGUFLinear]
-    for layer in layers:  # the layer and its tensors stay; only its forward pass changes
-        layer.__class__ = _recomputing_gguf_linear()
-    return len(layers)
+    for sub in module.modules():
+        gguf_layer = type(sub) is GGUFLinear
+        if gguf_layer:  # the layer and its weight stay; only its forward pass changes
+            sub.__class__ = _recomputing_gguf_linear()
+        for name, tensor in list(sub._parameters.items()):
+            if tensor is not None and hasattr(tensor, "quant_type") and not (
+                    gguf_layer and name == "weight"):
+                sub._parameters[name] = torch.nn.Parameter(
+                    _dequantize_gguf(tensor, tensor.quant_type, dtype), requires_grad=False)
+        for name, tensor in list(sub._buffers.items()):
+            if tensor is not None and hasattr(tensor, "quant_type"):
+                sub._buffers[name] = _dequantize_gguf(tensor, tensor.quant_type, dtype)
 
 
 @functools.cache

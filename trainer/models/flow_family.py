@@ -22,7 +22,7 @@ from trainer.models import loading, registry
 from trainer.models.family import ModelFamily, to_device
 from trainer.models.loading import BASE_FIELD, TRANSFORMER_FIELD
 from trainer.models.objectives import FlowMatchingObjective
-from trainer.quantization import recompute_gguf_weights
+from trainer.quantization import prepare_gguf_transformer
 from trainer.quantized_cache import cached_or
 from trainer.quiet import hide_weight_loading_bars
 
@@ -130,7 +130,7 @@ def _transformer_from_file(spec: FlowSpec, path: str, config_folder: str, dtype)
         except ModelLoadError as err:
             raise ModelLoadError(f"{TRANSFORMER_FIELD}: {err}") from None
     if gguf:  # its backward pass dequantizes again: no full-precision copy kept per layer
-        recompute_gguf_weights(transformer)
+        prepare_gguf_transformer(transformer, dtype)
     return transformer
 
 
