@@ -153,6 +153,19 @@ def test_a_flow_family_offers_lora_as_its_only_adapter_type():
     assert F.fitting_choice(F.SPECS["peft_type"], "LOKR", {"model_type": "CHROMA_1"}) == "LORA"
 
 
+def test_only_the_transformer_offers_gguf_storage():
+    """GGUF is read from a transformer file: the transformer's weight type offers it, every
+    other part's (and the train and output types) does not."""
+    chosen = {"model_type": "FLUX_DEV_1"}
+    assert "GGUF" in F.SPECS["transformer.weight_dtype"].choices
+    assert F.fitting_choices(F.SPECS["transformer.weight_dtype"], chosen) is None  # all
+    for key in ("text_encoder.weight_dtype", "text_encoder_2.weight_dtype", "vae.weight_dtype",
+                "unet.weight_dtype", "train_dtype", "output_dtype"):
+        offered = F.fitting_choices(F.SPECS[key], chosen)
+        assert offered and "GGUF" not in offered and "FLOAT_32" in offered, key
+    assert F.fitting_choice(F.SPECS["text_encoder_2.weight_dtype"], "GGUF", chosen) != "GGUF"
+
+
 def test_a_flow_family_offers_its_own_formats_diffusers_lora_first():
     """Flux.1, Chroma, SD 3: DIFFUSERS_LORA (their default, OneTrainer's), KOHYA_LORA,
     COMFY_LORA; a fine-tune DIFFUSERS or ORIGINAL_SINGLE_FILE. Switching from SD keeps a
