@@ -170,7 +170,10 @@ def test_presets_load_save_and_import(page, tmp_path):
     open_section(page, "Masked training")
     assert field(page, "masked_training").locator("input").is_checked()
     assert value_of(page, "resolution") == "512"
-    assert "trainer/demo/dataset" in page.locator("#table-concepts").inner_text()
+    # the table is drawn again with the page's concepts (it may lag the report on a busy
+    # machine: its rows were briefly empty in a CI run)
+    wait_for(lambda: "trainer/demo/dataset" in page.locator("#table-concepts").inner_text(),
+             UI, what="the page's concepts in the table after the load")
 
     # Save it as the user's own preset: it joins the dropdown.
     page.locator("#preset-name input, #preset-name textarea").first.fill("masked test")
