@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from trainer.config import TrainConfig
+from trainer.config import GGUF_SUFFIX, TrainConfig
 from trainer.errors import ModelLoadError
 from trainer.models import registry
 
@@ -231,7 +231,7 @@ def _override_files(config: TrainConfig, facts: registry.FamilyFacts, result: Mo
         path = pathlib.Path(transformer_file.strip()).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"transformer.model_name: '{transformer_file}' does not exist.")
-        gguf = path.suffix.lower() == ".gguf"  # (config.GGUF_SUFFIX) read pre-quantized
+        gguf = path.suffix.lower() == GGUF_SUFFIX  # read pre-quantized
         result.parts["transformer"] = (gguf_tensors if gguf else read_header)(
             path, "transformer.model_name")
         result.source += f"; the transformer from {'the GGUF file ' if gguf else ''}'{path}'"

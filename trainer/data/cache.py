@@ -103,10 +103,15 @@ CACHE_KINDS = ("latents", "text")
 STALE_WRITE_SECONDS = 24 * 3600
 
 
+def shared_cache_root() -> Path | None:
+    """The cache folder runs share (DATA_CACHE_ENV), or None."""
+    shared = os.environ.get(DATA_CACHE_ENV, "").strip()
+    return Path(shared) if shared else None
+
+
 def data_cache_root(workspace_dir: str | os.PathLike) -> Path:
     """The folder holding `latents/` and `text/` for a run in `workspace_dir`."""
-    shared = os.environ.get(DATA_CACHE_ENV, "").strip()
-    return Path(shared) if shared else Path(workspace_dir) / "cache"
+    return shared_cache_root() or Path(workspace_dir) / "cache"
 
 
 def shared_cache_bytes() -> int:

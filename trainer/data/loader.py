@@ -24,9 +24,9 @@ import torch
 
 from trainer.config import TrainConfig, parse_resolution
 from trainer.data.buckets import BucketBatchSampler, plan_buckets, quantum_for
-from trainer.data.cache import (DATA_CACHE_ENV, DATA_CACHE_GB_ENV, CacheStats, LatentCache,
-                                TextCache, batch_latents, data_cache_root, prune,
-                                shared_cache_bytes, source_fingerprint)
+from trainer.data.cache import (DATA_CACHE_GB_ENV, CacheStats, LatentCache, TextCache,
+                                batch_latents, data_cache_root, prune, shared_cache_bytes,
+                                shared_cache_root, source_fingerprint)
 from trainer.data.dataset import ImageItem, TrainDataset, collate
 from trainer.data.images import oriented_size
 from trainer.inpainting import InpaintingInputs
@@ -153,9 +153,10 @@ class DataPipeline:
     def _prune_shared_cache(self) -> None:
         """A cache folder shared by runs (the app's, one per owner) is kept under its cap
         before this run adds to it; a run's own workspace cache is the user's to remove."""
-        if not self.is_main or not os.environ.get(DATA_CACHE_ENV, "").strip():
+        root = shared_cache_root()
+        if not self.is_main or root is None:
             return
-        root, cap = data_cache_root(self.config.workspace_dir), shared_cache_bytes()
+        cap = shared_cache_bytes()
         removed, freed = prune(root, cap)
         if removed:
             self.status(f"Removed {removed} cache entries used least recently from {root} "

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from trainer.config import GGUF_SUFFIX
 from trainer.errors import ModelLoadError
 from trainer.quantized_cache import built_with_config, cached_or
 from trainer.quiet import hide_weight_loading_bars
@@ -164,7 +165,7 @@ def _local_source(path: pathlib.Path, name: str, field: str) -> _Source:
             "opened. If you trust it, convert it on your own machine first: "
             f"python -m trainer convert-checkpoint '{path}' '{path.with_suffix('.safetensors')}'"
         )
-    if suffix == ".gguf" and field == TRANSFORMER_FIELD:  # read by flow_family (GGUF)
+    if suffix == GGUF_SUFFIX and field == TRANSFORMER_FIELD:  # read by flow_family (GGUF)
         return _Source("single_file", str(path))
     if suffix != ".safetensors":
         raise ModelLoadError(
