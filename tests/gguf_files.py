@@ -54,3 +54,50 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
         shape = [int(n) for n in reversed(tensor.shape)]
         out[tensor.name] = torch.from_numpy(values).reshape(shape)
     return out
+
+
+# Where each K-quant block (256 values) keeps its float16 super-block scales (d, and dmin
+# where the type has one), as ggml's block_q2_K ... block_q6_K lay them out; the other bytes
+# are codes and sub-block scales, any value of which is valid.
+K_QUANT_F16_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+                       "Q6_K": (208,)}
+
+
+def k_quant_eligible(key: str, tensor: torch.Tensor) -> bool:
+    """A tensor llama.cpp's quantizer would store in a K-quant type: a 2-D `*.weight` of more
+    than 1024 values whose rows its 256-value blocks divide."""
+    return (tensor.ndim == 2 and key.endswith(".weight") and tensor.numel() > SMALL
+            and tensor.shape[1] % 256 == 0)
+
+
+def write_random_k_quant_gguf(state: dict[str, torch.Tensor], path: Path, qtype: str,
+                              seed: int = 0) -> dict[str, str]:
+    """`state`'s tensors to `path`, each K-quant-eligible one as random `qtype` blocks (the
+    gguf library cannot quantize into K-quants; llama.cpp's C++ quantizer makes the published
+    files) whose scales are small, so the model stays finite; the rest F32. What the file then
+    holds is defined by the gguf library's own dequantization (`dequantized`)."""
+    import gguf
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(path=None, arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    written = {}
+    for key, tensor in state.items():
+        if not k_quant_eligible(key, tensor):
+            writer.add_tensor(key, tensor.detach().to(torch.float32).numpy())
+            written[key] = "F32"
+            continue
+        rows, columns = tensor.shape
+        blocks = rng.integers(0, 256, (rows * columns // block_values, block_bytes),
+                              dtype=np.uint8)
+        for offset in K_QUANT_F16_OFFSETS[qtype]:
+            scales = rng.uniform(1e-5, 1e-4, len(blocks)).astype(np.float16)
+            blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+        writer.add_tensor(key, blocks.reshape(rows, -1), raw_dtype=kind)
+        written[key] = qtype
+    writer.write_header_to_file(path=str(path))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
