@@ -391,11 +391,13 @@ def test_the_cli_prints_the_estimate_as_json(tiny_sd15_dir, tmp_path, capsys, mo
 @pytest.mark.parametrize("model_type, hub_id, transformer, text_encoder", [
     ("QWEN", "Qwen/Qwen-Image", 20_430_401_088, 8_292_166_656),          # + Qwen2.5-VL-7B
     ("Z_IMAGE", "Tongyi-MAI/Z-Image-Turbo", 6_154_908_736, 4_022_468_096),  # + Qwen3-4B
+    ("FLUX_2", "black-forest-labs/FLUX.2-klein-4B", 3_875_544_576, 4_022_468_096),  # + Qwen3-4B
 ])
-def test_the_standard_qwen_image_and_z_image_are_counted_from_their_configs(
+def test_the_standard_qwen_image_z_image_and_flux2_klein_are_counted_from_their_configs(
         model_type, hub_id, transformer, text_encoder):
     """A hub id that is not downloaded: the standard model's tensors from the configs Atelier
-    ships (trainer/models/configs/qwen_image, z_image) at their storage types."""
+    ships (trainer/models/configs/qwen_image, z_image; Flux.2 klein 4B's transformer from
+diffusers' conversion script's config) at their storage types."""
     result = M.estimate(config(model_type=model_type, base_model_name=hub_id,
                                transformer={"weight_dtype": "BFLOAT_16"},
                                text_encoder={"weight_dtype": "FLOAT_8"}), device_gb=None)

@@ -250,6 +250,16 @@ def _override_files(config: TrainConfig, facts: registry.FamilyFacts, result: Mo
 
 # --- Modules on the meta device: which layers are linear, which get adapters -------------------
 
+# FLUX.2 [klein] 4B's transformer (diffusers' scripts/convert_flux2_to_diffusers.py,
+# "klein-4b"); its other settings are the class defaults. Its text encoder is Qwen3-4B; the
+# LM head it is loaded with shares the input embedding's tensor, so Z-Image's Qwen3Model config
+# counts the same bytes. AutoencoderKLFlux2's defaults are Flux.2's VAE.
+FLUX2_KLEIN_4B = {"num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
+                  "attention_head_dim": 128, "joint_attention_dim": 7680, "in_channels": 128,
+                  "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000,
+                  "timestep_guidance_channels": 256, "guidance_embeds": False}
+
+
 def _standard_folders(facts: registry.FamilyFacts) -> dict[str, Any]:
     """part -> a config folder, or ("class name", kwargs) for diffusers' defaults: the family's
     standard model as this project ships its configs (no weights)."""
@@ -274,6 +284,10 @@ def _standard_folders(facts: registry.FamilyFacts) -> dict[str, Any]:
     if facts.model_type == "Z_IMAGE":     # Z-Image: diffusers' defaults, Qwen3-4B, Flux's VAE
         return {"transformer": ("ZImageTransformer2DModel", {}),
                 "text_encoder": str(CONFIGS / "z_image" / "text_encoder"), "vae": flux_vae}
+    if facts.model_type == "FLUX_2":      # Flux.2 klein 4B, Qwen3-4B (as Z-Image's), its VAE
+        return {"transformer": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B),
+                "text_encoder": str(CONFIGS / "z_image" / "text_encoder"),
+                "vae": ("AutoencoderKLFlux2", {})}
     sd3 = {"STABLE_DIFFUSION_35": sd35, "STABLE_DIFFUSION_3": CONFIGS / "sd35" / "sd3-medium"}
     if facts.model_type in sd3:
         return {p: str(sd3[facts.model_type] / p) for p in (*facts.parts, "vae")}
