@@ -169,6 +169,42 @@ def test_layer_offload_streams_whole_blocks_twice_per_step(tiny_sd15_dir, tmp_pa
         assert offload.loads - before == len(offload.units)
 
 
+def test_a_recomputed_block_leaves_the_device_though_torch_stops_its_recomputation_early(
+        tiny_sd15_dir, tmp_path):
+    """torch's checkpointing stops a block's recomputation once it has what the block saves,
+    before the block's forward post-hook: its weights must still leave the device, or by the
+    end of the backward pass every streamed block would be there at once. The device is
+    played by copies here (on a CPU, `.to("cpu")` returns the host tensor itself)."""
+    unet = lora_unet(tiny_sd15_dir, tmp_path)
+    reference = unet_call(unet)
+    reference.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+    unet.zero_grad(set_to_none=True)
+    offload = LayerOffload(unet, 1.0, "cpu")
+    offload._to_device = lambda host: host.clone()
+    on_device, most = set(), [0]
+    real_load = offload._load
+
+    def load(unit, args):
+        real_load(unit, args)
+        on_device.clear()
+        on_device.update(id(u) for u in offload.units for param, host in offload._host[u]
+                         if param.data.data_ptr() != host.data_ptr())
+        most[0] = max(most[0], len(on_device))
+    for unit in offload.units:  # the recorder runs in place of the registered pre-hook
+        unit._forward_pre_hooks.clear()
+        unit.register_forward_pre_hook(load)
+    out = unet_call(unet)
+    out.square().mean().backward()
+    assert torch.equal(out, reference)
+    for name, param in unet.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, grads[name]), name
+    assert offload.loads > len(offload.units)  # recomputed blocks were loaded again
+    assert most[0] == 1, most  # never two blocks' weights on the device at once
+    assert len(offload.loaded) <= 1
+
+
 def test_streamed_run_trains_exactly_like_one_without(tiny_sd15_dir, tmp_path):
     common = dict(epochs=2, text_encoder={"train": False}, gradient_checkpointing=True)
     plain = tiny_config(tiny_sd15_dir, tmp_path / "plain", **common)

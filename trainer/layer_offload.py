@@ -11,8 +11,10 @@ of a streamed block a fresh device copy of its pinned CPU tensor (copied without
 the forward post-hook points the weight back at the CPU tensor. Nothing else holds the device
 copy, so it is freed as soon as the block is done, unless autograd saved it for the backward
 pass: that is why a part a gradient flows through needs checkpointing. A checkpointed block
-saves nothing in its forward pass and runs again (hooks included) in the backward pass, whose
-saved tensors are freed once that block's gradient is computed. So at most a block or two of
+saves nothing in its forward pass and runs again (its pre-hook included) in the backward pass,
+whose saved tensors are freed once that block's gradient is computed; torch may stop that
+recomputation before the block's end, and its post-hook with it, so loading a block sends the
+one loaded before back to the CPU (`LayerOffload.loaded`). So at most a block or two of
 streamed weights is on the GPU at a time, at the cost of copying the streamed share twice per
 step (forward and recomputation). A frozen text encoder runs without gradient (it fills the
 text cache): one copy per call, no checkpointing needed.
@@ -141,6 +143,7 @@ class LayerOffload:
         the whole part is never on the device at once."""
         self.device = torch.device(device)
         self.loads = 0  # block loads so far (one per block call): what the tests count
+        self.loaded: set[torch.nn.Module] = set()  # units whose weights are on the device now
         units = offload_units(module)
         frozen = {id(p) for p in module.parameters() if not p.requires_grad}
         total = sum(p.numel() * p.element_size() for p in module.parameters()
@@ -181,13 +184,25 @@ class LayerOffload:
         _move_except(self.module, torch.device(device), self._streamed)
 
     def _load(self, unit, _args) -> None:
+        # A block recomputed in the backward pass may never see its forward post-hook: torch's
+        # checkpointing stops the recomputation as soon as it has the tensors it saves
+        # (early stop), so its weights would stay on the device until the next step. The
+        # block loaded before is sent back here instead; what autograd saved of it stays
+        # valid, as checkpointing keeps its own references to the device copies.
+        for other in list(self.loaded):
+            self._unload(other, None, None)
         self.loads += 1
         for param, host in self._host[unit]:
-            param.data = host.to(self.device, non_blocking=True)
+            param.data = self._to_device(host)
+        self.loaded.add(unit)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device, non_blocking=True)
 
     def _unload(self, unit, _args, _output) -> None:
         for param, host in self._host[unit]:
             param.data = host
+        self.loaded.discard(unit)
 
 
 def _move_except(module: torch.nn.Module, device: torch.device, kept: set[int]) -> None:
