@@ -183,6 +183,12 @@ class LayerOffload:
         the part is parked in CPU memory and brought back (trainer/residency.py)."""
         _move_except(self.module, torch.device(device), self._streamed)
 
+    def forget(self) -> None:
+        """Let go of the pinned CPU copies: the part's weights are being dropped
+        (trainer/residency.py's ReadAgain); its blocks run again only under a new offload."""
+        self._host = {unit: [] for unit in self._host}
+        self.loaded.clear()
+
     def _load(self, unit, _args) -> None:
         # A block recomputed in the backward pass may never see its forward post-hook: torch's
         # checkpointing stops the recomputation as soon as it has the tensors it saves

@@ -396,8 +396,11 @@ def train(config: TrainConfig, control: Control | None = None, *,
             path = destination if final else destination.with_name(
                 f"{destination.stem}-step{step:06d}{destination.suffix}")
             status(f"Saving to {path}")
+            # a fine-tune's model folder holds the frozen text encoders too
+            whole_model = finetune.is_fine_tune(config) and finetune.writes_folder(config)
             try:
-                with ema_weights():
+                with ema_weights(), (residency.weights_read() if whole_model
+                                     else contextlib.nullcontext()):
                     finetune.save_output(path, family, parts, config,  # + its config JSON
                                          dtype=TORCH_DTYPES[config.output_dtype], steps=step,
                                          epochs=epoch, title=path.stem)

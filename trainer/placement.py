@@ -12,7 +12,8 @@ The set-up is ordered so that large parts are never on the GPU together needless
    CPU memory.
 3. `stream_frozen_encoders`: the frozen text encoders' streamed blocks, before they fill the
    text cache.
-4. `residency`: the VAE and frozen encoders leave the GPU once the caches serve them.
+4. `residency`: the VAE and frozen encoders leave the GPU once the caches serve them; a flow
+   family's frozen text encoders leave memory altogether, read again when they run (`_reader`).
 5. `stream_the_rest` (after the caches are full): the denoiser's and the trained parts' blocks,
    and the held-back parts to the device.
 
@@ -28,7 +29,7 @@ import torch
 from trainer.config import TrainConfig
 from trainer.layer_offload import (LayerOffload, gradient_flows, offload_parts,
                                    offloaded_parts, offloading_checkpoint)
-from trainer.residency import FrozenPartsResidency, fill_caches_first
+from trainer.residency import FrozenPartsResidency, ReadAgain, fill_caches_first
 
 
 class PartPlacement:
@@ -40,9 +41,11 @@ class PartPlacement:
         self.caches_first = fill_caches_first(config, device, num_processes)
         self.held_back = set(self.streamed) | ({self.denoiser} if self.caches_first else set())
         self.offloads: dict[str, LayerOffload] = {}
+        self.dropped: set[str] = set()  # text encoders dropped from memory (`_reader`)
 
     def place(self, dtypes: dict[str, torch.dtype]) -> None:
         """Every part frozen, in its storage dtype, on the device unless held back."""
+        self.dtypes = dtypes
         vae = self.family.vae
         vae.requires_grad_(False)
         vae.to(self.device, dtypes["vae"])
@@ -71,21 +74,75 @@ class PartPlacement:
 
     def residency(self, served: dict[str, torch.nn.Module]) -> FrozenPartsResidency:
         """The cache-served frozen modules (`residency.cache_served`) leave the GPU at each
-        epoch's end; a streamed one moves all but its streamed blocks."""
+        epoch's end; a streamed one moves all but its streamed blocks; a flow family's text
+        encoder is dropped from memory and read again from its files when it runs."""
+        readers = {name: self._reader(name) for name in served if name in self.family.parts}
+        readers = {name: reader for name, reader in readers.items() if reader is not None}
+
+        def returned(name: str) -> None:
+            if name in readers:
+                self.status(f"Read the {name} from its files again for a caption the text "
+                            "cache has not seen yet; it is dropped again at the epoch's end")
+            else:
+                self.status(f"The {name} is back on the GPU for a sample the cache has not "
+                            "seen yet; it leaves again at the epoch's end")
         return FrozenPartsResidency(
-            served, self.device,
-            on_return=lambda name: self.status(
-                f"The {name} is back on the GPU for a sample the cache has not seen yet; it "
-                "leaves again at the epoch's end"),
-            movers={name: offload.move_resident for name, offload in self.offloads.items()})
+            served, self.device, on_return=returned, readers=readers,
+            movers={name: (lambda device, name=name: self.offloads[name].move_resident(device))
+                    for name in self.offloads})
+
+    def _reader(self, name: str) -> ReadAgain | None:
+        """A frozen text encoder the run drops while the text cache serves it: one its family
+        can read again (a flow family's, from a diffusers folder), not packed by bitsandbytes
+        (INT_8 / NFLOAT_4: small already, and their packed weights do not move to the meta
+        device)."""
+        if getattr(self.config, name).weight_dtype.value in ("INT_8", "NFLOAT_4"):
+            return None
+        reader = getattr(self.family, "text_encoder_reader", None)
+        read = reader(name) if reader is not None else None
+        if read is None:
+            return None
+        module = self.family.parts[name]
+        said: list[bool] = []
+
+        def read_as_set_up() -> torch.nn.Module:
+            """The encoder as `place` set it up: quantized as configured, frozen, in its
+            storage type, on the CPU (the residency moves it)."""
+            from trainer.quantization import QUANTIZED, quantize_frozen_part
+            fresh = read()
+            if getattr(self.config, name).weight_dtype in QUANTIZED:
+                quantize_frozen_part(fresh, name, self.config, self.device,
+                                     denoiser=self.denoiser, write_cache=False)
+            fresh.requires_grad_(False)
+            if not getattr(fresh, "is_quantized", False):
+                fresh.to(self.dtypes[name])
+            return fresh
+
+        def dropped() -> None:
+            self.dropped.add(name)
+            if name in self.offloads:  # its pinned blocks are freed with it
+                self.offloads.pop(name).forget()
+            if not said:
+                said.append(True)
+                self.status(f"Dropped the {name}'s weights from memory: the text cache serves "
+                            "its outputs. It is read again from its files only for a caption "
+                            "the cache has not seen and for samples.")
+
+        def restream() -> None:
+            self.dropped.discard(name)
+            if name in self.streamed:
+                self.offloads.update(offload_parts(self.config, self.family, [name],
+                                                   self.device))
+        return ReadAgain(module, read_as_set_up, on_drop=dropped, on_read=restream)
 
     def stream_the_rest(self) -> None:
         """After the caches are full: the other streamed parts' blocks pinned in CPU memory,
         their other weights and the held-back parts to the device."""
         self.offloads.update(offload_parts(
-            self.config, self.family, [p for p in self.streamed if p not in self.offloads],
+            self.config, self.family,
+            [p for p in self.streamed if p not in self.offloads and p not in self.dropped],
             self.device))
-        for name in self.held_back - set(self.offloads):
+        for name in self.held_back - set(self.offloads) - self.dropped:
             self.family.parts[name].to(self.device)
         for name, offload in self.offloads.items():
             self.status(f"Streaming {offload.streamed_bytes / 2**20:,.0f} of "

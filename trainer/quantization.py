@@ -515,27 +515,35 @@ def quantize_frozen_parts(family, config: TrainConfig, device: torch.device,
     the part is), and write each to the quantized cache for the next run (`write_cache`: the
     main process). A part the loader read from that cache is quantized already. Returns one
     line per part for the status."""
-    from trainer import quantized_cache
     check_device(config, device)
-    compute = compute_dtype(config)
     lines = [prequantized_line(family.parts[part], part) for part in family.parts
              if getattr(config, part).weight_dtype in PREQUANTIZED]
     for part in quantized_parts(config):
         module = family.vae if part == "vae" else family.parts[part]
-        dtype = getattr(config, part).weight_dtype
-        if (line := getattr(module, quantized_cache.FROM_CACHE, None)) is not None:
+        lines += quantize_frozen_part(module, part, config, device, denoiser=family.denoiser,
+                                      write_cache=write_cache)
+    return lines
+
+
+def quantize_frozen_part(module: torch.nn.Module, part: str, config: TrainConfig,
+                         device: torch.device, *, denoiser: str,
+                         write_cache: bool = True) -> list[str]:
+    """`quantize_frozen_parts` for one part (`module`, whose weight_dtype quantizes); also for
+    a text encoder read again from its files (trainer/residency.py)."""
+    from trainer import quantized_cache
+    dtype = getattr(config, part).weight_dtype
+    if (line := getattr(module, quantized_cache.FROM_CACHE, None)) is not None:
+        return [line]
+    if part == denoiser:
+        patterns, regex = quantization_patterns(config)
+        names = layers_to_quantize(module, patterns, regex, part=part)
+    else:
+        names = layers_to_quantize(module, part=part)
+    quantize_part(module, names, dtype, compute_dtype(config), device)
+    lines = [f"Stored {len(names)} linear layers of the {part} as {dtype.value} (the rest of "
+             f"it in {config.train_dtype.value})"]
+    if (write_cache and part != "vae" and config.base_model_name
+            and quantized_cache.writes_enabled()):
+        if (line := quantized_cache.store(config, part, module, names, dtype)) is not None:
             lines.append(line)
-            continue
-        if part == family.denoiser:
-            patterns, regex = quantization_patterns(config)
-            names = layers_to_quantize(module, patterns, regex, part=part)
-        else:
-            names = layers_to_quantize(module, part=part)
-        quantize_part(module, names, dtype, compute, device)
-        lines.append(f"Stored {len(names)} linear layers of the {part} as {dtype.value} (the "
-                     f"rest of it in {config.train_dtype.value})")
-        if (write_cache and part != "vae" and config.base_model_name
-                and quantized_cache.writes_enabled()):
-            if (line := quantized_cache.store(config, part, module, names, dtype)) is not None:
-                lines.append(line)
     return lines

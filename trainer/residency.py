@@ -15,10 +15,18 @@ A sample the cache has not seen yet (a new random crop or flip, a caption line f
 later) still works: a forward pre-hook brings a parked module back before it runs, and it is
 parked again at the end of the epoch. On the CPU there is no other memory to park in, and
 nothing moves.
+
+A frozen text encoder of a flow family (T5-XXL, the Qwen language models: 4 to 16 GB) is not
+parked in CPU memory but dropped (`ReadAgain`): its weights are freed, and read again from the
+model's files (its quantized-cache entry where it has one) only when it runs, for a caption the
+text cache has not seen or for samples, and dropped again after. Once the cache holds every
+caption, the encoder holds no memory while the run trains; on the CPU as well.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
+from collections.abc import Callable
 
 import torch
 
@@ -28,17 +36,73 @@ def parking_pays(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+# torch's own hook registries of a module (not a library's flags about hooks it installed on
+# the submodules, such as transformers' `_output_capturing_hooks_installed`: those are the
+# fresh copy's to keep).
+TORCH_HOOK_ATTRIBUTES = tuple(name for name in torch.nn.Module().__dict__ if "hook" in name)
+
+
+def adopt(module: torch.nn.Module, fresh: torch.nn.Module) -> None:
+    """`module` becomes `fresh` (a copy of the same class read again): its submodules,
+    weights and attributes, keeping its own hooks and mode. Every holder of `module` (the
+    family's parts, a pipeline's components) sees the weights without being told."""
+    if type(fresh) is not type(module):
+        raise TypeError(f"read a {type(fresh).__name__} in place of a {type(module).__name__}")
+    hooks = {name: module.__dict__[name] for name in TORCH_HOOK_ATTRIBUTES}
+    training = module.training
+    module.__dict__.clear()
+    module.__dict__.update(fresh.__dict__)
+    module.__dict__.update(hooks)
+    module.train(training)
+
+
+class ReadAgain:
+    """A frozen module whose weights are dropped (`drop`: to the meta device, which holds no
+    memory) and read again (`restore`: `read()` makes a copy as the run set it up, which the
+    module adopts). `on_drop` / `on_read` let the placement forget and redo what it set up on
+    the weights (their streamed blocks)."""
+
+    def __init__(self, module: torch.nn.Module, read: Callable[[], torch.nn.Module], *,
+                 on_drop: Callable[[], None] | None = None,
+                 on_read: Callable[[], None] | None = None):
+        self.module, self.read = module, read
+        self.on_drop, self.on_read = on_drop, on_read
+        self.dropped = False
+        self.reads = 0  # times read again (the tests count them)
+
+    def drop(self) -> None:
+        if self.dropped:
+            return
+        if self.on_drop is not None:
+            self.on_drop()
+        self.module.to("meta")
+        self.dropped = True
+        gc.collect()  # the freed weights' host memory goes back now, not at some later pass
+
+    def restore(self) -> None:
+        if not self.dropped:
+            return
+        adopt(self.module, self.read())
+        self.dropped = False
+        self.reads += 1
+        if self.on_read is not None:
+            self.on_read()
+
+
 class FrozenPartsResidency:
     def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device, *,
-                 on_return=None, movers=None):
+                 on_return=None, movers=None, readers: dict[str, ReadAgain] | None = None):
         """`modules`: the cache-served frozen modules by name ("vae", "text_encoder", ...).
         `on_return(name)` is told when a parked module had to come back for a cache miss.
         `movers[name](device)` moves a module whose blocks stream from CPU memory
-        (trainer/layer_offload.py) in place of `module.to(device)`."""
+        (trainer/layer_offload.py) in place of `module.to(device)`. `readers[name]`: a module
+        dropped when parked and read again when it comes back (on any device)."""
         self.device = torch.device(device)
         self.movers = movers or {}
+        self.readers = readers or {}
         self.enabled = parking_pays(self.device)
-        self.modules = modules if self.enabled else {}
+        self.modules = {name: module for name, module in modules.items()
+                        if self.enabled or name in self.readers}
         self.parked: set[str] = set()
         self.on_return = on_return
         for name, module in self.modules.items():
@@ -61,20 +125,39 @@ class FrozenPartsResidency:
             self.modules[name].to(device)
 
     def _bring_back(self, name: str) -> None:
-        self._move(name, self.device)
+        if name in self.readers:
+            self.readers[name].restore()
+        if self.enabled:
+            self._move(name, self.device)
         self.parked.discard(name)
 
     def park(self) -> None:
-        """Every module not parked yet to CPU memory, and the freed blocks back to the GPU's
-        pool for others (torch keeps them reserved otherwise)."""
+        """Every module not parked yet to CPU memory (a reader's dropped), and the freed
+        blocks back to the GPU's pool for others (torch keeps them reserved otherwise)."""
         moved = False
         for name in self.modules:
             if name not in self.parked:
-                self._move(name, "cpu")
+                if name in self.readers:
+                    self.readers[name].drop()
+                else:
+                    self._move(name, "cpu")
                 self.parked.add(name)
                 moved = True
         if moved and self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def weights_read(self):
+        """The dropped modules' weights read again (where parking keeps them) while something
+        reads every part's (a whole-model export), and dropped again after."""
+        dropped = [reader for reader in self.readers.values() if reader.dropped]
+        for reader in dropped:
+            reader.restore()
+        try:
+            yield
+        finally:
+            for reader in dropped:
+                reader.drop()
 
     @contextlib.contextmanager
     def present(self):

@@ -81,9 +81,7 @@ def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | N
         for sub, cls in spec.tokenizers.items():
             parts[sub] = cls.from_pretrained(where, subfolder=sub)
         for sub, cls in spec.text_encoders.items():
-            # transformers renamed its dtype keyword (torch_dtype -> dtype): `dtype` here
-            parts[sub] = cached_or(sub, lambda: cls.from_pretrained(
-                where, subfolder=sub, use_safetensors=True, dtype=dtype_of(sub)))
+            parts[sub] = _text_encoder(cls, where, sub, dtype_of(sub))
         if not transformer_file:
             parts["transformer"] = cached_or("transformer", lambda: (
                 spec.transformer_class.from_pretrained(
@@ -104,6 +102,13 @@ def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | N
     for name in (*spec.text_encoders, "vae", "transformer"):
         parts[name].eval()
     return parts
+
+
+def _text_encoder(cls, where: str, part: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Text encoder `part` of the diffusers folder `where`, or the quantized cache's copy."""
+    # transformers renamed its dtype keyword (torch_dtype -> dtype): `dtype` here
+    return cached_or(part, lambda: cls.from_pretrained(where, subfolder=part,
+                                                       use_safetensors=True, dtype=dtype))
 
 
 def _transformer_from_file(spec: FlowSpec, path: str, config_folder: str, dtype):
@@ -242,6 +247,29 @@ class FlowFamily(ModelFamily):
         length = getattr(self.config, f"{part}_sequence_length", None) if self.config else None
         tokenizer = getattr(self.components, "tokenizer" + part.removeprefix("text_encoder"))
         return int(length or tokenizer.model_max_length)
+
+    def text_encoder_reader(self, part: str) -> Callable[[], torch.nn.Module] | None:
+        """How to read text encoder `part` from the base model's files again as `load` read it
+        (the quantized cache's copy where the run loads with one), for a run that drops its
+        weights while the text cache serves it (trainer/residency.py). None where its files
+        are not a diffusers folder (SD 3's all-in-one file)."""
+        from trainer import quantized_cache
+        config = self.config
+        source = loading.resolve_source(config.base_model_name, BASE_FIELD, None,
+                                        hub_probe="model_index.json")
+        if source.kind == "single_file":
+            return None
+        cls, dtype = self.SPEC.text_encoders[part], load_dtypes(config)[part]
+
+        def read() -> torch.nn.Module:
+            hide_weight_loading_bars()
+            try:
+                with quantized_cache.serving(config):
+                    module = _text_encoder(cls, source.location, part, dtype)
+            except Exception as err:  # noqa: BLE001 - the files changed since the run began
+                raise loading.load_error(BASE_FIELD, source.location, err) from err
+            return module.eval()
+        return read
 
     def export_pipeline(self):
         return self.pipeline()  # flow-match Euler is already the family's usual sampler
