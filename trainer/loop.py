@@ -39,6 +39,7 @@ from trainer.lora import continue_from_file
 from trainer.metrics import MetricsLog, PendingSteps, SmoothedValue
 from trainer.models import registry
 from trainer.models.family import load_family
+from trainer.models.flow_family import encoders_read_later
 from trainer.ema import WeightEMA
 from trainer.optim.clipping import clip_gradients
 from trainer.optim.fused import FusedBackward, check_fused_backward
@@ -228,7 +229,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
                            f"({len(dataset)} images with repeats); lower batch_size.")
 
     status(f"Loading {config.base_model_name}")
-    with quantized_cache.serving(config):  # a part quantized by an earlier run: read as it is
+    # a part quantized by an earlier run: read as it is; a frozen text encoder the text cache
+    # serves: read when it first runs (trainer/placement.py)
+    with quantized_cache.serving(config), encoders_read_later():
         family = load_family(config)
     # FLOAT_8 / INT_8 / NFLOAT_4 parts: their linear layers quantized, before adapters are added
     for line in quantize_frozen_parts(family, config, accelerator.device, write_cache=is_main):
@@ -236,7 +239,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
     vae = family.vae
     # Parts on the device, held on the CPU for now, or streamed (placement.py)
     placement = PartPlacement(config, family, accelerator.device, accelerator.num_processes,
-                              status)
+                              status, is_main=is_main)
     placement.place(dtypes)
 
     # LoRA adapters on the trained parts (FINE_TUNE: their own weights, in float32), one
@@ -378,7 +381,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
         status(f"Measuring the validation loss at step {step}")
         reduce = ((lambda t: accelerator.reduce(t, "sum"))
                   if accelerator.num_processes > 1 else None)
-        with ema_weights(), residency.present(), accelerator.autocast():
+        with ema_weights(), residency.present(read_dropped=False), accelerator.autocast():
             values = validator.measure(accelerator.process_index,
                                        accelerator.num_processes, reduce)
         if not best_validation or values["validation_loss"] < best_validation[0][0]:

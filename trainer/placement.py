@@ -29,19 +29,23 @@ import torch
 from trainer.config import TrainConfig
 from trainer.layer_offload import (LayerOffload, gradient_flows, offload_parts,
                                    offloaded_parts, offloading_checkpoint)
+from trainer.models.family import is_read_later
 from trainer.residency import FrozenPartsResidency, ReadAgain, fill_caches_first
 
 
 class PartPlacement:
     def __init__(self, config: TrainConfig, family, device: torch.device, num_processes: int,
-                 status: Callable[[str], None]):
+                 status: Callable[[str], None], *, is_main: bool = True):
         self.config, self.family, self.device, self.status = config, family, device, status
+        self.is_main = is_main
         self.denoiser = config.model_type.facts.denoiser
         self.streamed = offloaded_parts(config)
         self.caches_first = fill_caches_first(config, device, num_processes)
         self.held_back = set(self.streamed) | ({self.denoiser} if self.caches_first else set())
         self.offloads: dict[str, LayerOffload] = {}
-        self.dropped: set[str] = set()  # text encoders dropped from memory (`_reader`)
+        # text encoders dropped from memory (`_reader`), or not read yet (family.READ_LATER)
+        self.dropped: set[str] = {name for name, module in family.parts.items()
+                                  if is_read_later(module)}
 
     def place(self, dtypes: dict[str, torch.dtype]) -> None:
         """Every part frozen, in its storage dtype, on the device unless held back."""
@@ -50,6 +54,8 @@ class PartPlacement:
         vae.requires_grad_(False)
         vae.to(self.device, dtypes["vae"])
         for name, module in self.family.parts.items():
+            if name in self.dropped:  # no weights yet: set up when read (`_reader`)
+                continue
             module.requires_grad_(False)
             # a part diffusers quantized (a GGUF transformer) was loaded in its dtypes and
             # refuses a cast
@@ -69,8 +75,9 @@ class PartPlacement:
     def stream_frozen_encoders(self, trained: list[str]) -> None:
         """The streamed blocks of the frozen text encoders: they fill the text cache next."""
         self.offloads.update(offload_parts(
-            self.config, self.family,
-            [p for p in self.streamed if p not in trained and p != self.denoiser], self.device))
+            self.config, self.family, [p for p in self.streamed if p not in trained
+                                       and p != self.denoiser and p not in self.dropped],
+            self.device))
 
     def residency(self, served: dict[str, torch.nn.Module]) -> FrozenPartsResidency:
         """The cache-served frozen modules (`residency.cache_served`) leave the GPU at each
@@ -78,18 +85,30 @@ class PartPlacement:
         encoder is dropped from memory and read again from its files when it runs."""
         readers = {name: self._reader(name) for name in served if name in self.family.parts}
         readers = {name: reader for name, reader in readers.items() if reader is not None}
+        for name in sorted(self.dropped - set(readers)):  # not served after all: read now
+            self._read_now(name)
+        unread = [name for name, reader in readers.items() if reader.dropped]
+        if unread:
+            self.status(f"The {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not "
+                        "read yet: the text cache serves their outputs, and each is read from "
+                        "the model's files only when a caption the cache has not seen, or a "
+                        "sample, needs it.")
 
         def returned(name: str) -> None:
             if name in readers:
-                self.status(f"Read the {name} from its files again for a caption the text "
-                            "cache has not seen yet; it is dropped again at the epoch's end")
+                self.status(f"Read the {name} from the model's files for a caption the text "
+                            "cache has not seen yet; it is dropped at the epoch's end")
             else:
                 self.status(f"The {name} is back on the GPU for a sample the cache has not "
                             "seen yet; it leaves again at the epoch's end")
-        return FrozenPartsResidency(
+        residency = FrozenPartsResidency(
             served, self.device, on_return=returned, readers=readers,
             movers={name: (lambda device, name=name: self.offloads[name].move_resident(device))
                     for name in self.offloads})
+        for name in served:
+            if name in self.family.parts:
+                self.family.before_use[name] = lambda name=name: residency.before_use(name)
+        return residency
 
     def _reader(self, name: str) -> ReadAgain | None:
         """A frozen text encoder the run drops while the text cache serves it: one its family
@@ -103,7 +122,8 @@ class PartPlacement:
         if read is None:
             return None
         module = self.family.parts[name]
-        said: list[bool] = []
+        said: list[bool] = [] if name not in self.dropped else [True]
+        reads: list[bool] = []
 
         def read_as_set_up() -> torch.nn.Module:
             """The encoder as `place` set it up: quantized as configured, frozen, in its
@@ -111,8 +131,12 @@ class PartPlacement:
             from trainer.quantization import QUANTIZED, quantize_frozen_part
             fresh = read()
             if getattr(self.config, name).weight_dtype in QUANTIZED:
-                quantize_frozen_part(fresh, name, self.config, self.device,
-                                     denoiser=self.denoiser, write_cache=False)
+                for line in quantize_frozen_part(fresh, name, self.config, self.device,
+                                                 denoiser=self.denoiser,
+                                                 write_cache=self.is_main and not reads):
+                    if not reads:
+                        self.status(line)
+            reads.append(True)
             fresh.requires_grad_(False)
             if not getattr(fresh, "is_quantized", False):
                 fresh.to(self.dtypes[name])
@@ -133,7 +157,20 @@ class PartPlacement:
             if name in self.streamed:
                 self.offloads.update(offload_parts(self.config, self.family, [name],
                                                    self.device))
-        return ReadAgain(module, read_as_set_up, on_drop=dropped, on_read=restream)
+                if len(reads) == 1:  # said once, at its first read
+                    self._say_streaming(name)
+        return ReadAgain(module, read_as_set_up, on_drop=dropped, on_read=restream,
+                         dropped=name in self.dropped)
+
+    def _read_now(self, name: str) -> None:
+        """A text encoder not read yet that the run needs in memory after all: read and set up
+        as `place` sets up the others (its streamed blocks as `stream_frozen_encoders`)."""
+        reader = self._reader(name)
+        if reader is None:
+            raise RuntimeError(f"the {name} was not read and cannot be read now")
+        reader.restore()
+        if name not in self.offloads:
+            self.family.parts[name].to(self.device)
 
     def stream_the_rest(self) -> None:
         """After the caches are full: the other streamed parts' blocks pinned in CPU memory,
@@ -144,10 +181,14 @@ class PartPlacement:
             self.device))
         for name in self.held_back - set(self.offloads) - self.dropped:
             self.family.parts[name].to(self.device)
-        for name, offload in self.offloads.items():
-            self.status(f"Streaming {offload.streamed_bytes / 2**20:,.0f} of "
-                        f"{offload.total_bytes / 2**20:,.0f} MB of the {name}'s frozen weights "
-                        f"from CPU memory ({len(offload.units)} blocks)")
+        for name in self.offloads:
+            self._say_streaming(name)
+
+    def _say_streaming(self, name: str) -> None:
+        offload = self.offloads[name]
+        self.status(f"Streaming {offload.streamed_bytes / 2**20:,.0f} of "
+                    f"{offload.total_bytes / 2**20:,.0f} MB of the {name}'s frozen weights "
+                    f"from CPU memory ({len(offload.units)} blocks)")
 
     def placed_by_accelerate(self, names: list[str]) -> list[bool]:
         """accelerate's `device_placement` for the prepared parts `names`."""

@@ -518,8 +518,11 @@ def quantize_frozen_parts(family, config: TrainConfig, device: torch.device,
     check_device(config, device)
     lines = [prequantized_line(family.parts[part], part) for part in family.parts
              if getattr(config, part).weight_dtype in PREQUANTIZED]
+    from trainer.models.family import is_read_later
     for part in quantized_parts(config):
         module = family.vae if part == "vae" else family.parts[part]
+        if is_read_later(module):  # quantized when it is read (trainer/placement.py)
+            continue
         lines += quantize_frozen_part(module, part, config, device, denoiser=family.denoiser,
                                       write_cache=write_cache)
     return lines

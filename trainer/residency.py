@@ -19,8 +19,9 @@ nothing moves.
 A frozen text encoder of a flow family (T5-XXL, the Qwen language models: 4 to 16 GB) is not
 parked in CPU memory but dropped (`ReadAgain`): its weights are freed, and read again from the
 model's files (its quantized-cache entry where it has one) only when it runs, for a caption the
-text cache has not seen or for samples, and dropped again after. Once the cache holds every
-caption, the encoder holds no memory while the run trains; on the CPU as well.
+text cache has not seen or for samples, and dropped again after. The run loads it without
+weights in the first place (family.READ_LATER), so once the cache holds every caption the
+encoder is read only for samples, and holds no memory while the run trains; on the CPU as well.
 """
 from __future__ import annotations
 
@@ -64,10 +65,11 @@ class ReadAgain:
 
     def __init__(self, module: torch.nn.Module, read: Callable[[], torch.nn.Module], *,
                  on_drop: Callable[[], None] | None = None,
-                 on_read: Callable[[], None] | None = None):
+                 on_read: Callable[[], None] | None = None, dropped: bool = False):
+        """`dropped`: `module` holds no weights yet (built on the meta device)."""
         self.module, self.read = module, read
         self.on_drop, self.on_read = on_drop, on_read
-        self.dropped = False
+        self.dropped = dropped
         self.reads = 0  # times read again (the tests count them)
 
     def drop(self) -> None:
@@ -103,7 +105,9 @@ class FrozenPartsResidency:
         self.enabled = parking_pays(self.device)
         self.modules = {name: module for name, module in modules.items()
                         if self.enabled or name in self.readers}
-        self.parked: set[str] = set()
+        # a module not read yet is parked from the start: its first use reads it
+        self.parked: set[str] = {name for name, reader in self.readers.items()
+                                 if reader.dropped and name in self.modules}
         self.on_return = on_return
         for name, module in self.modules.items():
             # The VAE is called through `encode`/`decode`, not `forward`: hook its halves.
@@ -111,6 +115,11 @@ class FrozenPartsResidency:
                        and hasattr(module, "decoder") else [module])
             for target in targets:
                 target.register_forward_pre_hook(lambda _m, _args, name=name: self._on_use(name))
+
+    def before_use(self, name: str) -> None:
+        """`name` is about to run (also through a submodule, which no hook of the module sees:
+        the families call this through `ModelFamily.module`)."""
+        self._on_use(name)
 
     def _on_use(self, name: str) -> None:
         if name in self.parked:
@@ -160,9 +169,11 @@ class FrozenPartsResidency:
                 reader.drop()
 
     @contextlib.contextmanager
-    def present(self):
-        """Everything on the device (for sampling), parked again after."""
-        was_parked = set(self.parked)
+    def present(self, read_dropped: bool = True):
+        """Everything on the device (for sampling), parked again after. `read_dropped` False:
+        a dropped module is read only if it runs (the validation loss reads the caches; a
+        pipeline needs every module's weights before it runs any)."""
+        was_parked = {name for name in self.parked if read_dropped or name not in self.readers}
         for name in was_parked:
             self._bring_back(name)
         try:

@@ -67,6 +67,13 @@ def prefetch_threads_pay() -> bool:
     return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
+def text_cache_on(config) -> bool:
+    """Whether a run caches its text encoders' outputs: with latent caching, no additional
+    embeddings (their vectors are the encoders' inputs) and no text encoder training."""
+    return (config.latent_caching and not config.additional_embeddings
+            and not any(getattr(config, p).train for p in config.model_type.facts.text_encoders))
+
+
 class DataPipeline:
     def __init__(self, config: TrainConfig, items: list[ImageItem], *,
                  warn: Callable[[str], None] = print, status: Callable[[str], None] = print,
@@ -172,8 +179,7 @@ class DataPipeline:
                         "inputs of the text encoder" + (" and train" if any(
                             e.train for e in config.additional_embeddings) else "") + ".")
             return None
-        encoders = config.model_type.facts.text_encoders
-        if any(getattr(config, p).train for p in encoders):
+        if not text_cache_on(config):
             return None  # a trained encoder's outputs change every step
         keys = getattr(family, "text_cache_keys", None)
         if keys is None and config.model_type.is_sdxl:

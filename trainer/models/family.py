@@ -50,6 +50,9 @@ class ModelFamily:
     facts: registry.FamilyFacts | None = field(default=None, repr=False)
     # How a batch is noised and what the model learns (objectives.py); set by `load`.
     objective: Any = field(default=None, repr=False)
+    # part -> called by `module(part)` before the part runs: a parked or dropped text encoder
+    # comes back there (trainer/residency.py), also where a family runs a submodule of it.
+    before_use: dict[str, Callable[[], None]] = field(default_factory=dict, repr=False)
 
     # OneTrainer's LoRA layer presets for the denoiser: preset -> parts of layer names (an
     # empty list: every linear and conv layer). "custom" is the config's own filter.
@@ -104,7 +107,10 @@ class ModelFamily:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def module(self, part: str) -> torch.nn.Module:
-        """The module to call in the training step (wrapped for DDP when trained)."""
+        """The module to call in the training step (wrapped for DDP when trained), ready to
+        run (`before_use`)."""
+        if (ready := self.before_use.get(part)) is not None:
+            ready()
         return self.wrapped.get(part, self.parts[part])
 
     def _setting(self, part: str, name: str, default):
@@ -166,6 +172,16 @@ def compute_dtype_of(module: torch.nn.Module) -> torch.dtype:
         if parameter.is_floating_point() and parameter.element_size() > 1:
             return parameter.dtype
     return torch.float32
+
+
+# Set on a text encoder built on the meta device in place of its weights, which the run reads
+# from the model's files only when the encoder first runs (trainer/residency.py's ReadAgain):
+# a frozen encoder the text cache serves, whose every caption may be cached already.
+READ_LATER = "_atelier_read_later"
+
+
+def is_read_later(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, READ_LATER, False))
 
 
 def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:

@@ -8,10 +8,12 @@ pipeline.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import pathlib
 import random
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from trainer.config import GGUF_SUFFIX
 from trainer.errors import ModelLoadError
 from trainer.models import loading, registry
-from trainer.models.family import ModelFamily, to_device
+from trainer.models.family import READ_LATER, ModelFamily, to_device
 from trainer.models.loading import BASE_FIELD, TRANSFORMER_FIELD
 from trainer.models.objectives import FlowMatchingObjective
 from trainer.quantization import prepare_gguf_transformer
@@ -46,11 +48,14 @@ class FlowSpec:
 
 def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | None = None,
                          transformer_file: str = "", *,
-                         dtypes: dict[str, torch.dtype] | None = None) -> dict[str, Any]:
+                         dtypes: dict[str, torch.dtype] | None = None,
+                         read_later: Collection[str] = ()) -> dict[str, Any]:
     """{tokenizers, text encoders, "vae", "transformer", "noise_scheduler"} of a diffusers
     folder or hub id; `transformer_file` (transformer.model_name), when given, replaces the
     folder's transformer with a .safetensors file in the original (BFL / SAI) layout.
-    `dtypes`: the type each part is loaded in (float32 where not given)."""
+    `dtypes`: the type each part is loaded in (float32 where not given). The text encoders in
+    `read_later` are built on the meta device and marked (family.READ_LATER): the run reads
+    their weights when they first run."""
     dtypes = dtypes or {}
 
     def dtype_of(part: str) -> torch.dtype:
@@ -81,7 +86,8 @@ def load_flow_components(spec: FlowSpec, base_model_name: str, vae_name: str | N
         for sub, cls in spec.tokenizers.items():
             parts[sub] = cls.from_pretrained(where, subfolder=sub)
         for sub, cls in spec.text_encoders.items():
-            parts[sub] = _text_encoder(cls, where, sub, dtype_of(sub))
+            parts[sub] = (_skeleton(cls, where, sub) if sub in read_later
+                          else _text_encoder(cls, where, sub, dtype_of(sub)))
         if not transformer_file:
             parts["transformer"] = cached_or("transformer", lambda: (
                 spec.transformer_class.from_pretrained(
@@ -109,6 +115,46 @@ def _text_encoder(cls, where: str, part: str, dtype: torch.dtype) -> torch.nn.Mo
     # transformers renamed its dtype keyword (torch_dtype -> dtype): `dtype` here
     return cached_or(part, lambda: cls.from_pretrained(where, subfolder=part,
                                                        use_safetensors=True, dtype=dtype))
+
+
+def _skeleton(cls, where: str, part: str) -> torch.nn.Module:
+    """Text encoder `part` of the folder `where` on the meta device (its config read, no
+    weights), marked to be read when it first runs."""
+    from accelerate import init_empty_weights
+    config = cls.config_class.from_pretrained(where, subfolder=part)
+    with init_empty_weights(include_buffers=True):
+        module = cls(config)
+    setattr(module, READ_LATER, True)
+    return module.eval()
+
+
+# Set by a training run around its `load_family` (`encoders_read_later`): only the run's
+# placement and residency know to read an encoder built without weights.
+_READ_LATER_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("read_later",
+                                                                      default=False)
+
+
+@contextlib.contextmanager
+def encoders_read_later() -> Iterator[None]:
+    """While a training run loads its family: the text encoders of `read_later_parts` are
+    built without weights (any other caller of `load_family` gets every part read)."""
+    token = _READ_LATER_ON.set(True)
+    try:
+        yield
+    finally:
+        _READ_LATER_ON.reset(token)
+
+
+def read_later_parts(config) -> set[str]:
+    """The text encoders a run reads from the files only when they first run: frozen ones the
+    text cache serves (`text_cache_on`), which the run drops while it does (trainer/
+    placement.py's `_reader`: not INT_8 / NFLOAT_4). With every caption cached already they
+    are never read."""
+    from trainer.data.loader import text_cache_on
+    if not _READ_LATER_ON.get() or not text_cache_on(config):
+        return set()
+    return {part for part in config.model_type.facts.text_encoders
+            if getattr(config, part).weight_dtype.value not in ("INT_8", "NFLOAT_4")}
 
 
 def _transformer_from_file(spec: FlowSpec, path: str, config_folder: str, dtype):
@@ -205,7 +251,8 @@ class FlowFamily(ModelFamily):
         return load_flow_components(cls.SPEC, config.base_model_name,
                                     config.vae_model_name or None,
                                     getattr(config.transformer, "model_name", "") or "",
-                                    dtypes=load_dtypes(config))
+                                    dtypes=load_dtypes(config),
+                                    read_later=read_later_parts(config))
 
     @classmethod
     def objective_for(cls, scheduler, config) -> FlowMatchingObjective:

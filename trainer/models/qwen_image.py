@@ -195,7 +195,7 @@ class QwenImageFamily(EmptyCaptionDropout, FlowFamily):
                        max_length=TEMPLATE_TOKENS + SEQUENCE_LENGTH)
         # <|endoftext|> pads, and the template never writes it
         mask = ids != tokenizer.pad_token_id
-        encoder = self.parts["text_encoder"].model  # Qwen2_5_VLModel: no LM head
+        encoder = self.module("text_encoder").model  # Qwen2_5_VLModel: no LM head
         with torch.set_grad_enabled(grad.get("text_encoder", False)):
             out = encoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
         states = out.hidden_states[-1][:, TEMPLATE_TOKENS:]
