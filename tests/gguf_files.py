@@ -101,3 +101,17 @@ def write_random_k_quant_gguf(state: dict[str, torch.Tensor], path: Path, qtype:
     writer.write_tensors_to_file()
     writer.close()
     return written
+
+
+def flux_inputs(config, hidden: torch.Tensor | None = None) -> dict:
+    """A Flux transformer's inputs: 16 image and 8 text tokens (`hidden`: the image tokens,
+    else drawn with the rest)."""
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.randn(1, 16, config.in_channels, generator=generator)
+    return dict(hidden_states=drawn if hidden is None else hidden,
+                encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim,
+                                                  generator=generator),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim,
+                                               generator=generator),
+                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))

@@ -24,7 +24,7 @@ from trainer.models.transformer_layouts import module_shapes
 from trainer.quantization import is_gguf_layer
 
 from flow_family_checks import assert_flux_lora_draws_its_sample_on_the_full_base
-from gguf_files import write_gguf
+from gguf_files import flux_inputs, write_gguf
 from helpers import read_metrics, tiny_config
 
 SAMPLE = {"prompt": "a photo of a cat", "seed": 7, "width": 64, "height": 64,
@@ -65,18 +65,6 @@ def dequantize_in_place(reference):
             plain.bias.data = layer.bias.data.clone()
         parent_name, _, child = name.rpartition(".")
         setattr(reference.get_submodule(parent_name) if parent_name else reference, child, plain)
-
-
-def flux_inputs(config) -> dict:
-    """A Flux transformer's inputs: 16 image and 8 text tokens."""
-    generator = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, 16, config.in_channels, generator=generator),
-                encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim,
-                                                  generator=generator),
-                pooled_projections=torch.randn(1, config.pooled_projection_dim,
-                                               generator=generator),
-                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
-                txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "BF16"])

@@ -25,7 +25,7 @@ from trainer.models.flux import FLUX_SPEC
 from trainer.models.transformer_layouts import FLUX, load_original_transformer, to_original
 from trainer.quantization import is_gguf_layer
 
-from gguf_files import dequantized, write_random_k_quant_gguf
+from gguf_files import dequantized, flux_inputs, write_random_k_quant_gguf
 
 # diffusers' float16 scale arithmetic against gguf's float32: a few float16 roundings of each
 # weight (2**-11 relative each). Measured, relative to the largest value: 1.7e-4 to 1.6e-3 on
@@ -46,17 +46,6 @@ def wide_flux(tmp_path_factory):
         pooled_projection_dim=256, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
     model.save_pretrained(folder / "transformer")
     return folder, to_original(FLUX, model.state_dict())
-
-
-def flux_inputs(config, hidden: torch.Tensor) -> dict:
-    generator = torch.Generator().manual_seed(1)
-    return dict(hidden_states=hidden,
-                encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim,
-                                                  generator=generator),
-                pooled_projections=torch.randn(1, config.pooled_projection_dim,
-                                               generator=generator),
-                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
-                txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
 
 
 def output_and_input_gradient(model) -> tuple[torch.Tensor, torch.Tensor]:

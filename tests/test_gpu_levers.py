@@ -134,12 +134,19 @@ def unet_call(unet):
     return unet(latents, torch.tensor([10, 500]), hidden).sample
 
 
-def test_layer_offload_streams_whole_blocks_twice_per_step(tiny_sd15_dir, tmp_path):
-    unet = lora_unet(tiny_sd15_dir, tmp_path)
+def reference_step(unet) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`unet_call`'s output and the LoRA gradients of its backward pass, every weight in
+    place (the gradients cleared again after)."""
     reference = unet_call(unet)
     reference.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
     unet.zero_grad(set_to_none=True)
+    return reference, grads
+
+
+def test_layer_offload_streams_whole_blocks_twice_per_step(tiny_sd15_dir, tmp_path):
+    unet = lora_unet(tiny_sd15_dir, tmp_path)
+    reference, grads = reference_step(unet)
 
     offload = LayerOffload(unet, 0.5, "cpu")
     largest_unit = max(sum(p.numel() * p.element_size() for p in u.parameters())
@@ -176,10 +183,7 @@ def test_a_recomputed_block_leaves_the_device_though_torch_stops_its_recomputati
     end of the backward pass every streamed block would be there at once. The device is
     played by copies here (on a CPU, `.to("cpu")` returns the host tensor itself)."""
     unet = lora_unet(tiny_sd15_dir, tmp_path)
-    reference = unet_call(unet)
-    reference.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
-    unet.zero_grad(set_to_none=True)
+    reference, grads = reference_step(unet)
     offload = LayerOffload(unet, 1.0, "cpu")
     offload._to_device = lambda host: host.clone()
     on_device, most = set(), [0]
