@@ -24,6 +24,7 @@ from trainer import loop, placement, residency
 from trainer.control import Control
 from trainer.data.cache import DATA_CACHE_ENV
 from trainer.demo import DEMO_DATASET_DIR
+from trainer.layer_offload import LayerOffload
 from trainer.loop import train
 from trainer.models import flow_family
 from trainer.models.tiny_flow import tiny_flow_model
@@ -142,6 +143,13 @@ def test_a_dropped_t5_read_again_trains_and_samples_exactly_as_one_kept(
         streamed_parts.extend(parts)
         return real_offload_parts(config, family, parts, device)
     monkeypatch.setattr(placement, "offload_parts", offload_parts)
+    moved_resident = []  # a streamed part comes back to the device without its streamed blocks
+    real_move_resident = LayerOffload.move_resident
+
+    def move_resident(self, device):
+        moved_resident.append(type(self.module).__name__)
+        return real_move_resident(self, device)
+    monkeypatch.setattr(LayerOffload, "move_resident", move_resident)
     data = tmp_path / "data"
     shutil.copytree(DEMO_DATASET_DIR, data)
     for caption in data.glob("*.txt"):
@@ -154,9 +162,11 @@ def test_a_dropped_t5_read_again_trains_and_samples_exactly_as_one_kept(
     assert reads >= 2, watched["reads"]  # a caption not seen yet, and the sample
     assert any(s.startswith("Read the text_encoder_2 from the model's files")
                for s in dropped["statuses"])
-    # streamed: its blocks stream each time it is read
-    assert streamed_parts.count("text_encoder_2") == (reads if t5.get("offload_fraction")
-                                                      else 0)
+    # streamed: its blocks stream each time it is read, and it comes back to the device as a
+    # streamed part does (its streamed blocks stay in CPU memory)
+    streamed = bool(t5.get("offload_fraction"))
+    assert streamed_parts.count("text_encoder_2") == (reads if streamed else 0)
+    assert (moved_resident.count("T5EncoderModel") >= reads) == streamed, moved_resident
 
     monkeypatch.setattr(PartPlacement, "_reader", lambda self, name: None)
     monkeypatch.setattr(flow_family, "read_later_parts", lambda config: set())

@@ -103,8 +103,10 @@ class PartPlacement:
                             "seen yet; it leaves again at the epoch's end")
         residency = FrozenPartsResidency(
             served, self.device, on_return=returned, readers=readers,
+            # a streamed part moves all but its streamed blocks (an encoder read when it first
+            # runs streams from then on: `_reader`)
             movers={name: (lambda device, name=name: self.offloads[name].move_resident(device))
-                    for name in self.offloads})
+                    for name in served if name in self.offloads or name in self.streamed})
         for name in served:
             if name in self.family.parts:
                 self.family.before_use[name] = lambda name=name: residency.before_use(name)
