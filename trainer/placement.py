@@ -30,6 +30,7 @@ from trainer.config import TrainConfig
 from trainer.layer_offload import (LayerOffload, gradient_flows, offload_parts,
                                    offloaded_parts, offloading_checkpoint)
 from trainer.models.family import is_read_later
+from trainer.quantization import BITSANDBYTES
 from trainer.residency import FrozenPartsResidency, ReadAgain, fill_caches_first
 
 
@@ -117,7 +118,7 @@ class PartPlacement:
         can read again (a flow family's, from a diffusers folder), not packed by bitsandbytes
         (INT_8 / NFLOAT_4: small already, and their packed weights do not move to the meta
         device)."""
-        if getattr(self.config, name).weight_dtype.value in ("INT_8", "NFLOAT_4"):
+        if getattr(self.config, name).weight_dtype in BITSANDBYTES:
             return None
         reader = getattr(self.family, "text_encoder_reader", None)
         read = reader(name) if reader is not None else None

@@ -124,7 +124,7 @@ class FrozenPartsResidency:
                         if self.enabled or name in self.readers}
         # a module not read yet is parked from the start: its first use reads it
         self.parked: set[str] = {name for name, reader in self.readers.items()
-                                 if reader.dropped and name in self.modules}
+                                 if reader.dropped}
         self.on_return = on_return
         for name, module in self.modules.items():
             # The VAE is called through `encode`/`decode`, not `forward`: hook its halves.

@@ -24,7 +24,7 @@ from trainer.models import loading, registry
 from trainer.models.family import READ_LATER, ModelFamily, to_device
 from trainer.models.loading import BASE_FIELD, TRANSFORMER_FIELD
 from trainer.models.objectives import FlowMatchingObjective
-from trainer.quantization import prepare_gguf_transformer
+from trainer.quantization import BITSANDBYTES, prepare_gguf_transformer
 from trainer.quantized_cache import cached_or
 from trainer.quiet import hide_weight_loading_bars
 
@@ -154,7 +154,7 @@ def read_later_parts(config) -> set[str]:
     if not _READ_LATER_ON.get() or not text_cache_on(config):
         return set()
     return {part for part in config.model_type.facts.text_encoders
-            if getattr(config, part).weight_dtype.value not in ("INT_8", "NFLOAT_4")}
+            if getattr(config, part).weight_dtype not in BITSANDBYTES}
 
 
 def _transformer_from_file(spec: FlowSpec, path: str, config_folder: str, dtype):
