@@ -88,10 +88,10 @@ def watched(monkeypatch):
 
 
 def flux_config(folder, data, **overrides):
-    return tiny_config(tiny_flow_model("flux"), folder, model_type="FLUX_DEV_1",
-                       text_encoder={"train": False}, output_model_format="DIFFUSERS_LORA",
-                       concepts=[{"path": str(data)}], samples=[SAMPLE], sample_after=3,
-                       sample_after_unit="EPOCH", **overrides)
+    settings = dict(model_type="FLUX_DEV_1", text_encoder={"train": False},
+                    output_model_format="DIFFUSERS_LORA", concepts=[{"path": str(data)}],
+                    samples=[SAMPLE], sample_after=3, sample_after_unit="EPOCH")
+    return tiny_config(tiny_flow_model("flux"), folder, **{**settings, **overrides})
 
 
 def run(config):
@@ -119,15 +119,34 @@ def test_with_a_full_text_cache_t5_holds_no_memory_while_the_run_trains(
     watched.update(t5_at_steps=[], t5_calls=0, reads=[], t5_reads=0)
     second = run(flux_config(tmp_path / "second", data, **common))
     assert watched["t5_at_steps"] and set(watched["t5_at_steps"]) == {"meta"}
-    # never read at the start: read once, for the sample's prompt (one call: Flux.1-dev's
-    # guidance is an input of the transformer, not a second, negative prompt)
-    assert watched["t5_reads"] == 1 and watched["reads"].count("T5EncoderModel") == 1
-    assert watched["t5_calls"] == 1
-    assert "The text_encoder and text_encoder_2 are not read yet" in " ".join(
-        second["statuses"])
+    # never read: not at the start, and not for the sample, whose prompt's encodings the
+    # first run recorded (trainer/sample_prompts.py)
+    assert watched["t5_reads"] == 0 and watched["reads"].count("T5EncoderModel") == 0
+    assert watched["t5_calls"] == 0
+    statuses = " ".join(second["statuses"])
+    assert "The text_encoder and text_encoder_2 are not read yet" in statuses
+    assert ("The samples' prompts were encoded before (cache): the text_encoder and "
+            "text_encoder_2 stay out of the sampling") in statuses
     assert second["losses"] == first["losses"]
     assert all(torch.equal(second["lora"][k], first["lora"][k]) for k in first["lora"])
     assert np.array_equal(second["sample"], first["sample"])
+
+
+def test_t5_is_read_for_a_new_sample_prompt_once_and_not_for_the_next_samples(
+        gpu_like, watched, tmp_path, monkeypatch):
+    """With the captions cached, a run with a new sample prompt reads T5 for its first
+    sampling event only: the later events replay the prompt's recorded encodings."""
+    monkeypatch.setenv(DATA_CACHE_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    shutil.copytree(DEMO_DATASET_DIR, data)
+    run(flux_config(tmp_path / "first", data, epochs=1, sample_after=1))
+    watched.update(t5_calls=0, reads=[], t5_reads=0)
+    events = []
+    train(flux_config(tmp_path / "second", data, epochs=3, sample_after=1,
+                      samples=[{**SAMPLE, "prompt": "a photo of a dog"}]),
+          Control(on_event=events.append))
+    assert len([e for e in events if e["type"] == "sample"]) == 3
+    assert watched["t5_reads"] == 1 and watched["t5_calls"] == 1
 
 
 @pytest.mark.parametrize("t5", [{}, {"weight_dtype": "FLOAT_8"}, {"offload_fraction": 0.5}],

@@ -49,6 +49,7 @@ from trainer import quantized_cache
 from trainer.quantization import is_quantized, quantize_frozen_parts
 from trainer.placement import PartPlacement
 from trainer.residency import cache_served
+from trainer.sample_prompts import SamplePromptCache
 from trainer.sampling import render_samples
 from trainer.validation import Validation, check_validation_cadence
 from trainer.validation_split import training_and_validation
@@ -274,6 +275,9 @@ def train(config: TrainConfig, control: Control | None = None, *,
                             warn=warn, is_main=is_main) if held_out else None)
     # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends).
     residency = placement.residency(cache_served(config, family, data, parts, embeddings))
+    # Samples' prompt encodings, recorded at their first draw (the text encoders' only use
+    # once the text cache is full); main process only, as sampling is.
+    sample_prompts = SamplePromptCache.beside(data.text_cache) if is_main else None
 
     if placement.caches_first:
         status("Filling the latent and text caches before training")
@@ -358,15 +362,25 @@ def train(config: TrainConfig, control: Control | None = None, *,
         """Samples and saved models use the EMA weights when EMA is on."""
         return ema.applied() if ema is not None else contextlib.nullcontext()
 
+    told_recorded: list[int] = []  # the status about recorded prompts is said once
+
     def sample(step: int, epoch: int) -> None:
         if not config.samples or not is_main:
             return
         status(f"Sampling at step {step}")
         try:
-            with ema_weights(), residency.present():
+            recorded = (sample_prompts is not None
+                        and sample_prompts.covers(family, config.samples))
+            encoders = tuple(name for name in family.parts if name != facts.denoiser)
+            if recorded and not told_recorded:
+                told_recorded.append(step)
+                status(f"The samples' prompts were encoded before (cache): the "
+                       f"{' and '.join(encoders)} stay out of the sampling")
+            with ema_weights(), residency.present(leave=encoders if recorded else ()):
                 for record in render_samples(family, config.samples, workspace / "samples",
                                              step=step, device=accelerator.device,
-                                             inpaint_item=items[0]):
+                                             inpaint_item=items[0], prompts=sample_prompts,
+                                             without_encoders=recorded):
                     metrics.log_image(f"sample/{record['index']}", record["image"], step)
                     control.emit("sample", step=step, epoch=epoch, path=record["path"],
                                  prompt=record["prompt"])

@@ -186,11 +186,14 @@ class FrozenPartsResidency:
                 reader.drop()
 
     @contextlib.contextmanager
-    def present(self, read_dropped: bool = True):
+    def present(self, read_dropped: bool = True, leave: tuple[str, ...] = ()):
         """Everything on the device (for sampling), parked again after. `read_dropped` False:
         a dropped module is read only if it runs (the validation loss reads the caches; a
-        pipeline needs every module's weights before it runs any)."""
-        was_parked = {name for name in self.parked if read_dropped or name not in self.readers}
+        pipeline needs every module's weights before it runs any). `leave`: modules that stay
+        parked or dropped (text encoders whose sample encodings are recorded: the pipeline
+        draws without them)."""
+        was_parked = {name for name in self.parked if name not in leave
+                      and (read_dropped or name not in self.readers)}
         for name in was_parked:
             self._bring_back(name)
         try:

@@ -1,6 +1,7 @@
 """Sample images during training, with the weights as they are now (LoRA active)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
@@ -8,22 +9,30 @@ import torch
 
 from trainer.inpainting import sample_image_and_mask, save_sample_input
 from trainer.models.family import compute_dtype_of
+from trainer.sample_prompts import without_text_encoders
 
 
 @torch.no_grad()
 def render_samples(family, samples, folder: Path, *, step: int, device: torch.device,
-                   inpaint_item=None) -> Iterator[dict]:
+                   inpaint_item=None, prompts=None,
+                   without_encoders: bool = False) -> Iterator[dict]:
     """Draw each sample prompt; yield {'index', 'prompt', 'path', 'image'} as each is saved.
 
     An inpainting model inpaints `inpaint_item` (the first training image) at each sample's
     size: its mask file's region, or a centred rectangle (trainer/inpainting.py); the image
     and mask are saved once beside the samples.
 
+    `prompts` (trainer/sample_prompts.py) records each sample's prompt encodings, or replays
+    them; `without_encoders`: it holds every sample's, and the pipeline draws without the
+    text encoders (they stay dropped or parked).
+
     The models are put in eval mode for sampling (no LoRA dropout) and back in train mode
     after, whatever happens."""
     folder.mkdir(parents=True, exist_ok=True)
     pipeline = family.pipeline()
     pipeline.set_progress_bar_config(disable=True)
+    if without_encoders:
+        without_text_encoders(pipeline)
     models = tuple(family.parts.values())
     modes = [m.training for m in models]
     for m in models:
@@ -36,7 +45,9 @@ def render_samples(family, samples, folder: Path, *, step: int, device: torch.de
                 image, mask = sample_image_and_mask(inpaint_item, spec.width, spec.height)
                 save_sample_input(folder, index, image, mask)
                 inputs = {"image": image, "mask_image": mask, "strength": 1.0}
-            image = draw(pipeline, spec, device, **inputs)
+            with (prompts.serving(pipeline, family, spec) if prompts is not None
+                  else contextlib.nullcontext()):
+                image = draw(pipeline, spec, device, **inputs)
             path = folder / f"step{step:06d}-{index}.png"
             image.save(path)
             yield {"index": index, "prompt": spec.prompt, "path": str(path), "image": image}

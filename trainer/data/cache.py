@@ -155,12 +155,13 @@ def prune(root: Path | str, max_bytes: int) -> tuple[int, int]:
     return removed, freed
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path,
+                 metadata: dict[str, str] | None = None) -> None:
     """Write then rename: a reader (another process, a later run) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-              str(temporary))
+              str(temporary), metadata=metadata)
     os.replace(temporary, path)
 
 
@@ -172,11 +173,16 @@ def _load(path: Path) -> dict[str, torch.Tensor] | None:
     except Exception:  # noqa: BLE001 - a damaged entry is re-encoded, never fatal
         path.unlink(missing_ok=True)
         return None
-    try:  # used now: `prune` removes the entries used least recently first
+    touch(path)
+    return entry
+
+
+def touch(path: Path) -> None:
+    """An entry used now: `prune` removes the entries used least recently first."""
+    try:
         os.utime(path)
     except OSError:
         pass
-    return entry
 
 
 # --- Latents --------------------------------------------------------------------------------
