@@ -117,9 +117,11 @@ def test_prune_removes_the_entries_used_least_recently_first(tmp_path):
     writing = entry(tmp_path, "latents", ".ee1.123.tmp", 5000, 50)  # another run writes it
     crashed = entry(tmp_path, "text", ".ff1.456.tmp", 5000, 3 * 24 * 3600)
     quantized = entry(tmp_path, "quantized", "gg1", 9000, 5000)  # not a data cache
+    old_prompts = entry(tmp_path, "prompts", "hh1", 1000, 250)  # trainer/sample_prompts.py
 
     removed, freed = cache_module.prune(tmp_path, 1500)  # 1000 + a small entry fit
-    assert removed == 3 and freed == 2000 + 5000
+    assert removed == 4 and freed == 3000 + 5000
     assert not oldest.exists() and not old_text.exists() and not crashed.exists()
+    assert not old_prompts.exists()
     assert newer.exists() and read_back.exists() and writing.exists() and quantized.exists()
     assert cache_module.prune(tmp_path, 10**9) == (0, 0)

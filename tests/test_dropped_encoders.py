@@ -45,7 +45,7 @@ def gpu_like(monkeypatch):
 def watched(monkeypatch):
     """Where T5's weights are at each training step of the transformer, how often T5 runs
     and how often an encoder is read again."""
-    seen = {"t5_at_steps": [], "t5_calls": 0, "reads": [], "t5_reads": 0}
+    seen = {"t5_at_steps": [], "t5_calls": 0, "reads": [], "t5_reads": 0, "order": []}
     families = []
     real_load = loop.load_family
 
@@ -60,6 +60,7 @@ def watched(monkeypatch):
         if self.training:  # a training step (samples run in eval mode)
             t5 = families[-1].parts["text_encoder_2"]
             seen["t5_at_steps"].append(next(t5.parameters()).device.type)
+        seen["order"].append("step" if self.training else "sample")
         return real_forward(self, *args, **kwargs)
     monkeypatch.setattr(FluxTransformer2DModel, "forward", transformer_forward)
 
@@ -67,6 +68,7 @@ def watched(monkeypatch):
 
     def t5_forward(self, *args, **kwargs):
         seen["t5_calls"] += 1
+        seen["order"].append("t5")
         return real_t5(self, *args, **kwargs)
     monkeypatch.setattr(T5EncoderModel, "forward", t5_forward)
 
@@ -140,13 +142,18 @@ def test_t5_is_read_for_a_new_sample_prompt_once_and_not_for_the_next_samples(
     data = tmp_path / "data"
     shutil.copytree(DEMO_DATASET_DIR, data)
     run(flux_config(tmp_path / "first", data, epochs=1, sample_after=1))
-    watched.update(t5_calls=0, reads=[], t5_reads=0)
+    watched.update(t5_calls=0, reads=[], t5_reads=0, order=[])
     events = []
     train(flux_config(tmp_path / "second", data, epochs=3, sample_after=1,
                       samples=[{**SAMPLE, "prompt": "a photo of a dog"}]),
           Control(on_event=events.append))
     assert len([e for e in events if e["type"] == "sample"]) == 3
     assert watched["t5_reads"] == 1 and watched["t5_calls"] == 1
+    # and where the caches fill first (on a GPU), before the transformer's first step: T5
+    # is never on the GPU with the transformer, not even for the first samples
+    assert watched["order"].index("t5") < watched["order"].index("step")
+    assert "Encoded the prompts of 1 sample(s) before training: sampling needs no text " \
+        "encoder" in [e["message"] for e in events if e["type"] == "status"]
 
 
 @pytest.mark.parametrize("t5", [{}, {"weight_dtype": "FLOAT_8"}, {"offload_fraction": 0.5}],

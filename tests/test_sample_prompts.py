@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from trainer.config import SampleConfig
 from trainer.data.dataset import collect_items
 from trainer.models.family import load_family
 from trainer.models.tiny_flow import tiny_flow_model
@@ -18,7 +19,7 @@ from trainer.models.tiny_flux2 import tiny_flux2_model
 from trainer.models.tiny_qwen_image import tiny_qwen_image_model
 from trainer.models.tiny_z_image import tiny_z_image_model
 from trainer.sample_prompts import STRUCTURE_KEY, PromptRecordMismatch, SamplePromptCache
-from trainer.sampling import render_samples
+from trainer.sampling import record_sample_prompts, render_samples
 
 from helpers import tiny_config
 
@@ -54,15 +55,19 @@ def draw(family, config, folder, **kwargs) -> np.ndarray:
     return np.asarray(records[0]["image"])
 
 
-def count_encoder_calls(family) -> dict:
+def count_calls(*modules) -> dict:
     calls = {"n": 0}
 
     def count(*_):
         calls["n"] += 1
-    for name, part in family.parts.items():
-        if name != family.denoiser:
-            part.register_forward_pre_hook(count)
+    for module in modules:
+        module.register_forward_pre_hook(count)
     return calls
+
+
+def count_encoder_calls(family) -> dict:
+    return count_calls(*(part for name, part in family.parts.items()
+                         if name != family.denoiser))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -79,17 +84,30 @@ def test_a_recorded_sample_draws_the_same_image_without_text_encoders(name, requ
     recording = draw(family, config, tmp_path / "recording", prompts=prompts, **inpaint)
     assert calls["n"] > 0 and np.array_equal(recording, plain)
 
-    # a fresh cache object reads the record from disk; the encoders hold no weights now
-    prompts = SamplePromptCache(tmp_path / "cache", ["an identity"])
-    assert prompts.covers(family, config.samples)
+    # recorded ahead of the first draw (as the run does while it fills the text cache): the
+    # encoders run, the denoiser does not (not for an inpainting model: its pipeline needs
+    # the image, and its run does not fill the caches first)
+    ahead = SamplePromptCache(tmp_path / "ahead", ["an identity"])
+    if not family.inpainting:
+        denoised = count_calls(family.parts[family.denoiser])
+        calls["n"] = 0
+        device = torch.device("cpu")
+        assert record_sample_prompts(family, config.samples, ahead, device) == 1
+        assert calls["n"] > 0 and denoised["n"] == 0
+        assert record_sample_prompts(family, config.samples, ahead, device) == 0
+
+    # fresh cache objects read the records from disk; the encoders hold no weights now
     for part in family.parts:
         if part != family.denoiser:
             family.parts[part].to("meta")
     calls["n"] = 0
-    replayed = draw(family, config, tmp_path / "replayed", prompts=prompts,
-                    without_encoders=True, **inpaint)
-    assert calls["n"] == 0
-    assert np.array_equal(replayed, plain)
+    for folder in ("cache", "ahead")[:1 if family.inpainting else 2]:
+        replaying = SamplePromptCache(tmp_path / folder, ["an identity"])
+        assert replaying.covers(family, config.samples)
+        replayed = draw(family, config, tmp_path / f"replayed-{folder}", prompts=replaying,
+                        without_encoders=True, **inpaint)
+        assert calls["n"] == 0
+        assert np.array_equal(replayed, plain)
 
     # the negative prompt is recorded where the pipeline reads it (Flux.1-dev's guidance is
     # an input of the transformer, not a negative prompt)
@@ -123,3 +141,47 @@ def test_a_record_that_does_not_match_the_call_is_removed_with_a_message(request
     assert not prompts.path(key).exists() and key not in prompts.records
     draw(family, config, tmp_path / "third", prompts=prompts)  # recorded again
     assert prompts.covers(family, config.samples)
+
+
+class EchoPipeline:
+    """A pipeline's encode_prompt and device, nothing else."""
+    _execution_device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode_prompt(self, prompt, device=None, prompt_embeds=None, scale=1.0):
+        self.calls += 1
+        factor = scale if isinstance(scale, float) else 1.0
+        return (torch.full((2,), len(prompt) * factor) if prompt_embeds is None
+                else prompt_embeds), None
+
+
+class NoFamily:
+    inpainting = False
+
+    def sample_inputs(self):
+        return {}
+
+
+def test_calls_given_embeddings_run_and_calls_given_objects_are_not_recorded(tmp_path):
+    """A call given precomputed embeddings needs no encoder: it runs as it is, beside the
+    recorded calls. One given an object (which may print differently in the next process)
+    cannot be keyed: the draw is not recorded, as a record without it would be incomplete."""
+    prompts = SamplePromptCache(tmp_path, ["an identity"])
+    pipeline, family = EchoPipeline(), NoFamily()
+    spec = SampleConfig(prompt="a cat")
+    with prompts.serving(pipeline, family, spec):
+        pipeline.encode_prompt("a cat", torch.device("cpu"))
+        pipeline.encode_prompt("a cat", scale=object())
+    assert not prompts.covers(family, [spec]) and pipeline.calls == 2
+    with prompts.serving(pipeline, family, spec):
+        first = pipeline.encode_prompt("a cat", scale=2.0)
+        given = pipeline.encode_prompt("a cat", prompt_embeds=torch.ones(2))
+    assert prompts.covers(family, [spec]) and pipeline.calls == 4
+    with prompts.serving(pipeline, family, spec):
+        again = pipeline.encode_prompt("a cat", scale=2.0)  # replayed
+        given_again = pipeline.encode_prompt("a cat", prompt_embeds=torch.ones(2))  # run
+    assert pipeline.calls == 5 and torch.equal(again[0], first[0]) and again[1] is None
+    assert torch.equal(given_again[0], given[0])
+    assert "encode_prompt" not in vars(pipeline)  # the method is the class's again

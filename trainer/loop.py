@@ -50,7 +50,7 @@ from trainer.quantization import is_quantized, quantize_frozen_parts
 from trainer.placement import PartPlacement
 from trainer.residency import cache_served
 from trainer.sample_prompts import SamplePromptCache
-from trainer.sampling import render_samples
+from trainer.sampling import record_sample_prompts, render_samples
 from trainer.validation import Validation, check_validation_cadence
 from trainer.validation_split import training_and_validation
 
@@ -283,6 +283,17 @@ def train(config: TrainConfig, control: Control | None = None, *,
         status("Filling the latent and text caches before training")
         data.fill_caches(dataloader, family, vae, accelerator.device,
                          clip_skip=config.text_encoder.clip_skip)
+        if sample_prompts is not None and not sample_prompts.covers(family, config.samples):
+            try:
+                with residency.present():  # the text encoders, read if they were not
+                    recorded = record_sample_prompts(family, config.samples, sample_prompts,
+                                                     accelerator.device)
+                if recorded:
+                    status(f"Encoded the prompts of {recorded} sample(s) before training: "
+                           "sampling needs no text encoder")
+            except Exception as error:  # noqa: BLE001 - the samples encode them when drawn
+                warn(f"Could not encode the samples' prompts before training ({error}); "
+                     "each sample encodes them when it is first drawn.")
         residency.park()
 
     # Streamed blocks (offload_fraction): pinned in CPU memory, the rest to the device.

@@ -15,13 +15,14 @@ pipeline encodes it apart) is recorded in order with its arguments and its outpu
 record is saved once the image is drawn. A later draw of the same sample replays the record:
 the same tensors, so the same image. Each replayed call's arguments are checked against the
 recorded ones; a record that does not match is removed and the sample fails with a message
-(the next sampling event records it again). A call given precomputed embeddings runs as it is.
+(the next sampling event records it again). A call given precomputed embeddings runs as it is
+(it needs no encoder); a draw with a call whose arguments are not plain data is not recorded.
 
 Keys: the text cache's identity (the encoders' files, dtypes, clip skips, sequence lengths),
 the family, diffusers' version, and what of a sample reaches the encoders (its prompt,
 negative prompt and CFG scale, and the family's extra sampling arguments); not its seed,
-size or steps. The entries live in the text cache's folder, so the shared cache's pruning
-counts them as text entries.
+size or steps. The entries live beside the text cache's (`prompts/`), and a shared cache
+folder is pruned of them as of the others (trainer/data/cache.py).
 """
 from __future__ import annotations
 
@@ -56,11 +57,10 @@ class SamplePromptCache:
         trained encoder or embedding changes the encodings every step)."""
         if text_cache is None:
             return None
-        return cls(text_cache.folder, text_cache.identity)
+        return cls(text_cache.folder.parent / "prompts", text_cache.identity)
 
     def key(self, family, spec) -> str:
-        extra = {k: v for k, v in family.sample_inputs().items()
-                 if isinstance(v, (str, int, float, bool)) or v is None}
+        extra = {k: v for k, v in family.sample_inputs().items() if _plain(v)}
         return _digest([CACHE_VERSION, "sample-prompts", self.identity, type(family).__name__,
                         family.inpainting, diffusers.__version__, spec.prompt,
                         spec.negative_prompt, float(spec.cfg_scale), extra])
@@ -74,22 +74,34 @@ class SamplePromptCache:
         return all(self._record(self.key(family, spec)) is not None for spec in samples)
 
     @contextlib.contextmanager
-    def serving(self, pipeline, family, spec):
+    def serving(self, pipeline, family, spec, finished_by: tuple[type, ...] = ()):
         """While drawing `spec` with `pipeline`: its prompt encodings replayed from the
-        record, or recorded (and saved when the draw ends well)."""
+        record, or recorded (and saved when the draw ends well, or with an exception of
+        `finished_by`: one that stops a draw once its prompts are encoded)."""
         key = self.key(family, spec)
         recorded = self._record(key)
         fresh: list[tuple[str, Any]] = []
+        unrecorded = []  # calls run as they are: a record without them would be incomplete
         original = pipeline.encode_prompt
         signature = inspect.signature(original)
 
+        def run(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except finished_by:  # stopped inside the call: its outputs are not known
+                unrecorded.append("stopped")
+                raise
+
         def encode_prompt(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
+            if _given_embeddings(bound.arguments):  # needs no encoder: runs as it is
+                return run(*args, **kwargs)
             call = _call_key(pipeline, bound.arguments)
             if call is None:
-                return original(*args, **kwargs)
+                unrecorded.append(call)
+                return run(*args, **kwargs)
             if recorded is None:
-                outputs = original(*args, **kwargs)
+                outputs = run(*args, **kwargs)
                 fresh.append((call, _to_cpu(outputs)))
                 return outputs
             index = len(fresh)
@@ -103,12 +115,17 @@ class SamplePromptCache:
             return _to_device(recorded[index][1], device)
 
         pipeline.encode_prompt = encode_prompt
+        complete = False
         try:
             yield
+            complete = True
+        except finished_by:
+            complete = True
+            raise
         finally:
             del pipeline.encode_prompt  # the class's method again
-        if recorded is None and fresh:
-            self._save(key, fresh)
+            if complete and recorded is None and fresh and not unrecorded:
+                self._save(key, fresh)
 
     # -- storage --------------------------------------------------------------------------
 
@@ -141,19 +158,31 @@ def without_text_encoders(pipeline) -> None:
             setattr(pipeline, name, None)
 
 
+def _given_embeddings(arguments: dict[str, Any]) -> bool:
+    """A call given precomputed embeddings (Flux.2's pipeline passes the negative prompt's
+    so): diffusers' pipelines then run no text encoder."""
+    return any(isinstance(value, torch.Tensor) for value in arguments.values())
+
+
 def _call_key(pipeline, arguments: dict[str, Any]) -> str | None:
-    """The call's arguments but its device, as text; None where it is given tensors (its own
-    precomputed embeddings), which are not recorded."""
-    kept = {}
-    for name, value in arguments.items():
-        if name == "device" or value is None:
-            continue
-        if isinstance(value, torch.Tensor) or (
-                isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor)
-                                                         for v in value)):
-            return None
-        kept[name] = value
-    return json.dumps([type(pipeline).__qualname__, kept], sort_keys=True, default=repr)
+    """The call's arguments but its device, as text; None where one is not plain data (an
+    object, which may print differently in the next process): such a call is not recorded."""
+    kept = {name: value for name, value in arguments.items()
+            if name != "device" and value is not None}
+    if not all(_plain(value) for value in kept.values()):
+        return None
+    return json.dumps([type(pipeline).__qualname__, kept], sort_keys=True)
+
+
+def _plain(value: Any) -> bool:
+    """Text, numbers, None and lists or dicts of them: the same text in every process."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 # -- nested outputs (tensors, None, lists and tuples of them) as named tensors ----------------

@@ -26,36 +26,95 @@ def render_samples(family, samples, folder: Path, *, step: int, device: torch.de
     them; `without_encoders`: it holds every sample's, and the pipeline draws without the
     text encoders (they stay dropped or parked).
 
-    The models are put in eval mode for sampling (no LoRA dropout) and back in train mode
-    after, whatever happens."""
+    The models are in eval mode while sampling (`in_eval_mode`)."""
     folder.mkdir(parents=True, exist_ok=True)
     pipeline = family.pipeline()
     pipeline.set_progress_bar_config(disable=True)
     if without_encoders:
         without_text_encoders(pipeline)
+    casts = inputs_in_own_dtype(_pipeline_modules(family))
+    try:
+        with in_eval_mode(family):
+            yield from _render(family, pipeline, samples, folder, step, device, inpaint_item,
+                               prompts)
+    finally:
+        for hook in casts:
+            hook.remove()
+
+
+def _render(family, pipeline, samples, folder, step, device, inpaint_item, prompts):
+    for index, spec in enumerate(samples):
+        inputs = dict(family.sample_inputs())  # e.g. a T5's sequence length
+        if family.inpainting:
+            image, mask = sample_image_and_mask(inpaint_item, spec.width, spec.height)
+            save_sample_input(folder, index, image, mask)
+            inputs = {"image": image, "mask_image": mask, "strength": 1.0}
+        with (prompts.serving(pipeline, family, spec) if prompts is not None
+              else contextlib.nullcontext()):
+            image = draw(pipeline, spec, device, **inputs)
+        path = folder / f"step{step:06d}-{index}.png"
+        image.save(path)
+        yield {"index": index, "prompt": spec.prompt, "path": str(path), "image": image}
+
+
+@contextlib.contextmanager
+def in_eval_mode(family):
+    """The models in eval mode (no LoRA or encoder dropout), back in their modes after,
+    whatever happens."""
     models = tuple(family.parts.values())
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    casts = inputs_in_own_dtype(_pipeline_modules(family))
     try:
-        for index, spec in enumerate(samples):
-            inputs = dict(family.sample_inputs())  # e.g. a T5's sequence length
-            if family.inpainting:
-                image, mask = sample_image_and_mask(inpaint_item, spec.width, spec.height)
-                save_sample_input(folder, index, image, mask)
-                inputs = {"image": image, "mask_image": mask, "strength": 1.0}
-            with (prompts.serving(pipeline, family, spec) if prompts is not None
-                  else contextlib.nullcontext()):
-                image = draw(pipeline, spec, device, **inputs)
-            path = folder / f"step{step:06d}-{index}.png"
-            image.save(path)
-            yield {"index": index, "prompt": spec.prompt, "path": str(path), "image": image}
+        yield
     finally:
-        for hook in casts:
-            hook.remove()
         for m, mode in zip(models, modes):
             m.train(mode)
+
+
+class _PromptsEncoded(Exception):
+    """The draw reached the denoiser: its prompts are encoded."""
+
+
+class _DenoiserStandIn:
+    """Put in a pipeline in place of its UNet or transformer: the draw stops where it first
+    needs more of it than its config (SD's pipelines read the config to decide on CFG before
+    they encode), which every pipeline does after encoding its prompts. diffusers' own checks,
+    which look for hooks with hasattr, see a plain object."""
+
+    def __init__(self, denoiser: torch.nn.Module):
+        self.config = denoiser.config
+
+    def __getattr__(self, name: str):  # anything but the config
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _PromptsEncoded
+
+    def __call__(self, *args, **kwargs):
+        raise _PromptsEncoded
+
+
+@torch.no_grad()
+def record_sample_prompts(family, samples, prompts, device: torch.device) -> int:
+    """Record the prompt encodings of the samples not recorded yet, without drawing them
+    (the run does this while the text encoders fill the text cache, before the denoiser comes
+    to the GPU: the two are then never there together, not even for the first samples).
+    Returns how many samples were recorded."""
+    pipeline = family.pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    stand_in = _DenoiserStandIn(family.parts[family.denoiser])
+    object.__setattr__(pipeline, family.denoiser, stand_in)  # not registered as a component
+    recorded = 0
+    with in_eval_mode(family):
+        for spec in samples:
+            if prompts.covers(family, [spec]):
+                continue
+            try:
+                with prompts.serving(pipeline, family, spec, finished_by=(_PromptsEncoded,)):
+                    draw(pipeline, spec, device, **family.sample_inputs())
+            except _PromptsEncoded:
+                recorded += prompts.covers(family, [spec])
+    return recorded
 
 
 @torch.no_grad()

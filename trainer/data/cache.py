@@ -98,7 +98,7 @@ DATA_CACHE_ENV = "ATELIER_DATA_CACHE_DIR"
 # it, so the entries used least recently go first (a job folder's cache went with the job).
 DATA_CACHE_GB_ENV = "ATELIER_DATA_CACHE_GB"
 DEFAULT_DATA_CACHE_GB = 5.0
-CACHE_KINDS = ("latents", "text")
+CACHE_KINDS = ("latents", "text", "prompts")  # prompts: trainer/sample_prompts.py
 # A dot-file is an entry being written (`_atomic_save`); one this old was left by a crash.
 STALE_WRITE_SECONDS = 24 * 3600
 
@@ -110,7 +110,7 @@ def shared_cache_root() -> Path | None:
 
 
 def data_cache_root(workspace_dir: str | os.PathLike) -> Path:
-    """The folder holding `latents/` and `text/` for a run in `workspace_dir`."""
+    """The folder holding `latents/`, `text/` and `prompts/` for a run in `workspace_dir`."""
     return shared_cache_root() or Path(workspace_dir) / "cache"
 
 
@@ -124,8 +124,8 @@ def shared_cache_bytes() -> int:
 
 
 def prune(root: Path | str, max_bytes: int) -> tuple[int, int]:
-    """Remove the least recently used latent and text entries under `root` until the rest
-    hold at most `max_bytes`; (files removed, bytes freed). Last use is the modification
+    """Remove the least recently used latent, text and prompt entries under `root` until the
+    rest hold at most `max_bytes`; (files removed, bytes freed). Last use is the modification
     time: an entry is written once and touched whenever a run reads it from disk. An entry
     another run is writing (a dot-file) is left alone, unless a crash left it long ago. An
     entry removed while another run uses it is encoded again by that run (a missing entry is

@@ -26,7 +26,6 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable

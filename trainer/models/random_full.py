@@ -82,8 +82,7 @@ def flow_meta_parts(family: str, *, include_buffers: bool = True,
     keeps them real. `overrides`: config values per part (tests narrow the model with them)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                              T5Config, T5EncoderModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
     large = CONFIGS / "sd35" / "large"
     changed = overrides or {}
 
