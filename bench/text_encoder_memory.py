@@ -5,7 +5,13 @@ read at the start and parked in CPU memory (as before), alternated; peak RSS and
 as ratios.
 
     python -m bench.text_encoder_memory [--t5-layers 24] [--t5-width 1024] [--rounds 2]
-                                        [--t5-dtype BFLOAT_16|FLOAT_8|FLOAT_32]
+                                        [--t5-dtype BFLOAT_16|FLOAT_8|FLOAT_32] [--samples N]
+
+With `--samples N` it measures sampling instead (trainer/sample_prompts.py): N epochs with a
+sample after each, the encoders read when they run in both modes; the samples draw from their
+prompt's recorded encodings (`replayed`, the engine, recorded by the first run) against
+reading T5 again for each (`re-read`, as before). Figures: the seconds of each sampling event
+(median) and the peak RSS.
 
 The model is the tiny Flux.1 (tests' model) with a T5 of T5 v1.1-large's encoder shape by
 default (24 layers of width 1024, about 0.34 B parameters: 1.3 GB in float32; Flux's T5-XXL
@@ -65,7 +71,7 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def worker(mode: str, model: str, workspace: str, t5_dtype: str) -> None:
+def worker(mode: str, model: str, workspace: str, t5_dtype: str, samples: int) -> None:
     """One run in this process; prints its figures as one JSON line."""
     from trainer.config import config_from_dict
     from trainer.control import Control
@@ -74,34 +80,49 @@ def worker(mode: str, model: str, workspace: str, t5_dtype: str) -> None:
     from trainer.models import flow_family
     from trainer.placement import PartPlacement
     from trainer.quiet import silence_library_noise
+    from trainer.sample_prompts import SamplePromptCache
 
     silence_library_noise()
     if mode == "kept":  # as before: read at the start, parked in CPU memory
         flow_family.read_later_parts = lambda config: set()
         PartPlacement._reader = lambda self, name: None
+    if mode == "re-read":  # as before: no recorded prompt encodings
+        SamplePromptCache.beside = classmethod(lambda cls, text_cache: None)
+    sampling = {"samples": [{"prompt": "a photo of a cat", "width": 64, "height": 64,
+                             "diffusion_steps": 2, "cfg_scale": 3.5}],
+                "sample_after": 1, "sample_after_unit": "EPOCH"} if samples else {}
     config = config_from_dict({
         "base_model_name": model, "model_type": "FLUX_DEV_1", "workspace_dir": workspace,
         "concepts": [{"path": str(DEMO_DATASET_DIR)}], "resolution": "64",
         "train_dtype": "FLOAT_32", "learning_rate": 1e-3, "learning_rate_warmup_steps": 0,
-        "lora_rank": 4, "batch_size": 2, "epochs": 2, "output_model_format": "DIFFUSERS_LORA",
-        "text_encoder": {"train": False}, "text_encoder_2": {"weight_dtype": t5_dtype}})
+        "lora_rank": 4, "batch_size": 2, "epochs": max(samples, 2),
+        "output_model_format": "DIFFUSERS_LORA", "text_encoder": {"train": False},
+        "text_encoder_2": {"weight_dtype": t5_dtype}, **sampling})
     began = time.perf_counter()
     first_step: list[float] = []
+    sampling_s: list[float] = []
+    sampling_since: list[float] = []
 
     def on_event(event):
+        now = time.perf_counter()
         if event["type"] == "progress" and not first_step:
-            first_step.append(time.perf_counter() - began)
+            first_step.append(now - began)
+        if event["type"] == "status" and event["message"].startswith("Sampling at step"):
+            sampling_since.append(now)
+        elif event["type"] == "status" and event["message"] == "Training" and sampling_since:
+            sampling_s.append(now - sampling_since.pop())
     train(config, Control(on_event=on_event))
     print(json.dumps({"mode": mode, "peak_rss_mb": peak_rss_mb(),
-                      "startup_s": first_step[0], "total_s": time.perf_counter() - began}))
+                      "startup_s": first_step[0], "total_s": time.perf_counter() - began,
+                      "sampling_s": statistics.median(sampling_s) if sampling_s else None}))
 
 
-def run(mode: str, model: Path, workspace: Path, t5_dtype: str) -> dict:
+def run(mode: str, model: Path, workspace: Path, t5_dtype: str, samples: int) -> dict:
     env = {**os.environ, "ATELIER_DATA_CACHE_DIR": str(CACHE / "data-cache"),
            "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "bench.text_encoder_memory", "--worker", mode,
-                          str(model), str(workspace), t5_dtype], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True).stdout
+                          str(model), str(workspace), t5_dtype, str(samples)], cwd=ROOT,
+                         env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -112,11 +133,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--t5-dtype", default="BFLOAT_16",
                         choices=("FLOAT_32", "BFLOAT_16", "FLOAT_8"))
-    parser.add_argument("--worker", nargs=4, metavar=("MODE", "MODEL", "WORKSPACE", "DTYPE"),
+    parser.add_argument("--samples", type=int, default=0,
+                        help="measure sampling: this many epochs, a sample after each")
+    parser.add_argument("--worker", nargs=5,
+                        metavar=("MODE", "MODEL", "WORKSPACE", "DTYPE", "SAMPLES"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker)
+        mode, model, workspace, dtype, samples = args.worker
+        worker(mode, model, workspace, dtype, int(samples))
         return
     model = CACHE / f"flux-t5-{args.t5_layers}x{args.t5_width}"
     if not model.is_dir():
@@ -127,21 +152,27 @@ def main() -> None:
     t5_mb = sum(f.stat().st_size for f in (model / "text_encoder_2").glob("*.safetensors")) / 2**20
     print(f"T5: {t5.num_layers} layers of width {t5.d_model}, {t5_mb:,.0f} MB on disk (float32), "
           f"stored as {args.t5_dtype}")
-    run("read-later", model, CACHE / "fill", args.t5_dtype)  # fills the text and latent caches
-    rows: dict[str, list[dict]] = {"kept": [], "read-later": []}
+    # fills the text and latent caches (and records the sample's prompt)
+    run("read-later", model, CACHE / "fill", args.t5_dtype, args.samples)
+    before, engine = ("re-read", "replayed") if args.samples else ("kept", "read-later")
+    rows: dict[str, list[dict]] = {before: [], engine: []}
     for index in range(args.rounds):
-        for mode in ("kept", "read-later"):
-            rows[mode].append(run(mode, model, CACHE / f"{mode}-{index}", args.t5_dtype))
+        for mode in rows:
+            rows[mode].append(run(mode, model, CACHE / f"{mode}-{index}", args.t5_dtype,
+                                  args.samples))
 
     def median(mode, key):
         return statistics.median(r[key] for r in rows[mode])
-    print(f"{'mode':<12}{'peak RSS MB':>14}{'start s':>10}{'total s':>10}")
+    timed = "sampling_s" if args.samples else "startup_s"
+    print(f"{'mode':<12}{'peak RSS MB':>14}{timed:>12}{'total s':>10}")
     for mode in rows:
-        print(f"{mode:<12}{median(mode, 'peak_rss_mb'):>14,.0f}{median(mode, 'startup_s'):>10.2f}"
+        print(f"{mode:<12}{median(mode, 'peak_rss_mb'):>14,.0f}{median(mode, timed):>12.2f}"
               f"{median(mode, 'total_s'):>10.2f}")
-    saved = median("kept", "peak_rss_mb") - median("read-later", "peak_rss_mb")
-    print(f"read-later / kept: peak RSS {median('read-later', 'peak_rss_mb') / median('kept', 'peak_rss_mb'):.3f}, "
-          f"start {median('read-later', 'startup_s') / median('kept', 'startup_s'):.3f}; "
+    saved = median(before, "peak_rss_mb") - median(engine, "peak_rss_mb")
+    print(f"{engine} / {before}: peak RSS "
+          f"{median(engine, 'peak_rss_mb') / median(before, 'peak_rss_mb'):.3f}, {timed} "
+          f"{median(engine, timed) / median(before, timed):.3f}, total "
+          f"{median(engine, 'total_s') / median(before, 'total_s'):.3f}; "
           f"peak RSS saved {saved:,.0f} MB = {saved / t5_mb:.2f} x the T5's file")
 
 

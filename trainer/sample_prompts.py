@@ -6,8 +6,9 @@ A flow family's T5-XXL or Qwen language model (5 to 16 GB) was then read from di
 brought back to the GPU beside the transformer, at every sampling event, to encode the same
 few prompts. With their encodings on disk, a sampling event whose samples are all there leaves
 the text encoders where they are (dropped, parked) and draws with a pipeline that has none:
-the second run on the same prompts reads no text encoder at all, and the first reads them for
-its first sampling event only.
+the second run on the same prompts reads no text encoder at all, and the first reads them
+once: while the caches fill before training where it fills them first (on a GPU: before the
+denoiser comes, `sampling.record_sample_prompts`), else for its first sampling event.
 
 How: the pipeline's own `encode_prompt` is wrapped, so any family's pipeline works as it is.
 While a sample is drawn, each call it makes (the prompt; the negative prompt where the
