@@ -127,8 +127,8 @@ def test_with_a_full_text_cache_t5_holds_no_memory_while_the_run_trains(
     assert watched["t5_calls"] == 0
     statuses = " ".join(second["statuses"])
     assert "The text_encoder and text_encoder_2 are not read yet" in statuses
-    assert ("The samples' prompts were encoded before (cache): the text_encoder and "
-            "text_encoder_2 stay out of the sampling") in statuses
+    assert ("The samples' prompts were encoded before (cache): sampling leaves the "
+            "text_encoder and text_encoder_2 out") in statuses
     assert second["losses"] == first["losses"]
     assert all(torch.equal(second["lora"][k], first["lora"][k]) for k in first["lora"])
     assert np.array_equal(second["sample"], first["sample"])

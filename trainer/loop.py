@@ -385,8 +385,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
             encoders = tuple(name for name in family.parts if name != facts.denoiser)
             if recorded and not told_recorded:
                 told_recorded.append(step)
-                status(f"The samples' prompts were encoded before (cache): the "
-                       f"{' and '.join(encoders)} stay out of the sampling")
+                status(f"The samples' prompts were encoded before (cache): sampling leaves "
+                       f"the {' and '.join(encoders)} out")
             with ema_weights(), residency.present(leave=encoders if recorded else ()):
                 for record in render_samples(family, config.samples, workspace / "samples",
                                              step=step, device=accelerator.device,
