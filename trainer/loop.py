@@ -275,8 +275,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
                             warn=warn, is_main=is_main) if held_out else None)
     # The VAE and frozen text encoders leave the GPU when the caches serve them (epoch ends).
     residency = placement.residency(cache_served(config, family, data, parts, embeddings))
-    # Samples' prompt encodings, recorded at their first draw (the text encoders' only use
-    # once the text cache is full); main process only, as sampling is.
+    # Samples' prompt encodings (the text encoders' only use once the text cache is full),
+    # recorded while the caches fill or at the first draw; main process only, as sampling is.
     sample_prompts = SamplePromptCache.beside(data.text_cache) if is_main else None
 
     if placement.caches_first:

@@ -21,9 +21,10 @@ dropout's empty caption are each one entry), keyed with the text encoders' ident
 and dtypes. A model family opts in for the parts of its conditioning that depend on the caption
 alone: `family.text_cache_keys` (the dict keys) and, for the rest (SDXL's size/crop time ids),
 `family.batch_conditioning(batch, device)`. SD 1.5's conditioning is the caption's hidden
-states only, so it needs neither.
+states only, so it needs neither. The sampling pipeline's encodings of the sample prompts are
+kept beside them, in `prompts/` (trainer/sample_prompts.py), under the text cache's identity.
 
-Where. A CLI run keeps both under its workspace, so the next run in the same workspace reuses
+Where. A CLI run keeps them all under its workspace, so the next run in the same workspace reuses
 them. The app runs each job in a folder of its own, so its queue points every job of one owner
 at that owner's folder (DATA_CACHE_ENV: `<workspace>/cache` on a local server,
 `<workspace>/users/<user>/cache` on a shared one, where no user reads another's entries). Such
