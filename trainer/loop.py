@@ -168,6 +168,24 @@ def part_is_active(config: TrainConfig, part: str, epoch: int, step: int) -> boo
 
 # --- The loop -------------------------------------------------------------------------------
 
+def record_prompts_first(config: TrainConfig, family, prompts, residency, device, *,
+                         status, warn) -> None:
+    """While the caches fill before training, the samples' prompts are encoded too, before
+    the denoiser comes to the GPU (trainer/sample_prompts.py). A failure only warns: each
+    sample then encodes them when it is first drawn."""
+    if prompts is None or prompts.covers(family, config.samples):
+        return
+    try:
+        with residency.present():  # the text encoders, read if they were not
+            recorded = record_sample_prompts(family, config.samples, prompts, device)
+        if recorded:
+            status(f"Encoded the prompts of {recorded} sample(s) before training: sampling "
+                   "needs no text encoder")
+    except Exception as error:  # noqa: BLE001 - the samples encode them when drawn
+        warn(f"Could not encode the samples' prompts before training ({error}); each sample "
+             "encodes them when it is first drawn.")
+
+
 def train(config: TrainConfig, control: Control | None = None, *,
           allow_custom_code: bool = False) -> TrainResult:
     """Run one training job. `allow_custom_code` (the CLI, a local app) permits the CUSTOM
@@ -283,17 +301,8 @@ def train(config: TrainConfig, control: Control | None = None, *,
         status("Filling the latent and text caches before training")
         data.fill_caches(dataloader, family, vae, accelerator.device,
                          clip_skip=config.text_encoder.clip_skip)
-        if sample_prompts is not None and not sample_prompts.covers(family, config.samples):
-            try:
-                with residency.present():  # the text encoders, read if they were not
-                    recorded = record_sample_prompts(family, config.samples, sample_prompts,
-                                                     accelerator.device)
-                if recorded:
-                    status(f"Encoded the prompts of {recorded} sample(s) before training: "
-                           "sampling needs no text encoder")
-            except Exception as error:  # noqa: BLE001 - the samples encode them when drawn
-                warn(f"Could not encode the samples' prompts before training ({error}); "
-                     "each sample encodes them when it is first drawn.")
+        record_prompts_first(config, family, sample_prompts, residency, accelerator.device,
+                             status=status, warn=warn)
         residency.park()
 
     # Streamed blocks (offload_fraction): pinned in CPU memory, the rest to the device.
@@ -373,9 +382,10 @@ def train(config: TrainConfig, control: Control | None = None, *,
         """Samples and saved models use the EMA weights when EMA is on."""
         return ema.applied() if ema is not None else contextlib.nullcontext()
 
-    told_recorded: list[int] = []  # the status about recorded prompts is said once
+    told_recorded = False  # the status about recorded prompts is said once
 
     def sample(step: int, epoch: int) -> None:
+        nonlocal told_recorded
         if not config.samples or not is_main:
             return
         status(f"Sampling at step {step}")
@@ -384,7 +394,7 @@ def train(config: TrainConfig, control: Control | None = None, *,
                         and sample_prompts.covers(family, config.samples))
             encoders = tuple(name for name in family.parts if name != facts.denoiser)
             if recorded and not told_recorded:
-                told_recorded.append(step)
+                told_recorded = True
                 status(f"The samples' prompts were encoded before (cache): sampling leaves "
                        f"the {' and '.join(encoders)} out")
             with ema_weights(), residency.present(leave=encoders if recorded else ()):
